@@ -1,0 +1,58 @@
+# Thin targets; CI calls them as written.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+# Without a GPU, the CPU build of torch: a local wheel when pip's find-links has one,
+# else PyTorch's CPU index (an unpinned torch from the default index is a multi-GB CUDA build).
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+SPEC ?= examples/medical-terms.yaml
+
+.PHONY: install run test test-unit test-e2e lint format up down clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+	  echo "GPU found: CUDA build of torch $(TORCH_VERSION)"; \
+	  $(PIP) install -q "torch==$(TORCH_VERSION)"; \
+	elif $(PIP) install -q --no-index --no-deps "torch==$(TORCH_VERSION)+cpu" 2>/dev/null; then \
+	  echo "no GPU: CPU build of torch $(TORCH_VERSION) from a local wheel"; \
+	  $(PIP) install -q "torch==$(TORCH_VERSION)+cpu"; \
+	else \
+	  echo "no GPU: CPU build of torch $(TORCH_VERSION) from $(TORCH_CPU_INDEX)"; \
+	  $(PIP) install -q "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \
+	fi
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+run: install
+	$(VENV)/bin/termtune run $(SPEC)
+
+test: install
+	$(VENV)/bin/pytest
+
+test-unit: install
+	$(VENV)/bin/pytest tests/unit
+
+test-e2e: install
+	$(VENV)/bin/pytest tests/e2e
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+up: install
+	$(VENV)/bin/termtune up
+
+down:
+	$(VENV)/bin/termtune down
+
+clean:
+	rm -rf var

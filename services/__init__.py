@@ -1,0 +1,1 @@
+"""termtune's services: the control plane, the four stage workers and the CLI."""

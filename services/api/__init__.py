@@ -1,0 +1,1 @@
+"""The FastAPI control plane: jobs, models, health."""

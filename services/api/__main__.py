@@ -1,0 +1,5 @@
+"""`python -m services.api`: serve the control plane."""
+
+from services.api.main import main
+
+raise SystemExit(main())

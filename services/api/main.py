@@ -1,0 +1,85 @@
+"""Builds the control plane app and serves it; nothing else."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from services.api.deps import require_api_key
+from services.api.inference import LocalModels
+from services.api.routes import health, jobs, models
+from shared.bus import Bus
+from shared.errors import PermanentError, TermtuneError
+from shared.jobs import JobRecords
+from shared.settings import ApiSettings
+from shared.store import open_store
+
+log = logging.getLogger(__name__)
+
+
+def resolve_api_key(settings: ApiSettings) -> str:
+    """The configured key; in development only, a generated one when none is set."""
+    if settings.api_key:
+        return settings.api_key
+    if settings.environment != "development":
+        raise SystemExit("TERMTUNE_API_KEY must be set outside development")
+    key = secrets.token_urlsafe(24)
+    log.warning("TERMTUNE_API_KEY not set: generated a development key: %s", key)
+    return key
+
+
+def create_app(settings: ApiSettings | None = None, *, bus: Bus | None = None) -> FastAPI:
+    """The FastAPI app wired to the store and bus the settings name."""
+    settings = settings or ApiSettings()
+    job_records = JobRecords(open_store(settings))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.bus.declare()
+        yield
+        app.state.bus.close()
+
+    app = FastAPI(
+        title="termtune",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Teach a seq2seq model a field's terms and ship it to Bedrock.",
+    )
+    app.state.settings = settings
+    app.state.api_key = resolve_api_key(settings)
+    app.state.jobs = job_records
+    app.state.bus = bus or Bus(settings)
+    app.state.models = LocalModels(job_records, settings)
+    app.include_router(health.router)
+    for router in (jobs.router, models.router):
+        app.include_router(router, prefix="/v1", dependencies=[Depends(require_api_key)])
+
+    @app.exception_handler(TermtuneError)
+    async def _termtune_error(_: Request, exc: TermtuneError) -> JSONResponse:
+        code = 422 if isinstance(exc, PermanentError) else 503
+        return JSONResponse({"detail": str(exc), "type": type(exc).__name__}, status_code=code)
+
+    return app
+
+
+def main() -> int:
+    """Serve the control plane with uvicorn."""
+    import uvicorn
+
+    settings = ApiSettings()
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s api %(levelname)s %(name)s: %(message)s",
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+    )
+    return 0

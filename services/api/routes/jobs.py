@@ -1,0 +1,77 @@
+"""/v1/jobs: submit, list, inspect a job and read its events and report."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter, Body, HTTPException, Query, status
+
+from services.api.deps import BusDep, JobsDep
+from shared.errors import NotFound, SpecError
+from shared.jobs import new_job_id
+from shared.jobspec import parse_spec
+from shared.messages import JobSubmitted, PrepareDataset, dump_message
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+JobStatus = Literal["queued", "running", "succeeded", "failed", "rejected"]
+
+
+@router.post("", status_code=status.HTTP_201_CREATED)
+def submit_job(jobs: JobsDep, bus: BusDep, spec: dict[str, Any] = Body(...)) -> dict[str, Any]:
+    """Validate a job spec, record the job and start its first stage."""
+    try:
+        parsed = parse_spec(spec, source="spec")
+    except SpecError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
+    job_id = new_job_id(parsed.name)
+    spec_uri = jobs.create(job_id, parsed)
+    jobs.record(JobSubmitted(job_id=job_id, spec_uri=spec_uri, name=parsed.name))
+    bus.publish(PrepareDataset(job_id=job_id, spec_uri=spec_uri))
+    return jobs.summary(job_id)
+
+
+@router.get("")
+def list_jobs(
+    jobs: JobsDep,
+    status_filter: JobStatus | None = Query(None, alias="status"),
+    limit: int = Query(20, ge=1, le=200),
+) -> dict[str, Any]:
+    """Jobs, newest first, optionally only those with a status."""
+    found = []
+    for job_id in jobs.job_ids():
+        summary = jobs.summary(job_id)
+        if status_filter is None or summary["status"] == status_filter:
+            found.append(summary)
+        if len(found) >= limit:
+            break
+    return {"data": found, "count": len(found)}
+
+
+@router.get("/{job_id}")
+def get_job(job_id: str, jobs: JobsDep) -> dict[str, Any]:
+    """A job's status, stages, results and error."""
+    return _or_404(lambda: jobs.summary(job_id))
+
+
+@router.get("/{job_id}/events")
+def job_events(job_id: str, jobs: JobsDep) -> dict[str, Any]:
+    """A job's events, oldest first."""
+    _or_404(lambda: jobs.spec(job_id))
+    return {"data": [dump_message(e) for e in jobs.events(job_id)]}
+
+
+@router.get("/{job_id}/report")
+def job_report(job_id: str, jobs: JobsDep) -> dict[str, Any]:
+    """The evaluation report of a job."""
+    _or_404(lambda: jobs.spec(job_id))
+    report = jobs.manifest(job_id, "evaluate")
+    if report is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id!r} has no report yet")
+    return report
+
+
+def _or_404(fn: Any) -> Any:
+    try:
+        return fn()
+    except NotFound as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc

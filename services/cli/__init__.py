@@ -1,0 +1,1 @@
+"""The `termtune` command line: launch the services, submit and follow jobs, invoke models."""

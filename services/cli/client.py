@@ -1,0 +1,90 @@
+"""A small typed client of the control plane's HTTP API (httpx)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from shared.errors import NotFound, SpecError, TermtuneError
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+KEY_FILE = Path("var/run/api_key")
+
+
+class ApiError(TermtuneError):
+    """The control plane answered with an error."""
+
+
+class Client:
+    """Calls /v1 of the control plane with a bearer key."""
+
+    def __init__(
+        self, url: str | None = None, api_key: str | None = None, timeout: float = 120.0
+    ) -> None:
+        url = url or os.environ.get("TERMTUNE_API_URL", DEFAULT_URL)
+        key = api_key or os.environ.get("TERMTUNE_API_KEY") or _key_from_file()
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise ApiError(
+                f"cannot reach the control plane at {self.http.base_url}: {exc} "
+                "(is `termtune up` running? set TERMTUNE_API_URL)"
+            ) from exc
+        if response.status_code == 404:
+            raise NotFound(_detail(response))
+        if response.status_code == 422:
+            raise SpecError(_detail(response))
+        if response.status_code >= 400:
+            raise ApiError(f"HTTP {response.status_code}: {_detail(response)}")
+        return response.json()
+
+    def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Submit a job spec; the new job."""
+        return self._call("POST", "/v1/jobs", json=spec)
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        """A job's summary."""
+        return self._call("GET", f"/v1/jobs/{job_id}")
+
+    def jobs(self, status: str | None = None) -> list[dict[str, Any]]:
+        """Recent jobs."""
+        return self._call("GET", "/v1/jobs", params={"status": status} if status else {})["data"]
+
+    def report(self, job_id: str) -> dict[str, Any]:
+        """A job's evaluation report."""
+        return self._call("GET", f"/v1/jobs/{job_id}/report")
+
+    def models(self) -> list[dict[str, Any]]:
+        """Published models."""
+        return self._call("GET", "/v1/models")["data"]
+
+    def invoke(self, model: str, prompt: str, **params: Any) -> dict[str, Any]:
+        """Ask a published model; Bedrock's response shape."""
+        return self._call("POST", f"/v1/models/{model}/invoke", json={"prompt": prompt, **params})
+
+    def healthy(self) -> bool:
+        """Whether /healthz answers."""
+        try:
+            return self.http.get("/healthz", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        detail = response.json().get("detail", response.text)
+    except ValueError:
+        detail = response.text
+    return detail if isinstance(detail, str) else str(detail)
+
+
+def _key_from_file() -> str | None:
+    path = Path(os.environ.get("TERMTUNE_VAR_DIR", "var")) / "run" / "api_key"
+    return path.read_text().strip() if path.is_file() else None

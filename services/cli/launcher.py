@@ -1,0 +1,153 @@
+"""Starts the control plane and the four workers as separate OS processes.
+
+These are the containers' own entry points (``python -m services.<name>``), run with the
+embedded defaults: kombu's filesystem broker and a local folder store under ``var/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.errors import TermtuneError
+from shared.settings import Settings
+from shared.worker import check_health
+
+WORKERS = ("dataprep", "trainer", "evaluator", "publisher")
+SERVICES = ("api", *WORKERS)
+
+
+class LaunchError(TermtuneError):
+    """A service did not start or become healthy."""
+
+
+@dataclass
+class Launcher:
+    """The set of service processes of one embedded deployment."""
+
+    var_dir: Path = Path("var")
+    port: int = 8000
+    env: dict[str, str] = field(default_factory=dict)
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.var_dir = self.var_dir.resolve()
+        self.run_dir = self.var_dir / "run"
+        self.log_dir = self.var_dir / "logs"
+
+    @property
+    def url(self) -> str:
+        """Where the control plane listens."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def service_env(self) -> dict[str, str]:
+        """The environment every service process gets."""
+        key_file = self.run_dir / "api_key"
+        if not key_file.exists():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            key_file.write_text(secrets.token_urlsafe(24))
+            key_file.chmod(0o600)
+        return {
+            **os.environ,
+            "TERMTUNE_VAR_DIR": str(self.var_dir),
+            "TERMTUNE_PORT": str(self.port),
+            "TERMTUNE_API_KEY": key_file.read_text().strip(),
+            "PYTHONUNBUFFERED": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            **self.env,
+        }
+
+    def start(self, services: tuple[str, ...] = SERVICES) -> None:
+        """Start each service as its own process, logging to var/logs/<name>.log."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        env = self.service_env()
+        for name in services:
+            log = (self.log_dir / f"{name}.log").open("ab")
+            self.processes[name] = subprocess.Popen(
+                [sys.executable, "-m", f"services.{name}"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        (self.run_dir / "pids.json").write_text(
+            json.dumps({n: p.pid for n, p in self.processes.items()})
+        )
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Wait until the API answers and every worker's heartbeat is fresh."""
+        from services.cli.client import Client
+
+        settings = Settings(var_dir=self.var_dir)
+        client = Client(self.url, api_key="unused")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            dead = [n for n, p in self.processes.items() if p.poll() is not None]
+            if dead:
+                raise LaunchError(f"{', '.join(dead)} exited at start:\n{self.logs_tail()}")
+            workers = [n for n in self.processes if n != "api"]
+            if (client.healthy() or "api" not in self.processes) and all(
+                check_health(settings, n) for n in workers
+            ):
+                return
+            time.sleep(0.5)
+        raise LaunchError(f"services not ready after {timeout:.0f}s:\n{self.logs_tail()}")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM every process, then SIGKILL what is left after the timeout."""
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in self.processes.values():
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        (self.run_dir / "pids.json").unlink(missing_ok=True)
+
+    def logs_tail(self, lines: int = 30) -> str:
+        """The last lines of every service's log."""
+        parts = []
+        for name in SERVICES:
+            path = self.log_dir / f"{name}.log"
+            if path.exists():
+                tail = path.read_text(errors="replace").splitlines()[-lines:]
+                parts.append(f"--- {name} ---\n" + "\n".join(tail))
+        return "\n".join(parts)
+
+
+def stop_recorded(var_dir: Path = Path("var"), timeout: float = 30.0) -> list[str]:
+    """Stop the processes a detached `termtune up` recorded; the names stopped."""
+    pids_file = var_dir / "run" / "pids.json"
+    if not pids_file.exists():
+        return []
+    pids: dict[str, int] = json.loads(pids_file.read_text())
+    for pid in pids.values():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_alive(p) for p in pids.values()):
+        time.sleep(0.2)
+    for pid in pids.values():
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    pids_file.unlink(missing_ok=True)
+    return list(pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False

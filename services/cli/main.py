@@ -1,0 +1,183 @@
+"""`termtune`: launch the services, submit and follow jobs, invoke models, run stages."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from shared.errors import TermtuneError
+from shared.jobspec import load_spec
+
+TINY_MODEL_DIR = Path("var/models/tiny-flan-t5")
+SAMPLE_DATA = Path("data/medical_terms.jsonl")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="termtune", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="start the services, run a job end to end, stop")
+    run.add_argument("spec", type=Path)
+    run.add_argument("--port", type=int, default=8000)
+    run.add_argument("--prompt", default=None, help="question for the published model")
+    up = sub.add_parser("up", help="start the services in the foreground (Ctrl-C stops)")
+    up.add_argument("--port", type=int, default=8000)
+    sub.add_parser("down", help="stop services a `termtune up` left running")
+    submit = sub.add_parser("submit", help="submit a job spec")
+    submit.add_argument("spec", type=Path)
+    submit.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    status = sub.add_parser("status", help="a job's status")
+    status.add_argument("job_id")
+    sub.add_parser("jobs", help="recent jobs")
+    sub.add_parser("models", help="published models")
+    invoke = sub.add_parser("invoke", help="ask a published model")
+    invoke.add_argument("model")
+    invoke.add_argument("prompt")
+    invoke.add_argument("--max-gen-len", type=int, default=64)
+    tiny = sub.add_parser("build-tiny-model", help="build the offline tiny Flan-T5-shaped model")
+    tiny.add_argument("--out", type=Path, default=TINY_MODEL_DIR)
+    tiny.add_argument("--data", type=Path, default=SAMPLE_DATA)
+    for stage in ("prepare", "train", "evaluate", "publish"):
+        sp = sub.add_parser(stage, help=f"run the {stage} stage in this process")
+        sp.add_argument("spec", type=Path)
+        sp.add_argument("--job", default=None, help="job id (default: <name>-local)")
+    return p
+
+
+def _raw_spec(path: Path) -> dict[str, Any]:
+    load_spec(path)  # validate here first: errors name the field before anything starts
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def _ensure_model(spec_path: Path) -> None:
+    from services.cli.tinymodel import ensure_tiny_t5
+
+    if Path(load_spec(spec_path).base_model).resolve() == TINY_MODEL_DIR.resolve():
+        ensure_tiny_t5(TINY_MODEL_DIR, data_file=SAMPLE_DATA)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from services.cli import display
+    from services.cli.client import Client
+    from services.cli.launcher import Launcher
+
+    spec = _raw_spec(args.spec)
+    _ensure_model(args.spec)
+    launcher = Launcher(port=args.port)
+    started = time.monotonic()
+    display.console.print(f"starting api and workers (logs in {launcher.log_dir})")
+    launcher.start()
+    try:
+        launcher.wait_ready()
+        client = Client(launcher.url)
+        job = client.submit(spec)
+        display.console.print(f"submitted job {job['id']}")
+        job = display.follow(client, job["id"])
+        display.summary(client, job)
+        if job["status"] == "succeeded":
+            report = client.report(job["id"])
+            prompt = args.prompt or report["samples"][0]["prompt"]
+            answer = client.invoke(job["model_name"], prompt, max_gen_len=48)
+            display.console.print(
+                f"invoke {job['model_name']!r}: {prompt!r}\n"
+                f"  -> {answer['generation']!r} "
+                f"({answer['generation_token_count']} tokens, "
+                f"{answer['stop_reason']})"
+            )
+        display.console.print(
+            f"done in {time.monotonic() - started:.0f}s; artifacts in {launcher.var_dir}"
+        )
+        return 0 if job["status"] == "succeeded" else 1
+    finally:
+        launcher.stop()
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from services.cli.launcher import Launcher
+
+    launcher = Launcher(port=args.port)
+    launcher.start()
+    try:
+        launcher.wait_ready()
+        print(
+            f"termtune is up at {launcher.url} (API key in {launcher.run_dir / 'api_key'}); "
+            "Ctrl-C stops it"
+        )
+        while all(p.poll() is None for p in launcher.processes.values()):
+            time.sleep(1)
+        print("a service exited:\n" + launcher.logs_tail(), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        launcher.stop()
+
+
+def cmd_local_stage(args: argparse.Namespace) -> int:
+    from services.cli.stages import run_local
+
+    _ensure_model(args.spec)
+    job_id, event = run_local(args.command, load_spec(args.spec), job_id=args.job)
+    print(json.dumps({"job_id": job_id, **event.model_dump(mode="json")}, indent=2))
+    return 0
+
+
+def _client_command(args: argparse.Namespace) -> int:
+    from services.cli import display
+    from services.cli.client import Client
+
+    client = Client()
+    if args.command == "submit":
+        job = client.submit(_raw_spec(args.spec))
+        print(job["id"])
+        if args.wait:
+            job = display.follow(client, job["id"])
+            display.summary(client, job)
+            return 0 if job["status"] == "succeeded" else 1
+        return 0
+    if args.command == "status":
+        print(json.dumps(client.job(args.job_id), indent=2))
+    elif args.command == "jobs":
+        for job in client.jobs():
+            print(f"{job['id']}\t{job['status']}")
+    elif args.command == "models":
+        for model in client.models():
+            print(f"{model['name']}\t{model['target']}\t{model['location']}")
+    elif args.command == "invoke":
+        print(
+            json.dumps(
+                client.invoke(args.model, args.prompt, max_gen_len=args.max_gen_len), indent=2
+            )
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and run it; a one-line reason and exit 1 on errors."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "up":
+            return cmd_up(args)
+        if args.command == "down":
+            from services.cli.launcher import stop_recorded
+
+            print("stopped: " + (", ".join(stop_recorded()) or "nothing was running"))
+            return 0
+        if args.command == "build-tiny-model":
+            from services.cli.tinymodel import build_tiny_t5
+
+            print(build_tiny_t5(args.out, data_file=args.data))
+            return 0
+        if args.command in ("prepare", "train", "evaluate", "publish"):
+            return cmd_local_stage(args)
+        return _client_command(args)
+    except (TermtuneError, TimeoutError) as exc:
+        print(f"termtune: {exc}", file=sys.stderr)
+        return 1

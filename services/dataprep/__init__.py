@@ -1,0 +1,1 @@
+"""The dataprep service."""

@@ -1,0 +1,5 @@
+"""`python -m services.publisher`: run the publisher worker."""
+
+from services.publisher.main import main
+
+raise SystemExit(main())

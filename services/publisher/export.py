@@ -1,0 +1,67 @@
+"""Merging the adapter into the unquantized base and saving an importable folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shared.errors import ModelError
+from shared.modeling import load_seq2seq, load_tokenizer
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+MERGE_TOLERANCE = 1e-3
+
+
+def merge(base_model: str, adapter: Path, probe_ids: list[list[int]]) -> tuple[Any, float]:
+    """The merged fp32 model and the largest logit gap between it and base+adapter."""
+    from peft import PeftModel
+
+    base = load_seq2seq(base_model, dtype=torch.float32)  # never the quantized copy
+    try:
+        model = PeftModel.from_pretrained(base, str(adapter))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"the adapter at {adapter} does not fit {base_model}: {exc}") from exc
+    model.eval()
+    before = _logits(model, probe_ids)
+    merged = model.merge_and_unload()
+    gap = float((before - _logits(merged, probe_ids)).abs().max()) if probe_ids else 0.0
+    if gap > MERGE_TOLERANCE:
+        raise ModelError(
+            f"merged model differs from base+adapter by {gap:.2e} in logits "
+            f"(tolerance {MERGE_TOLERANCE})"
+        )
+    return merged, gap
+
+
+@torch.no_grad()
+def _logits(model: Any, probe_ids: list[list[int]]) -> torch.Tensor:
+    if not probe_ids:
+        return torch.zeros(0)
+    width = max(len(ids) for ids in probe_ids)
+    ids = torch.tensor([x + [0] * (width - len(x)) for x in probe_ids])
+    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in probe_ids])
+    start = torch.full((len(probe_ids), 1), model.config.decoder_start_token_id)
+    return model(input_ids=ids, attention_mask=mask, decoder_input_ids=start).logits
+
+
+def save(model: Any, base_model: str, out_dir: Path, *, dtype: str) -> None:
+    """Write safetensors weights, config, generation config and tokenizer files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.to(DTYPES[dtype]).save_pretrained(out_dir, max_shard_size="4GB")
+    load_tokenizer(base_model).save_pretrained(out_dir)
+    make_tokenizer_config_portable(out_dir / "tokenizer_config.json")
+
+
+def make_tokenizer_config_portable(path: Path) -> None:
+    """Rewrite what transformers 5 writes that Bedrock's transformers 4.51.3 cannot read."""
+    config = json.loads(path.read_text())
+    extra = config.get("extra_special_tokens")
+    if isinstance(extra, list):
+        # 4.51.3 expects a name -> token mapping; keep list entries as additional tokens.
+        config["extra_special_tokens"] = {}
+        if extra:
+            config["additional_special_tokens"] = list(extra)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,80 @@
+"""Publisher: merge, export, preflight, store and register the tuned model."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from services.publisher import cmi, export
+from shared.artifacts import adapter_dir, read_split
+from shared.errors import SpecError
+from shared.messages import ModelPublished, PublishModel
+from shared.modeling import versions
+from shared.worker import StageContext
+
+PROBE_ROWS = 4
+
+
+def handle(command: PublishModel, ctx: StageContext) -> ModelPublished:
+    """Publish once; a stored manifest makes a redelivery a no-op."""
+    manifest = ctx.jobs.manifest(command.job_id, "publish")
+    if manifest is None:
+        manifest = _publish(command, ctx)
+    uri = ctx.store.uri(ctx.jobs.manifest_key(command.job_id, "publish"))
+    return ModelPublished(
+        job_id=command.job_id,
+        manifest=uri,
+        model_name=manifest["model_name"],
+        target=manifest["target"],
+        location=manifest["location"],
+    )
+
+
+def _publish(command: PublishModel, ctx: StageContext) -> dict[str, Any]:
+    spec = ctx.spec(command)
+    evaluation = ctx.manifest_at(command.evaluation_manifest)
+    if not evaluation["gate"]["publish"]:
+        raise SpecError(
+            "the evaluation gate rejected this model; set "
+            "evaluation.gate.force_publish to publish anyway"
+        )
+    probes = read_split(
+        ctx.store,
+        ctx.manifest_at(command.dataset_manifest),
+        "test",
+        cache_dir=ctx.settings.cache_dir,
+        max_rows=PROBE_ROWS,
+    )
+    adapter = adapter_dir(
+        ctx.store, ctx.manifest_at(command.training_manifest), cache_dir=ctx.settings.cache_dir
+    )
+    ctx.progress({"phase": "merging"}, force=True)
+    merged, gap = export.merge(spec.base_model, adapter, probes.column("input_ids").to_pylist())
+    folder = ctx.scratch(command, "publish") / "model"
+    export.save(merged, spec.base_model, folder, dtype=spec.publish.dtype)
+    checks = cmi.preflight(folder)
+    prefix = f"{ctx.jobs.stage_prefix(command.job_id, 'publish')}/model"
+    ctx.progress({"phase": "uploading", "bytes": checks["bytes"]}, force=True)
+    ctx.store.upload_dir(folder, prefix)
+    location = ctx.store.uri(prefix)
+    entry = {
+        "name": spec.model_name,
+        "target": "local",
+        "location": location,
+        "job_id": command.job_id,
+        "base_model": spec.base_model,
+        "dtype": spec.publish.dtype,
+        "published_at": datetime.now(UTC).isoformat(),
+        "gate_forced": evaluation["gate"]["forced"],
+    }
+    manifest = {
+        "model_name": spec.model_name,
+        "target": "local",
+        "location": location,
+        "merge_max_logit_gap": gap,
+        "preflight": checks,
+        "versions": versions(),
+    }
+    ctx.jobs.register_model(spec.model_name, entry)
+    ctx.jobs.write_manifest(command.job_id, "publish", manifest)  # last: the stage is done
+    return manifest

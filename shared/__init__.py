@@ -1,0 +1,1 @@
+"""What every termtune service needs: settings, messages, bus, store, job records."""

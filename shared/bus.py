@@ -1,0 +1,152 @@
+"""kombu topology, publishing and consuming.
+
+One durable topic exchange; each worker owns a durable queue bound to its command's
+routing key (``cmd.TrainModel``); events go out as ``event.<Type>``. Messages are JSON
+only, persistent, published with retries (and confirms on AMQP). A worker acks only after
+its handler's outputs are stored. Poison messages go to the dead-letter exchange with the
+reason in their headers, where the ``<exchange>.dead`` queue keeps them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from kombu import Connection, Exchange, Queue, pools
+from kombu.message import Message as KombuMessage
+
+from shared.messages import Message, dump_message
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: service name → the command its queue receives
+SERVICE_COMMANDS: dict[str, str] = {
+    "dataprep": "PrepareDataset",
+    "trainer": "TrainModel",
+    "evaluator": "EvaluateModel",
+    "publisher": "PublishModel",
+}
+ATTEMPT_HEADER = "x-termtune-attempt"
+REASON_HEADER = "x-termtune-dead-reason"
+RETRY_POLICY = {"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 3}
+
+OnMessage = Callable[[dict[str, Any], KombuMessage], None]
+
+
+class Bus:
+    """The message bus of one process: topology, publish, consume."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        prefix = settings.exchange
+        self.exchange = Exchange(prefix, type="topic", durable=True)
+        self.dead_exchange = Exchange(f"{prefix}.dead", type="topic", durable=True)
+        self.queues = {
+            service: Queue(
+                f"{prefix}.{service}", self.exchange, routing_key=f"cmd.{command}", durable=True
+            )
+            for service, command in SERVICE_COMMANDS.items()
+        }
+        self.dead_queue = Queue(f"{prefix}.dead", self.dead_exchange, routing_key="#", durable=True)
+        self._connection: Connection | None = None
+        self._lock = threading.Lock()
+
+    def connect(self) -> Connection:
+        """A new connection to the broker, with the transport's options."""
+        return Connection(self.settings.broker_url, transport_options=self._transport_options())
+
+    def _transport_options(self) -> dict[str, Any]:
+        url = self.settings.broker_url
+        if url.startswith("filesystem"):
+            folder = self.settings.broker_dir
+            (folder / "messages").mkdir(parents=True, exist_ok=True)
+            (folder / "control").mkdir(parents=True, exist_ok=True)
+            return {
+                "data_folder_in": str(folder / "messages"),
+                "data_folder_out": str(folder / "messages"),
+                "control_folder": str(folder / "control"),
+            }
+        if url.startswith(("amqp", "pyamqp")):
+            return {"confirm_publish": True}
+        return {}
+
+    @property
+    def connection(self) -> Connection:
+        """The process's shared publishing connection (opened on first use)."""
+        with self._lock:
+            if self._connection is None:
+                self._connection = self.connect()
+            return self._connection
+
+    def declare(self) -> None:
+        """Declare every exchange and queue, so nothing published is dropped."""
+        with self.connect() as conn:
+            conn.ensure_connection(max_retries=10, interval_start=0.5, interval_max=3)
+            channel = conn.default_channel
+            for queue in [*self.queues.values(), self.dead_queue]:
+                queue.bind(channel).declare()
+
+    def publish(self, message: Message, *, headers: dict[str, Any] | None = None) -> None:
+        """Publish a command or event, persistent, retried on connection errors."""
+        self._publish(
+            dump_message(message),
+            exchange=self.exchange,
+            routing_key=message.routing_key,
+            headers=headers or {},
+        )
+
+    def dead_letter(self, body: Any, *, routing_key: str, reason: str) -> None:
+        """Keep a message that cannot be processed, with the reason, on the dead queue."""
+        self._publish(
+            body,
+            exchange=self.dead_exchange,
+            routing_key=routing_key or "unknown",
+            headers={REASON_HEADER: reason[:1000]},
+        )
+
+    def _publish(
+        self, body: Any, *, exchange: Exchange, routing_key: str, headers: dict[str, Any]
+    ) -> None:
+        with pools.producers[self.connection].acquire(block=True, timeout=30) as producer:
+            producer.publish(
+                body,
+                exchange=exchange,
+                routing_key=routing_key,
+                serializer="json",
+                delivery_mode=2,
+                headers=headers,
+                retry=True,
+                retry_policy=RETRY_POLICY,
+                declare=[exchange, *self.queues.values(), self.dead_queue],
+            )
+
+    def consume(
+        self,
+        service: str,
+        on_message: OnMessage,
+        *,
+        stop: threading.Event,
+        on_idle: Callable[[], None] | None = None,
+    ) -> None:
+        """Deliver the service's commands one at a time until ``stop`` is set."""
+        queue = self.queues[service]
+        with self.connect() as conn:
+            conn.ensure_connection(max_retries=30, interval_start=0.5, interval_max=5)
+            with conn.Consumer([queue], callbacks=[on_message], accept=["json"], prefetch_count=1):
+                while not stop.is_set():
+                    if on_idle:
+                        on_idle()
+                    try:
+                        conn.drain_events(timeout=self.settings.poll_seconds)
+                    except TimeoutError:
+                        continue
+
+    def close(self) -> None:
+        """Release the publishing connection."""
+        with self._lock:
+            if self._connection is not None:
+                self._connection.release()
+                self._connection = None

@@ -1,0 +1,70 @@
+"""One exception tree for every termtune service.
+
+    TermtuneError
+    ├── PermanentError            retrying cannot help: the job fails with the reason
+    │   ├── SpecError             the job spec is invalid (names the field)
+    │   ├── DatasetError          the dataset cannot be used (names file, row, column)
+    │   ├── ModelError            the model or adapter cannot be loaded or used
+    │   ├── PreflightError        an export breaks a Bedrock import rule (names the rule)
+    │   ├── StoreLocationError    a URI outside the object store or its allowed buckets
+    │   └── MessageError          a bus message that is not a known, valid message
+    ├── RetryableError            a later attempt may succeed (network, broker, throttling)
+    │   └── StoreUnavailable      the object store could not be reached
+    └── NotFound (+ KeyError)     a job, artifact or model that does not exist
+
+A stage handler raises a ``PermanentError`` to fail the job at once; anything else it
+raises is retried by the worker up to its attempt limit, then fails the job.
+"""
+
+from __future__ import annotations
+
+
+class TermtuneError(Exception):
+    """Root of every error termtune raises on purpose."""
+
+
+class PermanentError(TermtuneError):
+    """An error that no retry can fix; the job fails with this message."""
+
+
+class SpecError(PermanentError, ValueError):
+    """The job specification is invalid."""
+
+
+class DatasetError(PermanentError, ValueError):
+    """The dataset is missing, malformed or lacks what the spec names."""
+
+
+class ModelError(PermanentError):
+    """The model, tokenizer or adapter cannot be loaded or used."""
+
+
+class PreflightError(PermanentError):
+    """An exported model breaks a Bedrock Custom Model Import rule."""
+
+    def __init__(self, rule: str, detail: str) -> None:
+        super().__init__(f"{rule}: {detail}")
+        self.rule = rule
+
+
+class StoreLocationError(PermanentError, ValueError):
+    """A location outside the object store or the buckets the deployment allows."""
+
+
+class MessageError(PermanentError, ValueError):
+    """A bus message that cannot be parsed as a known message."""
+
+
+class RetryableError(TermtuneError):
+    """An error that a later attempt may not meet again."""
+
+
+class StoreUnavailable(RetryableError):
+    """The object store could not be reached."""
+
+
+class NotFound(TermtuneError, KeyError):
+    """A job, artifact or model that does not exist."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""

@@ -1,0 +1,168 @@
+"""A job's record in the object store: the truth about what a job has done.
+
+    jobs/<id>/spec.json                the validated spec, written once
+    jobs/<id>/events/<ns>-<type>.json  one object per event (an append-only log)
+    jobs/<id>/<stage>/...              a stage's outputs
+    jobs/<id>/<stage>/manifest.json    written last: the stage is done
+    models/<name>.json                 published models and where they live
+
+The queue only rings the doorbell: a stage that finds its manifest does no work again.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from shared.errors import NotFound
+from shared.jobspec import JobSpec, parse_spec
+from shared.messages import STAGES, Event, Message, Stage, dump_message, parse_message
+from shared.store import Store
+
+
+def new_job_id(name: str) -> str:
+    """A sortable, unique job id that starts with the job's name."""
+    return f"{name}-{datetime.now(UTC):%Y%m%d%H%M%S}-{secrets.token_hex(3)}"
+
+
+class JobRecords:
+    """Reads and writes job records in a store."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    @staticmethod
+    def spec_key(job_id: str) -> str:
+        """Key of a job's spec."""
+        return f"jobs/{job_id}/spec.json"
+
+    @staticmethod
+    def stage_prefix(job_id: str, stage: Stage) -> str:
+        """Prefix under which a stage writes its outputs."""
+        return f"jobs/{job_id}/{stage}"
+
+    def manifest_key(self, job_id: str, stage: Stage) -> str:
+        """Key of a stage's manifest."""
+        return f"{self.stage_prefix(job_id, stage)}/manifest.json"
+
+    def create(self, job_id: str, spec: JobSpec) -> str:
+        """Store a new job's spec (once); returns the spec's URI."""
+        key = self.spec_key(job_id)
+        self.store.put_bytes_if_absent(key, spec.model_dump_json(indent=2).encode())
+        return self.store.uri(key)
+
+    def spec(self, job_id: str) -> JobSpec:
+        """A job's spec; NotFound if there is no such job."""
+        try:
+            data = self.store.get_json(self.spec_key(job_id))
+        except NotFound as exc:
+            raise NotFound(f"no job {job_id!r}") from exc
+        return parse_spec(data, source=self.store.uri(self.spec_key(job_id)))
+
+    def exists(self, job_id: str) -> bool:
+        """Whether a job was submitted."""
+        return self.store.exists(self.spec_key(job_id))
+
+    def job_ids(self) -> list[str]:
+        """Every job id, newest first."""
+        ids = {key.split("/")[1] for key in self.store.list("jobs") if key.endswith("/spec.json")}
+        return sorted(ids, key=lambda i: (i.rsplit("-", 2)[-2:], i), reverse=True)
+
+    def record(self, event: Event) -> None:
+        """Append an event to its job's log."""
+        key = f"jobs/{event.job_id}/events/{time.time_ns():020d}-{event.message_id[:12]}.json"
+        self.store.put_json(key, dump_message(event))
+
+    def events(self, job_id: str) -> list[Message]:
+        """A job's events, oldest first."""
+        keys = self.store.list(f"jobs/{job_id}/events")
+        return [parse_message(self.store.get_json(key)) for key in keys]
+
+    def manifest(self, job_id: str, stage: Stage) -> dict[str, Any] | None:
+        """A stage's manifest, or None while the stage is not done."""
+        try:
+            return self.store.get_json(self.manifest_key(job_id, stage))
+        except NotFound:
+            return None
+
+    def write_manifest(self, job_id: str, stage: Stage, manifest: dict[str, Any]) -> str:
+        """Write a stage's manifest (last, atomically); returns its URI."""
+        key = self.manifest_key(job_id, stage)
+        self.store.put_json(key, manifest)
+        return self.store.uri(key)
+
+    def summary(self, job_id: str) -> dict[str, Any]:
+        """Status, stages and results of a job, derived from its events."""
+        spec = self.spec(job_id)
+        return summarize(job_id, spec, self.events(job_id))
+
+    def register_model(self, name: str, entry: dict[str, Any]) -> None:
+        """Record a published model under its name."""
+        self.store.put_json(f"models/{name}.json", entry)
+
+    def model(self, name: str) -> dict[str, Any]:
+        """A published model's entry; NotFound if none."""
+        try:
+            return self.store.get_json(f"models/{name}.json")
+        except NotFound as exc:
+            raise NotFound(f"no published model {name!r}") from exc
+
+    def models(self) -> list[dict[str, Any]]:
+        """Every published model."""
+        return [self.store.get_json(k) for k in self.store.list("models") if k.endswith(".json")]
+
+
+def summarize(job_id: str, spec: JobSpec, events: list[Message]) -> dict[str, Any]:
+    """Fold a job's events into its status and per-stage view."""
+    stages: dict[str, dict[str, Any]] = {s: {"status": "pending"} for s in STAGES}
+    job: dict[str, Any] = {
+        "id": job_id,
+        "name": spec.name,
+        "status": "queued",
+        "model_name": spec.model_name,
+        "error": None,
+        "result": {},
+    }
+    for event in events:
+        data = dump_message(event)
+        stage = data.get("stage")
+        if event.type == "JobSubmitted":  # type: ignore[attr-defined]
+            job["created_at"] = data["created_at"]
+            continue
+        view = stages[stage]
+        kind = event.type  # type: ignore[attr-defined]
+        if kind == "StageStarted":
+            view.update(
+                status="running",
+                started_at=data["created_at"],
+                attempt=data["attempt"],
+                worker=data["worker"],
+            )
+            job["status"] = "running" if job["status"] == "queued" else job["status"]
+        elif kind == "StageProgress":
+            view["progress"] = data["progress"]
+        elif kind == "StageFailed":
+            view.update(status="failed", finished_at=data["created_at"], error=data["error"])
+            job.update(
+                status="failed",
+                error={"stage": stage, "reason": data["error"], "type": data["error_type"]},
+            )
+        else:
+            view.update(
+                status="succeeded", finished_at=data["created_at"], manifest=data["manifest"]
+            )
+            job["result"][stage] = {
+                k: v
+                for k, v in data.items()
+                if k
+                not in ("job_id", "schema_version", "message_id", "created_at", "type", "stage")
+            }
+            if kind == "ModelEvaluated" and not data["publish"]:
+                job["status"] = "rejected"
+                stages["publish"]["status"] = "skipped"
+            if kind == "ModelPublished":
+                job["status"] = "succeeded"
+    job["stages"] = stages
+    return job

@@ -1,0 +1,71 @@
+"""Settings every service shares, read from ``TERMTUNE_*`` environment variables.
+
+The defaults are the embedded setup: kombu's ``filesystem://`` broker and a local folder
+store, both under ``./var``. Deployments set ``TERMTUNE_BROKER_URL`` (``amqp://...``,
+``sqs://``) and ``TERMTUNE_STORE_URL`` (``s3://bucket/prefix``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Environment-driven settings of any termtune process."""
+
+    model_config = SettingsConfigDict(env_prefix="TERMTUNE_", extra="ignore")
+
+    environment: Literal["development", "production"] = Field(
+        "development", description="production refuses development shortcuts."
+    )
+    var_dir: Path = Field(Path("var"), description="Root of the embedded broker and store.")
+    broker_url: str = Field("filesystem://", description="kombu broker URL.")
+    store_url: str = Field("", description="file:///path or s3://bucket/prefix (default: var).")
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO...).")
+    allowed_buckets: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated buckets datasets may come from."
+    )
+    exchange: str = Field("termtune", description="Name prefix of exchanges and queues.")
+    max_attempts: int = Field(3, ge=1, description="Deliveries before a message is dead.")
+    poll_seconds: float = Field(1.0, gt=0, description="Worker wait for a message per poll.")
+    log_level: str = Field("INFO", description="Python logging level.")
+
+    @field_validator("allowed_buckets", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    def model_post_init(self, __context: object) -> None:
+        """Resolve relative folders once, so every process agrees on them."""
+        self.var_dir = self.var_dir.resolve()
+        if not self.store_url:
+            self.store_url = (self.var_dir / "store").as_uri()
+
+    @property
+    def broker_dir(self) -> Path:
+        """Folder of the filesystem:// transport."""
+        return self.var_dir / "broker"
+
+    @property
+    def run_dir(self) -> Path:
+        """Folder of worker heartbeat files."""
+        return self.var_dir / "run"
+
+    @property
+    def cache_dir(self) -> Path:
+        """Folder where artifacts fetched from the store are cached."""
+        return self.var_dir / "cache"
+
+
+class ApiSettings(Settings):
+    """Settings of the control plane."""
+
+    api_key: str | None = Field(None, description="Bearer key clients must present.")
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")

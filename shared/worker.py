@@ -1,0 +1,235 @@
+"""The loop every stage service runs: receive a command, run the handler, record, continue.
+
+The handler decides; this module wires it to the bus and the job's record. Order matters:
+the handler stores its outputs and manifest, then the event is recorded and the next
+command published, and only then is the delivery acked. A crash anywhere before the ack
+redelivers the command, and the handler finds its manifest and does no work twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared.bus import ATTEMPT_HEADER, SERVICE_COMMANDS, Bus
+from shared.errors import MessageError, PermanentError
+from shared.jobs import JobRecords
+from shared.jobspec import JobSpec, parse_spec
+from shared.messages import (
+    STAGE_OF_COMMAND,
+    Command,
+    Event,
+    StageFailed,
+    StageProgress,
+    StageStarted,
+    parse_message,
+)
+from shared.pipeline import next_command
+from shared.settings import Settings
+from shared.store import Store, open_store
+
+log = logging.getLogger(__name__)
+HEARTBEAT_SECONDS = 5.0
+PROGRESS_EVERY_SECONDS = 2.0
+
+
+@dataclass
+class StageContext:
+    """What a handler may use: the store, the job records, settings and a progress hook."""
+
+    store: Store
+    jobs: JobRecords
+    settings: Settings
+    worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    progress: Callable[..., None] = field(default=lambda progress, *, force=False: None)
+
+    def spec(self, command: Command) -> JobSpec:
+        """The job spec a command points at."""
+        data = self.store.get_json(self.store.key_of(command.spec_uri))
+        return parse_spec(data, source=command.spec_uri)
+
+    def manifest_at(self, uri: str) -> dict[str, Any]:
+        """A stage manifest by its URI."""
+        return self.store.get_json(self.store.key_of(uri))
+
+    def scratch(self, command: Command, name: str) -> Path:
+        """An empty local working folder for one stage of one job."""
+        folder = self.settings.cache_dir / "scratch" / command.job_id / name
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        return folder
+
+
+Handler = Callable[[Command, StageContext], Event]
+
+
+class _Progress:
+    """Records progress events for one stage, at most one every few seconds."""
+
+    def __init__(self, jobs: JobRecords, command: Command) -> None:
+        self.jobs, self.command, self.last = jobs, command, 0.0
+
+    def __call__(self, progress: dict[str, Any], *, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self.last >= PROGRESS_EVERY_SECONDS:
+            self.last = now
+            stage = STAGE_OF_COMMAND[self.command.type]  # type: ignore[attr-defined]
+            self.jobs.record(
+                StageProgress(job_id=self.command.job_id, stage=stage, progress=progress)
+            )
+
+
+def run_stage(
+    command: Command,
+    handler: Handler,
+    ctx: StageContext,
+    *,
+    attempt: int = 1,
+    final_attempt: bool = True,
+) -> Event | None:
+    """Run one stage and record its outcome; returns the event, None if it should be retried.
+
+    A PermanentError, or any error on the final attempt, records StageFailed and returns it.
+    """
+    stage = STAGE_OF_COMMAND[command.type]  # type: ignore[attr-defined]
+    jobs = ctx.jobs
+    jobs.record(
+        StageStarted(job_id=command.job_id, stage=stage, worker=ctx.worker, attempt=attempt)
+    )
+    ctx.progress = _Progress(jobs, command)
+    try:
+        event = handler(command, ctx)
+    except Exception as exc:  # noqa: BLE001 - every failure is recorded, then decided
+        permanent = isinstance(exc, PermanentError)
+        log.error(
+            "%s %s attempt %d failed: %s",
+            stage,
+            command.job_id,
+            attempt,
+            exc,
+            exc_info=not permanent,
+        )
+        if not (permanent or final_attempt):
+            return None
+        failed = StageFailed(
+            job_id=command.job_id,
+            stage=stage,
+            error=str(exc) or repr(exc),
+            error_type=type(exc).__name__,
+            attempts=attempt,
+            permanent=permanent,
+        )
+        jobs.record(failed)
+        return failed
+    jobs.record(event)
+    return event
+
+
+class Worker:
+    """A stage service: consumes its queue and runs its handler."""
+
+    def __init__(
+        self, service: str, handler: Handler, *, settings: Settings, bus: Bus, store: Store
+    ) -> None:
+        self.service, self.handler, self.settings, self.bus = service, handler, settings, bus
+        self.ctx = StageContext(store=store, jobs=JobRecords(store), settings=settings)
+        self.stop = threading.Event()
+
+    def on_message(self, body: Any, message: Any) -> None:
+        """Handle one delivery and ack it once everything it caused is stored."""
+        try:
+            command = self._parse(body)
+        except MessageError as exc:
+            log.error("dead-lettering a message: %s", exc)
+            self.bus.dead_letter(
+                body, routing_key=message.delivery_info.get("routing_key", ""), reason=str(exc)
+            )
+            message.ack()
+            return
+        attempt = int((message.headers or {}).get(ATTEMPT_HEADER, 1))
+        final = attempt >= self.settings.max_attempts
+        event = run_stage(command, self.handler, self.ctx, attempt=attempt, final_attempt=final)
+        if event is None:
+            self.bus.publish(command, headers={ATTEMPT_HEADER: attempt + 1})
+        else:
+            self.bus.publish(event)
+            if isinstance(event, StageFailed) and not event.permanent:
+                self.bus.dead_letter(body, routing_key=command.routing_key, reason=event.error)
+            following = next_command(command, event)
+            if following is not None:
+                self.bus.publish(following)
+        message.ack()
+
+    def _parse(self, body: Any) -> Command:
+        message = parse_message(body)
+        expected = SERVICE_COMMANDS[self.service]
+        if not isinstance(message, Command) or message.type != expected:  # type: ignore[attr-defined]
+            raise MessageError(f"{self.service} takes {expected}, got {type(message).__name__}")
+        return message
+
+    def heartbeat(self) -> None:
+        """Touch this service's heartbeat file (read by health checks)."""
+        path = heartbeat_path(self.settings, self.service)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{time.time()}\n")
+
+    def _beat_forever(self) -> None:
+        while not self.stop.wait(HEARTBEAT_SECONDS):
+            self.heartbeat()
+
+    def run(self) -> None:
+        """Declare the topology and consume until stopped."""
+        self.bus.declare()
+        self.heartbeat()
+        threading.Thread(target=self._beat_forever, daemon=True).start()
+        log.info("%s ready on %s", self.service, self.settings.broker_url.split("@")[-1])
+        self.bus.consume(self.service, self.on_message, stop=self.stop)
+        log.info("%s stopped", self.service)
+
+
+def heartbeat_path(settings: Settings, service: str) -> Path:
+    """Where a service's heartbeat file lives."""
+    return settings.run_dir / f"{service}.heartbeat"
+
+
+def check_health(settings: Settings, service: str, *, max_age: float = 30.0) -> bool:
+    """Whether the service's heartbeat is recent."""
+    try:
+        return time.time() - heartbeat_path(settings, service).stat().st_mtime < max_age
+    except FileNotFoundError:
+        return False
+
+
+def configure_logging(settings: Settings, service: str) -> None:
+    """Log lines with time, service and level to stderr."""
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        stream=sys.stderr,
+        format=f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def run_service(service: str, handler: Handler, argv: list[str] | None = None) -> int:
+    """Entry point of a stage service: ``--health`` checks, otherwise serve."""
+    settings = Settings()
+    argv = sys.argv[1:] if argv is None else argv
+    if "--health" in argv:
+        return 0 if check_health(settings, service) else 1
+    configure_logging(settings, service)
+    worker = Worker(
+        service, handler, settings=settings, bus=Bus(settings), store=open_store(settings)
+    )
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: worker.stop.set())
+    worker.run()
+    return 0

@@ -1,0 +1,64 @@
+"""Shared fixtures: the tiny model, temporary stores, a prepared and trained job."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from services.cli.tinymodel import build_tiny_t5
+from shared.messages import PrepareDataset
+from shared.pipeline import next_command
+from shared.worker import StageContext, run_stage
+from tests.factories import SAMPLE_DATA, make_ctx, make_spec
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Flan-T5-shaped model folder with its tokenizer."""
+    return build_tiny_t5(tmp_path_factory.mktemp("model") / "tiny-t5", data_file=SAMPLE_DATA)
+
+
+@pytest.fixture
+def ctx(tmp_path: Path) -> StageContext:
+    """A stage context over an empty local store."""
+    return make_ctx(tmp_path / "var")
+
+
+@pytest.fixture(scope="session")
+def trained_job(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dict:
+    """A job whose prepare and train stages ran (shared by evaluator/publisher tests)."""
+    ctx = make_ctx(tmp_path_factory.mktemp("trained") / "var")
+    spec = make_spec(tiny_model)
+    job_id = "trained-job"
+    prepare = PrepareDataset(job_id=job_id, spec_uri=ctx.jobs.create(job_id, spec))
+    prepared = run_stage(prepare, _handler("dataprep"), ctx)
+    train = next_command(prepare, prepared)
+    trained = run_stage(train, _handler("trainer"), ctx)
+    evaluate = next_command(train, trained)
+    return {
+        "ctx": ctx,
+        "spec": spec,
+        "job_id": job_id,
+        "evaluate": evaluate,
+        "prepared": prepared,
+        "trained": trained,
+    }
+
+
+def _handler(service: str):  # noqa: ANN202
+    import importlib
+
+    return importlib.import_module(f"services.{service}.handler").handle
+
+
+@pytest.fixture(scope="session")
+def published(trained_job) -> tuple:
+    """The trained job evaluated and published: (ctx, PublishModel, ModelPublished)."""
+    ctx, cmd = trained_job["ctx"], trained_job["evaluate"]
+    evaluated = _handler("evaluator")(cmd, ctx)
+    publish = next_command(cmd, evaluated)
+    return ctx, publish, _handler("publisher")(publish, ctx)

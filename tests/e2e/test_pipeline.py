@@ -1,0 +1,83 @@
+"""The services as separate processes, started by the same launcher as `make run`."""
+
+import socket
+
+import pytest
+
+from services.cli.client import Client
+from services.cli.display import follow
+from services.cli.launcher import Launcher
+from tests.factories import spec_dict
+
+pytestmark = pytest.mark.e2e
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory):
+    launcher = Launcher(var_dir=tmp_path_factory.mktemp("e2e") / "var", port=_free_port())
+    launcher.start()
+    try:
+        launcher.wait_ready(timeout=120)
+        key = (launcher.run_dir / "api_key").read_text().strip()
+        yield launcher, Client(launcher.url, api_key=key)
+    except BaseException:
+        print(launcher.logs_tail(80))
+        raise
+    finally:
+        launcher.stop()
+
+
+def _run_job(launcher, client, spec):
+    job = client.submit(spec)
+    try:
+        return follow(client, job["id"], timeout=300, poll=0.5)
+    except BaseException:
+        print(launcher.logs_tail(80))
+        raise
+
+
+def test_bad_dataset_fails_the_job_by_name_and_services_keep_serving(
+    services, tiny_model, tmp_path
+):
+    launcher, client = services
+    spec = spec_dict(
+        tiny_model, name="bad-data", dataset={"source": str(tmp_path / "no-such-file.jsonl")}
+    )
+    job = _run_job(launcher, client, spec)
+    assert job["status"] == "failed"
+    assert job["error"]["stage"] == "prepare"
+    assert "file not found" in job["error"]["reason"]
+    assert "no-such-file.jsonl" in job["error"]["reason"]
+    assert all(p.poll() is None for p in launcher.processes.values())
+
+
+def test_spec_with_unknown_field_is_refused_before_any_work(services, tiny_model):
+    from shared.errors import SpecError
+
+    _, client = services
+    with pytest.raises(SpecError, match="field 'training.epocs': unknown field"):
+        client.submit(spec_dict(tiny_model, training={"epocs": 3}))
+
+
+def test_job_runs_end_to_end_and_model_answers(services, tiny_model):
+    launcher, client = services
+    job = _run_job(launcher, client, spec_dict(tiny_model, name="e2e-terms"))
+    assert job["status"] == "succeeded", job
+    assert [job["stages"][s]["status"] for s in job["stages"]] == ["succeeded"] * 4
+    assert job["result"]["prepare"]["counts"] == {"train": 176, "test": 75}
+    assert job["result"]["train"]["steps"] == 6
+    report = client.report(job["id"])
+    assert report["gate"]["passed"]
+    [model] = [m for m in client.models() if m["name"] == "e2e-terms"]
+    assert model["target"] == "local" and model["job_id"] == job["id"]
+    answer = client.invoke("e2e-terms", "What is Asthma", max_gen_len=8)
+    assert answer["generation_token_count"] >= 1
+    assert answer["stop_reason"] in ("stop", "length")
+    workers = {job["stages"][s]["worker"] for s in job["stages"]}
+    assert len(workers) == 4  # each stage ran in its own process

@@ -1,0 +1,124 @@
+"""The control plane with TestClient, an in-memory bus and a temporary store."""
+
+import uuid
+
+import pytest
+from fastapi.testclient import TestClient
+
+from services.api.main import create_app
+from shared.bus import Bus
+from shared.messages import parse_message
+from shared.settings import ApiSettings
+
+KEY = "test-key-123"
+
+
+@pytest.fixture
+def app_env(tmp_path):
+    settings = ApiSettings(
+        var_dir=tmp_path, broker_url="memory://", api_key=KEY, exchange=f"t{uuid.uuid4().hex[:8]}"
+    )
+    bus = Bus(settings)
+    app = create_app(settings, bus=bus)
+    with TestClient(app) as client:
+        client.headers["Authorization"] = f"Bearer {KEY}"
+        yield client, bus, app
+
+
+def _queued(bus, service):
+    with bus.connect() as conn:
+        message = bus.queues[service].bind(conn.default_channel).get(no_ack=True)
+        return parse_message(message.payload) if message else None
+
+
+def test_health_needs_no_key(app_env):
+    client, _, _ = app_env
+    assert client.get("/healthz", headers={"Authorization": ""}).json() == {"status": "ok"}
+    assert client.get("/readyz").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "headers,code",
+    [({}, 401), ({"Authorization": "Bearer wrong"}, 403), ({"Authorization": "Basic abc"}, 401)],
+)
+def test_routes_need_the_key(app_env, headers, code):
+    client, _, _ = app_env
+    client.headers.pop("Authorization")
+    for method, path in [
+        ("get", "/v1/jobs"),
+        ("post", "/v1/jobs"),
+        ("get", "/v1/models"),
+        ("post", "/v1/models/x/invoke"),
+        ("get", "/v1/jobs/x/events"),
+    ]:
+        response = getattr(client, method)(path, headers=headers)
+        assert response.status_code == code, (method, path)
+
+
+def test_submit_records_job_and_rings_dataprep(app_env):
+    client, bus, app = app_env
+    response = client.post("/v1/jobs", json={"name": "terms", "dataset": {"source": "x.jsonl"}})
+    assert response.status_code == 201
+    job = response.json()
+    assert job["status"] == "queued" and job["id"].startswith("terms-")
+    command = _queued(bus, "dataprep")
+    assert command.type == "PrepareDataset" and command.job_id == job["id"]
+    assert app.state.jobs.spec(job["id"]).dataset.source == "x.jsonl"
+    listed = client.get("/v1/jobs").json()
+    assert [j["id"] for j in listed["data"]] == [job["id"]]
+    assert client.get("/v1/jobs", params={"status": "failed"}).json()["count"] == 0
+    events = client.get(f"/v1/jobs/{job['id']}/events").json()["data"]
+    assert [e["type"] for e in events] == ["JobSubmitted"]
+
+
+def test_invalid_spec_names_the_field_and_queues_nothing(app_env):
+    client, bus, _ = app_env
+    response = client.post("/v1/jobs", json={"name": "terms", "training": {"epochz": 2}})
+    assert response.status_code == 422
+    assert "field 'training.epochz': unknown field" in response.json()["detail"]
+    assert _queued(bus, "dataprep") is None
+
+
+def test_unknown_job_and_model_are_404(app_env):
+    client, _, _ = app_env
+    assert client.get("/v1/jobs/nope-1").status_code == 404
+    assert client.get("/v1/jobs/nope-1/report").status_code == 404
+    response = client.post("/v1/models/nope/invoke", json={"prompt": "What is x"})
+    assert response.status_code == 404
+    assert "no published model 'nope'" in response.json()["detail"]
+
+
+def test_invoke_request_is_validated(app_env):
+    client, _, _ = app_env
+    response = client.post("/v1/models/x/invoke", json={"prompt": "", "max_gen_len": 0})
+    assert response.status_code == 422
+
+
+def test_production_refuses_to_start_without_key(tmp_path):
+    settings = ApiSettings(var_dir=tmp_path, broker_url="memory://", environment="production")
+    with pytest.raises(SystemExit, match="TERMTUNE_API_KEY must be set"):
+        create_app(settings)
+
+
+def test_invoke_answers_in_bedrock_shape(app_env, published):
+    client, _, app = app_env
+    ctx, _, event = published
+    store = app.state.jobs.store
+    store.upload_dir(ctx.store.path(ctx.store.key_of(event.location)), "jobs/j/publish/model")
+    app.state.jobs.register_model(
+        "tuned", {"name": "tuned", "target": "local", "location": store.uri("jobs/j/publish/model")}
+    )
+    response = client.post(
+        "/v1/models/tuned/invoke", json={"prompt": "What is Asthma", "max_gen_len": 6}
+    )
+    assert response.status_code == 200
+    body = response.json()
+    assert set(body) == {
+        "generation",
+        "prompt_token_count",
+        "generation_token_count",
+        "stop_reason",
+    }
+    assert 1 <= body["generation_token_count"] <= 6
+    assert body["prompt_token_count"] > 1
+    assert body["stop_reason"] in ("stop", "length")

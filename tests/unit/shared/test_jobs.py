@@ -1,0 +1,64 @@
+from shared.jobs import JobRecords, new_job_id, summarize
+from shared.jobspec import JobSpec
+from shared.messages import (
+    DatasetPrepared,
+    JobSubmitted,
+    ModelEvaluated,
+    StageFailed,
+    StageProgress,
+    StageStarted,
+)
+from shared.store import LocalStore
+
+SPEC = JobSpec(name="terms")
+
+
+def test_new_job_ids_are_unique_and_named():
+    ids = {new_job_id("terms") for _ in range(50)}
+    assert len(ids) == 50 and all(i.startswith("terms-") for i in ids)
+
+
+def test_summary_follows_the_events():
+    events = [
+        JobSubmitted(job_id="j", spec_uri="u", name="terms"),
+        StageStarted(job_id="j", stage="prepare", worker="w"),
+        DatasetPrepared(job_id="j", manifest="m", counts={"train": 7, "test": 3}),
+        StageStarted(job_id="j", stage="train", worker="w"),
+        StageProgress(job_id="j", stage="train", progress={"step": 3}),
+    ]
+    job = summarize("j", SPEC, events)
+    assert job["status"] == "running"
+    assert job["stages"]["prepare"]["status"] == "succeeded"
+    assert job["stages"]["train"]["status"] == "running"
+    assert job["stages"]["train"]["progress"] == {"step": 3}
+    assert job["result"]["prepare"]["counts"] == {"train": 7, "test": 3}
+
+
+def test_failure_names_stage_and_reason():
+    events = [
+        StageStarted(job_id="j", stage="prepare", worker="w"),
+        StageFailed(job_id="j", stage="prepare", error="no column 'x'", error_type="DatasetError"),
+    ]
+    job = summarize("j", SPEC, events)
+    assert job["status"] == "failed"
+    assert job["error"] == {"stage": "prepare", "reason": "no column 'x'", "type": "DatasetError"}
+
+
+def test_gate_rejection_ends_the_job_as_rejected():
+    events = [
+        ModelEvaluated(job_id="j", manifest="m", passed=False, publish=False, reasons=["worse"])
+    ]
+    job = summarize("j", SPEC, events)
+    assert job["status"] == "rejected"
+    assert job["stages"]["publish"]["status"] == "skipped"
+
+
+def test_records_round_trip(tmp_path):
+    jobs = JobRecords(LocalStore(tmp_path))
+    jobs.create("terms-1", SPEC)
+    jobs.record(JobSubmitted(job_id="terms-1", spec_uri="u", name="terms"))
+    jobs.record(StageStarted(job_id="terms-1", stage="prepare", worker="w"))
+    assert [e.type for e in jobs.events("terms-1")] == ["JobSubmitted", "StageStarted"]
+    assert jobs.spec("terms-1") == SPEC
+    assert jobs.job_ids() == ["terms-1"]
+    assert jobs.manifest("terms-1", "prepare") is None

@@ -1,0 +1,92 @@
+from pathlib import Path
+
+import pytest
+
+from shared.errors import SpecError
+from shared.jobspec import JobSpec, load_spec, parse_spec, template_fields
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_defaults_are_the_notebook_recipe():
+    spec = JobSpec(name="medical-terms")
+    assert spec.base_model == "google/flan-t5-large"
+    assert spec.dataset.source == "gamino/wiki_medical_terms"
+    assert spec.dataset.prompt_template == "What is {page_title}"
+    assert spec.dataset.target_template == "{page_text}"
+    assert spec.dataset.test_size == 0.3
+    assert spec.dataset.max_target_length == 512
+    lora = spec.training.lora
+    assert (lora.r, lora.alpha, lora.dropout, lora.target_modules) == (64, 16, 0.1, "all-linear")
+    assert spec.training.batch_size == 1
+    assert spec.training.gradient_accumulation_steps == 2
+    assert spec.training.epochs == 1
+    assert spec.training.quantization == "auto"
+
+
+def test_every_field_is_documented():
+    def walk(model):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{name} has no description"
+            annotation = field.annotation
+            if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+                walk(annotation)
+
+    walk(JobSpec)
+
+
+def test_unknown_field_is_named():
+    with pytest.raises(SpecError, match=r"field 'training.learnig_rate': unknown field"):
+        parse_spec({"name": "x1", "training": {"learnig_rate": 0.1}})
+
+
+def test_bad_value_is_named():
+    with pytest.raises(SpecError, match=r"field 'dataset.test_size'"):
+        parse_spec({"name": "x1", "dataset": {"test_size": 1.5}})
+
+
+def test_bad_name_is_named():
+    with pytest.raises(SpecError, match=r"field 'name'"):
+        parse_spec({"name": "Has Spaces"})
+
+
+def test_template_without_field_is_refused():
+    with pytest.raises(SpecError, match=r"dataset.prompt_template"):
+        parse_spec({"name": "x1", "dataset": {"prompt_template": "no placeholder"}})
+
+
+def test_template_fields():
+    assert template_fields("Define {term} ({abbreviation})") == ["term", "abbreviation"]
+
+
+def test_load_missing_file(tmp_path):
+    with pytest.raises(SpecError, match="job spec file not found: .*nope.yaml"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+def test_load_invalid_yaml(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: [unclosed")
+    with pytest.raises(SpecError, match="bad.yaml: not valid YAML"):
+        load_spec(path)
+
+
+def test_shipped_example_is_valid():
+    spec = load_spec(ROOT / "examples" / "medical-terms.yaml")
+    assert spec.name == "medical-terms"
+    assert spec.publish.target == "local"
+
+
+def test_readme_documents_every_field():
+    readme = (ROOT / "README.md").read_text()
+
+    def walk(model, prefix=""):
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+                yield from walk(annotation, f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}"
+
+    missing = [path for path in walk(JobSpec) if f"| `{path}` |" not in readme]
+    assert missing == []

@@ -1,0 +1,103 @@
+import pytest
+
+from shared.errors import NotFound, StoreLocationError
+from shared.settings import Settings
+from shared.store import LocalStore, S3Store, open_store
+
+
+@pytest.fixture
+def local(tmp_path):
+    return LocalStore(tmp_path / "store")
+
+
+@pytest.fixture(scope="module")
+def s3():
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        client = boto3.client(
+            "s3",
+            endpoint_url=f"http://{host}:{port}",
+            region_name="us-east-1",
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+        )
+        client.create_bucket(Bucket="termtune-test")
+        yield S3Store("termtune-test", "prefix", client=client)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, local, s3):
+    return local if request.param == "local" else s3
+
+
+def test_put_get_list(store):
+    store.put_json("jobs/a/spec.json", {"x": 1})
+    store.put_bytes("jobs/a/events/2.json", b"{}")
+    store.put_bytes("jobs/b/spec.json", b"{}")
+    assert store.get_json("jobs/a/spec.json") == {"x": 1}
+    assert store.list("jobs/a") == ["jobs/a/events/2.json", "jobs/a/spec.json"]
+    assert store.exists("jobs/b/spec.json") and not store.exists("jobs/c/spec.json")
+
+
+def test_missing_object_is_not_found(store):
+    with pytest.raises(NotFound, match="no object at"):
+        store.get_bytes("jobs/none/spec.json")
+
+
+def test_first_writer_wins(store):
+    assert store.put_bytes_if_absent("jobs/a/lock", b"first") is True
+    assert store.put_bytes_if_absent("jobs/a/lock", b"second") is False
+    assert store.get_bytes("jobs/a/lock") == b"first"
+
+
+def test_uri_round_trip(store):
+    uri = store.uri("jobs/a/spec.json")
+    assert store.key_of(uri) == "jobs/a/spec.json"
+
+
+@pytest.mark.parametrize("uri", ["s3://other-bucket/jobs/a", "file:///etc/passwd"])
+def test_uri_outside_the_store_is_refused(store, uri):
+    with pytest.raises(StoreLocationError, match="outside the object store"):
+        store.key_of(uri)
+
+
+@pytest.mark.parametrize("key", ["../escape", "jobs/../../x", "/abs", "jobs//x", ""])
+def test_bad_keys_are_refused(store, key):
+    with pytest.raises(StoreLocationError, match="invalid store key"):
+        store.put_bytes(key, b"x")
+
+
+def test_upload_and_local_dir(store, tmp_path):
+    folder = tmp_path / "model"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.bin").write_bytes(b"a")
+    (folder / "sub" / "b.txt").write_text("b")
+    keys = store.upload_dir(folder, "jobs/x/model")
+    assert keys == ["jobs/x/model/a.bin", "jobs/x/model/sub/b.txt"]
+    local = store.local_dir("jobs/x/model", tmp_path / "cache")
+    assert (local / "sub" / "b.txt").read_text() == "b"
+
+
+def test_local_write_is_atomic_and_leaves_no_temp(local):
+    local.put_bytes("k/v", b"1")
+    local.put_bytes("k/v", b"2")
+    assert local.get_bytes("k/v") == b"2"
+    assert [p.name for p in (local.root / "k").iterdir()] == ["v"]
+
+
+def test_open_store_defaults_to_var(tmp_path):
+    store = open_store(Settings(var_dir=tmp_path))
+    assert isinstance(store, LocalStore)
+    assert store.root == (tmp_path / "store").resolve()
+
+
+def test_open_store_rejects_unknown_scheme(tmp_path):
+    with pytest.raises(StoreLocationError, match="TERMTUNE_STORE_URL"):
+        open_store(Settings(var_dir=tmp_path, store_url="ftp://x"))

@@ -1,0 +1,154 @@
+"""The worker loop over kombu's in-memory transport, with fake handlers."""
+
+import threading
+import time
+import uuid
+
+import pytest
+
+from shared.bus import ATTEMPT_HEADER, REASON_HEADER, Bus
+from shared.errors import DatasetError
+from shared.jobs import JobRecords
+from shared.jobspec import JobSpec
+from shared.messages import DatasetPrepared, PrepareDataset, parse_message
+from shared.settings import Settings
+from shared.store import LocalStore
+from shared.worker import Worker
+
+
+@pytest.fixture
+def env(tmp_path):
+    settings = Settings(
+        var_dir=tmp_path,
+        broker_url="memory://",
+        exchange=f"t{uuid.uuid4().hex[:8]}",
+        poll_seconds=0.05,
+        max_attempts=3,
+    )
+    store = LocalStore(tmp_path / "store")
+    jobs = JobRecords(store)
+    spec_uri = jobs.create("job-1", JobSpec(name="job"))
+    bus = Bus(settings)
+    bus.declare()
+    yield settings, store, jobs, bus, PrepareDataset(job_id="job-1", spec_uri=spec_uri)
+    bus.close()
+
+
+def _drain(bus, queue, timeout=5.0):
+    """Messages on a queue, waiting until at least one arrives."""
+    with bus.connect() as conn:
+        bound = queue.bind(conn.default_channel)
+        deadline = time.monotonic() + timeout
+        got = []
+        while time.monotonic() < deadline:
+            message = bound.get(no_ack=True)
+            if message is None:
+                if got:
+                    return got
+                time.sleep(0.02)
+                continue
+            got.append(message)
+        return got
+
+
+def _run(worker, until, timeout=10.0):
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not until() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    worker.stop.set()
+    thread.join(5)
+    assert until(), "condition not reached in time"
+
+
+def _types(jobs):
+    return [e.type for e in jobs.events("job-1")]
+
+
+def test_success_records_event_and_publishes_next_command(env):
+    settings, store, jobs, bus, cmd = env
+    handled = []
+
+    def handler(command, ctx):
+        handled.append(command)
+        return DatasetPrepared(job_id=command.job_id, manifest="file:///m", counts={"train": 3})
+
+    worker = Worker("dataprep", handler, settings=settings, bus=bus, store=store)
+    bus.publish(cmd)
+    _run(worker, lambda: "DatasetPrepared" in _types(jobs))
+    assert handled == [cmd]
+    assert _types(jobs) == ["StageStarted", "DatasetPrepared"]
+    [train] = _drain(bus, bus.queues["trainer"])
+    nxt = parse_message(train.payload)
+    assert nxt.type == "TrainModel" and nxt.dataset_manifest == "file:///m"
+
+
+def test_permanent_error_fails_the_job_without_retry(env):
+    settings, store, jobs, bus, cmd = env
+    calls = []
+
+    def handler(command, ctx):
+        calls.append(1)
+        raise DatasetError("dataset.source: file not found: x.jsonl")
+
+    worker = Worker("dataprep", handler, settings=settings, bus=bus, store=store)
+    bus.publish(cmd)
+    _run(worker, lambda: "StageFailed" in _types(jobs))
+    failed = jobs.events("job-1")[-1]
+    assert failed.error == "dataset.source: file not found: x.jsonl"
+    assert failed.permanent and failed.error_type == "DatasetError"
+    assert calls == [1]
+    assert _drain(bus, bus.dead_queue, timeout=0.3) == []
+
+
+def test_transient_error_is_retried_then_dead_lettered(env):
+    settings, store, jobs, bus, cmd = env
+
+    def handler(command, ctx):
+        raise RuntimeError("flaky")
+
+    worker = Worker("dataprep", handler, settings=settings, bus=bus, store=store)
+    bus.publish(cmd)
+    _run(worker, lambda: "StageFailed" in _types(jobs))
+    started = [e for e in jobs.events("job-1") if e.type == "StageStarted"]
+    assert [e.attempt for e in started] == [1, 2, 3]
+    failed = jobs.events("job-1")[-1]
+    assert failed.type == "StageFailed" and not failed.permanent and failed.attempts == 3
+    [dead] = _drain(bus, bus.dead_queue)
+    assert dead.headers[REASON_HEADER] == "flaky"
+    assert parse_message(dead.payload).job_id == "job-1"
+
+
+def test_poison_message_is_dead_lettered_with_reason(env):
+    settings, store, jobs, bus, _ = env
+    worker = Worker("dataprep", lambda c, x: None, settings=settings, bus=bus, store=store)
+    with bus.connect() as conn:
+        conn.Producer().publish(
+            {"type": "PrepareDataset", "job_id": "job-1"},
+            exchange=bus.exchange,
+            routing_key="cmd.PrepareDataset",
+            serializer="json",
+        )
+    dead = []
+    _run(worker, lambda: dead.extend(_drain(bus, bus.dead_queue, timeout=0.1)) or dead)
+    assert "spec_uri" in dead[0].headers[REASON_HEADER]
+
+
+def test_wrong_command_for_service_is_refused(env):
+    settings, store, jobs, bus, cmd = env
+    worker = Worker("trainer", lambda c, x: None, settings=settings, bus=bus, store=store)
+
+    class Delivery:
+        headers = {ATTEMPT_HEADER: 1}
+        delivery_info = {"routing_key": "cmd.TrainModel"}
+        acked = False
+
+        def ack(self):
+            self.acked = True
+
+    delivery = Delivery()
+    worker.on_message(cmd.model_dump(mode="json"), delivery)
+    assert delivery.acked
+    [dead] = _drain(bus, bus.dead_queue)
+    assert "trainer takes TrainModel, got PrepareDataset" in dead.headers[REASON_HEADER]
