@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from shared.errors import SpecError
 
@@ -52,10 +60,19 @@ class DatasetSpec(_Section):
     test_size: float = Field(
         0.3, gt=0.0, lt=1.0, description="Share of prompts held out for evaluation."
     )
+    validation_size: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Share of prompts for validation loss during training."
+    )
     seed: int = Field(42, description="Seed of the train/test split.")
     max_source_length: int = Field(128, ge=8, le=8192, description="Input tokens kept.")
     max_target_length: int = Field(512, ge=8, le=8192, description="Target tokens kept.")
     max_rows: int | None = Field(None, ge=2, description="Use only the first N rows (quick runs).")
+
+    @model_validator(mode="after")
+    def _splits_fit(self) -> DatasetSpec:
+        if self.test_size + self.validation_size >= 1.0:
+            raise ValueError("test_size + validation_size must leave rows to train on")
+        return self
 
     @field_validator("prompt_template", "target_template")
     @classmethod
@@ -114,10 +131,25 @@ class GateSpec(_Section):
 class EvaluationSpec(_Section):
     """How the base and tuned models are compared on the held-out split."""
 
-    max_rows: int | None = Field(200, ge=1, description="Cap on test rows (None: all).")
+    max_rows: int | None = Field(
+        200, ge=1, description="Cap on test rows for quick runs (None: all); reported."
+    )
     max_new_tokens: int = Field(64, ge=1, le=4096, description="Generation length cap.")
     num_beams: int = Field(1, ge=1, le=16, description="Beam search width (1: greedy).")
-    no_repeat_ngram_size: int = Field(0, ge=0, description="Block repeated n-grams (0: off).")
+    no_repeat_ngram_size: StrictInt = Field(
+        0,
+        ge=0,
+        le=32,
+        description="Block repeated n-grams of this size (0: off). An integer: "
+        "the notebook passed True, which means 1 and forbids any repeated token.",
+    )
+    sampling: bool = Field(False, description="Sample instead of greedy/beam decoding.")
+    temperature: float = Field(1.0, gt=0.0, le=2.0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    seed: int = Field(0, description="Seed of sampling and of the bootstrap.")
+    bootstrap_samples: int = Field(
+        1000, ge=100, le=100_000, description="Resamples for the 95% confidence intervals."
+    )
     batch_size: int = Field(16, ge=1, le=1024, description="Rows per forward pass.")
     gate: GateSpec = Field(default_factory=GateSpec, description="The quality gate.")
 
@@ -198,3 +230,20 @@ def load_spec(path: str | Path) -> JobSpec:
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML: {exc}") from exc
     return parse_spec(data, source=str(path))
+
+
+def reference_table(model: type[BaseModel] = JobSpec, prefix: str = "") -> list[str]:
+    """Markdown rows (field, default, meaning) of every spec field, for the README."""
+    rows = ["| field | default | meaning |", "|---|---|---|"] if not prefix else []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows += reference_table(annotation, f"{prefix}{name}.")
+            continue
+        default = (
+            "required"
+            if field.is_required()
+            else repr(field.get_default(call_default_factory=True))
+        )
+        rows.append(f"| `{prefix}{name}` | `{default}` | {field.description} |")
+    return rows

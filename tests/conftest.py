@@ -32,7 +32,7 @@ def ctx(tmp_path: Path) -> StageContext:
 def trained_job(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dict:
     """A job whose prepare and train stages ran (shared by evaluator/publisher tests)."""
     ctx = make_ctx(tmp_path_factory.mktemp("trained") / "var")
-    spec = make_spec(tiny_model)
+    spec = make_spec(tiny_model, dataset={"validation_size": 0.1})
     job_id = "trained-job"
     prepare = PrepareDataset(job_id=job_id, spec_uri=ctx.jobs.create(job_id, spec))
     prepared = run_stage(prepare, _handler("dataprep"), ctx)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 from rich.console import Console
 from rich.table import Table
@@ -54,16 +55,20 @@ def follow(
 
 
 def evaluation_table(report: dict[str, Any]) -> Table:
-    """Base vs tuned metrics with deltas."""
-    table = Table(title=f"Held-out evaluation ({report['rows']} test rows)")
-    for column in ("metric", "base", "tuned", "delta"):
+    """Base vs tuned metrics with deltas and their 95% intervals."""
+    capped = f", capped at {report['capped_at']}" if report.get("capped_at") else ""
+    table = Table(title=f"Held-out evaluation ({report['rows']} test rows{capped})")
+    for column in ("metric", "base", "tuned", "delta", "95% CI"):
         table.add_column(column, justify="left" if column == "metric" else "right")
-    for metric in ("loss", "perplexity", "rouge_l", "mean_output_words", "empty_share"):
+    for name in report.get("metric_order", report["metrics"]):
+        m = report["metrics"][name]
+        low, high = m["ci95"]
         table.add_row(
-            metric,
-            f"{report['base'][metric]:.4f}",
-            f"{report['tuned'][metric]:.4f}",
-            f"{report['delta'][metric]:+.4f}",
+            name,
+            f"{m['base']:.4f}",
+            f"{m['tuned']:.4f}",
+            f"{m['delta']:+.4f}",
+            f"[{low:+.4f}, {high:+.4f}]",
         )
     return table
 
@@ -83,12 +88,17 @@ def summary(client: Client, job: dict[str, Any]) -> None:
             f"mean train loss {result['train']['train_loss']:.4f}"
         )
     if "evaluate" in result:
-        report = client.report(job["id"])
-        console.print(evaluation_table(report))
-        gate = report["gate"]
-        console.print(
-            "quality gate: "
-            + ("passed" if gate["passed"] else "failed: " + "; ".join(gate["reasons"]))
-        )
+        print_report(client.report(job["id"]))
     if "publish" in result:
-        console.print(f"exported model: {result['publish']['location']}")
+        location = result["publish"]["location"]
+        shown = unquote(urlparse(location).path) if location.startswith("file://") else location
+        console.print(f"exported model folder: {shown}")
+
+
+def print_report(report: dict[str, Any]) -> None:
+    """The evaluation table and the gate's verdict."""
+    console.print(evaluation_table(report))
+    gate = report["gate"]
+    verdict = "passed" if gate["passed"] else "failed: " + "; ".join(gate["reasons"])
+    forced = " (publishing forced)" if gate.get("forced") else ""
+    console.print(f"quality gate: {verdict}{forced}")

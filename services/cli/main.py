@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="a job's status")
     status.add_argument("job_id")
     sub.add_parser("jobs", help="recent jobs")
+    report = sub.add_parser("report", help="a job's evaluation table and gate")
+    report.add_argument("job_id")
     sub.add_parser("models", help="published models")
     invoke = sub.add_parser("invoke", help="ask a published model")
     invoke.add_argument("model")
@@ -142,6 +144,10 @@ def _client_command(args: argparse.Namespace) -> int:
         return 0
     if args.command == "status":
         print(json.dumps(client.job(args.job_id), indent=2))
+    elif args.command == "report":
+        report = client.report(args.job_id)
+        display.print_report(report)
+        return 0 if report["gate"]["publish"] else 1
     elif args.command == "jobs":
         for job in client.jobs():
             print(f"{job['id']}\t{job['status']}")

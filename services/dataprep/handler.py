@@ -28,7 +28,12 @@ def handle(command: PrepareDataset, ctx: StageContext) -> DatasetPrepared:
     ctx.progress({"rows": len(examples.prompts), "phase": "tokenizing"}, force=True)
     tokenizer = load_tokenizer(spec.base_model)
     tokens = prepare.tokenize(tokenizer, examples.prompts, examples.targets, spec=spec.dataset)
-    splits = prepare.split(examples, test_size=spec.dataset.test_size, seed=spec.dataset.seed)
+    splits = prepare.split(
+        examples,
+        test_size=spec.dataset.test_size,
+        validation_size=spec.dataset.validation_size,
+        seed=spec.dataset.seed,
+    )
     prefix = ctx.jobs.stage_prefix(command.job_id, "prepare")
     folder = ctx.scratch(command, "prepare")
     manifest: dict[str, Any] = {
@@ -107,8 +112,10 @@ def _write_shards(
 
 
 def _shared(examples: prepare.Examples, splits: dict[str, list[int]]) -> int:
+    """Rows of the held-out splits whose prompt also appears in train (the leakage check)."""
     train = {examples.prompts[i].casefold() for i in splits["train"]}
-    return sum(examples.prompts[i].casefold() in train for i in splits["test"])
+    held_out = [i for name, rows in splits.items() if name != "train" for i in rows]
+    return sum(examples.prompts[i].casefold() in train for i in held_out)
 
 
 def _event(command: PrepareDataset, ctx: StageContext, manifest: dict[str, Any]) -> DatasetPrepared:

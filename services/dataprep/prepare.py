@@ -60,21 +60,31 @@ def render(table: pa.Table, spec: DatasetSpec, *, shown: str) -> Examples:
     return out
 
 
-def split(examples: Examples, *, test_size: float, seed: int) -> dict[str, list[int]]:
-    """Row indices of train and test, grouped by prompt so no prompt is in both."""
+def split(
+    examples: Examples, *, test_size: float, seed: int, validation_size: float = 0.0
+) -> dict[str, list[int]]:
+    """Row indices of train, test (and validation), grouped by prompt: no prompt in two."""
     groups: dict[str, list[int]] = {}
     for i, prompt in enumerate(examples.prompts):
         groups.setdefault(prompt.casefold(), []).append(i)
     keys = sorted(groups)
     random.Random(seed).shuffle(keys)
-    n_test = min(max(1, round(len(keys) * test_size)), len(keys) - 1)
-    if n_test < 1:
-        raise DatasetError("dataset: only one distinct prompt; a test split needs at least two")
-    test_keys = set(keys[:n_test])
-    return {
-        "train": sorted(i for k in keys if k not in test_keys for i in groups[k]),
-        "test": sorted(i for k in test_keys for i in groups[k]),
+    n_test = max(1, round(len(keys) * test_size))
+    n_val = round(len(keys) * validation_size) if validation_size else 0
+    if validation_size and n_val == 0:
+        n_val = 1
+    if n_test + n_val >= len(keys):
+        raise DatasetError(
+            f"dataset: {len(keys)} distinct prompts cannot fill test ({n_test}), validation "
+            f"({n_val}) and a train split; add rows or lower test_size/validation_size"
+        )
+    parts = {
+        "test": keys[:n_test],
+        "validation": keys[n_test : n_test + n_val],
+        "train": keys[n_test + n_val :],
     }
+    out = {name: sorted(i for k in part for i in groups[k]) for name, part in parts.items()}
+    return out if n_val else {"train": out["train"], "test": out["test"]}
 
 
 def tokenize(

@@ -6,9 +6,10 @@ from typing import Any
 
 import torch
 
-from services.evaluator import metrics
+from services.evaluator import html_report, metrics, scoring
 from shared.artifacts import adapter_dir, read_split
-from shared.errors import ModelError
+from shared.errors import ModelError, NotFound
+from shared.jobspec import JobSpec
 from shared.messages import EvaluateModel, ModelEvaluated
 from shared.modeling import device, load_seq2seq, load_tokenizer, versions
 from shared.worker import StageContext
@@ -32,79 +33,118 @@ def handle(command: EvaluateModel, ctx: StageContext) -> ModelEvaluated:
     )
 
 
+def check_tokenizer(tokenizer: Any, dataset: dict[str, Any], spec: JobSpec) -> None:
+    """Refuse a dataset tokenized with another tokenizer than the model's."""
+    recorded = dataset.get("tokenizer", {})
+    if recorded.get("name") != spec.base_model or recorded.get("vocab_size") != len(tokenizer):
+        raise ModelError(
+            f"the dataset was tokenized with {recorded.get('name')!r} (vocabulary "
+            f"{recorded.get('vocab_size')}) but the model's tokenizer is {spec.base_model!r} "
+            f"(vocabulary {len(tokenizer)}); prepare the dataset again for this model"
+        )
+
+
 def _evaluate(command: EvaluateModel, ctx: StageContext) -> dict[str, Any]:
     from peft import PeftModel
 
     spec = ctx.spec(command)
     evaluation = spec.evaluation
+    dataset = ctx.manifest_at(command.dataset_manifest)
+    training = ctx.manifest_at(command.training_manifest)
     table = read_split(
-        ctx.store,
-        ctx.manifest_at(command.dataset_manifest),
-        "test",
-        cache_dir=ctx.settings.cache_dir,
-        max_rows=evaluation.max_rows,
+        ctx.store, dataset, "test", cache_dir=ctx.settings.cache_dir, max_rows=evaluation.max_rows
     )
-    adapter = adapter_dir(
-        ctx.store, ctx.manifest_at(command.training_manifest), cache_dir=ctx.settings.cache_dir
-    )
+    adapter = adapter_dir(ctx.store, training, cache_dir=ctx.settings.cache_dir)
     tokenizer = load_tokenizer(spec.base_model)
+    check_tokenizer(tokenizer, dataset, spec)
     dtype = torch.bfloat16 if device() == "cuda" else torch.float32
     model = load_seq2seq(spec.base_model, dtype=dtype).to(device())
-    ctx.progress({"phase": "evaluating base model", "rows": table.num_rows}, force=True)
-    base = metrics.evaluate(model, tokenizer, table, spec=evaluation)
+    run = dict(tokenizer=tokenizer, table=table, spec=evaluation, progress=ctx.progress)
+    base_rows, base_out = metrics.run_model(model, label="base", **run)
     try:
         tuned_model = PeftModel.from_pretrained(model, str(adapter))
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelError(f"the adapter at {adapter} does not fit {spec.base_model}: {exc}") from exc
-    ctx.progress({"phase": "evaluating tuned model", "rows": table.num_rows}, force=True)
-    tuned = metrics.evaluate(tuned_model, tokenizer, table, spec=evaluation)
-    passed, reasons = metrics.gate(
-        base,
-        tuned,
-        min_rouge_l_gain=evaluation.gate.min_rouge_l_gain,
-        require_lower_loss=evaluation.gate.require_lower_loss,
+    tuned_rows, tuned_out = metrics.run_model(tuned_model, label="tuned", **run)
+    ctx.progress({"phase": "bootstrap", "samples": evaluation.bootstrap_samples}, force=True)
+    report = build_report(
+        table,
+        (base_rows, base_out),
+        (tuned_rows, tuned_out),
+        spec=spec,
+        training_log=_training_log(ctx, training),
     )
-    report = _report(table, base, tuned, passed=passed, reasons=reasons, spec=spec)
+    prefix = ctx.jobs.stage_prefix(command.job_id, "evaluate")
+    ctx.store.put_json(f"{prefix}/report.json", report)
+    page = html_report.render(report, job_id=command.job_id)
+    ctx.store.put_bytes(f"{prefix}/report.html", page.encode())
     ctx.jobs.write_manifest(command.job_id, "evaluate", report)
     return report
 
 
-def _report(
+def _training_log(ctx: StageContext, training: dict[str, Any]) -> list[dict[str, Any]]:
+    try:
+        return ctx.store.get_json(ctx.store.key_of(training["log"]))
+    except (KeyError, NotFound):
+        return []
+
+
+def build_report(
     table: Any,
-    base: dict[str, Any],
-    tuned: dict[str, Any],
+    base: tuple[scoring.RowScores, list[str]],
+    tuned: tuple[scoring.RowScores, list[str]],
     *,
-    passed: bool,
-    reasons: list[str],
-    spec: Any,
+    spec: JobSpec,
+    training_log: list[dict[str, Any]],
 ) -> dict[str, Any]:
+    """The evaluation report: metrics, deltas with intervals, the gate, samples, curves."""
+    evaluation, rule = spec.evaluation, spec.evaluation.gate
+    base_m, tuned_m = scoring.aggregate(base[0]), scoring.aggregate(tuned[0])
+    intervals = scoring.paired_bootstrap(
+        base[0], tuned[0], samples=evaluation.bootstrap_samples, seed=evaluation.seed
+    )
+    passed, reasons = scoring.gate(
+        base_m,
+        tuned_m,
+        min_rouge_l_gain=rule.min_rouge_l_gain,
+        require_lower_loss=rule.require_lower_loss,
+    )
     prompts, refs = table.column("prompt").to_pylist(), table.column("target").to_pylist()
-    samples = [
-        {
-            "prompt": prompts[i],
-            "reference": refs[i],
-            "base": base["predictions"][i],
-            "tuned": tuned["predictions"][i],
+    metrics_table = {
+        name: {
+            "base": base_m[name],
+            "tuned": tuned_m[name],
+            "delta": tuned_m[name] - base_m[name],
+            "ci95": list(intervals[name]),
+            "lower_is_better": lower,
         }
-        for i in range(min(SAMPLE_ROWS, len(prompts)))
-    ]
-    strip = lambda m: {k: v for k, v in m.items() if k != "predictions"}  # noqa: E731
-    base_m, tuned_m = strip(base), strip(tuned)
-    force = spec.evaluation.gate.force_publish
+        for name, lower in scoring.METRICS.items()
+    }
     return {
         "rows": table.num_rows,
-        "capped_at": spec.evaluation.max_rows,
+        "capped_at": evaluation.max_rows,
+        "metrics": metrics_table,
+        "metric_order": list(scoring.METRICS),
         "base": base_m,
         "tuned": tuned_m,
-        "delta": {k: round(tuned_m[k] - base_m[k], 5) for k in base_m},
+        "delta": {k: v["delta"] for k, v in metrics_table.items()},
         "gate": {
             "passed": passed,
             "reasons": reasons,
-            "forced": force and not passed,
-            "publish": passed or force,
-            "rule": spec.evaluation.gate.model_dump(),
+            "forced": rule.force_publish and not passed,
+            "publish": passed or rule.force_publish,
+            "rule": rule.model_dump(),
         },
-        "generation": spec.evaluation.model_dump(exclude={"gate"}),
-        "samples": samples,
+        "generation": evaluation.model_dump(exclude={"gate"}),
+        "samples": [
+            {"prompt": prompts[i], "reference": refs[i], "base": base[1][i], "tuned": tuned[1][i]}
+            for i in range(min(SAMPLE_ROWS, len(prompts)))
+        ],
+        "curves": {
+            "train_loss": [[e["step"], e["loss"]] for e in training_log if "loss" in e],
+            "validation_loss": [
+                [e["step"], e["eval_loss"]] for e in training_log if "eval_loss" in e
+            ],
+        },
         "versions": versions(),
     }

@@ -1,14 +1,17 @@
-"""Held-out loss, generation and ROUGE-L for one model."""
+"""Running one model over the held-out rows: per-row reference loss and generations."""
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
 import torch
 
+from services.evaluator.scoring import RowScores, score_rows
 from shared.jobspec import EvaluationSpec
+
+Progress = Callable[..., None]
 
 
 def _batches(table: pa.Table, size: int) -> list[pa.Table]:
@@ -16,86 +19,71 @@ def _batches(table: pa.Table, size: int) -> list[pa.Table]:
 
 
 @torch.no_grad()
-def heldout_loss(model: Any, tokenizer: Any, table: pa.Table, *, batch_size: int) -> float:
-    """Mean token-level cross-entropy of the references (teacher forcing)."""
+def row_losses(
+    model: Any, tokenizer: Any, table: pa.Table, *, batch_size: int
+) -> tuple[list[float], list[int]]:
+    """Summed token cross-entropy of each row's reference (teacher forcing) and its length."""
     from transformers import DataCollatorForSeq2Seq
 
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
     model.eval()
-    total, tokens = 0.0, 0
+    nll: list[float] = []
+    tokens: list[int] = []
     for chunk in _batches(table.select(["input_ids", "labels"]), batch_size):
-        batch = collator(chunk.to_pylist())
-        batch = {k: v.to(model.device) for k, v in batch.items()}
-        n = int((batch["labels"] != -100).sum())
-        total += float(model(**batch).loss) * n
-        tokens += n
-    return total / max(tokens, 1)
+        batch = {k: v.to(model.device) for k, v in collator(chunk.to_pylist()).items()}
+        logits = model(**batch).logits.float()
+        labels = batch["labels"]
+        losses = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), labels, ignore_index=-100, reduction="none"
+        )
+        nll += losses.sum(dim=1).tolist()
+        tokens += (labels != -100).sum(dim=1).tolist()
+    return nll, tokens
 
 
 @torch.no_grad()
-def generate(model: Any, tokenizer: Any, table: pa.Table, *, spec: EvaluationSpec) -> list[str]:
-    """The model's answers to the prompts of a table."""
+def generate(
+    model: Any, tokenizer: Any, table: pa.Table, *, spec: EvaluationSpec, on_batch: Progress
+) -> list[str]:
+    """The model's answers to the prompts of a table, in batches."""
     model.eval()
     outputs: list[str] = []
+    sampling = {"do_sample": spec.sampling}
+    if spec.sampling:
+        sampling.update(temperature=spec.temperature, top_p=spec.top_p)
     for chunk in _batches(table.select(["input_ids"]), spec.batch_size):
-        batch = tokenizer.pad(
-            {"input_ids": chunk.column("input_ids").to_pylist()}, return_tensors="pt"
-        ).to(model.device)
-        ids = model.generate(
+        ids = chunk.column("input_ids").to_pylist()
+        batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(model.device)
+        generated = model.generate(
             **batch,
             max_new_tokens=spec.max_new_tokens,
             num_beams=spec.num_beams,
-            do_sample=False,
             no_repeat_ngram_size=spec.no_repeat_ngram_size or None,
+            **sampling,
         )
-        outputs += tokenizer.batch_decode(ids, skip_special_tokens=True)
-    return [o.strip() for o in outputs]
+        outputs += [o.strip() for o in tokenizer.batch_decode(generated, skip_special_tokens=True)]
+        on_batch(len(outputs))
+    return outputs
 
 
-def rouge_l(predictions: list[str], references: list[str]) -> list[float]:
-    """ROUGE-L F1 of each prediction against its reference (rouge-score, stemmed)."""
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return [
-        scorer.score(ref, pred)["rougeL"].fmeasure
-        for pred, ref in zip(predictions, references, strict=True)
-    ]
-
-
-def evaluate(
-    model: Any, tokenizer: Any, table: pa.Table, *, spec: EvaluationSpec
-) -> dict[str, Any]:
-    """Loss, perplexity, ROUGE-L and the generations of one model on a table."""
-    loss = heldout_loss(model, tokenizer, table, batch_size=spec.batch_size)
-    predictions = generate(model, tokenizer, table, spec=spec)
-    scores = rouge_l(predictions, table.column("target").to_pylist())
-    return {
-        "loss": round(loss, 5),
-        "perplexity": round(math.exp(min(loss, 50.0)), 3),
-        "rouge_l": round(sum(scores) / len(scores), 5) if scores else 0.0,
-        "empty_share": round(sum(not p for p in predictions) / max(len(predictions), 1), 4),
-        "mean_output_words": round(
-            sum(len(p.split()) for p in predictions) / max(len(predictions), 1), 2
-        ),
-        "predictions": predictions,
-    }
-
-
-def gate(
-    base: dict[str, Any],
-    tuned: dict[str, Any],
+def run_model(
+    model: Any,
+    tokenizer: Any,
+    table: pa.Table,
     *,
-    min_rouge_l_gain: float,
-    require_lower_loss: bool,
-) -> tuple[bool, list[str]]:
-    """Whether the tuned model beats the base as the spec demands; the reasons if not."""
-    reasons = []
-    if tuned["rouge_l"] < base["rouge_l"] + min_rouge_l_gain:
-        reasons.append(
-            f"ROUGE-L {tuned['rouge_l']:.4f} is below base {base['rouge_l']:.4f} "
-            f"+ {min_rouge_l_gain}"
-        )
-    if require_lower_loss and not tuned["loss"] < base["loss"]:
-        reasons.append(f"test loss {tuned['loss']:.4f} is not below base {base['loss']:.4f}")
-    return not reasons, reasons
+    spec: EvaluationSpec,
+    progress: Progress,
+    label: str,
+) -> tuple[RowScores, list[str]]:
+    """Per-row scores and generations of one model."""
+    progress({"phase": f"{label}: reference loss", "rows": table.num_rows}, force=True)
+    nll, tokens = row_losses(model, tokenizer, table, batch_size=spec.batch_size)
+    if spec.sampling:
+        torch.manual_seed(spec.seed)
+
+    def on_batch(done: int) -> None:
+        progress({"phase": f"{label}: generating", "rows_done": done, "rows": table.num_rows})
+
+    predictions = generate(model, tokenizer, table, spec=spec, on_batch=on_batch)
+    references = table.column("target").to_pylist()
+    return score_rows(predictions, references, nll=nll, tokens=tokens), predictions

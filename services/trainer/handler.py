@@ -26,12 +26,11 @@ def handle(command: TrainModel, ctx: StageContext) -> ModelTrained:
 def _train(command: TrainModel, ctx: StageContext) -> dict[str, Any]:
     spec = ctx.spec(command)
     plan = lora.resolve_plan(spec.training)
-    table = read_split(
-        ctx.store,
-        ctx.manifest_at(command.dataset_manifest),
-        "train",
-        cache_dir=ctx.settings.cache_dir,
-    )
+    dataset = ctx.manifest_at(command.dataset_manifest)
+    table = read_split(ctx.store, dataset, "train", cache_dir=ctx.settings.cache_dir)
+    validation = None
+    if dataset["counts"].get("validation"):
+        validation = read_split(ctx.store, dataset, "validation", cache_dir=ctx.settings.cache_dir)
     ctx.progress({"phase": "loading model", "plan": dataclasses.asdict(plan)}, force=True)
     tokenizer = load_tokenizer(spec.base_model)
     model = lora.build_model(spec.base_model, spec.training, plan)
@@ -40,6 +39,7 @@ def _train(command: TrainModel, ctx: StageContext) -> dict[str, Any]:
         model,
         tokenizer,
         table,
+        eval_table=validation,
         spec=spec.training,
         plan=plan,
         output_dir=folder / "trainer",

@@ -22,7 +22,9 @@ def to_dataset(table: pa.Table) -> Any:
     return datasets.Dataset(table.select(["input_ids", "labels"]))
 
 
-def training_arguments(spec: TrainingSpec, plan: Plan, output_dir: Path) -> Any:
+def training_arguments(
+    spec: TrainingSpec, plan: Plan, output_dir: Path, *, evaluate: bool = False
+) -> Any:
     """Seq2SeqTrainingArguments from the spec and the resolved plan."""
     from transformers import Seq2SeqTrainingArguments
 
@@ -38,6 +40,10 @@ def training_arguments(spec: TrainingSpec, plan: Plan, output_dir: Path) -> Any:
         train_sampling_strategy="group_by_length" if spec.group_by_length else "random",
         gradient_checkpointing=spec.gradient_checkpointing,
         logging_steps=spec.logging_steps,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=spec.logging_steps if evaluate else None,
+        per_device_eval_batch_size=spec.batch_size,
+        prediction_loss_only=True,
         save_strategy="no",
         report_to="none",
         seed=spec.seed,
@@ -68,6 +74,7 @@ def progress_callback(progress: Progress) -> Any:
                     "epoch": round(state.epoch or 0.0, 3),
                     "loss": (logs or {}).get("loss"),
                     "learning_rate": (logs or {}).get("learning_rate"),
+                    "eval_loss": (logs or {}).get("eval_loss"),
                     "elapsed_s": round(elapsed, 1),
                     "eta_s": round(elapsed / done * max(state.max_steps - state.global_step, 0), 1),
                 }
@@ -81,6 +88,7 @@ def train(
     tokenizer: Any,
     train_table: pa.Table,
     *,
+    eval_table: pa.Table | None = None,
     spec: TrainingSpec,
     plan: Plan,
     output_dir: Path,
@@ -97,8 +105,9 @@ def train(
     )
     trainer = Seq2SeqTrainer(
         model=model,
-        args=training_arguments(spec, plan, output_dir),
+        args=training_arguments(spec, plan, output_dir, evaluate=eval_table is not None),
         train_dataset=to_dataset(train_table),
+        eval_dataset=to_dataset(eval_table) if eval_table is not None else None,
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=[progress_callback(progress)],

@@ -81,3 +81,15 @@ def test_job_runs_end_to_end_and_model_answers(services, tiny_model):
     assert answer["stop_reason"] in ("stop", "length")
     workers = {job["stages"][s]["worker"] for s in job["stages"]}
     assert len(workers) == 4  # each stage ran in its own process
+
+
+def test_job_failing_the_gate_ends_rejected_and_publishes_nothing(services, tiny_model):
+    launcher, client = services
+    spec = spec_dict(tiny_model, name="strict-gate", evaluation={"gate": {"min_rouge_l_gain": 1.0}})
+    job = _run_job(launcher, client, spec)
+    assert job["status"] == "rejected"
+    assert job["stages"]["publish"]["status"] == "skipped"
+    report = client.report(job["id"])
+    assert not report["gate"]["publish"]
+    assert report["gate"]["reasons"][0].startswith("ROUGE-L")
+    assert "strict-gate" not in {m["name"] for m in client.models()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from fastapi import APIRouter, Body, HTTPException, Query, status
+from fastapi.responses import HTMLResponse
 
 from services.api.deps import BusDep, JobsDep
 from shared.errors import NotFound, SpecError
@@ -68,6 +69,15 @@ def job_report(job_id: str, jobs: JobsDep) -> dict[str, Any]:
     if report is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id!r} has no report yet")
     return report
+
+
+@router.get("/{job_id}/report.html", response_class=HTMLResponse)
+def job_report_page(job_id: str, jobs: JobsDep) -> HTMLResponse:
+    """The evaluation report as a self-contained page."""
+    _or_404(lambda: jobs.spec(job_id))
+    key = f"{jobs.stage_prefix(job_id, 'evaluate')}/report.html"
+    page = _or_404(lambda: jobs.store.get_bytes(key))
+    return HTMLResponse(page.decode())
 
 
 def _or_404(fn: Any) -> Any:

@@ -122,3 +122,17 @@ def test_invoke_answers_in_bedrock_shape(app_env, published):
     assert 1 <= body["generation_token_count"] <= 6
     assert body["prompt_token_count"] > 1
     assert body["stop_reason"] in ("stop", "length")
+
+
+def test_report_page_is_served(app_env):
+    client, _, app = app_env
+    jobs = app.state.jobs
+    from shared.jobspec import JobSpec
+
+    jobs.create("terms-1", JobSpec(name="terms"))
+    assert client.get("/v1/jobs/terms-1/report.html").status_code == 404
+    jobs.store.put_bytes("jobs/terms-1/evaluate/report.html", b"<!doctype html><h1>r</h1>")
+    response = client.get("/v1/jobs/terms-1/report.html")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    assert "<h1>r</h1>" in response.text

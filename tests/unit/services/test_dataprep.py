@@ -115,3 +115,20 @@ def test_hub_source_unreachable_suggests_local_file(ctx, tiny_model, monkeypatch
     spec = make_spec(tiny_model, dataset={"source": "gamino/wiki_medical_terms"})
     with pytest.raises(DatasetError, match=r"gamino/wiki_medical_terms.*local file"):
         handle(_command(ctx, spec), ctx)
+
+
+def test_validation_split_is_grouped_too(ctx, tiny_model):
+    spec = make_spec(tiny_model, dataset={"validation_size": 0.1})
+    event = handle(_command(ctx, spec), ctx)
+    assert event.counts == {"train": 151, "validation": 25, "test": 75}
+    assert ctx.jobs.manifest("job-1", "prepare")["split"]["shared_prompts"] == 0
+
+
+def test_splits_that_leave_no_train_rows_are_refused(ctx, tiny_model, tmp_path):
+    path = tmp_path / "two.jsonl"
+    path.write_text(
+        '{"page_title": "A", "page_text": "a"}\n{"page_title": "B", "page_text": "b"}\n'
+    )
+    spec = make_spec(tiny_model, dataset={"source": str(path), "validation_size": 0.2})
+    with pytest.raises(DatasetError, match="2 distinct prompts cannot fill test"):
+        handle(_command(ctx, spec), ctx)

@@ -1,0 +1,157 @@
+"""Text metrics per row, their aggregates, paired bootstrap intervals and the quality gate.
+
+Per-row values are kept so that any subset of rows can be re-aggregated: that is what the
+paired bootstrap does (resample rows, score base and tuned on the same rows, take the
+difference). Corpus-level BLEU and chrF are recomputed from summed sufficient statistics,
+as sacrebleu's own paired bootstrap does.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+import unicodedata
+from dataclasses import dataclass
+
+import numpy as np
+
+#: metric name → True when lower is better
+METRICS: dict[str, bool] = {
+    "loss": True,
+    "perplexity": True,
+    "rouge1": False,
+    "rouge2": False,
+    "rougeL": False,
+    "bleu": False,
+    "chrf": False,
+    "exact_match": False,
+    "mean_output_words": False,
+    "empty_share": True,
+    "degenerate_share": True,
+}
+BOOTSTRAP_SAMPLES = 1000
+
+
+@dataclass
+class RowScores:
+    """Per-row scores of one model's answers on the evaluated rows."""
+
+    nll: np.ndarray  # summed token negative log-likelihood of the reference, per row
+    tokens: np.ndarray  # reference tokens per row
+    rouge: dict[str, np.ndarray]  # rouge1/rouge2/rougeL F1 per row
+    bleu_stats: np.ndarray  # sacrebleu BLEU sufficient statistics, one row each
+    chrf_stats: np.ndarray  # sacrebleu chrF sufficient statistics, one row each
+    exact: np.ndarray
+    words: np.ndarray
+    empty: np.ndarray
+    degenerate: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.exact)
+
+
+def normalize(text: str) -> str:
+    """Lowercase, drop punctuation, collapse whitespace (for exact match)."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = "".join(" " if unicodedata.category(c).startswith("P") else c for c in text)
+    return " ".join(text.split())
+
+
+def is_degenerate(text: str) -> bool:
+    """A repetitive output: a word 4+ times in a row, or under half its trigrams distinct."""
+    words = text.lower().split()
+    if re.search(r"\b(\w+)(?:\s+\1\b){3,}", " ".join(words)):
+        return True
+    trigrams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
+    return len(trigrams) >= 4 and len(set(trigrams)) / len(trigrams) < 0.5
+
+
+@functools.cache
+def _bleu():  # noqa: ANN202
+    from sacrebleu.metrics import BLEU
+
+    return BLEU(effective_order=True)
+
+
+@functools.cache
+def _chrf():  # noqa: ANN202
+    from sacrebleu.metrics import CHRF
+
+    return CHRF()
+
+
+def score_rows(
+    predictions: list[str], references: list[str], *, nll: list[float], tokens: list[int]
+) -> RowScores:
+    """Every per-row score of one model's predictions."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    pairs = [scorer.score(ref, pred) for pred, ref in zip(predictions, references, strict=True)]
+    refs = [references]
+    return RowScores(
+        nll=np.asarray(nll, dtype=float),
+        tokens=np.asarray(tokens, dtype=float),
+        rouge={k: np.array([p[k].fmeasure for p in pairs]) for k in ("rouge1", "rouge2", "rougeL")},
+        bleu_stats=np.asarray(_bleu()._extract_corpus_statistics(predictions, refs), dtype=float),
+        chrf_stats=np.asarray(_chrf()._extract_corpus_statistics(predictions, refs), dtype=float),
+        exact=np.array(
+            [normalize(p) == normalize(r) for p, r in zip(predictions, references, strict=True)]
+        ),
+        words=np.array([len(p.split()) for p in predictions], dtype=float),
+        empty=np.array([not p.strip() for p in predictions]),
+        degenerate=np.array([is_degenerate(p) for p in predictions]),
+    )
+
+
+def aggregate(rows: RowScores, idx: np.ndarray | None = None) -> dict[str, float]:
+    """Every metric over the rows (or a resample of them, given as indices)."""
+    idx = np.arange(len(rows)) if idx is None else idx
+    loss = float(rows.nll[idx].sum() / max(rows.tokens[idx].sum(), 1.0))
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        **{k: float(v[idx].mean()) for k, v in rows.rouge.items()},
+        "bleu": _bleu()._compute_score_from_stats(list(rows.bleu_stats[idx].sum(axis=0))).score,
+        "chrf": _chrf()._compute_score_from_stats(list(rows.chrf_stats[idx].sum(axis=0))).score,
+        "exact_match": float(rows.exact[idx].mean()),
+        "mean_output_words": float(rows.words[idx].mean()),
+        "empty_share": float(rows.empty[idx].mean()),
+        "degenerate_share": float(rows.degenerate[idx].mean()),
+    }
+
+
+def paired_bootstrap(
+    base: RowScores, tuned: RowScores, *, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0
+) -> dict[str, tuple[float, float]]:
+    """95% percentile intervals of tuned − base for every metric, rows resampled in pairs."""
+    rng = np.random.default_rng(seed)
+    n = len(base)
+    diffs: dict[str, list[float]] = {m: [] for m in METRICS}
+    for _ in range(samples):
+        idx = rng.integers(0, n, size=n)
+        b, t = aggregate(base, idx), aggregate(tuned, idx)
+        for metric in METRICS:
+            diffs[metric].append(t[metric] - b[metric])
+    return {
+        m: (float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))) for m, d in diffs.items()
+    }
+
+
+def gate(
+    base: dict[str, float],
+    tuned: dict[str, float],
+    *,
+    min_rouge_l_gain: float,
+    require_lower_loss: bool,
+) -> tuple[bool, list[str]]:
+    """Whether the tuned model beats the base as the spec demands; the reasons if not."""
+    reasons = []
+    if tuned["rougeL"] < base["rougeL"] + min_rouge_l_gain:
+        reasons.append(
+            f"ROUGE-L {tuned['rougeL']:.4f} is below base {base['rougeL']:.4f} + {min_rouge_l_gain}"
+        )
+    if require_lower_loss and not tuned["loss"] < base["loss"]:
+        reasons.append(f"test loss {tuned['loss']:.4f} is not below base {base['loss']:.4f}")
+    return not reasons, reasons
