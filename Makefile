@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 SPEC ?= examples/medical-terms.yaml
 
-.PHONY: install run test test-unit test-e2e lint format up down clean docs
+.PHONY: install run test test-unit test-e2e lint format up down clean docs bench
 
 install: $(VENV)/.installed
 
@@ -59,3 +59,6 @@ clean:
 
 docs: install
 	$(PY) -c "from services.cli.docs import update_readme; update_readme()"
+
+bench: install
+	$(PY) -m bench.dataprep

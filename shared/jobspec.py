@@ -67,6 +67,16 @@ class DatasetSpec(_Section):
     max_source_length: int = Field(128, ge=8, le=8192, description="Input tokens kept.")
     max_target_length: int = Field(512, ge=8, le=8192, description="Target tokens kept.")
     max_rows: int | None = Field(None, ge=2, description="Use only the first N rows (quick runs).")
+    skip_bad_rows: bool = Field(
+        False, description="Skip malformed JSONL lines (counted) instead of failing the job."
+    )
+    min_prompt_chars: int = Field(1, ge=1, description="Drop rows whose prompt is shorter.")
+    min_target_chars: int = Field(1, ge=1, description="Drop rows whose target is shorter.")
+    strip_wiki_artifacts: bool = Field(
+        False,
+        description='Remove citation markers like "[12]" and trailing "See also", '
+        '"References", "External links" sections.',
+    )
 
     @model_validator(mode="after")
     def _splits_fit(self) -> DatasetSpec:

@@ -61,7 +61,6 @@ class Launcher:
             "TERMTUNE_PORT": str(self.port),
             "TERMTUNE_API_KEY": key_file.read_text().strip(),
             "PYTHONUNBUFFERED": "1",
-            "TOKENIZERS_PARALLELISM": "false",
             **self.env,
         }
 

@@ -12,112 +12,121 @@ import pyarrow.parquet as pq
 from services.dataprep import prepare, sources
 from shared.messages import DatasetPrepared, PrepareDataset
 from shared.modeling import load_tokenizer, versions
+from shared.store import Store
 from shared.worker import StageContext
 
 SHARD_ROWS = 50_000
+SPLITS = ("train", "validation", "test")
 
 
 def handle(command: PrepareDataset, ctx: StageContext) -> DatasetPrepared:
     """Prepare the dataset once; a stored manifest makes a redelivery a no-op."""
     done = ctx.jobs.manifest(command.job_id, "prepare")
-    if done is not None:
-        return _event(command, ctx, done)
+    if done is None:
+        done = _prepare(command, ctx)
+    uri = ctx.store.uri(ctx.jobs.manifest_key(command.job_id, "prepare"))
+    return DatasetPrepared(job_id=command.job_id, manifest=uri, counts=done["counts"])
+
+
+def _prepare(command: PrepareDataset, ctx: StageContext) -> dict[str, Any]:
     spec = ctx.spec(command)
-    table = sources.read_source(spec.dataset, store=ctx.store, cache_dir=ctx.settings.cache_dir)
-    examples = prepare.render(table, spec.dataset, shown=spec.dataset.source)
-    ctx.progress({"rows": len(examples.prompts), "phase": "tokenizing"}, force=True)
+    data = spec.dataset
+    source = sources.open_source(data, store=ctx.store, settings=ctx.settings)
+    if source.columns:
+        needed = prepare.check_columns(list(source.columns), data, shown=source.shown)
+        sources.check_types(source, needed)
     tokenizer = load_tokenizer(spec.base_model)
-    tokens = prepare.tokenize(tokenizer, examples.prompts, examples.targets, spec=spec.dataset)
-    splits = prepare.split(
-        examples,
-        test_size=spec.dataset.test_size,
-        validation_size=spec.dataset.validation_size,
-        seed=spec.dataset.seed,
-    )
-    prefix = ctx.jobs.stage_prefix(command.job_id, "prepare")
     folder = ctx.scratch(command, "prepare")
-    manifest: dict[str, Any] = {
-        "source": spec.dataset.source,
-        "rows_read": table.num_rows,
-        "dropped": examples.dropped,
-        "counts": {},
-        "shards": {},
-        "tokens": {},
-        "template": {
-            "prompt": spec.dataset.prompt_template,
-            "target": spec.dataset.target_template,
+    staged = prepare.stage(
+        source.batches(),
+        data,
+        tokenizer,
+        path=folder / "staged.parquet",
+        shown=source.shown,
+        progress=ctx.progress,
+    )
+    keys = pq.read_table(staged.path, columns=["key"]).column("key").to_pylist()
+    assignment = prepare.assign_splits(
+        keys, test_size=data.test_size, validation_size=data.validation_size, seed=data.seed
+    )
+    ctx.progress({"phase": "writing shards", "rows": staged.rows_kept}, force=True)
+    writer = _ShardWriter(ctx.store, folder, ctx.jobs.stage_prefix(command.job_id, "prepare"))
+    for batch in pq.ParquetFile(staged.path).iter_batches(batch_size=sources.BATCH_ROWS):
+        names = [assignment[k] for k in batch.column("key").to_pylist()]
+        for split in SPLITS:
+            mask = pa.array([n == split for n in names])
+            writer.add(split, pa.Table.from_batches([batch]).filter(mask).drop(["key"]))
+    shards, lengths = writer.close()
+    staged.path.unlink()
+    manifest = {
+        "source": data.source,
+        "inputs": sources.file_digests(source),
+        "rows_read": staged.rows_read,
+        "bad_rows_skipped": source.bad_rows,
+        "cleaning": dict(sorted(staged.cleaning.items())),
+        "counts": {s: sum(x["rows"] for x in shards[s]) for s in SPLITS if shards.get(s)},
+        "shards": shards,
+        "tokens": {
+            s: {
+                "source": prepare.length_stats(lengths[s][0], data.max_source_length),
+                "target": prepare.length_stats(lengths[s][1], data.max_target_length),
+            }
+            for s in shards
         },
+        "template": {"prompt": data.prompt_template, "target": data.target_template},
         "tokenizer": {
             "name": spec.base_model,
             "class": type(tokenizer).__name__,
             "vocab_size": len(tokenizer),
         },
         "split": {
-            "test_size": spec.dataset.test_size,
-            "seed": spec.dataset.seed,
-            "grouped_by": "prompt",
-            "shared_prompts": _shared(examples, splits),
+            "test_size": data.test_size,
+            "validation_size": data.validation_size,
+            "seed": data.seed,
+            "grouped_by": "prompt (case-insensitive)",
+            "distinct_prompts": len(assignment),
+            "shared_prompts": 0,
         },
         "versions": versions(),
     }
-    for name, indices in splits.items():
-        columns = {
-            "prompt": [examples.prompts[i] for i in indices],
-            "target": [examples.targets[i] for i in indices],
-            "input_ids": [tokens["input_ids"][i] for i in indices],
-            "labels": [tokens["labels"][i] for i in indices],
-        }
-        manifest["counts"][name] = len(indices)
-        manifest["shards"][name] = _write_shards(ctx, columns, folder, prefix, name)
-        manifest["tokens"][name] = {
-            "source": prepare.length_stats(
-                [len(x) for x in columns["input_ids"]], spec.dataset.max_source_length
-            ),
-            "target": prepare.length_stats(
-                [len(x) for x in columns["labels"]], spec.dataset.max_target_length
-            ),
-        }
     ctx.jobs.write_manifest(command.job_id, "prepare", manifest)
-    return _event(command, ctx, manifest)
+    return manifest
 
 
-def _write_shards(
-    ctx: StageContext, columns: dict[str, list[Any]], folder: Path, prefix: str, name: str
-) -> list[dict[str, Any]]:
-    table = pa.table(
-        columns,
-        schema=pa.schema(
-            [
-                ("prompt", pa.string()),
-                ("target", pa.string()),
-                ("input_ids", pa.list_(pa.int32())),
-                ("labels", pa.list_(pa.int32())),
-            ]
-        ),
-    )
-    shards = []
-    for n, start in enumerate(range(0, max(table.num_rows, 1), SHARD_ROWS)):
-        path = folder / f"{name}-{n:05d}.parquet"
-        pq.write_table(table.slice(start, SHARD_ROWS), path)
-        key = f"{prefix}/{path.name}"
-        ctx.store.upload_file(path, key)
-        shards.append(
-            {
-                "uri": ctx.store.uri(key),
-                "rows": min(SHARD_ROWS, table.num_rows - start),
-                "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-            }
+class _ShardWriter:
+    """Writes each split's rows into numbered Parquet shards and uploads them."""
+
+    def __init__(self, store: Store, folder: Path, prefix: str) -> None:
+        self.store, self.folder, self.prefix = store, folder, prefix
+        self.pending: dict[str, list[pa.Table]] = {s: [] for s in SPLITS}
+        self.shards: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
+        self.lengths: dict[str, tuple[list[int], list[int]]] = {s: ([], []) for s in SPLITS}
+
+    def add(self, split: str, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        self.pending[split].append(table)
+        self.lengths[split][0].extend(len(x) for x in table.column("input_ids").to_pylist())
+        self.lengths[split][1].extend(len(x) for x in table.column("labels").to_pylist())
+        if sum(t.num_rows for t in self.pending[split]) >= SHARD_ROWS:
+            self._flush(split)
+
+    def _flush(self, split: str) -> None:
+        table = pa.concat_tables(self.pending[split]).cast(prepare.SHARD_SCHEMA)
+        self.pending[split] = []
+        path = self.folder / f"{split}-{len(self.shards[split]):05d}.parquet"
+        pq.write_table(table, path)
+        key = f"{self.prefix}/{path.name}"
+        self.store.upload_file(path, key)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        self.shards[split].append(
+            {"uri": self.store.uri(key), "rows": table.num_rows, "sha256": digest}
         )
-    return shards
+        path.unlink()
 
-
-def _shared(examples: prepare.Examples, splits: dict[str, list[int]]) -> int:
-    """Rows of the held-out splits whose prompt also appears in train (the leakage check)."""
-    train = {examples.prompts[i].casefold() for i in splits["train"]}
-    held_out = [i for name, rows in splits.items() if name != "train" for i in rows]
-    return sum(examples.prompts[i].casefold() in train for i in held_out)
-
-
-def _event(command: PrepareDataset, ctx: StageContext, manifest: dict[str, Any]) -> DatasetPrepared:
-    uri = ctx.store.uri(ctx.jobs.manifest_key(command.job_id, "prepare"))
-    return DatasetPrepared(job_id=command.job_id, manifest=uri, counts=manifest["counts"])
+    def close(self) -> tuple[dict[str, list[dict[str, Any]]], dict[str, tuple]]:
+        for split in SPLITS:
+            if self.pending[split]:
+                self._flush(split)
+        kept = {s: v for s, v in self.shards.items() if v}
+        return kept, {s: self.lengths[s] for s in kept}

@@ -1,99 +1,199 @@
-"""From rows to tokenized train/test splits: templates, cleaning, a grouped split."""
+"""From row batches to tokenized splits: templates, cleaning rules, a grouped seeded split.
+
+Rows are cleaned, templated and tokenized batch by batch and staged in a temporary Parquet
+file with a key per prompt; the split is then decided over the distinct prompt keys (so a
+prompt, with all its answers, lands in one split) and the staged rows are routed to the
+split shards. Memory holds one batch plus 16 bytes per row for the keys.
+"""
 
 from __future__ import annotations
 
-import random
+import hashlib
+import re
 import statistics
 import unicodedata
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from services.dataprep.sources import Batch
 from shared.errors import DatasetError
 from shared.jobspec import DatasetSpec, template_fields
 
+STAGED_SCHEMA = pa.schema(
+    [
+        ("key", pa.binary(16)),
+        ("prompt", pa.string()),
+        ("target", pa.string()),
+        ("input_ids", pa.list_(pa.int32())),
+        ("labels", pa.list_(pa.int32())),
+    ]
+)
+SHARD_SCHEMA = pa.schema([f for f in STAGED_SCHEMA if f.name != "key"])
+CITATION = re.compile(r"\[(?:\d+(?:[,–-]\s*\d+)*|citation needed|note \d+|[a-z])\]")
+# A heading line "See also", "References", ... (optionally "== x ==") and all that follows it.
+TRAILING_SECTIONS = re.compile(
+    r"(?:^|\n)[ \t]*(?:=+[ \t]*)?(?:See also|References|External links|Further reading|Notes)"
+    r"[ \t]*(?:=+)?[ \t]*(?:\n.*)?$",
+    re.S,
+)
+
 
 @dataclass
-class Examples:
-    """Prompt/target pairs and what cleaning did to get them."""
+class Cleaner:
+    """Normalises text and counts, per rule, the rows each rule touched or dropped."""
 
-    prompts: list[str]
-    targets: list[str]
-    dropped: dict[str, int] = field(default_factory=dict)
+    spec: DatasetSpec
+    counts: Counter = field(default_factory=Counter)
+
+    def text(self, value: Any) -> tuple[str, set[str]]:
+        """A field's cleaned text and the rules that changed it."""
+        raw = "" if value is None else str(value)
+        touched = set()
+        text = unicodedata.normalize("NFC", raw)
+        if text != raw:
+            touched.add("unicode_nfc")
+        if self.spec.strip_wiki_artifacts:
+            stripped = TRAILING_SECTIONS.sub("", CITATION.sub("", text))
+            if stripped != text:
+                touched.add("wiki_artifacts")
+            text = stripped
+        collapsed = " ".join(text.split())
+        if collapsed != text:
+            touched.add("whitespace")
+        return collapsed, touched
+
+    def row(self, values: dict[str, Any]) -> tuple[str, str] | None:
+        """The (prompt, target) of a row, or None when a rule drops it."""
+        cleaned, touched = {}, set()
+        for name, value in values.items():
+            cleaned[name], rules = self.text(value)
+            touched |= rules
+        self.counts.update(touched)
+        if not all(cleaned.values()):
+            self.counts["dropped_empty_field"] += 1
+            return None
+        prompt = self.spec.prompt_template.format(**cleaned)
+        target = self.spec.target_template.format(**cleaned)
+        if len(prompt) < self.spec.min_prompt_chars or len(target) < self.spec.min_target_chars:
+            self.counts["dropped_too_short"] += 1
+            return None
+        return prompt, target
 
 
-def _clean(text: Any) -> str:
-    return " ".join(unicodedata.normalize("NFC", str(text)).split()) if text is not None else ""
+def prompt_key(prompt: str) -> bytes:
+    """The grouping key of a prompt: the same question in any case is one group."""
+    return hashlib.blake2b(prompt.casefold().encode(), digest_size=16).digest()
 
 
-def render(table: pa.Table, spec: DatasetSpec, *, shown: str) -> Examples:
-    """Apply the prompt and target templates; drop empty rows and exact duplicates."""
-    needed = template_fields(spec.prompt_template) + template_fields(spec.target_template)
-    missing = [name for name in needed if name not in table.column_names]
+def check_columns(columns: list[str], spec: DatasetSpec, *, shown: str) -> list[str]:
+    """The template fields; DatasetError listing the columns found if one is missing."""
+    needed = list(
+        dict.fromkeys(template_fields(spec.prompt_template) + template_fields(spec.target_template))
+    )
+    missing = [name for name in needed if name not in columns]
     if missing:
         raise DatasetError(
             f"dataset.prompt_template/target_template: {shown} has no column "
-            f"{', '.join(repr(m) for m in missing)}; columns found: {', '.join(table.column_names)}"
+            f"{', '.join(repr(m) for m in missing)}; columns found: {', '.join(columns)}"
         )
-    columns = {name: table.column(name).to_pylist() for name in set(needed)}
-    rows = table.num_rows if spec.max_rows is None else min(spec.max_rows, table.num_rows)
-    out = Examples([], [], {"empty_field": 0, "duplicate": 0})
-    seen: set[tuple[str, str]] = set()
-    for i in range(rows):
-        values = {name: _clean(columns[name][i]) for name in columns}
-        if not all(values.values()):
-            out.dropped["empty_field"] += 1
-            continue
-        pair = (spec.prompt_template.format(**values), spec.target_template.format(**values))
-        if pair in seen:
-            out.dropped["duplicate"] += 1
-            continue
-        seen.add(pair)
-        out.prompts.append(pair[0])
-        out.targets.append(pair[1])
-    if len(out.prompts) < 2:
+    return needed
+
+
+@dataclass
+class Staged:
+    """What staging wrote: the staged file, row counts and the cleaning report."""
+
+    path: Path
+    rows_read: int = 0
+    rows_kept: int = 0
+    cleaning: Counter = field(default_factory=Counter)
+
+
+def stage(
+    batches: Iterator[Batch],
+    spec: DatasetSpec,
+    tokenizer: Any,
+    *,
+    path: Path,
+    shown: str,
+    progress: Any,
+) -> Staged:
+    """Clean, template, dedupe and tokenize every batch into one staged Parquet file."""
+    cleaner, seen = Cleaner(spec), set()
+    staged = Staged(path=path, cleaning=cleaner.counts)
+    needed: list[str] | None = None
+    with pq.ParquetWriter(path, STAGED_SCHEMA) as writer:
+        for batch in batches:
+            needed = needed or check_columns(list(batch), spec, shown=shown)
+            n = len(next(iter(batch.values()), []))
+            if spec.max_rows is not None:
+                n = min(n, spec.max_rows - staged.rows_read)
+            pairs = []
+            for i in range(n):
+                pair = cleaner.row({name: batch.get(name, [None] * n)[i] for name in needed})
+                if pair is not None:
+                    digest = hashlib.blake2b("\0".join(pair).encode(), digest_size=16).digest()
+                    if digest in seen:
+                        cleaner.counts["dropped_duplicate"] += 1
+                        continue
+                    seen.add(digest)
+                    pairs.append(pair)
+            staged.rows_read += n
+            if pairs:
+                writer.write_table(_tokenized(pairs, tokenizer, spec))
+                staged.rows_kept += len(pairs)
+            progress({"phase": "reading", "rows_read": staged.rows_read})
+            if spec.max_rows is not None and staged.rows_read >= spec.max_rows:
+                break
+    if staged.rows_kept < 2:
         raise DatasetError(
-            f"dataset.source: {shown} has {len(out.prompts)} usable rows after "
-            f"cleaning (dropped: {out.dropped}); at least 2 are needed"
+            f"dataset.source: {shown} has {staged.rows_kept} usable rows after "
+            f"cleaning (of {staged.rows_read} read; {dict(cleaner.counts)}); "
+            "at least 2 are needed"
         )
-    return out
+    return staged
 
 
-def split(
-    examples: Examples, *, test_size: float, seed: int, validation_size: float = 0.0
-) -> dict[str, list[int]]:
-    """Row indices of train, test (and validation), grouped by prompt: no prompt in two."""
-    groups: dict[str, list[int]] = {}
-    for i, prompt in enumerate(examples.prompts):
-        groups.setdefault(prompt.casefold(), []).append(i)
-    keys = sorted(groups)
-    random.Random(seed).shuffle(keys)
-    n_test = max(1, round(len(keys) * test_size))
-    n_val = round(len(keys) * validation_size) if validation_size else 0
-    if validation_size and n_val == 0:
-        n_val = 1
-    if n_test + n_val >= len(keys):
-        raise DatasetError(
-            f"dataset: {len(keys)} distinct prompts cannot fill test ({n_test}), validation "
-            f"({n_val}) and a train split; add rows or lower test_size/validation_size"
-        )
-    parts = {
-        "test": keys[:n_test],
-        "validation": keys[n_test : n_test + n_val],
-        "train": keys[n_test + n_val :],
-    }
-    out = {name: sorted(i for k in part for i in groups[k]) for name, part in parts.items()}
-    return out if n_val else {"train": out["train"], "test": out["test"]}
-
-
-def tokenize(
-    tokenizer: Any, prompts: list[str], targets: list[str], *, spec: DatasetSpec
-) -> dict[str, list[list[int]]]:
-    """Token ids of prompts and targets, truncated, not padded."""
+def _tokenized(pairs: list[tuple[str, str]], tokenizer: Any, spec: DatasetSpec) -> pa.Table:
+    prompts, targets = [p for p, _ in pairs], [t for _, t in pairs]
     sources = tokenizer(prompts, max_length=spec.max_source_length, truncation=True)
     labels = tokenizer(text_target=targets, max_length=spec.max_target_length, truncation=True)
-    return {"input_ids": sources["input_ids"], "labels": labels["input_ids"]}
+    return pa.table(
+        {
+            "key": [prompt_key(p) for p in prompts],
+            "prompt": prompts,
+            "target": targets,
+            "input_ids": sources["input_ids"],
+            "labels": labels["input_ids"],
+        },
+        schema=STAGED_SCHEMA,
+    )
+
+
+def assign_splits(
+    keys: list[bytes], *, test_size: float, validation_size: float, seed: int
+) -> dict[bytes, str]:
+    """Split name of each distinct prompt key: a seeded permutation cut at exact sizes."""
+    distinct = sorted(
+        set(keys),
+        key=lambda k: hashlib.blake2b(k, key=str(seed).encode()[:64], digest_size=16).digest(),
+    )
+    n_test = max(1, round(len(distinct) * test_size))
+    n_val = max(1, round(len(distinct) * validation_size)) if validation_size else 0
+    if n_test + n_val >= len(distinct):
+        raise DatasetError(
+            f"dataset: {len(distinct)} distinct prompts cannot fill test ({n_test}), validation "
+            f"({n_val}) and a train split; add rows or lower test_size/validation_size"
+        )
+    names = ["test"] * n_test + ["validation"] * n_val
+    names += ["train"] * (len(distinct) - len(names))
+    return dict(zip(distinct, names, strict=True))
 
 
 def length_stats(lengths: list[int], limit: int) -> dict[str, float]:
@@ -101,7 +201,10 @@ def length_stats(lengths: list[int], limit: int) -> dict[str, float]:
     if not lengths:
         return {}
     ordered = sorted(lengths)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+
+    def pick(q: float) -> int:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
     return {
         "min": ordered[0],
         "p50": pick(0.5),

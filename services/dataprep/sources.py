@@ -1,69 +1,121 @@
-"""Reading a dataset source into an Arrow table: local files, store URIs, hub ids."""
+"""Dataset sources read as a stream of row batches: local files and globs, S3, hub ids.
+
+Every error names the source, and where it can the file, the line or byte offset and the
+column. Nothing here holds more than one batch of rows in memory (a JSON array file is the
+exception: prefer JSONL for large data).
+"""
 
 from __future__ import annotations
 
+import codecs
+import glob
+import hashlib
 import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from shared.errors import DatasetError, NotFound
+from shared.errors import DatasetError, NotFound, StoreLocationError
 from shared.jobspec import DatasetSpec
+from shared.settings import Settings
 from shared.store import Store
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+BATCH_ROWS = 2048
+TEXT_TYPES = (
+    pa.types.is_string,
+    pa.types.is_large_string,
+    pa.types.is_integer,
+    pa.types.is_floating,
+    pa.types.is_boolean,
+    pa.types.is_null,
+)
+
+Batch = dict[str, list[Any]]
 
 
-def read_source(spec: DatasetSpec, *, store: Store, cache_dir: Path) -> pa.Table:
-    """The rows of the spec's dataset source as an Arrow table."""
-    source = spec.source
-    if source.startswith("s3://") or source.startswith(store.root_uri + "/"):
-        key = store.key_of(source)
-        path = cache_dir / "sources" / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            store.download_file(key, path)
-        except NotFound as exc:
-            raise DatasetError(f"dataset.source: {source} does not exist") from exc
-        return read_file(path, shown=source)
-    if source.startswith("file://"):
-        return read_file(Path(unquote(urlparse(source).path)), shown=source)
-    if source.lower().endswith(FILE_SUFFIXES) or source.startswith((".", "/")):
-        return read_file(Path(source), shown=source)
-    return read_hub(spec)
+@dataclass
+class Source:
+    """A dataset opened for reading: its files, its columns, and its row batches."""
 
+    shown: str
+    files: list[Path] = field(default_factory=list)
+    columns: dict[str, pa.DataType] = field(default_factory=dict)  # from the first file
+    skip_bad_rows: bool = False
+    bad_rows: int = 0
+    hub: DatasetSpec | None = None
 
-def read_file(path: Path, *, shown: str) -> pa.Table:
-    """Read a JSONL, JSON, CSV, TSV or Parquet file; DatasetError naming the file."""
-    if not path.is_file():
-        raise DatasetError(
-            f"dataset.source: file not found: {shown} (resolved to {path.resolve()})"
-        )
-    suffix = path.suffix.lower()
-    try:
+    def batches(self) -> Iterator[Batch]:
+        """Row batches of every file (or of the hub dataset), in order."""
+        if self.hub is not None:
+            yield from _hub_batches(self.hub)
+            return
+        for path in self.files:
+            yield from self._file_batches(path)
+
+    def _file_batches(self, path: Path) -> Iterator[Batch]:
+        suffix = path.suffix.lower()
         if suffix == ".jsonl" or (suffix == ".json" and _first_char(path) != "["):
-            table = pajson.read_json(path)
+            yield from self._jsonl(path)
         elif suffix == ".json":
-            table = pa.Table.from_pylist(json.loads(path.read_text(encoding="utf-8")))
-        elif suffix in (".csv", ".tsv"):
-            delimiter = "\t" if suffix == ".tsv" else ","
-            table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter))
-        elif suffix == ".parquet":
-            table = pq.read_table(path)
+            rows = _json_array(path)
+            for start in range(0, len(rows), BATCH_ROWS):
+                yield _columns(rows[start : start + BATCH_ROWS])
         else:
+            for batch in _arrow_batches(path):
+                yield batch.to_pydict()
+
+    def _jsonl(self, path: Path) -> Iterator[Batch]:
+        rows: list[dict[str, Any]] = []
+        offset = 0
+        with path.open("rb") as fh:
+            for line_no, raw in enumerate(fh, 1):
+                row = self._jsonl_row(path, raw, line_no=line_no, offset=offset)
+                offset += len(raw)
+                if row is not None:
+                    rows.append(row)
+                if len(rows) >= BATCH_ROWS:
+                    yield _columns(rows)
+                    rows = []
+        if rows:
+            yield _columns(rows)
+
+    def _jsonl_row(
+        self, path: Path, raw: bytes, *, line_no: int, offset: int
+    ) -> dict[str, Any] | None:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
             raise DatasetError(
-                f"dataset.source: {shown}: unsupported file type {suffix!r}; "
-                f"use one of {', '.join(FILE_SUFFIXES)}"
-            )
-    except (pa.ArrowInvalid, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"dataset.source: cannot read {shown}: {exc}") from exc
-    if table.num_rows == 0:
-        raise DatasetError(f"dataset.source: {shown} holds no rows")
-    return table
+                f"{path}: line {line_no}: bytes that are not UTF-8 at byte offset "
+                f"{offset + exc.start}"
+            ) from exc
+        if not text.strip():
+            return None
+        try:
+            row = json.loads(text)
+            if not isinstance(row, dict):
+                raise ValueError(f"a JSON {type(row).__name__}, not an object")
+        except ValueError as exc:
+            if self.skip_bad_rows:
+                self.bad_rows += 1
+                return None
+            raise DatasetError(
+                f"{path}: line {line_no}: not a JSON object ({exc}); fix the line "
+                "or set dataset.skip_bad_rows: true"
+            ) from exc
+        return row
+
+
+def _columns(rows: list[dict[str, Any]]) -> Batch:
+    names = list(dict.fromkeys(k for row in rows for k in row))
+    return {name: [row.get(name) for row in rows] for name in names}
 
 
 def _first_char(path: Path) -> str:
@@ -71,8 +123,162 @@ def _first_char(path: Path) -> str:
         return fh.read(64).lstrip()[:1].decode("ascii", errors="replace")
 
 
-def read_hub(spec: DatasetSpec) -> pa.Table:
-    """Load a Hugging Face hub dataset split (``datasets.load_dataset``)."""
+def _json_array(path: Path) -> list[dict[str, Any]]:
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: bytes that are not UTF-8 at byte offset {exc.start}") from exc
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{path}: line {exc.lineno}: invalid JSON: {exc.msg}") from exc
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise DatasetError(f"{path}: a .json dataset must be an array of objects")
+    return rows
+
+
+def _arrow_batches(path: Path) -> Iterator[pa.RecordBatch]:
+    try:
+        if path.suffix.lower() == ".parquet":
+            yield from pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS)
+            return
+        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+        reader = pacsv.open_csv(
+            path,
+            parse_options=pacsv.ParseOptions(delimiter=delimiter),
+            read_options=pacsv.ReadOptions(block_size=1 << 22),
+        )
+        yield from reader
+    except pa.ArrowInvalid as exc:
+        bad = first_invalid_utf8(path)
+        if bad is not None:
+            raise DatasetError(f"{path}: bytes that are not UTF-8 at byte offset {bad}") from exc
+        raise DatasetError(f"{path}: cannot read: {exc}") from exc
+
+
+def first_invalid_utf8(path: Path) -> int | None:
+    """The byte offset of the first invalid UTF-8 sequence in a file, or None."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                return offset + exc.start - len(decoder.getstate()[0])
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return offset - len(decoder.getstate()[0])
+    return None
+
+
+def _schema(path: Path) -> dict[str, pa.DataType]:
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return {f.name: f.type for f in pq.read_schema(path)}
+    if suffix in (".csv", ".tsv"):
+        for batch in _arrow_batches(path):
+            types = {f.name: f.type for f in batch.schema}
+            if any(pa.types.is_binary(t) for t in types.values()):  # pyarrow's non-UTF-8 text
+                bad = first_invalid_utf8(path)
+                if bad is not None:
+                    raise DatasetError(f"{path}: bytes that are not UTF-8 at byte offset {bad}")
+            return types
+    return {}  # JSON: columns are known once rows are read
+
+
+def check_types(source: Source, names: list[str]) -> None:
+    """Refuse template columns whose type is not text or a number (Parquet, CSV)."""
+    for name in names:
+        kind = source.columns.get(name)
+        if kind is not None and not any(check(kind) for check in TEXT_TYPES):
+            raise DatasetError(
+                f"{source.files[0]}: column {name!r} is {kind}; templates need "
+                "text or number columns"
+            )
+
+
+def open_source(spec: DatasetSpec, *, store: Store, settings: Settings) -> Source:
+    """Resolve the spec's source to files (or the hub) and read their columns."""
+    source = spec.source
+    if source.startswith("s3://"):
+        files = [_s3_file(source, store=store, settings=settings)]
+    elif source.startswith(store.root_uri + "/"):
+        files = [_store_file(source, store=store, settings=settings)]
+    elif source.startswith("file://"):
+        files = _local_files(unquote(urlparse(source).path), shown=source)
+    elif (
+        source.lower().endswith(FILE_SUFFIXES)
+        or source.startswith((".", "/"))
+        or any(c in source for c in "*?[")
+    ):
+        files = _local_files(source, shown=source)
+    else:
+        return Source(shown=source, hub=spec)
+    opened = Source(shown=source, files=files, skip_bad_rows=spec.skip_bad_rows)
+    opened.columns = _schema(files[0])
+    return opened
+
+
+def _local_files(pattern: str, *, shown: str) -> list[Path]:
+    if any(c in pattern for c in "*?["):
+        files = [Path(p) for p in sorted(glob.glob(pattern, recursive=True)) if Path(p).is_file()]
+        if not files:
+            raise DatasetError(f"dataset.source: no file matches {shown}")
+    else:
+        files = [Path(pattern)]
+    for path in files:
+        if not path.is_file():
+            raise DatasetError(
+                f"dataset.source: file not found: {shown} (resolved to {path.resolve()})"
+            )
+        if path.suffix.lower() not in FILE_SUFFIXES:
+            raise DatasetError(
+                f"dataset.source: {path}: unsupported file type {path.suffix!r}; "
+                f"use one of {', '.join(FILE_SUFFIXES)}"
+            )
+        if path.stat().st_size == 0:
+            raise DatasetError(f"dataset.source: {path} is empty")
+    return files
+
+
+def _store_file(uri: str, *, store: Store, settings: Settings) -> Path:
+    key = store.key_of(uri)
+    path = settings.cache_dir / "sources" / key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        store.download_file(key, path)
+    except NotFound as exc:
+        raise DatasetError(f"dataset.source: {uri} does not exist") from exc
+    return path
+
+
+def _s3_file(uri: str, *, store: Store, settings: Settings) -> Path:
+    if uri.startswith(store.root_uri + "/"):
+        return _store_file(uri, store=store, settings=settings)
+    parsed = urlparse(uri)
+    bucket, key = parsed.netloc, parsed.path.lstrip("/")
+    if bucket not in settings.allowed_buckets or not key or ".." in key.split("/"):
+        allowed = ", ".join(settings.allowed_buckets) or "none (TERMTUNE_ALLOWED_BUCKETS)"
+        raise StoreLocationError(
+            f"dataset.source: {uri} is outside the object store and the allowed buckets: {allowed}"
+        )
+    import boto3
+    from botocore.exceptions import ClientError
+
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    path = settings.cache_dir / "sources" / digest / Path(key).name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        boto3.client("s3", endpoint_url=settings.s3_endpoint_url).download_file(
+            bucket, key, str(path)
+        )
+    except ClientError as exc:
+        raise DatasetError(f"dataset.source: cannot read {uri}: {exc}") from exc
+    return path
+
+
+def _hub_batches(spec: DatasetSpec) -> Iterator[Batch]:
     import datasets
 
     try:
@@ -83,4 +289,16 @@ def read_hub(spec: DatasetSpec) -> pa.Table:
             f"{exc}. If the hub is unreachable, point dataset.source at a local file "
             "(.jsonl, .csv, .parquet) instead"
         ) from exc
-    return ds.data.table
+    yield from ds.iter(batch_size=BATCH_ROWS)
+
+
+def file_digests(source: Source) -> list[dict[str, Any]]:
+    """Path, size and SHA-256 of each input file (the dataset's identity)."""
+    out = []
+    for path in source.files:
+        sha = hashlib.sha256()
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                sha.update(chunk)
+        out.append({"file": str(path), "bytes": path.stat().st_size, "sha256": sha.hexdigest()})
+    return out

@@ -1,38 +1,68 @@
 import json
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from services.dataprep import sources
 from services.dataprep.handler import handle
-from shared.errors import DatasetError
+from shared.errors import DatasetError, StoreLocationError
 from shared.messages import PrepareDataset
-from tests.factories import make_spec
+from tests.factories import make_ctx, make_spec
 
 
 def _command(ctx, spec, job_id="job-1"):
     return PrepareDataset(job_id=job_id, spec_uri=ctx.jobs.create(job_id, spec))
 
 
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _rows(n, prefix="Term"):
+    return [
+        {"page_title": f"{prefix} {i}", "page_text": f"Definition number {i}."} for i in range(n)
+    ]
+
+
+def _shard(ctx, manifest, split):
+    return pq.read_table(ctx.store.path(ctx.store.key_of(manifest["shards"][split][0]["uri"])))
+
+
+def _nothing_stored(ctx, job_id="job-1"):
+    return ctx.store.list(ctx.jobs.stage_prefix(job_id, "prepare")) == []
+
+
 def test_prepares_grouped_split_with_manifest(ctx, tiny_model):
     event = handle(_command(ctx, make_spec(tiny_model)), ctx)
     manifest = ctx.jobs.manifest("job-1", "prepare")
     assert event.counts == manifest["counts"] == {"train": 176, "test": 75}
-    assert manifest["split"]["shared_prompts"] == 0
-    assert manifest["rows_read"] == 251
-    train = pq.read_table(ctx.store.path(ctx.store.key_of(manifest["shards"]["train"][0]["uri"])))
-    test = pq.read_table(ctx.store.path(ctx.store.key_of(manifest["shards"]["test"][0]["uri"])))
+    assert manifest["rows_read"] == 251 and manifest["split"]["distinct_prompts"] == 251
+    assert manifest["inputs"][0]["sha256"] and manifest["inputs"][0]["bytes"] > 40_000
+    train, test = _shard(ctx, manifest, "train"), _shard(ctx, manifest, "test")
     assert not set(train.column("prompt").to_pylist()) & set(test.column("prompt").to_pylist())
     row = train.slice(0, 1).to_pylist()[0]
     assert row["prompt"].startswith("What is ")
     assert row["input_ids"][-1] == 1 and row["labels"][-1] == 1  # eos, no padding
-    lengths = {len(r) for r in train.column("input_ids").to_pylist()}
-    assert len(lengths) > 1  # unpadded
-    assert manifest["tokens"]["train"]["target"]["max"] <= 64
+    assert len({len(r) for r in train.column("input_ids").to_pylist()}) > 1  # unpadded
+    stats = manifest["tokens"]["train"]["target"]
+    assert stats["max"] <= 64 and 0 < stats["truncated_share"] < 1
+    assert stats["total"] == sum(len(x) for x in train.column("labels").to_pylist())
+
+
+def test_same_prompt_with_two_answers_stays_in_one_split(ctx, tiny_model, tmp_path):
+    rows = _rows(20) + [{"page_title": "term 3", "page_text": "Another answer."}]
+    spec = make_spec(tiny_model, dataset={"source": str(_jsonl(tmp_path / "d.jsonl", rows))})
+    handle(_command(ctx, spec), ctx)
+    manifest = ctx.jobs.manifest("job-1", "prepare")
+    assert manifest["split"]["distinct_prompts"] == 20
+    for split in ("train", "test"):
+        prompts = [p.lower() for p in _shard(ctx, manifest, split).column("prompt").to_pylist()]
+        assert prompts.count("what is term 3") in (0, 2)
 
 
 def test_same_input_gives_same_digests(tmp_path, tiny_model):
-    from tests.factories import make_ctx
-
     digests = []
     for n in range(2):
         ctx = make_ctx(tmp_path / f"v{n}")
@@ -52,6 +82,19 @@ def test_rerun_with_manifest_is_a_no_op(ctx, tiny_model):
     assert again.counts == {"train": 176, "test": 75}
 
 
+def test_validation_split_is_grouped_too(ctx, tiny_model):
+    event = handle(_command(ctx, make_spec(tiny_model, dataset={"validation_size": 0.1})), ctx)
+    assert event.counts == {"train": 151, "validation": 25, "test": 75}
+
+
+def test_splits_that_leave_no_train_rows_are_refused(ctx, tiny_model, tmp_path):
+    path = _jsonl(tmp_path / "two.jsonl", _rows(2))
+    spec = make_spec(tiny_model, dataset={"source": str(path), "validation_size": 0.2})
+    with pytest.raises(DatasetError, match="2 distinct prompts cannot fill test"):
+        handle(_command(ctx, spec), ctx)
+    assert _nothing_stored(ctx)
+
+
 def test_missing_file_is_named(ctx, tiny_model, tmp_path):
     spec = make_spec(tiny_model, dataset={"source": str(tmp_path / "missing.jsonl")})
     with pytest.raises(DatasetError, match=r"file not found: .*missing.jsonl"):
@@ -59,50 +102,181 @@ def test_missing_file_is_named(ctx, tiny_model, tmp_path):
     assert ctx.jobs.manifest("job-1", "prepare") is None
 
 
-def test_missing_column_lists_columns_found(ctx, tiny_model):
-    spec = make_spec(tiny_model, dataset={"prompt_template": "Define {term}"})
+@pytest.mark.parametrize("suffix", ["jsonl", "csv", "parquet"])
+def test_missing_column_lists_columns_found(ctx, tiny_model, tmp_path, suffix):
+    rows = _rows(5)
+    path = tmp_path / f"d.{suffix}"
+    if suffix == "jsonl":
+        _jsonl(path, rows)
+    else:
+        table = pa.Table.from_pylist(rows)
+        pq.write_table(table, path) if suffix == "parquet" else pa.csv.write_csv(table, path)
+    spec = make_spec(tiny_model, dataset={"source": str(path), "prompt_template": "Define {term}"})
     with pytest.raises(
         DatasetError, match=r"no column 'term'; columns found: page_title, page_text"
     ):
         handle(_command(ctx, spec), ctx)
+    assert _nothing_stored(ctx)
 
 
-def test_malformed_jsonl_names_the_file(ctx, tiny_model, tmp_path):
+def test_malformed_jsonl_line_is_named(ctx, tiny_model, tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"page_title": "A", "page_text": "B"}) + "\n{not json\n")
-    with pytest.raises(DatasetError, match=r"cannot read .*bad.jsonl"):
+    bad.write_text(json.dumps(_rows(1)[0]) + "\n{not json\n[1, 2]\n")
+    with pytest.raises(DatasetError, match=r"bad.jsonl: line 2: not a JSON object"):
         handle(_command(ctx, make_spec(tiny_model, dataset={"source": str(bad)})), ctx)
+    assert _nothing_stored(ctx)
 
 
-def test_csv_and_parquet_sources(ctx, tiny_model, tmp_path):
-    import pyarrow as pa
-
-    rows = [{"page_title": f"Term {i}", "page_text": f"Definition number {i}."} for i in range(10)]
-    csv = tmp_path / "terms.csv"
-    csv.write_text(
-        "page_title,page_text\n" + "".join(f"{r['page_title']},{r['page_text']}\n" for r in rows)
-    )
-    parquet = tmp_path / "terms.parquet"
-    pq.write_table(pa.Table.from_pylist(rows), parquet)
-    for n, source in enumerate([csv, parquet]):
-        event = handle(
-            _command(
-                ctx, make_spec(tiny_model, dataset={"source": str(source)}), job_id=f"job-{n}"
-            ),
-            ctx,
-        )
-        assert event.counts == {"train": 7, "test": 3}
-
-
-def test_empty_rows_and_duplicates_are_dropped_and_counted(ctx, tiny_model, tmp_path):
-    rows = [{"page_title": f"T{i}", "page_text": f"D{i}"} for i in range(6)]
-    rows += [{"page_title": "T0", "page_text": "D0"}, {"page_title": "", "page_text": "x"}]
-    path = tmp_path / "dupes.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    handle(_command(ctx, make_spec(tiny_model, dataset={"source": str(path)})), ctx)
+def test_malformed_lines_can_be_skipped_and_counted(ctx, tiny_model, tmp_path):
+    path = tmp_path / "some-bad.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _rows(10)) + "{oops\n\n[1]\n")
+    spec = make_spec(tiny_model, dataset={"source": str(path), "skip_bad_rows": True})
+    handle(_command(ctx, spec), ctx)
     manifest = ctx.jobs.manifest("job-1", "prepare")
-    assert manifest["dropped"] == {"empty_field": 1, "duplicate": 1}
-    assert sum(manifest["counts"].values()) == 6
+    assert manifest["bad_rows_skipped"] == 2 and sum(manifest["counts"].values()) == 10
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "csv"])
+def test_bytes_that_are_not_utf8_are_located(ctx, tiny_model, tmp_path, suffix):
+    path = tmp_path / f"latin1.{suffix}"
+    head = (
+        (json.dumps(_rows(1)[0]) + "\n").encode()
+        if suffix == "jsonl"
+        else (b"page_title,page_text\nA,b\n")
+    )
+    path.write_bytes(
+        head + b'{"page_title": "caf\xe9", "page_text": "x"}\n'
+        if suffix == "jsonl"
+        else head + b"caf\xe9,x\n"
+    )
+    offset = len(head) + (19 if suffix == "jsonl" else 3)
+    spec = make_spec(tiny_model, dataset={"source": str(path)})
+    with pytest.raises(DatasetError, match=rf"latin1.{suffix}.*not UTF-8 at byte offset {offset}"):
+        handle(_command(ctx, spec), ctx)
+
+
+def test_parquet_column_of_wrong_type_is_named(ctx, tiny_model, tmp_path):
+    path = tmp_path / "typed.parquet"
+    pq.write_table(pa.table({"page_title": ["a", "b"], "page_text": [[1, 2], [3]]}), path)
+    spec = make_spec(tiny_model, dataset={"source": str(path)})
+    with pytest.raises(DatasetError, match=r"column .page_text. is list<.*int64>"):
+        handle(_command(ctx, spec), ctx)
+
+
+def test_empty_file_is_refused(ctx, tiny_model, tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
+    with pytest.raises(DatasetError, match=r"empty.jsonl is empty"):
+        handle(_command(ctx, make_spec(tiny_model, dataset={"source": str(path)})), ctx)
+
+
+def test_dataset_empty_after_cleaning_is_refused(ctx, tiny_model, tmp_path):
+    path = _jsonl(tmp_path / "blank.jsonl", [{"page_title": " ", "page_text": "x"}] * 3)
+    with pytest.raises(DatasetError, match=r"0 usable rows after cleaning \(of 3 read"):
+        handle(_command(ctx, make_spec(tiny_model, dataset={"source": str(path)})), ctx)
+    assert _nothing_stored(ctx)
+
+
+def test_csv_parquet_and_glob_sources(ctx, tiny_model, tmp_path):
+    rows = _rows(10)
+    pa.csv.write_csv(pa.Table.from_pylist(rows), tmp_path / "terms.csv")
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "terms.parquet")
+    _jsonl(tmp_path / "part-1.jsonl", _rows(6, "A"))
+    _jsonl(tmp_path / "part-2.jsonl", _rows(4, "B"))
+    cases = {"terms.csv": 10, "terms.parquet": 10, "part-*.jsonl": 10}
+    for n, (name, expected) in enumerate(cases.items()):
+        spec = make_spec(tiny_model, dataset={"source": str(tmp_path / name)})
+        event = handle(_command(ctx, spec, job_id=f"job-{n}"), ctx)
+        assert sum(event.counts.values()) == expected
+    assert len(ctx.jobs.manifest("job-2", "prepare")["inputs"]) == 2
+
+
+def test_glob_without_match_is_named(ctx, tiny_model, tmp_path):
+    spec = make_spec(tiny_model, dataset={"source": str(tmp_path / "nothing-*.jsonl")})
+    with pytest.raises(DatasetError, match=r"no file matches .*nothing-\*.jsonl"):
+        handle(_command(ctx, spec), ctx)
+
+
+def test_cleaning_rules_count_what_they_touch(ctx, tiny_model, tmp_path):
+    rows = [
+        {"page_title": "Cafe\u0301", "page_text": "Coffee   house.[1]\n\nSee also\nTea"},
+        {"page_title": "Dup", "page_text": "Same."},
+        {"page_title": "Dup", "page_text": "Same."},
+        {"page_title": "Short", "page_text": "x"},
+        {"page_title": "", "page_text": "No title"},
+    ] + _rows(6)
+    spec = make_spec(
+        tiny_model,
+        dataset={
+            "source": str(_jsonl(tmp_path / "c.jsonl", rows)),
+            "strip_wiki_artifacts": True,
+            "min_target_chars": 3,
+        },
+    )
+    handle(_command(ctx, spec), ctx)
+    manifest = ctx.jobs.manifest("job-1", "prepare")
+    assert manifest["cleaning"] == {
+        "dropped_duplicate": 1,
+        "dropped_empty_field": 1,
+        "dropped_too_short": 1,
+        "unicode_nfc": 1,
+        "whitespace": 1,
+        "wiki_artifacts": 1,
+    }
+    rows = [r for s in manifest["shards"] for r in _shard(ctx, manifest, s).to_pylist()]
+    cafe = next(r for r in rows if r["prompt"] == "What is Caf\u00e9")
+    assert cafe["target"] == "Coffee house."
+
+
+def test_max_rows_reads_only_the_first_rows(ctx, tiny_model):
+    event = handle(_command(ctx, make_spec(tiny_model, dataset={"max_rows": 40})), ctx)
+    assert sum(event.counts.values()) == 40
+    assert ctx.jobs.manifest("job-1", "prepare")["rows_read"] == 40
+
+
+def test_store_uri_source(ctx, tiny_model):
+    ctx.store.put_bytes(
+        "uploads/terms.jsonl", "".join(json.dumps(r) + "\n" for r in _rows(10)).encode()
+    )
+    spec = make_spec(tiny_model, dataset={"source": ctx.store.uri("uploads/terms.jsonl")})
+    assert sum(handle(_command(ctx, spec), ctx).counts.values()) == 10
+
+
+@pytest.mark.parametrize("uri", ["s3://other-bucket/terms.jsonl", "s3://allowed/../x.jsonl"])
+def test_s3_outside_allowed_buckets_is_refused(ctx, tiny_model, uri):
+    ctx.settings.allowed_buckets = ["allowed"]
+    spec = make_spec(tiny_model, dataset={"source": uri})
+    with pytest.raises(StoreLocationError, match="outside the object store and the allowed"):
+        handle(_command(ctx, spec), ctx)
+
+
+def test_s3_source_in_an_allowed_bucket(ctx, tiny_model, monkeypatch):
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        for name, value in {
+            "AWS_ACCESS_KEY_ID": "t",
+            "AWS_SECRET_ACCESS_KEY": "t",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }.items():
+            monkeypatch.setenv(name, value)
+        ctx.settings.s3_endpoint_url = f"http://{host}:{port}"
+        ctx.settings.allowed_buckets = ["datasets"]
+        s3 = boto3.client("s3", endpoint_url=ctx.settings.s3_endpoint_url)
+        s3.create_bucket(Bucket="datasets")
+        s3.put_object(
+            Bucket="datasets",
+            Key="med/terms.jsonl",
+            Body="".join(json.dumps(r) + "\n" for r in _rows(12)).encode(),
+        )
+        spec = make_spec(tiny_model, dataset={"source": "s3://datasets/med/terms.jsonl"})
+        assert sum(handle(_command(ctx, spec), ctx).counts.values()) == 12
+    finally:
+        server.stop()
 
 
 def test_hub_source_unreachable_suggests_local_file(ctx, tiny_model, monkeypatch):
@@ -117,18 +291,26 @@ def test_hub_source_unreachable_suggests_local_file(ctx, tiny_model, monkeypatch
         handle(_command(ctx, spec), ctx)
 
 
-def test_validation_split_is_grouped_too(ctx, tiny_model):
-    spec = make_spec(tiny_model, dataset={"validation_size": 0.1})
-    event = handle(_command(ctx, spec), ctx)
-    assert event.counts == {"train": 151, "validation": 25, "test": 75}
-    assert ctx.jobs.manifest("job-1", "prepare")["split"]["shared_prompts"] == 0
+def test_hub_source_reads_through_datasets(ctx, tiny_model, monkeypatch):
+    import datasets
 
+    calls = []
 
-def test_splits_that_leave_no_train_rows_are_refused(ctx, tiny_model, tmp_path):
-    path = tmp_path / "two.jsonl"
-    path.write_text(
-        '{"page_title": "A", "page_text": "a"}\n{"page_title": "B", "page_text": "b"}\n'
+    def load(name, split, revision):
+        calls.append((name, split, revision))
+        return datasets.Dataset.from_list(_rows(10))
+
+    monkeypatch.setattr(datasets, "load_dataset", load)
+    spec = make_spec(
+        tiny_model, dataset={"source": "gamino/wiki_medical_terms", "revision": "main"}
     )
-    spec = make_spec(tiny_model, dataset={"source": str(path), "validation_size": 0.2})
-    with pytest.raises(DatasetError, match="2 distinct prompts cannot fill test"):
-        handle(_command(ctx, spec), ctx)
+    assert sum(handle(_command(ctx, spec), ctx).counts.values()) == 10
+    assert calls == [("gamino/wiki_medical_terms", "train", "main")]
+
+
+def test_first_invalid_utf8_offset(tmp_path):
+    path = tmp_path / "x.txt"
+    path.write_bytes("é".encode() * 10 + b"\xff" + b"tail")
+    assert sources.first_invalid_utf8(path) == 20
+    path.write_bytes("fine ✓".encode())
+    assert sources.first_invalid_utf8(path) is None

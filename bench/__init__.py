@@ -1,0 +1,1 @@
+"""Benchmarks: each prints figures; none runs in the test suite."""
