@@ -6,7 +6,9 @@ Generates rows shaped like gamino/wiki_medical_terms (a title, an article of a f
 characters with citation markers and a trailing "See also" section), then times, on the
 same rows and tokenizer, (a) bare batched tokenization of prompts and targets and (b) the
 whole data-prep handler (read, clean, template, dedupe, tokenize, grouped split, Parquet
-shards, digests, manifest). Prints rows/s, MB/s and the overhead ratio (target: < 1.5x).
+shards, digests, manifest). Prints rows/s, MB/s and the overhead ratio (target: < 1.5x),
+then the peak memory (RSS) of the stage, in a fresh process, on the dataset and on one four
+times larger: bounded memory means the second does not grow with the file.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -70,12 +75,33 @@ def pipeline(model_dir: Path, data: Path, work: Path, n: int) -> float:
     return time.perf_counter() - start
 
 
+def peak_memory(model_dir: Path, data: Path, work: Path) -> float:
+    """Peak RSS in MB of one data-prep run in a fresh process."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.dataprep", "--child", str(model_dir), str(data), str(work)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def child(model_dir: str, data: str, work: str) -> None:
+    """One pipeline run; prints its peak RSS in MB."""
+    pipeline(Path(model_dir), Path(data), Path(work), 0)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
 def main() -> None:
     """Run and print the figures."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=7000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        child(*args.child)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = build_tiny_t5(work / "model", data_file=SAMPLE_DATA)
@@ -93,6 +119,11 @@ def main() -> None:
         print(
             f"overhead: {f / b:.2f}x bare tokenization (medians of {args.repeats}; target < 1.5x)"
         )
+        big = work / "wiki-x4.jsonl"
+        big_size = generate(big, args.rows * 4, seed=1)
+        for name, path, nbytes in (("1x", data, size), ("4x", big, big_size)):
+            rss = peak_memory(model, path, work / f"mem-{name}")
+            print(f"peak RSS, {name} dataset ({nbytes / 1e6:.0f} MB): {rss:.0f} MB", flush=True)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ class DatasetSpec(_Section):
         description="A Hugging Face hub dataset id, or a local file (.jsonl/.json/.csv/"
         ".tsv/.parquet) as a path or file:// URI, or an s3:// URI in the object store.",
     )
+    subset: str | None = Field(None, description="Configuration (subset) of a hub dataset.")
     split: str = Field("train", description="Split to read from a hub dataset.")
     revision: str | None = Field(None, description="Hub dataset revision (branch, tag, commit).")
     prompt_template: str = Field(

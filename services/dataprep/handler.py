@@ -51,11 +51,7 @@ def _prepare(command: PrepareDataset, ctx: StageContext) -> dict[str, Any]:
     )
     ctx.progress({"phase": "writing shards", "rows": staged.rows_kept}, force=True)
     writer = _ShardWriter(ctx.store, folder, ctx.jobs.stage_prefix(command.job_id, "prepare"))
-    for batch in pq.ParquetFile(staged.path).iter_batches(batch_size=sources.BATCH_ROWS):
-        names = [assignment[k] for k in batch.column("key").to_pylist()]
-        for split in SPLITS:
-            mask = pa.array([n == split for n in names])
-            writer.add(split, pa.Table.from_batches([batch]).filter(mask).drop(["key"]))
+    _route(staged.path, assignment, writer)
     shards, lengths = writer.close()
     staged.path.unlink()
     manifest = {
@@ -85,12 +81,27 @@ def _prepare(command: PrepareDataset, ctx: StageContext) -> dict[str, Any]:
             "seed": data.seed,
             "grouped_by": "prompt (case-insensitive)",
             "distinct_prompts": len(assignment),
-            "shared_prompts": 0,
+            "shared_prompts": writer.shared_keys(),
         },
         "versions": versions(),
     }
     ctx.jobs.write_manifest(command.job_id, "prepare", manifest)
     return manifest
+
+
+def _route(staged: Path, assignment: dict[bytes, str], writer: _ShardWriter) -> None:
+    """Send each staged row to the shards of its prompt's split."""
+    for batch in pq.ParquetFile(staged).iter_batches(batch_size=sources.BATCH_ROWS):
+        keys = batch.column("key").to_pylist()
+        names = [assignment[k] for k in keys]
+        table = pa.Table.from_batches([batch]).drop(["key"])
+        for split in SPLITS:
+            chosen = [n == split for n in names]
+            writer.add(
+                split,
+                table.filter(pa.array(chosen)),
+                keys=[k for k, c in zip(keys, chosen, strict=True) if c],
+            )
 
 
 class _ShardWriter:
@@ -101,10 +112,12 @@ class _ShardWriter:
         self.pending: dict[str, list[pa.Table]] = {s: [] for s in SPLITS}
         self.shards: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
         self.lengths: dict[str, tuple[list[int], list[int]]] = {s: ([], []) for s in SPLITS}
+        self.keys: dict[str, set[bytes]] = {s: set() for s in SPLITS}
 
-    def add(self, split: str, table: pa.Table) -> None:
+    def add(self, split: str, table: pa.Table, *, keys: list[bytes]) -> None:
         if table.num_rows == 0:
             return
+        self.keys[split].update(keys)
         self.pending[split].append(table)
         self.lengths[split][0].extend(len(x) for x in table.column("input_ids").to_pylist())
         self.lengths[split][1].extend(len(x) for x in table.column("labels").to_pylist())
@@ -123,6 +136,12 @@ class _ShardWriter:
             {"uri": self.store.uri(key), "rows": table.num_rows, "sha256": digest}
         )
         path.unlink()
+
+    def shared_keys(self) -> int:
+        """Prompt groups written to more than one split (the leakage check: 0 expected)."""
+        return sum(
+            len(self.keys[a] & self.keys[b]) for i, a in enumerate(SPLITS) for b in SPLITS[i + 1 :]
+        )
 
     def close(self) -> tuple[dict[str, list[dict[str, Any]]], dict[str, tuple]]:
         for split in SPLITS:

@@ -184,7 +184,22 @@ def _schema(path: Path) -> dict[str, pa.DataType]:
                 if bad is not None:
                     raise DatasetError(f"{path}: bytes that are not UTF-8 at byte offset {bad}")
             return types
-    return {}  # JSON: columns are known once rows are read
+    if suffix == ".jsonl" or (suffix == ".json" and _first_char(path) != "["):
+        return _jsonl_columns(path)
+    return {}  # a JSON array: columns are known once it is read
+
+
+def _jsonl_columns(path: Path) -> dict[str, pa.DataType]:
+    """Columns of the first JSONL row (checked before any work; later rows may add more)."""
+    with path.open("rb") as fh:
+        for raw in fh:
+            if raw.strip():
+                try:
+                    row = json.loads(raw)
+                except ValueError:
+                    return {}  # reported with its line number when rows are read
+                return {k: pa.string() for k in row} if isinstance(row, dict) else {}
+    return {}
 
 
 def check_types(source: Source, names: list[str]) -> None:
@@ -282,7 +297,9 @@ def _hub_batches(spec: DatasetSpec) -> Iterator[Batch]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(spec.source, split=spec.split, revision=spec.revision)
+        ds = datasets.load_dataset(
+            spec.source, name=spec.subset, split=spec.split, revision=spec.revision
+        )
     except Exception as exc:  # noqa: BLE001 - the hub client raises many types
         raise DatasetError(
             f"dataset.source: cannot load hub dataset {spec.source!r} (split {spec.split!r}): "

@@ -24,7 +24,7 @@ def _metrics_rows(report: dict[str, Any]) -> str:
     rows = []
     for name, m in report["metrics"].items():
         low, high = m["ci95"]
-        significant = low > 0 or high < 0
+        significant = (low > 0 or high < 0) and m["lower_is_better"] is not None
         good = (m["delta"] < 0) == m["lower_is_better"]
         css = ("better" if good else "worse") if significant else ""
         rows.append(

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-#: metric name → True when lower is better
-METRICS: dict[str, bool] = {
+#: metric name → True when lower is better, False when higher is, None when neither
+METRICS: dict[str, bool | None] = {
     "loss": True,
     "perplexity": True,
     "rouge1": False,
@@ -26,7 +26,7 @@ METRICS: dict[str, bool] = {
     "bleu": False,
     "chrf": False,
     "exact_match": False,
-    "mean_output_words": False,
+    "mean_output_words": None,
     "empty_share": True,
     "degenerate_share": True,
 }
@@ -59,9 +59,9 @@ def normalize(text: str) -> str:
 
 
 def is_degenerate(text: str) -> bool:
-    """A repetitive output: a word 4+ times in a row, or under half its trigrams distinct."""
+    """A repetitive output: a word 3+ times in a row, or under half its trigrams distinct."""
     words = text.lower().split()
-    if re.search(r"\b(\w+)(?:\s+\1\b){3,}", " ".join(words)):
+    if re.search(r"\b(\w+)(?:\s+\1\b){2,}", " ".join(words)):
         return True
     trigrams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
     return len(trigrams) >= 4 and len(set(trigrams)) / len(trigrams) < 0.5

@@ -296,16 +296,17 @@ def test_hub_source_reads_through_datasets(ctx, tiny_model, monkeypatch):
 
     calls = []
 
-    def load(name, split, revision):
-        calls.append((name, split, revision))
+    def load(path, name, split, revision):
+        calls.append((path, name, split, revision))
         return datasets.Dataset.from_list(_rows(10))
 
     monkeypatch.setattr(datasets, "load_dataset", load)
     spec = make_spec(
-        tiny_model, dataset={"source": "gamino/wiki_medical_terms", "revision": "main"}
+        tiny_model,
+        dataset={"source": "gamino/wiki_medical_terms", "revision": "main", "subset": "default"},
     )
     assert sum(handle(_command(ctx, spec), ctx).counts.values()) == 10
-    assert calls == [("gamino/wiki_medical_terms", "train", "main")]
+    assert calls == [("gamino/wiki_medical_terms", "default", "train", "main")]
 
 
 def test_first_invalid_utf8_offset(tmp_path):
@@ -314,3 +315,37 @@ def test_first_invalid_utf8_offset(tmp_path):
     assert sources.first_invalid_utf8(path) == 20
     path.write_bytes("fine ✓".encode())
     assert sources.first_invalid_utf8(path) is None
+
+
+def test_leakage_check_counts_prompts_found_in_two_splits(tmp_path):
+    from services.dataprep.handler import _ShardWriter
+    from shared.store import LocalStore
+
+    writer = _ShardWriter(LocalStore(tmp_path / "s"), tmp_path, "jobs/j/prepare")
+    table = pa.table({"prompt": ["p"], "target": ["t"], "input_ids": [[1]], "labels": [[1]]})
+    writer.add("train", table, keys=[b"a" * 16])
+    writer.add("test", table, keys=[b"b" * 16])
+    assert writer.shared_keys() == 0
+    writer.add("validation", table, keys=[b"a" * 16])
+    assert writer.shared_keys() == 1
+
+
+def test_a_2mb_row_is_truncated_not_fatal(ctx, tiny_model, tmp_path):
+    rows = _rows(9) + [{"page_title": "Huge", "page_text": "word " * 420_000}]
+    path = _jsonl(tmp_path / "huge.jsonl", rows)
+    assert path.stat().st_size > 2_000_000
+    handle(_command(ctx, make_spec(tiny_model, dataset={"source": str(path)})), ctx)
+    manifest = ctx.jobs.manifest("job-1", "prepare")
+    assert sum(manifest["counts"].values()) == 10
+    assert max(manifest["tokens"][s]["target"]["max"] for s in manifest["tokens"]) == 64
+
+
+def test_missing_jsonl_column_fails_before_the_tokenizer_loads(ctx, tmp_path):
+    path = _jsonl(tmp_path / "d.jsonl", [{"term": "a", "definition": "b"}] * 3)
+    spec = make_spec(tmp_path / "no-model-here", dataset={"source": str(path)})
+    with pytest.raises(
+        DatasetError,
+        match=r"no column 'page_title', 'page_text'; columns found: "
+        r"term, definition",
+    ):
+        handle(_command(ctx, spec), ctx)

@@ -57,6 +57,8 @@ def test_exact_match_ignores_case_punctuation_and_spacing():
     [
         ("is a is a is a is a is a", True),
         ("the the the the cat", True),
+        ("flow flow flow thick occurs", True),
+        ("very very good", False),
         ("a normal definition of a medical term", False),
         ("", False),
     ],
