@@ -7,9 +7,12 @@
     │   ├── ModelError            the model or adapter cannot be loaded or used
     │   ├── PreflightError        an export breaks a Bedrock import rule (names the rule)
     │   ├── StoreLocationError    a URI outside the object store or its allowed buckets
-    │   └── MessageError          a bus message that is not a known, valid message
+    │   ├── MessageError          a bus message that is not a known, valid message
+    │   ├── OutOfMemory           training or inference ran out of device memory
+    │   └── Cancelled             a user cancelled the job
     ├── RetryableError            a later attempt may succeed (network, broker, throttling)
-    │   └── StoreUnavailable      the object store could not be reached
+    │   ├── StoreUnavailable      the object store could not be reached
+    │   └── Interrupted           the worker is stopping; the stage resumes elsewhere
     └── NotFound (+ KeyError)     a job, artifact or model that does not exist
 
 A stage handler raises a ``PermanentError`` to fail the job at once; anything else it
@@ -55,12 +58,24 @@ class MessageError(PermanentError, ValueError):
     """A bus message that cannot be parsed as a known message."""
 
 
+class OutOfMemory(PermanentError):
+    """The device ran out of memory; the message names the sizes used and what to lower."""
+
+
+class Cancelled(PermanentError):
+    """A user cancelled the job."""
+
+
 class RetryableError(TermtuneError):
     """An error that a later attempt may not meet again."""
 
 
 class StoreUnavailable(RetryableError):
     """The object store could not be reached."""
+
+
+class Interrupted(RetryableError):
+    """The worker was asked to stop (SIGTERM) and saved its progress; requeue, not a failure."""
 
 
 class NotFound(TermtuneError, KeyError):

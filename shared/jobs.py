@@ -98,6 +98,14 @@ class JobRecords:
         spec = self.spec(job_id)
         return summarize(job_id, spec, self.events(job_id))
 
+    def request_cancel(self, job_id: str) -> bool:
+        """Mark a job for cancellation; False if it was already marked."""
+        return self.store.put_bytes_if_absent(f"jobs/{job_id}/cancel", b"cancel requested\n")
+
+    def cancel_requested(self, job_id: str) -> bool:
+        """Whether a user asked to cancel the job."""
+        return self.store.exists(f"jobs/{job_id}/cancel")
+
     def register_model(self, name: str, entry: dict[str, Any]) -> None:
         """Record a published model under its name."""
         self.store.put_json(f"models/{name}.json", entry)
@@ -131,6 +139,9 @@ def summarize(job_id: str, spec: JobSpec, events: list[Message]) -> dict[str, An
         if event.type == "JobSubmitted":  # type: ignore[attr-defined]
             job["created_at"] = data["created_at"]
             continue
+        if event.type == "CancelRequested":  # type: ignore[attr-defined]
+            job["cancel_requested"] = True
+            continue
         view = stages[stage]
         kind = event.type  # type: ignore[attr-defined]
         if kind == "StageStarted":
@@ -143,6 +154,9 @@ def summarize(job_id: str, spec: JobSpec, events: list[Message]) -> dict[str, An
             job["status"] = "running" if job["status"] == "queued" else job["status"]
         elif kind == "StageProgress":
             view["progress"] = data["progress"]
+        elif kind == "JobCancelled":
+            view.update(status="cancelled", finished_at=data["created_at"])
+            job["status"] = "cancelled"
         elif kind == "StageFailed":
             view.update(status="failed", finished_at=data["created_at"], error=data["error"])
             job.update(

@@ -115,6 +115,9 @@ class TrainingSpec(_Section):
         description='"auto": bf16 on GPUs that support it, else fp32. fp16 is refused '
         "for T5 (its activations overflow).",
     )
+    optimizer: str = Field(
+        "adamw_torch", description='transformers optimizer name (e.g. "paged_adamw_8bit").'
+    )
     learning_rate: float = Field(2e-4, gt=0.0, le=1.0, description="Peak learning rate.")
     lr_scheduler: str = Field("linear", description="transformers scheduler name.")
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Share of steps to warm up.")
@@ -125,6 +128,12 @@ class TrainingSpec(_Section):
     group_by_length: bool = Field(True, description="Batch examples of similar length.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
     logging_steps: int = Field(10, ge=1, description="Optimizer steps between loss records.")
+    checkpoint_every_steps: int = Field(
+        200, ge=1, description="Store a resumable checkpoint every N optimizer steps."
+    )
+    checkpoint_every_minutes: float = Field(
+        10.0, gt=0.0, description="...and at least every M minutes."
+    )
     seed: int = Field(42, description="Seed of initialisation and data order.")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA adapter settings.")
 

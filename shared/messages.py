@@ -158,6 +158,19 @@ class StageFailed(Event):
     permanent: bool = Field(True, description="False: it failed after exhausting retries.")
 
 
+class CancelRequested(Event):
+    """A user asked to cancel the job."""
+
+    type: Literal["CancelRequested"] = "CancelRequested"
+
+
+class JobCancelled(Event):
+    """A worker stopped the job after a cancel request; it ends as cancelled."""
+
+    type: Literal["JobCancelled"] = "JobCancelled"
+    stage: Stage
+
+
 AnyMessage = Annotated[
     Union[  # noqa: UP007 - a discriminated union reads best spelled out
         PrepareDataset,
@@ -172,6 +185,8 @@ AnyMessage = Annotated[
         ModelEvaluated,
         ModelPublished,
         StageFailed,
+        CancelRequested,
+        JobCancelled,
     ],
     Field(discriminator="type"),
 ]

@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from shared.bus import ATTEMPT_HEADER, SERVICE_COMMANDS, Bus
-from shared.errors import MessageError, PermanentError
+from shared.errors import Cancelled, Interrupted, MessageError, PermanentError
 from shared.jobs import JobRecords
 from shared.jobspec import JobSpec, parse_spec
 from shared.messages import (
     STAGE_OF_COMMAND,
     Command,
     Event,
+    JobCancelled,
     StageFailed,
     StageProgress,
     StageStarted,
@@ -52,6 +53,13 @@ class StageContext:
     settings: Settings
     worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     progress: Callable[..., None] = field(default=lambda progress, *, force=False: None)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def should_stop(self, command: Command) -> str | None:
+        """Why the running stage must stop now: "cancel", "shutdown", or None."""
+        if self.jobs.cancel_requested(command.job_id):
+            return "cancel"
+        return "shutdown" if self.stop.is_set() else None
 
     def spec(self, command: Command) -> JobSpec:
         """The job spec a command points at."""
@@ -108,7 +116,15 @@ def run_stage(
     )
     ctx.progress = _Progress(jobs, command)
     try:
+        if jobs.cancel_requested(command.job_id):
+            raise Cancelled(f"job {command.job_id} was cancelled")
         event = handler(command, ctx)
+    except Cancelled:
+        cancelled = JobCancelled(job_id=command.job_id, stage=stage)
+        jobs.record(cancelled)
+        return cancelled
+    except Interrupted:
+        raise  # not a failure: the worker requeues the command
     except Exception as exc:  # noqa: BLE001 - every failure is recorded, then decided
         permanent = isinstance(exc, PermanentError)
         log.error(
@@ -142,8 +158,10 @@ class Worker:
         self, service: str, handler: Handler, *, settings: Settings, bus: Bus, store: Store
     ) -> None:
         self.service, self.handler, self.settings, self.bus = service, handler, settings, bus
-        self.ctx = StageContext(store=store, jobs=JobRecords(store), settings=settings)
         self.stop = threading.Event()
+        self.ctx = StageContext(
+            store=store, jobs=JobRecords(store), settings=settings, stop=self.stop
+        )
 
     def on_message(self, body: Any, message: Any) -> None:
         """Handle one delivery and ack it once everything it caused is stored."""
@@ -158,7 +176,13 @@ class Worker:
             return
         attempt = int((message.headers or {}).get(ATTEMPT_HEADER, 1))
         final = attempt >= self.settings.max_attempts
-        event = run_stage(command, self.handler, self.ctx, attempt=attempt, final_attempt=final)
+        try:
+            event = run_stage(command, self.handler, self.ctx, attempt=attempt, final_attempt=final)
+        except Interrupted as exc:
+            log.warning("requeuing %s: %s", command.job_id, exc)
+            self.bus.publish(command, headers={ATTEMPT_HEADER: attempt})
+            message.ack()
+            return
         if event is None:
             self.bus.publish(command, headers={ATTEMPT_HEADER: attempt + 1})
         else:

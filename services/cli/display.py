@@ -12,7 +12,7 @@ from rich.table import Table
 from services.cli.client import Client
 from shared.messages import STAGES
 
-TERMINAL = ("succeeded", "failed", "rejected")
+TERMINAL = ("succeeded", "failed", "rejected", "cancelled")
 console = Console(highlight=False)
 
 

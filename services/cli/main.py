@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="a job's status")
     status.add_argument("job_id")
     sub.add_parser("jobs", help="recent jobs")
+    cancel = sub.add_parser("cancel", help="cancel a job")
+    cancel.add_argument("job_id")
     report = sub.add_parser("report", help="a job's evaluation table and gate")
     report.add_argument("job_id")
     sub.add_parser("models", help="published models")
@@ -144,6 +146,8 @@ def _client_command(args: argparse.Namespace) -> int:
         return 0
     if args.command == "status":
         print(json.dumps(client.job(args.job_id), indent=2))
+    elif args.command == "cancel":
+        print(f"{args.job_id}: {client.cancel(args.job_id)['status']} (cancel requested)")
     elif args.command == "report":
         report = client.report(args.job_id)
         display.print_report(report)

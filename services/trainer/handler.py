@@ -1,12 +1,18 @@
-"""Trainer: a prepared dataset → a LoRA adapter and its training log in the store."""
+"""Trainer: a prepared dataset → a LoRA adapter and its training log in the store.
+
+Training resumes from the job's latest stored checkpoint. A cancel request stops it within
+one optimizer step; SIGTERM stores a checkpoint and hands the job back to the queue.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-from services.trainer import lora, train
+from services.trainer import callbacks, lora, train
+from services.trainer.checkpoints import CheckpointStore
 from shared.artifacts import read_split
+from shared.errors import Cancelled, Interrupted
 from shared.messages import ModelTrained, TrainModel
 from shared.modeling import load_tokenizer, versions
 from shared.worker import StageContext
@@ -35,6 +41,10 @@ def _train(command: TrainModel, ctx: StageContext) -> dict[str, Any]:
     tokenizer = load_tokenizer(spec.base_model)
     model = lora.build_model(spec.base_model, spec.training, plan)
     folder = ctx.scratch(command, "train")
+    prefix = ctx.jobs.stage_prefix(command.job_id, "train")
+    checkpoints = CheckpointStore(ctx.store, f"{prefix}/checkpoints")
+    resume = checkpoints.download_latest(folder / "trainer")
+    stop = callbacks.StopOnRequest(lambda: ctx.should_stop(command))
     summary = train.train(
         model,
         tokenizer,
@@ -43,14 +53,32 @@ def _train(command: TrainModel, ctx: StageContext) -> dict[str, Any]:
         spec=spec.training,
         plan=plan,
         output_dir=folder / "trainer",
-        progress=ctx.progress,
+        resume_from=resume,
+        callbacks=[
+            callbacks.Progress(
+                ctx.progress,
+                examples_per_step=spec.training.batch_size
+                * spec.training.gradient_accumulation_steps,
+                tokens_per_example=_tokens_per_example(dataset),
+            ),
+            callbacks.StoreCheckpoints(
+                checkpoints,
+                report=ctx.progress,
+                every_minutes=spec.training.checkpoint_every_minutes,
+            ),
+            stop,
+        ],
     )
+    if stop.reason == "cancel":
+        raise Cancelled(f"job {command.job_id} cancelled at step {summary['steps']}")
+    if stop.reason == "shutdown":
+        raise Interrupted(f"worker stopping; checkpoint stored at step {summary['steps']}")
     model.save_pretrained(folder / "adapter")
-    prefix = ctx.jobs.stage_prefix(command.job_id, "train")
     ctx.store.upload_dir(folder / "adapter", f"{prefix}/adapter")
     ctx.store.put_json(f"{prefix}/log.json", summary.pop("log_history"))
     manifest = {
         **summary,
+        "resumed_from_step": int(resume.name.split("-")[1]) if resume else None,
         "adapter": ctx.store.uri(f"{prefix}/adapter"),
         "log": ctx.store.uri(f"{prefix}/log.json"),
         "plan": dataclasses.asdict(plan),
@@ -60,3 +88,9 @@ def _train(command: TrainModel, ctx: StageContext) -> dict[str, Any]:
     }
     ctx.jobs.write_manifest(command.job_id, "train", manifest)
     return manifest
+
+
+def _tokens_per_example(dataset: dict[str, Any]) -> float:
+    """Mean source + target tokens of a train example, from the data-prep manifest."""
+    stats = dataset.get("tokens", {}).get("train", {})
+    return sum(stats.get(side, {}).get("mean", 0.0) for side in ("source", "target"))

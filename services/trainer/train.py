@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import torch
 
 from services.trainer.lora import Plan
+from shared.errors import OutOfMemory
 from shared.jobspec import TrainingSpec
-
-Progress = Callable[[dict[str, Any]], None]
 
 
 def to_dataset(table: pa.Table) -> Any:
@@ -44,7 +42,10 @@ def training_arguments(
         eval_steps=spec.logging_steps if evaluate else None,
         per_device_eval_batch_size=spec.batch_size,
         prediction_loss_only=True,
-        save_strategy="no",
+        save_strategy="steps",
+        save_steps=spec.checkpoint_every_steps,
+        save_total_limit=1,
+        optim=spec.optimizer,
         report_to="none",
         seed=spec.seed,
         bf16=plan.precision == "bf16",
@@ -52,35 +53,6 @@ def training_arguments(
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
-
-
-def progress_callback(progress: Progress) -> Any:
-    """A TrainerCallback that reports step, loss, learning rate, speed and ETA."""
-    from transformers import TrainerCallback
-
-    class _Report(TrainerCallback):
-        start = 0.0
-
-        def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
-            self.start = time.monotonic()
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
-            elapsed = time.monotonic() - self.start
-            done = max(state.global_step, 1)
-            progress(
-                {
-                    "step": state.global_step,
-                    "total_steps": state.max_steps,
-                    "epoch": round(state.epoch or 0.0, 3),
-                    "loss": (logs or {}).get("loss"),
-                    "learning_rate": (logs or {}).get("learning_rate"),
-                    "eval_loss": (logs or {}).get("eval_loss"),
-                    "elapsed_s": round(elapsed, 1),
-                    "eta_s": round(elapsed / done * max(state.max_steps - state.global_step, 0), 1),
-                }
-            )
-
-    return _Report()
 
 
 def train(
@@ -92,9 +64,10 @@ def train(
     spec: TrainingSpec,
     plan: Plan,
     output_dir: Path,
-    progress: Progress,
+    callbacks: list[Any],
+    resume_from: Path | None = None,
 ) -> dict[str, Any]:
-    """Train the adapter in place; the run's summary and log history."""
+    """Train the adapter in place (resuming from a checkpoint); a summary and the log."""
     from transformers import DataCollatorForSeq2Seq, PrinterCallback, Seq2SeqTrainer
 
     collator = DataCollatorForSeq2Seq(
@@ -110,16 +83,31 @@ def train(
         eval_dataset=to_dataset(eval_table) if eval_table is not None else None,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[progress_callback(progress)],
+        callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # progress goes to events, not stdout
-    result = trainer.train()
-    tokens = sum(len(x) for x in train_table.column("input_ids").to_pylist())
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except torch.OutOfMemoryError as exc:
+        raise OutOfMemory(out_of_memory_message(spec, plan, exc)) from exc
     return {
         "steps": trainer.state.global_step,
+        "max_steps": trainer.state.max_steps,
         "train_loss": result.training_loss,
         "runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
         "examples_per_s": result.metrics.get("train_samples_per_second"),
-        "source_tokens_per_epoch": tokens,
         "log_history": trainer.state.log_history,
     }
+
+
+def out_of_memory_message(spec: TrainingSpec, plan: Plan, exc: Exception) -> str:
+    """What ran out, with which sizes, and what to lower."""
+    return (
+        f"out of {plan.device} memory with batch_size={spec.batch_size}, "
+        f"gradient_accumulation_steps={spec.gradient_accumulation_steps}, "
+        f"quantization={plan.quantization}, precision={plan.precision}, "
+        f"gradient_checkpointing={spec.gradient_checkpointing}, LoRA r={spec.lora.r}: lower "
+        "training.batch_size (raise gradient_accumulation_steps to keep the effective batch), "
+        "turn on training.gradient_checkpointing, lower dataset.max_target_length or "
+        f"training.lora.r, or use quantization 4bit ({str(exc).splitlines()[0][:200]})"
+    )

@@ -34,12 +34,7 @@ def services(tmp_path_factory):
 
 
 def _run_job(launcher, client, spec):
-    job = client.submit(spec)
-    try:
-        return follow(client, job["id"], timeout=300, poll=0.5)
-    except BaseException:
-        print(launcher.logs_tail(80))
-        raise
+    return _run_job_follow(launcher, client, client.submit(spec)["id"])
 
 
 def test_bad_dataset_fails_the_job_by_name_and_services_keep_serving(
@@ -93,3 +88,31 @@ def test_job_failing_the_gate_ends_rejected_and_publishes_nothing(services, tiny
     assert not report["gate"]["publish"]
     assert report["gate"]["reasons"][0].startswith("ROUGE-L")
     assert "strict-gate" not in {m["name"] for m in client.models()}
+
+
+def test_cancel_during_training_ends_the_job_cancelled(services, tiny_model):
+    import time
+
+    launcher, client = services
+    spec = spec_dict(tiny_model, name="cancel-me", training={"max_steps": 2000, "logging_steps": 2})
+    job = client.submit(spec)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        progress = client.job(job["id"])["stages"]["train"].get("progress") or {}
+        if progress.get("step", 0) >= 4:
+            break
+        time.sleep(0.2)
+    client.cancel(job["id"])
+    done = _run_job_follow(launcher, client, job["id"])
+    assert done["status"] == "cancelled"
+    assert done["stages"]["train"]["status"] == "cancelled"
+    assert done["stages"]["evaluate"]["status"] == "pending"
+    assert all(p.poll() is None for p in launcher.processes.values())
+
+
+def _run_job_follow(launcher, client, job_id):
+    try:
+        return follow(client, job_id, timeout=300, poll=0.5)
+    except BaseException:
+        print(launcher.logs_tail(80))
+        raise

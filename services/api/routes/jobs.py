@@ -11,10 +11,10 @@ from services.api.deps import BusDep, JobsDep
 from shared.errors import NotFound, SpecError
 from shared.jobs import new_job_id
 from shared.jobspec import parse_spec
-from shared.messages import JobSubmitted, PrepareDataset, dump_message
+from shared.messages import CancelRequested, JobSubmitted, PrepareDataset, dump_message
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
-JobStatus = Literal["queued", "running", "succeeded", "failed", "rejected"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "rejected", "cancelled"]
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
@@ -52,6 +52,20 @@ def list_jobs(
 def get_job(job_id: str, jobs: JobsDep) -> dict[str, Any]:
     """A job's status, stages, results and error."""
     return _or_404(lambda: jobs.summary(job_id))
+
+
+@router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED)
+def cancel_job(job_id: str, jobs: JobsDep) -> dict[str, Any]:
+    """Ask the job to stop; the running stage stops within one step (training: one
+    optimizer step) and the job ends as cancelled."""
+    summary = _or_404(lambda: jobs.summary(job_id))
+    if summary["status"] in ("succeeded", "failed", "rejected", "cancelled"):
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, f"job {job_id!r} has already ended ({summary['status']})"
+        )
+    if jobs.request_cancel(job_id):
+        jobs.record(CancelRequested(job_id=job_id))
+    return jobs.summary(job_id)
 
 
 @router.get("/{job_id}/events")

@@ -136,3 +136,22 @@ def test_report_page_is_served(app_env):
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/html")
     assert "<h1>r</h1>" in response.text
+
+
+def test_cancel_marks_the_job_and_refuses_ended_jobs(app_env):
+    client, _, app = app_env
+    job = client.post("/v1/jobs", json={"name": "terms"}).json()
+    response = client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert response.status_code == 202
+    assert response.json()["cancel_requested"] is True
+    assert app.state.jobs.cancel_requested(job["id"])
+    again = client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert again.status_code == 202  # idempotent
+    events = client.get(f"/v1/jobs/{job['id']}/events").json()["data"]
+    assert [e["type"] for e in events].count("CancelRequested") == 1
+    from shared.messages import JobCancelled
+
+    app.state.jobs.record(JobCancelled(job_id=job["id"], stage="prepare"))
+    ended = client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert ended.status_code == 409 and "already ended (cancelled)" in ended.json()["detail"]
+    assert client.post("/v1/jobs/nope-1/cancel").status_code == 404

@@ -78,3 +78,102 @@ def test_collator_masks_label_padding_with_minus_100(tiny_model):
     )
     assert batch["labels"].tolist() == [[7, 1, -100, -100], [7, 8, 9, 1]]
     assert batch["input_ids"].tolist()[1] == [5, 1, tokenizer.pad_token_id]
+
+
+@pytest.fixture
+def prepared(ctx, tiny_model):
+    """A prepared dataset and a TrainModel command for a 6-step run, checkpoints every 2."""
+    from services.dataprep.handler import handle as prepare
+    from shared.messages import PrepareDataset, TrainModel
+    from tests.factories import make_spec
+
+    spec = make_spec(tiny_model, training={"logging_steps": 1, "checkpoint_every_steps": 2})
+    cmd = PrepareDataset(job_id="job-1", spec_uri=ctx.jobs.create("job-1", spec))
+    event = prepare(cmd, ctx)
+    return TrainModel(job_id="job-1", spec_uri=cmd.spec_uri, dataset_manifest=event.manifest)
+
+
+def _progress_hook(ctx, at_step, action):
+    def progress(data, *, force=False):
+        if data.get("step") == at_step and data.get("loss") is not None:
+            action()
+
+    return progress
+
+
+def _run(ctx, cmd, hook=None):
+    from services.trainer.handler import handle
+
+    if hook is not None:
+        ctx.progress = hook
+    return handle(cmd, ctx)
+
+
+def test_resumes_from_the_latest_checkpoint_after_a_crash(ctx, prepared):
+    def crash():
+        raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(ctx, prepared, _progress_hook(ctx, 5, crash))
+    assert ctx.jobs.manifest("job-1", "train") is None
+    event = _run(ctx, prepared, lambda data, *, force=False: None)
+    manifest = ctx.jobs.manifest("job-1", "train")
+    assert manifest["resumed_from_step"] == 4
+    assert event.steps == manifest["steps"] == manifest["max_steps"] == 6
+    log = ctx.store.get_json(ctx.store.key_of(manifest["log"]))
+    assert [e["step"] for e in log if "loss" in e] == [1, 2, 3, 4, 5, 6]
+
+
+def test_cancel_stops_within_one_optimizer_step(ctx, prepared):
+    from shared.errors import Cancelled
+
+    steps = []
+
+    def progress(data, *, force=False):
+        if data.get("loss") is not None:
+            steps.append(data["step"])
+            if data["step"] == 2:
+                ctx.jobs.request_cancel("job-1")
+
+    with pytest.raises(Cancelled, match="cancelled at step 3"):
+        _run(ctx, prepared, progress)
+    assert steps == [1, 2, 3]
+    assert ctx.jobs.manifest("job-1", "train") is None
+
+
+def test_shutdown_stores_a_checkpoint_and_hands_the_job_back(ctx, prepared):
+    from shared.errors import Interrupted
+
+    with pytest.raises(Interrupted, match="checkpoint stored at step 4"):
+        _run(ctx, prepared, _progress_hook(ctx, 3, ctx.stop.set))
+    ctx.stop.clear()
+    event = _run(ctx, prepared, lambda data, *, force=False: None)
+    assert ctx.jobs.manifest("job-1", "train")["resumed_from_step"] == 4
+    assert event.steps == 6
+
+
+def test_out_of_memory_names_sizes_and_what_to_lower(ctx, prepared, monkeypatch):
+    from transformers import Seq2SeqTrainer
+
+    from shared.errors import OutOfMemory
+
+    def oom(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Seq2SeqTrainer, "train", oom)
+    with pytest.raises(OutOfMemory, match=r"batch_size=8.*lower training.batch_size"):
+        _run(ctx, prepared)
+
+
+def test_progress_reports_throughput_and_memory(trained_job):
+    ctx, job_id = trained_job["ctx"], trained_job["job_id"]
+    steps = [
+        e.progress
+        for e in ctx.jobs.events(job_id)
+        if e.type == "StageProgress" and "total_steps" in e.progress
+    ]
+    assert steps, "no training progress recorded"
+    last = steps[-1]
+    assert last["total_steps"] == 6
+    assert last["examples_per_s"] > 0 and last["tokens_per_s"] > 0
+    assert last["peak_memory_mb"] > 0 and last["eta_s"] >= 0

@@ -152,3 +152,59 @@ def test_wrong_command_for_service_is_refused(env):
     assert delivery.acked
     [dead] = _drain(bus, bus.dead_queue)
     assert "trainer takes TrainModel, got PrepareDataset" in dead.headers[REASON_HEADER]
+
+
+def test_cancelled_stage_ends_the_job_as_cancelled(env):
+    from shared.errors import Cancelled
+
+    settings, store, jobs, bus, cmd = env
+
+    def handler(command, ctx):
+        raise Cancelled("job job-1 cancelled at step 3")
+
+    worker = Worker("dataprep", handler, settings=settings, bus=bus, store=store)
+    bus.publish(cmd)
+    _run(worker, lambda: "JobCancelled" in _types(jobs))
+    assert jobs.summary("job-1")["status"] == "cancelled"
+    assert _drain(bus, bus.queues["trainer"], timeout=0.3) == []
+
+
+def test_command_of_a_cancelled_job_is_not_run(env):
+    settings, store, jobs, bus, cmd = env
+    calls = []
+    jobs.request_cancel("job-1")
+    worker = Worker(
+        "dataprep", lambda c, x: calls.append(c), settings=settings, bus=bus, store=store
+    )
+    bus.publish(cmd)
+    _run(worker, lambda: "JobCancelled" in _types(jobs))
+    assert calls == []
+
+
+def test_interrupted_stage_is_requeued_without_using_an_attempt(env):
+    from shared.errors import Interrupted
+
+    settings, store, jobs, bus, cmd = env
+    worker = Worker(
+        "dataprep",
+        lambda c, x: (_ for _ in ()).throw(Interrupted("stopping")),
+        settings=settings,
+        bus=bus,
+        store=store,
+    )
+
+    class Delivery:
+        headers = {ATTEMPT_HEADER: 2}
+        delivery_info = {"routing_key": "cmd.PrepareDataset"}
+        acked = False
+
+        def ack(self):
+            self.acked = True
+
+    delivery = Delivery()
+    worker.on_message(cmd.model_dump(mode="json"), delivery)
+    assert delivery.acked
+    [again] = _drain(bus, bus.queues["dataprep"])
+    assert again.headers[ATTEMPT_HEADER] == 2
+    assert parse_message(again.payload) == cmd
+    assert "StageFailed" not in _types(jobs)

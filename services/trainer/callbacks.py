@@ -1,0 +1,92 @@
+"""Trainer callbacks: progress events, checkpoints to the store, stopping on request."""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from services.trainer.checkpoints import CheckpointStore
+
+
+def peak_memory_mb() -> float:
+    """Peak device memory (CUDA) or peak process memory (CPU), in MB."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Progress(TrainerCallback):
+    """Reports step, epoch, loss, learning rate, throughput, ETA and peak memory."""
+
+    def __init__(
+        self, report: Callable[..., None], *, examples_per_step: int, tokens_per_example: float
+    ) -> None:
+        self.report, self.examples_per_step = report, examples_per_step
+        self.tokens_per_example = tokens_per_example
+        self.start, self.first_step = 0.0, 0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        self.start, self.first_step = time.monotonic(), state.global_step
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
+        logs = logs or {}
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        done = state.global_step - self.first_step
+        examples_s = done * self.examples_per_step / elapsed
+        self.report(
+            {
+                "step": state.global_step,
+                "total_steps": state.max_steps,
+                "epoch": round(state.epoch or 0.0, 3),
+                "loss": logs.get("loss"),
+                "eval_loss": logs.get("eval_loss"),
+                "learning_rate": logs.get("learning_rate"),
+                "examples_per_s": round(examples_s, 2),
+                "tokens_per_s": round(examples_s * self.tokens_per_example, 1),
+                "elapsed_s": round(elapsed, 1),
+                "eta_s": round(
+                    elapsed / max(done, 1) * max(state.max_steps - state.global_step, 0), 1
+                ),
+                "peak_memory_mb": round(peak_memory_mb(), 1),
+            },
+            force=state.global_step >= state.max_steps,  # the last figures always land
+        )
+
+
+class StoreCheckpoints(TrainerCallback):
+    """Uploads every checkpoint the Trainer saves; also asks for one every few minutes."""
+
+    def __init__(
+        self, checkpoints: CheckpointStore, *, every_minutes: float, report: Callable[..., None]
+    ) -> None:
+        self.checkpoints, self.every_s, self.report = checkpoints, every_minutes * 60, report
+        self.last = time.monotonic()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        if time.monotonic() - self.last >= self.every_s:
+            control.should_save = True
+
+    def on_save(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        self.checkpoints.upload(folder, state.global_step)
+        self.last = time.monotonic()
+        self.report({"phase": "checkpoint stored", "step": state.global_step}, force=True)
+
+
+class StopOnRequest(TrainerCallback):
+    """Ends training after the current step when asked; on shutdown, saves a checkpoint first."""
+
+    def __init__(self, should_stop: Callable[[], str | None]) -> None:
+        self.should_stop, self.reason = should_stop, None
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        self.reason = self.should_stop()
+        if self.reason is not None:
+            control.should_training_stop = True
+            control.should_save = self.reason == "shutdown"
