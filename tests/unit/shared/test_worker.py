@@ -62,6 +62,14 @@ def _run(worker, until, timeout=10.0):
     assert until(), "condition not reached in time"
 
 
+def _serve(env, handler, *, until):
+    """Run a dataprep worker with the handler on the env's command until an event appears."""
+    settings, store, jobs, bus, cmd = env
+    worker = Worker("dataprep", handler, settings=settings, bus=bus, store=store)
+    bus.publish(cmd)
+    _run(worker, lambda: until in _types(jobs))
+
+
 def _types(jobs):
     return [e.type for e in jobs.events("job-1")]
 
@@ -74,9 +82,7 @@ def test_success_records_event_and_publishes_next_command(env):
         handled.append(command)
         return DatasetPrepared(job_id=command.job_id, manifest="file:///m", counts={"train": 3})
 
-    worker = Worker("dataprep", handler, settings=settings, bus=bus, store=store)
-    bus.publish(cmd)
-    _run(worker, lambda: "DatasetPrepared" in _types(jobs))
+    _serve(env, handler, until="DatasetPrepared")
     assert handled == [cmd]
     assert _types(jobs) == ["StageStarted", "DatasetPrepared"]
     [train] = _drain(bus, bus.queues["trainer"])
@@ -92,9 +98,7 @@ def test_permanent_error_fails_the_job_without_retry(env):
         calls.append(1)
         raise DatasetError("dataset.source: file not found: x.jsonl")
 
-    worker = Worker("dataprep", handler, settings=settings, bus=bus, store=store)
-    bus.publish(cmd)
-    _run(worker, lambda: "StageFailed" in _types(jobs))
+    _serve(env, handler, until="StageFailed")
     failed = jobs.events("job-1")[-1]
     assert failed.error == "dataset.source: file not found: x.jsonl"
     assert failed.permanent and failed.error_type == "DatasetError"
@@ -108,9 +112,7 @@ def test_transient_error_is_retried_then_dead_lettered(env):
     def handler(command, ctx):
         raise RuntimeError("flaky")
 
-    worker = Worker("dataprep", handler, settings=settings, bus=bus, store=store)
-    bus.publish(cmd)
-    _run(worker, lambda: "StageFailed" in _types(jobs))
+    _serve(env, handler, until="StageFailed")
     started = [e for e in jobs.events("job-1") if e.type == "StageStarted"]
     assert [e.attempt for e in started] == [1, 2, 3]
     failed = jobs.events("job-1")[-1]
@@ -162,9 +164,7 @@ def test_cancelled_stage_ends_the_job_as_cancelled(env):
     def handler(command, ctx):
         raise Cancelled("job job-1 cancelled at step 3")
 
-    worker = Worker("dataprep", handler, settings=settings, bus=bus, store=store)
-    bus.publish(cmd)
-    _run(worker, lambda: "JobCancelled" in _types(jobs))
+    _serve(env, handler, until="JobCancelled")
     assert jobs.summary("job-1")["status"] == "cancelled"
     assert _drain(bus, bus.queues["trainer"], timeout=0.3) == []
 
