@@ -32,6 +32,12 @@ class Settings(BaseSettings):
     exchange: str = Field("termtune", description="Name prefix of exchanges and queues.")
     max_attempts: int = Field(3, ge=1, description="Deliveries before a message is dead.")
     poll_seconds: float = Field(1.0, gt=0, description="Worker wait for a message per poll.")
+    lease_seconds: float = Field(
+        60.0, gt=0, description="Life of a training lease; renewed every third of it."
+    )
+    reconcile_seconds: float = Field(
+        15.0, gt=0, description="How often the control plane re-sends jobs whose lease expired."
+    )
     log_level: str = Field("INFO", description="Python logging level.")
 
     @field_validator("allowed_buckets", mode="before")

@@ -6,6 +6,8 @@ write of one object is atomic: readers see the old object, the new one, or none.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -48,6 +50,18 @@ class Store(ABC):
     @abstractmethod
     def put_bytes_if_absent(self, key: str, data: bytes) -> bool:
         """Write an object only if none exists; True if this call wrote it."""
+
+    @abstractmethod
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        """Read an object and a version tag of it (for put_if_version); NotFound if missing."""
+
+    @abstractmethod
+    def put_if_version(self, key: str, data: bytes, version: str) -> bool:
+        """Replace an object only if it is still at ``version``; True if this call wrote it."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Delete one object (no error if it is missing)."""
 
     @abstractmethod
     def get_bytes(self, key: str) -> bytes:
@@ -142,6 +156,26 @@ class LocalStore(Store):
         finally:
             os.unlink(tmp)
 
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        data = self.get_bytes(key)
+        return data, hashlib.sha256(data).hexdigest()
+
+    def put_if_version(self, key: str, data: bytes, version: str) -> bool:
+        path = self.path(key)
+        with (path.parent / f".lock-{path.name}").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # read-compare-write as one step
+            try:
+                current = path.read_bytes()
+            except FileNotFoundError:
+                return False
+            if hashlib.sha256(current).hexdigest() != version:
+                return False
+            self.put_bytes(key, data)
+            return True
+
+    def delete(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)
+
     def get_bytes(self, key: str) -> bytes:
         try:
             return self.path(key).read_bytes()
@@ -158,7 +192,7 @@ class LocalStore(Store):
         return sorted(
             p.relative_to(self.root).as_posix()
             for p in base.rglob("*")
-            if p.is_file() and not p.name.startswith(".tmp-")
+            if p.is_file() and not p.name.startswith((".tmp-", ".lock-"))
         )
 
     def upload_file(self, path: Path, key: str) -> None:
@@ -218,6 +252,30 @@ class S3Store(Store):
             if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
                 return False
             raise
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        response = self._call(self.client.get_object, Key=self._full(key))
+        return response["Body"].read(), response["ETag"]
+
+    def put_if_version(self, key: str, data: bytes, version: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self._call(self.client.put_object, Key=self._full(key), Body=data, IfMatch=version)
+            return True
+        except NotFound:
+            return False
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in (
+                "PreconditionFailed",
+                "412",
+                "ConditionalRequestConflict",
+            ):
+                return False
+            raise
+
+    def delete(self, key: str) -> None:
+        self._call(self.client.delete_object, Key=self._full(key))
 
     def get_bytes(self, key: str) -> bytes:
         return self._call(self.client.get_object, Key=self._full(key))["Body"].read()

@@ -25,6 +25,7 @@ from shared.bus import ATTEMPT_HEADER, SERVICE_COMMANDS, Bus
 from shared.errors import Cancelled, Interrupted, MessageError, PermanentError
 from shared.jobs import JobRecords
 from shared.jobspec import JobSpec, parse_spec
+from shared.leases import Lease, LeaseKeeper
 from shared.messages import (
     STAGE_OF_COMMAND,
     Command,
@@ -33,6 +34,7 @@ from shared.messages import (
     StageFailed,
     StageProgress,
     StageStarted,
+    dump_message,
     parse_message,
 )
 from shared.pipeline import next_command
@@ -55,8 +57,12 @@ class StageContext:
     progress: Callable[..., None] = field(default=lambda progress, *, force=False: None)
     stop: threading.Event = field(default_factory=threading.Event)
 
+    lease_lost: threading.Event = field(default_factory=threading.Event)
+
     def should_stop(self, command: Command) -> str | None:
-        """Why the running stage must stop now: "cancel", "shutdown", or None."""
+        """Why the running stage must stop now: "lost" (lease), "cancel", "shutdown", or None."""
+        if self.lease_lost.is_set():
+            return "lost"
         if self.jobs.cancel_requested(command.job_id):
             return "cancel"
         return "shutdown" if self.stop.is_set() else None
@@ -155,8 +161,16 @@ class Worker:
     """A stage service: consumes its queue and runs its handler."""
 
     def __init__(
-        self, service: str, handler: Handler, *, settings: Settings, bus: Bus, store: Store
+        self,
+        service: str,
+        handler: Handler,
+        *,
+        settings: Settings,
+        bus: Bus,
+        store: Store,
+        leased: bool = False,
     ) -> None:
+        self.leased = leased
         self.service, self.handler, self.settings, self.bus = service, handler, settings, bus
         self.stop = threading.Event()
         self.ctx = StageContext(
@@ -164,7 +178,11 @@ class Worker:
         )
 
     def on_message(self, body: Any, message: Any) -> None:
-        """Handle one delivery and ack it once everything it caused is stored."""
+        """Handle one delivery and ack it once everything it caused is stored.
+
+        A leased service (the trainer) acks as soon as it holds the job's lease: from then
+        on the lease and the reconciler, not the broker's delivery timeout, keep the job.
+        """
         try:
             command = self._parse(body)
         except MessageError as exc:
@@ -175,24 +193,52 @@ class Worker:
             message.ack()
             return
         attempt = int((message.headers or {}).get(ATTEMPT_HEADER, 1))
+        if not self.leased:
+            self._process(command, attempt, body=body)
+            message.ack()
+            return
+        lease = self._lease(command, attempt)
+        if not lease.acquire():
+            log.info("%s is held by a live worker; dropping this delivery", command.job_id)
+            message.ack()
+            return
+        message.ack()
+        with LeaseKeeper(lease) as keeper:
+            self.ctx.lease_lost = keeper.lost
+            self._process(command, attempt, body=body)
+        if not keeper.lost.is_set():
+            lease.release()
+
+    def _lease(self, command: Command, attempt: int) -> Lease:
+        stage = STAGE_OF_COMMAND[command.type]  # type: ignore[attr-defined]
+        return Lease(
+            self.ctx.store,
+            f"{self.ctx.jobs.stage_prefix(command.job_id, stage)}/lease.json",
+            owner=self.ctx.worker,
+            ttl=self.settings.lease_seconds,
+            command={"body": dump_message(command), "attempt": attempt},
+        )
+
+    def _process(self, command: Command, attempt: int, *, body: Any) -> None:
         final = attempt >= self.settings.max_attempts
         try:
             event = run_stage(command, self.handler, self.ctx, attempt=attempt, final_attempt=final)
         except Interrupted as exc:
+            if self.ctx.lease_lost.is_set():
+                log.warning("%s: lease lost; another worker owns the job", command.job_id)
+                return
             log.warning("requeuing %s: %s", command.job_id, exc)
             self.bus.publish(command, headers={ATTEMPT_HEADER: attempt})
-            message.ack()
             return
         if event is None:
             self.bus.publish(command, headers={ATTEMPT_HEADER: attempt + 1})
-        else:
-            self.bus.publish(event)
-            if isinstance(event, StageFailed) and not event.permanent:
-                self.bus.dead_letter(body, routing_key=command.routing_key, reason=event.error)
-            following = next_command(command, event)
-            if following is not None:
-                self.bus.publish(following)
-        message.ack()
+            return
+        self.bus.publish(event)
+        if isinstance(event, StageFailed) and not event.permanent:
+            self.bus.dead_letter(body, routing_key=command.routing_key, reason=event.error)
+        following = next_command(command, event)
+        if following is not None:
+            self.bus.publish(following)
 
     def _parse(self, body: Any) -> Command:
         message = parse_message(body)
@@ -243,7 +289,9 @@ def configure_logging(settings: Settings, service: str) -> None:
     )
 
 
-def run_service(service: str, handler: Handler, argv: list[str] | None = None) -> int:
+def run_service(
+    service: str, handler: Handler, argv: list[str] | None = None, *, leased: bool = False
+) -> int:
     """Entry point of a stage service: ``--health`` checks, otherwise serve."""
     settings = Settings()
     argv = sys.argv[1:] if argv is None else argv
@@ -251,7 +299,12 @@ def run_service(service: str, handler: Handler, argv: list[str] | None = None) -
         return 0 if check_health(settings, service) else 1
     configure_logging(settings, service)
     worker = Worker(
-        service, handler, settings=settings, bus=Bus(settings), store=open_store(settings)
+        service,
+        handler,
+        settings=settings,
+        bus=Bus(settings),
+        store=open_store(settings),
+        leased=leased,
     )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop.set())

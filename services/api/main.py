@@ -16,6 +16,7 @@ from services.api.routes import health, jobs, models
 from shared.bus import Bus
 from shared.errors import PermanentError, TermtuneError
 from shared.jobs import JobRecords
+from shared.reconciler import Reconciler
 from shared.settings import ApiSettings
 from shared.store import open_store
 
@@ -41,7 +42,10 @@ def create_app(settings: ApiSettings | None = None, *, bus: Bus | None = None) -
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.bus.declare()
+        reconciler = Reconciler(job_records, app.state.bus, every=settings.reconcile_seconds)
+        reconciler.start()
         yield
+        reconciler.stop()
         app.state.bus.close()
 
     app = FastAPI(

@@ -57,6 +57,10 @@ class Client:
         """Recent jobs."""
         return self._call("GET", "/v1/jobs", params={"status": status} if status else {})["data"]
 
+    def events(self, job_id: str) -> list[dict[str, Any]]:
+        """A job's events, oldest first."""
+        return self._call("GET", f"/v1/jobs/{job_id}/events")["data"]
+
     def cancel(self, job_id: str) -> dict[str, Any]:
         """Ask a job to stop."""
         return self._call("POST", f"/v1/jobs/{job_id}/cancel")

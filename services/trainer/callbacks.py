@@ -80,7 +80,10 @@ class StoreCheckpoints(TrainerCallback):
 
 
 class StopOnRequest(TrainerCallback):
-    """Ends training after the current step when asked; on shutdown, saves a checkpoint first."""
+    """Ends training after the current step when asked; on shutdown, saves a checkpoint first.
+
+    A lost lease stops without saving: another worker owns the job and its checkpoints now.
+    """
 
     def __init__(self, should_stop: Callable[[], str | None]) -> None:
         self.should_stop, self.reason = should_stop, None

@@ -73,6 +73,8 @@ def _train(command: TrainModel, ctx: StageContext) -> dict[str, Any]:
         raise Cancelled(f"job {command.job_id} cancelled at step {summary['steps']}")
     if stop.reason == "shutdown":
         raise Interrupted(f"worker stopping; checkpoint stored at step {summary['steps']}")
+    if stop.reason == "lost":
+        raise Interrupted(f"lease lost at step {summary['steps']}; another worker owns the job")
     model.save_pretrained(folder / "adapter")
     ctx.store.upload_dir(folder / "adapter", f"{prefix}/adapter")
     ctx.store.put_json(f"{prefix}/log.json", summary.pop("log_history"))

@@ -8,4 +8,5 @@ from shared.worker import run_service
 
 def main(argv: list[str] | None = None) -> int:
     """Run the trainer worker until SIGTERM; `--health` checks its heartbeat."""
-    return run_service("trainer", handle, argv)  # type: ignore[arg-type]
+    # Training outlasts broker delivery timeouts: the job is owned through a lease instead.
+    return run_service("trainer", handle, argv, leased=True)  # type: ignore[arg-type]

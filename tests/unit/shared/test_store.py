@@ -101,3 +101,16 @@ def test_open_store_defaults_to_var(tmp_path):
 def test_open_store_rejects_unknown_scheme(tmp_path):
     with pytest.raises(StoreLocationError, match="TERMTUNE_STORE_URL"):
         open_store(Settings(var_dir=tmp_path, store_url="ftp://x"))
+
+
+def test_compare_and_swap(store):
+    store.put_bytes("jobs/a/lease.json", b"one")
+    data, version = store.get_versioned("jobs/a/lease.json")
+    assert data == b"one"
+    assert store.put_if_version("jobs/a/lease.json", b"two", version) is True
+    assert store.put_if_version("jobs/a/lease.json", b"three", version) is False  # stale
+    assert store.get_bytes("jobs/a/lease.json") == b"two"
+    assert store.put_if_version("jobs/a/none.json", b"x", version) is False
+    store.delete("jobs/a/lease.json")
+    store.delete("jobs/a/lease.json")  # missing is fine
+    assert not store.exists("jobs/a/lease.json")

@@ -62,6 +62,16 @@ def _run(worker, until, timeout=10.0):
     assert until(), "condition not reached in time"
 
 
+class _Delivery:
+    """A fake kombu delivery that records its ack."""
+
+    def __init__(self, headers, routing_key):
+        self.headers, self.delivery_info, self.acked = headers, {"routing_key": routing_key}, False
+
+    def ack(self):
+        self.acked = True
+
+
 def _serve(env, handler, *, until):
     """Run a dataprep worker with the handler on the env's command until an event appears."""
     settings, store, jobs, bus, cmd = env
@@ -141,15 +151,7 @@ def test_wrong_command_for_service_is_refused(env):
     settings, store, jobs, bus, cmd = env
     worker = Worker("trainer", lambda c, x: None, settings=settings, bus=bus, store=store)
 
-    class Delivery:
-        headers = {ATTEMPT_HEADER: 1}
-        delivery_info = {"routing_key": "cmd.TrainModel"}
-        acked = False
-
-        def ack(self):
-            self.acked = True
-
-    delivery = Delivery()
+    delivery = _Delivery({ATTEMPT_HEADER: 1}, "cmd.TrainModel")
     worker.on_message(cmd.model_dump(mode="json"), delivery)
     assert delivery.acked
     [dead] = _drain(bus, bus.dead_queue)
@@ -193,18 +195,38 @@ def test_interrupted_stage_is_requeued_without_using_an_attempt(env):
         store=store,
     )
 
-    class Delivery:
-        headers = {ATTEMPT_HEADER: 2}
-        delivery_info = {"routing_key": "cmd.PrepareDataset"}
-        acked = False
-
-        def ack(self):
-            self.acked = True
-
-    delivery = Delivery()
+    delivery = _Delivery({ATTEMPT_HEADER: 2}, "cmd.PrepareDataset")
     worker.on_message(cmd.model_dump(mode="json"), delivery)
     assert delivery.acked
     [again] = _drain(bus, bus.queues["dataprep"])
     assert again.headers[ATTEMPT_HEADER] == 2
     assert parse_message(again.payload) == cmd
     assert "StageFailed" not in _types(jobs)
+
+
+def test_leased_worker_drops_a_delivery_whose_job_another_worker_holds(env):
+    from shared.leases import Lease
+
+    settings, store, jobs, bus, _ = env
+    from shared.messages import TrainModel
+
+    cmd = TrainModel(
+        job_id="job-1",
+        spec_uri=jobs.store.uri("jobs/job-1/spec.json"),
+        dataset_manifest="file:///m",
+    )
+    assert Lease(store, "jobs/job-1/train/lease.json", owner="other", ttl=60).acquire()
+    calls = []
+    worker = Worker(
+        "trainer",
+        lambda c, x: calls.append(c),
+        settings=settings,
+        bus=bus,
+        store=store,
+        leased=True,
+    )
+
+    delivery = _Delivery({}, "cmd.TrainModel")
+    worker.on_message(cmd.model_dump(mode="json"), delivery)
+    assert delivery.acked and calls == []
+    assert "StageStarted" not in _types(jobs)
