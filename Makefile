@@ -62,3 +62,4 @@ docs: install
 
 bench: install
 	$(PY) -m bench.dataprep
+	$(PY) -m bench.training
