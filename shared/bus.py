@@ -124,25 +124,37 @@ class Bus:
             )
 
     def consume(
-        self,
-        service: str,
-        on_message: OnMessage,
-        *,
-        stop: threading.Event,
-        on_idle: Callable[[], None] | None = None,
+        self, service: str, on_message: OnMessage, *, stop: threading.Event, pull: bool = False
     ) -> None:
-        """Deliver the service's commands one at a time until ``stop`` is set."""
+        """Deliver the service's commands one at a time until ``stop`` is set.
+
+        ``pull`` fetches a message only when idle (basic.get) instead of subscribing: a
+        worker that acks early (the trainer, once it holds the job's lease) must not have
+        the broker push it the next job while it is still busy with this one.
+        """
         queue = self.queues[service]
         with self.connect() as conn:
             conn.ensure_connection(max_retries=30, interval_start=0.5, interval_max=5)
+            if pull:
+                self._pull(conn, queue, on_message, stop=stop)
+                return
             with conn.Consumer([queue], callbacks=[on_message], accept=["json"], prefetch_count=1):
                 while not stop.is_set():
-                    if on_idle:
-                        on_idle()
                     try:
                         conn.drain_events(timeout=self.settings.poll_seconds)
                     except TimeoutError:
                         continue
+
+    def _pull(
+        self, conn: Connection, queue: Queue, on_message: OnMessage, *, stop: threading.Event
+    ) -> None:
+        bound = queue.bind(conn.default_channel)
+        while not stop.is_set():
+            message = bound.get(no_ack=False, accept=["json"])
+            if message is None:
+                stop.wait(self.settings.poll_seconds)
+                continue
+            on_message(message.decode(), message)
 
     def close(self) -> None:
         """Release the publishing connection."""

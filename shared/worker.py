@@ -263,7 +263,7 @@ class Worker:
         self.heartbeat()
         threading.Thread(target=self._beat_forever, daemon=True).start()
         log.info("%s ready on %s", self.service, self.settings.broker_url.split("@")[-1])
-        self.bus.consume(self.service, self.on_message, stop=self.stop)
+        self.bus.consume(self.service, self.on_message, stop=self.stop, pull=self.leased)
         log.info("%s stopped", self.service)
 
 

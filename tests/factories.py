@@ -36,6 +36,7 @@ def spec_dict(model_dir: Path, **overrides: Any) -> dict[str, Any]:
             "logging_steps": 2,
         },
         "evaluation": {
+            "bootstrap_samples": 200,
             "max_rows": 8,
             "max_new_tokens": 8,
             "gate": {"require_lower_loss": False, "min_rouge_l_gain": -1.0},

@@ -64,14 +64,19 @@ class Launcher:
             **self.env,
         }
 
-    def start(self, services: tuple[str, ...] = SERVICES) -> None:
-        """Start each service as its own process, logging to var/logs/<name>.log."""
+    def start(self, services: tuple[str, ...] = SERVICES, *, trainers: int = 1) -> None:
+        """Start each service as its own process, logging to var/logs/<name>.log.
+
+        ``trainers`` > 1 starts competing trainer processes (trainer, trainer-2, ...).
+        """
+        if "trainer" in services and trainers > 1:
+            services = (*services, *(f"trainer-{n}" for n in range(2, trainers + 1)))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         env = self.service_env()
         for name in services:
             log = (self.log_dir / f"{name}.log").open("ab")
             self.processes[name] = subprocess.Popen(
-                [sys.executable, "-m", f"services.{name}"],
+                [sys.executable, "-m", f"services.{service_of(name)}"],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -92,7 +97,7 @@ class Launcher:
             dead = [n for n, p in self.processes.items() if p.poll() is not None]
             if dead:
                 raise LaunchError(f"{', '.join(dead)} exited at start:\n{self.logs_tail()}")
-            workers = [n for n in self.processes if n != "api"]
+            workers = {service_of(n) for n in self.processes if n != "api"}
             if (client.healthy() or "api" not in self.processes) and all(
                 check_health(settings, n) for n in workers
             ):
@@ -117,12 +122,17 @@ class Launcher:
     def logs_tail(self, lines: int = 30) -> str:
         """The last lines of every service's log."""
         parts = []
-        for name in SERVICES:
+        for name in self.processes or SERVICES:
             path = self.log_dir / f"{name}.log"
             if path.exists():
                 tail = path.read_text(errors="replace").splitlines()[-lines:]
                 parts.append(f"--- {name} ---\n" + "\n".join(tail))
         return "\n".join(parts)
+
+
+def service_of(name: str) -> str:
+    """The service a process name runs ("trainer-2" runs the trainer)."""
+    return name.split("-", 1)[0]
 
 
 def stop_recorded(var_dir: Path = Path("var"), timeout: float = 30.0) -> list[str]:

@@ -27,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--prompt", default=None, help="question for the published model")
     up = sub.add_parser("up", help="start the services in the foreground (Ctrl-C stops)")
     up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--trainers", type=int, default=1, help="competing trainer processes")
     sub.add_parser("down", help="stop services a `termtune up` left running")
     submit = sub.add_parser("submit", help="submit a job spec")
     submit.add_argument("spec", type=Path)
@@ -105,7 +106,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from services.cli.launcher import Launcher
 
     launcher = Launcher(port=args.port)
-    launcher.start()
+    launcher.start(trainers=args.trainers)
     try:
         launcher.wait_ready()
         print(

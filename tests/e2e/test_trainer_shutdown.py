@@ -19,10 +19,10 @@ STEPS = 120
 
 
 @contextlib.contextmanager
-def _running(tmp_path, env=None):
+def _running(tmp_path, env=None, trainers=1):
     """All services as processes; their logs printed if the test fails."""
     launcher = Launcher(var_dir=tmp_path / "var", port=_free_port(), env=env or {})
-    launcher.start()
+    launcher.start(trainers=trainers)
     try:
         launcher.wait_ready(timeout=120)
         yield launcher, Client(launcher.url, api_key=(launcher.run_dir / "api_key").read_text())
