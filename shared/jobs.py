@@ -77,8 +77,16 @@ class JobRecords:
 
     def events(self, job_id: str) -> list[Message]:
         """A job's events, oldest first."""
+        return [message for _, message in self.events_after(job_id)]
+
+    def events_after(self, job_id: str, after: str = "") -> list[tuple[str, Message]]:
+        """(id, event) of a job's events whose id sorts after ``after``, oldest first."""
         keys = self.store.list(f"jobs/{job_id}/events")
-        return [parse_message(self.store.get_json(key)) for key in keys]
+        return [
+            (key.rsplit("/", 1)[1], parse_message(self.store.get_json(key)))
+            for key in keys
+            if key.rsplit("/", 1)[1] > after
+        ]
 
     def manifest(self, job_id: str, stage: Stage) -> dict[str, Any] | None:
         """A stage's manifest, or None while the stage is not done."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,24 @@ class Client:
     def events(self, job_id: str) -> list[dict[str, Any]]:
         """A job's events, oldest first."""
         return self._call("GET", f"/v1/jobs/{job_id}/events")["data"]
+
+    def stream_events(self, job_id: str) -> Iterator[dict[str, Any]]:
+        """A job's events as they happen (Server-Sent Events), until the job ends."""
+        try:
+            with self.http.stream(
+                "GET",
+                f"/v1/jobs/{job_id}/events",
+                params={"follow": True},
+                timeout=httpx.Timeout(30.0, read=None),
+            ) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise (NotFound if response.status_code == 404 else ApiError)(_detail(response))
+                for line in response.iter_lines():
+                    if line.startswith("data: ") and line != "data: {}":
+                        yield json.loads(line[len("data: ") :])
+        except httpx.TransportError as exc:
+            raise ApiError(f"event stream from {self.http.base_url} broke: {exc}") from exc
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         """Ask a job to stop."""

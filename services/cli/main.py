@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="a job's status")
     status.add_argument("job_id")
     sub.add_parser("jobs", help="recent jobs")
+    events = sub.add_parser("events", help="a job's events")
+    events.add_argument("job_id")
+    events.add_argument("--follow", action="store_true", help="stream until the job ends")
     cancel = sub.add_parser("cancel", help="cancel a job")
     cancel.add_argument("job_id")
     report = sub.add_parser("report", help="a job's evaluation table and gate")
@@ -147,6 +150,15 @@ def _client_command(args: argparse.Namespace) -> int:
         return 0
     if args.command == "status":
         print(json.dumps(client.job(args.job_id), indent=2))
+    elif args.command == "events":
+        stream = client.stream_events(args.job_id) if args.follow else client.events(args.job_id)
+        for event in stream:
+            details = {
+                k: v
+                for k, v in event.items()
+                if k not in ("job_id", "schema_version", "message_id", "created_at", "type")
+            }
+            print(f"{event['created_at']}  {event['type']:<16} {json.dumps(details)}", flush=True)
     elif args.command == "cancel":
         print(f"{args.job_id}: {client.cancel(args.job_id)['status']} (cancel requested)")
     elif args.command == "report":

@@ -76,6 +76,9 @@ def test_job_runs_end_to_end_and_model_answers(services, tiny_model):
     assert answer["stop_reason"] in ("stop", "length")
     workers = {job["stages"][s]["worker"] for s in job["stages"]}
     assert len(workers) == 4  # each stage ran in its own process
+    streamed = [e["type"] for e in client.stream_events(job["id"])]  # ended: closes by itself
+    assert streamed == [e["type"] for e in client.events(job["id"])]
+    assert streamed[-1] == "ModelPublished"
 
 
 def test_job_failing_the_gate_ends_rejected_and_publishes_nothing(services, tiny_model):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Body, HTTPException, Query, status
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, StreamingResponse
 
 from services.api.deps import BusDep, JobsDep
 from shared.errors import NotFound, SpecError
@@ -15,6 +17,7 @@ from shared.messages import CancelRequested, JobSubmitted, PrepareDataset, dump_
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 JobStatus = Literal["queued", "running", "succeeded", "failed", "rejected", "cancelled"]
+ENDED = ("succeeded", "failed", "rejected", "cancelled")
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
@@ -59,7 +62,7 @@ def cancel_job(job_id: str, jobs: JobsDep) -> dict[str, Any]:
     """Ask the job to stop; the running stage stops within one step (training: one
     optimizer step) and the job ends as cancelled."""
     summary = _or_404(lambda: jobs.summary(job_id))
-    if summary["status"] in ("succeeded", "failed", "rejected", "cancelled"):
+    if summary["status"] in ENDED:
         raise HTTPException(
             status.HTTP_409_CONFLICT, f"job {job_id!r} has already ended ({summary['status']})"
         )
@@ -68,11 +71,33 @@ def cancel_job(job_id: str, jobs: JobsDep) -> dict[str, Any]:
     return jobs.summary(job_id)
 
 
-@router.get("/{job_id}/events")
-def job_events(job_id: str, jobs: JobsDep) -> dict[str, Any]:
-    """A job's events, oldest first."""
+@router.get("/{job_id}/events", response_model=None)
+def job_events(
+    job_id: str,
+    jobs: JobsDep,
+    follow: bool = Query(False, description="Stream live as Server-Sent Events until the end."),
+) -> dict[str, Any] | StreamingResponse:
+    """A job's events, oldest first; with ``follow``, a live Server-Sent Events stream."""
     _or_404(lambda: jobs.spec(job_id))
-    return {"data": [dump_message(e) for e in jobs.events(job_id)]}
+    if not follow:
+        return {"data": [dump_message(e) for e in jobs.events(job_id)]}
+    return StreamingResponse(
+        _stream(jobs, job_id), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
+
+
+def _stream(jobs: Any, job_id: str, poll: float = 1.0) -> Iterator[str]:
+    """SSE frames of every event, then of each new one, until the job has ended."""
+    last = ""
+    while True:
+        ended = jobs.summary(job_id)["status"] in ENDED
+        for event_id, event in jobs.events_after(job_id, last):
+            last = event_id
+            yield f"id: {event_id}\nevent: {event.type}\ndata: {event.model_dump_json()}\n\n"
+        if ended:
+            yield "event: end\ndata: {}\n\n"
+            return
+        time.sleep(poll)
 
 
 @router.get("/{job_id}/report")

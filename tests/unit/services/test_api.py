@@ -155,3 +155,47 @@ def test_cancel_marks_the_job_and_refuses_ended_jobs(app_env):
     ended = client.post(f"/v1/jobs/{job['id']}/cancel")
     assert ended.status_code == 409 and "already ended (cancelled)" in ended.json()["detail"]
     assert client.post("/v1/jobs/nope-1/cancel").status_code == 404
+
+
+def _frames(text):
+    return [f for f in text.split("\n\n") if f.strip()]
+
+
+def test_events_stream_live_until_the_job_ends(app_env):
+    import threading
+    import time
+
+    from shared.messages import JobCancelled, StageStarted
+
+    client, _, app = app_env
+    jobs = app.state.jobs
+    job = client.post("/v1/jobs", json={"name": "terms"}).json()
+
+    def later():
+        time.sleep(1.2)
+        jobs.record(StageStarted(job_id=job["id"], stage="prepare", worker="w"))
+        time.sleep(1.2)
+        jobs.record(JobCancelled(job_id=job["id"], stage="prepare"))
+
+    threading.Thread(target=later, daemon=True).start()
+    with client.stream("GET", f"/v1/jobs/{job['id']}/events", params={"follow": True}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        body = r.read().decode()
+    frames = _frames(body)
+    kinds = [
+        line.split(": ", 1)[1]
+        for f in frames
+        for line in f.splitlines()
+        if line.startswith("event: ")
+    ]
+    assert kinds == ["JobSubmitted", "StageStarted", "JobCancelled", "end"]
+    ids = [
+        line.split(": ", 1)[1] for f in frames for line in f.splitlines() if line.startswith("id: ")
+    ]
+    assert ids == sorted(ids) and len(set(ids)) == 3
+
+
+def test_events_stream_of_unknown_job_is_404(app_env):
+    client, _, _ = app_env
+    assert client.get("/v1/jobs/nope-1/events", params={"follow": True}).status_code == 404
