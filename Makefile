@@ -7,34 +7,52 @@ TORCH_VERSION ?= 2.13.0
 # else PyTorch's CPU index (an unpinned torch from the default index is a multi-GB CUDA build).
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 SPEC ?= examples/medical-terms.yaml
+CMI_VENV ?= .venv-cmi
+CMI_TRANSFORMERS ?= 4.51.3
 
-.PHONY: install run test test-unit test-e2e lint format up down clean docs bench
+.PHONY: install compat run test test-unit test-e2e lint format up down clean docs bench
 
 install: $(VENV)/.installed
+
+# Install torch $(TORCH_VERSION) with the pip given as $(1): the CUDA build with a GPU, else
+# the CPU build (a local wheel when pip's find-links has one, else PyTorch's CPU index).
+define install_torch
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+	  echo "GPU found: CUDA build of torch $(TORCH_VERSION)"; \
+	  $(1) install -q "torch==$(TORCH_VERSION)"; \
+	elif $(1) install -q --no-index --no-deps "torch==$(TORCH_VERSION)+cpu" 2>/dev/null; then \
+	  echo "no GPU: CPU build of torch $(TORCH_VERSION) from a local wheel"; \
+	  $(1) install -q "torch==$(TORCH_VERSION)+cpu"; \
+	else \
+	  echo "no GPU: CPU build of torch $(TORCH_VERSION) from $(TORCH_CPU_INDEX)"; \
+	  $(1) install -q "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \
+	fi
+endef
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	@if command -v nvidia-smi >/dev/null 2>&1; then \
-	  echo "GPU found: CUDA build of torch $(TORCH_VERSION)"; \
-	  $(PIP) install -q "torch==$(TORCH_VERSION)"; \
-	elif $(PIP) install -q --no-index --no-deps "torch==$(TORCH_VERSION)+cpu" 2>/dev/null; then \
-	  echo "no GPU: CPU build of torch $(TORCH_VERSION) from a local wheel"; \
-	  $(PIP) install -q "torch==$(TORCH_VERSION)+cpu"; \
-	else \
-	  echo "no GPU: CPU build of torch $(TORCH_VERSION) from $(TORCH_CPU_INDEX)"; \
-	  $(PIP) install -q "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \
-	fi
+	$(call install_torch,$(PIP))
 	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+# An isolated environment with the transformers version AWS documents for Custom Model
+# Import: the tests load every export there (tests/unit/services/test_publisher.py).
+compat: $(CMI_VENV)/.installed
+
+$(CMI_VENV)/.installed:
+	test -x $(CMI_VENV)/bin/python || python3 -m venv $(CMI_VENV)
+	$(call install_torch,$(CMI_VENV)/bin/python -m pip)
+	$(CMI_VENV)/bin/python -m pip install -q "transformers==$(CMI_TRANSFORMERS)" sentencepiece
 	touch $@
 
 run: install
 	$(VENV)/bin/termtune run $(SPEC)
 
-test: install
+test: install compat
 	$(VENV)/bin/pytest
 
-test-unit: install
+test-unit: install compat
 	$(VENV)/bin/pytest tests/unit
 
 test-e2e: install

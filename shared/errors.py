@@ -6,13 +6,15 @@
     │   ├── DatasetError          the dataset cannot be used (names file, row, column)
     │   ├── ModelError            the model or adapter cannot be loaded or used
     │   ├── PreflightError        an export breaks a Bedrock import rule (names the rule)
+    │   ├── BedrockError          Bedrock refused: access, region, a failed import
     │   ├── StoreLocationError    a URI outside the object store or its allowed buckets
     │   ├── MessageError          a bus message that is not a known, valid message
     │   ├── OutOfMemory           training or inference ran out of device memory
     │   └── Cancelled             a user cancelled the job
     ├── RetryableError            a later attempt may succeed (network, broker, throttling)
     │   ├── StoreUnavailable      the object store could not be reached
-    │   └── Interrupted           the worker is stopping; the stage resumes elsewhere
+    │   ├── Interrupted           the worker is stopping; the stage resumes elsewhere
+    │   └── ProcessFailed         a child process (a data-parallel rank) died
     └── NotFound (+ KeyError)     a job, artifact or model that does not exist
 
 A stage handler raises a ``PermanentError`` to fail the job at once; anything else it
@@ -50,6 +52,10 @@ class PreflightError(PermanentError):
         self.rule = rule
 
 
+class BedrockError(PermanentError):
+    """Amazon Bedrock refused a call or an import failed; the message says what to fix."""
+
+
 class StoreLocationError(PermanentError, ValueError):
     """A location outside the object store or the buckets the deployment allows."""
 
@@ -83,3 +89,7 @@ class NotFound(TermtuneError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class ProcessFailed(RetryableError):
+    """A child process the stage started (a data-parallel training rank) exited abnormally."""

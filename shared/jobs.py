@@ -125,6 +125,10 @@ class JobRecords:
         except NotFound as exc:
             raise NotFound(f"no published model {name!r}") from exc
 
+    def delete_model(self, name: str) -> None:
+        """Forget a published model (its job's artifacts stay)."""
+        self.store.delete(f"models/{name}.json")
+
     def models(self) -> list[dict[str, Any]]:
         """Every published model."""
         return [self.store.get_json(k) for k in self.store.list("models") if k.endswith(".json")]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import string
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -135,6 +135,11 @@ class TrainingSpec(_Section):
         10.0, gt=0.0, description="...and at least every M minutes."
     )
     seed: int = Field(42, description="Seed of initialisation and data order.")
+    data_parallel: Literal["auto"] | Annotated[int, Field(ge=1, le=64)] = Field(
+        "auto",
+        description='Training processes, one per GPU. "auto": every visible GPU (1 on CPU). '
+        "A number above 1 on CPU runs gloo processes (for testing the multi-GPU path).",
+    )
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA adapter settings.")
 
 
@@ -177,10 +182,11 @@ class EvaluationSpec(_Section):
 class PublishSpec(_Section):
     """Where and how the merged model is shipped."""
 
-    target: Literal["local"] = Field(
+    target: Literal["local", "bedrock"] = Field(
         "local",
         description='"local": exported, checked against Bedrock CMI\'s rules and served by the '
-        "control plane in Bedrock's invoke shape.",
+        'control plane in Bedrock\'s invoke shape. "bedrock": also uploaded to '
+        "TERMTUNE_BEDROCK_S3_URI and imported with Custom Model Import.",
     )
     model_name: str | None = Field(None, description="Published model name (default: job name).")
     dtype: Literal["bfloat16", "float32"] = Field(

@@ -75,3 +75,41 @@ class ApiSettings(Settings):
     api_key: str | None = Field(None, description="Bearer key clients must present.")
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
+
+
+class BedrockSettings(BaseSettings):
+    """Where and how the publisher imports models into Amazon Bedrock (``TERMTUNE_BEDROCK_*``).
+
+    Deployment settings, not job settings: a job cannot pick another role or bucket.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="TERMTUNE_BEDROCK_", extra="ignore")
+
+    region: str = Field("us-east-1", description="AWS region of the import.")
+    aws_profile: str | None = Field(
+        None,
+        description="AWS profile for Bedrock and its bucket, when the store's credentials "
+        "are another account's (MinIO in compose).",
+    )
+    role_arn: str = Field("", description="Service role Bedrock assumes to read the bucket.")
+    s3_uri: str = Field("", description="s3://bucket/prefix the importable folders go to.")
+    endpoint_url: str | None = Field(None, description="Bedrock control-plane endpoint override.")
+    runtime_endpoint_url: str | None = Field(None, description="bedrock-runtime endpoint override.")
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint override for the upload.")
+    cmu_price_per_minute: float = Field(
+        0.057, ge=0, description="USD per Custom Model Unit-minute (us-east-1, early 2026)."
+    )
+    poll_seconds: float = Field(15.0, gt=0, description="First wait between import polls.")
+    poll_max_seconds: float = Field(120.0, gt=0, description="Longest wait between polls.")
+    import_timeout_minutes: float = Field(120.0, gt=0, description="Give up on an import after.")
+    quota_wait_minutes: float = Field(
+        180.0, gt=0, description="How long to wait for the one-concurrent-import quota."
+    )
+    role_retry_minutes: float = Field(
+        5.0, ge=0, description="How long a freshly created role may be reported invalid."
+    )
+    not_ready_retries: int = Field(10, ge=0, description="Invoke tries while the model warms up.")
+    not_ready_wait_seconds: float = Field(30.0, ge=0, description="Wait between those tries.")
+    read_timeout_seconds: int = Field(300, ge=1, description="Invoke read timeout.")
+    upload_concurrency: int = Field(8, ge=1, le=64, description="Parallel parts per upload.")
+    multipart_mb: int = Field(64, ge=5, description="Multipart threshold and part size (MB).")

@@ -62,3 +62,21 @@ def published(trained_job) -> tuple:
     evaluated = _handler("evaluator")(cmd, ctx)
     publish = next_command(cmd, evaluated)
     return ctx, publish, _handler("publisher")(publish, ctx)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    """A real S3-compatible server over HTTP on loopback (moto's), for the session."""
+    from moto.server import ThreadedMotoServer
+
+    for name, value in (
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ):
+        os.environ.setdefault(name, value)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from services.api.inference import LocalModels
+from services.api.inference import BedrockModels, LocalModels
 from shared.bus import Bus
 from shared.jobs import JobRecords
 from shared.settings import ApiSettings
@@ -36,6 +36,11 @@ def get_models(request: Request) -> LocalModels:
     return request.app.state.models
 
 
+def get_bedrock(request: Request) -> BedrockModels:
+    """Models imported into Amazon Bedrock."""
+    return request.app.state.bedrock
+
+
 def require_api_key(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
@@ -56,3 +61,4 @@ SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
 JobsDep = Annotated[JobRecords, Depends(get_jobs)]
 BusDep = Annotated[Bus, Depends(get_bus)]
 ModelsDep = Annotated[LocalModels, Depends(get_models)]
+BedrockDep = Annotated[BedrockModels, Depends(get_bedrock)]

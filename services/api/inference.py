@@ -9,8 +9,9 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared import bedrock
 from shared.jobs import JobRecords
-from shared.settings import Settings
+from shared.settings import BedrockSettings, Settings
 
 
 class InvokeRequest(BaseModel):
@@ -83,3 +84,43 @@ class LocalModels:
             generation_token_count=len(generated),
             stop_reason="stop" if finished else "length",
         )
+
+
+class BedrockModels:
+    """Models imported into Amazon Bedrock: invoked through bedrock-runtime, deleted there."""
+
+    def __init__(self, settings: BedrockSettings | None = None) -> None:
+        self.settings = settings or BedrockSettings()
+        self._clients: dict[str, Any] = {}
+
+    def _client(self, kind: str) -> Any:
+        if kind not in self._clients:
+            make = bedrock.runtime_client if kind == "runtime" else bedrock.control_client
+            self._clients[kind] = make(self.settings)
+        return self._clients[kind]
+
+    def invoke(self, entry: dict[str, Any], request: InvokeRequest) -> InvokeResponse:
+        """Ask the imported model; a cold copy is retried for minutes, as Bedrock needs."""
+        body = bedrock.invoke(
+            self._client("runtime"),
+            entry["bedrock"]["imported_model_arn"],
+            request.model_dump(),
+            retries=self.settings.not_ready_retries,
+            wait_seconds=self.settings.not_ready_wait_seconds,
+        )
+        return InvokeResponse(
+            generation=body["generation"],
+            prompt_token_count=int(body.get("prompt_token_count") or 0),
+            generation_token_count=int(body.get("generation_token_count") or 0),
+            stop_reason="length" if body.get("stop_reason") == "length" else "stop",
+        )
+
+    def delete(self, entry: dict[str, Any]) -> str:
+        """Delete the imported model in Bedrock; its ARN."""
+        arn = str(entry["bedrock"]["imported_model_arn"])
+        bedrock.delete_imported_model(self._client("control"), arn)
+        return arn
+
+    def imported(self) -> list[dict[str, Any]]:
+        """Every model imported in the account and region."""
+        return bedrock.imported_models(self._client("control"))

@@ -11,10 +11,10 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from services.api.deps import require_api_key
-from services.api.inference import LocalModels
+from services.api.inference import BedrockModels, LocalModels
 from services.api.routes import health, jobs, models
 from shared.bus import Bus
-from shared.errors import PermanentError, TermtuneError
+from shared.errors import BedrockError, PermanentError, TermtuneError
 from shared.jobs import JobRecords
 from shared.reconciler import Reconciler
 from shared.settings import ApiSettings
@@ -59,6 +59,7 @@ def create_app(settings: ApiSettings | None = None, *, bus: Bus | None = None) -
     app.state.jobs = job_records
     app.state.bus = bus or Bus(settings)
     app.state.models = LocalModels(job_records, settings)
+    app.state.bedrock = BedrockModels()
     app.include_router(health.router)
     for router in (jobs.router, models.router):
         app.include_router(router, prefix="/v1", dependencies=[Depends(require_api_key)])
@@ -66,6 +67,8 @@ def create_app(settings: ApiSettings | None = None, *, bus: Bus | None = None) -
     @app.exception_handler(TermtuneError)
     async def _termtune_error(_: Request, exc: TermtuneError) -> JSONResponse:
         code = 422 if isinstance(exc, PermanentError) else 503
+        if isinstance(exc, BedrockError):
+            code = 502  # Bedrock refused; the body says what to fix
         return JSONResponse({"detail": str(exc), "type": type(exc).__name__}, status_code=code)
 
     return app

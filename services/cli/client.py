@@ -93,6 +93,14 @@ class Client:
         """Published models."""
         return self._call("GET", "/v1/models")["data"]
 
+    def imported_models(self) -> list[dict[str, Any]]:
+        """Every model imported into Bedrock in the account and region."""
+        return self._call("GET", "/v1/imported-models")["data"]
+
+    def delete_model(self, model: str) -> dict[str, Any]:
+        """Delete a published model (and its Bedrock import)."""
+        return self._call("DELETE", f"/v1/models/{model}")
+
     def invoke(self, model: str, prompt: str, **params: Any) -> dict[str, Any]:
         """Ask a published model; Bedrock's response shape."""
         return self._call("POST", f"/v1/models/{model}/invoke", json={"prompt": prompt, **params})

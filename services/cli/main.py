@@ -42,7 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     cancel.add_argument("job_id")
     report = sub.add_parser("report", help="a job's evaluation table and gate")
     report.add_argument("job_id")
-    sub.add_parser("models", help="published models")
+    models = sub.add_parser("models", help="published models")
+    models.add_argument(
+        "--imported", action="store_true", help="every model imported into Bedrock instead"
+    )
+    delete = sub.add_parser("delete-model", help="delete a published model and its import")
+    delete.add_argument("model")
     invoke = sub.add_parser("invoke", help="ask a published model")
     invoke.add_argument("model")
     invoke.add_argument("prompt")
@@ -168,9 +173,17 @@ def _client_command(args: argparse.Namespace) -> int:
     elif args.command == "jobs":
         for job in client.jobs():
             print(f"{job['id']}\t{job['status']}")
+    elif args.command == "models" and args.imported:
+        for model in client.imported_models():
+            print(f"{model['modelName']}\t{model['modelArn']}\t{model['termtune_model'] or '-'}")
     elif args.command == "models":
         for model in client.models():
-            print(f"{model['name']}\t{model['target']}\t{model['location']}")
+            where = model.get("bedrock", {}).get("imported_model_arn") or model["location"]
+            print(f"{model['name']}\t{model['target']}\t{where}")
+    elif args.command == "delete-model":
+        deleted = client.delete_model(args.model)
+        arn = deleted["imported_model_arn"]
+        print(f"deleted {deleted['deleted']}" + (f" and its Bedrock import {arn}" if arn else ""))
     elif args.command == "invoke":
         print(
             json.dumps(

@@ -88,3 +88,47 @@ def preflight(folder: Path) -> dict[str, Any]:
         "weight_files": [p.name for p in weights],
         "rules": "passed",
     }
+
+
+FORBIDDEN_KEY_CHARS = set("#=+ ")
+
+
+def _input_shape(operation: str) -> Any:
+    import botocore.session
+
+    model = botocore.session.get_session().get_service_model("bedrock")
+    return model.operation_model(operation).input_shape
+
+
+def check_import(
+    job_name: str, imported_model_name: str, client_token: str, s3_uri: str, files: list[str]
+) -> None:
+    """Names and token against CreateModelImportJob's patterns (from botocore's service
+    model), and the S3 keys against the characters the import refuses."""
+    import re
+
+    members = _input_shape("CreateModelImportJob").members
+    for field, value in (
+        ("jobName", job_name),
+        ("importedModelName", imported_model_name),
+        ("clientRequestToken", client_token),
+    ):
+        meta = members[field].metadata
+        if not meta.get("min", 0) <= len(value) <= meta.get("max", 10**9):
+            raise PreflightError(
+                "import-names", f"{field} {value!r} must be {meta['min']}-{meta['max']} chars"
+            )
+        if "pattern" in meta and not re.fullmatch(meta["pattern"], value):
+            raise PreflightError(
+                "import-names", f"{field} {value!r} does not match {meta['pattern']}"
+            )
+    if not s3_uri.startswith("s3://"):
+        raise PreflightError("s3-key-characters", f"{s3_uri!r} is not an s3:// URI")
+    for key in [s3_uri[5:]] + [s3_uri[5:] + name for name in files]:
+        bad = sorted(FORBIDDEN_KEY_CHARS & set(key))
+        if bad or not key.isascii():
+            raise PreflightError(
+                "s3-key-characters",
+                f"S3 key {key!r} holds characters the import refuses ({bad or 'non-ASCII'}); "
+                "no '#', '=', '+' or spaces",
+            )

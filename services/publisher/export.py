@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +52,31 @@ def save(model: Any, base_model: str, out_dir: Path, *, dtype: str) -> None:
     """Write safetensors weights, config, generation config and tokenizer files."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.to(DTYPES[dtype]).save_pretrained(out_dir, max_shard_size="4GB")
-    load_tokenizer(base_model).save_pretrained(out_dir)
+    tokenizer = load_tokenizer(base_model)
+    tokenizer.save_pretrained(out_dir)
     make_tokenizer_config_portable(out_dir / "tokenizer_config.json")
+    write_special_tokens_map(tokenizer, out_dir / "special_tokens_map.json")
+    copy_sentencepiece_model(tokenizer, base_model, out_dir)
+
+
+def write_special_tokens_map(tokenizer: Any, path: Path) -> None:
+    """special_tokens_map.json, which transformers 5 no longer writes and 4.x readers use."""
+    tokens = {k: str(v) for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+    extra = [str(t) for t in tokenizer.special_tokens_map.get("additional_special_tokens", [])]
+    if extra:
+        tokens["additional_special_tokens"] = extra  # type: ignore[assignment]
+    path.write_text(json.dumps(tokens, indent=2, sort_keys=True) + "\n")
+
+
+def copy_sentencepiece_model(tokenizer: Any, base_model: str, out_dir: Path) -> None:
+    """Ship the SentencePiece model (spiece.model) where the base tokenizer has one."""
+    candidates = [getattr(tokenizer, "vocab_file", None), Path(base_model) / "spiece.model"]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file() and Path(candidate).suffix == ".model":
+            target = out_dir / Path(candidate).name
+            if not target.exists():
+                shutil.copyfile(candidate, target)
+            return
 
 
 def make_tokenizer_config_portable(path: Path) -> None:

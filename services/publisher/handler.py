@@ -1,11 +1,15 @@
-"""Publisher: merge, export, preflight, store and register the tuned model."""
+"""Publisher: merge, export, preflight, store and register the tuned model.
+
+The ``local`` target stops there (the control plane serves it); ``bedrock`` also uploads the
+folder and drives a Custom Model Import job to completion (``target``).
+"""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Any
 
-from services.publisher import cmi, export
+from services.publisher import card, cmi, export, target, upload
 from shared.artifacts import adapter_dir, read_split
 from shared.errors import SpecError
 from shared.messages import ModelPublished, PublishModel
@@ -38,43 +42,61 @@ def _publish(command: PublishModel, ctx: StageContext) -> dict[str, Any]:
             "the evaluation gate rejected this model; set "
             "evaluation.gate.force_publish to publish anyway"
         )
+    dataset = ctx.manifest_at(command.dataset_manifest)
+    training = ctx.manifest_at(command.training_manifest)
     probes = read_split(
-        ctx.store,
-        ctx.manifest_at(command.dataset_manifest),
-        "test",
-        cache_dir=ctx.settings.cache_dir,
-        max_rows=PROBE_ROWS,
+        ctx.store, dataset, "test", cache_dir=ctx.settings.cache_dir, max_rows=PROBE_ROWS
     )
-    adapter = adapter_dir(
-        ctx.store, ctx.manifest_at(command.training_manifest), cache_dir=ctx.settings.cache_dir
-    )
+    adapter = adapter_dir(ctx.store, training, cache_dir=ctx.settings.cache_dir)
     ctx.progress({"phase": "merging"}, force=True)
     merged, gap = export.merge(spec.base_model, adapter, probes.column("input_ids").to_pylist())
     folder = ctx.scratch(command, "publish") / "model"
     export.save(merged, spec.base_model, folder, dtype=spec.publish.dtype)
+    (folder / "README.md").write_text(
+        card.model_card(
+            spec, dataset, training, evaluation, merge_gap=gap, tolerance=export.MERGE_TOLERANCE
+        )
+    )
     checks = cmi.preflight(folder)
+    files = upload.digests(folder)
+    digest = upload.folder_digest(files)
     prefix = f"{ctx.jobs.stage_prefix(command.job_id, 'publish')}/model"
-    ctx.progress({"phase": "uploading", "bytes": checks["bytes"]}, force=True)
+    ctx.progress({"phase": "storing", "bytes": checks["bytes"]}, force=True)
     ctx.store.upload_dir(folder, prefix)
     location = ctx.store.uri(prefix)
+    manifest: dict[str, Any] = {
+        "model_name": spec.model_name,
+        "target": spec.publish.target,
+        "location": location,
+        "digest": digest,
+        "files": files,
+        "merge_max_logit_gap": gap,
+        "merge_tolerance": export.MERGE_TOLERANCE,
+        "preflight": checks,
+        "versions": versions(),
+    }
     entry = {
         "name": spec.model_name,
-        "target": "local",
+        "target": spec.publish.target,
         "location": location,
+        "digest": digest,
         "job_id": command.job_id,
         "base_model": spec.base_model,
         "dtype": spec.publish.dtype,
         "published_at": datetime.now(UTC).isoformat(),
         "gate_forced": evaluation["gate"]["forced"],
     }
-    manifest = {
-        "model_name": spec.model_name,
-        "target": "local",
-        "location": location,
-        "merge_max_logit_gap": gap,
-        "preflight": checks,
-        "versions": versions(),
-    }
+    if spec.publish.target == "bedrock":
+        imported = target.to_bedrock(
+            command.job_id,
+            ctx,
+            folder,
+            files,
+            digest,
+            model_name=spec.model_name,
+            smoke_prompt=probes.column("prompt")[0].as_py(),
+        )
+        manifest["bedrock"] = entry["bedrock"] = imported
     ctx.jobs.register_model(spec.model_name, entry)
     ctx.jobs.write_manifest(command.job_id, "publish", manifest)  # last: the stage is done
     return manifest

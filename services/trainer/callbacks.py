@@ -11,7 +11,11 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from services.trainer import ranks
 from services.trainer.checkpoints import CheckpointStore
+
+# Stop reasons by precedence: when ranks see different ones, the strongest wins.
+STOP_REASONS = (None, "cancel", "shutdown", "lost")
 
 
 def peak_memory_mb() -> float:
@@ -35,6 +39,8 @@ class Progress(TrainerCallback):
         self.start, self.first_step = time.monotonic(), state.global_step
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
+        if not state.is_world_process_zero:
+            return
         logs = logs or {}
         elapsed = max(time.monotonic() - self.start, 1e-9)
         done = state.global_step - self.first_step
@@ -60,7 +66,11 @@ class Progress(TrainerCallback):
 
 
 class StoreCheckpoints(TrainerCallback):
-    """Uploads every checkpoint the Trainer saves; also asks for one every few minutes."""
+    """Uploads every checkpoint the Trainer saves; also asks for one every few minutes.
+
+    With several ranks, every rank waits until all have written their part (RNG states)
+    and the first one uploads.
+    """
 
     def __init__(
         self, checkpoints: CheckpointStore, *, every_minutes: float, report: Callable[..., None]
@@ -69,14 +79,17 @@ class StoreCheckpoints(TrainerCallback):
         self.last = time.monotonic()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
-        if time.monotonic() - self.last >= self.every_s:
+        if ranks.agree_max(int(time.monotonic() - self.last >= self.every_s)):
             control.should_save = True
 
     def on_save(self, args: Any, state: Any, control: Any, **_: Any) -> None:
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        self.checkpoints.upload(folder, state.global_step)
+        ranks.barrier()
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            self.checkpoints.upload(folder, state.global_step)
+            self.report({"phase": "checkpoint stored", "step": state.global_step}, force=True)
+        ranks.barrier()
         self.last = time.monotonic()
-        self.report({"phase": "checkpoint stored", "step": state.global_step}, force=True)
 
 
 class StopOnRequest(TrainerCallback):
@@ -89,7 +102,7 @@ class StopOnRequest(TrainerCallback):
         self.should_stop, self.reason = should_stop, None
 
     def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
-        self.reason = self.should_stop()
+        self.reason = STOP_REASONS[ranks.agree_max(STOP_REASONS.index(self.should_stop()))]
         if self.reason is not None:
             control.should_training_stop = True
             control.should_save = self.reason == "shutdown"

@@ -1,20 +1,23 @@
 """Trainer: a prepared dataset → a LoRA adapter and its training log in the store.
 
 Training resumes from the job's latest stored checkpoint. A cancel request stops it within
-one optimizer step; SIGTERM stores a checkpoint and hands the job back to the queue.
+one optimizer step; SIGTERM stores a checkpoint and hands the job back to the queue. With
+several GPUs the ranks run under torchrun (``distributed``) and this process relays.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
-from services.trainer import callbacks, lora, train
+from services.trainer import distributed, lora
 from services.trainer.checkpoints import CheckpointStore
+from services.trainer.fit import TrainJob, fit
 from shared.artifacts import read_split
 from shared.errors import Cancelled, Interrupted
 from shared.messages import ModelTrained, TrainModel
-from shared.modeling import load_tokenizer, versions
+from shared.modeling import versions
 from shared.worker import StageContext
 
 
@@ -37,59 +40,66 @@ def _train(command: TrainModel, ctx: StageContext) -> dict[str, Any]:
     validation = None
     if dataset["counts"].get("validation"):
         validation = read_split(ctx.store, dataset, "validation", cache_dir=ctx.settings.cache_dir)
-    ctx.progress({"phase": "loading model", "plan": dataclasses.asdict(plan)}, force=True)
-    tokenizer = load_tokenizer(spec.base_model)
-    model = lora.build_model(spec.base_model, spec.training, plan)
     folder = ctx.scratch(command, "train")
     prefix = ctx.jobs.stage_prefix(command.job_id, "train")
     checkpoints = CheckpointStore(ctx.store, f"{prefix}/checkpoints")
     resume = checkpoints.download_latest(folder / "trainer")
-    stop = callbacks.StopOnRequest(lambda: ctx.should_stop(command))
-    summary = train.train(
-        model,
-        tokenizer,
-        table,
-        eval_table=validation,
-        spec=spec.training,
-        plan=plan,
-        output_dir=folder / "trainer",
-        resume_from=resume,
-        callbacks=[
-            callbacks.Progress(
-                ctx.progress,
-                examples_per_step=spec.training.batch_size
-                * spec.training.gradient_accumulation_steps,
-                tokens_per_example=_tokens_per_example(dataset),
-            ),
-            callbacks.StoreCheckpoints(
-                checkpoints,
-                report=ctx.progress,
-                every_minutes=spec.training.checkpoint_every_minutes,
-            ),
-            stop,
-        ],
+    job = TrainJob(
+        base_model=spec.base_model,
+        training=spec.training.model_dump(mode="json"),
+        plan=dataclasses.asdict(plan),
+        output_dir=str(folder),
+        checkpoints_prefix=checkpoints.prefix,
+        tokens_per_example=_tokens_per_example(dataset),
+        processes=distributed.processes(spec.training, plan.device),
+        resume_from=str(resume) if resume else None,
     )
-    if stop.reason == "cancel":
-        raise Cancelled(f"job {command.job_id} cancelled at step {summary['steps']}")
-    if stop.reason == "shutdown":
-        raise Interrupted(f"worker stopping; checkpoint stored at step {summary['steps']}")
-    if stop.reason == "lost":
-        raise Interrupted(f"lease lost at step {summary['steps']}; another worker owns the job")
-    model.save_pretrained(folder / "adapter")
+    ctx.progress(
+        {"phase": "loading model", "plan": job.plan, "processes": job.processes}, force=True
+    )
+    should_stop = functools.partial(ctx.should_stop, command)
+    if job.processes > 1:
+        summary = distributed.launch(
+            job,
+            table,
+            validation,
+            store_url=ctx.settings.store_url,
+            s3_endpoint_url=ctx.settings.s3_endpoint_url,
+            report=ctx.progress,
+            should_stop=should_stop,
+            folder=folder / "ranks",
+        )
+    else:
+        summary = fit(
+            job, table, validation, store=ctx.store, report=ctx.progress, should_stop=should_stop
+        )
+    _raise_if_stopped(command, summary)
     ctx.store.upload_dir(folder / "adapter", f"{prefix}/adapter")
     ctx.store.put_json(f"{prefix}/log.json", summary.pop("log_history"))
+    summary.pop("stop_reason")
     manifest = {
         **summary,
         "resumed_from_step": int(resume.name.split("-")[1]) if resume else None,
+        "processes": job.processes,
         "adapter": ctx.store.uri(f"{prefix}/adapter"),
         "log": ctx.store.uri(f"{prefix}/log.json"),
-        "plan": dataclasses.asdict(plan),
+        "plan": job.plan,
         "base_model": spec.base_model,
-        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "versions": versions(),
     }
     ctx.jobs.write_manifest(command.job_id, "train", manifest)
     return manifest
+
+
+def _raise_if_stopped(command: TrainModel, summary: dict[str, Any]) -> None:
+    """Training that ended early: cancelled, or handed back to the queue."""
+    reason, steps = summary["stop_reason"], summary["steps"]
+    if reason == "cancel":
+        raise Cancelled(f"job {command.job_id} cancelled at step {steps}")
+    if reason == "shutdown":
+        raise Interrupted(f"worker stopping; checkpoint stored at step {steps}")
+    if reason == "lost":
+        raise Interrupted(f"lease lost at step {steps}; another worker owns the job")
 
 
 def _tokens_per_example(dataset: dict[str, Any]) -> float:

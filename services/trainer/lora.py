@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from services.trainer.ranks import local_rank
 from shared.errors import SpecError
 from shared.jobspec import TrainingSpec
 from shared.modeling import device, load_seq2seq
@@ -75,7 +76,7 @@ def build_model(base_model: str, spec: TrainingSpec, plan: Plan) -> Any:
         base_model,
         dtype=plan.dtype,
         quantization_config=qconfig,
-        device_map={"": 0}
+        device_map={"": local_rank()}
         if qconfig is not None and plan.device == "cuda"
         else ({"": "cpu"} if qconfig is not None else None),
     )

@@ -8,6 +8,7 @@ from typing import Any
 import pyarrow as pa
 import torch
 
+from services.trainer import ranks
 from services.trainer.lora import Plan
 from shared.errors import OutOfMemory
 from shared.jobspec import TrainingSpec
@@ -51,6 +52,10 @@ def training_arguments(
         bf16=plan.precision == "bf16",
         use_cpu=plan.device == "cpu",
         dataloader_num_workers=0,
+        ddp_backend=("nccl" if plan.device == "cuda" else "gloo")
+        if ranks.world_size() > 1
+        else None,
+        ddp_find_unused_parameters=False,
         disable_tqdm=True,
     )
 
@@ -97,6 +102,7 @@ def train(
         "runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
         "examples_per_s": result.metrics.get("train_samples_per_second"),
         "log_history": trainer.state.log_history,
+        "is_main": trainer.is_world_process_zero(),
     }
 
 

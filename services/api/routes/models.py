@@ -1,4 +1,4 @@
-"""/v1/models: published models and invoking them in Bedrock's shape."""
+"""/v1/models: published models — invoke in Bedrock's shape, delete — and /v1/imported-models."""
 
 from __future__ import annotations
 
@@ -6,40 +6,57 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, status
 
-from services.api.deps import JobsDep, ModelsDep
+from services.api.deps import BedrockDep, JobsDep, ModelsDep
 from services.api.inference import InvokeRequest, InvokeResponse
 from shared.errors import NotFound
 
-router = APIRouter(prefix="/models", tags=["models"])
+router = APIRouter(tags=["models"])
 
 
-@router.get("")
-def list_models(jobs: JobsDep) -> dict[str, Any]:
-    """Every published model."""
-    return {"data": jobs.models()}
-
-
-@router.get("/{name}")
-def get_model(name: str, jobs: JobsDep) -> dict[str, Any]:
-    """One published model."""
+def _entry(jobs: JobsDep, name: str) -> dict[str, Any]:
     try:
         return jobs.model(name)
     except NotFound as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
 
 
-@router.post("/{name}/invoke")
+@router.get("/models")
+def list_models(jobs: JobsDep) -> dict[str, Any]:
+    """Every published model."""
+    return {"data": jobs.models()}
+
+
+@router.get("/models/{name}")
+def get_model(name: str, jobs: JobsDep) -> dict[str, Any]:
+    """One published model."""
+    return _entry(jobs, name)
+
+
+@router.post("/models/{name}/invoke")
 def invoke_model(
-    name: str, request: InvokeRequest, jobs: JobsDep, models: ModelsDep
+    name: str, request: InvokeRequest, jobs: JobsDep, models: ModelsDep, imported: BedrockDep
 ) -> InvokeResponse:
-    """Ask a published model (the local target) a question."""
-    try:
-        entry = jobs.model(name)
-    except NotFound as exc:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
-    if entry.get("target") != "local":
-        raise HTTPException(
-            status.HTTP_409_CONFLICT,
-            f"model {name!r} is published to {entry.get('target')}, not served here",
-        )
+    """Ask a published model: served here (local) or through bedrock-runtime (bedrock)."""
+    entry = _entry(jobs, name)
+    if entry.get("target") == "bedrock":
+        return imported.invoke(entry, request)
     return models.invoke(name, request)
+
+
+@router.delete("/models/{name}")
+def delete_model(
+    name: str, jobs: JobsDep, models: ModelsDep, imported: BedrockDep
+) -> dict[str, Any]:
+    """Delete a published model; an imported one is deleted in Bedrock first (it costs)."""
+    entry = _entry(jobs, name)
+    deleted_arn = imported.delete(entry) if entry.get("target") == "bedrock" else None
+    models.forget(name)
+    jobs.delete_model(name)
+    return {"deleted": name, "imported_model_arn": deleted_arn}
+
+
+@router.get("/imported-models")
+def list_imported(jobs: JobsDep, imported: BedrockDep) -> dict[str, Any]:
+    """Every model imported into Bedrock in the account and region, marking termtune's."""
+    ours = {m["bedrock"]["imported_model_arn"]: m["name"] for m in jobs.models() if "bedrock" in m}
+    return {"data": [{**m, "termtune_model": ours.get(m["modelArn"])} for m in imported.imported()]}

@@ -40,6 +40,60 @@ def test_exported_model_loads_and_generates(published):
     assert out.shape[1] > 1
 
 
+COMPAT_SCRIPT = """
+import json, sys, transformers
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+model = AutoModelForSeq2SeqLM.from_pretrained(sys.argv[1]).float()
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+out = model.generate(**tokenizer("What is Asthma", return_tensors="pt"), max_new_tokens=8,
+                     do_sample=False, num_beams=1)
+print(json.dumps({"version": transformers.__version__, "ids": out[0].tolist()}))
+"""
+
+
+def test_export_loads_and_generates_in_transformers_4_51_3(published):
+    """AWS documents transformers 4.51.3 for Custom Model Import: load the export there."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    python = Path(os.environ.get("TERMTUNE_CMI_PYTHON", ".venv-cmi/bin/python"))
+    if not python.exists():
+        pytest.fail(f"{python} is missing: `make compat` builds the transformers 4.51.3 env")
+    ctx, _, event = published
+    folder = ctx.store.path(ctx.store.key_of(event.location))
+    done = subprocess.run(
+        [str(python), "-c", COMPAT_SCRIPT, str(folder)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["version"] == "4.51.3"
+    # The same greedy tokens as the current transformers produces from the same folder.
+    model = AutoModelForSeq2SeqLM.from_pretrained(folder).float()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ours = model.generate(
+        **tokenizer("What is Asthma", return_tensors="pt"), max_new_tokens=8, do_sample=False
+    )
+    assert result["ids"] == ours[0].tolist()
+
+
+def test_model_card_describes_the_model_and_warns_it_is_not_medical_advice(published):
+    ctx, publish, event = published
+    card = (ctx.store.path(ctx.store.key_of(event.location)) / "README.md").read_text()
+    assert card.startswith("---\n") and "base_model:" in card
+    assert "**Not medical advice.**" in card
+    spec = ctx.spec(publish)
+    lora = spec.training.lora
+    assert f"| LoRA r / alpha / dropout | {lora.r} / {lora.alpha} / {lora.dropout} |" in card
+    report = ctx.manifest_at(publish.evaluation_manifest)
+    loss = report["metrics"]["loss"]
+    assert f"| loss | {loss['base']:.4f} | {loss['tuned']:.4f} |" in card
+    counts = ctx.manifest_at(publish.dataset_manifest)["counts"]
+    assert f"train {counts['train']}, validation {counts['validation']}" in card
+
+
 @pytest.fixture
 def model_copy(published, tmp_path):
     ctx, _, event = published
@@ -106,3 +160,18 @@ def test_republish_is_a_no_op(published):
         event.manifest,
     )
     assert ctx.store.path(key).stat().st_mtime_ns == before
+
+
+def test_export_ships_special_tokens_map_and_the_sentencepiece_model(tiny_model, tmp_path):
+    import torch
+
+    from shared.modeling import load_seq2seq
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    (base / "spiece.model").write_bytes(b"sentencepiece model bytes")
+    out = tmp_path / "out"
+    export.save(load_seq2seq(str(base), dtype=torch.float32), str(base), out, dtype="float32")
+    assert (out / "spiece.model").read_bytes() == b"sentencepiece model bytes"
+    tokens = json.loads((out / "special_tokens_map.json").read_text())
+    assert tokens["eos_token"] == "</s>" and tokens["pad_token"] == "<pad>"

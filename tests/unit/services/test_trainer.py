@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -177,3 +179,55 @@ def test_progress_reports_throughput_and_memory(trained_job):
     assert last["total_steps"] == 6
     assert last["examples_per_s"] > 0 and last["tokens_per_s"] > 0
     assert last["peak_memory_mb"] > 0 and last["eta_s"] >= 0
+
+
+@pytest.fixture
+def prepared_two_ranks(ctx, tiny_model):
+    """Like ``prepared``, for two gloo processes: one epoch, checkpoints every 2 steps."""
+    from services.dataprep.handler import handle as prepare
+    from shared.messages import PrepareDataset, TrainModel
+    from tests.factories import make_spec
+
+    training = {
+        "logging_steps": 1,
+        "checkpoint_every_steps": 2,
+        "data_parallel": 2,
+        "max_steps": -1,
+        "epochs": 1,
+    }
+    spec = make_spec(tiny_model, training=training)
+    cmd = PrepareDataset(job_id="job-2", spec_uri=ctx.jobs.create("job-2", spec))
+    event = prepare(cmd, ctx)
+    return TrainModel(job_id="job-2", spec_uri=cmd.spec_uri, dataset_manifest=event.manifest)
+
+
+def test_two_processes_train_data_parallel_on_gloo(ctx, prepared_two_ranks):
+    seen = []
+    event = _run(ctx, prepared_two_ranks, lambda data, *, force=False: seen.append(data))
+    manifest = ctx.jobs.manifest("job-2", "train")
+    assert manifest["processes"] == 2
+    # Each optimizer step takes one batch of 8 on each process: 16 examples a step.
+    rows = ctx.manifest_at(prepared_two_ranks.dataset_manifest)["counts"]["train"]
+    assert event.steps == manifest["max_steps"] == math.ceil(rows / 16)
+    losses = [d["step"] for d in seen if d.get("loss") is not None]
+    assert losses == list(range(1, event.steps + 1))
+    assert seen[-1 if "loss" in seen[-1] else -2]["examples_per_s"] > 0
+    keys = ctx.store.list(ctx.store.key_of(manifest["adapter"]))
+    assert any(k.endswith("adapter_model.safetensors") for k in keys)
+
+
+def test_data_parallel_shutdown_checkpoints_and_resumes_to_the_same_step(ctx, prepared_two_ranks):
+    from shared.errors import Interrupted
+
+    rows = ctx.manifest_at(prepared_two_ranks.dataset_manifest)["counts"]["train"]
+    total = math.ceil(rows / 16)
+    # The worker relays the stop to the ranks through a file it checks twice a second.
+    with pytest.raises(Interrupted, match=r"checkpoint stored at step \d+") as stopped:
+        _run(ctx, prepared_two_ranks, _progress_hook(ctx, 1, ctx.stop.set))
+    step = int(str(stopped.value).rsplit(" ", 1)[1])
+    assert 1 < step < total
+    assert ctx.jobs.manifest("job-2", "train") is None
+    ctx.stop.clear()
+    event = _run(ctx, prepared_two_ranks, lambda data, *, force=False: None)
+    assert ctx.jobs.manifest("job-2", "train")["resumed_from_step"] == step
+    assert event.steps == total

@@ -11,25 +11,18 @@ def local(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def s3():
+def s3(s3_endpoint):
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        client = boto3.client(
-            "s3",
-            endpoint_url=f"http://{host}:{port}",
-            region_name="us-east-1",
-            aws_access_key_id="test",
-            aws_secret_access_key="test",
-        )
-        client.create_bucket(Bucket="termtune-test")
-        yield S3Store("termtune-test", "prefix", client=client)
-    finally:
-        server.stop()
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+    )
+    client.create_bucket(Bucket="termtune-test")
+    return S3Store("termtune-test", "prefix", client=client)
 
 
 @pytest.fixture(params=["local", "s3"])

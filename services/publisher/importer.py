@@ -1,0 +1,183 @@
+"""Driving a Bedrock Custom Model Import job to completion, exactly once per artifact.
+
+The import's identity (names, S3 location, ``clientRequestToken``) is derived from the job
+and the artifact digest and written to the job's record **before** the create call; a retried
+or duplicated publish reads it back and sends the same token, so Bedrock answers with the
+same import job instead of starting a second one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from botocore.exceptions import ClientError, EndpointConnectionError
+
+from shared import bedrock
+from shared.errors import BedrockError, NotFound, RetryableError
+from shared.settings import BedrockSettings
+from shared.store import Store
+
+
+@dataclass(frozen=True)
+class ImportRecord:
+    """What an import is, fixed before Bedrock is called; ``job_arn`` once it answered."""
+
+    job_name: str
+    imported_model_name: str
+    s3_uri: str
+    client_token: str
+    digest: str
+    job_arn: str | None = None
+
+
+def plan_import(
+    job_id: str, model_name: str, digest: str, settings: BedrockSettings
+) -> ImportRecord:
+    """Names, location and idempotency token for importing one artifact."""
+    short = digest[:10]
+    name = f"{model_name[:50]}-{short}"
+    base = settings.s3_uri.rstrip("/")
+    return ImportRecord(
+        job_name=f"{name}-import",
+        imported_model_name=name,
+        s3_uri=f"{base}/{model_name}/{short}/",
+        client_token=hashlib.sha256(f"{job_id}:{digest}".encode()).hexdigest()[:64],
+        digest=digest,
+    )
+
+
+class ImportRecords:
+    """The import record of one job in the store (first writer wins)."""
+
+    def __init__(self, store: Store, key: str) -> None:
+        self.store, self.key = store, key
+
+    def claim(self, planned: ImportRecord) -> ImportRecord:
+        """The record already stored for this job, or ``planned`` once stored."""
+        self.store.put_bytes_if_absent(self.key, json.dumps(asdict(planned)).encode())
+        return self.load()
+
+    def load(self) -> ImportRecord:
+        """The stored record; NotFound if none."""
+        return ImportRecord(**self.store.get_json(self.key))
+
+    def set_job_arn(self, record: ImportRecord, job_arn: str) -> ImportRecord:
+        """Record the import job Bedrock answered with."""
+        updated = ImportRecord(**{**asdict(record), "job_arn": job_arn})
+        self.store.put_json(self.key, asdict(updated))
+        return updated
+
+
+@dataclass
+class Importer:
+    """Creates (once), waits for, and describes one import job."""
+
+    client: Any
+    settings: BedrockSettings
+    report: Callable[..., None]
+    sleep: Callable[[float], None] = time.sleep
+    clock: Callable[[], float] = time.monotonic
+
+    def run(self, records: ImportRecords, record: ImportRecord) -> dict[str, Any]:
+        """Import to the end: the imported model's ARN, units and hourly cost."""
+        if record.job_arn is None:
+            record = records.set_job_arn(record, self.create(record))
+        job = self.wait(record.job_arn or "")
+        model = self._call("GetImportedModel", modelIdentifier=job["importedModelArn"])
+        units = int(model.get("customModelUnits", {}).get("customModelUnitsPerModelCopy", 0))
+        return {
+            "job_arn": record.job_arn,
+            "imported_model_arn": job["importedModelArn"],
+            "imported_model_name": record.imported_model_name,
+            "s3_uri": record.s3_uri,
+            "client_token": record.client_token,
+            "model_architecture": model.get("modelArchitecture"),
+            "custom_model_units": units,
+            "cost_per_active_hour_usd": round(units * self.settings.cmu_price_per_minute * 60, 2),
+            "region": self.settings.region,
+        }
+
+    def create(self, record: ImportRecord) -> str:
+        """``create_model_import_job``: waits out the one-import quota and a fresh role."""
+        start = self.clock()
+        quota_until = start + self.settings.quota_wait_minutes * 60
+        role_until = start + self.settings.role_retry_minutes * 60
+        delay = self.settings.poll_seconds
+        while True:
+            try:
+                response = self.client.create_model_import_job(
+                    jobName=record.job_name,
+                    importedModelName=record.imported_model_name,
+                    roleArn=self.settings.role_arn,
+                    modelDataSource={"s3DataSource": {"s3Uri": record.s3_uri}},
+                    clientRequestToken=record.client_token,
+                    jobTags=[{"key": "termtune:digest", "value": record.digest[:64]}],
+                )
+                return str(response["jobArn"])
+            except ClientError as exc:
+                code, message = bedrock.error_code(exc), str(exc)
+                now = self.clock()
+                if code == "ServiceQuotaExceededException" and now < quota_until:
+                    self.report({"phase": "waiting for the import quota", "detail": message})
+                elif code == "ValidationException" and "role" in message.lower():
+                    if now >= role_until:
+                        raise BedrockError(
+                            f"CreateModelImportJob: the role {self.settings.role_arn} was "
+                            f"still refused after {self.settings.role_retry_minutes} minutes "
+                            f"(trust policy for bedrock.amazonaws.com, s3:GetObject and "
+                            f"s3:ListBucket on the bucket): {message}"
+                        ) from exc
+                    self.report({"phase": "waiting for the role to propagate"})
+                elif code == "ThrottlingException":
+                    pass
+                else:
+                    raise bedrock.explain(exc, "CreateModelImportJob") from exc
+            except EndpointConnectionError as exc:
+                raise bedrock.explain(exc, "CreateModelImportJob") from exc
+            self.sleep(delay)
+            delay = min(delay * 2, self.settings.poll_max_seconds)
+
+    def wait(self, job_arn: str) -> dict[str, Any]:
+        """Poll ``get_model_import_job`` with backoff until Completed; Failed raises."""
+        start = self.clock()
+        deadline = start + self.settings.import_timeout_minutes * 60
+        delay = self.settings.poll_seconds
+        while True:
+            job = self._call("GetModelImportJob", jobIdentifier=job_arn)
+            status = job["status"]
+            self.report(
+                {"phase": "importing", "status": status, "elapsed_s": round(self.clock() - start)}
+            )
+            if status == "Completed":
+                return job
+            if status == "Failed":
+                raise BedrockError(
+                    f"Bedrock import job {job_arn} failed: {job.get('failureMessage', '?')}"
+                )
+            if self.clock() >= deadline:
+                raise RetryableError(
+                    f"Bedrock import job {job_arn} still {status} after "
+                    f"{self.settings.import_timeout_minutes} minutes"
+                )
+            self.sleep(delay)
+            delay = min(delay * 2, self.settings.poll_max_seconds)
+
+    def _call(self, operation: str, **params: Any) -> dict[str, Any]:
+        method = getattr(self.client, _snake(operation))
+        try:
+            return dict(method(**params))
+        except ClientError as exc:
+            if bedrock.error_code(exc) == "ResourceNotFoundException":
+                raise NotFound(f"{operation}: {exc}") from exc
+            raise bedrock.explain(exc, operation) from exc
+        except EndpointConnectionError as exc:
+            raise bedrock.explain(exc, operation) from exc
+
+
+def _snake(name: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")

@@ -1,0 +1,86 @@
+"""The bedrock target: upload the exported folder, import it once, smoke-invoke it."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from services.publisher import cmi, upload
+from services.publisher.importer import Importer, ImportRecords, plan_import
+from shared import bedrock
+from shared.errors import BedrockError
+from shared.settings import BedrockSettings
+from shared.worker import StageContext
+
+SMOKE_MAX_GEN_LEN = 64
+
+
+def to_bedrock(
+    job_id: str,
+    ctx: StageContext,
+    folder: Path,
+    files: dict[str, str],
+    digest: str,
+    *,
+    model_name: str,
+    smoke_prompt: str,
+    settings: BedrockSettings | None = None,
+) -> dict[str, Any]:
+    """Import the folder into Bedrock; the imported model's ARN, cost and smoke answer."""
+    settings = settings or BedrockSettings()
+    bedrock.check_region(settings.region)
+    if not settings.role_arn or not settings.s3_uri.startswith("s3://"):
+        raise BedrockError(
+            "publish.target bedrock needs TERMTUNE_BEDROCK_ROLE_ARN (the import service role) "
+            "and TERMTUNE_BEDROCK_S3_URI (s3://bucket/prefix for the model files)"
+        )
+    planned = plan_import(job_id, model_name, digest, settings)
+    cmi.check_import(
+        planned.job_name,
+        planned.imported_model_name,
+        planned.client_token,
+        planned.s3_uri,
+        list(files),
+    )
+    records = ImportRecords(ctx.store, f"{ctx.jobs.stage_prefix(job_id, 'publish')}/import.json")
+    record = records.claim(planned)
+    if record.job_arn is None and record.digest != digest:
+        # An earlier attempt exported other bytes and never started an import: replace it.
+        ctx.store.put_json(records.key, dataclasses.asdict(planned))
+        record = planned
+    sent: dict[str, Any] = {"sent": [], "skipped": list(files), "bytes": 0}
+    if record.job_arn is None:  # once an import runs, its files stay as they are
+        sent = _upload(folder, files, record.s3_uri, settings, ctx)
+    result = Importer(bedrock.control_client(settings), settings, ctx.progress).run(records, record)
+    ctx.progress({"phase": "smoke test", "model": result["imported_model_arn"]}, force=True)
+    answer = bedrock.invoke(
+        bedrock.runtime_client(settings),
+        result["imported_model_arn"],
+        {"prompt": smoke_prompt, "max_gen_len": SMOKE_MAX_GEN_LEN, "temperature": 0.0},
+        retries=settings.not_ready_retries,
+        wait_seconds=settings.not_ready_wait_seconds,
+    )
+    return {
+        **result,
+        "upload": sent,
+        "smoke_test": {"prompt": smoke_prompt, "generation": answer["generation"]},
+    }
+
+
+def _upload(
+    folder: Path, files: dict[str, str], s3_uri: str, settings: BedrockSettings, ctx: StageContext
+) -> dict[str, Any]:
+    parsed = urlparse(s3_uri)
+    s3 = bedrock.aws_client(settings, "s3", endpoint_url=settings.s3_endpoint_url)
+    return upload.upload_folder(
+        s3,
+        folder,
+        parsed.netloc,
+        parsed.path.strip("/"),
+        files=files,
+        report=ctx.progress,
+        concurrency=settings.upload_concurrency,
+        part_mb=settings.multipart_mb,
+    )

@@ -1,0 +1,234 @@
+"""Data-parallel training across every GPU of the machine, through torchrun.
+
+The worker process keeps the job's lease, the bus and the job records; it starts
+``torchrun --standalone --nproc-per-node N -m services.trainer.distributed LAUNCH.json`` in
+its own session (a SIGTERM meant for the worker does not reach the ranks directly) and talks
+to the ranks through files in a scratch folder:
+
+- ``launch.json``: the TrainJob, the store location and the worker's pid;
+- ``stop``: written by the worker with a reason (cancel, shutdown, lost); the ranks agree on
+  it at the next optimizer step, store a checkpoint when shutting down, and exit;
+- ``progress.jsonl``: progress records from the first rank, relayed as events;
+- ``result.json``: the first rank's summary, or the error that ended it.
+
+A rank that finds the worker gone stops as if its lease were lost: a job is never trained by
+an orphan beside the worker that picked it up again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from services.trainer.fit import TrainJob, fit
+from shared import errors
+from shared.errors import ProcessFailed, SpecError
+from shared.jobspec import TrainingSpec
+
+POLL_SECONDS = 0.5
+
+
+def processes(spec: TrainingSpec, device: str) -> int:
+    """How many training processes to run: one per visible GPU unless the spec says."""
+    if spec.data_parallel == "auto":
+        return max(torch.cuda.device_count(), 1) if device == "cuda" else 1
+    gpus = torch.cuda.device_count()
+    if device == "cuda" and spec.data_parallel > gpus:
+        raise SpecError(
+            f"training.data_parallel: {spec.data_parallel} processes asked for, "
+            f"but this machine has {gpus} GPU(s)"
+        )
+    return spec.data_parallel
+
+
+@dataclasses.dataclass
+class _Files:
+    folder: Path
+
+    def __post_init__(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    launch = property(lambda self: self.folder / "launch.json")
+    stop = property(lambda self: self.folder / "stop")
+    progress = property(lambda self: self.folder / "progress.jsonl")
+    result = property(lambda self: self.folder / "result.json")
+    log = property(lambda self: self.folder / "ranks.log")
+
+    def table(self, split: str) -> Path:
+        return self.folder / f"{split}.parquet"
+
+
+def launch(
+    job: TrainJob,
+    train_table: pa.Table,
+    eval_table: pa.Table | None,
+    *,
+    store_url: str,
+    s3_endpoint_url: str | None,
+    report: Callable[..., None],
+    should_stop: Callable[[], str | None],
+    folder: Path,
+) -> dict[str, Any]:
+    """Run ``job.processes`` ranks to the end; the first rank's summary (as ``fit`` returns)."""
+    files = _Files(folder)
+    pq.write_table(train_table, files.table("train"))
+    if eval_table is not None:
+        pq.write_table(eval_table, files.table("validation"))
+    files.launch.write_text(
+        json.dumps(
+            {
+                "job": dataclasses.asdict(job),
+                "store_url": store_url,
+                "s3_endpoint_url": s3_endpoint_url,
+                "worker_pid": os.getpid(),
+                "validation": eval_table is not None,
+            }
+        )
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={job.processes}",
+        "-m",
+        "services.trainer.distributed",
+        str(files.launch),
+    ]
+    with files.log.open("wb") as log:
+        proc = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        relay = _Relay(files.progress, report)
+        try:
+            while proc.poll() is None:
+                reason = should_stop()
+                if reason is not None and not files.stop.exists():
+                    _write_atomic(files.stop, reason)
+                relay.drain()
+                time.sleep(POLL_SECONDS)
+        finally:
+            if proc.poll() is None:  # the worker itself is failing: take the ranks down
+                _write_atomic(files.stop, "lost")
+                _wait_or_kill(proc)
+        relay.drain()
+    return _result(files, proc.returncode)
+
+
+def _result(files: _Files, returncode: int) -> dict[str, Any]:
+    """The first rank's summary; its error re-raised; a crash as ProcessFailed."""
+    if files.result.exists():
+        result = json.loads(files.result.read_text())
+        if "error" in result:
+            kind = getattr(errors, result["error"]["type"], None)
+            if isinstance(kind, type) and issubclass(kind, errors.TermtuneError):
+                raise kind(result["error"]["message"])
+            raise ProcessFailed(f"training rank failed: {result['error']['message']}")
+        if returncode == 0:
+            return result["summary"]
+    tail = files.log.read_text(errors="replace").strip().splitlines()[-5:]
+    raise ProcessFailed(
+        f"data-parallel training exited with code {returncode}: " + " | ".join(tail)
+    )
+
+
+def _wait_or_kill(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+class _Relay:
+    """Forwards the progress records the first rank appends to a file."""
+
+    def __init__(self, path: Path, report: Callable[..., None]) -> None:
+        self.path, self.report, self.offset = path, report, 0
+
+    def drain(self) -> None:
+        if not self.path.exists():
+            return
+        with self.path.open("rb") as handle:
+            handle.seek(self.offset)
+            for line in handle:
+                if not line.endswith(b"\n"):  # still being written
+                    break
+                self.offset += len(line)
+                record = json.loads(line)
+                self.report(record["progress"], force=record["force"])
+
+
+# -- inside each rank -------------------------------------------------------------------
+
+
+def _rank_report(path: Path) -> Callable[..., None]:
+    def report(progress: dict[str, Any], *, force: bool = False) -> None:
+        with path.open("a") as handle:
+            handle.write(json.dumps({"progress": progress, "force": force}) + "\n")
+
+    return report
+
+
+def _rank_should_stop(files: _Files, worker_pid: int) -> Callable[[], str | None]:
+    def should_stop() -> str | None:
+        if files.stop.exists():
+            return files.stop.read_text().strip() or "lost"
+        try:
+            os.kill(worker_pid, 0)
+        except ProcessLookupError:
+            return "lost"
+        return None
+
+    return should_stop
+
+
+def main(launch_path: str) -> None:
+    """One rank: train with the others; the first rank writes the result."""
+    from shared.settings import Settings
+    from shared.store import open_store
+
+    files = _Files(Path(launch_path).parent)
+    launch_doc = json.loads(files.launch.read_text())
+    job = TrainJob(**launch_doc["job"])
+    first = int(os.environ.get("RANK", "0")) == 0
+    try:
+        settings = Settings(
+            store_url=launch_doc["store_url"], s3_endpoint_url=launch_doc["s3_endpoint_url"]
+        )
+        summary = fit(
+            job,
+            pq.read_table(files.table("train")),
+            pq.read_table(files.table("validation")) if launch_doc["validation"] else None,
+            store=open_store(settings),
+            report=_rank_report(files.progress),
+            should_stop=_rank_should_stop(files, launch_doc["worker_pid"]),
+        )
+    except Exception as exc:
+        if first:
+            error = {"type": type(exc).__name__, "message": str(exc) or repr(exc)}
+            _write_atomic(files.result, json.dumps({"error": error}))
+        raise
+    if first:
+        _write_atomic(files.result, json.dumps({"summary": summary}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,92 @@
+"""One training run, as plain data in and a summary out: the same in one process or in each
+data-parallel rank."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from services.trainer import callbacks, lora, train
+from services.trainer.checkpoints import CheckpointStore
+from shared.jobspec import TrainingSpec
+from shared.modeling import load_tokenizer
+from shared.store import Store
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainJob:
+    """Everything a training process needs; plain data, so it can cross process lines."""
+
+    base_model: str
+    training: dict[str, Any]
+    plan: dict[str, Any]
+    output_dir: str
+    checkpoints_prefix: str
+    tokens_per_example: float
+    processes: int = 1
+    resume_from: str | None = None
+
+    @property
+    def spec(self) -> TrainingSpec:
+        """The training section of the job spec."""
+        return TrainingSpec.model_validate(self.training)
+
+    @property
+    def resolved(self) -> lora.Plan:
+        """The plan resolved for the machine."""
+        return lora.Plan(**{**self.plan, "notes": tuple(self.plan.get("notes", ()))})
+
+
+def fit(
+    job: TrainJob,
+    train_table: pa.Table,
+    eval_table: pa.Table | None,
+    *,
+    store: Store,
+    report: Callable[..., None],
+    should_stop: Callable[[], str | None],
+) -> dict[str, Any]:
+    """Train (resuming if asked); the first rank saves the adapter under output_dir/adapter.
+
+    The summary's ``stop_reason`` says why training ended early (None: it finished).
+    """
+    spec, plan = job.spec, job.resolved
+    tokenizer = load_tokenizer(job.base_model)
+    model = lora.build_model(job.base_model, spec, plan)
+    stop = callbacks.StopOnRequest(should_stop)
+    output = Path(job.output_dir)
+    summary = train.train(
+        model,
+        tokenizer,
+        train_table,
+        eval_table=eval_table,
+        spec=spec,
+        plan=plan,
+        output_dir=output / "trainer",
+        resume_from=Path(job.resume_from) if job.resume_from else None,
+        callbacks=[
+            callbacks.Progress(
+                report,
+                examples_per_step=spec.batch_size
+                * spec.gradient_accumulation_steps
+                * job.processes,
+                tokens_per_example=job.tokens_per_example,
+            ),
+            callbacks.StoreCheckpoints(
+                CheckpointStore(store, job.checkpoints_prefix),
+                report=report,
+                every_minutes=spec.checkpoint_every_minutes,
+            ),
+            stop,
+        ],
+    )
+    is_main = summary.pop("is_main")
+    if stop.reason is None and is_main:
+        model.save_pretrained(output / "adapter")
+    summary["stop_reason"] = stop.reason
+    summary["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return summary

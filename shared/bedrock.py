@@ -1,0 +1,152 @@
+"""Amazon Bedrock through boto3: clients, errors users meet, and invoking imported models.
+
+Used by the publisher (import, smoke test) and the control plane (invoke, list, delete).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from botocore.config import Config
+from botocore.exceptions import ClientError, EndpointConnectionError
+
+from shared.errors import BedrockError, RetryableError
+from shared.settings import BedrockSettings
+
+log = logging.getLogger(__name__)
+
+# Regions where Custom Model Import is offered (../shared/REFERENCE.md).
+IMPORT_REGIONS = ("us-east-1", "us-east-2", "us-west-2", "eu-central-1")
+
+
+def check_region(region: str) -> None:
+    """Refuse a region without Custom Model Import before any call."""
+    if region not in IMPORT_REGIONS:
+        raise BedrockError(
+            f"TERMTUNE_BEDROCK_REGION: Custom Model Import is not offered in {region!r}; "
+            f"use one of {', '.join(IMPORT_REGIONS)}"
+        )
+
+
+def aws_client(settings: BedrockSettings, service: str, **kwargs: Any) -> Any:
+    """A boto3 client with the Bedrock profile (if set) in the Bedrock region."""
+    import boto3
+
+    session = boto3.Session(profile_name=settings.aws_profile, region_name=settings.region)
+    return session.client(service, **kwargs)
+
+
+def control_client(settings: BedrockSettings) -> Any:
+    """The ``bedrock`` client (imports, imported models)."""
+    return aws_client(
+        settings,
+        "bedrock",
+        endpoint_url=settings.endpoint_url,
+        config=Config(retries={"max_attempts": 4, "mode": "standard"}),
+    )
+
+
+def runtime_client(settings: BedrockSettings) -> Any:
+    """The ``bedrock-runtime`` client, with the long read timeout cold models need."""
+    return aws_client(
+        settings,
+        "bedrock-runtime",
+        endpoint_url=settings.runtime_endpoint_url,
+        config=Config(
+            read_timeout=settings.read_timeout_seconds,
+            retries={"max_attempts": 2, "mode": "standard"},
+        ),
+    )
+
+
+def error_code(exc: BaseException) -> str:
+    """The AWS error code of a ClientError ('' for anything else)."""
+    if isinstance(exc, ClientError):
+        return str(exc.response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+def explain(exc: ClientError | EndpointConnectionError, operation: str) -> Exception:
+    """A termtune error for what Bedrock answered, naming what the user must fix."""
+    if isinstance(exc, EndpointConnectionError):
+        return BedrockError(
+            f"{operation}: cannot reach Bedrock ({exc}); check TERMTUNE_BEDROCK_REGION "
+            f"(imports run in {', '.join(IMPORT_REGIONS)}) and the network"
+        )
+    code, message = error_code(exc), exc.response.get("Error", {}).get("Message", "")
+    if code in ("AccessDeniedException", "AccessDenied", "UnrecognizedClientException"):
+        needed = f"bedrock:{operation}"
+        if operation == "CreateModelImportJob":
+            needed += " and iam:PassRole on TERMTUNE_BEDROCK_ROLE_ARN (to bedrock.amazonaws.com)"
+        return BedrockError(f"access denied to {operation}: the caller needs {needed} ({message})")
+    if code in ("ThrottlingException", "InternalServerException", "ServiceUnavailableException"):
+        return RetryableError(f"{operation}: {code}: {message}")
+    return BedrockError(f"{operation}: {code}: {message}")
+
+
+def generation_of(body: dict[str, Any]) -> str:
+    """The generated text, whichever response shape the imported model answers in."""
+    if isinstance(body.get("generation"), str):
+        return body["generation"]
+    for key in ("choices", "outputs"):
+        items = body.get(key)
+        if isinstance(items, list) and items and isinstance(items[0], dict):
+            text = items[0].get("text")
+            if isinstance(text, str):
+                return text
+    raise BedrockError(f"unrecognised invoke response shape (keys {sorted(body)})")
+
+
+def invoke(
+    runtime: Any,
+    model_arn: str,
+    request: dict[str, Any],
+    *,
+    retries: int,
+    wait_seconds: float,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, Any]:
+    """Invoke an imported model; retries ModelNotReadyException (a cold copy) in between.
+
+    botocore's own retries give up in under a second; a cold model needs minutes.
+    """
+    for attempt in range(retries + 1):
+        try:
+            response = runtime.invoke_model(
+                modelId=model_arn,
+                body=json.dumps(request),
+                contentType="application/json",
+                accept="application/json",
+            )
+        except ClientError as exc:
+            if error_code(exc) == "ModelNotReadyException" and attempt < retries:
+                log.info("model %s not ready (try %d/%d)", model_arn, attempt + 1, retries)
+                sleep(wait_seconds)
+                continue
+            raise explain(exc, "InvokeModel") from exc
+        body = json.loads(response["body"].read())
+        return {**body, "generation": generation_of(body)}
+    raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+
+def imported_models(client: Any) -> list[dict[str, Any]]:
+    """Every imported model of the account and region."""
+    try:
+        pages = client.get_paginator("list_imported_models").paginate()
+        return [m for page in pages for m in page.get("modelSummaries", [])]
+    except ClientError as exc:
+        raise explain(exc, "ListImportedModels") from exc
+
+
+def delete_imported_model(client: Any, model_arn: str) -> None:
+    """Delete an imported model (it stops costing storage)."""
+    try:
+        client.delete_imported_model(modelIdentifier=model_arn)
+    except ClientError as exc:
+        if error_code(exc) == "ResourceNotFoundException":
+            return  # already gone: deleting is idempotent
+        raise explain(exc, "DeleteImportedModel") from exc

@@ -1,0 +1,327 @@
+"""The bedrock target through boto3 for real: a local Bedrock stand-in and an S3 server."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+
+import boto3
+import pytest
+
+from services.publisher import cmi, upload
+from services.publisher.handler import handle
+from services.publisher.importer import Importer, ImportRecords, plan_import
+from shared import bedrock
+from shared.errors import BedrockError, PreflightError
+from shared.jobspec import parse_spec
+from shared.messages import PublishModel
+from shared.settings import BedrockSettings
+from tests.standins.bedrock import BedrockStandIn
+
+ROLE = "arn:aws:iam::123456789012:role/termtune-bedrock-import"
+
+
+@pytest.fixture
+def standin(s3_endpoint):
+    fake = BedrockStandIn(s3_endpoint)
+    server = fake.start()
+    yield fake
+    server.should_exit = True
+
+
+@pytest.fixture
+def bucket(s3_endpoint):
+    name = f"imports-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def bedrock_env(monkeypatch, s3_endpoint, standin, bucket):
+    env = {
+        "REGION": "us-east-1",
+        "ROLE_ARN": ROLE,
+        "S3_URI": f"s3://{bucket}/models",
+        "ENDPOINT_URL": standin.url,
+        "RUNTIME_ENDPOINT_URL": standin.url,
+        "S3_ENDPOINT_URL": s3_endpoint,
+        "POLL_SECONDS": "0.05",
+        "POLL_MAX_SECONDS": "0.2",
+        "NOT_READY_WAIT_SECONDS": "0.01",
+        "ROLE_RETRY_MINUTES": "0.05",
+        "QUOTA_WAIT_MINUTES": "0.5",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(f"TERMTUNE_BEDROCK_{key}", value)
+    return env
+
+
+def _bedrock_job(published, job_id: str):
+    """A new job on the published job's artifacts, whose spec publishes to Bedrock."""
+    ctx, cmd, _ = published
+    data = ctx.spec(cmd).model_dump(mode="json")
+    data["publish"] = {"target": "bedrock", "model_name": f"terms-{job_id}"}
+    uri = ctx.jobs.create(job_id, parse_spec(data))
+    return ctx, PublishModel(
+        job_id=job_id,
+        spec_uri=uri,
+        dataset_manifest=cmd.dataset_manifest,
+        training_manifest=cmd.training_manifest,
+        evaluation_manifest=cmd.evaluation_manifest,
+    )
+
+
+def _job_id() -> str:
+    return f"br-{uuid.uuid4().hex[:8]}"
+
+
+def _objects(s3_endpoint, bucket):
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    return [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+
+
+def test_uploads_imports_once_and_smoke_invokes(published, bedrock_env, standin, s3_endpoint):
+    ctx, cmd = _bedrock_job(published, _job_id())
+    event = handle(cmd, ctx)
+    manifest = ctx.jobs.manifest(cmd.job_id, "publish")
+    imported = manifest["bedrock"]
+    assert event.target == "bedrock" and manifest["target"] == "bedrock"
+    assert imported["imported_model_arn"].startswith("arn:aws:bedrock:us-east-1:")
+    assert imported["custom_model_units"] == 1
+    assert imported["cost_per_active_hour_usd"] == round(0.057 * 60, 2)
+    assert isinstance(imported["smoke_test"]["generation"], str)
+    # Every exported file is in the bucket, top level of the prefix, with its digest.
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    bucket, prefix = imported["s3_uri"][5:].split("/", 1)
+    for name, sha in manifest["files"].items():
+        head = s3.head_object(Bucket=bucket, Key=prefix + name)
+        assert head["Metadata"]["sha256"] == sha
+    assert {"config.json", "tokenizer.json", "README.md", "generation_config.json"} <= set(
+        manifest["files"]
+    )
+    creates = standin.calls_to("CreateModelImportJob")
+    assert len(creates) == 1
+    assert creates[0]["clientRequestToken"] == imported["client_token"]
+    assert creates[0]["modelDataSource"] == {"s3DataSource": {"s3Uri": imported["s3_uri"]}}
+    assert ctx.jobs.model(f"terms-{cmd.job_id}")["bedrock"]["job_arn"] == imported["job_arn"]
+    # A second delivery of the same command does nothing outside.
+    handle(cmd, ctx)
+    assert len(standin.calls_to("CreateModelImportJob")) == 1
+
+
+def test_crash_between_import_call_and_record_starts_no_second_import(
+    published, bedrock_env, standin, monkeypatch
+):
+    ctx, cmd = _bedrock_job(published, _job_id())
+    real = ImportRecords.set_job_arn
+
+    def crash(self, record, job_arn):
+        monkeypatch.setattr(ImportRecords, "set_job_arn", real)
+        raise RuntimeError("worker died before recording the import job")
+
+    monkeypatch.setattr(ImportRecords, "set_job_arn", crash)
+    with pytest.raises(RuntimeError, match="before recording"):
+        handle(cmd, ctx)
+    handle(cmd, ctx)
+    creates = standin.calls_to("CreateModelImportJob")
+    assert len(creates) == 2
+    assert creates[0]["clientRequestToken"] == creates[1]["clientRequestToken"]
+    assert len(standin.jobs) == 1
+
+
+def test_waits_out_the_one_import_quota(published, bedrock_env, standin):
+    # Someone else's import is running: ours is refused, waits, and starts once it ends.
+    standin.import_seconds = 600
+    foreign = boto3.client("bedrock", endpoint_url=standin.url).create_model_import_job(
+        jobName="someone-else",
+        importedModelName="someone-else",
+        roleArn=ROLE,
+        modelDataSource={"s3DataSource": {"s3Uri": "s3://elsewhere/model/"}},
+    )["jobArn"]
+    standin.import_seconds = 0.2
+
+    def end_foreign_import_after_a_refusal():
+        while len(standin.calls_to("CreateModelImportJob")) < 3:
+            time.sleep(0.05)
+        standin.jobs[foreign].finishes = time.monotonic()
+
+    threading.Thread(target=end_foreign_import_after_a_refusal, daemon=True).start()
+    ctx, cmd = _bedrock_job(published, _job_id())
+    handle(cmd, ctx)
+    assert len(standin.calls_to("CreateModelImportJob")) >= 3  # refused at least once
+    assert ctx.jobs.manifest(cmd.job_id, "publish")["bedrock"]["imported_model_arn"]
+
+
+def test_retries_a_role_that_is_not_usable_yet(published, bedrock_env, standin):
+    standin.fail(
+        "CreateModelImportJob",
+        "ValidationException",
+        f"Could not assume the provided role {ROLE}; check its trust policy",
+        times=2,
+    )
+    ctx, cmd = _bedrock_job(published, _job_id())
+    handle(cmd, ctx)
+    assert len(standin.calls_to("CreateModelImportJob")) == 3
+
+
+def test_access_denied_names_the_missing_permission(published, bedrock_env, standin):
+    standin.fail(
+        "CreateModelImportJob",
+        "AccessDeniedException",
+        "User is not authorized to perform: bedrock:CreateModelImportJob",
+    )
+    ctx, cmd = _bedrock_job(published, _job_id())
+    with pytest.raises(BedrockError, match=r"needs bedrock:CreateModelImportJob and iam:PassRole"):
+        handle(cmd, ctx)
+    assert ctx.jobs.manifest(cmd.job_id, "publish") is None
+
+
+def test_failed_import_reports_the_failure_message(published, bedrock_env, standin):
+    standin.fail_imports_with = "The model architecture is not supported"
+    ctx, cmd = _bedrock_job(published, _job_id())
+    with pytest.raises(BedrockError, match="failed: The model architecture is not supported"):
+        handle(cmd, ctx)
+    assert ctx.jobs.manifest(cmd.job_id, "publish") is None
+
+
+def test_cold_model_is_retried_until_ready(published, bedrock_env, standin):
+    standin.not_ready_invokes = 3
+    ctx, cmd = _bedrock_job(published, _job_id())
+    handle(cmd, ctx)
+    assert len(standin.calls_to("InvokeModel")) == 4
+
+
+def test_unsupported_region_is_refused_before_any_upload(
+    published, bedrock_env, standin, monkeypatch, s3_endpoint, bucket
+):
+    monkeypatch.setenv("TERMTUNE_BEDROCK_REGION", "ap-south-1")
+    ctx, cmd = _bedrock_job(published, _job_id())
+    with pytest.raises(BedrockError, match="not offered in 'ap-south-1'"):
+        handle(cmd, ctx)
+    assert standin.calls == [] and _objects(s3_endpoint, bucket) == []
+
+
+def test_multipart_upload_is_checksummed_and_skipped_when_present(tmp_path, s3_endpoint, bucket):
+    (tmp_path / "model.safetensors").write_bytes(os.urandom(11 * 2**20))
+    (tmp_path / "config.json").write_text("{}")
+    files = upload.digests(tmp_path)
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    seen = []
+    first = upload.upload_folder(
+        s3, tmp_path, bucket, "m/1", files=files, report=seen.append, part_mb=5
+    )
+    assert sorted(first["sent"]) == ["config.json", "model.safetensors"]
+    head = s3.head_object(Bucket=bucket, Key="m/1/model.safetensors", ChecksumMode="ENABLED")
+    assert head["ETag"].strip('"').endswith("-3")  # three parts of 5, 5 and 1 MB
+    assert head["Metadata"]["sha256"] == files["model.safetensors"]
+    assert seen[-1]["bytes_done"] == seen[-1]["bytes_total"] == first["bytes"]
+    again = upload.upload_folder(s3, tmp_path, bucket, "m/1", files=files, report=seen.append)
+    assert again["sent"] == [] and sorted(again["skipped"]) == sorted(files)
+    body = s3.get_object(Bucket=bucket, Key="m/1/model.safetensors")["Body"].read()
+    assert body == (tmp_path / "model.safetensors").read_bytes()
+
+
+def test_import_names_follow_the_api_patterns():
+    settings = BedrockSettings(s3_uri="s3://b/models")
+    record = plan_import("job-1", "medical-terms", "ab" * 32, settings)
+    cmi.check_import(
+        record.job_name,
+        record.imported_model_name,
+        record.client_token,
+        record.s3_uri,
+        ["config.json"],
+    )
+    with pytest.raises(PreflightError, match=r"import-names: importedModelName 'a\.b'"):
+        cmi.check_import("job", "a.b", "t0ken", "s3://b/m/", [])
+    with pytest.raises(PreflightError, match="s3-key-characters"):
+        cmi.check_import("job", "model", "t0ken", "s3://b/my models/", [])
+
+
+def test_create_request_matches_botocore_service_model():
+    from botocore.stub import Stubber
+
+    client = boto3.client("bedrock", region_name="us-east-1")
+    settings = BedrockSettings(role_arn=ROLE, s3_uri="s3://b/models")
+    record = plan_import("job-1", "medical-terms", "cd" * 32, settings)
+    with Stubber(client) as stub:
+        stub.add_response(
+            "create_model_import_job",
+            {"jobArn": "arn:aws:bedrock:us-east-1:123456789012:model-import-job/x1"},
+            {
+                "jobName": record.job_name,
+                "importedModelName": record.imported_model_name,
+                "roleArn": ROLE,
+                "modelDataSource": {"s3DataSource": {"s3Uri": record.s3_uri}},
+                "clientRequestToken": record.client_token,
+                "jobTags": [{"key": "termtune:digest", "value": record.digest}],
+            },
+        )
+        arn = Importer(client, settings, report=lambda *a, **k: None).create(record)
+    assert arn.endswith("model-import-job/x1")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"generation": "a drug", "stop_reason": "stop"},
+        {"choices": [{"text": "a drug"}]},
+        {"outputs": [{"text": "a drug"}]},
+    ],
+)
+def test_every_invoke_response_shape_is_understood(body):
+    assert bedrock.generation_of(body) == "a drug"
+
+
+def test_an_unknown_invoke_response_shape_is_an_error():
+    with pytest.raises(BedrockError, match=r"unrecognised invoke response shape \(keys \['x'\]\)"):
+        bedrock.generation_of({"x": 1})
+
+
+def test_invoke_gives_up_after_the_configured_tries():
+    from botocore.stub import Stubber
+
+    client = boto3.client("bedrock-runtime", region_name="us-east-1")
+    slept = []
+    with Stubber(client) as stub:
+        for _ in range(3):
+            stub.add_client_error("invoke_model", "ModelNotReadyException", http_status_code=429)
+        with pytest.raises(BedrockError, match="ModelNotReadyException"):
+            bedrock.invoke(
+                client, "arn:x", {"prompt": "p"}, retries=2, wait_seconds=7, sleep=slept.append
+            )
+    assert slept == [7, 7]
+
+
+def test_control_plane_lists_invokes_and_deletes_an_imported_model(published, bedrock_env, standin):
+    from fastapi.testclient import TestClient
+
+    from services.api.main import create_app
+    from shared.bus import Bus
+    from shared.settings import ApiSettings
+
+    ctx, cmd = _bedrock_job(published, _job_id())
+    handle(cmd, ctx)
+    name = f"terms-{cmd.job_id}"
+    arn = ctx.jobs.model(name)["bedrock"]["imported_model_arn"]
+    settings = ApiSettings(
+        var_dir=ctx.settings.var_dir, broker_url="memory://", api_key="k", exchange="tb"
+    )
+    with TestClient(create_app(settings, bus=Bus(settings))) as client:
+        client.headers["Authorization"] = "Bearer k"
+        listed = client.get("/v1/imported-models").json()["data"]
+        assert {"modelArn": arn, "termtune_model": name}.items() <= next(
+            m for m in listed if m["modelArn"] == arn
+        ).items()
+        standin.not_ready_invokes = 2
+        answer = client.post(f"/v1/models/{name}/invoke", json={"prompt": "What is Asthma?"})
+        assert answer.status_code == 200 and isinstance(answer.json()["generation"], str)
+        assert standin.calls_to("InvokeModel")[-1] == {"modelId": arn}
+        standin.fail("InvokeModel", "AccessDeniedException", "not authorized")
+        denied = client.post(f"/v1/models/{name}/invoke", json={"prompt": "What is Asthma?"})
+        assert denied.status_code == 502 and "bedrock:InvokeModel" in denied.json()["detail"]
+        deleted = client.delete(f"/v1/models/{name}")
+        assert deleted.json() == {"deleted": name, "imported_model_arn": arn}
+        assert arn not in standin.models
+        assert client.get(f"/v1/models/{name}").status_code == 404
