@@ -7,9 +7,8 @@ go through the same ``from_pretrained`` call.
 from __future__ import annotations
 
 import platform
+from importlib import metadata
 from typing import Any
-
-import torch
 
 from shared.errors import ModelError
 
@@ -18,6 +17,8 @@ SEQ2SEQ_MODEL_TYPES = ("t5", "mt5", "umt5", "bart", "mbart", "pegasus")
 
 def device() -> str:
     """The device training and inference run on."""
+    import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -34,11 +35,12 @@ def load_tokenizer(base_model: str) -> Any:
 def load_seq2seq(
     base_model: str,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: Any = None,
     quantization_config: Any = None,
     device_map: Any = None,
 ) -> Any:
     """A seq2seq language model from a hub id or folder, refusing decoder-only models."""
+    import torch
     from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
     try:
@@ -50,7 +52,7 @@ def load_seq2seq(
             f"base_model {base_model!r} is a {config.model_type!r} model; termtune "
             f"trains encoder-decoder models ({', '.join(SEQ2SEQ_MODEL_TYPES)})"
         )
-    kwargs: dict[str, Any] = {"dtype": dtype}
+    kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
     if quantization_config is not None:
         kwargs.update(quantization_config=quantization_config, device_map=device_map or "auto")
     elif device_map is not None:
@@ -69,13 +71,11 @@ def _load_hint(base_model: str, what: str, exc: Exception) -> str:
 
 
 def versions() -> dict[str, str]:
-    """Versions of the libraries an artifact depends on."""
-    import peft
-    import transformers
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-    }
+    """Versions of the libraries an artifact depends on ("absent" where not installed)."""
+    found = {"python": platform.python_version()}
+    for package in ("torch", "transformers", "peft", "tokenizers", "datasets"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = "absent"
+    return found

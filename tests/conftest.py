@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -75,6 +76,7 @@ def s3_endpoint() -> str:
         ("AWS_DEFAULT_REGION", "us-east-1"),
     ):
         os.environ.setdefault(name, value)
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
     host, port = server.get_host_and_port()

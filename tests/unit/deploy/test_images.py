@@ -1,0 +1,98 @@
+"""The images: each service runs with only the packages its requirements file lists."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.factories import SAMPLE_DATA, make_spec
+
+ROOT = Path(__file__).resolve().parents[3]
+REQUIREMENTS = ROOT / "deploy/docker/requirements"
+IMPORT_NAMES = {
+    "pyyaml": "yaml",
+    "rouge-score": "rouge_score",
+    "pydantic-settings": "pydantic_settings",
+    "uvicorn": "uvicorn",
+}
+# Every third-party package any service imports; torch comes from the Dockerfile.
+ALL = {
+    "torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes", "safetensors",
+    "tokenizers", "pyarrow", "kombu", "boto3", "fastapi", "uvicorn", "httpx", "pydantic",
+    "pydantic_settings", "yaml", "rouge_score", "sacrebleu", "numpy", "tenacity", "rich",
+}  # fmt: skip
+SERVICES = ("api", "dataprep", "trainer", "evaluator", "publisher")
+
+
+def allowed(service: str) -> set[str]:
+    """Import names of a service's requirements (following -r), plus torch if its image
+    installs it."""
+    names: set[str] = set()
+    pending = [REQUIREMENTS / f"{service}.txt"]
+    while pending:
+        for line in pending.pop().read_text().splitlines():
+            line = line.split("#")[0].strip()
+            if line.startswith("-r "):
+                pending.append(REQUIREMENTS / line[3:].strip())
+            elif line:
+                name = re.split(r"[\[=<>]", line)[0].lower()
+                names.add(IMPORT_NAMES.get(name, name.replace("-", "_")))
+    dockerfile = (ROOT / f"services/{service}/Dockerfile").read_text()
+    if re.search(r"pip install[^\n]*torch==", dockerfile):
+        names.add("torch")
+    return names
+
+
+def _run_without(service: str, code: str) -> subprocess.CompletedProcess[str]:
+    blocked = sorted(ALL - allowed(service))
+    prelude = f"import sys\nfor name in {blocked!r}:\n    sys.modules[name] = None\n"
+    return subprocess.run(
+        [sys.executable, "-c", prelude + code], cwd=ROOT, capture_output=True, text=True
+    )
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_every_pinned_requirement_is_in_pyproject(service):
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    for line in (REQUIREMENTS / f"{service}.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line and not line.startswith("-r"):
+            name = re.split(r"[\[=]", line)[0]
+            assert f'"{name}' in pyproject, line
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_service_imports_with_only_its_requirements(service):
+    modules = [f"services.{service}.main"]
+    if service != "api":
+        modules.append(f"services.{service}.handler")
+    if service == "trainer":
+        modules += ["services.trainer.distributed", "services.trainer.fit"]
+    if service == "publisher":
+        modules += ["services.publisher.target", "shared.bedrock"]
+    done = _run_without(service, "".join(f"import {m}\n" for m in modules))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_dataprep_prepares_a_dataset_without_torch(tiny_model, tmp_path):
+    spec = make_spec(tiny_model).model_dump_json()
+    code = f"""
+from shared.jobspec import JobSpec
+from shared.messages import PrepareDataset
+from services.dataprep.handler import handle
+from tests.factories import make_ctx
+from pathlib import Path
+ctx = make_ctx(Path({str(tmp_path / "var")!r}))
+spec = JobSpec.model_validate_json({spec!r})
+event = handle(PrepareDataset(job_id="j", spec_uri=ctx.jobs.create("j", spec)), ctx)
+manifest = ctx.manifest_at(event.manifest)
+print(sum(manifest["counts"].values()))
+"""
+    done = _run_without("dataprep", code)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = sum(1 for line in SAMPLE_DATA.read_text().splitlines() if line.strip())
+    assert int(done.stdout.strip()) == rows
