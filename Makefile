@@ -8,9 +8,10 @@ TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 SPEC ?= examples/medical-terms.yaml
 CMI_VENV ?= .venv-cmi
+LINT_VENV ?= .venv-lint
 CMI_TRANSFORMERS ?= 4.51.3
 
-.PHONY: install compat run test test-unit test-e2e lint format up down clean docs bench
+.PHONY: install compat brokers lint-deploy run test test-unit test-e2e lint format up down clean docs bench
 
 install: $(VENV)/.installed
 
@@ -49,18 +50,41 @@ $(CMI_VENV)/.installed:
 run: install
 	$(VENV)/bin/termtune run $(SPEC)
 
-test: install compat
+test: install compat brokers
 	$(VENV)/bin/pytest
 
 test-unit: install compat
 	$(VENV)/bin/pytest tests/unit
 
-test-e2e: install
+test-e2e: install brokers
 	$(VENV)/bin/pytest tests/e2e
 
-lint: install
+lint: install lint-deploy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# The deployment, checked without a Docker engine: Dockerfiles (hadolint), compose files
+# against the Compose specification's schema, CloudFormation (cfn-lint, checkov). The tools
+# live in their own environment: checkov's pins would fight the services'.
+lint-deploy: $(LINT_VENV)/.installed
+	$(LINT_VENV)/bin/hadolint services/*/Dockerfile
+	$(LINT_VENV)/bin/python deploy/lint/compose_schema.py docker-compose.yml deploy/compose.cpu.yml
+	$(LINT_VENV)/bin/cfn-lint deploy/aws/termtune.yaml
+	$(LINT_VENV)/bin/checkov --quiet --compact --skip-download --framework cloudformation \
+	  -f deploy/aws/termtune.yaml
+
+$(LINT_VENV)/.installed: deploy/lint/requirements.txt
+	test -x $(LINT_VENV)/bin/python || python3 -m venv $(LINT_VENV)
+	$(LINT_VENV)/bin/python -m pip install -q -r deploy/lint/requirements.txt
+	touch $@
+
+# RabbitMQ from Debian for the integration tests (they start and stop a private node).
+brokers:
+	@command -v rabbitmq-server >/dev/null 2>&1 || test -x /usr/lib/rabbitmq/bin/rabbitmq-server || { \
+	  echo "installing rabbitmq-server (Debian package)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y -q rabbitmq-server >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q rabbitmq-server >/dev/null; }; }
 
 format: install
 	$(VENV)/bin/ruff check --fix .

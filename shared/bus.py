@@ -10,6 +10,7 @@ reason in their headers, where the ``<exchange>.dead`` queue keeps them.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -71,7 +72,38 @@ class Bus:
             }
         if url.startswith(("amqp", "pyamqp")):
             return {"confirm_publish": True}
+        if url.startswith("sqs"):
+            # Queues are looked up before any is created: a deployment's pre-made queues
+            # (with their dead-letter redrive) are used as they are.
+            return {
+                "region": self.settings.sqs_region
+                or os.environ.get("AWS_REGION")
+                or os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+                "visibility_timeout": self.settings.sqs_visibility_seconds,
+                "wait_time_seconds": 5,
+                "polling_interval": self.settings.poll_seconds,
+                "is_secure": self.settings.sqs_is_secure,
+            }
         return {}
+
+    @property
+    def holds_deliveries(self) -> bool:
+        """Whether a leased worker keeps its delivery in flight while it works (SQS).
+
+        On SQS the in-flight count is what scales trainers, and the visibility timeout can
+        be extended; on AMQP a delivery unacked past ``consumer_timeout`` is redelivered,
+        so a leased worker acks as soon as it holds the lease.
+        """
+        return self.settings.broker_url.startswith("sqs")
+
+    def extend_delivery(self, message: KombuMessage) -> None:
+        """Keep an SQS message invisible for another visibility timeout."""
+        info = message.delivery_info
+        message.channel.sqs().change_message_visibility(
+            QueueUrl=info["sqs_queue"],
+            ReceiptHandle=info["sqs_message"]["ReceiptHandle"],
+            VisibilityTimeout=self.settings.sqs_visibility_seconds,
+        )
 
     @property
     def connection(self) -> Connection:

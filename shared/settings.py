@@ -39,6 +39,14 @@ class Settings(BaseSettings):
         15.0, gt=0, description="How often the control plane re-sends jobs whose lease expired."
     )
     log_level: str = Field("INFO", description="Python logging level.")
+    sqs_region: str | None = Field(None, description="SQS region (default: AWS_DEFAULT_REGION).")
+    sqs_visibility_seconds: int = Field(
+        900,
+        ge=2,
+        le=43200,
+        description="SQS visibility timeout; a leased worker extends it while it works.",
+    )
+    sqs_is_secure: bool = Field(True, description="HTTPS to SQS (false for a local stand-in).")
 
     @field_validator("allowed_buckets", mode="before")
     @classmethod

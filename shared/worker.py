@@ -8,6 +8,7 @@ redelivers the command, and the handler finds its manifest and does no work twic
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -16,12 +17,13 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from shared.bus import ATTEMPT_HEADER, SERVICE_COMMANDS, Bus
+from shared.ecs import protect_task
 from shared.errors import Cancelled, Interrupted, MessageError, PermanentError
 from shared.jobs import JobRecords
 from shared.jobspec import JobSpec, parse_spec
@@ -181,7 +183,9 @@ class Worker:
         """Handle one delivery and ack it once everything it caused is stored.
 
         A leased service (the trainer) acks as soon as it holds the job's lease: from then
-        on the lease and the reconciler, not the broker's delivery timeout, keep the job.
+        on the lease and the reconciler, not the broker's delivery timeout, keep the job. On
+        SQS every worker keeps its message in flight instead, extending its visibility, and
+        acks at the end (the trainer queue's in-flight count is what scales the trainers).
         """
         try:
             command = self._parse(body)
@@ -193,21 +197,54 @@ class Worker:
             message.ack()
             return
         attempt = int((message.headers or {}).get(ATTEMPT_HEADER, 1))
-        if not self.leased:
-            self._process(command, attempt, body=body)
+        with self._in_flight(message):
+            if not self.leased:
+                self._process(command, attempt, body=body)
+            else:
+                self._process_leased(command, attempt, body=body, message=message)
+        if not message.acknowledged:
             message.ack()
-            return
+
+    def _process_leased(self, command: Command, attempt: int, *, body: Any, message: Any) -> None:
         lease = self._lease(command, attempt)
         if not lease.acquire():
             log.info("%s is held by a live worker; dropping this delivery", command.job_id)
-            message.ack()
             return
-        message.ack()
-        with LeaseKeeper(lease) as keeper:
-            self.ctx.lease_lost = keeper.lost
-            self._process(command, attempt, body=body)
-        if not keeper.lost.is_set():
-            lease.release()
+        if not self.bus.holds_deliveries:
+            message.ack()  # AMQP: the lease, not consumer_timeout, keeps the job from now on
+        protect_task(True)  # on ECS, a scale-in must pick an idle trainer, not this one
+        try:
+            with LeaseKeeper(lease) as keeper:
+                self.ctx.lease_lost = keeper.lost
+                self._process(command, attempt, body=body)
+            if not keeper.lost.is_set():
+                lease.release()
+        finally:
+            protect_task(False)
+
+    @contextlib.contextmanager
+    def _in_flight(self, message: Any) -> Iterator[None]:
+        """On SQS, keep the message invisible while it is worked on (extended every third
+        of the visibility timeout), so a long stage is not delivered to a second worker."""
+        if not self.bus.holds_deliveries:
+            yield
+            return
+        done = threading.Event()
+
+        def extend() -> None:
+            while not done.wait(self.settings.sqs_visibility_seconds / 3):
+                try:
+                    self.bus.extend_delivery(message)
+                except Exception as exc:  # noqa: BLE001 - try again at the next beat
+                    log.warning("could not extend the message's visibility: %s", exc)
+
+        thread = threading.Thread(target=extend, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join(timeout=5)
 
     def _lease(self, command: Command, attempt: int) -> Lease:
         stage = STAGE_OF_COMMAND[command.type]  # type: ignore[attr-defined]

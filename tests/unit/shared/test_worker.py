@@ -68,7 +68,12 @@ class _Delivery:
     def __init__(self, headers, routing_key):
         self.headers, self.delivery_info, self.acked = headers, {"routing_key": routing_key}, False
 
+    @property
+    def acknowledged(self):
+        return self.acked
+
     def ack(self):
+        assert not self.acked, "acked twice"
         self.acked = True
 
 
@@ -230,3 +235,51 @@ def test_leased_worker_drops_a_delivery_whose_job_another_worker_holds(env):
     worker.on_message(cmd.model_dump(mode="json"), delivery)
     assert delivery.acked and calls == []
     assert "StageStarted" not in _types(jobs)
+
+
+def test_a_leased_worker_is_protected_from_scale_in_while_it_works(env, monkeypatch):
+    """On ECS the trainer asks its agent for scale-in protection for the job's duration."""
+    import json
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from shared.messages import ModelTrained, TrainModel
+
+    settings, store, jobs, bus, _ = env
+    requests = []
+
+    class Agent(BaseHTTPRequestHandler):
+        def do_PUT(self):  # noqa: N802 - http.server's naming
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            requests.append((self.path, body, len(calls)))
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Agent)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("ECS_AGENT_URI", f"http://127.0.0.1:{server.server_port}/api/task")
+    calls = []
+
+    def train(command, ctx):
+        calls.append(command)
+        return ModelTrained(job_id=command.job_id, manifest="file:///m", train_loss=1.0, steps=1)
+
+    cmd = TrainModel(
+        job_id="job-1",
+        spec_uri=jobs.store.uri("jobs/job-1/spec.json"),
+        dataset_manifest="file:///m",
+    )
+    worker = Worker("trainer", train, settings=settings, bus=bus, store=store, leased=True)
+    worker.on_message(cmd.model_dump(mode="json"), _Delivery({}, "cmd.TrainModel"))
+    server.shutdown()
+    assert requests == [
+        (
+            "/api/task/task-protection/v1/state",
+            {"ProtectionEnabled": True, "ExpiresInMinutes": 2880},
+            0,
+        ),
+        ("/api/task/task-protection/v1/state", {"ProtectionEnabled": False}, 1),
+    ]
