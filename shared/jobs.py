@@ -24,7 +24,7 @@ from shared.store import Store
 
 def new_job_id(name: str) -> str:
     """A sortable, unique job id that starts with the job's name."""
-    return f"{name}-{datetime.now(UTC):%Y%m%d%H%M%S}-{secrets.token_hex(3)}"
+    return f"{name}-{datetime.now(UTC):%Y%m%d%H%M%S%f}-{secrets.token_hex(3)}"
 
 
 class JobRecords:
@@ -110,6 +110,10 @@ class JobRecords:
         """Mark a job for cancellation; False if it was already marked."""
         return self.store.put_bytes_if_absent(f"jobs/{job_id}/cancel", b"cancel requested\n")
 
+    def clear_cancel(self, job_id: str) -> None:
+        """Forget a cancel request (the job is being retried)."""
+        self.store.delete(f"jobs/{job_id}/cancel")
+
     def cancel_requested(self, job_id: str) -> bool:
         """Whether a user asked to cancel the job."""
         return self.store.exists(f"jobs/{job_id}/cancel")
@@ -153,6 +157,14 @@ def summarize(job_id: str, spec: JobSpec, events: list[Message]) -> dict[str, An
             continue
         if event.type == "CancelRequested":  # type: ignore[attr-defined]
             job["cancel_requested"] = True
+            continue
+        if event.type == "JobRetried":  # type: ignore[attr-defined]
+            # The failure is history: stages from the resumed one on start over.
+            for name in STAGES[STAGES.index(stage) :]:
+                stages[name] = {"status": "pending"}
+                job["result"].pop(name, None)
+            job.update(status="queued", error=None, cancel_requested=False)
+            job["retries"] = job.get("retries", 0) + 1
             continue
         view = stages[stage]
         kind = event.type  # type: ignore[attr-defined]

@@ -29,7 +29,7 @@ class Message(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    job_id: str = Field(..., min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_.-]+$")
+    job_id: str = Field(..., min_length=1, max_length=96, pattern=r"^[a-zA-Z0-9_.-]+$")
     schema_version: int = SCHEMA_VERSION
     created_at: datetime = Field(default_factory=_now)
     message_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
@@ -171,6 +171,13 @@ class JobCancelled(Event):
     stage: Stage
 
 
+class JobRetried(Event):
+    """A user resumed a failed or cancelled job from the first stage it had not finished."""
+
+    type: Literal["JobRetried"] = "JobRetried"
+    stage: Stage
+
+
 AnyMessage = Annotated[
     Union[  # noqa: UP007 - a discriminated union reads best spelled out
         PrepareDataset,
@@ -187,6 +194,7 @@ AnyMessage = Annotated[
         StageFailed,
         CancelRequested,
         JobCancelled,
+        JobRetried,
     ],
     Field(discriminator="type"),
 ]

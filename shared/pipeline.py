@@ -9,6 +9,7 @@ from shared.messages import (
     Event,
     ModelEvaluated,
     ModelTrained,
+    PrepareDataset,
     PublishModel,
     TrainModel,
 )
@@ -31,3 +32,21 @@ def next_command(command: Command, event: Event) -> Command | None:
             evaluation_manifest=event.manifest,
         )
     return None
+
+
+def resume_command(job_id: str, spec_uri: str, manifests: dict[str, str | None]) -> Command:
+    """The command of the first stage without a manifest (``manifests``: stage → URI)."""
+    base = {"job_id": job_id, "spec_uri": spec_uri}
+    dataset, training, evaluation = (manifests.get(s) for s in ("prepare", "train", "evaluate"))
+    if dataset is None:
+        return PrepareDataset(**base)
+    if training is None:
+        return TrainModel(**base, dataset_manifest=dataset)
+    if evaluation is None:
+        return EvaluateModel(**base, dataset_manifest=dataset, training_manifest=training)
+    return PublishModel(
+        **base,
+        dataset_manifest=dataset,
+        training_manifest=training,
+        evaluation_manifest=evaluation,
+    )

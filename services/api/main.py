@@ -12,7 +12,8 @@ from fastapi.responses import JSONResponse
 
 from services.api.deps import require_api_key
 from services.api.inference import BedrockModels, LocalModels
-from services.api.routes import health, jobs, models
+from services.api.middleware import BodyLimit, Metrics
+from services.api.routes import health, jobs, metrics, models
 from shared.bus import Bus
 from shared.errors import BedrockError, PermanentError, TermtuneError
 from shared.jobs import JobRecords
@@ -60,9 +61,13 @@ def create_app(settings: ApiSettings | None = None, *, bus: Bus | None = None) -
     app.state.bus = bus or Bus(settings)
     app.state.models = LocalModels(job_records, settings)
     app.state.bedrock = BedrockModels()
+    app.state.metrics = app_metrics = Metrics(job_records)
     app.include_router(health.router)
+    app.include_router(metrics.router, dependencies=[Depends(require_api_key)])
     for router in (jobs.router, models.router):
         app.include_router(router, prefix="/v1", dependencies=[Depends(require_api_key)])
+    app.add_middleware(lambda app: app_metrics.middleware(app))  # type: ignore[arg-type]
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
 
     @app.exception_handler(TermtuneError)
     async def _termtune_error(_: Request, exc: TermtuneError) -> JSONResponse:

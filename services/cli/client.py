@@ -85,6 +85,10 @@ class Client:
         """Ask a job to stop."""
         return self._call("POST", f"/v1/jobs/{job_id}/cancel")
 
+    def retry(self, job_id: str) -> dict[str, Any]:
+        """Resume a failed or cancelled job from its first unfinished stage."""
+        return self._call("POST", f"/v1/jobs/{job_id}/retry")
+
     def report(self, job_id: str) -> dict[str, Any]:
         """A job's evaluation report."""
         return self._call("GET", f"/v1/jobs/{job_id}/report")

@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     events.add_argument("--follow", action="store_true", help="stream until the job ends")
     cancel = sub.add_parser("cancel", help="cancel a job")
     cancel.add_argument("job_id")
+    retry = sub.add_parser("retry", help="resume a failed or cancelled job")
+    retry.add_argument("job_id")
+    retry.add_argument("--wait", action="store_true", help="follow the job until it ends")
     report = sub.add_parser("report", help="a job's evaluation table and gate")
     report.add_argument("job_id")
     models = sub.add_parser("models", help="published models")
@@ -150,6 +153,14 @@ def _client_command(args: argparse.Namespace) -> int:
         print(job["id"])
         if args.wait:
             job = display.follow(client, job["id"])
+            display.summary(client, job)
+            return 0 if job["status"] == "succeeded" else 1
+        return 0
+    if args.command == "retry":
+        job = client.retry(args.job_id)
+        print(f"{args.job_id}: {job['status']} (retry {job.get('retries', 1)})")
+        if args.wait:
+            job = display.follow(client, args.job_id)
             display.summary(client, job)
             return 0 if job["status"] == "succeeded" else 1
         return 0

@@ -1,4 +1,4 @@
-"""/v1/jobs: submit, list, inspect a job and read its events and report."""
+"""/v1/jobs: submit, list (paged), inspect, cancel and retry a job; its events and report."""
 
 from __future__ import annotations
 
@@ -13,7 +13,16 @@ from services.api.deps import BusDep, JobsDep
 from shared.errors import NotFound, SpecError
 from shared.jobs import new_job_id
 from shared.jobspec import parse_spec
-from shared.messages import CancelRequested, JobSubmitted, PrepareDataset, dump_message
+from shared.messages import (
+    STAGE_OF_COMMAND,
+    STAGES,
+    CancelRequested,
+    JobRetried,
+    JobSubmitted,
+    PrepareDataset,
+    dump_message,
+)
+from shared.pipeline import resume_command
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 JobStatus = Literal["queued", "running", "succeeded", "failed", "rejected", "cancelled"]
@@ -39,16 +48,33 @@ def list_jobs(
     jobs: JobsDep,
     status_filter: JobStatus | None = Query(None, alias="status"),
     limit: int = Query(20, ge=1, le=200),
+    after: str | None = Query(
+        None, max_length=200, description="Id of the last job of the previous page."
+    ),
 ) -> dict[str, Any]:
-    """Jobs, newest first, optionally only those with a status."""
-    found = []
-    for job_id in jobs.job_ids():
+    """Jobs, newest first, optionally only those with a status; ``after`` pages on."""
+    ids = jobs.job_ids()
+    start = 0
+    if after is not None:
+        if after not in ids:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {after!r} to page after")
+        start = ids.index(after) + 1
+    found: list[dict[str, Any]] = []
+    has_more = False
+    for job_id in ids[start:]:
         summary = jobs.summary(job_id)
-        if status_filter is None or summary["status"] == status_filter:
-            found.append(summary)
-        if len(found) >= limit:
+        if status_filter is not None and summary["status"] != status_filter:
+            continue
+        if len(found) == limit:
+            has_more = True
             break
-    return {"data": found, "count": len(found)}
+        found.append(summary)
+    return {
+        "data": found,
+        "count": len(found),
+        "has_more": has_more,
+        "next_after": found[-1]["id"] if has_more else None,
+    }
 
 
 @router.get("/{job_id}")
@@ -68,6 +94,29 @@ def cancel_job(job_id: str, jobs: JobsDep) -> dict[str, Any]:
         )
     if jobs.request_cancel(job_id):
         jobs.record(CancelRequested(job_id=job_id))
+    return jobs.summary(job_id)
+
+
+@router.post("/{job_id}/retry", status_code=status.HTTP_202_ACCEPTED)
+def retry_job(job_id: str, jobs: JobsDep, bus: BusDep) -> dict[str, Any]:
+    """Resume a failed or cancelled job from the first stage it had not finished (training
+    resumes from its latest checkpoint)."""
+    summary = _or_404(lambda: jobs.summary(job_id))
+    if summary["status"] not in ("failed", "cancelled"):
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"job {job_id!r} is {summary['status']}; only failed or cancelled jobs are retried",
+        )
+    manifests = {
+        stage: jobs.store.uri(jobs.manifest_key(job_id, stage))
+        if jobs.manifest(job_id, stage) is not None
+        else None
+        for stage in STAGES
+    }
+    command = resume_command(job_id, jobs.store.uri(jobs.spec_key(job_id)), manifests)
+    jobs.clear_cancel(job_id)
+    jobs.record(JobRetried(job_id=job_id, stage=STAGE_OF_COMMAND[command.type]))
+    bus.publish(command)
     return jobs.summary(job_id)
 
 

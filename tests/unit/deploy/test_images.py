@@ -24,6 +24,7 @@ ALL = {
     "torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes", "safetensors",
     "tokenizers", "pyarrow", "kombu", "boto3", "fastapi", "uvicorn", "httpx", "pydantic",
     "pydantic_settings", "yaml", "rouge_score", "sacrebleu", "numpy", "tenacity", "rich",
+    "prometheus_client",
 }  # fmt: skip
 SERVICES = ("api", "dataprep", "trainer", "evaluator", "publisher")
 

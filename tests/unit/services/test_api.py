@@ -50,6 +50,9 @@ def test_routes_need_the_key(app_env, headers, code):
         ("get", "/v1/models"),
         ("post", "/v1/models/x/invoke"),
         ("get", "/v1/jobs/x/events"),
+        ("post", "/v1/jobs/x/retry"),
+        ("delete", "/v1/models/x"),
+        ("get", "/v1/imported-models"),
     ]:
         response = getattr(client, method)(path, headers=headers)
         assert response.status_code == code, (method, path)
@@ -199,3 +202,106 @@ def test_events_stream_live_until_the_job_ends(app_env):
 def test_events_stream_of_unknown_job_is_404(app_env):
     client, _, _ = app_env
     assert client.get("/v1/jobs/nope-1/events", params={"follow": True}).status_code == 404
+
+
+def test_jobs_are_paged_newest_first(app_env):
+    client, _, _ = app_env
+    ids = [client.post("/v1/jobs", json={"name": f"page{n}"}).json()["id"] for n in range(5)]
+    first = client.get("/v1/jobs", params={"limit": 2}).json()
+    assert [j["id"] for j in first["data"]] == ids[::-1][:2]
+    assert first["has_more"] and first["next_after"] == ids[3]
+    second = client.get("/v1/jobs", params={"limit": 2, "after": first["next_after"]}).json()
+    assert [j["id"] for j in second["data"]] == ids[::-1][2:4]
+    last = client.get("/v1/jobs", params={"limit": 2, "after": second["next_after"]}).json()
+    assert [j["id"] for j in last["data"]] == [ids[0]]
+    assert not last["has_more"] and last["next_after"] is None
+    assert client.get("/v1/jobs", params={"after": "nope-1"}).status_code == 404
+
+
+def test_retry_resumes_a_failed_job_from_its_first_unfinished_stage(app_env):
+    from shared.messages import DatasetPrepared, JobCancelled, StageFailed
+
+    client, bus, app = app_env
+    jobs = app.state.jobs
+    job = client.post("/v1/jobs", json={"name": "retry"}).json()
+    _queued(bus, "dataprep")
+    assert client.post(f"/v1/jobs/{job['id']}/retry").status_code == 409  # still queued
+    manifest = jobs.write_manifest(job["id"], "prepare", {"counts": {"train": 1}})
+    jobs.record(DatasetPrepared(job_id=job["id"], manifest=manifest, counts={"train": 1}))
+    jobs.record(
+        StageFailed(
+            job_id=job["id"], stage="train", error="node lost", error_type="X", permanent=False
+        )
+    )
+    assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "failed"
+    response = client.post(f"/v1/jobs/{job['id']}/retry")
+    assert response.status_code == 202, response.text
+    retried = response.json()
+    assert retried["status"] == "queued" and retried["error"] is None and retried["retries"] == 1
+    assert retried["stages"]["prepare"]["status"] == "succeeded"
+    assert retried["stages"]["train"] == {"status": "pending"}
+    command = _queued(bus, "trainer")
+    assert command.type == "TrainModel"
+    assert command.dataset_manifest == manifest
+    # A cancelled job is retried too, and its cancel request is forgotten.
+    jobs.request_cancel(job["id"])
+    jobs.record(JobCancelled(job_id=job["id"], stage="train"))
+    assert client.post(f"/v1/jobs/{job['id']}/retry").status_code == 202
+    assert not jobs.cancel_requested(job["id"])
+    assert client.post("/v1/jobs/nope-1/retry").status_code == 404
+
+
+def test_metrics_count_requests_and_jobs_in_prometheus_format(app_env):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client, _, _ = app_env
+    client.post("/v1/jobs", json={"name": "metered"})
+    client.get("/v1/jobs/nope-1")
+    assert client.get("/metrics", headers={"Authorization": ""}).status_code == 401
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    }
+    assert samples[("termtune_jobs", (("status", "queued"),))] == 1
+    assert (
+        samples[
+            (
+                "termtune_http_requests_total",
+                (("method", "POST"), ("route", "/v1/jobs"), ("status", "201")),
+            )
+        ]
+        == 1
+    )
+    assert (
+        samples[
+            (
+                "termtune_http_requests_total",
+                (("method", "GET"), ("route", "/v1/jobs/{job_id}"), ("status", "404")),
+            )
+        ]
+        == 1
+    )
+
+
+def test_request_bodies_over_the_limit_are_refused_with_413(app_env):
+    client, bus, _ = app_env
+    huge = {"name": "big", "dataset": {"source": "x" * 2_000_000}}
+    response = client.post("/v1/jobs", json=huge)
+    assert response.status_code == 413
+    assert response.json() == {
+        "detail": "request body over 1048576 bytes",
+        "type": "RequestTooLarge",
+    }
+
+    def chunks():  # no Content-Length: the limit holds for streamed bodies too
+        for _ in range(40):
+            yield b"x" * 65536
+
+    streamed = client.post(
+        "/v1/jobs", content=chunks(), headers={"Content-Type": "application/json"}
+    )
+    assert streamed.status_code == 413
+    assert _queued(bus, "dataprep") is None

@@ -62,3 +62,11 @@ def test_records_round_trip(tmp_path):
     assert jobs.spec("terms-1") == SPEC
     assert jobs.job_ids() == ["terms-1"]
     assert jobs.manifest("terms-1", "prepare") is None
+
+
+def test_the_longest_job_name_makes_a_valid_job_id():
+    from shared.jobs import new_job_id
+    from shared.messages import PrepareDataset
+
+    job_id = new_job_id("a" * 48)
+    assert PrepareDataset(job_id=job_id, spec_uri="file:///s").job_id == job_id

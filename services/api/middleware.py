@@ -1,0 +1,149 @@
+"""ASGI middleware of the control plane: request size limit and Prometheus metrics."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+from shared.jobs import JobRecords
+
+Scope = dict[str, Any]
+
+
+class BodyLimit:
+    """Answers 413 with a JSON reason to a request body over ``limit`` bytes, whether it
+    says its length up front or streams it (the body is read, at most ``limit`` + one
+    chunk, before the app sees it)."""
+
+    def __init__(self, app: Any, *, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                await self.app(scope, _replay([message], receive), send)  # disconnect
+                return
+            chunks.append(message)
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                await self._refuse(send)
+                return
+            if not message.get("more_body", False):
+                break
+        body = b"".join(m.get("body", b"") for m in chunks)
+        whole = {"type": "http.request", "body": body, "more_body": False}
+        await self.app(scope, _replay([whole], receive), send)
+
+    async def _refuse(self, send: Any) -> None:
+        body = json.dumps(
+            {"detail": f"request body over {self.limit} bytes", "type": "RequestTooLarge"}
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def _replay(messages: list[dict[str, Any]], receive: Any) -> Any:
+    """A receive callable that returns ``messages`` first, then defers to ``receive``."""
+    pending = list(messages)
+
+    async def replay() -> dict[str, Any]:
+        return pending.pop(0) if pending else await receive()
+
+    return replay
+
+
+class _JobsCollector:
+    """Jobs by status, read from the job records at scrape time (newest ``limit`` jobs)."""
+
+    def __init__(self, jobs: JobRecords, limit: int = 1000) -> None:
+        self.jobs, self.limit = jobs, limit
+
+    def collect(self) -> Any:
+        counts: dict[str, int] = {}
+        for job_id in self.jobs.job_ids()[: self.limit]:
+            status = self.jobs.summary(job_id)["status"]
+            counts[status] = counts.get(status, 0) + 1
+        jobs = GaugeMetricFamily("termtune_jobs", "Jobs by status.", labels=["status"])
+        for status in ("queued", "running", "succeeded", "failed", "rejected", "cancelled"):
+            jobs.add_metric([status], counts.get(status, 0))
+        yield jobs
+        models = GaugeMetricFamily("termtune_published_models", "Published models.")
+        models.add_metric([], len(self.jobs.models()))
+        yield models
+
+
+def _route_label(scope: Scope) -> str:
+    """The matched route's template with its router prefixes (``/v1/jobs/{job_id}``): the
+    request path minus what the route's own template matched, plus that template."""
+    route = getattr(scope.get("route"), "path", None)
+    if route is None:
+        return "unmatched"
+    filled = route
+    for name, value in (scope.get("path_params") or {}).items():
+        filled = filled.replace(f"{{{name}}}", str(value)).replace(f"{{{name}:path}}", str(value))
+    path = scope["path"]
+    prefix = path[: len(path) - len(filled)] if path.endswith(filled) else ""
+    return prefix + route
+
+
+class Metrics:
+    """Prometheus metrics of one app: HTTP requests and latency, jobs, models."""
+
+    def __init__(self, jobs: JobRecords) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "termtune_http_requests",
+            "HTTP requests by route and status.",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "termtune_http_request_seconds",
+            "HTTP request latency by route.",
+            ["method", "route"],
+            registry=self.registry,
+        )
+        self.registry.register(_JobsCollector(jobs))
+
+    def middleware(self, app: Any) -> Any:
+        """An ASGI wrapper that counts and times every HTTP request."""
+
+        async def wrapped(scope: Scope, receive: Any, send: Any) -> None:
+            if scope["type"] != "http":
+                await app(scope, receive, send)
+                return
+            start, status = time.perf_counter(), 500
+
+            async def record(message: dict[str, Any]) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                await send(message)
+
+            try:
+                await app(scope, receive, record)
+            finally:
+                route = _route_label(scope)
+                self.requests.labels(scope["method"], route, str(status)).inc()
+                self.latency.labels(scope["method"], route).observe(time.perf_counter() - start)
+
+        return wrapped
