@@ -83,6 +83,10 @@ class ApiSettings(Settings):
     api_key: str | None = Field(None, description="Bearer key clients must present.")
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
+    g5_prices: dict[str, float] = Field(
+        default_factory=dict,
+        description="USD/hour overrides of g5 on-demand prices for estimates, as JSON.",
+    )
     max_request_bytes: int = Field(
         1_048_576, ge=1024, description="Largest request body accepted (413 above)."
     )

@@ -85,6 +85,13 @@ class Client:
         """Ask a job to stop."""
         return self._call("POST", f"/v1/jobs/{job_id}/cancel")
 
+    def estimate(
+        self, job_id: str, instance_type: str, *, spec: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Training time and cost of a prepared job on an instance type; Bedrock's cost."""
+        body = {"job_id": job_id, "instance_type": instance_type, "spec": spec}
+        return self._call("POST", "/v1/estimate", json=body)
+
     def retry(self, job_id: str) -> dict[str, Any]:
         """Resume a failed or cancelled job from its first unfinished stage."""
         return self._call("POST", f"/v1/jobs/{job_id}/retry")

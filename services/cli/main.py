@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from shared.errors import TermtuneError
+from shared.errors import SpecError, TermtuneError
 from shared.jobspec import load_spec
 
 TINY_MODEL_DIR = Path("var/models/tiny-flan-t5")
@@ -55,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
     invoke.add_argument("model")
     invoke.add_argument("prompt")
     invoke.add_argument("--max-gen-len", type=int, default=64)
+    est = sub.add_parser(
+        "estimate", help="training time and cost on a g5 instance, and Bedrock's cost"
+    )
+    est.add_argument("spec", type=Path, nargs="?", help="prepared here first, unless --job")
+    est.add_argument("--job", default=None, help="a job the control plane has prepared")
+    est.add_argument("--instance-type", default="g5.xlarge")
     tiny = sub.add_parser("build-tiny-model", help="build the offline tiny Flan-T5-shaped model")
     tiny.add_argument("--out", type=Path, default=TINY_MODEL_DIR)
     tiny.add_argument("--data", type=Path, default=SAMPLE_DATA)
@@ -143,6 +149,38 @@ def cmd_local_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    """Through the control plane (--job), or data-prep here and the same arithmetic."""
+    if args.job:
+        from services.cli.client import Client
+
+        spec = _raw_spec(args.spec) if args.spec else None
+        result = Client().estimate(args.job, args.instance_type, spec=spec)
+    else:
+        if args.spec is None:
+            raise SpecError("estimate needs a SPEC (prepared here) or --job ID")
+        from services.cli.stages import run_local
+        from shared.estimate import G5_INSTANCES, Prices, count_parameters, estimate
+        from shared.jobs import JobRecords
+        from shared.settings import BedrockSettings, Settings
+        from shared.store import open_store
+
+        _ensure_model(args.spec)
+        spec = load_spec(args.spec)
+        job_id, _ = run_local("prepare", spec)
+        dataset = JobRecords(open_store(Settings())).manifest(job_id, "prepare") or {}
+        prices = Prices(G5_INSTANCES, BedrockSettings().cmu_price_per_minute)
+        result = estimate(
+            spec,
+            dataset,
+            instance_type=args.instance_type,
+            parameters=count_parameters(spec.base_model),
+            prices=prices,
+        )
+    print(json.dumps(result, indent=2, ensure_ascii=False))
+    return 0
+
+
 def _client_command(args: argparse.Namespace) -> int:
     from services.cli import display
     from services.cli.client import Client
@@ -224,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command in ("prepare", "train", "evaluate", "publish"):
             return cmd_local_stage(args)
+        if args.command == "estimate":
+            return cmd_estimate(args)
         return _client_command(args)
     except (TermtuneError, TimeoutError) as exc:
         print(f"termtune: {exc}", file=sys.stderr)

@@ -305,3 +305,35 @@ def test_request_bodies_over_the_limit_are_refused_with_413(app_env):
     )
     assert streamed.status_code == 413
     assert _queued(bus, "dataprep") is None
+
+
+def test_estimate_prices_a_prepared_job_on_a_g5_instance(app_env, trained_job):
+    """From the prepared dataset's token counts: steps, tokens, hours, cost; Bedrock's cost."""
+    import math
+
+    client, _, app = app_env
+    ctx, job_id = trained_job["ctx"], trained_job["job_id"]
+    jobs = app.state.jobs
+    spec = ctx.jobs.spec(job_id)
+    dataset = ctx.jobs.manifest(job_id, "prepare")
+    jobs.create("est-1", spec)
+    jobs.write_manifest("est-1", "prepare", dataset)
+    bigger = spec.model_dump(mode="json")
+    bigger["training"].update(max_steps=-1, epochs=3, batch_size=4, gradient_accumulation_steps=2)
+    one = client.post("/v1/estimate", json={"job_id": "est-1", "spec": bigger}).json()
+    four = client.post(
+        "/v1/estimate", json={"job_id": "est-1", "spec": bigger, "instance_type": "g5.12xlarge"}
+    ).json()
+    rows = dataset["counts"]["train"]
+    assert one["training"]["optimizer_steps"] == math.ceil(math.ceil(rows / 8) * 3)
+    assert four["processes"] == 4  # data-parallel on the four GPUs: a quarter of the steps
+    assert four["training"]["optimizer_steps"] == math.ceil(math.ceil(rows / 32) * 3)
+    assert four["training"]["tokens_per_s"] == 4 * one["training"]["tokens_per_s"]
+    assert one["training"]["cost_usd"] == round(one["training"]["hours"] * 1.006, 2)
+    assert one["bedrock"]["custom_model_units"] == 1
+    assert "assumed" in one["training"]["basis"] and "assumed" in one["bedrock"]["basis"]
+    bad = client.post("/v1/estimate", json={"job_id": "est-1", "instance_type": "p5.48xlarge"})
+    assert bad.status_code == 422 and "g5.xlarge" in bad.json()["detail"]
+    assert client.post("/v1/estimate", json={"job_id": "nope-1"}).status_code == 404
+    jobs.create("est-2", spec)
+    assert client.post("/v1/estimate", json={"job_id": "est-2"}).status_code == 409
