@@ -11,7 +11,7 @@ CMI_VENV ?= .venv-cmi
 LINT_VENV ?= .venv-lint
 CMI_TRANSFORMERS ?= 4.51.3
 
-.PHONY: install compat brokers lint-deploy run test test-unit test-e2e lint format up down clean docs bench
+.PHONY: install compat brokers browsers lint-deploy run test test-unit test-e2e lint format up down clean docs bench
 
 install: $(VENV)/.installed
 
@@ -50,13 +50,13 @@ $(CMI_VENV)/.installed:
 run: install
 	$(VENV)/bin/termtune run $(SPEC)
 
-test: install compat brokers
+test: install compat brokers browsers
 	$(VENV)/bin/pytest
 
 test-unit: install compat
 	$(VENV)/bin/pytest tests/unit
 
-test-e2e: install brokers
+test-e2e: install brokers browsers
 	$(VENV)/bin/pytest tests/e2e
 
 lint: install lint-deploy
@@ -77,6 +77,14 @@ $(LINT_VENV)/.installed: deploy/lint/requirements.txt
 	test -x $(LINT_VENV)/bin/python || python3 -m venv $(LINT_VENV)
 	$(LINT_VENV)/bin/python -m pip install -q -r deploy/lint/requirements.txt
 	touch $@
+
+# Chromium and its driver from Debian, for the web page's end-to-end test.
+browsers:
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
+	  echo "installing chromium and chromium-driver (Debian packages)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null; }; }
 
 # RabbitMQ from Debian for the integration tests (they start and stop a private node).
 brokers:

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from services.api.deps import require_api_key
 from services.api.inference import BedrockModels, LocalModels
 from services.api.middleware import BodyLimit, Metrics
-from services.api.routes import estimate, health, jobs, metrics, models
+from services.api.routes import estimate, health, jobs, metrics, models, web
 from shared.bus import Bus
 from shared.errors import BedrockError, PermanentError, TermtuneError
 from shared.jobs import JobRecords
@@ -63,6 +63,7 @@ def create_app(settings: ApiSettings | None = None, *, bus: Bus | None = None) -
     app.state.bedrock = BedrockModels()
     app.state.metrics = app_metrics = Metrics(job_records)
     app.include_router(health.router)
+    app.include_router(web.router)
     app.include_router(metrics.router, dependencies=[Depends(require_api_key)])
     for router in (jobs.router, models.router, estimate.router):
         app.include_router(router, prefix="/v1", dependencies=[Depends(require_api_key)])
