@@ -12,7 +12,12 @@ from collections.abc import Callable
 from typing import Any
 
 from botocore.config import Config
-from botocore.exceptions import ClientError, EndpointConnectionError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    EndpointConnectionError,
+    NoCredentialsError,
+)
 
 from shared.errors import BedrockError, RetryableError
 from shared.settings import BedrockSettings
@@ -70,13 +75,20 @@ def error_code(exc: BaseException) -> str:
     return ""
 
 
-def explain(exc: ClientError | EndpointConnectionError, operation: str) -> Exception:
+def explain(exc: ClientError | BotoCoreError, operation: str) -> Exception:
     """A termtune error for what Bedrock answered, naming what the user must fix."""
+    if isinstance(exc, NoCredentialsError):
+        return BedrockError(
+            f"{operation}: no AWS credentials (a task role, AWS_* variables, or a profile "
+            "named by TERMTUNE_BEDROCK_AWS_PROFILE)"
+        )
     if isinstance(exc, EndpointConnectionError):
         return BedrockError(
             f"{operation}: cannot reach Bedrock ({exc}); check TERMTUNE_BEDROCK_REGION "
             f"(imports run in {', '.join(IMPORT_REGIONS)}) and the network"
         )
+    if not isinstance(exc, ClientError):
+        return BedrockError(f"{operation}: {exc}")
     code, message = error_code(exc), exc.response.get("Error", {}).get("Message", "")
     if code in ("AccessDeniedException", "AccessDenied", "UnrecognizedClientException"):
         needed = f"bedrock:{operation}"
@@ -122,7 +134,7 @@ def invoke(
                 contentType="application/json",
                 accept="application/json",
             )
-        except ClientError as exc:
+        except (ClientError, BotoCoreError) as exc:
             if error_code(exc) == "ModelNotReadyException" and attempt < retries:
                 log.info("model %s not ready (try %d/%d)", model_arn, attempt + 1, retries)
                 sleep(wait_seconds)
@@ -138,7 +150,7 @@ def imported_models(client: Any) -> list[dict[str, Any]]:
     try:
         pages = client.get_paginator("list_imported_models").paginate()
         return [m for page in pages for m in page.get("modelSummaries", [])]
-    except ClientError as exc:
+    except (ClientError, BotoCoreError) as exc:
         raise explain(exc, "ListImportedModels") from exc
 
 
@@ -146,7 +158,7 @@ def delete_imported_model(client: Any, model_arn: str) -> None:
     """Delete an imported model (it stops costing storage)."""
     try:
         client.delete_imported_model(modelIdentifier=model_arn)
-    except ClientError as exc:
+    except (ClientError, BotoCoreError) as exc:
         if error_code(exc) == "ResourceNotFoundException":
             return  # already gone: deleting is idempotent
         raise explain(exc, "DeleteImportedModel") from exc

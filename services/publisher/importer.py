@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from botocore.exceptions import ClientError, EndpointConnectionError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from shared import bedrock
 from shared.errors import BedrockError, NotFound, RetryableError
@@ -137,7 +137,7 @@ class Importer:
                     pass
                 else:
                     raise bedrock.explain(exc, "CreateModelImportJob") from exc
-            except EndpointConnectionError as exc:
+            except BotoCoreError as exc:
                 raise bedrock.explain(exc, "CreateModelImportJob") from exc
             self.sleep(delay)
             delay = min(delay * 2, self.settings.poll_max_seconds)
@@ -175,7 +175,7 @@ class Importer:
             if bedrock.error_code(exc) == "ResourceNotFoundException":
                 raise NotFound(f"{operation}: {exc}") from exc
             raise bedrock.explain(exc, operation) from exc
-        except EndpointConnectionError as exc:
+        except BotoCoreError as exc:
             raise bedrock.explain(exc, operation) from exc
 
 
