@@ -28,11 +28,30 @@ def _progress_line(stage: str, progress: dict[str, Any]) -> str:
 
 
 def follow(
-    client: Client, job_id: str, *, timeout: float = 3600.0, poll: float = 1.0
+    client: Client,
+    job_id: str,
+    *,
+    timeout: float = 3600.0,
+    poll: float = 1.0,
+    bars: bool | None = None,
 ) -> dict[str, Any]:
-    """Print each stage's transitions and progress until the job ends; its last summary."""
+    """Show each stage's progress until the job ends (live bars on a terminal, lines in a
+    log); the job's last summary."""
+    bars = console.is_terminal if bars is None else bars
+    watch = _follow_bars if bars else _follow_lines
+    return watch(client, job_id, deadline=time.monotonic() + timeout, poll=poll)
+
+
+def _ended(job: dict[str, Any], job_id: str, deadline: float, timeout_hint: str) -> bool:
+    if job["status"] in TERMINAL:
+        return True
+    if time.monotonic() > deadline:
+        raise TimeoutError(f"job {job_id} still {job['status']} after {timeout_hint}")
+    return False
+
+
+def _follow_lines(client: Client, job_id: str, *, deadline: float, poll: float) -> dict[str, Any]:
     seen: dict[str, Any] = {}
-    deadline = time.monotonic() + timeout
     while True:
         job = client.job(job_id)
         for stage in STAGES:
@@ -45,13 +64,56 @@ def follow(
                         + (f": {view['error']}" if view.get("error") else "")
                     )
                 if view.get("progress") and state[1] != (seen.get(stage) or (None, None))[1]:
-                    console.print(_progress_line(stage, view["progress"]))
+                    console.print(_progress_line(stage, view["progress"]), markup=False)
                 seen[stage] = state
-        if job["status"] in TERMINAL:
+        if _ended(job, job_id, deadline, "the timeout"):
             return job
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"job {job_id} still {job['status']} after {timeout:.0f}s")
         time.sleep(poll)
+
+
+def _bar_state(view: dict[str, Any]) -> tuple[float | None, float, str]:
+    """(total, completed, info) of one stage's bar."""
+    progress = view.get("progress") or {}
+    info, total, completed = view["status"], None, 0.0
+    if "total_steps" in progress:
+        total, completed = progress["total_steps"], progress.get("step", 0)
+        loss = progress.get("loss")
+        if isinstance(loss, (int, float)):
+            info += f" · loss {loss:.3f}"
+        if progress.get("eta_s") is not None:
+            info += f" · ETA {progress['eta_s']:.0f}s"
+        if progress.get("examples_per_s"):
+            info += f" · {progress['examples_per_s']} ex/s"
+    elif progress.get("phase"):
+        info += f" · {progress['phase']}"
+    if view["status"] in ("succeeded", "skipped"):
+        total = total or 1
+        completed = total
+    if view.get("error"):
+        info += f": {view['error']}"
+    return total, completed, info
+
+
+def _follow_bars(client: Client, job_id: str, *, deadline: float, poll: float) -> dict[str, Any]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    columns = (
+        TextColumn("[bold]{task.fields[stage]:>9}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+    )
+    with Progress(*columns, console=console) as bars:
+        tasks = {s: bars.add_task("", total=None, stage=s, info="pending") for s in STAGES}
+        while True:
+            job = client.job(job_id)
+            for stage in STAGES:
+                total, completed, info = _bar_state(job["stages"][stage])
+                bars.update(tasks[stage], total=total, completed=completed, info=info)
+            bars.refresh()  # once per poll: each state the control plane reported is drawn
+            if _ended(job, job_id, deadline, "the timeout"):
+                return job
+            time.sleep(poll)
 
 
 def evaluation_table(report: dict[str, Any]) -> Table:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import yaml
 
@@ -29,3 +30,52 @@ def test_errors_are_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
     assert main(["estimate"]) == 1
     err = capsys.readouterr().err.strip()
     assert err == "termtune: estimate needs a SPEC (prepared here) or --job ID"
+
+
+def _job(status, train=None, evaluate="pending"):
+    stages = {s: {"status": "pending"} for s in ("prepare", "train", "evaluate", "publish")}
+    stages["prepare"] = {"status": "succeeded"}
+    if train is not None:
+        stages["train"] = train
+    stages["evaluate"] = {"status": evaluate}
+    return {"id": "j-1", "status": status, "stages": stages}
+
+
+class _FakeClient:
+    def __init__(self, jobs):
+        self.jobs = list(jobs)
+
+    def job(self, job_id):
+        return self.jobs.pop(0) if len(self.jobs) > 1 else self.jobs[0]
+
+
+def test_follow_draws_live_bars_with_loss_and_eta(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from services.cli import display
+
+    out = io.StringIO()
+    monkeypatch.setattr(display, "console", Console(file=out, force_terminal=True, width=120))
+    progress = {"step": 3, "total_steps": 6, "loss": 1.2345, "eta_s": 12.4, "examples_per_s": 8}
+    jobs = [
+        _job("running", {"status": "running", "progress": progress}),
+        _job("running", {"status": "succeeded", "progress": {**progress, "step": 6}}, "running"),
+        _job("failed", {"status": "succeeded"}, "failed"),
+    ]
+    job = display.follow(_FakeClient(jobs), "j-1", poll=0.01, bars=True)
+    assert job["status"] == "failed"
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue())  # without the colours
+    assert "loss 1.234" in text and "ETA 12s" in text and "3/6" in text
+    assert "6/6" in text  # the finished training bar
+
+
+def test_follow_prints_lines_in_a_log(monkeypatch, capsys):
+    from services.cli import display
+
+    jobs = [_job("running", {"status": "running", "progress": {"step": 1, "total_steps": 2}})]
+    jobs.append(_job("succeeded", {"status": "succeeded"}, "succeeded"))
+    job = display.follow(_FakeClient(jobs), "j-1", poll=0.01, bars=False)
+    assert job["status"] == "succeeded"
+    assert "[train] step 1/2" in capsys.readouterr().out
