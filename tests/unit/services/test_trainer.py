@@ -1,4 +1,5 @@
 import math
+import os
 
 import pytest
 import torch
@@ -231,3 +232,20 @@ def test_data_parallel_shutdown_checkpoints_and_resumes_to_the_same_step(ctx, pr
     event = _run(ctx, prepared_two_ranks, lambda data, *, force=False: None)
     assert ctx.jobs.manifest("job-2", "train")["resumed_from_step"] == step
     assert event.steps == total
+
+
+def test_ranks_stop_as_lost_when_the_worker_is_gone(tmp_path):
+    """A rank whose worker died (kill -9) stops: no orphan trains beside the new owner."""
+    import subprocess
+    import sys
+
+    from services.trainer.distributed import _Files, _rank_should_stop
+
+    files = _Files(tmp_path / "ranks")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    assert _rank_should_stop(files, gone.pid)() == "lost"
+    alive = _rank_should_stop(files, os.getpid())
+    assert alive() is None
+    (files.folder / "stop").write_text("cancel")
+    assert alive() == "cancel"
