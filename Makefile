@@ -113,3 +113,4 @@ docs: install
 bench: install
 	$(PY) -m bench.dataprep
 	$(PY) -m bench.training
+	$(PY) -m bench.export
