@@ -111,6 +111,4 @@ docs: install
 	$(PY) -c "from services.cli.docs import update_readme; update_readme()"
 
 bench: install
-	$(PY) -m bench.dataprep
-	$(PY) -m bench.training
-	$(PY) -m bench.export
+	$(PY) -m bench.report

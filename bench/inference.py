@@ -1,0 +1,80 @@
+"""Local inference benchmark: the control plane's twin of Bedrock's invoke.
+
+``python -m bench.inference``: a published tiny model served by ``LocalModels`` answers one
+request at a time (latency p50/p95 over ``--requests``), then ``--concurrency`` requests at
+once from threads (throughput). Requests are not batched together: each is its own
+``generate`` call under the model's lock-free path. Prints figures; nothing here is a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+PROMPTS = ["What is Asthma?", "What is Acromegaly?", "What is Anticoagulant?", "What is Gout?"]
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=40)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--max-gen-len", type=int, default=32)
+    args = parser.parse_args()
+    from services.api.inference import InvokeRequest, LocalModels
+    from services.cli.tinymodel import build_tiny_t5
+    from shared.jobs import JobRecords
+    from shared.settings import Settings
+    from shared.store import LocalStore
+    from tests.factories import SAMPLE_DATA
+
+    with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
+        work = Path(tmp)
+        model = build_tiny_t5(work / "model", data_file=SAMPLE_DATA)
+        store = LocalStore(work / "store")
+        store.upload_dir(model, "models-data/tiny")
+        jobs = JobRecords(store)
+        jobs.register_model(
+            "tiny", {"name": "tiny", "target": "local", "location": store.uri("models-data/tiny")}
+        )
+        models = LocalModels(jobs, Settings(var_dir=work))
+
+        def ask(n: int) -> float:
+            request = InvokeRequest(
+                prompt=PROMPTS[n % len(PROMPTS)], max_gen_len=args.max_gen_len, temperature=0.0
+            )
+            start = time.perf_counter()
+            models.invoke("tiny", request)
+            return time.perf_counter() - start
+
+        ask(0)  # load once
+        print(f"{args.requests} sequential requests, max_gen_len {args.max_gen_len}...", flush=True)
+        latencies = [ask(n) for n in range(args.requests)]
+        print(
+            f"one at a time: p50 {_percentile(latencies, 0.5) * 1000:.0f} ms, "
+            f"p95 {_percentile(latencies, 0.95) * 1000:.0f} ms, "
+            f"{1 / statistics.fmean(latencies):.1f} requests/s"
+        )
+        print(f"{args.requests} requests, {args.concurrency} at once...", flush=True)
+        start = time.perf_counter()
+        with ThreadPoolExecutor(args.concurrency) as pool:
+            concurrent = list(pool.map(ask, range(args.requests)))
+        wall = time.perf_counter() - start
+        print(
+            f"{args.concurrency} at once: {args.requests / wall:.1f} requests/s, "
+            f"p50 {_percentile(concurrent, 0.5) * 1000:.0f} ms, "
+            f"p95 {_percentile(concurrent, 0.95) * 1000:.0f} ms per request "
+            "(no batching across requests)"
+        )
+
+
+if __name__ == "__main__":
+    main()

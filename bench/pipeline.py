@@ -1,0 +1,100 @@
+"""End-to-end benchmark on the embedded defaults: where a job's wall time goes.
+
+``python -m bench.pipeline``: starts the control plane and the four workers as processes
+(``filesystem://`` broker, local store), runs ``--jobs`` small jobs one after another, and
+reads each job's recorded events: each stage's wall time (its start to its result) and each
+hop between stages (a result recorded → the next stage started: bus message, worker pickup,
+reading the spec and manifests from the store). Orchestration overhead = the hops' share of
+the job's wall time (goal: under 5%). Prints figures; nothing here is a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import statistics
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+DONE = {"prepare": "DatasetPrepared", "train": "ModelTrained", "evaluate": "ModelEvaluated"}
+DONE["publish"] = "ModelPublished"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _at(event: dict[str, Any]) -> float:
+    return datetime.fromisoformat(event["created_at"]).timestamp()
+
+
+def timings(events: list[dict[str, Any]]) -> tuple[dict[str, float], list[float], float]:
+    """(stage → seconds, hop seconds, total seconds) of one finished job's events."""
+    submitted = next(_at(e) for e in events if e["type"] == "JobSubmitted")
+    started = {e["stage"]: _at(e) for e in events if e["type"] == "StageStarted"}
+    done = {s: _at(e) for s in DONE for e in events if e["type"] == DONE[s]}
+    stages = {s: done[s] - started[s] for s in DONE}
+    order = list(DONE)
+    hops = [started["prepare"] - submitted]
+    hops += [started[order[i + 1]] - done[order[i]] for i in range(len(order) - 1)]
+    return stages, hops, done["publish"] - submitted
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--jobs", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=30)
+    args = parser.parse_args()
+    from services.cli.client import Client
+    from services.cli.display import follow
+    from services.cli.launcher import Launcher
+    from services.cli.tinymodel import build_tiny_t5
+    from tests.factories import SAMPLE_DATA, spec_dict
+
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
+        work = Path(tmp)
+        model = build_tiny_t5(work / "model", data_file=SAMPLE_DATA)
+        launcher = Launcher(var_dir=work / "var", port=_free_port(), env={})
+        launcher.start()
+        try:
+            launcher.wait_ready(timeout=120)
+            client = Client(launcher.url, api_key=(launcher.run_dir / "api_key").read_text())
+            per_stage: dict[str, list[float]] = {s: [] for s in DONE}
+            hops: list[float] = []
+            shares: list[float] = []
+            totals: list[float] = []
+            for n in range(args.jobs):
+                spec = spec_dict(model, name=f"bench-{n}", training={"max_steps": args.steps})
+                job = follow(client, client.submit(spec)["id"], timeout=900, bars=False)
+                if job["status"] != "succeeded":
+                    raise SystemExit(f"job {job['id']} {job['status']}: {job.get('error')}")
+                stages, job_hops, total = timings(client.events(job["id"]))
+                for stage, seconds in stages.items():
+                    per_stage[stage].append(seconds)
+                hops += job_hops
+                shares.append(sum(job_hops) / total)
+                totals.append(total)
+                print(f"  job {n + 1}: {total:.1f} s, hops {sum(job_hops):.2f} s", flush=True)
+        finally:
+            launcher.stop()
+    print(f"{args.jobs} jobs ({args.steps} optimizer steps each), medians:")
+    for stage, values in per_stage.items():
+        print(f"  {stage:>9}: {statistics.median(values):6.2f} s")
+    print(
+        f"job wall {statistics.median(totals):.1f} s; hop between stages p50 "
+        f"{_percentile(hops, 0.5) * 1000:.0f} ms, p95 {_percentile(hops, 0.95) * 1000:.0f} ms; "
+        f"orchestration overhead {statistics.median(shares):.1%} of the job (goal < 5%)"
+    )
+
+
+if __name__ == "__main__":
+    main()
