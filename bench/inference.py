@@ -15,12 +15,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from bench import percentile
+
 PROMPTS = ["What is Asthma?", "What is Acromegaly?", "What is Anticoagulant?", "What is Gout?"]
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def main() -> None:
@@ -59,8 +56,8 @@ def main() -> None:
         print(f"{args.requests} sequential requests, max_gen_len {args.max_gen_len}...", flush=True)
         latencies = [ask(n) for n in range(args.requests)]
         print(
-            f"one at a time: p50 {_percentile(latencies, 0.5) * 1000:.0f} ms, "
-            f"p95 {_percentile(latencies, 0.95) * 1000:.0f} ms, "
+            f"one at a time: p50 {percentile(latencies, 0.5) * 1000:.0f} ms, "
+            f"p95 {percentile(latencies, 0.95) * 1000:.0f} ms, "
             f"{1 / statistics.fmean(latencies):.1f} requests/s"
         )
         print(f"{args.requests} requests, {args.concurrency} at once...", flush=True)
@@ -70,8 +67,8 @@ def main() -> None:
         wall = time.perf_counter() - start
         print(
             f"{args.concurrency} at once: {args.requests / wall:.1f} requests/s, "
-            f"p50 {_percentile(concurrent, 0.5) * 1000:.0f} ms, "
-            f"p95 {_percentile(concurrent, 0.95) * 1000:.0f} ms per request "
+            f"p50 {percentile(concurrent, 0.5) * 1000:.0f} ms, "
+            f"p95 {percentile(concurrent, 0.95) * 1000:.0f} ms per request "
             "(no batching across requests)"
         )
 

@@ -18,6 +18,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from bench import percentile
+
 DONE = {"prepare": "DatasetPrepared", "train": "ModelTrained", "evaluate": "ModelEvaluated"}
 DONE["publish"] = "ModelPublished"
 
@@ -42,11 +44,6 @@ def timings(events: list[dict[str, Any]]) -> tuple[dict[str, float], list[float]
     hops = [started["prepare"] - submitted]
     hops += [started[order[i + 1]] - done[order[i]] for i in range(len(order) - 1)]
     return stages, hops, done["publish"] - submitted
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def main() -> None:
@@ -91,7 +88,7 @@ def main() -> None:
         print(f"  {stage:>9}: {statistics.median(values):6.2f} s")
     print(
         f"job wall {statistics.median(totals):.1f} s; hop between stages p50 "
-        f"{_percentile(hops, 0.5) * 1000:.0f} ms, p95 {_percentile(hops, 0.95) * 1000:.0f} ms; "
+        f"{percentile(hops, 0.5) * 1000:.0f} ms, p95 {percentile(hops, 0.95) * 1000:.0f} ms; "
         f"orchestration overhead {statistics.median(shares):.1%} of the job (goal < 5%)"
     )
 
