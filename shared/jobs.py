@@ -11,6 +11,7 @@ The queue only rings the doorbell: a stage that finds its manifest does no work 
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from datetime import UTC, datetime
@@ -27,6 +28,16 @@ def new_job_id(name: str) -> str:
     return f"{name}-{datetime.now(UTC):%Y%m%d%H%M%S%f}-{secrets.token_hex(3)}"
 
 
+_JOB_ID = re.compile(r"[a-zA-Z0-9_.-]{1,96}")
+
+
+def job_prefix(job_id: str) -> str:
+    """``jobs/<id>``; NotFound for an id no job can have (path tricks, control characters)."""
+    if not _JOB_ID.fullmatch(job_id) or set(job_id) == {"."}:
+        raise NotFound(f"no job {job_id!r}")
+    return f"jobs/{job_id}"
+
+
 class JobRecords:
     """Reads and writes job records in a store."""
 
@@ -36,12 +47,12 @@ class JobRecords:
     @staticmethod
     def spec_key(job_id: str) -> str:
         """Key of a job's spec."""
-        return f"jobs/{job_id}/spec.json"
+        return f"{job_prefix(job_id)}/spec.json"
 
     @staticmethod
     def stage_prefix(job_id: str, stage: Stage) -> str:
         """Prefix under which a stage writes its outputs."""
-        return f"jobs/{job_id}/{stage}"
+        return f"{job_prefix(job_id)}/{stage}"
 
     def manifest_key(self, job_id: str, stage: Stage) -> str:
         """Key of a stage's manifest."""
@@ -72,7 +83,8 @@ class JobRecords:
 
     def record(self, event: Event) -> None:
         """Append an event to its job's log."""
-        key = f"jobs/{event.job_id}/events/{time.time_ns():020d}-{event.message_id[:12]}.json"
+        name = f"{time.time_ns():020d}-{event.message_id[:12]}.json"
+        key = f"{job_prefix(event.job_id)}/events/{name}"
         self.store.put_json(key, dump_message(event))
 
     def events(self, job_id: str) -> list[Message]:
@@ -81,7 +93,7 @@ class JobRecords:
 
     def events_after(self, job_id: str, after: str = "") -> list[tuple[str, Message]]:
         """(id, event) of a job's events whose id sorts after ``after``, oldest first."""
-        keys = self.store.list(f"jobs/{job_id}/events")
+        keys = self.store.list(f"{job_prefix(job_id)}/events")
         return [
             (key.rsplit("/", 1)[1], parse_message(self.store.get_json(key)))
             for key in keys
@@ -108,15 +120,15 @@ class JobRecords:
 
     def request_cancel(self, job_id: str) -> bool:
         """Mark a job for cancellation; False if it was already marked."""
-        return self.store.put_bytes_if_absent(f"jobs/{job_id}/cancel", b"cancel requested\n")
+        return self.store.put_bytes_if_absent(f"{job_prefix(job_id)}/cancel", b"cancel requested\n")
 
     def clear_cancel(self, job_id: str) -> None:
         """Forget a cancel request (the job is being retried)."""
-        self.store.delete(f"jobs/{job_id}/cancel")
+        self.store.delete(f"{job_prefix(job_id)}/cancel")
 
     def cancel_requested(self, job_id: str) -> bool:
         """Whether a user asked to cancel the job."""
-        return self.store.exists(f"jobs/{job_id}/cancel")
+        return self.store.exists(f"{job_prefix(job_id)}/cancel")
 
     def register_model(self, name: str, entry: dict[str, Any]) -> None:
         """Record a published model under its name."""

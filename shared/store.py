@@ -23,7 +23,8 @@ from shared.settings import Settings
 
 def _check_key(key: str) -> str:
     parts = key.split("/")
-    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+    bad_part = any(p in ("", ".", "..") for p in parts)
+    if not key or key.startswith("/") or bad_part or any(ord(c) < 32 for c in key):
         raise StoreLocationError(f"invalid store key {key!r}")
     return key
 

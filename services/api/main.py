@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 
 from services.api.deps import require_api_key
 from services.api.inference import BedrockModels, LocalModels
-from services.api.middleware import BodyLimit, Metrics
+from services.api.middleware import BodyLimit, Metrics, RequireKey
 from services.api.routes import estimate, health, jobs, metrics, models, web
 from shared.bus import Bus
 from shared.errors import BedrockError, PermanentError, TermtuneError
@@ -69,6 +69,7 @@ def create_app(settings: ApiSettings | None = None, *, bus: Bus | None = None) -
         app.include_router(router, prefix="/v1", dependencies=[Depends(require_api_key)])
     app.add_middleware(lambda app: app_metrics.middleware(app))  # type: ignore[arg-type]
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    app.add_middleware(RequireKey, key=app.state.api_key)  # outermost: before any body is read
 
     @app.exception_handler(TermtuneError)
     async def _termtune_error(_: Request, exc: TermtuneError) -> JSONResponse:

@@ -1,8 +1,9 @@
-"""ASGI middleware of the control plane: request size limit and Prometheus metrics."""
+"""ASGI middleware of the control plane: the API key, request size limit, Prometheus metrics."""
 
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from typing import Any
 
@@ -147,3 +148,36 @@ class Metrics:
                 self.latency.labels(scope["method"], route).observe(time.perf_counter() - start)
 
         return wrapped
+
+
+class RequireKey:
+    """Refuses a request to a protected path without the bearer key (constant-time
+    comparison) before anything else reads it: 401 without a key, 403 with a wrong one."""
+
+    def __init__(self, app: Any, *, key: str, prefixes: tuple[str, ...] = ("/v1", "/metrics")):
+        self.app, self.key, self.prefixes = app, key.encode(), prefixes
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(self.prefixes):
+            header = dict(scope.get("headers") or []).get(b"authorization", b"")
+            scheme, _, token = header.partition(b" ")
+            if scheme.lower() != b"bearer" or not token.strip():
+                await _json(send, 401, "missing bearer API key", [(b"www-authenticate", b"Bearer")])
+                return
+            if not secrets.compare_digest(token.strip(), self.key):
+                await _json(send, 403, "invalid API key")
+                return
+        await self.app(scope, receive, send)
+
+
+async def _json(
+    send: Any, status: int, detail: str, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), *(headers or [])],
+        }
+    )
+    await send({"type": "http.response.body", "body": json.dumps({"detail": detail}).encode()})

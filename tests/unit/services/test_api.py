@@ -53,9 +53,15 @@ def test_routes_need_the_key(app_env, headers, code):
         ("post", "/v1/jobs/x/retry"),
         ("delete", "/v1/models/x"),
         ("get", "/v1/imported-models"),
+        ("post", "/v1/estimate"),
+        ("get", "/metrics"),
     ]:
-        response = getattr(client, method)(path, headers=headers)
+        response = client.request(method, path, headers=headers)
         assert response.status_code == code, (method, path)
+        # A malformed body changes nothing: the key is checked before the body is read.
+        if method == "post":
+            broken = client.request(method, path, headers=headers, content=b"{not json")
+            assert broken.status_code == code, (method, path, broken.text)
 
 
 def test_submit_records_job_and_rings_dataprep(app_env):
@@ -337,3 +343,12 @@ def test_estimate_prices_a_prepared_job_on_a_g5_instance(app_env, trained_job):
     assert client.post("/v1/estimate", json={"job_id": "nope-1"}).status_code == 404
     jobs.create("est-2", spec)
     assert client.post("/v1/estimate", json={"job_id": "est-2"}).status_code == 409
+
+
+def test_job_ids_no_job_can_have_are_404_not_500(app_env):
+    client, _, _ = app_env
+    assert client.post("/v1/estimate", json={"job_id": "\u0000"}).status_code == 404
+    assert client.post("/v1/estimate", json={"job_id": ".."}).status_code == 404
+    assert client.get("/v1/jobs/..").status_code in (404, 307)
+    assert client.get("/v1/jobs/a%00b").status_code == 404
+    assert client.post("/v1/jobs/a%0Ab/retry").status_code == 404
