@@ -6,6 +6,7 @@ machine described. Nothing in it is typed by hand: rerun it to refresh the page.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import subprocess
@@ -36,6 +37,59 @@ GPU = (
     "GPU: flan-t5-large-shaped QLoRA and bf16 LoRA",
     "Randomly initialised model with flan-t5-large's shape; tokens/s, peak memory, MFU.",
 )
+
+
+#: where ``python -m bench.gpu_qlora --out`` left its figures from a GPU machine
+RECORDED_GPU = Path(__file__).parent / "results" / "gpu_qlora.jsonl"
+
+
+def recorded_gpu(path: Path) -> list[str]:
+    """The GPU section from figures recorded on a GPU machine, when this one has none."""
+    title = f"## {GPU[3]}"
+    if not path.exists():
+        return [title, "", "Not run: no GPU here and no recorded figures in "
+                f"`{path.name}`; `python -m bench.gpu_qlora --out {path}` on a GPU machine "
+                "records them.", ""]  # fmt: skip
+    head, *modes = [json.loads(line) for line in path.read_text().splitlines() if line]
+    page = [
+        title,
+        "",
+        f"{GPU[4]} Not measured on this machine: recorded by `python -m bench.gpu_qlora "
+        f"--out` on an **{head['card']}** on {head['date']} (torch {head['torch']}, CUDA "
+        f"{head['cuda']}, transformers {head['transformers']}, peft {head['peft']}, "
+        f"bitsandbytes {head['bitsandbytes']}); {head['parameters'] / 1e6:.0f}M parameters, "
+        f"{head['source_tokens']} source + {head['target_tokens']} target tokens an example, "
+        f"{head['steps']} steps of which the first 5 are warm-up. MFU = 6 x parameters x "
+        "tokens/s over the card's dense bf16 peak; GPU busy = kernel time / wall time of "
+        "one profiled step.",
+        "",
+        "| mode | batch | tokens/s | step s | peak GiB | MFU | GPU busy | kernels/step |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for m in modes:
+        mfu = "n/a" if m.get("mfu") is None else f"{m['mfu']:.1%}"
+        busy = f"{m['gpu_busy']:.0%}" if "gpu_busy" in m else "n/a"
+        page.append(
+            f"| {m['mode']} | {m['batch']} | {m['tokens_per_s']:,.0f} | {m['step_s']:.3f} | "
+            f"{m['peak_memory_gb']:.1f} | {mfu} | {busy} | {m.get('kernels_per_step', 'n/a')} |"
+        )
+    by_batch = sorted(modes, key=lambda m: m["batch"])
+    small, large = by_batch[0], by_batch[-1]
+    ratio = large["step_s"] / small["step_s"]
+    verdict = (
+        "the step is launch-bound (LoRA on every linear layer adds many small kernels), so "
+        "on a GPU raise `training.batch_size` as far as memory allows"
+        if ratio < 1.5
+        else "the step is compute-bound at these sizes"
+    )
+    page += [
+        "",
+        f"Step time {small['step_s']:.2f} s at batch {small['batch']} and "
+        f"{large['step_s']:.2f} s at {large['batch']} ({ratio:.1f}x for "
+        f"{large['batch'] / small['batch']:.0f}x the tokens): {verdict}.",
+        "",
+    ]
+    return page
 
 
 def machine() -> list[str]:
@@ -118,13 +172,7 @@ def main() -> None:
         page += [f"## {title}", "", f"{what} `python -m {module}` ({status}):", "", "```"]
         page += [line for line in output.splitlines() if line.strip()] + ["```", ""]
     if GPU not in benches:
-        page += [
-            f"## {GPU[3]}",
-            "",
-            "Not run: this machine has no GPU. `python -m bench.gpu_qlora` on a GPU machine "
-            "prints the figures; `make bench` there adds them here.",
-            "",
-        ]
+        page += recorded_gpu(RECORDED_GPU)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(page))
     print(f"wrote {args.out}")
