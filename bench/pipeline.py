@@ -1,8 +1,10 @@
 """End-to-end benchmark on the embedded defaults: where a job's wall time goes.
 
-``python -m bench.pipeline``: starts the control plane and the four workers as processes
-(``filesystem://`` broker, local store), runs ``--jobs`` small jobs one after another, and
-reads each job's recorded events: each stage's wall time (its start to its result) and each
+``python -m bench.pipeline [--jobs 3] [--steps N]``: starts the control plane and the four
+workers as processes (``filesystem://`` broker, local store), runs the embedded example job
+(``examples/medical-terms.yaml`` on the offline tiny model, as ``make run`` does; ``--steps``
+caps training for a quick look) ``--jobs`` times one after another, and reads each job's
+recorded events: each stage's wall time (its start to its result) and each
 hop between stages (a result recorded → the next stage started: bus message, worker pickup,
 reading the spec and manifests from the store). Orchestration overhead = the hops' share of
 the job's wall time (goal: under 5%). Prints figures; nothing here is a test.
@@ -14,11 +16,18 @@ import argparse
 import socket
 import statistics
 import tempfile
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from bench import percentile
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "medical-terms.yaml"
+SAMPLE_DATA = ROOT / "data" / "medical_terms.jsonl"
 
 DONE = {"prepare": "DatasetPrepared", "train": "ModelTrained", "evaluate": "ModelEvaluated"}
 DONE["publish"] = "ModelPublished"
@@ -46,20 +55,49 @@ def timings(events: list[dict[str, Any]]) -> tuple[dict[str, float], list[float]
     return stages, hops, done["publish"] - submitted
 
 
+def example_spec(model: Path, name: str, steps: int | None) -> dict[str, Any]:
+    """The embedded example job on ``model``, its data path made absolute."""
+    spec = yaml.safe_load(EXAMPLE.read_text())
+    spec["name"] = name
+    spec["base_model"] = str(model)
+    spec["dataset"]["source"] = str(ROOT / spec["dataset"]["source"])
+    if steps:
+        spec["training"]["max_steps"] = steps
+    return spec
+
+
+def wait(client: Any, job_id: str, timeout: float) -> dict[str, Any]:
+    """Poll the job until it ends, printing each stage as it finishes."""
+    from services.cli.display import TERMINAL
+
+    deadline = time.monotonic() + timeout
+    shown: set[str] = set()
+    while True:
+        job = client.job(job_id)
+        for stage in DONE:
+            if job["stages"][stage]["status"] == "succeeded" and stage not in shown:
+                shown.add(stage)
+                print(f"    {stage} done", flush=True)
+        if job["status"] in TERMINAL:
+            return job
+        if time.monotonic() > deadline:
+            raise SystemExit(f"job {job_id} still {job['status']} after {timeout:.0f} s")
+        time.sleep(0.5)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--jobs", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, help="cap training steps (default: the example's)")
     args = parser.parse_args()
     from services.cli.client import Client
-    from services.cli.display import follow
     from services.cli.launcher import Launcher
     from services.cli.tinymodel import build_tiny_t5
-    from tests.factories import SAMPLE_DATA, spec_dict
 
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         work = Path(tmp)
         model = build_tiny_t5(work / "model", data_file=SAMPLE_DATA)
+        print(f"embedded example job {EXAMPLE.name}, {args.jobs} runs", flush=True)
         launcher = Launcher(var_dir=work / "var", port=_free_port(), env={})
         launcher.start()
         try:
@@ -70,8 +108,8 @@ def main() -> None:
             shares: list[float] = []
             totals: list[float] = []
             for n in range(args.jobs):
-                spec = spec_dict(model, name=f"bench-{n}", training={"max_steps": args.steps})
-                job = follow(client, client.submit(spec)["id"], timeout=900, bars=False)
+                spec = example_spec(model, f"bench-{n}", args.steps)
+                job = wait(client, client.submit(spec)["id"], timeout=900)
                 if job["status"] != "succeeded":
                     raise SystemExit(f"job {job['id']} {job['status']}: {job.get('error')}")
                 stages, job_hops, total = timings(client.events(job["id"]))
@@ -83,7 +121,8 @@ def main() -> None:
                 print(f"  job {n + 1}: {total:.1f} s, hops {sum(job_hops):.2f} s", flush=True)
         finally:
             launcher.stop()
-    print(f"{args.jobs} jobs ({args.steps} optimizer steps each), medians:")
+    steps = f"training capped at {args.steps} steps" if args.steps else "the example's training"
+    print(f"{args.jobs} jobs ({steps}), medians:")
     for stage, values in per_stage.items():
         print(f"  {stage:>9}: {statistics.median(values):6.2f} s")
     print(

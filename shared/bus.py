@@ -32,6 +32,7 @@ SERVICE_COMMANDS: dict[str, str] = {
 }
 ATTEMPT_HEADER = "x-termtune-attempt"
 REASON_HEADER = "x-termtune-dead-reason"
+FILESYSTEM_POLL_SECONDS = 0.05
 RETRY_POLICY = {"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 3}
 
 OnMessage = Callable[[dict[str, Any], KombuMessage], None]
@@ -69,6 +70,7 @@ class Bus:
                 "data_folder_in": str(folder / "messages"),
                 "data_folder_out": str(folder / "messages"),
                 "control_folder": str(folder / "control"),
+                "polling_interval": self.idle_wait,
             }
         if url.startswith(("amqp", "pyamqp")):
             return {"confirm_publish": True}
@@ -85,6 +87,17 @@ class Bus:
                 "is_secure": self.settings.sqs_is_secure,
             }
         return {}
+
+    @property
+    def idle_wait(self) -> float:
+        """Seconds an idle worker waits before looking for a message again.
+
+        The embedded broker is a folder: listing it costs nothing, and its poll is the
+        latency of every hop between stages, so it is looked at every 50 ms at most.
+        """
+        if self.settings.broker_url.startswith("filesystem"):
+            return min(self.settings.poll_seconds, FILESYSTEM_POLL_SECONDS)
+        return self.settings.poll_seconds
 
     @property
     def holds_deliveries(self) -> bool:
@@ -184,7 +197,7 @@ class Bus:
         while not stop.is_set():
             message = bound.get(no_ack=False, accept=["json"])
             if message is None:
-                stop.wait(self.settings.poll_seconds)
+                stop.wait(self.idle_wait)
                 continue
             on_message(message.decode(), message)
 
