@@ -2,8 +2,9 @@
 
 ``python -m bench.inference``: a published tiny model served by ``LocalModels`` answers one
 request at a time (latency p50/p95 over ``--requests``), then ``--concurrency`` requests at
-once from threads (throughput). Requests are not batched together: each is its own
-``generate`` call under the model's lock-free path. Prints figures; nothing here is a test.
+once from threads (throughput), without batching (each its own ``generate`` call) and with
+the micro-batcher (concurrent requests share one call; ``--max-batch``). Prints figures;
+nothing here is a test.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ PROMPTS = ["What is Asthma?", "What is Acromegaly?", "What is Anticoagulant?", "
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=40)
-    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--max-gen-len", type=int, default=32)
     args = parser.parse_args()
     from services.api.inference import InvokeRequest, LocalModels
@@ -42,9 +44,11 @@ def main() -> None:
         jobs.register_model(
             "tiny", {"name": "tiny", "target": "local", "location": store.uri("models-data/tiny")}
         )
-        models = LocalModels(jobs, Settings(var_dir=work))
+        settings = Settings(var_dir=work)
+        unbatched = LocalModels(jobs, settings, max_batch=1)
+        batched = LocalModels(jobs, settings, max_batch=args.max_batch)
 
-        def ask(n: int) -> float:
+        def ask(models: LocalModels, n: int) -> float:
             request = InvokeRequest(
                 prompt=PROMPTS[n % len(PROMPTS)], max_gen_len=args.max_gen_len, temperature=0.0
             )
@@ -52,24 +56,33 @@ def main() -> None:
             models.invoke("tiny", request)
             return time.perf_counter() - start
 
-        ask(0)  # load once
+        ask(unbatched, 0)  # load once
+        ask(batched, 0)
         print(f"{args.requests} sequential requests, max_gen_len {args.max_gen_len}...", flush=True)
-        latencies = [ask(n) for n in range(args.requests)]
+        latencies = [ask(batched, n) for n in range(args.requests)]
         print(
             f"one at a time: p50 {percentile(latencies, 0.5) * 1000:.0f} ms, "
             f"p95 {percentile(latencies, 0.95) * 1000:.0f} ms, "
             f"{1 / statistics.fmean(latencies):.1f} requests/s"
         )
-        print(f"{args.requests} requests, {args.concurrency} at once...", flush=True)
-        start = time.perf_counter()
-        with ThreadPoolExecutor(args.concurrency) as pool:
-            concurrent = list(pool.map(ask, range(args.requests)))
-        wall = time.perf_counter() - start
+        rates = {}
+        before = len(batched._batchers["tiny"].batch_sizes)
+        for label, models in (("without batching", unbatched), ("with batching", batched)):
+            print(f"{args.requests} requests, {args.concurrency} at once, {label}...", flush=True)
+            start = time.perf_counter()
+            with ThreadPoolExecutor(args.concurrency) as pool:
+                concurrent = list(pool.map(lambda n, m=models: ask(m, n), range(args.requests)))
+            rates[label] = args.requests / (time.perf_counter() - start)
+            print(
+                f"{args.concurrency} at once, {label}: {rates[label]:.1f} requests/s, "
+                f"p50 {percentile(concurrent, 0.5) * 1000:.0f} ms, "
+                f"p95 {percentile(concurrent, 0.95) * 1000:.0f} ms per request",
+                flush=True,
+            )
+        sizes = batched._batchers["tiny"].batch_sizes[before:]
         print(
-            f"{args.concurrency} at once: {args.requests / wall:.1f} requests/s, "
-            f"p50 {percentile(concurrent, 0.5) * 1000:.0f} ms, "
-            f"p95 {percentile(concurrent, 0.95) * 1000:.0f} ms per request "
-            "(no batching across requests)"
+            f"batching: {rates['with batching'] / rates['without batching']:.2f}x the "
+            f"throughput; mean batch {statistics.fmean(sizes):.1f} (max {args.max_batch})"
         )
 
 

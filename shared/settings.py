@@ -90,6 +90,12 @@ class ApiSettings(Settings):
     max_request_bytes: int = Field(
         1_048_576, ge=1024, description="Largest request body accepted (413 above)."
     )
+    inference_max_batch: int = Field(
+        8, ge=1, le=256, description="Concurrent invoke requests answered in one batch (1: off)."
+    )
+    inference_batch_wait_ms: float = Field(
+        0.0, ge=0, le=1000, description="How long a lone invoke request waits for company."
+    )
 
 
 class BedrockSettings(BaseSettings):

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.api.batching import MicroBatcher
 from shared import bedrock
 from shared.jobs import JobRecords
 from shared.settings import BedrockSettings, Settings
@@ -35,11 +36,21 @@ class InvokeResponse(BaseModel):
 
 
 class LocalModels:
-    """Loads each published model once and answers invoke requests with it."""
+    """Loads each published model once and answers invoke requests with it.
 
-    def __init__(self, jobs: JobRecords, settings: Settings) -> None:
+    Concurrent requests for one model are batched into one ``generate`` call (up to
+    ``max_batch``; 1 turns batching off): greedy answers are the same as one at a time,
+    since each row's prompt is masked from the others' padding and a longer greedy run
+    begins with the shorter one.
+    """
+
+    def __init__(
+        self, jobs: JobRecords, settings: Settings, *, max_batch: int = 8, wait_s: float = 0.0
+    ) -> None:
         self.jobs, self.settings = jobs, settings
+        self.max_batch, self.wait_s = max_batch, wait_s
         self._loaded: dict[str, tuple[str, Any, Any]] = {}
+        self._batchers: dict[str, MicroBatcher] = {}
         self._lock = threading.Lock()
 
     def _load(self, name: str) -> tuple[Any, Any]:
@@ -62,28 +73,65 @@ class LocalModels:
         """Drop a model from memory."""
         with self._lock:
             self._loaded.pop(name, None)
+            batcher = self._batchers.pop(name, None)
+        if batcher is not None:
+            batcher.close()
+
+    def invoke(self, name: str, request: InvokeRequest) -> InvokeResponse:
+        """Generate an answer to one prompt (batched with concurrent ones)."""
+        self._load(name)  # a missing model is the caller's 404, not the batch's error
+        if self.max_batch <= 1:
+            return self.generate(name, [request])[0]
+        with self._lock:
+            batcher = self._batchers.get(name)
+            if batcher is None:
+                batcher = self._batchers[name] = MicroBatcher(
+                    lambda requests: self.generate(name, requests),
+                    key=lambda r: (r.temperature, r.top_p),
+                    max_batch=self.max_batch,
+                    wait_s=self.wait_s,
+                    name=f"batch-{name}",
+                )
+        return batcher.submit(request)
 
     @torch.no_grad()
-    def invoke(self, name: str, request: InvokeRequest) -> InvokeResponse:
-        """Generate an answer to one prompt."""
+    def generate(self, name: str, requests: list[InvokeRequest]) -> list[InvokeResponse]:
+        """Answers to prompts sharing temperature and top_p, in one ``generate`` call."""
         model, tokenizer = self._load(name)
-        inputs = tokenizer(request.prompt, return_tensors="pt", truncation=True)
-        sample = request.temperature > 0
+        inputs = tokenizer(
+            [r.prompt for r in requests], return_tensors="pt", padding=True, truncation=True
+        )
+        first = requests[0]
+        sample = first.temperature > 0
         output = model.generate(
             **inputs,
-            max_new_tokens=request.max_gen_len,
+            max_new_tokens=max(r.max_gen_len for r in requests),
             do_sample=sample,
-            temperature=request.temperature if sample else None,
-            top_p=request.top_p if sample else None,
-        )[0]
-        generated = [t for t in output.tolist() if t != model.config.decoder_start_token_id]
-        finished = bool(generated) and generated[-1] == tokenizer.eos_token_id
-        return InvokeResponse(
-            generation=tokenizer.decode(generated, skip_special_tokens=True).strip(),
-            prompt_token_count=int(inputs["input_ids"].shape[1]),
-            generation_token_count=len(generated),
-            stop_reason="stop" if finished else "length",
+            temperature=first.temperature if sample else None,
+            top_p=first.top_p if sample else None,
         )
+        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+        return [
+            _answer(tokenizer, row.tolist()[1:], request.max_gen_len, int(count))
+            for row, request, count in zip(output, requests, prompt_tokens, strict=True)
+        ]
+
+
+def _answer(
+    tokenizer: Any, tokens: list[int], max_gen_len: int, prompt_tokens: int
+) -> InvokeResponse:
+    """One row of a batch (decoder start dropped): cut at its end-of-sequence, or at its
+    own ``max_gen_len`` when the batch generated longer for another row."""
+    if tokenizer.eos_token_id in tokens:
+        tokens = tokens[: tokens.index(tokenizer.eos_token_id) + 1]
+    tokens = tokens[:max_gen_len]
+    finished = bool(tokens) and tokens[-1] == tokenizer.eos_token_id
+    return InvokeResponse(
+        generation=tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+        prompt_token_count=prompt_tokens,
+        generation_token_count=len(tokens),
+        stop_reason="stop" if finished else "length",
+    )
 
 
 class BedrockModels:

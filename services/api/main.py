@@ -59,7 +59,12 @@ def create_app(settings: ApiSettings | None = None, *, bus: Bus | None = None) -
     app.state.api_key = resolve_api_key(settings)
     app.state.jobs = job_records
     app.state.bus = bus or Bus(settings)
-    app.state.models = LocalModels(job_records, settings)
+    app.state.models = LocalModels(
+        job_records,
+        settings,
+        max_batch=settings.inference_max_batch,
+        wait_s=settings.inference_batch_wait_ms / 1000,
+    )
     app.state.bedrock = BedrockModels()
     app.state.metrics = app_metrics = Metrics(job_records)
     app.include_router(health.router)
