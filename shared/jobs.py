@@ -91,6 +91,27 @@ class JobRecords:
         """A job's events, oldest first."""
         return [message for _, message in self.events_after(job_id)]
 
+    def deaths(self, job_id: str, stage: str) -> int:
+        """Times ``stage`` was started and its worker vanished without an outcome.
+
+        A start followed by another start, or the last start with no outcome when a new
+        delivery arrives, is a worker that died (killed, out of memory, crashed) while on
+        the command. A graceful interruption (shutdown, lost lease) records itself and does
+        not count; a user's retry starts the count again.
+        """
+        deaths, open_start = 0, False
+        for event in self.events(job_id):
+            if event.type == "JobRetried":
+                deaths, open_start = 0, False
+            elif getattr(event, "stage", None) != stage:
+                continue
+            elif event.type == "StageStarted":
+                deaths += open_start
+                open_start = True
+            elif event.type != "StageProgress" or event.progress.get("interrupted"):
+                open_start = False
+        return deaths + open_start
+
     def events_after(self, job_id: str, after: str = "") -> list[tuple[str, Message]]:
         """(id, event) of a job's events whose id sorts after ``after``, oldest first."""
         keys = self.store.list(f"{job_prefix(job_id)}/events")

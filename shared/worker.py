@@ -258,15 +258,29 @@ class Worker:
 
     def _process(self, command: Command, attempt: int, *, body: Any) -> None:
         final = attempt >= self.settings.max_attempts
-        try:
-            event = run_stage(command, self.handler, self.ctx, attempt=attempt, final_attempt=final)
-        except Interrupted as exc:
-            if self.ctx.lease_lost.is_set():
-                log.warning("%s: lease lost; another worker owns the job", command.job_id)
+        stage = STAGE_OF_COMMAND[command.type]  # type: ignore[attr-defined]
+        deaths = self.ctx.jobs.deaths(command.job_id, stage)
+        if deaths >= self.settings.max_attempts:
+            event: Event | None = self._give_up(command, stage, deaths)
+        else:
+            try:
+                event = run_stage(
+                    command, self.handler, self.ctx, attempt=attempt, final_attempt=final
+                )
+            except Interrupted as exc:
+                if self.ctx.lease_lost.is_set():
+                    log.warning("%s: lease lost; another worker owns the job", command.job_id)
+                    return
+                log.warning("requeuing %s: %s", command.job_id, exc)
+                self.ctx.jobs.record(
+                    StageProgress(
+                        job_id=command.job_id,
+                        stage=stage,
+                        progress={"phase": f"interrupted ({exc}); sent again", "interrupted": True},
+                    )
+                )
+                self.bus.publish(command, headers={ATTEMPT_HEADER: attempt})
                 return
-            log.warning("requeuing %s: %s", command.job_id, exc)
-            self.bus.publish(command, headers={ATTEMPT_HEADER: attempt})
-            return
         if event is None:
             self.bus.publish(command, headers={ATTEMPT_HEADER: attempt + 1})
             return
@@ -276,6 +290,21 @@ class Worker:
         following = next_command(command, event)
         if following is not None:
             self.bus.publish(following)
+
+    def _give_up(self, command: Command, stage: str, deaths: int) -> StageFailed:
+        """A command whose workers keep dying (a crash loop): fail the job, not the fleet."""
+        failed = StageFailed(
+            job_id=command.job_id,
+            stage=stage,
+            error=f"the {stage} worker died {deaths} times while running this command "
+            "(killed, out of memory or crashed on this input); not run again",
+            error_type="WorkerDied",
+            attempts=deaths,
+            permanent=False,
+        )
+        log.error("%s: %s", command.job_id, failed.error)
+        self.ctx.jobs.record(failed)
+        return failed
 
     def _parse(self, body: Any) -> Command:
         message = parse_message(body)

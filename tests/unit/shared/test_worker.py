@@ -10,7 +10,14 @@ from shared.bus import ATTEMPT_HEADER, REASON_HEADER, Bus
 from shared.errors import DatasetError
 from shared.jobs import JobRecords
 from shared.jobspec import JobSpec
-from shared.messages import DatasetPrepared, PrepareDataset, parse_message
+from shared.messages import (
+    DatasetPrepared,
+    JobRetried,
+    PrepareDataset,
+    StageProgress,
+    StageStarted,
+    parse_message,
+)
 from shared.settings import Settings
 from shared.store import LocalStore
 from shared.worker import Worker
@@ -283,3 +290,34 @@ def test_a_leased_worker_is_protected_from_scale_in_while_it_works(env, monkeypa
         ),
         ("/api/task/task-protection/v1/state", {"ProtectionEnabled": False}, 1),
     ]
+
+
+def test_a_command_whose_workers_keep_dying_fails_the_job_instead_of_crash_looping(env):
+    settings, store, jobs, bus, cmd = env
+    # Three deliveries whose worker died mid-stage (kill -9, OOM): started, never finished.
+    for _ in range(settings.max_attempts):
+        jobs.record(StageStarted(job_id="job-1", stage="prepare", worker="w", attempt=1))
+    called = []
+    _serve(env, lambda c, x: called.append(c), until="StageFailed")
+    failed = jobs.events("job-1")[-1]
+    assert failed.error_type == "WorkerDied" and failed.attempts == 3
+    assert "died 3 times" in failed.error
+    assert called == []  # the crashing input is not run a fourth time
+    [dead] = _drain(bus, bus.dead_queue)
+    assert "died 3 times" in dead.headers[REASON_HEADER]
+
+
+def test_graceful_interruptions_and_retries_do_not_count_as_deaths(env):
+    _, _, jobs, _, _ = env
+    started = StageStarted(job_id="job-1", stage="train", worker="w", attempt=1)
+    interrupted = StageProgress(
+        job_id="job-1", stage="train", progress={"phase": "interrupted", "interrupted": True}
+    )
+    for event in [started, interrupted, started, interrupted, started]:
+        jobs.record(event)
+    assert jobs.deaths("job-1", "train") == 1  # only the last start is still open
+    jobs.record(started)
+    assert jobs.deaths("job-1", "train") == 2
+    jobs.record(JobRetried(job_id="job-1", stage="train"))
+    assert jobs.deaths("job-1", "train") == 0
+    assert jobs.deaths("job-1", "prepare") == 0
