@@ -29,6 +29,11 @@ class Settings(BaseSettings):
     allowed_buckets: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma-separated buckets datasets may come from."
     )
+    allowed_paths: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated local folders datasets may come from (none set: any "
+        "local path in development, none in production).",
+    )
     exchange: str = Field("termtune", description="Name prefix of exchanges and queues.")
     max_attempts: int = Field(3, ge=1, description="Deliveries before a message is dead.")
     poll_seconds: float = Field(1.0, gt=0, description="Worker wait for a message per poll.")
@@ -48,7 +53,7 @@ class Settings(BaseSettings):
     )
     sqs_is_secure: bool = Field(True, description="HTTPS to SQS (false for a local stand-in).")
 
-    @field_validator("allowed_buckets", mode="before")
+    @field_validator("allowed_buckets", "allowed_paths", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         if isinstance(value, str):

@@ -21,7 +21,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from shared.errors import DatasetError, NotFound, StoreLocationError
+from services.dataprep.locations import check_local, check_source
+from shared.errors import DatasetError, NotFound
 from shared.jobspec import DatasetSpec
 from shared.settings import Settings
 from shared.store import Store
@@ -216,18 +217,16 @@ def check_types(source: Source, names: list[str]) -> None:
 def open_source(spec: DatasetSpec, *, store: Store, settings: Settings) -> Source:
     """Resolve the spec's source to files (or the hub) and read their columns."""
     source = spec.source
-    if source.startswith("s3://"):
-        files = [_s3_file(source, store=store, settings=settings)]
-    elif source.startswith(store.root_uri + "/"):
+    kind = check_source(source, store_root=store.root_uri, settings=settings)
+    if kind == "store":
         files = [_store_file(source, store=store, settings=settings)]
-    elif source.startswith("file://"):
-        files = _local_files(unquote(urlparse(source).path), shown=source)
-    elif (
-        source.lower().endswith(FILE_SUFFIXES)
-        or source.startswith((".", "/"))
-        or any(c in source for c in "*?[")
-    ):
-        files = _local_files(source, shown=source)
+    elif kind == "s3":
+        files = [_s3_file(source, store=store, settings=settings)]
+    elif kind == "local":
+        path = unquote(urlparse(source).path) if source.startswith("file://") else source
+        files = _local_files(path, shown=source)
+        for file in files:  # a glob's matches, and links among them, stay inside too
+            check_local(source, str(file), settings=settings)
     else:
         return Source(shown=source, hub=spec)
     opened = Source(shown=source, files=files, skip_bad_rows=spec.skip_bad_rows)
@@ -269,15 +268,8 @@ def _store_file(uri: str, *, store: Store, settings: Settings) -> Path:
 
 
 def _s3_file(uri: str, *, store: Store, settings: Settings) -> Path:
-    if uri.startswith(store.root_uri + "/"):
-        return _store_file(uri, store=store, settings=settings)
-    parsed = urlparse(uri)
+    parsed = urlparse(uri)  # check_source allowed the bucket and the key
     bucket, key = parsed.netloc, parsed.path.lstrip("/")
-    if bucket not in settings.allowed_buckets or not key or ".." in key.split("/"):
-        allowed = ", ".join(settings.allowed_buckets) or "none (TERMTUNE_ALLOWED_BUCKETS)"
-        raise StoreLocationError(
-            f"dataset.source: {uri} is outside the object store and the allowed buckets: {allowed}"
-        )
     import boto3
     from botocore.exceptions import ClientError
 

@@ -242,11 +242,49 @@ def test_store_uri_source(ctx, tiny_model):
     assert sum(handle(_command(ctx, spec), ctx).counts.values()) == 10
 
 
-@pytest.mark.parametrize("uri", ["s3://other-bucket/terms.jsonl", "s3://allowed/../x.jsonl"])
-def test_s3_outside_allowed_buckets_is_refused(ctx, tiny_model, uri):
+@pytest.mark.parametrize(
+    ("uri", "reason"),
+    [
+        ("s3://other-bucket/terms.jsonl", "outside the object store and the allowed buckets"),
+        ("s3://allowed/../x.jsonl", "'..' or control-character part in its key"),
+    ],
+)
+def test_s3_outside_allowed_buckets_is_refused(ctx, tiny_model, uri, reason):
     ctx.settings.allowed_buckets = ["allowed"]
     spec = make_spec(tiny_model, dataset={"source": uri})
-    with pytest.raises(StoreLocationError, match="outside the object store and the allowed"):
+    with pytest.raises(StoreLocationError, match=reason):
+        handle(_command(ctx, spec), ctx)
+    assert _nothing_stored(ctx)
+
+
+def test_local_paths_outside_the_allowed_folders_are_refused(ctx, tiny_model, tmp_path):
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    _jsonl(allowed / "ok.jsonl", _rows(30))
+    _jsonl(tmp_path / "secret.jsonl", _rows(30))
+    (allowed / "link.jsonl").symlink_to(tmp_path / "secret.jsonl")
+    ctx.settings.allowed_paths = [allowed]
+    for n, source in enumerate(
+        [
+            str(tmp_path / "secret.jsonl"),
+            str(allowed / ".." / "secret.jsonl"),
+            str(allowed / "link.jsonl"),
+            f"file://{tmp_path}/secret.jsonl",
+            str(allowed / "*.jsonl"),  # the glob matches the link too
+        ]
+    ):
+        spec = make_spec(tiny_model, dataset={"source": source})
+        with pytest.raises(StoreLocationError, match="outside the allowed local folders"):
+            handle(_command(ctx, spec, job_id=f"job-{n}"), ctx)
+        assert _nothing_stored(ctx, job_id=f"job-{n}")
+    inside = make_spec(tiny_model, dataset={"source": str(allowed / "ok.jsonl")})
+    assert handle(_command(ctx, inside, job_id="inside"), ctx).counts["train"] > 0
+
+
+def test_production_refuses_local_paths_unless_folders_are_allowed(ctx, tiny_model):
+    ctx.settings.environment = "production"
+    spec = make_spec(tiny_model)
+    with pytest.raises(StoreLocationError, match="none \\(TERMTUNE_ALLOWED_PATHS\\)"):
         handle(_command(ctx, spec), ctx)
 
 

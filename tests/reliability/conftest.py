@@ -1,0 +1,135 @@
+"""Reliability scenarios: faults injected for real, outcomes counted.
+
+The test suite runs every scenario at a reduced size. ``make reliability`` runs them at full
+size (``TERMTUNE_RELIABILITY_SIZE=full``) and writes ``docs/reliability.md``
+(``TERMTUNE_RELIABILITY_REPORT``) from the counts and times measured, with the machine and
+the date. Each scenario records what it saw in an :class:`Outcome`; a failed "must hold"
+is a failed test and a "no" in the report.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+FULL = os.environ.get("TERMTUNE_RELIABILITY_SIZE", "ci") == "full"
+REPORT = os.environ.get("TERMTUNE_RELIABILITY_REPORT")
+
+
+@dataclass
+class Outcome:
+    """What one scenario did and saw."""
+
+    name: str
+    must_hold: str
+    size: int
+    counts: dict[str, int] = field(default_factory=dict)
+    times: dict[str, list[float]] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def count(self, key: str, n: int = 1) -> None:
+        """Add to a counter (created at 0)."""
+        self.counts[key] = self.counts.get(key, 0) + n
+
+    def time(self, key: str, seconds: float) -> None:
+        """Record one duration of a kind."""
+        self.times.setdefault(key, []).append(seconds)
+
+    def check(self, ok: bool, failure: str) -> bool:
+        """Record ``failure`` unless ``ok``; ``ok``."""
+        if not ok:
+            self.failures.append(failure)
+        return ok
+
+    def verdict(self) -> None:
+        """Fail the test if any must-hold was broken (after everything was counted)."""
+        assert not self.failures, f"{self.name}: " + "; ".join(self.failures[:10])
+
+
+_OUTCOMES: list[Outcome] = []
+
+
+@pytest.fixture
+def scenario():
+    """Start a scenario: ``scenario(name, full=, ci=, must_hold=)`` → its Outcome."""
+    started = time.monotonic()
+    made: list[Outcome] = []
+
+    def start(name: str, *, full: int, ci: int, must_hold: str) -> Outcome:
+        outcome = Outcome(name=name, must_hold=must_hold, size=full if FULL else ci)
+        made.append(outcome)
+        return outcome
+
+    yield start
+    for outcome in made:
+        outcome.seconds = time.monotonic() - started
+        _OUTCOMES.append(outcome)
+
+
+def _percentiles(values: list[float]) -> str:
+    ordered = sorted(values)
+    p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+    return (
+        f"p50 {statistics.median(ordered):.2f} s, p95 {p95:.2f} s, max {ordered[-1]:.2f} s "
+        f"(n={len(ordered)})"
+    )
+
+
+def render(outcomes: list[Outcome], machine: list[str], mode: str) -> str:
+    """The reliability page."""
+    page = [
+        "# Reliability",
+        "",
+        "Written by `make reliability` (`tests/reliability/`, "
+        f"`TERMTUNE_RELIABILITY_SIZE={mode}`) from what the scenarios counted and timed; "
+        "the test suite runs the same scenarios at reduced size.",
+        "",
+        *machine,
+        "",
+        "| scenario | size | must hold | held | wall |",
+        "|---|---:|---|---|---:|",
+    ]
+    for o in outcomes:
+        held = "yes" if not o.failures else f"**no** ({len(o.failures)} failures)"
+        page.append(f"| {o.name} | {o.size} | {o.must_hold} | {held} | {o.seconds:.0f} s |")
+    for o in outcomes:
+        page += ["", f"## {o.name}", "", f"Must hold: {o.must_hold}. Size {o.size}.", ""]
+        page += [f"- {key}: {value}" for key, value in sorted(o.counts.items())]
+        page += [f"- {key}: {_percentiles(v)}" for key, v in sorted(o.times.items()) if v]
+        page += [f"- failure: {failure}" for failure in o.failures[:20]]
+    return "\n".join(page) + "\n"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _report():
+    """Write the page after the session, when asked to."""
+    yield
+    if REPORT and _OUTCOMES:
+        from bench.report import machine
+
+        order = {name: n for n, name in enumerate(SCENARIO_ORDER)}
+        outcomes = sorted(_OUTCOMES, key=lambda o: order.get(o.name, len(order)))
+        Path(REPORT).write_text(render(outcomes, machine(), "full" if FULL else "ci"))
+
+
+SCENARIO_ORDER = [
+    "kill -9 a trainer at a random step",
+    "SIGTERM a trainer",
+    "restart the broker with messages in flight",
+    "crash the publisher between the import call and recording it",
+    "poison message",
+    "every message delivered twice",
+    "a training job longer than the delivery timeout",
+    "bad datasets and bad job specs",
+    "unauthenticated and wrong-key requests",
+    "fuzzed S3 URIs and local paths",
+    "secrets",
+    "load: concurrent submissions and live event streams",
+    "backlog: queued jobs, 3 trainers",
+]
