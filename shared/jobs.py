@@ -38,6 +38,15 @@ def job_prefix(job_id: str) -> str:
     return f"jobs/{job_id}"
 
 
+#: the event that records each stage's success
+OUTCOMES = {
+    "prepare": "DatasetPrepared",
+    "train": "ModelTrained",
+    "evaluate": "ModelEvaluated",
+    "publish": "ModelPublished",
+}
+
+
 class JobRecords:
     """Reads and writes job records in a store."""
 
@@ -90,6 +99,21 @@ class JobRecords:
     def events(self, job_id: str) -> list[Message]:
         """A job's events, oldest first."""
         return [message for _, message in self.events_after(job_id)]
+
+    def since_retry(self, job_id: str) -> list[Message]:
+        """A job's events after the last user retry (all of them if none)."""
+        events = self.events(job_id)
+        last = max((n for n, e in enumerate(events) if e.type == "JobRetried"), default=-1)
+        return events[last + 1 :]
+
+    def outcome(self, job_id: str, stage: str) -> Message | None:
+        """The stage's recorded success (since the last retry), if it has one."""
+        kind = OUTCOMES[stage]
+        return next((e for e in self.since_retry(job_id) if e.type == kind), None)
+
+    def started(self, job_id: str, stage: str) -> bool:
+        """Whether the stage was started (since the last retry)."""
+        return any(e.type == "StageStarted" and e.stage == stage for e in self.since_retry(job_id))
 
     def deaths(self, job_id: str, stage: str) -> int:
         """Times ``stage`` was started and its worker vanished without an outcome.

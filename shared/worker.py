@@ -259,6 +259,10 @@ class Worker:
     def _process(self, command: Command, attempt: int, *, body: Any) -> None:
         final = attempt >= self.settings.max_attempts
         stage = STAGE_OF_COMMAND[command.type]  # type: ignore[attr-defined]
+        done = self.ctx.jobs.outcome(command.job_id, stage)
+        if done is not None:
+            self._delivered_again(command, done)
+            return
         deaths = self.ctx.jobs.deaths(command.job_id, stage)
         if deaths >= self.settings.max_attempts:
             event: Event | None = self._give_up(command, stage, deaths)
@@ -289,6 +293,17 @@ class Worker:
             self.bus.dead_letter(body, routing_key=command.routing_key, reason=event.error)
         following = next_command(command, event)
         if following is not None:
+            self.bus.publish(following)
+
+    def _delivered_again(self, command: Command, done: Event) -> None:
+        """A command whose stage already succeeded (at-least-once delivery): nothing is run
+        or recorded again; the next command is sent only if its stage never started (the
+        worker that recorded the success may have died before sending it)."""
+        log.info("%s: %s already recorded; duplicate delivery", command.job_id, done.type)
+        following = next_command(command, done)
+        if following is None:
+            return
+        if not self.ctx.jobs.started(command.job_id, STAGE_OF_COMMAND[following.type]):  # type: ignore[attr-defined]
             self.bus.publish(following)
 
     def _give_up(self, command: Command, stage: str, deaths: int) -> StageFailed:

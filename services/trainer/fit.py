@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+from transformers import set_seed
 
 from services.trainer import callbacks, lora, train
 from services.trainer.checkpoints import CheckpointStore
@@ -56,6 +57,9 @@ def fit(
     """
     spec, plan = job.spec, job.resolved
     tokenizer = load_tokenizer(job.base_model)
+    # The adapter's initial weights come from the global generator: seeded, the same job
+    # trains the same model in any process (a worker that trained another job before too).
+    set_seed(spec.seed)
     model = lora.build_model(job.base_model, spec, plan)
     stop = callbacks.StopOnRequest(should_stop)
     output = Path(job.output_dir)

@@ -321,3 +321,22 @@ def test_graceful_interruptions_and_retries_do_not_count_as_deaths(env):
     jobs.record(JobRetried(job_id="job-1", stage="train"))
     assert jobs.deaths("job-1", "train") == 0
     assert jobs.deaths("job-1", "prepare") == 0
+
+
+def test_a_stage_delivered_again_after_its_success_is_not_run_or_recorded_again(env):
+    settings, store, jobs, bus, cmd = env
+    done = DatasetPrepared(job_id="job-1", manifest="file:///m", counts={"train": 3})
+    jobs.record(done)
+    called = []
+    worker = Worker(
+        "dataprep", lambda c, x: called.append(c), settings=settings, bus=bus, store=store
+    )
+    worker.on_message(cmd.model_dump(mode="json"), _Delivery({}, "cmd.PrepareDataset"))
+    assert called == [] and _types(jobs) == ["DatasetPrepared"]
+    # The worker that recorded it may have died before sending the next command: sent now.
+    [train] = _drain(bus, bus.queues["trainer"])
+    assert parse_message(train.payload).dataset_manifest == "file:///m"
+    # Once the next stage has started, a further duplicate sends nothing.
+    jobs.record(StageStarted(job_id="job-1", stage="train", worker="w", attempt=1))
+    worker.on_message(cmd.model_dump(mode="json"), _Delivery({}, "cmd.PrepareDataset"))
+    assert _drain(bus, bus.queues["trainer"], timeout=0.3) == []

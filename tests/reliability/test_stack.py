@@ -1,0 +1,319 @@
+"""Faults and load on the whole embedded deployment, every service a process: trainers
+killed and stopped mid-training, secrets looked for everywhere, a burst of submissions with
+live event streams, a backlog drained by three trainers."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from services.cli.client import Client
+from services.cli.display import TERMINAL
+from tests.e2e.test_trainer_shutdown import STEPS, _running, _submit, _train_dir, _wait_for_step
+from tests.factories import spec_dict
+
+pytestmark = pytest.mark.e2e
+#: credentials planted in every service's environment; they must never show up anywhere
+CANARY_ACCESS_KEY = "AKIACANARY7Q3ZT5XW2P"
+CANARY_SECRET = "canary-secret-0f9c1e7d4b2a6c8e3f5a9d1b7c4e2f6a8d0b3c5e"
+FAST = {
+    "TERMTUNE_LEASE_SECONDS": "4",
+    "TERMTUNE_RECONCILE_SECONDS": "1",
+    "AWS_ACCESS_KEY_ID": CANARY_ACCESS_KEY,
+    "AWS_SECRET_ACCESS_KEY": CANARY_SECRET,
+}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, tiny_model):
+    """One embedded deployment for the module's scenarios: (launcher, client, var dir)."""
+    tmp = tmp_path_factory.mktemp("stack")
+    with _running(tmp, env=FAST) as (launcher, client):
+        yield launcher, client, tmp
+
+
+def _wait(client: Client, job_id: str, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.job(job_id)
+        if job["status"] in TERMINAL:
+            return job
+        time.sleep(0.3)
+    raise TimeoutError(f"{job_id} did not end in {timeout:.0f} s")
+
+
+def _publishes(client: Client, job_id: str) -> int:
+    return sum(e["type"] == "ModelPublished" for e in client.events(job_id))
+
+
+def _resumed_at(client: Client, job_id: str, after: float) -> float | None:
+    """When the train stage was started again after ``after`` (epoch seconds)."""
+    from datetime import datetime
+
+    for e in client.events(job_id):
+        if e["type"] == "StageStarted" and e["stage"] == "train":
+            at = datetime.fromisoformat(e["created_at"]).timestamp()
+            if at > after:
+                return at
+    return None
+
+
+def _replace_trainer(launcher) -> None:
+    launcher.processes.pop("trainer", None)
+    launcher.start(("trainer",))
+
+
+def test_kill_9_trainer_at_a_random_step(scenario, stack, tiny_model):
+    outcome = scenario(
+        "kill -9 a trainer at a random step",
+        full=20,
+        ci=2,
+        must_hold="every job completes on another trainer from its last checkpoint; 0 lost; "
+        "0 duplicate publishes",
+    )
+    launcher, client, tmp = stack
+    rng = random.Random(9)
+    for n in range(outcome.size):
+        job_id = _submit(client, tiny_model, f"kill-{n}", checkpoint_every=20)
+        pointer = _train_dir(tmp, job_id) / "checkpoints" / "latest.json"
+        at = _wait_for_step(client, job_id, rng.randint(25, STEPS - 25))
+        trainer = launcher.processes["trainer"]
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait(timeout=10)
+        killed = time.time()
+        saved = json.loads(pointer.read_text())["step"] if pointer.exists() else 0
+        _replace_trainer(launcher)
+        job = _wait(client, job_id)
+        outcome.count("killed")
+        if not outcome.check(job["status"] == "succeeded", f"{job_id}: {job['status']}"):
+            outcome.count("lost")
+            continue
+        outcome.count("completed")
+        resumed = _resumed_at(client, job_id, killed)
+        if resumed is not None:
+            outcome.time("kill to training resumed", resumed - killed)
+        outcome.time("kill to job succeeded", time.time() - killed)
+        manifest = json.loads((_train_dir(tmp, job_id) / "manifest.json").read_text())
+        outcome.check(
+            manifest["resumed_from_step"] >= saved and manifest["steps"] == STEPS,
+            f"{job_id}: killed at ~{at}, checkpoint {saved}, resumed from "
+            f"{manifest['resumed_from_step']}, {manifest['steps']} steps",
+        )
+        workers = {e.get("worker") for e in client.events(job_id) if e["type"] == "StageStarted"}
+        outcome.check(len(workers) >= 2, f"{job_id}: not finished by another trainer")
+        publishes = _publishes(client, job_id)
+        outcome.check(publishes == 1, f"{job_id}: {publishes} publishes")
+        outcome.count("duplicate publishes", publishes - 1)
+    outcome.verdict()
+
+
+def test_sigterm_a_trainer(scenario, stack, tiny_model):
+    outcome = scenario(
+        "SIGTERM a trainer",
+        full=20,
+        ci=2,
+        must_hold="checkpoint stored and lease released within 25 s; the job resumes; final "
+        "step count equal to an uninterrupted run",
+    )
+    launcher, client, tmp = stack
+    rng = random.Random(15)
+    for n in range(outcome.size):
+        job_id = _submit(client, tiny_model, f"term-{n}", checkpoint_every=10_000)
+        _wait_for_step(client, job_id, rng.randint(5, STEPS - 25))
+        trainer = launcher.processes["trainer"]
+        sent = time.monotonic()
+        trainer.send_signal(signal.SIGTERM)
+        try:
+            code = trainer.wait(timeout=25)
+        except subprocess.TimeoutExpired:
+            code = None
+            trainer.kill()
+        stopped = time.monotonic() - sent
+        outcome.time("SIGTERM to exit", stopped)
+        train_dir = _train_dir(tmp, job_id)
+        pointer = train_dir / "checkpoints" / "latest.json"
+        outcome.check(code == 0 and stopped < 25, f"{job_id}: exit {code} after {stopped:.1f} s")
+        outcome.check(pointer.exists(), f"{job_id}: no checkpoint after SIGTERM")
+        outcome.check(not (train_dir / "lease.json").exists(), f"{job_id}: lease still held")
+        saved = json.loads(pointer.read_text())["step"] if pointer.exists() else None
+        _replace_trainer(launcher)
+        job = _wait(client, job_id)
+        outcome.count("stopped")
+        if not outcome.check(job["status"] == "succeeded", f"{job_id}: {job['status']}"):
+            continue
+        outcome.count("resumed and completed")
+        manifest = json.loads((train_dir / "manifest.json").read_text())
+        outcome.check(
+            manifest["resumed_from_step"] == saved and manifest["steps"] == STEPS,
+            f"{job_id}: saved {saved}, resumed {manifest['resumed_from_step']}, "
+            f"{manifest['steps']} of {STEPS} steps",
+        )
+    outcome.verdict()
+
+
+def test_load_concurrent_submissions_and_live_event_streams(scenario, stack, tiny_model):
+    outcome = scenario(
+        "load: concurrent submissions and live event streams",
+        full=1,
+        ci=1,
+        must_hold="0 errors; p50/p99 latency reported",
+    )
+    launcher, client, _ = stack
+    submissions, streams = (200, 50)
+    key = (launcher.run_dir / "api_key").read_text()
+    headers = {"Authorization": f"Bearer {key}"}
+    spec = spec_dict(tiny_model, name="load", training={"max_steps": 1})
+    latencies: list[float] = []
+    errors: list[str] = []
+    ids: list[str] = []
+    first_events: list[float] = []
+    with httpx.Client(base_url=launcher.url, headers=headers, timeout=60) as http:
+
+        def submit(n: int) -> None:
+            started = time.perf_counter()
+            try:
+                response = http.post("/v1/jobs", json={**spec, "name": f"load-{n}"})
+            except httpx.HTTPError as exc:
+                errors.append(f"submit {n}: {exc!r}")
+                return
+            latencies.append(time.perf_counter() - started)
+            if response.status_code != 201:
+                errors.append(f"submit {n}: {response.status_code} {response.text[:200]}")
+            else:
+                ids.append(response.json()["id"])
+
+        def watch(job_id: str, done: threading.Event) -> None:
+            started = time.perf_counter()
+            try:
+                with http.stream("GET", f"/v1/jobs/{job_id}/events", params={"follow": True},
+                                 timeout=httpx.Timeout(60, read=120)) as response:  # fmt: skip
+                    if response.status_code != 200:
+                        errors.append(f"stream {job_id}: {response.status_code}")
+                        return
+                    for line in response.iter_lines():
+                        if line.startswith("data: ") and line != "data: {}":
+                            first_events.append(time.perf_counter() - started)
+                            break
+                    done.wait(120)
+            except httpx.HTTPError as exc:
+                errors.append(f"stream {job_id}: {exc!r}")
+
+        with ThreadPoolExecutor(50) as pool:
+            list(pool.map(submit, range(streams)))
+        done = threading.Event()
+        watchers = [
+            threading.Thread(target=watch, args=(job_id, done), daemon=True) for job_id in ids
+        ]
+        for thread in watchers:
+            thread.start()
+        with ThreadPoolExecutor(50) as pool:  # the rest while 50 streams are open
+            list(pool.map(submit, range(streams, submissions)))
+        deadline = time.monotonic() + 60
+        while len(first_events) < len(watchers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        done.set()
+        for thread in watchers:
+            thread.join(10)
+        for job_id in ids:  # nothing of the burst is left running for the next scenario
+            client.cancel(job_id)
+    ordered = sorted(latencies)
+    outcome.count("submissions", submissions)
+    outcome.count("accepted (201)", len(ids))
+    outcome.count("live event streams", len(watchers))
+    outcome.count("streams that got an event", len(first_events))
+    outcome.count("errors", len(errors))
+    for value in latencies:
+        outcome.time("submission latency", value)
+    for value in first_events:
+        outcome.time("stream: first event", value)
+    if ordered:
+        p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+        outcome.counts["submission p99 ms"] = round(p99 * 1000)
+    outcome.check(not errors, f"{len(errors)} errors: {errors[:3]}")
+    outcome.check(len(ids) == submissions, f"{len(ids)} of {submissions} accepted")
+    outcome.check(len(first_events) == streams, f"{len(first_events)} of {streams} streams")
+    outcome.check(launcher.processes["api"].poll() is None, "the API died")
+    outcome.verdict()
+
+
+def test_secrets_never_appear_in_logs_events_reports_or_errors(scenario, stack, tiny_model):
+    outcome = scenario(
+        "secrets",
+        full=1,
+        ci=1,
+        must_hold="the API key and AWS credentials never appear in logs, events, reports or "
+        "error bodies",
+    )
+    launcher, client, tmp = stack
+    key = (launcher.run_dir / "api_key").read_text().strip()
+    secrets = {"API key": key, "AWS access key": CANARY_ACCESS_KEY, "AWS secret": CANARY_SECRET}
+    bodies = []
+    with httpx.Client(base_url=launcher.url, timeout=30) as http:
+        auth = {"Authorization": f"Bearer {key}"}
+        for headers in ({}, {"Authorization": f"Bearer {key[:-2]}"}, {"Authorization": key}):
+            bodies.append(http.get("/v1/jobs", headers=headers).text)
+        bodies.append(http.post("/v1/jobs", headers=auth, json={"name": 1}).text)
+        bodies.append(http.get("/v1/jobs/nope-1", headers=auth).text)
+        bodies.append(http.post("/v1/models/nope/invoke", headers=auth, json={"prompt": "x"}).text)
+        failing = spec_dict(tiny_model, name="no-data", dataset={"source": "/nope/terms.jsonl"})
+        job_id = client.submit(failing)["id"]
+        failed = _wait(client, job_id)
+        bodies.append(json.dumps(failed))
+        bodies.append(http.get(f"/v1/jobs/{job_id}/events", headers=auth).text)
+        bodies.append(http.get("/metrics", headers=auth).text)
+    outcome.check(failed["status"] == "failed", f"the failing job {failed['status']}")
+    files = [p for p in tmp.rglob("*") if p.is_file() and p.name != "api_key"]
+    outcome.count("files read (logs, events, manifests, reports, checkpoints)", len(files))
+    outcome.count("response bodies read", len(bodies))
+    for path in files:
+        data = path.read_bytes()
+        for name, secret in secrets.items():
+            outcome.check(secret.encode() not in data, f"{name} in {path.relative_to(tmp)}")
+    for body in bodies:
+        for name, secret in secrets.items():
+            outcome.check(secret not in body, f"{name} in a response: {body[:120]}")
+    logs = [p for p in files if p.suffix == ".log"]
+    outcome.count("service logs", len(logs))
+    outcome.check(len(logs) >= 5, "the service logs were not found")
+    outcome.verdict()
+
+
+def test_backlog_drained_by_three_trainers(scenario, tmp_path, tiny_model):
+    outcome = scenario(
+        "backlog: queued jobs, 3 trainers",
+        full=200,
+        ci=6,
+        must_hold="all complete, none trained twice; throughput reported",
+    )
+    with _running(tmp_path, trainers=3) as (launcher, client):
+        spec = spec_dict(
+            tiny_model,
+            training={"max_steps": 2, "logging_steps": 1},
+            evaluation={"max_rows": 2, "max_new_tokens": 2, "bootstrap_samples": 100},
+        )
+        started = time.monotonic()
+        ids = [client.submit({**spec, "name": f"backlog-{n}"})["id"] for n in range(outcome.size)]
+        outcome.time("queueing all jobs", time.monotonic() - started)
+        jobs = [_wait(client, job_id, timeout=300 + 20 * outcome.size) for job_id in ids]
+        wall = time.monotonic() - started
+        events = {job_id: client.events(job_id) for job_id in ids}
+    outcome.count("jobs", len(ids))
+    outcome.count("succeeded", sum(j["status"] == "succeeded" for j in jobs))
+    outcome.counts["jobs per minute"] = round(len(ids) / wall * 60, 1)
+    outcome.time("backlog wall", wall)
+    outcome.count("trainers used", len({j["stages"]["train"].get("worker") for j in jobs}))
+    outcome.check(all(j["status"] == "succeeded" for j in jobs), "not every job succeeded")
+    for job_id, log in events.items():
+        for kind in ("ModelTrained", "ModelPublished"):
+            times = sum(e["type"] == kind for e in log)
+            outcome.check(times == 1, f"{job_id}: {kind} {times} times")
+            outcome.count(f"{kind} events", times)
+    outcome.verdict()
