@@ -33,7 +33,9 @@ SERVICE_COMMANDS: dict[str, str] = {
 ATTEMPT_HEADER = "x-termtune-attempt"
 REASON_HEADER = "x-termtune-dead-reason"
 FILESYSTEM_POLL_SECONDS = 0.05
-RETRY_POLICY = {"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 3}
+RECONNECT_SECONDS = 1.0
+#: publishing rides out a broker restart (about 20 s of retries)
+RETRY_POLICY = {"max_retries": 10, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 3}
 
 OnMessage = Callable[[dict[str, Any], KombuMessage], None]
 
@@ -177,18 +179,39 @@ class Bus:
         worker that acks early (the trainer, once it holds the job's lease) must not have
         the broker push it the next job while it is still busy with this one.
         """
+        while not stop.is_set():
+            conn = self.connect()
+            errors = (*conn.connection_errors, *conn.channel_errors, OSError)
+            try:
+                self._consume(conn, service, on_message, stop=stop, pull=pull)
+            except errors as exc:
+                # The broker went away (restart, failover): the delivery in hand was not
+                # acked and comes back; reconnect instead of letting the process die.
+                log.warning("broker connection lost (%s); reconnecting", exc)
+                stop.wait(RECONNECT_SECONDS)
+            finally:
+                conn.release()
+
+    def _consume(
+        self,
+        conn: Connection,
+        service: str,
+        on_message: OnMessage,
+        *,
+        stop: threading.Event,
+        pull: bool,
+    ) -> None:
         queue = self.queues[service]
-        with self.connect() as conn:
-            conn.ensure_connection(max_retries=30, interval_start=0.5, interval_max=5)
-            if pull:
-                self._pull(conn, queue, on_message, stop=stop)
-                return
-            with conn.Consumer([queue], callbacks=[on_message], accept=["json"], prefetch_count=1):
-                while not stop.is_set():
-                    try:
-                        conn.drain_events(timeout=self.settings.poll_seconds)
-                    except TimeoutError:
-                        continue
+        conn.ensure_connection(max_retries=30, interval_start=0.5, interval_max=5)
+        if pull:
+            self._pull(conn, queue, on_message, stop=stop)
+            return
+        with conn.Consumer([queue], callbacks=[on_message], accept=["json"], prefetch_count=1):
+            while not stop.is_set():
+                try:
+                    conn.drain_events(timeout=self.settings.poll_seconds)
+                except TimeoutError:
+                    continue
 
     def _pull(
         self, conn: Connection, queue: Queue, on_message: OnMessage, *, stop: threading.Event

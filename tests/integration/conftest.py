@@ -41,49 +41,75 @@ def _amqp_ready(url: str) -> bool:
         return False
 
 
+class RabbitNode:
+    """A private RabbitMQ node with the deployment's settings; stop and start keep its data
+    (durable queues and persistent messages survive a restart, as in production)."""
+
+    def __init__(self, base: Path) -> None:
+        self.base, self.port, self.dist = base, free_port(), free_port()
+        for folder in ("mnesia", "log"):
+            (base / folder).mkdir(parents=True, exist_ok=True)
+        (base / "plugins").write_text("[].\n")
+        config = (ROOT / "deploy/rabbitmq/rabbitmq.conf").read_text()
+        listener = f"listeners.tcp.default = 127.0.0.1:{self.port}"
+        (base / "rabbitmq.conf").write_text(f"{config}\n{listener}\n")
+        self.node = f"termtune-test-{self.port}@localhost"
+        self.env = {
+            **os.environ,
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist),
+            "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(base / "log"),
+            "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "plugins"),
+            "RABBITMQ_PID_FILE": str(base / "pid"),
+            "RABBITMQ_DEFAULT_USER": RABBITMQ_USER,
+            "RABBITMQ_DEFAULT_PASS": RABBITMQ_PASSWORD,
+        }
+        self.url = f"amqp://{RABBITMQ_USER}:{RABBITMQ_PASSWORD}@127.0.0.1:{self.port}//"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        """host:port of the node."""
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 90) -> None:
+        """Start the node and wait until it takes AMQP connections."""
+        log = (self.base / "server.log").open("ab")
+        self.proc = subprocess.Popen(
+            [_rabbitmq_server()], env=self.env, stdout=log, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + timeout
+        while not _amqp_ready(self.url):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                tail = (self.base / "server.log").read_text()[-2000:]
+                pytest.fail(f"RabbitMQ did not start: {tail}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        """Stop the node the way an operator does (rabbitmqctl stop)."""
+        ctl = RABBITMQ_BIN / "rabbitmqctl"
+        subprocess.run(
+            [str(ctl) if ctl.exists() else "rabbitmqctl", "-n", self.node, "stop"],
+            env=self.env,
+            capture_output=True,
+            timeout=60,
+        )
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
 @pytest.fixture(scope="session")
 def rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> str:
     """host:port of a fresh RabbitMQ node with the deployment's settings and user."""
-    base = tmp_path_factory.mktemp("rabbitmq")
-    port, dist = free_port(), free_port()
-    (base / "mnesia").mkdir()
-    (base / "log").mkdir()
-    (base / "plugins").write_text("[].\n")
-    config = (ROOT / "deploy/rabbitmq/rabbitmq.conf").read_text()
-    (base / "rabbitmq.conf").write_text(f"{config}\nlisteners.tcp.default = 127.0.0.1:{port}\n")
-    node = f"termtune-test-{port}@localhost"
-    env = {
-        **os.environ,
-        "RABBITMQ_NODENAME": node,
-        "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
-        "RABBITMQ_NODE_PORT": str(port),
-        "RABBITMQ_DIST_PORT": str(dist),
-        "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
-        "RABBITMQ_LOG_BASE": str(base / "log"),
-        "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq"),
-        "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "plugins"),
-        "RABBITMQ_PID_FILE": str(base / "pid"),
-        "RABBITMQ_DEFAULT_USER": RABBITMQ_USER,
-        "RABBITMQ_DEFAULT_PASS": RABBITMQ_PASSWORD,
-    }
-    log = (base / "server.log").open("wb")
-    proc = subprocess.Popen([_rabbitmq_server()], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"amqp://{RABBITMQ_USER}:{RABBITMQ_PASSWORD}@127.0.0.1:{port}//"
-    deadline = time.monotonic() + 90
-    while not _amqp_ready(url):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"RabbitMQ did not start: {(base / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
-    yield f"127.0.0.1:{port}"
-    ctl = RABBITMQ_BIN / "rabbitmqctl"
-    subprocess.run(
-        [str(ctl) if ctl.exists() else "rabbitmqctl", "-n", node, "stop"],
-        env=env,
-        capture_output=True,
-        timeout=60,
-    )
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    node = RabbitNode(tmp_path_factory.mktemp("rabbitmq"))
+    node.start()
+    yield node.address
+    node.stop()

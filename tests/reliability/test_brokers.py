@@ -1,0 +1,124 @@
+"""The real brokers: RabbitMQ (Debian's server) restarted with messages in flight."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from typing import Any
+
+from services.dataprep.handler import handle as prepare
+from shared.bus import Bus
+from shared.jobs import JobRecords
+from shared.jobspec import parse_spec
+from shared.messages import PrepareDataset
+from shared.settings import Settings
+from shared.store import LocalStore
+from shared.worker import Worker
+from tests.factories import spec_dict
+from tests.integration.conftest import RabbitNode
+
+JOBS_PER_RESTART = 3
+HANDLING_SECONDS = 2.0
+
+
+class _Count(logging.Handler):
+    """Counts log records that say ``text``."""
+
+    def __init__(self, logger: str, text: str) -> None:
+        super().__init__(logging.INFO)
+        self.logger, self.text, self.n = logging.getLogger(logger), text, 0
+        self.logger.addHandler(self)
+        self.logger.setLevel(logging.INFO)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.n += self.text in record.getMessage()
+
+
+def test_broker_restart_with_messages_in_flight(scenario, tmp_path, tiny_model):
+    outcome = scenario(
+        "restart the broker with messages in flight",
+        full=10,
+        ci=2,
+        must_hold="0 messages lost, 0 duplicate side effects",
+    )
+    node = RabbitNode(tmp_path / "rabbitmq")
+    node.start()
+    settings = Settings(
+        var_dir=tmp_path / "var",
+        broker_url=node.url,
+        poll_seconds=0.2,
+        exchange=f"r{uuid.uuid4().hex[:8]}",
+    )
+    store = LocalStore(tmp_path / "var" / "store")
+    jobs = JobRecords(store)
+    bus = Bus(settings)
+    bus.declare()
+
+    def slow_prepare(command: Any, ctx: Any) -> Any:
+        time.sleep(HANDLING_SECONDS)  # long enough for the restart to hit mid-delivery
+        return prepare(command, ctx)
+
+    reconnects = _Count("shared.bus", "connection lost")
+    redelivered = _Count("shared.worker", "duplicate delivery")
+    worker = Worker("dataprep", slow_prepare, settings=settings, bus=bus, store=store)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    ids: list[str] = []
+
+    def submit(job_id: str) -> None:
+        spec = parse_spec(spec_dict(tiny_model, name=job_id))
+        bus.publish(PrepareDataset(job_id=job_id, spec_uri=jobs.create(job_id, spec)))
+        ids.append(job_id)
+
+    def started(job_id: str) -> bool:
+        return any(e.type == "StageStarted" for e in jobs.events(job_id))
+
+    try:
+        for n in range(outcome.size):
+            batch = [f"restart-{n}-{k}" for k in range(JOBS_PER_RESTART)]
+            for job_id in batch:
+                submit(job_id)
+            deadline = time.monotonic() + 60
+            while not started(batch[0]) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            outcome.check(started(batch[0]), f"restart {n}: nothing in flight")
+            down = time.monotonic()
+            node.stop()
+            # A job submitted while the broker is down: the publish rides it out.
+            late = threading.Thread(target=submit, args=(f"restart-{n}-late",))
+            late.start()
+            node.start()
+            outcome.time("broker down (stop to accepting connections)", time.monotonic() - down)
+            late.join(60)
+            outcome.count("restarts")
+        deadline = time.monotonic() + 120 + 20 * outcome.size
+        while time.monotonic() < deadline:
+            if all(jobs.outcome(job_id, "prepare") is not None for job_id in ids):
+                break
+            time.sleep(0.2)
+        outcome.time("last restart to all prepared", time.monotonic() - down)
+    finally:
+        worker.stop.set()
+        thread.join(30)
+        bus.close()
+        node.stop()
+    for counter in (reconnects, redelivered):
+        counter.logger.removeHandler(counter)
+    outcome.count("worker reconnections", reconnects.n)
+    outcome.count("in-flight deliveries redelivered after their stage succeeded", redelivered.n)
+    outcome.count("jobs submitted", len(ids))
+    for job_id in ids:
+        events = jobs.events(job_id)
+        prepared = sum(e.type == "DatasetPrepared" for e in events)
+        starts = sum(e.type == "StageStarted" for e in events)
+        outcome.count("jobs prepared", prepared >= 1)
+        outcome.count("deliveries run again after a restart", max(starts - 1, 0))
+        outcome.check(prepared >= 1, f"{job_id}: lost (never prepared)")
+        outcome.check(prepared <= 1, f"{job_id}: prepared {prepared} times")
+    outcome.check(reconnects.n >= outcome.size, "the worker did not lose its connection")
+    outcome.check(
+        len(ids) == outcome.size * (JOBS_PER_RESTART + 1), f"only {len(ids)} jobs submitted"
+    )
+    outcome.verdict()
