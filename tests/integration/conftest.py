@@ -45,14 +45,14 @@ class RabbitNode:
     """A private RabbitMQ node with the deployment's settings; stop and start keep its data
     (durable queues and persistent messages survive a restart, as in production)."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, extra_config: str = "") -> None:
         self.base, self.port, self.dist = base, free_port(), free_port()
         for folder in ("mnesia", "log"):
             (base / folder).mkdir(parents=True, exist_ok=True)
         (base / "plugins").write_text("[].\n")
         config = (ROOT / "deploy/rabbitmq/rabbitmq.conf").read_text()
         listener = f"listeners.tcp.default = 127.0.0.1:{self.port}"
-        (base / "rabbitmq.conf").write_text(f"{config}\n{listener}\n")
+        (base / "rabbitmq.conf").write_text(f"{config}\n{listener}\n{extra_config}\n")
         self.node = f"termtune-test-{self.port}@localhost"
         self.env = {
             **os.environ,

@@ -122,3 +122,91 @@ def test_broker_restart_with_messages_in_flight(scenario, tmp_path, tiny_model):
         len(ids) == outcome.size * (JOBS_PER_RESTART + 1), f"only {len(ids)} jobs submitted"
     )
     outcome.verdict()
+
+
+VISIBILITY = 2
+
+
+def test_a_training_job_longer_than_the_delivery_timeout(scenario, tmp_path, s3_endpoint):
+    """On SQS (kombu's transport against moto's SQS over HTTP): the trainer's delivery is
+    kept in flight while it trains, and comes back once its worker is gone."""
+    outcome = scenario(
+        "a training job longer than the delivery timeout",
+        full=5,
+        ci=2,
+        must_hold="no redelivery while the lease is alive; redelivered within the timeout plus "
+        "one poll after the worker dies",
+    )
+    from urllib.parse import urlparse
+
+    from shared.messages import ModelTrained, TrainModel
+
+    endpoint = urlparse(s3_endpoint)  # moto's server speaks SQS on the same port
+    settings = Settings(
+        var_dir=tmp_path,
+        broker_url=f"sqs://test:test@{endpoint.hostname}:{endpoint.port}",
+        exchange=f"t{uuid.uuid4().hex[:8]}",
+        poll_seconds=0.2,
+        sqs_visibility_seconds=VISIBILITY,
+        sqs_is_secure=False,
+        lease_seconds=3,
+    )
+    store = LocalStore(tmp_path / "store")
+    jobs = JobRecords(store)
+    bus = Bus(settings)
+    bus.declare()
+    runs: dict[str, list[str]] = {}
+
+    def long_training(command: Any, ctx: Any) -> Any:
+        runs.setdefault(command.job_id, []).append(ctx.worker)
+        time.sleep(VISIBILITY * 3)  # three delivery timeouts
+        return ModelTrained(job_id=command.job_id, manifest="file:///m", train_loss=1.0, steps=1)
+
+    def start_trainers(n: int) -> list[tuple[Worker, threading.Thread]]:
+        started = []
+        for k in range(2):
+            trainer = Worker("trainer", long_training, settings=settings, bus=Bus(settings),
+                             store=store, leased=True)  # fmt: skip
+            trainer.ctx.worker = f"trainer-{n}-{k}"
+            thread = threading.Thread(target=trainer.run, daemon=True)
+            thread.start()
+            started.append((trainer, thread))
+        return started
+
+    try:
+        for n in range(outcome.size):
+            job_id = f"long-{n}"
+            uri = jobs.create(job_id, parse_spec({"name": job_id}))
+            bus.publish(TrainModel(job_id=job_id, spec_uri=uri, dataset_manifest="file:///d"))
+            # A worker takes the delivery and dies without a word (no ack, no extension).
+            deadline = time.monotonic() + 30
+            with bus.connect() as conn:
+                bound = bus.queues["trainer"].bind(conn.default_channel)
+                taken = None
+                while taken is None and time.monotonic() < deadline:
+                    taken = bound.get(no_ack=False)
+                died = time.monotonic()
+            if not outcome.check(taken is not None, f"{job_id}: never delivered"):
+                continue
+            live = start_trainers(n)  # two live trainers compete for what comes back
+            while job_id not in runs and time.monotonic() < deadline:
+                time.sleep(0.05)
+            back = time.monotonic() - died
+            outcome.time("worker died to stage restarted", back)
+            outcome.check(
+                back <= VISIBILITY + settings.poll_seconds + 5.5,  # + SQS's 5 s long poll
+                f"{job_id}: redelivered {back:.1f} s after the death",
+            )
+            while jobs.outcome(job_id, "train") is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(VISIBILITY + 1)  # a redelivery during training would have run by now
+            for trainer, thread in live:
+                trainer.stop.set()
+                thread.join(15)
+            outcome.count("long stages")
+            outcome.count("runs", len(runs.get(job_id, [])))
+            outcome.check(len(runs.get(job_id, [])) == 1, f"{job_id}: ran {runs.get(job_id)}")
+    finally:
+        bus.close()
+    outcome.counts["stage length / delivery timeout"] = 3
+    outcome.verdict()
