@@ -286,6 +286,125 @@ def test_secrets_never_appear_in_logs_events_reports_or_errors(scenario, stack, 
     outcome.verdict()
 
 
+def _bad_datasets(folder) -> dict[str, tuple[str, str]]:
+    """Each bad input of the data-prep issue: name → (source, words its error must say)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    good = '{"page_title": "Asthma", "page_text": "A lung disease."}\n'
+    files = {
+        "empty.jsonl": b"",
+        "malformed.jsonl": (good * 5 + '{"page_title": "Gout", "page_text": \n' + good).encode(),
+        "missing-column.jsonl": b'{"title": "Asthma", "page_text": "A lung disease."}\n' * 30,
+        "not-utf8.jsonl": good.encode() * 5 + b'{"page_title": "\xff\xfe", "page_text": "x"}\n',
+        "missing-column.csv": b"title,page_text\nAsthma,A lung disease.\n" * 30,
+        "blank-rows.jsonl": b'{"page_title": " ", "page_text": ""}\n' * 30,
+        "binary.jsonl": bytes(range(256)) * 40,
+        "too-few-rows.jsonl": good.encode(),
+        "terms.txt": good.encode() * 30,
+    }
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    pq.write_table(
+        pa.table({"page_title": [1.5] * 30, "page_text": [[1, 2]] * 30}), folder / "types.parquet"
+    )
+    return {
+        "missing file": (str(folder / "absent.jsonl"), "not found"),
+        "empty file": (str(folder / "empty.jsonl"), "empty"),
+        "malformed JSONL line": (str(folder / "malformed.jsonl"), "line 6"),
+        "missing column (JSONL)": (str(folder / "missing-column.jsonl"), "page_title"),
+        "missing column (CSV)": (str(folder / "missing-column.csv"), "page_title"),
+        "bytes that are not UTF-8": (str(folder / "not-utf8.jsonl"), "UTF-8"),
+        "column of the wrong type (Parquet)": (str(folder / "types.parquet"), "page_text"),
+        "rows empty after cleaning": (str(folder / "blank-rows.jsonl"), "empty"),
+        "binary garbage": (str(folder / "binary.jsonl"), "binary.jsonl"),
+        "too few rows to split": (str(folder / "too-few-rows.jsonl"), "row"),
+        "unsupported file type": (str(folder / "terms.txt"), ".txt"),
+        "glob without a match": (str(folder / "none-*.jsonl"), "no file matches"),
+    }
+
+
+BAD_SPECS = {
+    "name of the wrong type": ({"name": 12}, "name"),
+    "unknown top-level field": ({"nmae": "x"}, "nmae"),
+    "unknown nested field": ({"training": {"epoch": 3}}, "training.epoch"),
+    "learning rate as text": ({"training": {"learning_rate": "fast"}}, "training.learning_rate"),
+    "huge batch": ({"training": {"batch_size": 10**9}}, "training.batch_size"),
+    "huge epochs": ({"training": {"epochs": 10**6}}, "training.epochs"),
+    "negative test size": ({"dataset": {"test_size": -0.3}}, "dataset.test_size"),
+    "huge sequence length": (
+        {"dataset": {"max_source_length": 10**9}},
+        "dataset.max_source_length",
+    ),
+    "template naming no column": ({"dataset": {"prompt_template": "What is"}}, "prompt_template"),
+    "LoRA rank zero": ({"training": {"lora": {"r": 0}}}, "training.lora.r"),
+    "unknown publish target": ({"publish": {"target": "ftp"}}, "publish.target"),
+    "spec that is a list": ([], "body"),
+    "very long name": ({"name": "x" * 10_000}, "name"),
+}
+
+
+def test_bad_datasets_and_bad_job_specs(scenario, stack, tiny_model, tmp_path):
+    outcome = scenario(
+        "bad datasets and bad job specs",
+        full=1,
+        ci=1,
+        must_hold="a clear error for each, no crash loop, nothing half-written, services healthy",
+    )
+    launcher, client, tmp = stack
+    key = (launcher.run_dir / "api_key").read_text()
+    headers = {"Authorization": f"Bearer {key}"}
+    submitted = {}
+    for case, (source, words) in _bad_datasets(tmp_path / "bad").items():
+        spec = spec_dict(tiny_model, name="bad-data", dataset={"source": source})
+        submitted[case] = (client.submit(spec)["id"], words)
+    for case, (job_id, words) in submitted.items():
+        job = _wait(client, job_id, timeout=120)
+        outcome.count("bad datasets")
+        error = (job.get("error") or {}).get("reason") or ""
+        outcome.check(job["status"] == "failed", f"{case}: {job['status']}")
+        outcome.check(
+            words.lower() in error.lower() and "dataset" in error.lower(),
+            f"{case}: unclear error {error[:160]!r}",
+        )
+        starts = [e for e in client.events(job_id) if e["type"] == "StageStarted"]
+        outcome.check(len(starts) == 1, f"{case}: prepare started {len(starts)} times")
+        prepare_dir = tmp / "var" / "store" / "jobs" / job_id / "prepare"
+        written = (
+            [p.name for p in prepare_dir.rglob("*") if p.is_file()] if prepare_dir.exists() else []
+        )
+        outcome.check(not written, f"{case}: left {written}")
+        outcome.count(
+            "failed with a clear error",
+            job["status"] == "failed" and words.lower() in error.lower(),
+        )
+    with httpx.Client(base_url=launcher.url, headers=headers, timeout=30) as http:
+        before = len(http.get("/v1/jobs", params={"limit": 200}).json()["data"])
+        for case, (override, field) in BAD_SPECS.items():
+            body = override if isinstance(override, list) else spec_dict(tiny_model, **override)
+            if isinstance(override, dict) and "name" in override:
+                body["name"] = override["name"]
+            response = http.post("/v1/jobs", json=body)
+            outcome.count("bad specs")
+            outcome.check(response.status_code == 422, f"{case}: {response.status_code}")
+            detail = json.dumps(response.json())
+            outcome.check(
+                field.split(".")[-1] in detail, f"{case}: {field} not named: {detail[:200]}"
+            )
+            outcome.count(
+                "refused with 422 naming the field",
+                response.status_code == 422 and field.split(".")[-1] in detail,
+            )
+        after = len(http.get("/v1/jobs", params={"limit": 200}).json()["data"])
+        outcome.check(after == before, f"bad specs created {after - before} jobs")
+        ready = http.get("/readyz")
+        outcome.check(ready.status_code == 200, f"/readyz {ready.status_code} after the corpus")
+    dead = [n for n, p in launcher.processes.items() if p.poll() is not None]
+    outcome.check(not dead, f"services died: {dead}")
+    outcome.verdict()
+
+
 def test_backlog_drained_by_three_trainers(scenario, tmp_path, tiny_model):
     outcome = scenario(
         "backlog: queued jobs, 3 trainers",
