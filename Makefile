@@ -11,7 +11,7 @@ CMI_VENV ?= .venv-cmi
 LINT_VENV ?= .venv-lint
 CMI_TRANSFORMERS ?= 4.51.3
 
-.PHONY: install compat brokers browsers lint-deploy run test test-unit test-e2e lint format up down clean docs bench
+.PHONY: install compat brokers browsers lint-deploy run test test-unit test-e2e lint format up down clean docs bench reliability
 
 install: $(VENV)/.installed
 
@@ -112,3 +112,8 @@ docs: install
 
 bench: install
 	$(PY) -m bench.report
+
+# Every fault scenario at full size; docs/reliability.md from what they counted and timed.
+reliability: install brokers
+	TERMTUNE_RELIABILITY_SIZE=full TERMTUNE_RELIABILITY_REPORT=docs/reliability.md \
+		$(VENV)/bin/pytest -q -p no:cacheprovider tests/reliability
