@@ -28,11 +28,13 @@ from tests.unit.services.test_publisher_bedrock import (  # noqa: F401 - fixture
     standin,
 )
 
-#: where the publisher dies: (label, class, method, whether the create call already went out)
+#: where the publisher dies: (label, class, method, whether the retry calls create again:
+#: only when the call went out and its record did not)
 CRASH_POINTS = [
     ("between the create call and its record", ImportRecords, "set_job_arn", True),
     ("before the create call", Importer, "create", False),
-    ("while polling the import", Importer, "wait", True),
+    ("between the create call and its record", ImportRecords, "set_job_arn", True),
+    ("while polling the import", Importer, "wait", False),
 ]
 
 
@@ -59,12 +61,12 @@ def test_publisher_crash_between_import_call_and_record(
     outcome = scenario(
         "crash the publisher between the import call and recording it",
         full=20,
-        ci=3,
+        ci=4,
         must_hold="exactly one import job per model; the same client token on every retry",
     )
     for n in range(outcome.size):
-        # Most runs die at the hard point (the call went out, its record did not).
-        label, cls, name, sent = CRASH_POINTS[0 if n % 2 == 0 else 1 + (n // 2) % 2]
+        # Half the runs die at the hard point (the call went out, its record did not).
+        label, cls, name, called_again = CRASH_POINTS[n % len(CRASH_POINTS)]
         ctx, cmd = _bedrock_job(published, f"crash-{n}-{uuid.uuid4().hex[:6]}")
         started = time.monotonic()
         with pytest.MonkeyPatch.context() as patch:
@@ -87,7 +89,7 @@ def test_publisher_crash_between_import_call_and_record(
         outcome.count("import jobs", len(jobs))
         outcome.check(died == [label], f"{model}: the crash {label} was not injected")
         outcome.check(len(jobs) == 1, f"{model}: {len(jobs)} import jobs")
-        outcome.check(len(creates) == 1 + sent, f"{model}: {len(creates)} create calls")
+        outcome.check(len(creates) == 1 + called_again, f"{model}: {len(creates)} create calls")
         outcome.check(
             len({c["clientRequestToken"] for c in creates}) == 1,
             f"{model}: the client token changed between tries",
