@@ -237,7 +237,12 @@ def _run_pipeline(bus: Bus, settings: Settings, store: LocalStore, job_id: str, 
         if "ModelPublished" in kinds or "StageFailed" in kinds:
             break
         time.sleep(0.2)
-    time.sleep(3)  # let the duplicates of the last messages arrive and be handled
+    # Let every duplicate be delivered and handled: the broker's folder stays empty.
+    messages, quiet_since = settings.broker_dir / "messages", time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - quiet_since < 2:
+        if any(messages.iterdir()):
+            quiet_since = time.monotonic()
+        time.sleep(0.1)
     for worker in workers:
         worker.stop.set()
     for thread in threads:
