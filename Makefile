@@ -116,4 +116,4 @@ bench: install
 # Every fault scenario at full size; docs/reliability.md from what they counted and timed.
 reliability: install brokers
 	TERMTUNE_RELIABILITY_SIZE=full TERMTUNE_RELIABILITY_REPORT=docs/reliability.md \
-		$(VENV)/bin/pytest -q -p no:cacheprovider tests/reliability
+		$(VENV)/bin/pytest -q -p no:cacheprovider --timeout 14400 tests/reliability
