@@ -124,9 +124,6 @@ def test_broker_restart_with_messages_in_flight(scenario, tmp_path, tiny_model):
     outcome.verdict()
 
 
-VISIBILITY = 2
-
-
 def test_a_training_job_longer_than_the_delivery_timeout(scenario, tmp_path, s3_endpoint):
     """On SQS (kombu's transport against moto's SQS over HTTP): the trainer's delivery is
     kept in flight while it trains, and comes back once its worker is gone."""
@@ -137,20 +134,10 @@ def test_a_training_job_longer_than_the_delivery_timeout(scenario, tmp_path, s3_
         must_hold="no redelivery while the lease is alive; redelivered within the timeout plus "
         "one poll after the worker dies",
     )
-    from urllib.parse import urlparse
-
     from shared.messages import ModelTrained, TrainModel
+    from tests.unit.shared.test_bus_sqs import VISIBILITY, sqs_settings
 
-    endpoint = urlparse(s3_endpoint)  # moto's server speaks SQS on the same port
-    settings = Settings(
-        var_dir=tmp_path,
-        broker_url=f"sqs://test:test@{endpoint.hostname}:{endpoint.port}",
-        exchange=f"t{uuid.uuid4().hex[:8]}",
-        poll_seconds=0.2,
-        sqs_visibility_seconds=VISIBILITY,
-        sqs_is_secure=False,
-        lease_seconds=3,
-    )
+    settings = sqs_settings(tmp_path, s3_endpoint, lease_seconds=3)
     store = LocalStore(tmp_path / "store")
     jobs = JobRecords(store)
     bus = Bus(settings)

@@ -22,17 +22,24 @@ from shared.worker import Worker
 VISIBILITY = 2
 
 
-@pytest.fixture
-def sqs_env(tmp_path, s3_endpoint):
-    endpoint = urlparse(s3_endpoint)  # moto's server speaks SQS on the same port
-    settings = Settings(
+def sqs_settings(tmp_path, s3_endpoint, **extra) -> Settings:
+    """Settings for kombu's SQS transport against moto's server (it speaks SQS on the same
+    port as S3), with a short visibility timeout and a fresh queue prefix."""
+    endpoint = urlparse(s3_endpoint)
+    return Settings(
         var_dir=tmp_path,
         broker_url=f"sqs://test:test@{endpoint.hostname}:{endpoint.port}",
         exchange=f"t{uuid.uuid4().hex[:8]}",
         poll_seconds=0.2,
         sqs_visibility_seconds=VISIBILITY,
         sqs_is_secure=False,
+        **extra,
     )
+
+
+@pytest.fixture
+def sqs_env(tmp_path, s3_endpoint):
+    settings = sqs_settings(tmp_path, s3_endpoint)
     store = LocalStore(tmp_path / "store")
     jobs = JobRecords(store)
     bus = Bus(settings)
