@@ -17,6 +17,7 @@ from typing import Any
 
 from kombu import Connection, Exchange, Queue, pools
 from kombu.message import Message as KombuMessage
+from kombu.transport import filesystem, virtual
 
 from shared.messages import Message, dump_message
 from shared.settings import Settings
@@ -36,8 +37,29 @@ FILESYSTEM_POLL_SECONDS = 0.05
 RECONNECT_SECONDS = 1.0
 #: publishing rides out a broker restart (about 20 s of retries)
 RETRY_POLICY = {"max_retries": 10, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 3}
+RECONNECT_WINDOW_SECONDS = 20.0
 
 OnMessage = Callable[[dict[str, Any], KombuMessage], None]
+
+
+class FolderTransport(filesystem.Transport):
+    """kombu's folder broker with its bindings kept per control folder.
+
+    kombu keeps the filesystem transport's exchange and binding state in one class-wide
+    object: once a process has bound ``termtune.dataprep`` for one folder, binding it for
+    another folder is skipped, nothing is written to that folder's control files, and
+    every message published there is dropped for want of a route. A process that opens
+    two embedded brokers (the tests, a second job folder) needs the state per folder.
+    """
+
+    _states: dict[str, virtual.BrokerState] = {}
+    _states_lock = threading.Lock()
+
+    def __init__(self, client: Connection, **kwargs: Any) -> None:
+        super().__init__(client, **kwargs)
+        folder = str(client.transport_options.get("control_folder", "control"))
+        with self._states_lock:
+            self.state = self._states.setdefault(folder, virtual.BrokerState())
 
 
 class Bus:
@@ -60,7 +82,12 @@ class Bus:
 
     def connect(self) -> Connection:
         """A new connection to the broker, with the transport's options."""
-        return Connection(self.settings.broker_url, transport_options=self._transport_options())
+        url = self.settings.broker_url
+        return Connection(
+            url,
+            transport=FolderTransport if url.startswith("filesystem") else None,
+            transport_options=self._transport_options(),
+        )
 
     def _transport_options(self) -> dict[str, Any]:
         url = self.settings.broker_url
@@ -75,7 +102,13 @@ class Bus:
                 "polling_interval": self.idle_wait,
             }
         if url.startswith(("amqp", "pyamqp")):
-            return {"confirm_publish": True}
+            # A channel opened while the broker is away (a publish during a restart)
+            # retries for as long as the publish itself, not kombu's 5 s default.
+            return {
+                "confirm_publish": True,
+                "connect_retries_timeout": RECONNECT_WINDOW_SECONDS,
+                **{k: v for k, v in RETRY_POLICY.items() if k.startswith("interval")},
+            }
         if url.startswith("sqs"):
             # Queues are looked up before any is created: a deployment's pre-made queues
             # (with their dead-letter redrive) are used as they are.

@@ -1,0 +1,33 @@
+"""The embedded (folder) broker."""
+
+from shared.bus import Bus
+from shared.messages import PrepareDataset, parse_message
+from shared.settings import Settings
+
+
+def _received(bus: Bus, service: str) -> list[str]:
+    """The job ids of the commands waiting on a service's queue (taken off it)."""
+    got = []
+    with bus.connect() as conn:
+        bound = bus.queues[service].bind(conn.default_channel)
+        while (message := bound.get(no_ack=True, accept=["json"])) is not None:
+            got.append(parse_message(message.decode()).job_id)
+    return got
+
+
+def test_two_folder_brokers_in_one_process_each_route_their_own_messages(tmp_path):
+    # kombu keeps the folder transport's bindings class-wide: the second folder's binding
+    # was skipped and every message published to it dropped for want of a route.
+    buses = [Bus(Settings(var_dir=tmp_path / name)) for name in ("first", "second")]
+    for bus in buses:
+        bus.declare()
+    for n, bus in enumerate(buses):
+        bus.publish(PrepareDataset(job_id=f"job-{n}", spec_uri="file:///spec.json"))
+    try:
+        assert [_received(bus, "dataprep") for bus in buses] == [["job-0"], ["job-1"]]
+        for bus in buses:
+            control = bus.settings.broker_dir / "control"
+            assert (control / "termtune.exchange").is_file()
+    finally:
+        for bus in buses:
+            bus.close()
