@@ -113,6 +113,18 @@ def generation_of(body: dict[str, Any]) -> str:
     raise BedrockError(f"unrecognised invoke response shape (keys {sorted(body)})")
 
 
+def request_body(prompt: str, decoding: dict[str, Any], **given: Any) -> dict[str, Any]:
+    """Bedrock's invoke body for imported models: what ``given`` sets (not None), else the
+    spec's decoding (a ``DecodingSpec`` dump) — the decoding the evaluator scored."""
+    defaults = {
+        "max_gen_len": decoding.get("max_new_tokens"),
+        "temperature": decoding.get("temperature"),
+        "top_p": decoding.get("top_p"),
+    }
+    chosen = {k: given.get(k) if given.get(k) is not None else v for k, v in defaults.items()}
+    return {"prompt": prompt, **{k: v for k, v in chosen.items() if v is not None}}
+
+
 def invoke(
     runtime: Any,
     model_arn: str,

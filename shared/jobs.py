@@ -11,13 +11,14 @@ The queue only rings the doorbell: a stage that finds its manifest does no work 
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import time
 from datetime import UTC, datetime
 from typing import Any
 
-from shared.errors import NotFound
+from shared.errors import NotFound, SpecError
 from shared.jobspec import JobSpec, parse_spec
 from shared.messages import STAGES, Event, Message, Stage, dump_message, parse_message
 from shared.store import Store
@@ -175,9 +176,29 @@ class JobRecords:
         """Whether a user asked to cancel the job."""
         return self.store.exists(f"{job_prefix(job_id)}/cancel")
 
-    def register_model(self, name: str, entry: dict[str, Any]) -> None:
-        """Record a published model under its name."""
-        self.store.put_json(f"models/{name}.json", entry)
+    def check_model_name(self, name: str, *, overwrite: bool, job_id: str | None = None) -> None:
+        """Refuse a name that another job's model holds, unless ``overwrite`` (SpecError)."""
+        if overwrite:
+            return
+        try:
+            entry = self.model(name)
+        except NotFound:
+            return
+        if job_id is None or entry.get("job_id") != job_id:
+            raise SpecError(
+                f"field 'publish.model_name': a model named {name!r} is already published "
+                f"by job {entry.get('job_id')} ({entry.get('location')}); set "
+                "publish.overwrite: true to replace it, or choose another publish.model_name"
+            )
+
+    def register_model(self, name: str, entry: dict[str, Any], *, overwrite: bool = False) -> None:
+        """Record a published model under its name. Without ``overwrite`` the first job to
+        register a name keeps it: another job's entry is never replaced (SpecError)."""
+        key = f"models/{name}.json"
+        data = json.dumps(entry, indent=2, sort_keys=True, default=str).encode()
+        if overwrite or not self.store.put_bytes_if_absent(key, data):
+            self.check_model_name(name, overwrite=overwrite, job_id=entry.get("job_id"))
+            self.store.put_bytes(key, data)  # a replacement, or this job's earlier attempt
 
     def model(self, name: str) -> dict[str, Any]:
         """A published model's entry; NotFound if none."""

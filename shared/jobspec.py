@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     StrictInt,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -39,6 +40,9 @@ def template_fields(template: str) -> list[str]:
         return [name for _, name, _, _ in string.Formatter().parse(template) if name]
     except ValueError as exc:
         raise SpecError(f"template {template!r} is not a valid format string: {exc}") from exc
+
+
+TokenLength = Annotated[int, Field(ge=8, le=8192)]
 
 
 class DatasetSpec(_Section):
@@ -64,12 +68,43 @@ class DatasetSpec(_Section):
     validation_size: float = Field(
         0.0, ge=0.0, lt=1.0, description="Share of prompts for validation loss during training."
     )
-    seed: int = Field(42, description="Seed of the train/test split.")
-    max_source_length: int = Field(128, ge=8, le=8192, description="Input tokens kept.")
-    max_target_length: int = Field(512, ge=8, le=8192, description="Target tokens kept.")
-    max_rows: int | None = Field(None, ge=2, description="Use only the first N rows (quick runs).")
+    seed: int = Field(42, description="Seed of the train/test split and of the max_rows sample.")
+    max_source_length: Literal["auto"] | TokenLength = Field(
+        "auto",
+        description='Input tokens kept. "auto": the p99 of the prompts\' token lengths, at '
+        "most max_source_length_cap; the manifest records the number chosen and why.",
+    )
+    max_target_length: Literal["auto"] | TokenLength = Field(
+        "auto",
+        description='Target tokens kept. "auto": the p99 of the targets\' token lengths, at '
+        "most max_target_length_cap; the manifest records the number chosen and why.",
+    )
+    max_source_length_cap: TokenLength = Field(
+        128, description='The most input tokens "auto" may choose.'
+    )
+    max_target_length_cap: TokenLength = Field(
+        512, description='The most target tokens "auto" may choose.'
+    )
+    max_rows: int | None = Field(
+        None, ge=2, description="Use only N rows of the source (quick runs); see sample."
+    )
+    sample: Literal["random", "head"] = Field(
+        "random",
+        description='How max_rows picks its rows: "random": a uniform sample seeded by seed '
+        '(the whole source is read once; memory holds the N sampled rows), "head": the '
+        "first N rows (reading stops there).",
+    )
+    cast_to_string: bool | list[str] = Field(
+        False,
+        description="Template columns must hold text: a number, boolean or any other type "
+        "fails the job naming the file, column and type. true (every template column) or a "
+        'list of columns (e.g. ["code"]) writes numbers and booleans as text instead (CSV '
+        "cells exactly as written); lists and objects are always refused.",
+    )
     skip_bad_rows: bool = Field(
-        False, description="Skip malformed JSONL lines (counted) instead of failing the job."
+        False,
+        description="Skip malformed JSONL/JSON rows and rows whose template values have "
+        "the wrong type (counted) instead of failing the job.",
     )
     min_prompt_chars: int = Field(1, ge=1, description="Drop rows whose prompt is shorter.")
     min_target_chars: int = Field(1, ge=1, description="Drop rows whose target is shorter.")
@@ -84,6 +119,35 @@ class DatasetSpec(_Section):
         if self.test_size + self.validation_size >= 1.0:
             raise ValueError("test_size + validation_size must leave rows to train on")
         return self
+
+    @field_validator("max_source_length", "max_target_length", mode="before")
+    @classmethod
+    def _auto_or_tokens(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and 8 <= value <= 8192):
+            return value
+        raise ValueError(f'must be "auto" or a number of tokens from 8 to 8192, not {value!r}')
+
+    @field_validator("cast_to_string")
+    @classmethod
+    def _casts_name_template_columns(cls, value: Any, info: ValidationInfo) -> Any:
+        templates = [info.data.get("prompt_template", ""), info.data.get("target_template", "")]
+        used = list(dict.fromkeys(f for t in templates for f in template_fields(t)))
+        for name in value if isinstance(value, list) else []:
+            if name not in used:
+                raise ValueError(f"{name!r} is not a column the templates use ({', '.join(used)})")
+        return value
+
+    @property
+    def template_columns(self) -> list[str]:
+        """The columns the prompt and target templates name, in order, once each."""
+        fields = template_fields(self.prompt_template) + template_fields(self.target_template)
+        return list(dict.fromkeys(fields))
+
+    def casts(self, column: str) -> bool:
+        """Whether the spec asks for this column's numbers and booleans as text."""
+        if isinstance(self.cast_to_string, bool):
+            return self.cast_to_string
+        return column in self.cast_to_string
 
     @field_validator("prompt_template", "target_template")
     @classmethod
@@ -143,14 +207,61 @@ class TrainingSpec(_Section):
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA adapter settings.")
 
 
-class GateSpec(_Section):
-    """What the tuned model must show before it is published."""
+#: metrics the gate may rank models by (all higher-is-better), with their display names
+GATE_METRICS = {
+    "rougeL": "ROUGE-L",
+    "rouge1": "ROUGE-1",
+    "rouge2": "ROUGE-2",
+    "bleu": "BLEU",
+    "chrf": "chrF",
+    "exact_match": "exact match",
+}
 
-    min_rouge_l_gain: float = Field(
-        0.0, ge=-1.0, le=1.0, description="Tuned ROUGE-L must be at least base + this."
+
+class GateSpec(_Section):
+    """What the tuned model must show before it is published: that it learned.
+
+    Every rule is reported pass or fail with its numbers; ``None`` turns a rule off.
+    """
+
+    primary_metric: Literal["rougeL", "rouge1", "rouge2", "bleu", "chrf", "exact_match"] = Field(
+        "rougeL", description="The metric on which the tuned model must beat the base model."
+    )
+    min_gain: float | None = Field(
+        0.0,
+        ge=-100.0,
+        le=100.0,
+        description="The lower bound of the 95% paired-bootstrap interval of tuned − base on "
+        "primary_metric must be above this (0: a gain clear of zero). None: off. "
+        "Older specs' min_rouge_l_gain is read as this.",
+    )
+    max_empty_share: float | None = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="Tuned share of empty answers: at most this, and not above base's. None: off.",
+    )
+    max_degenerate_share: float | None = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="Tuned share of degenerate (repetitive) answers: at most this, and not "
+        "above base's. None: off.",
     )
     require_lower_loss: bool = Field(True, description="Tuned test loss must be below base.")
-    force_publish: bool = Field(False, description="Publish even if the gate fails (recorded).")
+    force_publish: bool = Field(
+        False, description="Publish even if the gate fails (recorded in the report and registry)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _older_gain_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "min_rouge_l_gain" in data:
+            if "min_gain" in data:
+                raise ValueError("give min_gain only (min_rouge_l_gain is its older name)")
+            data = {**data, "min_gain": data["min_rouge_l_gain"]}
+            del data["min_rouge_l_gain"]
+        return data
 
 
 class EvaluationSpec(_Section):
@@ -159,24 +270,71 @@ class EvaluationSpec(_Section):
     max_rows: int | None = Field(
         200, ge=1, description="Cap on test rows for quick runs (None: all); reported."
     )
-    max_new_tokens: int = Field(64, ge=1, le=4096, description="Generation length cap.")
-    num_beams: int = Field(1, ge=1, le=16, description="Beam search width (1: greedy).")
-    no_repeat_ngram_size: StrictInt = Field(
-        0,
-        ge=0,
-        le=32,
-        description="Block repeated n-grams of this size (0: off). An integer: "
-        "the notebook passed True, which means 1 and forbids any repeated token.",
-    )
-    sampling: bool = Field(False, description="Sample instead of greedy/beam decoding.")
-    temperature: float = Field(1.0, gt=0.0, le=2.0, description="Sampling temperature.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    seed: int = Field(0, description="Seed of sampling and of the bootstrap.")
+    seed: int = Field(0, description="Seed of sampling (decoding.temperature > 0) and bootstrap.")
     bootstrap_samples: int = Field(
         1000, ge=100, le=100_000, description="Resamples for the 95% confidence intervals."
     )
     batch_size: int = Field(16, ge=1, le=1024, description="Rows per forward pass.")
     gate: GateSpec = Field(default_factory=GateSpec, description="The quality gate.")
+
+
+#: what Bedrock's invoke takes in its request body (besides the prompt)
+BEDROCK_DECODING = ("max_new_tokens", "temperature", "top_p")
+#: decoding fields older specs wrote under ``evaluation``
+_OLDER_DECODING = ("max_new_tokens", "num_beams", "no_repeat_ngram_size", "temperature", "top_p")
+
+
+class DecodingSpec(_Section):
+    """How the model writes answers: the evaluator generates with these settings, the export
+    writes them to generation_config.json, and invoke (local, Bedrock smoke test) uses them."""
+
+    max_new_tokens: int = Field(
+        64, ge=1, le=4096, description="Most tokens an answer gets (Bedrock's max_gen_len)."
+    )
+    temperature: float = Field(
+        0.0, ge=0.0, le=2.0, description="0: greedy (or beam) decoding; above 0: sampling."
+    )
+    top_p: float = Field(
+        1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (when temperature > 0)."
+    )
+    num_beams: int = Field(
+        1, ge=1, le=16, description="Beam search width (1: greedy). Target local only."
+    )
+    no_repeat_ngram_size: StrictInt = Field(
+        0,
+        ge=0,
+        le=32,
+        description="Block repeated n-grams of this size (0: off; an integer: the notebook's "
+        "True means 1, which forbids any repeated token). Target local only.",
+    )
+    repetition_penalty: float = Field(
+        1.0, gt=0.0, le=10.0, description="Penalty on repeated tokens (1: off). Target local only."
+    )
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of transformers' ``generate`` for exactly this decoding."""
+        sample = self.temperature > 0
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "do_sample": sample,
+            "temperature": self.temperature if sample else None,
+            "top_p": self.top_p if sample else None,
+            "num_beams": self.num_beams,
+            "no_repeat_ngram_size": self.no_repeat_ngram_size,
+            "repetition_penalty": self.repetition_penalty,
+        }
+
+    def generation_config(self) -> dict[str, Any]:
+        """The fields of the export's generation_config.json."""
+        return {k: v for k, v in self.generate_kwargs().items() if v is not None}
+
+    def not_applied_by_bedrock(self) -> list[str]:
+        """Fields set away from their default that Bedrock's invoke does not apply."""
+        return [
+            name
+            for name, field in DecodingSpec.model_fields.items()
+            if name not in BEDROCK_DECODING and getattr(self, name) != field.default
+        ]
 
 
 class PublishSpec(_Section):
@@ -191,6 +349,12 @@ class PublishSpec(_Section):
     model_name: str | None = Field(None, description="Published model name (default: job name).")
     dtype: Literal["bfloat16", "float32"] = Field(
         "bfloat16", description="Weight dtype of the merged export (never fp16 for T5)."
+    )
+    overwrite: bool = Field(
+        False,
+        description="Replace a model already published under this name. Without it, a taken "
+        "name is refused at submission and again before publishing. The replaced model's "
+        "files stay with its job, and its Bedrock import (if any) stays until deleted there.",
     )
 
     @field_validator("model_name")
@@ -212,6 +376,51 @@ class JobSpec(_Section):
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="The training.")
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="The check.")
     publish: PublishSpec = Field(default_factory=PublishSpec, description="The shipping.")
+    decoding: DecodingSpec = Field(
+        default_factory=DecodingSpec,
+        description="One decoding: evaluated, exported and served (after publish: checked "
+        "against publish.target).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _older_decoding(cls, data: Any) -> Any:
+        """Read the decoding fields older specs wrote under ``evaluation``."""
+        evaluation = data.get("evaluation") if isinstance(data, dict) else None
+        older = {"sampling", *_OLDER_DECODING} & set(evaluation or {})
+        if not isinstance(evaluation, dict) or not older:
+            return data
+        decoding = data.get("decoding") or {}
+        if not isinstance(decoding, dict):
+            return data
+        moved = {k: evaluation[k] for k in _OLDER_DECODING if k in evaluation}
+        if evaluation.get("sampling") is True:
+            moved.setdefault("temperature", 1.0)  # the older default when sampling
+        else:  # greedy or beam search: the older temperature and top_p were ignored
+            moved.pop("temperature", None)
+            moved.pop("top_p", None)
+        for name, value in moved.items():
+            if name in decoding and decoding[name] != value:
+                raise ValueError(
+                    f"evaluation.{name} (the older place of decoding.{name}) is {value!r} "
+                    f"but decoding.{name} is {decoding[name]!r}; give decoding.{name} only"
+                )
+        rest = {k: v for k, v in evaluation.items() if k not in older}
+        return {**data, "evaluation": rest, "decoding": {**moved, **decoding}}
+
+    @field_validator("decoding")
+    @classmethod
+    def _decoding_fits_target(cls, value: DecodingSpec, info: ValidationInfo) -> DecodingSpec:
+        publish = info.data.get("publish")
+        if publish is not None and publish.target == "bedrock":
+            for name in value.not_applied_by_bedrock():
+                raise ValueError(
+                    f"decoding.{name} = {getattr(value, name)!r} is not applied by Bedrock's "
+                    "invoke (it takes max_gen_len, temperature and top_p), so the evaluation "
+                    "would score a decoding the imported model is never served with; remove "
+                    "it, or publish with target local"
+                )
+        return value
 
     @field_validator("name")
     @classmethod

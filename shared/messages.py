@@ -106,6 +106,19 @@ class StageProgress(Event):
     progress: dict[str, Any]
 
 
+class TokenLengths(BaseModel):
+    """One side's (source or target) token lengths over every split, and where it was cut."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_length: int = Field(..., description="Tokens kept (the resolved number, never auto).")
+    setting: Literal["auto", "spec"] = Field(..., description="Chosen by auto or by the spec.")
+    p50: int
+    p99: int = Field(..., description="Before truncation.")
+    truncated_share: float = Field(..., description="Share of rows longer than max_length.")
+    unknown_share: float = Field(..., description="Share of kept tokens that are unknown.")
+
+
 class DatasetPrepared(Event):
     """Data-prep wrote the tokenized splits and their manifest."""
 
@@ -113,6 +126,14 @@ class DatasetPrepared(Event):
     stage: Literal["prepare"] = "prepare"
     manifest: str
     counts: dict[str, int]
+    tokens: dict[Literal["source", "target"], TokenLengths] = Field(default_factory=dict)
+    dropped: dict[str, int] = Field(
+        default_factory=dict, description="Rows dropped by each cleaning rule."
+    )
+    bad_rows_skipped: int = Field(0, description="Malformed rows skipped (skip_bad_rows).")
+    warnings: list[str] = Field(
+        default_factory=list, description="Truncation above 5%, unknown tokens above 0.5%."
+    )
 
 
 class ModelTrained(Event):

@@ -14,16 +14,41 @@ from shared import bedrock
 from shared.jobs import JobRecords
 from shared.settings import BedrockSettings, Settings
 
+#: the length cap of models whose generation_config.json carries none (older exports)
+DEFAULT_MAX_GEN_LEN = 256
+
 
 class InvokeRequest(BaseModel):
-    """Bedrock's request body for imported models."""
+    """Bedrock's request body for imported models; what it leaves out is the model's decoding
+    (the job spec's ``decoding``, which the evaluator scored)."""
 
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(..., min_length=1, max_length=20_000, description="The input text.")
-    max_gen_len: int = Field(256, ge=1, le=4096, description="Most tokens to generate.")
-    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0: greedy decoding.")
-    top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    max_gen_len: int | None = Field(
+        None, ge=1, le=4096, description="Most tokens to generate (default: decoding's)."
+    )
+    temperature: float | None = Field(
+        None, ge=0.0, le=2.0, description="0: greedy decoding (default: decoding's)."
+    )
+    top_p: float | None = Field(
+        None, gt=0.0, le=1.0, description="Nucleus sampling mass (default: decoding's)."
+    )
+
+
+def served(request: InvokeRequest, config: Any) -> InvokeRequest:
+    """The request with what it leaves out taken from the model's generation config (its
+    generation_config.json: the spec's decoding, written at export)."""
+    sampling = bool(config.do_sample)
+    temperature = (config.temperature or 1.0) if sampling else 0.0
+    top_p = (config.top_p or 1.0) if sampling else 1.0
+    return request.model_copy(
+        update={
+            "max_gen_len": request.max_gen_len or config.max_new_tokens or DEFAULT_MAX_GEN_LEN,
+            "temperature": temperature if request.temperature is None else request.temperature,
+            "top_p": top_p if request.top_p is None else request.top_p,
+        }
+    )
 
 
 class InvokeResponse(BaseModel):
@@ -79,7 +104,8 @@ class LocalModels:
 
     def invoke(self, name: str, request: InvokeRequest) -> InvokeResponse:
         """Generate an answer to one prompt (batched with concurrent ones)."""
-        self._load(name)  # a missing model is the caller's 404, not the batch's error
+        model, _ = self._load(name)  # a missing model is the caller's 404, not the batch's
+        request = served(request, model.generation_config)
         if self.max_batch <= 1:
             return self.generate(name, [request])[0]
         with self._lock:
@@ -87,7 +113,7 @@ class LocalModels:
             if batcher is None:
                 batcher = self._batchers[name] = MicroBatcher(
                     lambda requests: self.generate(name, requests),
-                    key=lambda r: (r.temperature, r.top_p),
+                    key=_batch_key(model.generation_config),
                     max_batch=self.max_batch,
                     wait_s=self.wait_s,
                     name=f"batch-{name}",
@@ -96,8 +122,10 @@ class LocalModels:
 
     @torch.no_grad()
     def generate(self, name: str, requests: list[InvokeRequest]) -> list[InvokeResponse]:
-        """Answers to prompts sharing temperature and top_p, in one ``generate`` call."""
+        """Answers to prompts sharing temperature and top_p, in one ``generate`` call; the
+        model's generation config (num_beams, no_repeat_ngram_size, ...) applies to all."""
         model, tokenizer = self._load(name)
+        requests = [served(r, model.generation_config) for r in requests]
         inputs = tokenizer(
             [r.prompt for r in requests], return_tensors="pt", padding=True, truncation=True
         )
@@ -115,6 +143,14 @@ class LocalModels:
             _answer(tokenizer, row.tolist()[1:], request.max_gen_len, int(count))
             for row, request, count in zip(output, requests, prompt_tokens, strict=True)
         ]
+
+
+def _batch_key(config: Any) -> Any:
+    """Requests answered together: same sampling settings; under beam search also the same
+    length cap (a beam search cut shorter is not the start of a longer one)."""
+    if (config.num_beams or 1) > 1:
+        return lambda r: (r.temperature, r.top_p, r.max_gen_len)
+    return lambda r: (r.temperature, r.top_p)
 
 
 def _answer(
@@ -148,11 +184,13 @@ class BedrockModels:
         return self._clients[kind]
 
     def invoke(self, entry: dict[str, Any], request: InvokeRequest) -> InvokeResponse:
-        """Ask the imported model; a cold copy is retried for minutes, as Bedrock needs."""
+        """Ask the imported model (what the request leaves out: the spec's decoding); a cold
+        copy is retried for minutes, as Bedrock needs."""
+        given = request.model_dump(exclude={"prompt"})
         body = bedrock.invoke(
             self._client("runtime"),
             entry["bedrock"]["imported_model_arn"],
-            request.model_dump(),
+            bedrock.request_body(request.prompt, entry.get("decoding", {}), **given),
             retries=self.settings.not_ready_retries,
             wait_seconds=self.settings.not_ready_wait_seconds,
         )

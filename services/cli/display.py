@@ -135,6 +135,28 @@ def evaluation_table(report: dict[str, Any]) -> Table:
     return table
 
 
+def dataset_lines(prepared: dict[str, Any]) -> list[str]:
+    """Token lengths, cleaning drops, skipped rows and warnings of a DatasetPrepared result."""
+    lines = []
+    for side, t in (prepared.get("tokens") or {}).items():
+        chosen = "auto" if t["setting"] == "auto" else "from the spec"
+        lines.append(
+            f"  {side} tokens: p50 {t['p50']}, p99 {t['p99']}; keeps {t['max_length']} "
+            f"({chosen}); {t['truncated_share']:.1%} of rows cut; "
+            f"{t['unknown_share']:.2%} unknown"
+        )
+    dropped = prepared.get("dropped") or {}
+    cleaning = [f"{n} {rule.replace('_', ' ')}" for rule, n in dropped.items() if n]
+    skipped = prepared.get("bad_rows_skipped") or 0
+    if cleaning or skipped:
+        parts = (["dropped " + ", ".join(cleaning)] if cleaning else []) + (
+            [f"skipped {skipped} bad row{'s' if skipped != 1 else ''}"] if skipped else []
+        )
+        lines.append("  cleaning: " + "; ".join(parts))
+    lines += [f"  warning: {w}" for w in prepared.get("warnings") or []]
+    return lines
+
+
 def summary(client: Client, job: dict[str, Any]) -> None:
     """Counts, training loss, evaluation, export folder of a finished job."""
     result = job["result"]
@@ -144,6 +166,9 @@ def summary(client: Client, job: dict[str, Any]) -> None:
     if "prepare" in result:
         counts = result["prepare"]["counts"]
         console.print("dataset: " + ", ".join(f"{k} {v} rows" for k, v in counts.items()))
+        for line in dataset_lines(result["prepare"]):
+            style = "yellow" if line.startswith("  warning:") else None
+            console.print(line, style=style, markup=False, soft_wrap=True)
     if "train" in result:
         console.print(
             f"training: {result['train']['steps']} optimizer steps, "
@@ -158,9 +183,17 @@ def summary(client: Client, job: dict[str, Any]) -> None:
 
 
 def print_report(report: dict[str, Any]) -> None:
-    """The evaluation table and the gate's verdict."""
+    """The evaluation table and the gate's verdict, rule by rule with its numbers."""
     console.print(evaluation_table(report))
-    gate = report["gate"]
-    verdict = "passed" if gate["passed"] else "failed: " + "; ".join(gate["reasons"])
-    forced = " (publishing forced)" if gate.get("forced") else ""
-    console.print(f"quality gate: {verdict}{forced}")
+    console.print(gate_lines(report["gate"]), markup=False)
+
+
+def gate_lines(gate: dict[str, Any]) -> str:
+    """The gate's verdict and one line per rule (pass/FAIL and its numbers)."""
+    forced = " (publishing forced by evaluation.gate.force_publish)" if gate.get("forced") else ""
+    lines = [f"quality gate: {'passed' if gate['passed'] else 'failed'}{forced}"]
+    if "rules" in gate:
+        lines += [f"  {'pass' if r['passed'] else 'FAIL'}  {r['detail']}" for r in gate["rules"]]
+    else:  # a report written before the gate listed its rules
+        lines += [f"  FAIL  {reason}" for reason in gate["reasons"]]
+    return "\n".join(lines)

@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     invoke = sub.add_parser("invoke", help="ask a published model")
     invoke.add_argument("model")
     invoke.add_argument("prompt")
-    invoke.add_argument("--max-gen-len", type=int, default=64)
+    for flag, kind in (("--max-gen-len", int), ("--temperature", float), ("--top-p", float)):
+        invoke.add_argument(flag, type=kind, help="default: the job spec's decoding")
     est = sub.add_parser(
         "estimate", help="training time and cost on a g5 instance, and Bedrock's cost"
     )
@@ -104,7 +105,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if job["status"] == "succeeded":
             report = client.report(job["id"])
             prompt = args.prompt or report["samples"][0]["prompt"]
-            answer = client.invoke(job["model_name"], prompt, max_gen_len=48)
+            answer = client.invoke(job["model_name"], prompt)  # the decoding evaluated
             display.console.print(
                 f"invoke {job['model_name']!r}: {prompt!r}\n"
                 f"  -> {answer['generation']!r} "
@@ -234,11 +235,9 @@ def _client_command(args: argparse.Namespace) -> int:
         arn = deleted["imported_model_arn"]
         print(f"deleted {deleted['deleted']}" + (f" and its Bedrock import {arn}" if arn else ""))
     elif args.command == "invoke":
-        print(
-            json.dumps(
-                client.invoke(args.model, args.prompt, max_gen_len=args.max_gen_len), indent=2
-            )
-        )
+        chosen = {"max_gen_len": args.max_gen_len, "temperature": args.temperature}
+        given = {k: v for k, v in {**chosen, "top_p": args.top_p}.items() if v is not None}
+        print(json.dumps(client.invoke(args.model, args.prompt, **given), indent=2))
     return 0
 
 

@@ -1,17 +1,19 @@
 """From row batches to tokenized splits: templates, cleaning rules, a grouped seeded split.
 
-Rows are cleaned, templated and tokenized batch by batch and staged in a temporary Parquet
-file with a key per prompt; the split is then decided over the distinct prompt keys (so a
-prompt, with all its answers, lands in one split) and the staged rows are routed to the
-split shards. Memory holds one batch plus 16 bytes per row for the keys.
+Rows are cleaned, templated and tokenized in full batch by batch and staged in a temporary
+Parquet file with a key per prompt; the split is then decided over the distinct prompt keys
+(so a prompt, with all its answers, lands in one split), the kept lengths are resolved from
+the full ones (``auto``: their p99) and the staged rows are cut and routed to the split
+shards. Memory holds one batch plus 24 bytes per row for the keys and lengths (and a random
+``max_rows`` sample's rows).
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-import statistics
 import unicodedata
+from array import array
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from services.dataprep.sources import Batch
@@ -105,14 +108,26 @@ def check_columns(columns: list[str], spec: DatasetSpec, *, shown: str) -> list[
     return needed
 
 
+def checked(batches: Iterator[Batch], spec: DatasetSpec, *, shown: str) -> Iterator[Batch]:
+    """The batches, once the first has shown that the template columns exist."""
+    needed = None
+    for batch in batches:
+        needed = needed or check_columns(list(batch), spec, shown=shown)
+        yield batch
+
+
 @dataclass
 class Staged:
-    """What staging wrote: the staged file, row counts and the cleaning report."""
+    """What staging wrote: the staged file, row counts, the cleaning report and every
+    row's full token lengths."""
 
     path: Path
     rows_read: int = 0
     rows_kept: int = 0
     cleaning: Counter = field(default_factory=Counter)
+    lengths: dict[str, array] = field(
+        default_factory=lambda: {"source": array("I"), "target": array("I")}
+    )
 
 
 def stage(
@@ -124,16 +139,13 @@ def stage(
     shown: str,
     progress: Any,
 ) -> Staged:
-    """Clean, template, dedupe and tokenize every batch into one staged Parquet file."""
+    """Clean, template, dedupe and tokenize (in full) every batch into one staged file."""
     cleaner, seen = Cleaner(spec), set()
     staged = Staged(path=path, cleaning=cleaner.counts)
-    needed: list[str] | None = None
+    needed = spec.template_columns
     with pq.ParquetWriter(path, STAGED_SCHEMA) as writer:
         for batch in batches:
-            needed = needed or check_columns(list(batch), spec, shown=shown)
             n = len(next(iter(batch.values()), []))
-            if spec.max_rows is not None:
-                n = min(n, spec.max_rows - staged.rows_read)
             pairs = []
             for i in range(n):
                 pair = cleaner.row({name: batch.get(name, [None] * n)[i] for name in needed})
@@ -146,11 +158,12 @@ def stage(
                     pairs.append(pair)
             staged.rows_read += n
             if pairs:
-                writer.write_table(_tokenized(pairs, tokenizer, spec))
+                table = _tokenized(pairs, tokenizer)
+                for side, column in (("source", "input_ids"), ("target", "labels")):
+                    staged.lengths[side].extend(pc.list_value_length(table[column]).to_pylist())
+                writer.write_table(table)
                 staged.rows_kept += len(pairs)
             progress({"phase": "reading", "rows_read": staged.rows_read})
-            if spec.max_rows is not None and staged.rows_read >= spec.max_rows:
-                break
     if staged.rows_kept < 2:
         raise DatasetError(
             f"dataset.source: {shown} has {staged.rows_kept} usable rows after "
@@ -160,10 +173,11 @@ def stage(
     return staged
 
 
-def _tokenized(pairs: list[tuple[str, str]], tokenizer: Any, spec: DatasetSpec) -> pa.Table:
+def _tokenized(pairs: list[tuple[str, str]], tokenizer: Any) -> pa.Table:
     prompts, targets = [p for p, _ in pairs], [t for _, t in pairs]
-    sources = tokenizer(prompts, max_length=spec.max_source_length, truncation=True)
-    labels = tokenizer(text_target=targets, max_length=spec.max_target_length, truncation=True)
+    # in full (verbose=False: no warning for rows longer than the model's maximum)
+    sources = tokenizer(prompts, verbose=False)
+    labels = tokenizer(text_target=targets, verbose=False)
     return pa.table(
         {
             "key": [prompt_key(p) for p in prompts],
@@ -194,24 +208,3 @@ def assign_splits(
     names = ["test"] * n_test + ["validation"] * n_val
     names += ["train"] * (len(distinct) - len(names))
     return dict(zip(distinct, names, strict=True))
-
-
-def length_stats(lengths: list[int], limit: int) -> dict[str, float]:
-    """Percentiles of token lengths and the share of rows cut at the limit."""
-    if not lengths:
-        return {}
-    ordered = sorted(lengths)
-
-    def pick(q: float) -> int:
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-    return {
-        "min": ordered[0],
-        "p50": pick(0.5),
-        "p90": pick(0.9),
-        "p99": pick(0.99),
-        "max": ordered[-1],
-        "mean": round(statistics.fmean(ordered), 2),
-        "truncated_share": round(sum(n >= limit for n in ordered) / len(ordered), 4),
-        "total": sum(ordered),
-    }

@@ -3,6 +3,10 @@
 Every error names the source, and where it can the file, the line or byte offset and the
 column. Nothing here holds more than one batch of rows in memory (a JSON array file is the
 exception: prefer JSONL for large data).
+
+Template columns must hold text (or nothing): a number, boolean or any other type fails
+naming the file, the column and the type, unless ``dataset.cast_to_string`` asks for that
+column's numbers and booleans as text.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -29,14 +34,9 @@ from shared.store import Store
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 BATCH_ROWS = 2048
-TEXT_TYPES = (
-    pa.types.is_string,
-    pa.types.is_large_string,
-    pa.types.is_integer,
-    pa.types.is_floating,
-    pa.types.is_boolean,
-    pa.types.is_null,
-)
+TEXT_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_null)
+CASTABLE_TYPES = (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean)
+JSON_KINDS = {bool: "boolean", int: "number", float: "number", list: "array", dict: "object"}
 
 Batch = dict[str, list[Any]]
 
@@ -51,11 +51,13 @@ class Source:
     skip_bad_rows: bool = False
     bad_rows: int = 0
     hub: DatasetSpec | None = None
+    needed: list[str] = field(default_factory=list)  # the template columns
+    cast: frozenset[str] = frozenset()  # template columns whose numbers become text
 
     def batches(self) -> Iterator[Batch]:
         """Row batches of every file (or of the hub dataset), in order."""
         if self.hub is not None:
-            yield from _hub_batches(self.hub)
+            yield from self._hub(self.hub)
             return
         for path in self.files:
             yield from self._file_batches(path)
@@ -67,10 +69,51 @@ class Source:
         elif suffix == ".json":
             rows = _json_array(path)
             for start in range(0, len(rows), BATCH_ROWS):
-                yield _columns(rows[start : start + BATCH_ROWS])
+                chunk = enumerate(rows[start : start + BATCH_ROWS], start + 1)
+                kept = [r for n, r in chunk if self._typed(r, where=f"{path}: row {n}")]
+                if kept:
+                    yield _columns(kept)
         else:
-            for batch in _arrow_batches(path):
-                yield batch.to_pydict()
+            text = [name for name in self.needed if name in self.cast]
+            for batch in _arrow_batches(path, text_columns=text):
+                yield self._arrow_typed(path, batch).to_pydict()
+
+    def _arrow_typed(self, path: Path | str, batch: pa.RecordBatch | pa.Table) -> Any:
+        """The batch with cast columns as text; DatasetError for a column of another type."""
+        inferred = str(path).lower().endswith((".csv", ".tsv"))
+        types = {f.name: f.type for f in batch.schema}
+        check_arrow_types(path, types, self.needed, cast=self.cast, inferred=inferred)
+        for name in self.needed:
+            kind = types.get(name)
+            if kind is not None and not _is_text(kind):  # allowed: the spec asked for a cast
+                index = batch.schema.get_field_index(name)
+                batch = batch.set_column(index, name, pc.cast(batch.column(index), pa.string()))
+        return batch
+
+    def _typed(self, row: dict[str, Any], *, where: str) -> bool:
+        """Whether a JSON row's template values are text (cast in place when asked); False
+        for a row to skip, DatasetError for one that fails the job."""
+        for name in self.needed:
+            value = row.get(name)
+            if value is None or isinstance(value, str):
+                continue
+            kind = JSON_KINDS.get(type(value), type(value).__name__)
+            if name in self.cast and kind in ("number", "boolean"):
+                row[name] = json.dumps(value)
+                continue
+            if self.skip_bad_rows:
+                self.bad_rows += 1
+                return False
+            shown = f"a JSON {kind}" + (f" ({json.dumps(value)})" if kind == "number" else "")
+            problem = wrong_type(name, shown, castable=kind in ("number", "boolean"))
+            raise DatasetError(
+                f"{where}: {problem}, or set dataset.skip_bad_rows: true to skip such rows"
+            )
+        return True
+
+    def _hub(self, spec: DatasetSpec) -> Iterator[Batch]:
+        for table in _hub_batches(spec):
+            yield self._arrow_typed(self.shown, table).to_pydict()
 
     def _jsonl(self, path: Path) -> Iterator[Batch]:
         rows: list[dict[str, Any]] = []
@@ -111,7 +154,49 @@ class Source:
                 f"{path}: line {line_no}: not a JSON object ({exc}); fix the line "
                 "or set dataset.skip_bad_rows: true"
             ) from exc
-        return row
+        return row if self._typed(row, where=f"{path}: line {line_no}") else None
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return any(check(kind) for check in TEXT_TYPES)
+
+
+def wrong_type(name: str, kind: str, *, castable: bool) -> str:
+    """What is wrong with a template column that does not hold text, and what would fix it."""
+    if castable:
+        fix = (
+            f"fix the data or set dataset.cast_to_string: true (or [{name}]) to write its "
+            "values as text"
+        )
+    else:
+        fix = "cast_to_string converts numbers and booleans only; fix the data"
+    return f"column {name!r} is {kind}, not text; {fix}"
+
+
+def check_arrow_types(
+    path: Path | str,
+    types: dict[str, pa.DataType],
+    needed: list[str],
+    *,
+    cast: frozenset[str],
+    inferred: bool = False,
+) -> None:
+    """Refuse template columns of a typed file (Parquet, CSV) that do not hold text, naming
+    every such column."""
+    problems = []
+    for name in needed:
+        kind = types.get(name)
+        if kind is None or _is_text(kind):
+            continue
+        castable = any(check(kind) for check in CASTABLE_TYPES)
+        if castable and name in cast:
+            continue
+        shown = f"{kind} (inferred from its values)" if inferred else str(kind)
+        problems.append(wrong_type(name, shown, castable=castable))
+    if problems:
+        raise DatasetError(f"{path}: " + "; ".join(problems))
 
 
 def _columns(rows: list[dict[str, Any]]) -> Batch:
@@ -136,7 +221,8 @@ def _json_array(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _arrow_batches(path: Path) -> Iterator[pa.RecordBatch]:
+def _arrow_batches(path: Path, *, text_columns: list[str] = ()) -> Iterator[pa.RecordBatch]:
+    """Record batches of a Parquet or CSV file; CSV's text_columns are read as written."""
     try:
         if path.suffix.lower() == ".parquet":
             yield from pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS)
@@ -146,6 +232,9 @@ def _arrow_batches(path: Path) -> Iterator[pa.RecordBatch]:
             path,
             parse_options=pacsv.ParseOptions(delimiter=delimiter),
             read_options=pacsv.ReadOptions(block_size=1 << 22),
+            convert_options=pacsv.ConvertOptions(
+                column_types={name: pa.string() for name in text_columns}
+            ),
         )
         yield from reader
     except pa.ArrowInvalid as exc:
@@ -173,12 +262,12 @@ def first_invalid_utf8(path: Path) -> int | None:
     return None
 
 
-def _schema(path: Path) -> dict[str, pa.DataType]:
+def _schema(path: Path, *, text_columns: list[str]) -> dict[str, pa.DataType]:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return {f.name: f.type for f in pq.read_schema(path)}
     if suffix in (".csv", ".tsv"):
-        for batch in _arrow_batches(path):
+        for batch in _arrow_batches(path, text_columns=text_columns):
             types = {f.name: f.type for f in batch.schema}
             if any(pa.types.is_binary(t) for t in types.values()):  # pyarrow's non-UTF-8 text
                 bad = first_invalid_utf8(path)
@@ -203,15 +292,13 @@ def _jsonl_columns(path: Path) -> dict[str, pa.DataType]:
     return {}
 
 
-def check_types(source: Source, names: list[str]) -> None:
-    """Refuse template columns whose type is not text or a number (Parquet, CSV)."""
-    for name in names:
-        kind = source.columns.get(name)
-        if kind is not None and not any(check(kind) for check in TEXT_TYPES):
-            raise DatasetError(
-                f"{source.files[0]}: column {name!r} is {kind}; templates need "
-                "text or number columns"
-            )
+def check_types(source: Source) -> None:
+    """Refuse the first file's template columns that do not hold text (Parquet, CSV), before
+    any work; every file's are checked again as it is read."""
+    path = source.files[0]
+    inferred = path.suffix.lower() in (".csv", ".tsv")
+    if path.suffix.lower() in (".parquet", ".csv", ".tsv"):
+        check_arrow_types(path, source.columns, source.needed, cast=source.cast, inferred=inferred)
 
 
 def open_source(spec: DatasetSpec, *, store: Store, settings: Settings) -> Source:
@@ -228,9 +315,18 @@ def open_source(spec: DatasetSpec, *, store: Store, settings: Settings) -> Sourc
         for file in files:  # a glob's matches, and links among them, stay inside too
             check_local(source, str(file), settings=settings)
     else:
-        return Source(shown=source, hub=spec)
-    opened = Source(shown=source, files=files, skip_bad_rows=spec.skip_bad_rows)
-    opened.columns = _schema(files[0])
+        files = []
+    needed = spec.template_columns
+    opened = Source(
+        shown=source,
+        files=files,
+        skip_bad_rows=spec.skip_bad_rows,
+        hub=spec if kind == "hub" else None,
+        needed=needed,
+        cast=frozenset(name for name in needed if spec.casts(name)),
+    )
+    if files:
+        opened.columns = _schema(files[0], text_columns=sorted(opened.cast))
     return opened
 
 
@@ -285,7 +381,7 @@ def _s3_file(uri: str, *, store: Store, settings: Settings) -> Path:
     return path
 
 
-def _hub_batches(spec: DatasetSpec) -> Iterator[Batch]:
+def _hub_batches(spec: DatasetSpec) -> Iterator[pa.Table]:
     import datasets
 
     try:
@@ -298,7 +394,7 @@ def _hub_batches(spec: DatasetSpec) -> Iterator[Batch]:
             f"{exc}. If the hub is unreachable, point dataset.source at a local file "
             "(.jsonl, .csv, .parquet) instead"
         ) from exc
-    yield from ds.iter(batch_size=BATCH_ROWS)
+    yield from ds.with_format("arrow").iter(batch_size=BATCH_ROWS)
 
 
 def file_digests(source: Source) -> list[dict[str, Any]]:

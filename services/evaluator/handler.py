@@ -59,7 +59,13 @@ def _evaluate(command: EvaluateModel, ctx: StageContext) -> dict[str, Any]:
     check_tokenizer(tokenizer, dataset, spec)
     dtype = torch.bfloat16 if device() == "cuda" else torch.float32
     model = load_seq2seq(spec.base_model, dtype=dtype).to(device())
-    run = dict(tokenizer=tokenizer, table=table, spec=evaluation, progress=ctx.progress)
+    run = dict(
+        tokenizer=tokenizer,
+        table=table,
+        spec=evaluation,
+        decoding=spec.decoding,
+        progress=ctx.progress,
+    )
     base_rows, base_out = metrics.run_model(model, label="base", **run)
     try:
         tuned_model = PeftModel.from_pretrained(model, str(adapter))
@@ -103,12 +109,8 @@ def build_report(
     intervals = scoring.paired_bootstrap(
         base[0], tuned[0], samples=evaluation.bootstrap_samples, seed=evaluation.seed
     )
-    passed, reasons = scoring.gate(
-        base_m,
-        tuned_m,
-        min_rouge_l_gain=rule.min_rouge_l_gain,
-        require_lower_loss=rule.require_lower_loss,
-    )
+    rules = scoring.gate(base_m, tuned_m, intervals, rule=rule)
+    passed = all(r["passed"] for r in rules)
     prompts, refs = table.column("prompt").to_pylist(), table.column("target").to_pylist()
     metrics_table = {
         name: {
@@ -130,12 +132,13 @@ def build_report(
         "delta": {k: v["delta"] for k, v in metrics_table.items()},
         "gate": {
             "passed": passed,
-            "reasons": reasons,
+            "reasons": [r["detail"] for r in rules if not r["passed"]],
+            "rules": rules,
             "forced": rule.force_publish and not passed,
             "publish": passed or rule.force_publish,
             "rule": rule.model_dump(),
         },
-        "generation": evaluation.model_dump(exclude={"gate"}),
+        "decoding": spec.decoding.model_dump(),
         "samples": [
             {"prompt": prompts[i], "reference": refs[i], "base": base[1][i], "tuned": tuned[1][i]}
             for i in range(min(SAMPLE_ROWS, len(prompts)))

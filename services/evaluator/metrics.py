@@ -9,7 +9,7 @@ import pyarrow as pa
 import torch
 
 from services.evaluator.scoring import RowScores, score_rows
-from shared.jobspec import EvaluationSpec
+from shared.jobspec import DecodingSpec, EvaluationSpec
 
 Progress = Callable[..., None]
 
@@ -43,24 +43,21 @@ def row_losses(
 
 @torch.no_grad()
 def generate(
-    model: Any, tokenizer: Any, table: pa.Table, *, spec: EvaluationSpec, on_batch: Progress
+    model: Any,
+    tokenizer: Any,
+    table: pa.Table,
+    *,
+    decoding: DecodingSpec,
+    batch_size: int,
+    on_batch: Progress,
 ) -> list[str]:
-    """The model's answers to the prompts of a table, in batches."""
+    """The model's answers to the prompts of a table, in batches, decoded as served."""
     model.eval()
     outputs: list[str] = []
-    sampling = {"do_sample": spec.sampling}
-    if spec.sampling:
-        sampling.update(temperature=spec.temperature, top_p=spec.top_p)
-    for chunk in _batches(table.select(["input_ids"]), spec.batch_size):
+    for chunk in _batches(table.select(["input_ids"]), batch_size):
         ids = chunk.column("input_ids").to_pylist()
         batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(model.device)
-        generated = model.generate(
-            **batch,
-            max_new_tokens=spec.max_new_tokens,
-            num_beams=spec.num_beams,
-            no_repeat_ngram_size=spec.no_repeat_ngram_size or None,
-            **sampling,
-        )
+        generated = model.generate(**batch, **decoding.generate_kwargs())
         outputs += [o.strip() for o in tokenizer.batch_decode(generated, skip_special_tokens=True)]
         on_batch(len(outputs))
     return outputs
@@ -72,18 +69,21 @@ def run_model(
     table: pa.Table,
     *,
     spec: EvaluationSpec,
+    decoding: DecodingSpec,
     progress: Progress,
     label: str,
 ) -> tuple[RowScores, list[str]]:
     """Per-row scores and generations of one model."""
     progress({"phase": f"{label}: reference loss", "rows": table.num_rows}, force=True)
     nll, tokens = row_losses(model, tokenizer, table, batch_size=spec.batch_size)
-    if spec.sampling:
+    if decoding.temperature > 0:
         torch.manual_seed(spec.seed)
 
     def on_batch(done: int) -> None:
         progress({"phase": f"{label}: generating", "rows_done": done, "rows": table.num_rows})
 
-    predictions = generate(model, tokenizer, table, spec=spec, on_batch=on_batch)
+    predictions = generate(
+        model, tokenizer, table, decoding=decoding, batch_size=spec.batch_size, on_batch=on_batch
+    )
     references = table.column("target").to_pylist()
     return score_rows(predictions, references, nll=nll, tokens=tokens), predictions

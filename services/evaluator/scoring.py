@@ -13,8 +13,11 @@ import math
 import re
 import unicodedata
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from shared.jobspec import GATE_METRICS, GateSpec
 
 #: metric name → True when lower is better, False when higher is, None when neither
 METRICS: dict[str, bool | None] = {
@@ -142,16 +145,62 @@ def paired_bootstrap(
 def gate(
     base: dict[str, float],
     tuned: dict[str, float],
+    intervals: dict[str, tuple[float, float]],
     *,
-    min_rouge_l_gain: float,
-    require_lower_loss: bool,
-) -> tuple[bool, list[str]]:
-    """Whether the tuned model beats the base as the spec demands; the reasons if not."""
-    reasons = []
-    if tuned["rougeL"] < base["rougeL"] + min_rouge_l_gain:
-        reasons.append(
-            f"ROUGE-L {tuned['rougeL']:.4f} is below base {base['rougeL']:.4f} + {min_rouge_l_gain}"
+    rule: GateSpec,
+) -> list[dict[str, Any]]:
+    """Every rule of the gate that is on: ``{rule, passed, detail, values}`` each."""
+    rules = []
+    if rule.min_gain is not None:
+        rules.append(_gain_rule(base, tuned, intervals, rule.primary_metric, rule.min_gain))
+    for share, limit in (
+        ("empty", rule.max_empty_share),
+        ("degenerate", rule.max_degenerate_share),
+    ):
+        if limit is not None:
+            rules.append(_share_rule(share, base[f"{share}_share"], tuned[f"{share}_share"], limit))
+    if rule.require_lower_loss:
+        b, t = base["loss"], tuned["loss"]
+        passed = t < b
+        rules.append(
+            {
+                "rule": "lower_loss",
+                "passed": passed,
+                "detail": f"test loss: tuned {t:.4f} vs base {b:.4f}; "
+                + ("below base" if passed else "must be below base"),
+                "values": {"base": b, "tuned": t},
+            }
         )
-    if require_lower_loss and not tuned["loss"] < base["loss"]:
-        reasons.append(f"test loss {tuned['loss']:.4f} is not below base {base['loss']:.4f}")
-    return not reasons, reasons
+    return rules
+
+
+def _gain_rule(
+    base: dict[str, float],
+    tuned: dict[str, float],
+    intervals: dict[str, tuple[float, float]],
+    metric: str,
+    min_gain: float,
+) -> dict[str, Any]:
+    low, high = intervals[metric]
+    b, t = base[metric], tuned[metric]
+    passed = low > min_gain
+    verdict = "is above" if passed else "must be above"
+    return {
+        "rule": f"{metric}_gain",
+        "passed": passed,
+        "detail": f"{GATE_METRICS[metric]}: tuned {t:.4f} vs base {b:.4f}, gain {t - b:+.4f}, "
+        f"95% interval [{low:+.4f}, {high:+.4f}]; its lower bound {verdict} {min_gain:g}",
+        "values": {"base": b, "tuned": t, "gain": t - b, "ci95": [low, high], "min": min_gain},
+    }
+
+
+def _share_rule(share: str, base: float, tuned: float, limit: float) -> dict[str, Any]:
+    passed = tuned <= limit and tuned <= base
+    demand = f"at most {limit:.1%} and not above base"
+    return {
+        "rule": f"{share}_share",
+        "passed": passed,
+        "detail": f"{share} answers: tuned {tuned:.1%} vs base {base:.1%}; "
+        + (demand if passed else f"must be {demand}"),
+        "values": {"base": base, "tuned": tuned, "max": limit},
+    }

@@ -107,5 +107,13 @@ def _evaluation(report: dict[str, Any]) -> list[str]:
         )
     gate = report.get("gate", {})
     verdict = "passed" if gate.get("passed") else "failed: " + "; ".join(gate.get("reasons", []))
-    rows += ["", f"{report.get('rows', '?')} test rows; quality gate {verdict}."]
+    forced = " Publishing was forced (evaluation.gate.force_publish)." if gate.get("forced") else ""
+    rows += ["", f"{report.get('rows', '?')} test rows; quality gate {verdict}.{forced}"]
+    rows += [f"- {'pass' if r['passed'] else 'FAIL'}: {r['detail']}" for r in gate.get("rules", [])]
+    if report.get("decoding"):
+        settings = ", ".join(f"{k} {v}" for k, v in report["decoding"].items())
+        rows += [
+            "",
+            f"Answers were generated as the model is served (generation_config.json): {settings}.",
+        ]
     return rows

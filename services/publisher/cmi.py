@@ -1,17 +1,21 @@
 """Preflight of an exported folder against Bedrock Custom Model Import's requirements.
 
-Each failure raises PreflightError naming the rule, before anything is uploaded.
+``preflight`` checks the folder (every rule in ``RULES``) and ``check_import`` the import's
+names and S3 keys; each failure raises PreflightError naming the rule, before anything is
+uploaded.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from shared.errors import PreflightError
 
+#: model_type -> the one architecture Bedrock imports for it (Qwen3: dense or MoE causal LM)
 SUPPORTED_ARCHITECTURES = {
     "t5": "T5ForConditionalGeneration",
     "llama": "LlamaForCausalLM",
@@ -19,35 +23,100 @@ SUPPORTED_ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
     "gpt_bigcode": "GPTBigCodeForCausalLM",
     "gpt_oss": "GptOssForCausalLM",
 }
+TOKENIZER_CLASSES = frozenset(
+    f"{name}{suffix}"
+    for name in ("T5", "Llama", "CodeLlama", "GPT2", "GPTNeoX", "Qwen2", "PreTrained")
+    for suffix in ("Tokenizer", "TokenizerFast")
+)
 REQUIRED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
 ALLOWED_DTYPES = {"F32", "F16", "BF16"}
+ADAPTER_TENSOR_MARKS = ("lora_A", "lora_B", "lora_embedding", "base_layer")
 MAX_BYTES = 200 * 1024**3
 MAX_CONTEXT = 128 * 1024
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+T5_HEAD_MULTIPLE = 4  # Bedrock shards a T5 model's attention heads across GPUs
+GPT_OSS_REGIONS = ("us-east-1",)
+
+#: every rule preflight() checks, by the name a PreflightError carries
+RULES = (
+    "required-files",
+    "supported-architecture",
+    "unquantized-weights",
+    "context-length",
+    "t5-attention-heads",
+    "region",
+    "safetensors-weights",
+    "merged-weights",
+    "weight-dtype",
+    "tokenizer-class",
+    "tokenizer-config",
+    "model-size",
+)
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """A safetensors file's header: tensor name -> dtype, shape and offsets."""
+    with path.open("rb") as fh:
+        (size,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(size))
+    header.pop("__metadata__", None)
+    return header
 
 
 def safetensors_dtypes(path: Path) -> set[str]:
     """The tensor dtypes recorded in a safetensors file's header."""
-    with path.open("rb") as fh:
-        (size,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(size))
-    return {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+    return {v["dtype"] for v in safetensors_header(path).values()}
 
 
-def preflight(folder: Path) -> dict[str, Any]:
-    """Check every CMI rule on a model folder; a summary of what was checked."""
-    for name in REQUIRED_FILES:
+def preflight(
+    folder: Path, *, tokenizer_files: Iterable[str] = (), region: str | None = None
+) -> dict[str, Any]:
+    """Check every CMI rule (``RULES``) on a model folder; a summary of what was checked.
+
+    ``tokenizer_files`` are the tokenizer model files the base tokenizer has (``spiece.model``,
+    ``tokenizer.model``); ``region`` is the import's region, when known.
+    """
+    _check_files(folder, tokenizer_files)
+    config = _read_json(folder / "config.json")
+    model_type = _check_config(config, region)
+    weights, dtypes = _check_weights(folder, model_type)
+    _check_tokenizer(_read_json(folder / "tokenizer_config.json"))
+    size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    if size >= MAX_BYTES:
+        raise PreflightError("model-size", f"{size} bytes; the limit is under 200 GB")
+    return {
+        "model_type": model_type,
+        "dtypes": sorted(dtypes),
+        "bytes": size,
+        "weight_files": [p.name for p in weights],
+        "region": region,
+        "chat_template": _has_chat_template(folder),
+        "rules": list(RULES),
+    }
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise PreflightError("required-files", f"{path.name} is not readable JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise PreflightError("required-files", f"{path.name} is not a JSON object")
+    return data
+
+
+def _check_files(folder: Path, tokenizer_files: Iterable[str]) -> None:
+    for name in (*REQUIRED_FILES, *tokenizer_files):
         if not (folder / name).is_file():
             raise PreflightError("required-files", f"{name} is missing from {folder}")
-    weights = sorted(folder.glob("*.safetensors"))
-    if not weights:
-        raise PreflightError("safetensors-weights", f"no *.safetensors at the top of {folder}")
-    adapters = [p.name for p in folder.iterdir() if p.name.startswith("adapter_")]
-    if adapters:
-        raise PreflightError("merged-weights", f"LoRA adapter files {adapters}: merge them first")
-    config = json.loads((folder / "config.json").read_text())
+
+
+def _check_config(config: dict[str, Any], region: str | None) -> str:
+    """Architecture, quantization, context, T5 heads and region rules; the model_type."""
     model_type = config.get("model_type")
     expected = SUPPORTED_ARCHITECTURES.get(model_type or "")
     if expected is None:
@@ -56,11 +125,63 @@ def preflight(folder: Path) -> dict[str, Any]:
             f"model_type {model_type!r} is not one Bedrock imports "
             f"({', '.join(sorted(SUPPORTED_ARCHITECTURES))})",
         )
-    if expected not in config.get("architectures", []):
+    architectures = config.get("architectures") or []
+    if architectures != [expected]:
         raise PreflightError(
-            "supported-architecture", f"architectures {config.get('architectures')} lack {expected}"
+            "supported-architecture",
+            f"architectures {architectures} of model_type {model_type!r}: "
+            f"Bedrock imports only {expected}",
         )
-    dtypes = set().union(*(safetensors_dtypes(p) for p in weights))
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method", "quantized")
+        raise PreflightError(
+            "unquantized-weights",
+            f"config.json has a {method} quantization_config; export the merged model "
+            "unquantized (fp32, fp16 or bf16)",
+        )
+    context = max((config.get(k) or 0 for k in CONTEXT_KEYS), default=0)
+    if context > MAX_CONTEXT:
+        raise PreflightError(
+            "context-length", f"{context} tokens; Bedrock imports at most 128K ({MAX_CONTEXT})"
+        )
+    heads = config.get("num_heads")
+    if model_type == "t5" and (not isinstance(heads, int) or heads % T5_HEAD_MULTIPLE):
+        raise PreflightError(
+            "t5-attention-heads",
+            f"num_heads {heads} is not a multiple of {T5_HEAD_MULTIPLE}: Bedrock shards a T5 "
+            "model's attention heads across GPUs (flan-t5-small's 6 heads do not import; "
+            "flan-t5-base has 12, flan-t5-large 16)",
+        )
+    if model_type == "gpt_oss" and region is not None and region not in GPT_OSS_REGIONS:
+        raise PreflightError(
+            "region", f"GPT-OSS models import only in {', '.join(GPT_OSS_REGIONS)}, not {region}"
+        )
+    return str(model_type)
+
+
+def _check_weights(folder: Path, model_type: str) -> tuple[list[Path], set[str]]:
+    """Full, merged safetensors weights at the top level in an importable dtype."""
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        elsewhere = [str(p.relative_to(folder)) for p in folder.rglob("*.safetensors")]
+        elsewhere += [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+        raise PreflightError(
+            "safetensors-weights",
+            f"no *.safetensors at the top of {folder}"
+            + (f" (found {sorted(elsewhere)})" if elsewhere else ""),
+        )
+    _check_shards(folder)
+    adapters = sorted(p.name for p in folder.iterdir() if p.name.startswith("adapter_"))
+    if adapters:
+        raise PreflightError("merged-weights", f"LoRA adapter files {adapters}: merge them first")
+    headers = [safetensors_header(p) for p in weights]
+    lora = sorted(k for h in headers for k in h if any(m in k for m in ADAPTER_TENSOR_MARKS))
+    if lora:
+        raise PreflightError(
+            "merged-weights",
+            f"{len(lora)} unmerged LoRA tensors (e.g. {lora[0]}): merge_and_unload() first",
+        )
+    dtypes = {v["dtype"] for h in headers for v in h.values()}
     if not dtypes <= ALLOWED_DTYPES:
         raise PreflightError(
             "weight-dtype",
@@ -69,25 +190,43 @@ def preflight(folder: Path) -> dict[str, Any]:
         )
     if model_type == "t5" and "F16" in dtypes:
         raise PreflightError("weight-dtype", "fp16 T5 weights overflow; export bf16 or fp32")
-    size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-    if size >= MAX_BYTES:
-        raise PreflightError("model-size", f"{size} bytes; the limit is under 200 GB")
-    context = config.get("max_position_embeddings") or config.get("n_positions") or 0
-    if context > MAX_CONTEXT:
-        raise PreflightError("context-length", f"{context} tokens; the limit is under 128K")
-    tok_config = json.loads((folder / "tokenizer_config.json").read_text())
-    if isinstance(tok_config.get("extra_special_tokens"), list):
+    return weights, dtypes
+
+
+def _check_shards(folder: Path) -> None:
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return
+    shards = set(_read_json(index).get("weight_map", {}).values())
+    missing = sorted(s for s in shards if not (folder / s).is_file())
+    if missing:
+        raise PreflightError(
+            "safetensors-weights", f"{index.name} lists shards missing from the folder: {missing}"
+        )
+
+
+def _check_tokenizer(tok_config: dict[str, Any]) -> None:
+    tokenizer_class = tok_config.get("tokenizer_class")
+    if tokenizer_class not in TOKENIZER_CLASSES:
+        raise PreflightError(
+            "tokenizer-class",
+            f"tokenizer_class {tokenizer_class!r} in tokenizer_config.json is not one Bedrock "
+            f"accepts ({', '.join(sorted(TOKENIZER_CLASSES))})",
+        )
+    extra = tok_config.get("extra_special_tokens")
+    if extra is not None and not isinstance(extra, dict):
         raise PreflightError(
             "tokenizer-config",
-            "extra_special_tokens is a list; transformers 4.51.3 (Bedrock's) needs a mapping",
+            f"extra_special_tokens is a {type(extra).__name__}; transformers 4.51.3 "
+            "(Bedrock's) needs a mapping",
         )
-    return {
-        "model_type": model_type,
-        "dtypes": sorted(dtypes),
-        "bytes": size,
-        "weight_files": [p.name for p in weights],
-        "rules": "passed",
-    }
+
+
+def _has_chat_template(folder: Path) -> bool:
+    """Whether a chat template ships (Bedrock applies none by default)."""
+    if any((folder / n).is_file() for n in ("chat_template.jinja", "chat_template.json")):
+        return True
+    return bool(_read_json(folder / "tokenizer_config.json").get("chat_template"))
 
 
 FORBIDDEN_KEY_CHARS = set("#=+ ")

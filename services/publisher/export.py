@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from shared.errors import ModelError
+from shared.jobspec import DecodingSpec
 from shared.modeling import load_seq2seq, load_tokenizer
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -48,15 +49,16 @@ def _logits(model: Any, probe_ids: list[list[int]]) -> torch.Tensor:
     return model(input_ids=ids, attention_mask=mask, decoder_input_ids=start).logits
 
 
-def save(model: Any, base_model: str, out_dir: Path, *, dtype: str) -> None:
-    """Write safetensors weights, config, generation config and tokenizer files."""
+def save(model: Any, base_model: str, out_dir: Path, *, dtype: str) -> list[str]:
+    """Write safetensors weights, config, generation config and tokenizer files; the names of
+    the tokenizer model files the base tokenizer has (each shipped too)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.to(DTYPES[dtype]).save_pretrained(out_dir, max_shard_size="4GB")
     tokenizer = load_tokenizer(base_model)
     tokenizer.save_pretrained(out_dir)
     make_tokenizer_config_portable(out_dir / "tokenizer_config.json")
     write_special_tokens_map(tokenizer, out_dir / "special_tokens_map.json")
-    copy_sentencepiece_model(tokenizer, base_model, out_dir)
+    return copy_sentencepiece_model(tokenizer, base_model, out_dir)
 
 
 def write_special_tokens_map(tokenizer: Any, path: Path) -> None:
@@ -68,15 +70,17 @@ def write_special_tokens_map(tokenizer: Any, path: Path) -> None:
     path.write_text(json.dumps(tokens, indent=2, sort_keys=True) + "\n")
 
 
-def copy_sentencepiece_model(tokenizer: Any, base_model: str, out_dir: Path) -> None:
-    """Ship the SentencePiece model (spiece.model) where the base tokenizer has one."""
+def copy_sentencepiece_model(tokenizer: Any, base_model: str, out_dir: Path) -> list[str]:
+    """Ship the SentencePiece model (spiece.model) where the base tokenizer has one; its
+    name, or none."""
     candidates = [getattr(tokenizer, "vocab_file", None), Path(base_model) / "spiece.model"]
     for candidate in candidates:
         if candidate and Path(candidate).is_file() and Path(candidate).suffix == ".model":
             target = out_dir / Path(candidate).name
             if not target.exists():
                 shutil.copyfile(candidate, target)
-            return
+            return [target.name]
+    return []
 
 
 def make_tokenizer_config_portable(path: Path) -> None:
@@ -89,3 +93,12 @@ def make_tokenizer_config_portable(path: Path) -> None:
         if extra:
             config["additional_special_tokens"] = list(extra)
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def apply_decoding(model: Any, decoding: DecodingSpec) -> None:
+    """Make the spec's decoding the model's own: saved as generation_config.json, it is what
+    the local twin serves and what the evaluator generated with."""
+    config = model.generation_config
+    config.update(**decoding.generation_config())
+    if decoding.temperature == 0:  # greedy or beam: no sampling setting left from the base
+        config.update(temperature=None, top_p=None, top_k=None)

@@ -10,10 +10,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from services.publisher import card, cmi, export, target, upload
+from shared import bedrock
 from shared.artifacts import adapter_dir, read_split
-from shared.errors import SpecError
+from shared.errors import NotFound, SpecError
 from shared.messages import ModelPublished, PublishModel
 from shared.modeling import versions
+from shared.settings import BedrockSettings
 from shared.worker import StageContext
 
 PROBE_ROWS = 4
@@ -42,6 +44,11 @@ def _publish(command: PublishModel, ctx: StageContext) -> dict[str, Any]:
             "the evaluation gate rejected this model; set "
             "evaluation.gate.force_publish to publish anyway"
         )
+    # Before any work: a name another job's model holds is refused unless overwrite is set.
+    ctx.jobs.check_model_name(
+        spec.model_name, overwrite=spec.publish.overwrite, job_id=command.job_id
+    )
+    settings = BedrockSettings() if spec.publish.target == "bedrock" else None
     dataset = ctx.manifest_at(command.dataset_manifest)
     training = ctx.manifest_at(command.training_manifest)
     probes = read_split(
@@ -50,16 +57,22 @@ def _publish(command: PublishModel, ctx: StageContext) -> dict[str, Any]:
     adapter = adapter_dir(ctx.store, training, cache_dir=ctx.settings.cache_dir)
     ctx.progress({"phase": "merging"}, force=True)
     merged, gap = export.merge(spec.base_model, adapter, probes.column("input_ids").to_pylist())
+    export.apply_decoding(merged, spec.decoding)
     folder = ctx.scratch(command, "publish") / "model"
-    export.save(merged, spec.base_model, folder, dtype=spec.publish.dtype)
+    tokenizer_files = export.save(merged, spec.base_model, folder, dtype=spec.publish.dtype)
     (folder / "README.md").write_text(
         card.model_card(
             spec, dataset, training, evaluation, merge_gap=gap, tolerance=export.MERGE_TOLERANCE
         )
     )
-    checks = cmi.preflight(folder)
+    region = settings.region if settings else None
+    checks = cmi.preflight(folder, tokenizer_files=tokenizer_files, region=region)
     files = upload.digests(folder)
     digest = upload.folder_digest(files)
+    if settings:  # the import's names and S3 keys, before anything is uploaded
+        target.plan(
+            command.job_id, list(files), digest, model_name=spec.model_name, settings=settings
+        )
     prefix = f"{ctx.jobs.stage_prefix(command.job_id, 'publish')}/model"
     ctx.progress({"phase": "storing", "bytes": checks["bytes"]}, force=True)
     ctx.store.upload_dir(folder, prefix)
@@ -85,6 +98,7 @@ def _publish(command: PublishModel, ctx: StageContext) -> dict[str, Any]:
         "dtype": spec.publish.dtype,
         "published_at": datetime.now(UTC).isoformat(),
         "gate_forced": evaluation["gate"]["forced"],
+        "decoding": spec.decoding.model_dump(),
     }
     if spec.publish.target == "bedrock":
         imported = target.to_bedrock(
@@ -94,9 +108,28 @@ def _publish(command: PublishModel, ctx: StageContext) -> dict[str, Any]:
             files,
             digest,
             model_name=spec.model_name,
-            smoke_prompt=probes.column("prompt")[0].as_py(),
+            smoke_request=bedrock.request_body(
+                probes.column("prompt")[0].as_py(), spec.decoding.model_dump()
+            ),
+            settings=settings,
         )
         manifest["bedrock"] = entry["bedrock"] = imported
-    ctx.jobs.register_model(spec.model_name, entry)
+    if spec.publish.overwrite:
+        entry["replaced"] = _replaced(ctx, spec.model_name, command.job_id)
+    ctx.jobs.register_model(spec.model_name, entry, overwrite=spec.publish.overwrite)
     ctx.jobs.write_manifest(command.job_id, "publish", manifest)  # last: the stage is done
     return manifest
+
+
+def _replaced(ctx: StageContext, name: str, job_id: str) -> dict[str, Any] | None:
+    """What an overwrite replaces: another job's model of the same name, if any."""
+    try:
+        old = ctx.jobs.model(name)
+    except NotFound:
+        return None
+    if old.get("job_id") == job_id:
+        return old.get("replaced")
+    keep = ("job_id", "location", "digest", "published_at")
+    return {k: old.get(k) for k in keep} | {
+        "imported_model_arn": old.get("bedrock", {}).get("imported_model_arn")
+    }

@@ -8,28 +8,18 @@ from typing import Any
 from urllib.parse import urlparse
 
 from services.publisher import cmi, upload
-from services.publisher.importer import Importer, ImportRecords, plan_import
+from services.publisher.importer import Importer, ImportRecord, ImportRecords, plan_import
 from shared import bedrock
 from shared.errors import BedrockError
 from shared.settings import BedrockSettings
 from shared.worker import StageContext
 
-SMOKE_MAX_GEN_LEN = 64
 
-
-def to_bedrock(
-    job_id: str,
-    ctx: StageContext,
-    folder: Path,
-    files: dict[str, str],
-    digest: str,
-    *,
-    model_name: str,
-    smoke_prompt: str,
-    settings: BedrockSettings | None = None,
-) -> dict[str, Any]:
-    """Import the folder into Bedrock; the imported model's ARN, cost and smoke answer."""
-    settings = settings or BedrockSettings()
+def plan(
+    job_id: str, files: list[str], digest: str, *, model_name: str, settings: BedrockSettings
+) -> ImportRecord:
+    """The import of these files, checked (region, settings, names against the API's
+    patterns, S3 key characters) before anything is uploaded."""
     bedrock.check_region(settings.region)
     if not settings.role_arn or not settings.s3_uri.startswith("s3://"):
         raise BedrockError(
@@ -42,8 +32,26 @@ def to_bedrock(
         planned.imported_model_name,
         planned.client_token,
         planned.s3_uri,
-        list(files),
+        files,
     )
+    return planned
+
+
+def to_bedrock(
+    job_id: str,
+    ctx: StageContext,
+    folder: Path,
+    files: dict[str, str],
+    digest: str,
+    *,
+    model_name: str,
+    smoke_request: dict[str, Any],
+    settings: BedrockSettings | None = None,
+) -> dict[str, Any]:
+    """Import the folder into Bedrock; the imported model's ARN, cost and smoke answer (to
+    ``smoke_request``: Bedrock's invoke body with the spec's decoding)."""
+    settings = settings or BedrockSettings()
+    planned = plan(job_id, list(files), digest, model_name=model_name, settings=settings)
     records = ImportRecords(ctx.store, f"{ctx.jobs.stage_prefix(job_id, 'publish')}/import.json")
     record = records.claim(planned)
     if record.job_arn is None and record.digest != digest:
@@ -58,14 +66,14 @@ def to_bedrock(
     answer = bedrock.invoke(
         bedrock.runtime_client(settings),
         result["imported_model_arn"],
-        {"prompt": smoke_prompt, "max_gen_len": SMOKE_MAX_GEN_LEN, "temperature": 0.0},
+        smoke_request,
         retries=settings.not_ready_retries,
         wait_seconds=settings.not_ready_wait_seconds,
     )
     return {
         **result,
         "upload": sent,
-        "smoke_test": {"prompt": smoke_prompt, "generation": answer["generation"]},
+        "smoke_test": {**smoke_request, "generation": answer["generation"]},
     }
 
 

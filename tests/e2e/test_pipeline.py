@@ -83,7 +83,7 @@ def test_job_runs_end_to_end_and_model_answers(services, tiny_model):
 
 def test_job_failing_the_gate_ends_rejected_and_publishes_nothing(services, tiny_model):
     launcher, client = services
-    spec = spec_dict(tiny_model, name="strict-gate", evaluation={"gate": {"min_rouge_l_gain": 1.0}})
+    spec = spec_dict(tiny_model, name="strict-gate", evaluation={"gate": {"min_gain": 1.0}})
     job = _run_job(launcher, client, spec)
     assert job["status"] == "rejected"
     assert job["stages"]["publish"]["status"] == "skipped"

@@ -416,7 +416,8 @@ def test_backlog_drained_by_three_trainers(scenario, tmp_path, tiny_model):
         spec = spec_dict(
             tiny_model,
             training={"max_steps": 2, "logging_steps": 1},
-            evaluation={"max_rows": 2, "max_new_tokens": 2, "bootstrap_samples": 100},
+            evaluation={"max_rows": 2, "bootstrap_samples": 100},
+            decoding={"max_new_tokens": 2},
         )
         started = time.monotonic()
         ids = [client.submit({**spec, "name": f"backlog-{n}"})["id"] for n in range(outcome.size)]

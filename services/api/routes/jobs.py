@@ -36,6 +36,10 @@ def submit_job(jobs: JobsDep, bus: BusDep, spec: dict[str, Any] = Body(...)) -> 
         parsed = parse_spec(spec, source="spec")
     except SpecError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
+    try:  # refused now rather than after training; the publisher checks again
+        jobs.check_model_name(parsed.model_name, overwrite=parsed.publish.overwrite)
+    except SpecError as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
     job_id = new_job_id(parsed.name)
     spec_uri = jobs.create(job_id, parsed)
     jobs.record(JobSubmitted(job_id=job_id, spec_uri=spec_uri, name=parsed.name))

@@ -88,6 +88,26 @@ def test_invalid_spec_names_the_field_and_queues_nothing(app_env):
     assert _queued(bus, "dataprep") is None
 
 
+def test_a_published_name_is_refused_at_submission_unless_overwrite(app_env):
+    client, bus, app = app_env
+    location = "file:///models/terms"
+    app.state.jobs.register_model(
+        "terms", {"name": "terms", "job_id": "terms-1", "location": location}
+    )
+    response = client.post("/v1/jobs", json={"name": "terms"})
+    assert response.status_code == 409
+    assert response.json()["detail"] == (
+        "field 'publish.model_name': a model named 'terms' is already published by job "
+        f"terms-1 ({location}); set publish.overwrite: true to replace it, or choose another "
+        "publish.model_name"
+    )
+    assert _queued(bus, "dataprep") is None and app.state.jobs.job_ids() == []
+    renamed = {"name": "terms", "publish": {"model_name": "terms-v2"}}
+    assert client.post("/v1/jobs", json=renamed).status_code == 201
+    replacing = {"name": "terms", "publish": {"overwrite": True}}
+    assert client.post("/v1/jobs", json=replacing).status_code == 201
+
+
 def test_unknown_job_and_model_are_404(app_env):
     client, _, _ = app_env
     assert client.get("/v1/jobs/nope-1").status_code == 404

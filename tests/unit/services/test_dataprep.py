@@ -159,7 +159,11 @@ def test_parquet_column_of_wrong_type_is_named(ctx, tiny_model, tmp_path):
     path = tmp_path / "typed.parquet"
     pq.write_table(pa.table({"page_title": ["a", "b"], "page_text": [[1, 2], [3]]}), path)
     spec = make_spec(tiny_model, dataset={"source": str(path)})
-    with pytest.raises(DatasetError, match=r"column .page_text. is list<.*int64>"):
+    with pytest.raises(
+        DatasetError,
+        match=r"typed.parquet: column 'page_text' is list<.*int64>, not text; "
+        r"cast_to_string converts numbers and booleans only",
+    ):
         handle(_command(ctx, spec), ctx)
 
 
@@ -228,8 +232,9 @@ def test_cleaning_rules_count_what_they_touch(ctx, tiny_model, tmp_path):
     assert cafe["target"] == "Coffee house."
 
 
-def test_max_rows_reads_only_the_first_rows(ctx, tiny_model):
-    event = handle(_command(ctx, make_spec(tiny_model, dataset={"max_rows": 40})), ctx)
+def test_max_rows_with_sample_head_reads_only_the_first_rows(ctx, tiny_model):
+    spec = make_spec(tiny_model, dataset={"max_rows": 40, "sample": "head"})
+    event = handle(_command(ctx, spec), ctx)
     assert sum(event.counts.values()) == 40
     assert ctx.jobs.manifest("job-1", "prepare")["rows_read"] == 40
 

@@ -4,7 +4,7 @@ import pytest
 from services.evaluator import html_report, scoring
 from services.evaluator.handler import check_tokenizer, handle
 from shared.errors import ModelError, SpecError
-from shared.jobspec import parse_spec
+from shared.jobspec import GateSpec, parse_spec
 
 
 def _rows(predictions, references, nll=None, tokens=None):
@@ -87,32 +87,95 @@ def test_bootstrap_interval_brackets_a_clear_gain():
     assert 0 < low <= observed <= high
 
 
-def test_gate_passes_when_tuned_beats_base():
-    passed, reasons = scoring.gate(
-        {"rougeL": 0.1, "loss": 3.0},
-        {"rougeL": 0.2, "loss": 2.0},
-        min_rouge_l_gain=0.05,
-        require_lower_loss=True,
+def _gate(base, tuned, samples=200, **rule):
+    """The gate's rules for two RowScores, as build_report applies them."""
+    intervals = scoring.paired_bootstrap(base, tuned, samples=samples)
+    return scoring.gate(
+        scoring.aggregate(base), scoring.aggregate(tuned), intervals, rule=GateSpec(**rule)
     )
-    assert passed and reasons == []
 
 
-def test_gate_fails_with_each_reason():
-    passed, reasons = scoring.gate(
-        {"rougeL": 0.2, "loss": 2.0},
-        {"rougeL": 0.21, "loss": 2.5},
-        min_rouge_l_gain=0.05,
-        require_lower_loss=True,
-    )
-    assert not passed
-    assert reasons == [
-        "ROUGE-L 0.2100 is below base 0.2000 + 0.05",
-        "test loss 2.5000 is not below base 2.0000",
+def _failed(rules):
+    return {r["rule"]: r["detail"] for r in rules if not r["passed"]}
+
+
+REFS = [f"term {i} is a disease of the lungs" for i in range(30)]
+
+
+def test_gate_refuses_a_model_that_answers_nothing():
+    # The defect: tuned answers were 100% empty, ROUGE-L 0 before and after, and the old
+    # gate (ROUGE-L >= base + 0) passed it. Every default rule now has its say.
+    base = _rows(["unrelated words here"] * 30, REFS, nll=[40.0] * 30, tokens=[10] * 30)
+    tuned = _rows([""] * 30, REFS, nll=[50.0] * 30, tokens=[10] * 30)
+    assert scoring.aggregate(base)["rougeL"] == scoring.aggregate(tuned)["rougeL"] == 0.0
+    rules = _gate(base, tuned)
+    assert [r["rule"] for r in rules] == [
+        "rougeL_gain",
+        "empty_share",
+        "degenerate_share",
+        "lower_loss",
     ]
+    assert _failed(rules) == {
+        "rougeL_gain": "ROUGE-L: tuned 0.0000 vs base 0.0000, gain +0.0000, 95% interval "
+        "[+0.0000, +0.0000]; its lower bound must be above 0",
+        "empty_share": "empty answers: tuned 100.0% vs base 0.0%; "
+        "must be at most 5.0% and not above base",
+        "lower_loss": "test loss: tuned 5.0000 vs base 4.0000; must be below base",
+    }
+    degenerate = next(r for r in rules if r["rule"] == "degenerate_share")
+    assert degenerate["passed"] and degenerate["values"] == {"base": 0.0, "tuned": 0.0, "max": 0.05}
+
+
+def test_gate_passes_a_model_that_learned_with_every_number():
+    base = _rows(["unrelated words"] * 30, REFS, nll=[40.0] * 30, tokens=[10] * 30)
+    tuned = _rows(REFS, REFS, nll=[20.0] * 30, tokens=[10] * 30)
+    rules = _gate(base, tuned)
+    assert all(r["passed"] for r in rules) and len(rules) == 4
+    gain = rules[0]
+    assert gain["values"]["gain"] == pytest.approx(1.0) and gain["values"]["ci95"][0] > 0
+    assert gain["detail"].startswith("ROUGE-L: tuned 1.0000 vs base 0.0000, gain +1.0000")
+    assert gain["detail"].endswith("its lower bound is above 0")
+    assert rules[3]["detail"] == "test loss: tuned 2.0000 vs base 4.0000; below base"
+
+
+def test_gate_wants_a_gain_clear_of_noise_on_the_primary_metric():
+    # Tuned is better on half the rows and worse on the other half: no gain the interval
+    # holds clear of zero, on ROUGE-L or on the metric the spec names.
+    good, bad = REFS[:15], ["unrelated words"] * 15
+    base = _rows(bad + good, REFS)
+    tuned = _rows(good + bad, REFS)
+    for metric, label in (("rougeL", "ROUGE-L"), ("chrf", "chrF")):
+        rules = _gate(base, tuned, primary_metric=metric, require_lower_loss=False)
+        assert _failed(rules)[f"{metric}_gain"].startswith(f"{label}: tuned ")
+    assert not _failed(_gate(base, tuned, min_gain=-0.5, require_lower_loss=False))
+
+
+def test_gate_refuses_more_degenerate_answers_than_base_even_under_the_cap():
+    base = _rows(["a definition of it"] * 40, REFS + REFS[:10])
+    tuned = _rows(["a definition of it"] * 39 + ["the the the the"], REFS + REFS[:10])
+    rules = _gate(base, tuned, min_gain=None, require_lower_loss=False)
+    assert _failed(rules) == {
+        "degenerate_share": "degenerate answers: tuned 2.5% vs base 0.0%; "
+        "must be at most 5.0% and not above base"
+    }
+
+
+def test_gate_rules_can_be_turned_off_and_older_specs_read():
+    spec = parse_spec({"name": "x1", "evaluation": {"gate": {"min_rouge_l_gain": 0.1}}})
+    assert spec.evaluation.gate.min_gain == 0.1
+    off = GateSpec(
+        min_gain=None, max_empty_share=None, max_degenerate_share=None, require_lower_loss=False
+    )
+    base = _rows(["x"], ["y"])
+    assert _gate(base, _rows([""], ["y"]), samples=100, **off.model_dump()) == []
+    with pytest.raises(SpecError, match="evaluation.gate.primary_metric"):
+        parse_spec({"name": "x1", "evaluation": {"gate": {"primary_metric": "loss"}}})
 
 
 def test_no_repeat_ngram_size_refuses_the_notebooks_true():
-    with pytest.raises(SpecError, match="evaluation.no_repeat_ngram_size"):
+    with pytest.raises(SpecError, match="decoding.no_repeat_ngram_size"):
+        parse_spec({"name": "x1", "decoding": {"no_repeat_ngram_size": True}})
+    with pytest.raises(SpecError, match="decoding.no_repeat_ngram_size"):
         parse_spec({"name": "x1", "evaluation": {"no_repeat_ngram_size": True}})
 
 
@@ -130,7 +193,9 @@ def test_evaluates_base_and_tuned_and_writes_report(trained_job):
     assert set(report["samples"][0]) == {"prompt", "reference", "base", "tuned"}
     assert [s for s, _ in report["curves"]["train_loss"]] == [2, 4, 6]
     assert [s for s, _ in report["curves"]["validation_loss"]] == [2, 4, 6]
-    assert event.passed and event.publish  # the test spec's gate is lenient
+    assert event.passed and event.publish  # the test spec's gate has every rule off
+    assert report["gate"]["rules"] == [] and report["gate"]["reasons"] == []
+    assert report["decoding"] == trained_job["spec"].decoding.model_dump()
     prefix = ctx.jobs.stage_prefix(cmd.job_id, "evaluate")
     page = ctx.store.get_bytes(f"{prefix}/report.html").decode()
     assert "<svg" in page and "validation loss" in page and "Quality gate" in page
@@ -145,7 +210,7 @@ def test_strict_gate_rejects_unless_forced(trained_job, force):
     ctx, cmd = trained_job["ctx"], trained_job["evaluate"]
     spec = make_spec(
         trained_job["spec"].base_model,
-        evaluation={"gate": {"min_rouge_l_gain": 1.0, "force_publish": force}},
+        evaluation={"gate": {"min_gain": 1.0, "force_publish": force}},
     )
     job_id = f"strict-{force}"
     strict = EvaluateModel(
@@ -156,9 +221,13 @@ def test_strict_gate_rejects_unless_forced(trained_job, force):
     )
     event = handle(strict, ctx)
     assert not event.passed
-    assert event.reasons[0].startswith("ROUGE-L")
+    assert event.reasons[0].startswith("ROUGE-L: tuned ")
+    assert event.reasons[0].endswith("its lower bound must be above 1")
     assert event.publish is force
-    assert ctx.jobs.manifest(job_id, "evaluate")["gate"]["forced"] is force
+    gate = ctx.jobs.manifest(job_id, "evaluate")["gate"]
+    assert gate["forced"] is force and gate["publish"] is force
+    assert [(r["rule"], r["passed"]) for r in gate["rules"]] == [("rougeL_gain", False)]
+    assert gate["reasons"] == [gate["rules"][0]["detail"]]
 
 
 def test_mismatched_tokenizer_is_named(trained_job):
@@ -196,3 +265,32 @@ def test_html_escapes_model_output():
     }
     page = html_report.render(report, job_id="j")
     assert "<script>x" not in page and "&lt;script&gt;" in page
+
+
+def test_every_rule_is_shown_with_its_numbers_in_cli_and_html():
+    from services.cli.display import gate_lines
+
+    base = _rows(["unrelated words here"] * 30, REFS, nll=[40.0] * 30, tokens=[10] * 30)
+    tuned = _rows([""] * 30, REFS, nll=[50.0] * 30, tokens=[10] * 30)
+    rules = _gate(base, tuned)
+    gate = {
+        "passed": False,
+        "forced": True,
+        "publish": True,
+        "rules": rules,
+        "reasons": [r["detail"] for r in rules if not r["passed"]],
+    }
+    lines = gate_lines(gate).splitlines()
+    assert lines[0] == "quality gate: failed (publishing forced by evaluation.gate.force_publish)"
+    assert lines[1:] == [f"  {'pass' if r['passed'] else 'FAIL'}  {r['detail']}" for r in rules]
+    assert lines[2] == (
+        "  FAIL  empty answers: tuned 100.0% vs base 0.0%; must be at most 5.0% and not above base"
+    )
+    report = {"rows": 30, "capped_at": None, "metrics": {}, "curves": {}, "samples": []}
+    page = html_report.render({**report, "gate": gate}, job_id="j")
+    assert "<span class=fail>failed</span>" in page and "publishing was forced" in page
+    assert (
+        "<li class=fail data-rule='empty_share'>FAIL: empty answers: tuned 100.0% vs base 0.0%; "
+        "must be at most 5.0% and not above base</li>"
+    ) in page
+    assert "<li class=pass data-rule='degenerate_share'>pass: degenerate answers: " in page

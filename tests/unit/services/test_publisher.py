@@ -6,7 +6,8 @@ from safetensors.torch import save_file
 
 from services.publisher import cmi, export
 from services.publisher.handler import handle
-from shared.errors import PreflightError
+from shared.errors import PreflightError, SpecError
+from shared.jobspec import parse_spec
 
 
 def test_publishes_merged_model_and_registers_it(published):
@@ -175,3 +176,214 @@ def test_export_ships_special_tokens_map_and_the_sentencepiece_model(tiny_model,
     assert (out / "spiece.model").read_bytes() == b"sentencepiece model bytes"
     tokens = json.loads((out / "special_tokens_map.json").read_text())
     assert tokens["eos_token"] == "</s>" and tokens["pad_token"] == "<pad>"
+
+
+def _edit_json(path, **changes):
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def test_tiny_model_has_a_head_count_bedrock_imports(tiny_model):
+    assert json.loads((tiny_model / "config.json").read_text())["num_heads"] % 4 == 0
+
+
+def test_preflight_refuses_flan_t5_small_head_count(model_copy):
+    # flan-t5-small's shape: the AWS sample says it does not import.
+    _edit_json(model_copy / "config.json", d_model=512, d_kv=64, num_heads=6, num_layers=8)
+    with pytest.raises(PreflightError) as caught:
+        cmi.preflight(model_copy)
+    assert caught.value.rule == "t5-attention-heads"
+    assert str(caught.value).startswith(
+        "t5-attention-heads: num_heads 6 is not a multiple of 4: Bedrock shards a T5 model's "
+        "attention heads across GPUs"
+    )
+    _edit_json(model_copy / "config.json", num_heads=16)  # flan-t5-large's
+    assert cmi.preflight(model_copy)["model_type"] == "t5"
+
+
+def test_preflight_names_the_missing_tokenizer_model_file(model_copy):
+    assert cmi.preflight(model_copy, tokenizer_files=[])["rules"] == list(cmi.RULES)
+    with pytest.raises(PreflightError, match="required-files: spiece.model is missing") as caught:
+        cmi.preflight(model_copy, tokenizer_files=["spiece.model"])
+    assert caught.value.rule == "required-files"
+
+
+def test_preflight_refuses_weights_below_the_top_level(model_copy):
+    (model_copy / "weights").mkdir()
+    (model_copy / "model.safetensors").rename(model_copy / "weights" / "model.safetensors")
+    with pytest.raises(
+        PreflightError,
+        match=r"safetensors-weights: no \*\.safetensors at the top of .* "
+        r"\(found \['weights/model\.safetensors'\]\)",
+    ) as caught:
+        cmi.preflight(model_copy)
+    assert caught.value.rule == "safetensors-weights"
+
+
+def test_preflight_refuses_an_index_naming_a_missing_shard(model_copy):
+    (model_copy / "model.safetensors").rename(model_copy / "model-00001-of-00002.safetensors")
+    shards = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
+    (model_copy / "model.safetensors.index.json").write_text(json.dumps({"weight_map": shards}))
+    with pytest.raises(
+        PreflightError,
+        match=r"safetensors-weights: model\.safetensors\.index\.json lists shards missing "
+        r"from the folder: \['model-00002-of-00002\.safetensors'\]",
+    ):
+        cmi.preflight(model_copy)
+
+
+def test_preflight_refuses_unmerged_lora_tensors(model_copy):
+    import torch
+
+    (model_copy / "model.safetensors").unlink()
+    tensors = {
+        "encoder.q.base_layer.weight": torch.zeros(2),
+        "encoder.q.lora_A.weight": torch.zeros(2),
+    }
+    save_file(tensors, model_copy / "model.safetensors")
+    with pytest.raises(
+        PreflightError,
+        match=r"merged-weights: 2 unmerged LoRA tensors \(e\.g\. encoder\.q\.base_layer\.weight\): "
+        r"merge_and_unload\(\) first",
+    ):
+        cmi.preflight(model_copy)
+
+
+def test_preflight_refuses_a_quantized_config(model_copy):
+    _edit_json(model_copy / "config.json", quantization_config={"quant_method": "bitsandbytes"})
+    with pytest.raises(
+        PreflightError,
+        match="unquantized-weights: config.json has a bitsandbytes quantization_config; "
+        "export the merged model unquantized",
+    ):
+        cmi.preflight(model_copy)
+
+
+def test_preflight_accepts_only_the_causal_lm_architectures_of_qwen3(model_copy):
+    config = model_copy / "config.json"
+    _edit_json(config, model_type="qwen3", architectures=["Qwen3ForSequenceClassification"])
+    with pytest.raises(
+        PreflightError,
+        match=r"supported-architecture: architectures \['Qwen3ForSequenceClassification'\] of "
+        r"model_type 'qwen3': Bedrock imports only Qwen3ForCausalLM",
+    ):
+        cmi.preflight(model_copy)
+    _edit_json(config, model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"])
+    assert cmi.preflight(model_copy)["model_type"] == "qwen3_moe"
+
+
+def test_preflight_refuses_a_tokenizer_class_bedrock_does_not_accept(model_copy):
+    _edit_json(model_copy / "tokenizer_config.json", tokenizer_class="BertTokenizer")
+    with pytest.raises(
+        PreflightError,
+        match="tokenizer-class: tokenizer_class 'BertTokenizer' in tokenizer_config.json is not "
+        "one Bedrock accepts",
+    ):
+        cmi.preflight(model_copy)
+
+
+def test_preflight_refuses_a_tokenizer_config_transformers_4_51_cannot_read(model_copy):
+    _edit_json(model_copy / "tokenizer_config.json", extra_special_tokens=["<x>"])
+    with pytest.raises(
+        PreflightError,
+        match=r"tokenizer-config: extra_special_tokens is a list; transformers 4\.51\.3",
+    ):
+        cmi.preflight(model_copy)
+
+
+def test_preflight_refuses_a_context_over_128k(model_copy):
+    _edit_json(model_copy / "config.json", max_position_embeddings=128 * 1024)
+    cmi.preflight(model_copy)  # Llama 3.1's 131072 imports
+    _edit_json(model_copy / "config.json", max_position_embeddings=256 * 1024)
+    with pytest.raises(
+        PreflightError,
+        match=r"context-length: 262144 tokens; Bedrock imports at most 128K \(131072\)",
+    ):
+        cmi.preflight(model_copy)
+
+
+def test_preflight_refuses_200_gb(model_copy, monkeypatch):
+    size = sum(p.stat().st_size for p in model_copy.iterdir())
+    monkeypatch.setattr(cmi, "MAX_BYTES", size)
+    with pytest.raises(
+        PreflightError, match=f"model-size: {size} bytes; the limit is under 200 GB"
+    ):
+        cmi.preflight(model_copy)
+
+
+def test_preflight_refuses_gpt_oss_outside_us_east_1(model_copy):
+    _edit_json(
+        model_copy / "config.json", model_type="gpt_oss", architectures=["GptOssForCausalLM"]
+    )
+    with pytest.raises(
+        PreflightError, match="region: GPT-OSS models import only in us-east-1, not us-west-2"
+    ):
+        cmi.preflight(model_copy, region="us-west-2")
+    assert cmi.preflight(model_copy, region="us-east-1")["region"] == "us-east-1"
+    assert cmi.preflight(model_copy)["model_type"] == "gpt_oss"  # region not known: local
+
+
+@pytest.mark.parametrize("char", ["#", "=", "+", " "])
+def test_import_refuses_s3_keys_with_characters_bedrock_rejects(char):
+    with pytest.raises(
+        PreflightError,
+        match=r"s3-key-characters: S3 key 'b/m/a.+\.json' holds characters the import refuses "
+        r".*no '#', '=', '\+' or spaces",
+    ) as caught:
+        cmi.check_import("job", "model", "t0ken", "s3://b/m/", [f"a{char}b.json"])
+    assert caught.value.rule == "s3-key-characters"
+
+
+def test_import_names_must_match_the_api_patterns():
+    with pytest.raises(
+        PreflightError, match=r"import-names: jobName '-job' does not match \[a-zA-Z0-9\]"
+    ):
+        cmi.check_import("-job", "model", "t0ken", "s3://b/m/", [])
+    with pytest.raises(PreflightError, match="import-names: importedModelName 'm{64}' must be"):
+        cmi.check_import("job", "m" * 64, "t0ken", "s3://b/m/", [])
+
+
+def _publish_as(published, job_id, **publish):
+    ctx, cmd, _ = published
+    data = ctx.spec(cmd).model_dump(mode="json")
+    data["publish"] = {**data["publish"], **publish}
+    uri = ctx.jobs.create(job_id, parse_spec(data))
+    return ctx, cmd.model_copy(update={"job_id": job_id, "spec_uri": uri})
+
+
+def test_publishing_over_a_taken_name_is_refused_unless_overwrite(published, monkeypatch):
+    ctx, first = _publish_as(published, "name-1", model_name="taken-name")
+    handle(first, ctx)
+    old = ctx.jobs.model("taken-name")
+    ctx, second = _publish_as(published, "name-2", model_name="taken-name")
+    monkeypatch.setattr(export, "merge", _must_not_run)  # refused before any work
+    with pytest.raises(SpecError) as caught:
+        handle(second, ctx)
+    assert str(caught.value) == (
+        "field 'publish.model_name': a model named 'taken-name' is already published by job "
+        f"name-1 ({old['location']}); set publish.overwrite: true to replace it, or choose "
+        "another publish.model_name"
+    )
+    assert ctx.jobs.model("taken-name") == old
+    monkeypatch.undo()
+    ctx, third = _publish_as(published, "name-3", model_name="taken-name", overwrite=True)
+    handle(third, ctx)
+    entry = ctx.jobs.model("taken-name")
+    assert entry["job_id"] == "name-3"
+    assert entry["replaced"]["job_id"] == "name-1"
+    assert entry["replaced"]["location"] == old["location"]
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("merged a model whose name is taken")
+
+
+def test_the_registry_keeps_a_name_for_its_first_job(ctx):
+    ctx.jobs.register_model("terms", {"job_id": "a", "location": "file:///a"})
+    ctx.jobs.register_model("terms", {"job_id": "a", "location": "file:///a2"})  # its retry
+    with pytest.raises(SpecError, match="a model named 'terms' is already published by job a"):
+        ctx.jobs.register_model("terms", {"job_id": "b", "location": "file:///b"})
+    assert ctx.jobs.model("terms")["location"] == "file:///a2"
+    ctx.jobs.register_model("terms", {"job_id": "b", "location": "file:///b"}, overwrite=True)
+    assert ctx.jobs.model("terms")["job_id"] == "b"

@@ -15,7 +15,9 @@ def test_defaults_are_the_notebook_recipe():
     assert spec.dataset.prompt_template == "What is {page_title}"
     assert spec.dataset.target_template == "{page_text}"
     assert spec.dataset.test_size == 0.3
-    assert spec.dataset.max_target_length == 512
+    assert spec.dataset.max_target_length == "auto"  # the p99 under the notebook's 512
+    assert spec.dataset.max_target_length_cap == 512
+    assert (spec.dataset.max_rows, spec.dataset.sample) == (None, "random")
     lora = spec.training.lora
     assert (lora.r, lora.alpha, lora.dropout, lora.target_modules) == (64, 16, 0.1, "all-linear")
     assert spec.training.batch_size == 1
@@ -33,6 +35,17 @@ def test_every_field_is_documented():
                 walk(annotation)
 
     walk(JobSpec)
+
+
+def test_token_lengths_are_auto_or_a_number_in_range():
+    with pytest.raises(
+        SpecError,
+        match=r"field 'dataset.max_source_length': Value error, must be \"auto\" or a number "
+        r"of tokens from 8 to 8192, not 1000000000",
+    ):
+        parse_spec({"name": "x1", "dataset": {"max_source_length": 10**9}})
+    spec = parse_spec({"name": "x1", "dataset": {"max_source_length": 64}})
+    assert (spec.dataset.max_source_length, spec.dataset.max_target_length) == (64, "auto")
 
 
 def test_unknown_field_is_named():
@@ -82,4 +95,4 @@ def test_readme_spec_reference_is_current():
 
     readme = (ROOT / "README.md").read_text()
     assert rendered(readme) == readme, "run `make docs` to regenerate the spec reference"
-    assert "| `evaluation.gate.min_rouge_l_gain` |" in readme
+    assert "| `evaluation.gate.primary_metric` |" in readme and "| `decoding.top_p` |" in readme
