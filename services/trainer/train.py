@@ -91,6 +91,9 @@ def train(
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # progress goes to events, not stdout
+    finished = finished_state(resume_from)
+    if finished is not None:
+        return _restore_finished(trainer, finished, resume_from)
     try:
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except torch.OutOfMemoryError as exc:
@@ -102,6 +105,40 @@ def train(
         "runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
         "examples_per_s": result.metrics.get("train_samples_per_second"),
         "log_history": trainer.state.log_history,
+        "is_main": trainer.is_world_process_zero(),
+    }
+
+
+def finished_state(checkpoint: Path | None) -> Any:
+    """The TrainerState of a checkpoint taken at the last step, else None.
+
+    The Trainer resumed from such a checkpoint trains one step more than asked (it starts
+    another epoch before it checks the step count), so a worker killed between storing
+    the last checkpoint and recording the stage takes the checkpoint as the result.
+    """
+    from transformers import TrainerState
+
+    state_file = checkpoint / "trainer_state.json" if checkpoint else None
+    if state_file is None or not state_file.is_file():
+        return None
+    state = TrainerState.load_from_json(str(state_file))
+    return state if state.max_steps > 0 and state.global_step >= state.max_steps else None
+
+
+def _restore_finished(trainer: Any, state: Any, checkpoint: Path) -> dict[str, Any]:
+    """The adapter weights of a finished checkpoint loaded in place; the run's summary."""
+    from peft import load_peft_weights, set_peft_model_state_dict
+
+    set_peft_model_state_dict(trainer.model, load_peft_weights(str(checkpoint)))
+    trainer.state = state
+    losses = [e["loss"] for e in state.log_history if "loss" in e]
+    return {
+        "steps": state.global_step,
+        "max_steps": state.max_steps,
+        "train_loss": sum(losses) / len(losses) if losses else None,
+        "runtime_s": 0.0,
+        "examples_per_s": None,
+        "log_history": state.log_history,
         "is_main": trainer.is_world_process_zero(),
     }
 

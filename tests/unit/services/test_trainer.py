@@ -249,3 +249,30 @@ def test_ranks_stop_as_lost_when_the_worker_is_gone(tmp_path):
     assert alive() is None
     (files.folder / "stop").write_text("cancel")
     assert alive() == "cancel"
+
+
+def test_a_crash_after_the_last_checkpoint_resumes_without_training_more(ctx, prepared):
+    def crash_once_the_final_checkpoint_is_stored(data, *, force=False):
+        if data.get("phase") == "checkpoint stored" and data["step"] == 6:
+            raise RuntimeError("killed after the last checkpoint")
+
+    with pytest.raises(RuntimeError, match="killed after the last checkpoint"):
+        _run(ctx, prepared, crash_once_the_final_checkpoint_is_stored)
+    assert ctx.jobs.manifest("job-1", "train") is None
+    event = _run(ctx, prepared, lambda data, *, force=False: None)
+    manifest = ctx.jobs.manifest("job-1", "train")
+    assert manifest["resumed_from_step"] == 6
+    assert event.steps == manifest["steps"] == manifest["max_steps"] == 6
+    log = ctx.store.get_json(ctx.store.key_of(manifest["log"]))
+    assert [e["step"] for e in log if "loss" in e] == [1, 2, 3, 4, 5, 6]
+    # the stored adapter is the checkpoint's, not a fresh initialisation
+    from safetensors.torch import load_file
+
+    def tensors(key):
+        return load_file(ctx.store.path(key))
+
+    prefix = "jobs/job-1/train"
+    stored = tensors(f"{prefix}/adapter/adapter_model.safetensors")
+    saved = tensors(f"{prefix}/checkpoints/step-00000006/adapter_model.safetensors")
+    assert stored.keys() == saved.keys()
+    assert all(torch.equal(stored[k], saved[k]) for k in stored)
