@@ -10,9 +10,10 @@ from rich.console import Console
 from rich.table import Table
 
 from services.cli.client import Client
+from shared.jobs import ENDED
 from shared.messages import STAGES
 
-TERMINAL = ("succeeded", "failed", "rejected", "cancelled")
+TERMINAL = ENDED
 console = Console(highlight=False)
 
 

@@ -23,6 +23,21 @@ def test_estimate_prepares_the_data_here_and_prices_it(tmp_path, tiny_model, mon
     assert rows > 100
     assert result["training"]["optimizer_steps"] == math.ceil(rows / 4) * 2
     assert result["training"]["price_per_hour_usd"] == 1.212
+    assert not (tmp_path / "var" / "store" / "jobs").exists()  # an estimate records no job
+
+
+def test_a_stage_run_here_leaves_the_job_paused_not_running(tmp_path, tiny_model, monkeypatch):
+    from shared.jobs import JobRecords
+    from shared.settings import Settings
+    from shared.store import open_store
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TERMTUNE_VAR_DIR", str(tmp_path / "var"))
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec_dict(tiny_model, name="here")))
+    assert main(["prepare", "job.yaml"]) == 0
+    job = JobRecords(open_store(Settings())).summary("here-local")
+    assert job["status"] == "paused"
+    assert job["next"] == "termtune train SPEC --job here-local"
 
 
 def test_errors_are_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
