@@ -94,3 +94,27 @@ def test_follow_prints_lines_in_a_log(monkeypatch, capsys):
     job = display.follow(_FakeClient(jobs), "j-1", poll=0.01, bars=False)
     assert job["status"] == "succeeded"
     assert "[train] step 1/2" in capsys.readouterr().out
+
+
+def test_follow_lines_one_per_step_with_validation_loss_and_the_end_last(monkeypatch, capsys):
+    from services.cli import display
+
+    step = {"step": 4, "total_steps": 8, "loss": 2.5, "eval_loss": 2.75, "eta_s": 30.4}
+    stored = {**step, "phase": "checkpoint stored"}
+    last = {**step, "step": 8, "eta_s": 0.0}
+    jobs = [
+        _job("running", {"status": "running", "progress": step}),
+        _job("running", {"status": "running", "progress": step}),  # nothing new: no line
+        _job("running", {"status": "running", "progress": stored}),
+        _job("succeeded", {"status": "succeeded", "progress": last}, "succeeded"),
+    ]
+    display.follow(_FakeClient(jobs), "j-1", poll=0.01, bars=False)
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
+    train = [line for line in lines if "[train]" in line or line.startswith("train")]
+    assert train == [
+        "train running",
+        "[train] step 4/8 loss 2.500 val loss 2.750 eta 30s",
+        "[train] checkpoint stored at step 4",
+        "[train] step 8/8 loss 2.500 val loss 2.750 eta 0s",
+        "train succeeded",
+    ]
