@@ -39,6 +39,11 @@ def job_prefix(job_id: str) -> str:
     return f"jobs/{job_id}"
 
 
+#: every status a job can have, and those it ends in ("paused": a stage run in-process
+#: finished and the next one waits for `termtune <stage> SPEC --job ID`)
+JOB_STATUSES = ("queued", "running", "paused", "succeeded", "failed", "rejected", "cancelled")
+ENDED = ("succeeded", "failed", "rejected", "cancelled")
+
 #: the event that records each stage's success
 OUTCOMES = {
     "prepare": "DatasetPrepared",
@@ -111,6 +116,10 @@ class JobRecords:
         """The stage's recorded success (since the last retry), if it has one."""
         kind = OUTCOMES[stage]
         return next((e for e in self.since_retry(job_id) if e.type == kind), None)
+
+    def cancelled(self, job_id: str) -> bool:
+        """Whether the job was recorded as cancelled (since the last retry)."""
+        return any(e.type == "JobCancelled" for e in self.since_retry(job_id))
 
     def started(self, job_id: str, stage: str) -> bool:
         """Whether the stage was started (since the last retry)."""
@@ -236,6 +245,9 @@ def summarize(job_id: str, spec: JobSpec, events: list[Message]) -> dict[str, An
         if event.type == "CancelRequested":  # type: ignore[attr-defined]
             job["cancel_requested"] = True
             continue
+        if event.type == "JobPaused":  # type: ignore[attr-defined]
+            job.update(status="paused", next=data["next"])
+            continue
         if event.type == "JobRetried":  # type: ignore[attr-defined]
             # The failure is history: stages from the resumed one on start over.
             for name in STAGES[STAGES.index(stage) :]:
@@ -253,18 +265,22 @@ def summarize(job_id: str, spec: JobSpec, events: list[Message]) -> dict[str, An
                 attempt=data["attempt"],
                 worker=data["worker"],
             )
-            job["status"] = "running" if job["status"] == "queued" else job["status"]
+            if job["status"] in ("queued", "paused"):
+                job["status"] = "running"
+                job.pop("next", None)
         elif kind == "StageProgress":
             view["progress"] = data["progress"]
         elif kind == "JobCancelled":
             view.update(status="cancelled", finished_at=data["created_at"])
             job["status"] = "cancelled"
+            _skip_after(stages, stage)
         elif kind == "StageFailed":
             view.update(status="failed", finished_at=data["created_at"], error=data["error"])
             job.update(
                 status="failed",
                 error={"stage": stage, "reason": data["error"], "type": data["error_type"]},
             )
+            _skip_after(stages, stage)
         else:
             view.update(
                 status="succeeded", finished_at=data["created_at"], manifest=data["manifest"]
@@ -282,3 +298,10 @@ def summarize(job_id: str, spec: JobSpec, events: list[Message]) -> dict[str, An
                 job["status"] = "succeeded"
     job["stages"] = stages
     return job
+
+
+def _skip_after(stages: dict[str, dict[str, Any]], stage: str) -> None:
+    """The stages after one that ended the job will not run: they say so."""
+    for name in STAGES[STAGES.index(stage) + 1 :]:
+        if stages[name]["status"] == "pending":
+            stages[name]["status"] = "skipped"

@@ -192,6 +192,11 @@ class TrainingSpec(_Section):
     group_by_length: bool = Field(True, description="Batch examples of similar length.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
     logging_steps: int = Field(10, ge=1, description="Optimizer steps between loss records.")
+    validation_every_steps: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(
+        "auto",
+        description="Optimizer steps between validation-loss passes (when the dataset has a "
+        'validation split). "auto": about 10 passes a run, whatever its length.',
+    )
     checkpoint_every_steps: int = Field(
         200, ge=1, description="Store a resumable checkpoint every N optimizer steps."
     )

@@ -199,6 +199,15 @@ class JobRetried(Event):
     stage: Stage
 
 
+class JobPaused(Event):
+    """A stage run in-process (``termtune prepare|train|evaluate``) finished; the job waits
+    for its next stage to be run the same way."""
+
+    type: Literal["JobPaused"] = "JobPaused"
+    stage: Stage
+    next: str = Field(description="The command that runs the next stage.")
+
+
 AnyMessage = Annotated[
     Union[  # noqa: UP007 - a discriminated union reads best spelled out
         PrepareDataset,
@@ -216,6 +225,7 @@ AnyMessage = Annotated[
         CancelRequested,
         JobCancelled,
         JobRetried,
+        JobPaused,
     ],
     Field(discriminator="type"),
 ]

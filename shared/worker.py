@@ -28,6 +28,7 @@ from shared.errors import Cancelled, Interrupted, MessageError, PermanentError
 from shared.jobs import JobRecords
 from shared.jobspec import JobSpec, parse_spec
 from shared.leases import Lease, LeaseKeeper
+from shared.lifetime import end_with_launcher
 from shared.messages import (
     STAGE_OF_COMMAND,
     Command,
@@ -119,6 +120,8 @@ def run_stage(
     """
     stage = STAGE_OF_COMMAND[command.type]  # type: ignore[attr-defined]
     jobs = ctx.jobs
+    if jobs.cancel_requested(command.job_id) and jobs.cancelled(command.job_id):
+        return JobCancelled(job_id=command.job_id, stage=stage)  # recorded when cancelled
     jobs.record(
         StageStarted(job_id=command.job_id, stage=stage, worker=ctx.worker, attempt=attempt)
     )
@@ -389,5 +392,6 @@ def run_service(
     )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop.set())
+    end_with_launcher()
     worker.run()
     return 0

@@ -17,6 +17,7 @@ from services.api.routes import estimate, health, jobs, metrics, models, web
 from shared.bus import Bus
 from shared.errors import BedrockError, PermanentError, TermtuneError
 from shared.jobs import JobRecords
+from shared.lifetime import end_with_launcher
 from shared.reconciler import Reconciler
 from shared.settings import ApiSettings
 from shared.store import open_store
@@ -91,6 +92,7 @@ def main() -> int:
     import uvicorn
 
     settings = ApiSettings()
+    end_with_launcher()
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s api %(levelname)s %(name)s: %(message)s",

@@ -10,7 +10,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-from shared.jobs import JobRecords
+from shared.jobs import JOB_STATUSES, JobRecords
 
 Scope = dict[str, Any]
 
@@ -84,7 +84,7 @@ class _JobsCollector:
             status = self.jobs.summary(job_id)["status"]
             counts[status] = counts.get(status, 0) + 1
         jobs = GaugeMetricFamily("termtune_jobs", "Jobs by status.", labels=["status"])
-        for status in ("queued", "running", "succeeded", "failed", "rejected", "cancelled"):
+        for status in JOB_STATUSES:
             jobs.add_metric([status], counts.get(status, 0))
         yield jobs
         models = GaugeMetricFamily("termtune_published_models", "Published models.")

@@ -12,8 +12,10 @@ import httpx
 
 from shared.errors import NotFound, SpecError, TermtuneError
 
-DEFAULT_URL = "http://127.0.0.1:8000"
-KEY_FILE = Path("var/run/api_key")
+
+def default_url() -> str:
+    """The embedded control plane: this machine, on TERMTUNE_PORT (8000 if unset)."""
+    return f"http://127.0.0.1:{os.environ.get('TERMTUNE_PORT') or 8000}"
 
 
 class ApiError(TermtuneError):
@@ -26,7 +28,7 @@ class Client:
     def __init__(
         self, url: str | None = None, api_key: str | None = None, timeout: float = 120.0
     ) -> None:
-        url = url or os.environ.get("TERMTUNE_API_URL", DEFAULT_URL)
+        url = url or os.environ.get("TERMTUNE_API_URL") or default_url()
         key = api_key or os.environ.get("TERMTUNE_API_KEY") or _key_from_file()
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)

@@ -10,19 +10,30 @@ from rich.console import Console
 from rich.table import Table
 
 from services.cli.client import Client
+from shared.jobs import ENDED
 from shared.messages import STAGES
 
-TERMINAL = ("succeeded", "failed", "rejected", "cancelled")
+TERMINAL = ENDED
 console = Console(highlight=False)
 
 
+def _losses(progress: dict[str, Any]) -> str:
+    """ " loss 1.234 val loss 1.456" from the figures that are there."""
+    return "".join(
+        f" {label} {progress[key]:.3f}"
+        for key, label in (("loss", "loss"), ("eval_loss", "val loss"))
+        if isinstance(progress.get(key), (int, float))
+    )
+
+
 def _progress_line(stage: str, progress: dict[str, Any]) -> str:
-    if "step" in progress:
-        loss = progress.get("loss")
-        loss_text = f" loss {loss:.3f}" if isinstance(loss, (int, float)) else ""
+    if progress.get("phase") == "checkpoint stored":
+        return f"  [{stage}] checkpoint stored at step {progress['step']}"
+    if "total_steps" in progress:
+        eta = progress.get("eta_s")
         return (
-            f"  [{stage}] step {progress['step']}/{progress.get('total_steps', '?')}"
-            f"{loss_text} eta {progress.get('eta_s', '?')}s"
+            f"  [{stage}] step {progress['step']}/{progress['total_steps']}{_losses(progress)}"
+            + (f" eta {eta:.0f}s" if isinstance(eta, (int, float)) else "")
         )
     return f"  [{stage}] " + ", ".join(f"{k} {v}" for k, v in progress.items() if k != "plan")
 
@@ -57,15 +68,20 @@ def _follow_lines(client: Client, job_id: str, *, deadline: float, poll: float) 
         for stage in STAGES:
             view = job["stages"][stage]
             state = (view["status"], view.get("progress"))
-            if seen.get(stage) != state:
-                if seen.get(stage, (None,))[0] != view["status"]:
-                    console.print(
-                        f"[bold]{stage:>9}[/bold] {view['status']}"
-                        + (f": {view['error']}" if view.get("error") else "")
-                    )
-                if view.get("progress") and state[1] != (seen.get(stage) or (None, None))[1]:
-                    console.print(_progress_line(stage, view["progress"]), markup=False)
-                seen[stage] = state
+            before = seen.get(stage, (None, None))
+            if before == state:
+                continue
+            ended = view["status"] not in ("pending", "running")
+            if ended and view.get("progress") and state[1] != before[1]:
+                console.print(_progress_line(stage, view["progress"]), markup=False)
+            if before[0] != view["status"]:
+                console.print(
+                    f"[bold]{stage:>9}[/bold] {view['status']}"
+                    + (f": {view['error']}" if view.get("error") else "")
+                )
+            if not ended and view.get("progress") and state[1] != before[1]:
+                console.print(_progress_line(stage, view["progress"]), markup=False)
+            seen[stage] = state
         if _ended(job, job_id, deadline, "the timeout"):
             return job
         time.sleep(poll)
@@ -77,9 +93,9 @@ def _bar_state(view: dict[str, Any]) -> tuple[float | None, float, str]:
     info, total, completed = view["status"], None, 0.0
     if "total_steps" in progress:
         total, completed = progress["total_steps"], progress.get("step", 0)
-        loss = progress.get("loss")
-        if isinstance(loss, (int, float)):
-            info += f" · loss {loss:.3f}"
+        for key, label in (("loss", "loss"), ("eval_loss", "val loss")):
+            if isinstance(progress.get(key), (int, float)):
+                info += f" · {label} {progress[key]:.3f}"
         if progress.get("eta_s") is not None:
             info += f" · ETA {progress['eta_s']:.0f}s"
         if progress.get("examples_per_s"):

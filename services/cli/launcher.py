@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.errors import TermtuneError
+from shared.lifetime import PARENT_ENV
 from shared.settings import Settings
 from shared.worker import check_health
 
@@ -48,19 +49,27 @@ class Launcher:
         """Where the control plane listens."""
         return f"http://127.0.0.1:{self.port}"
 
-    def service_env(self) -> dict[str, str]:
-        """The environment every service process gets."""
+    def api_key(self) -> str:
+        """The deployment's API key (var/run/api_key), made on first use, readable by its owner
+        only from the moment it exists."""
         key_file = self.run_dir / "api_key"
         if not key_file.exists():
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            key_file.write_text(secrets.token_urlsafe(24))
-            key_file.chmod(0o600)
+            with contextlib.suppress(FileExistsError):
+                fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(secrets.token_urlsafe(24))
+        return key_file.read_text().strip()
+
+    def service_env(self) -> dict[str, str]:
+        """The environment every service process gets."""
         return {
             **os.environ,
             "TERMTUNE_VAR_DIR": str(self.var_dir),
             "TERMTUNE_PORT": str(self.port),
-            "TERMTUNE_API_KEY": key_file.read_text().strip(),
+            "TERMTUNE_API_KEY": self.api_key(),
             "PYTHONUNBUFFERED": "1",
+            PARENT_ENV: str(os.getpid()),
             **self.env,
         }
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -23,10 +25,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="start the services, run a job end to end, stop")
     run.add_argument("spec", type=Path)
-    run.add_argument("--port", type=int, default=8000)
+    run.add_argument("--port", type=int, default=None, help="default: TERMTUNE_PORT or 8000")
     run.add_argument("--prompt", default=None, help="question for the published model")
     up = sub.add_parser("up", help="start the services in the foreground (Ctrl-C stops)")
-    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--port", type=int, default=None, help="default: TERMTUNE_PORT or 8000")
     up.add_argument("--trainers", type=int, default=1, help="competing trainer processes")
     sub.add_parser("down", help="stop services a `termtune up` left running")
     submit = sub.add_parser("submit", help="submit a job spec")
@@ -84,20 +86,31 @@ def _ensure_model(spec_path: Path) -> None:
         ensure_tiny_t5(TINY_MODEL_DIR, data_file=SAMPLE_DATA)
 
 
+def _launcher(port: int | None) -> Any:
+    """A launcher on TERMTUNE_VAR_DIR and the given port (else TERMTUNE_PORT); SIGTERM and
+    SIGHUP stop it as Ctrl-C does, so every service it starts is stopped with it."""
+    from services.cli.launcher import Launcher
+    from shared.settings import ApiSettings
+
+    settings = ApiSettings()
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.default_int_handler)
+    return Launcher(var_dir=settings.var_dir, port=port or settings.port)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from services.cli import display
     from services.cli.client import Client
-    from services.cli.launcher import Launcher
 
     spec = _raw_spec(args.spec)
     _ensure_model(args.spec)
-    launcher = Launcher(port=args.port)
+    launcher = _launcher(args.port)
     started = time.monotonic()
     display.console.print(f"starting api and workers (logs in {launcher.log_dir})")
     launcher.start()
     try:
         launcher.wait_ready()
-        client = Client(launcher.url)
+        client = Client(launcher.url, api_key=launcher.api_key())
         job = client.submit(spec)
         display.console.print(f"submitted job {job['id']}")
         job = display.follow(client, job["id"])
@@ -121,9 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from services.cli.launcher import Launcher
-
-    launcher = Launcher(port=args.port)
+    launcher = _launcher(args.port)
     launcher.start(trainers=args.trainers)
     try:
         launcher.wait_ready()
@@ -168,8 +179,10 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
         _ensure_model(args.spec)
         spec = load_spec(args.spec)
-        job_id, _ = run_local("prepare", spec)
-        dataset = JobRecords(open_store(Settings())).manifest(job_id, "prepare") or {}
+        with tempfile.TemporaryDirectory(prefix="termtune-estimate-") as scratch:
+            settings = Settings(var_dir=Path(scratch))  # prepared here; no job is recorded
+            job_id, _ = run_local("prepare", spec, settings=settings)
+            dataset = JobRecords(open_store(settings)).manifest(job_id, "prepare") or {}
         prices = Prices(G5_INSTANCES, BedrockSettings().cmu_price_per_minute)
         result = estimate(
             spec,
@@ -267,3 +280,6 @@ def main(argv: list[str] | None = None) -> int:
     except (TermtuneError, TimeoutError) as exc:
         print(f"termtune: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("termtune: interrupted; every service it started was stopped", file=sys.stderr)
+        return 130

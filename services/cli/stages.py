@@ -9,9 +9,12 @@ from shared.errors import PermanentError, SpecError
 from shared.jobs import JobRecords
 from shared.jobspec import JobSpec
 from shared.messages import (
+    STAGES,
     Command,
     EvaluateModel,
     Event,
+    JobCancelled,
+    JobPaused,
     PrepareDataset,
     PublishModel,
     Stage,
@@ -79,4 +82,8 @@ def run_local(
     event = run_stage(command_for(stage, job_id, spec_uri, jobs), handler, ctx)
     if isinstance(event, StageFailed):
         raise PermanentError(f"{stage} failed: {event.error}")
+    following = STAGES.index(stage) + 1
+    if following < len(STAGES) and not isinstance(event, JobCancelled):
+        nxt = f"termtune {STAGES[following]} SPEC --job {job_id}"
+        jobs.record(JobPaused(job_id=job_id, stage=stage, next=nxt))
     return job_id, event  # type: ignore[return-value]

@@ -34,35 +34,48 @@ class Progress(TrainerCallback):
         self.report, self.examples_per_step = report, examples_per_step
         self.tokens_per_example = tokens_per_example
         self.start, self.first_step = 0.0, 0
+        self.last: dict[str, Any] = {}  # the figures last reported
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
         self.start, self.first_step = time.monotonic(), state.global_step
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
+        """One record a step: the training figures, with the validation loss when the step
+        also validated (the Trainer logs them apart; the first waits for the second)."""
         if not state.is_world_process_zero:
             return
         logs = logs or {}
+        if "eval_loss" in logs:
+            self.last.update(eval_loss=logs["eval_loss"], step=state.global_step)
+        elif "loss" not in logs:
+            return  # the run's closing totals: the last step was reported already
+        else:
+            self.last = self._figures(state, logs)
+            if control.should_evaluate:
+                return  # reported with the validation loss, in a moment
+        self.report(dict(self.last), force=state.global_step >= state.max_steps)
+
+    def _figures(self, state: Any, logs: dict[str, Any]) -> dict[str, Any]:
         elapsed = max(time.monotonic() - self.start, 1e-9)
         done = state.global_step - self.first_step
         examples_s = done * self.examples_per_step / elapsed
-        self.report(
-            {
-                "step": state.global_step,
-                "total_steps": state.max_steps,
-                "epoch": round(state.epoch or 0.0, 3),
-                "loss": logs.get("loss"),
-                "eval_loss": logs.get("eval_loss"),
-                "learning_rate": logs.get("learning_rate"),
-                "examples_per_s": round(examples_s, 2),
-                "tokens_per_s": round(examples_s * self.tokens_per_example, 1),
-                "elapsed_s": round(elapsed, 1),
-                "eta_s": round(
-                    elapsed / max(done, 1) * max(state.max_steps - state.global_step, 0), 1
-                ),
-                "peak_memory_mb": round(peak_memory_mb(), 1),
-            },
-            force=state.global_step >= state.max_steps,  # the last figures always land
-        )
+        return {
+            "step": state.global_step,
+            "total_steps": state.max_steps,
+            "epoch": round(state.epoch or 0.0, 3),
+            "loss": logs.get("loss"),
+            "eval_loss": self.last.get("eval_loss"),  # the latest validation, until the next
+            "learning_rate": logs.get("learning_rate"),
+            "examples_per_s": round(examples_s, 2),
+            "tokens_per_s": round(examples_s * self.tokens_per_example, 1),
+            "elapsed_s": round(elapsed, 1),
+            "eta_s": round(elapsed / max(done, 1) * max(state.max_steps - state.global_step, 0), 1),
+            "peak_memory_mb": round(peak_memory_mb(), 1),
+        }
+
+    def checkpoint_stored(self, step: int) -> None:
+        """Report a stored checkpoint with the latest figures (progress stays whole)."""
+        self.report({**self.last, "phase": "checkpoint stored", "step": step}, force=True)
 
 
 class StoreCheckpoints(TrainerCallback):
@@ -73,9 +86,9 @@ class StoreCheckpoints(TrainerCallback):
     """
 
     def __init__(
-        self, checkpoints: CheckpointStore, *, every_minutes: float, report: Callable[..., None]
+        self, checkpoints: CheckpointStore, *, every_minutes: float, stored: Callable[[int], None]
     ) -> None:
-        self.checkpoints, self.every_s, self.report = checkpoints, every_minutes * 60, report
+        self.checkpoints, self.every_s, self.stored = checkpoints, every_minutes * 60, stored
         self.last = time.monotonic()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
@@ -87,7 +100,7 @@ class StoreCheckpoints(TrainerCallback):
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             self.checkpoints.upload(folder, state.global_step)
-            self.report({"phase": "checkpoint stored", "step": state.global_step}, force=True)
+            self.stored(state.global_step)
         ranks.barrier()
         self.last = time.monotonic()
 

@@ -62,6 +62,11 @@ def fit(
     set_seed(spec.seed)
     model = lora.build_model(job.base_model, spec, plan)
     stop = callbacks.StopOnRequest(should_stop)
+    progress = callbacks.Progress(
+        report,
+        examples_per_step=spec.batch_size * spec.gradient_accumulation_steps * job.processes,
+        tokens_per_example=job.tokens_per_example,
+    )
     output = Path(job.output_dir)
     summary = train.train(
         model,
@@ -73,16 +78,10 @@ def fit(
         output_dir=output / "trainer",
         resume_from=Path(job.resume_from) if job.resume_from else None,
         callbacks=[
-            callbacks.Progress(
-                report,
-                examples_per_step=spec.batch_size
-                * spec.gradient_accumulation_steps
-                * job.processes,
-                tokens_per_example=job.tokens_per_example,
-            ),
+            progress,
             callbacks.StoreCheckpoints(
                 CheckpointStore(store, job.checkpoints_prefix),
-                report=report,
+                stored=progress.checkpoint_stored,
                 every_minutes=spec.checkpoint_every_minutes,
             ),
             stop,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,32 @@ def to_dataset(table: pa.Table) -> Any:
     return datasets.Dataset(table.select(["input_ids", "labels"]))
 
 
+#: validation passes a run when ``validation_every_steps`` is "auto"
+VALIDATION_PASSES = 10
+
+
+def planned_steps(spec: TrainingSpec, train_rows: int) -> int:
+    """Optimizer steps the run will take (max_steps, or the epochs over every process)."""
+    if spec.max_steps > 0:
+        return spec.max_steps
+    batches = math.ceil(train_rows / (spec.batch_size * ranks.world_size()))
+    return math.ceil(math.ceil(batches / spec.gradient_accumulation_steps) * spec.epochs)
+
+
+def validation_every(spec: TrainingSpec, train_rows: int) -> int:
+    """Steps between validation passes: the spec's number, or about 10 passes a run."""
+    if spec.validation_every_steps != "auto":
+        return spec.validation_every_steps
+    return max(1, math.ceil(planned_steps(spec, train_rows) / VALIDATION_PASSES))
+
+
 def training_arguments(
-    spec: TrainingSpec, plan: Plan, output_dir: Path, *, evaluate: bool = False
+    spec: TrainingSpec,
+    plan: Plan,
+    output_dir: Path,
+    *,
+    evaluate: bool = False,
+    eval_steps: int | None = None,
 ) -> Any:
     """Seq2SeqTrainingArguments from the spec and the resolved plan."""
     from transformers import Seq2SeqTrainingArguments
@@ -40,7 +65,7 @@ def training_arguments(
         gradient_checkpointing=spec.gradient_checkpointing,
         logging_steps=spec.logging_steps,
         eval_strategy="steps" if evaluate else "no",
-        eval_steps=spec.logging_steps if evaluate else None,
+        eval_steps=eval_steps if evaluate else None,
         per_device_eval_batch_size=spec.batch_size,
         prediction_loss_only=True,
         save_strategy="steps",
@@ -83,7 +108,13 @@ def train(
     )
     trainer = Seq2SeqTrainer(
         model=model,
-        args=training_arguments(spec, plan, output_dir, evaluate=eval_table is not None),
+        args=training_arguments(
+            spec,
+            plan,
+            output_dir,
+            evaluate=eval_table is not None,
+            eval_steps=validation_every(spec, train_table.num_rows),
+        ),
         train_dataset=to_dataset(train_table),
         eval_dataset=to_dataset(eval_table) if eval_table is not None else None,
         data_collator=collator,
@@ -91,17 +122,69 @@ def train(
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # progress goes to events, not stdout
+    finished = finished_state(resume_from)
+    if finished is not None:
+        return _restore_finished(trainer, finished, resume_from)
     try:
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except torch.OutOfMemoryError as exc:
         raise OutOfMemory(out_of_memory_message(spec, plan, exc)) from exc
+    runtime = result.metrics.get("train_runtime", 0.0)
     return {
         "steps": trainer.state.global_step,
         "max_steps": trainer.state.max_steps,
         "train_loss": result.training_loss,
-        "runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
+        "runtime_s": round(runtime, 2),
         "examples_per_s": result.metrics.get("train_samples_per_second"),
+        "validation": validation_summary(trainer.state.log_history, runtime),
         "log_history": trainer.state.log_history,
+        "is_main": trainer.is_world_process_zero(),
+    }
+
+
+def validation_summary(log_history: list[dict[str, Any]], runtime_s: float) -> dict[str, Any]:
+    """Validation passes of a run, their time and its share of the training time."""
+    passes = [e for e in log_history if "eval_loss" in e]
+    seconds = sum(e.get("eval_runtime", 0.0) for e in passes)
+    return {
+        "passes": len(passes),
+        "every_steps": passes[1]["step"] - passes[0]["step"] if len(passes) > 1 else None,
+        "seconds": round(seconds, 2),
+        "share_of_training_time": round(seconds / runtime_s, 4) if runtime_s else None,
+    }
+
+
+def finished_state(checkpoint: Path | None) -> Any:
+    """The TrainerState of a checkpoint taken at the last step, else None.
+
+    The Trainer resumed from such a checkpoint trains one step more than asked (it starts
+    another epoch before it checks the step count), so a worker killed between storing
+    the last checkpoint and recording the stage takes the checkpoint as the result.
+    """
+    from transformers import TrainerState
+
+    state_file = checkpoint / "trainer_state.json" if checkpoint else None
+    if state_file is None or not state_file.is_file():
+        return None
+    state = TrainerState.load_from_json(str(state_file))
+    return state if state.max_steps > 0 and state.global_step >= state.max_steps else None
+
+
+def _restore_finished(trainer: Any, state: Any, checkpoint: Path) -> dict[str, Any]:
+    """The adapter weights of a finished checkpoint loaded in place; the run's summary."""
+    from peft import load_peft_weights, set_peft_model_state_dict
+
+    set_peft_model_state_dict(trainer.model, load_peft_weights(str(checkpoint)))
+    trainer.state = state
+    losses = [e["loss"] for e in state.log_history if "loss" in e]
+    return {
+        "steps": state.global_step,
+        "max_steps": state.max_steps,
+        "train_loss": sum(losses) / len(losses) if losses else None,
+        "runtime_s": 0.0,
+        "examples_per_s": None,
+        "validation": validation_summary(state.log_history, 0.0),
+        "log_history": state.log_history,
         "is_main": trainer.is_world_process_zero(),
     }
 

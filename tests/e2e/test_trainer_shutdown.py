@@ -50,7 +50,7 @@ def _train_dir(tmp_path, job_id):
     return tmp_path / "var" / "store" / "jobs" / job_id / "train"
 
 
-def _wait_for_step(client, job_id, step, timeout=120):
+def _wait_for_step(client, job_id, step, timeout=600):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         progress = client.job(job_id)["stages"]["train"].get("progress") or {}

@@ -11,12 +11,13 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 
 from services.api.deps import BusDep, JobsDep
 from shared.errors import NotFound, SpecError
-from shared.jobs import new_job_id
+from shared.jobs import ENDED, JOB_STATUSES, new_job_id
 from shared.jobspec import parse_spec
 from shared.messages import (
     STAGE_OF_COMMAND,
     STAGES,
     CancelRequested,
+    JobCancelled,
     JobRetried,
     JobSubmitted,
     PrepareDataset,
@@ -25,8 +26,7 @@ from shared.messages import (
 from shared.pipeline import resume_command
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
-JobStatus = Literal["queued", "running", "succeeded", "failed", "rejected", "cancelled"]
-ENDED = ("succeeded", "failed", "rejected", "cancelled")
+JobStatus = Literal[JOB_STATUSES]  # type: ignore[valid-type]
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
@@ -98,7 +98,14 @@ def cancel_job(job_id: str, jobs: JobsDep) -> dict[str, Any]:
         )
     if jobs.request_cancel(job_id):
         jobs.record(CancelRequested(job_id=job_id))
+    if summary["status"] in ("queued", "paused"):  # nothing runs it: cancelled now
+        jobs.record(JobCancelled(job_id=job_id, stage=_next_stage(summary)))
     return jobs.summary(job_id)
+
+
+def _next_stage(summary: dict[str, Any]) -> str:
+    """The first stage of a job that has not succeeded."""
+    return next(s for s in STAGES if summary["stages"][s]["status"] != "succeeded")
 
 
 @router.post("/{job_id}/retry", status_code=status.HTTP_202_ACCEPTED)

@@ -168,22 +168,50 @@ def test_report_page_is_served(app_env):
 
 
 def test_cancel_marks_the_job_and_refuses_ended_jobs(app_env):
+    from shared.messages import JobCancelled, StageStarted
+
     client, _, app = app_env
     job = client.post("/v1/jobs", json={"name": "terms"}).json()
+    app.state.jobs.record(StageStarted(job_id=job["id"], stage="prepare", worker="w"))
     response = client.post(f"/v1/jobs/{job['id']}/cancel")
     assert response.status_code == 202
     assert response.json()["cancel_requested"] is True
+    assert response.json()["status"] == "running"  # the running stage stops itself
     assert app.state.jobs.cancel_requested(job["id"])
     again = client.post(f"/v1/jobs/{job['id']}/cancel")
     assert again.status_code == 202  # idempotent
     events = client.get(f"/v1/jobs/{job['id']}/events").json()["data"]
     assert [e["type"] for e in events].count("CancelRequested") == 1
-    from shared.messages import JobCancelled
 
     app.state.jobs.record(JobCancelled(job_id=job["id"], stage="prepare"))
     ended = client.post(f"/v1/jobs/{job['id']}/cancel")
     assert ended.status_code == 409 and "already ended (cancelled)" in ended.json()["detail"]
     assert client.post("/v1/jobs/nope-1/cancel").status_code == 404
+
+
+def test_cancelling_a_queued_job_ends_it_at_once_and_its_command_runs_nothing(app_env, tmp_path):
+    from services.dataprep.handler import handle
+    from shared.worker import StageContext, run_stage
+
+    client, bus, app = app_env
+    job = client.post("/v1/jobs", json={"name": "terms"}).json()
+    response = client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert response.status_code == 202
+    cancelled = response.json()
+    assert cancelled["status"] == "cancelled"
+    assert cancelled["stages"]["prepare"]["status"] == "cancelled"
+    assert [cancelled["stages"][s]["status"] for s in ("train", "evaluate", "publish")] == [
+        "skipped"
+    ] * 3
+    # the queued command, delivered later, starts nothing and records nothing
+    command = _queued(bus, "dataprep")
+    jobs = app.state.jobs
+    before = len(jobs.events(job["id"]))
+    ctx = StageContext(store=jobs.store, jobs=jobs, settings=app.state.settings)
+    event = run_stage(command, handle, ctx)
+    assert event.type == "JobCancelled"
+    assert len(jobs.events(job["id"])) == before
+    assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 409
 
 
 def _frames(text):

@@ -23,6 +23,21 @@ def test_estimate_prepares_the_data_here_and_prices_it(tmp_path, tiny_model, mon
     assert rows > 100
     assert result["training"]["optimizer_steps"] == math.ceil(rows / 4) * 2
     assert result["training"]["price_per_hour_usd"] == 1.212
+    assert not (tmp_path / "var" / "store" / "jobs").exists()  # an estimate records no job
+
+
+def test_a_stage_run_here_leaves_the_job_paused_not_running(tmp_path, tiny_model, monkeypatch):
+    from shared.jobs import JobRecords
+    from shared.settings import Settings
+    from shared.store import open_store
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TERMTUNE_VAR_DIR", str(tmp_path / "var"))
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec_dict(tiny_model, name="here")))
+    assert main(["prepare", "job.yaml"]) == 0
+    job = JobRecords(open_store(Settings())).summary("here-local")
+    assert job["status"] == "paused"
+    assert job["next"] == "termtune train SPEC --job here-local"
 
 
 def test_errors_are_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
@@ -79,3 +94,27 @@ def test_follow_prints_lines_in_a_log(monkeypatch, capsys):
     job = display.follow(_FakeClient(jobs), "j-1", poll=0.01, bars=False)
     assert job["status"] == "succeeded"
     assert "[train] step 1/2" in capsys.readouterr().out
+
+
+def test_follow_lines_one_per_step_with_validation_loss_and_the_end_last(monkeypatch, capsys):
+    from services.cli import display
+
+    step = {"step": 4, "total_steps": 8, "loss": 2.5, "eval_loss": 2.75, "eta_s": 30.4}
+    stored = {**step, "phase": "checkpoint stored"}
+    last = {**step, "step": 8, "eta_s": 0.0}
+    jobs = [
+        _job("running", {"status": "running", "progress": step}),
+        _job("running", {"status": "running", "progress": step}),  # nothing new: no line
+        _job("running", {"status": "running", "progress": stored}),
+        _job("succeeded", {"status": "succeeded", "progress": last}, "succeeded"),
+    ]
+    display.follow(_FakeClient(jobs), "j-1", poll=0.01, bars=False)
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
+    train = [line for line in lines if "[train]" in line or line.startswith("train")]
+    assert train == [
+        "train running",
+        "[train] step 4/8 loss 2.500 val loss 2.750 eta 30s",
+        "[train] checkpoint stored at step 4",
+        "[train] step 8/8 loss 2.500 val loss 2.750 eta 0s",
+        "train succeeded",
+    ]

@@ -98,7 +98,7 @@ def prepared(ctx, tiny_model):
 
 def _progress_hook(ctx, at_step, action):
     def progress(data, *, force=False):
-        if data.get("step") == at_step and data.get("loss") is not None:
+        if data.get("step") == at_step and "phase" not in data and data.get("loss") is not None:
             action()
 
     return progress
@@ -133,7 +133,7 @@ def test_cancel_stops_within_one_optimizer_step(ctx, prepared):
     steps = []
 
     def progress(data, *, force=False):
-        if data.get("loss") is not None:
+        if data.get("loss") is not None and "phase" not in data:  # a step, not a checkpoint
             steps.append(data["step"])
             if data["step"] == 2:
                 ctx.jobs.request_cancel("job-1")
@@ -210,7 +210,7 @@ def test_two_processes_train_data_parallel_on_gloo(ctx, prepared_two_ranks):
     # Each optimizer step takes one batch of 8 on each process: 16 examples a step.
     rows = ctx.manifest_at(prepared_two_ranks.dataset_manifest)["counts"]["train"]
     assert event.steps == manifest["max_steps"] == math.ceil(rows / 16)
-    losses = [d["step"] for d in seen if d.get("loss") is not None]
+    losses = [d["step"] for d in seen if d.get("loss") is not None and "phase" not in d]
     assert losses == list(range(1, event.steps + 1))
     assert seen[-1 if "loss" in seen[-1] else -2]["examples_per_s"] > 0
     keys = ctx.store.list(ctx.store.key_of(manifest["adapter"]))
@@ -249,3 +249,57 @@ def test_ranks_stop_as_lost_when_the_worker_is_gone(tmp_path):
     assert alive() is None
     (files.folder / "stop").write_text("cancel")
     assert alive() == "cancel"
+
+
+def test_a_crash_after_the_last_checkpoint_resumes_without_training_more(ctx, prepared):
+    def crash_once_the_final_checkpoint_is_stored(data, *, force=False):
+        if data.get("phase") == "checkpoint stored" and data["step"] == 6:
+            raise RuntimeError("killed after the last checkpoint")
+
+    with pytest.raises(RuntimeError, match="killed after the last checkpoint"):
+        _run(ctx, prepared, crash_once_the_final_checkpoint_is_stored)
+    assert ctx.jobs.manifest("job-1", "train") is None
+    event = _run(ctx, prepared, lambda data, *, force=False: None)
+    manifest = ctx.jobs.manifest("job-1", "train")
+    assert manifest["resumed_from_step"] == 6
+    assert event.steps == manifest["steps"] == manifest["max_steps"] == 6
+    log = ctx.store.get_json(ctx.store.key_of(manifest["log"]))
+    assert [e["step"] for e in log if "loss" in e] == [1, 2, 3, 4, 5, 6]
+    # the stored adapter is the checkpoint's, not a fresh initialisation
+    from safetensors.torch import load_file
+
+    def tensors(key):
+        return load_file(ctx.store.path(key))
+
+    prefix = "jobs/job-1/train"
+    stored = tensors(f"{prefix}/adapter/adapter_model.safetensors")
+    saved = tensors(f"{prefix}/checkpoints/step-00000006/adapter_model.safetensors")
+    assert stored.keys() == saved.keys()
+    assert all(torch.equal(stored[k], saved[k]) for k in stored)
+
+
+def test_validation_runs_on_its_own_clock_in_the_step_records(ctx, tiny_model):
+    from services.dataprep.handler import handle as prepare
+    from shared.messages import PrepareDataset, TrainModel
+    from tests.factories import make_spec
+
+    spec = make_spec(
+        tiny_model,
+        dataset={"validation_size": 0.2},
+        training={"max_steps": 30, "logging_steps": 1, "checkpoint_every_steps": 1000},
+    )
+    cmd = PrepareDataset(job_id="job-v", spec_uri=ctx.jobs.create("job-v", spec))
+    train = TrainModel(
+        job_id="job-v", spec_uri=cmd.spec_uri, dataset_manifest=prepare(cmd, ctx).manifest
+    )
+    records = []
+    _run(ctx, train, lambda data, *, force=False: records.append(data))
+    steps = [r for r in records if "total_steps" in r and "phase" not in r]
+    assert [r["step"] for r in steps] == list(range(1, 31))  # one record a step
+    assert all(r["loss"] is not None for r in steps)
+    validated = [r["step"] for r in steps if r["eval_loss"] != (steps[0]["eval_loss"])]
+    assert steps[2]["eval_loss"] is not None and steps[1]["eval_loss"] is None
+    assert validated[0] == 3
+    validation = ctx.jobs.manifest("job-v", "train")["validation"]
+    assert validation["passes"] == 10 and validation["every_steps"] == 3  # "auto": ~10 a run
+    assert 0 < validation["share_of_training_time"] < 1

@@ -1,6 +1,7 @@
 from shared.jobs import JobRecords, new_job_id, summarize
 from shared.jobspec import JobSpec
 from shared.messages import (
+    STAGES,
     DatasetPrepared,
     JobSubmitted,
     ModelEvaluated,
@@ -42,6 +43,42 @@ def test_failure_names_stage_and_reason():
     job = summarize("j", SPEC, events)
     assert job["status"] == "failed"
     assert job["error"] == {"stage": "prepare", "reason": "no column 'x'", "type": "DatasetError"}
+
+
+def test_a_failed_or_cancelled_job_says_its_later_stages_are_skipped():
+    from shared.messages import JobCancelled
+
+    failed = summarize(
+        "j",
+        SPEC,
+        [
+            DatasetPrepared(job_id="j", manifest="m", counts={"train": 7, "test": 3}),
+            StageFailed(job_id="j", stage="train", error="boom", error_type="RuntimeError"),
+        ],
+    )
+    assert [failed["stages"][s]["status"] for s in STAGES] == [
+        "succeeded",
+        "failed",
+        "skipped",
+        "skipped",
+    ]
+    cancelled = summarize("j", SPEC, [JobCancelled(job_id="j", stage="prepare")])
+    assert cancelled["status"] == "cancelled"
+    assert [cancelled["stages"][s]["status"] for s in STAGES[1:]] == ["skipped"] * 3
+
+
+def test_a_stage_run_in_process_pauses_the_job_until_the_next_starts():
+    from shared.messages import JobPaused
+
+    paused = [
+        StageStarted(job_id="j", stage="prepare", worker="w"),
+        DatasetPrepared(job_id="j", manifest="m", counts={"train": 7, "test": 3}),
+        JobPaused(job_id="j", stage="prepare", next="termtune train SPEC --job j"),
+    ]
+    job = summarize("j", SPEC, paused)
+    assert job["status"] == "paused" and job["next"] == "termtune train SPEC --job j"
+    job = summarize("j", SPEC, [*paused, StageStarted(job_id="j", stage="train", worker="w")])
+    assert job["status"] == "running" and "next" not in job
 
 
 def test_gate_rejection_ends_the_job_as_rejected():

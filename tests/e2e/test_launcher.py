@@ -1,0 +1,79 @@
+"""`termtune up` as a user runs it: its settings from the environment, and no service left
+running after it is stopped by a signal or killed outright."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e.test_pipeline import _free_port
+
+pytestmark = pytest.mark.e2e
+TERMTUNE = str(Path(sys.executable).parent / "termtune")
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its new parent to reap it has ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def _up(tmp_path: Path) -> tuple[subprocess.Popen, dict[str, int], dict[str, str]]:
+    """`termtune up` on TERMTUNE_PORT and TERMTUNE_VAR_DIR; once ready, its services' pids."""
+    port, var = _free_port(), tmp_path / "var"
+    env = {**os.environ, "TERMTUNE_PORT": str(port), "TERMTUNE_VAR_DIR": str(var)}
+    env.pop("TERMTUNE_API_URL", None)
+    env.pop("TERMTUNE_API_KEY", None)
+    launcher = subprocess.Popen([TERMTUNE, "up"], env=env, cwd=tmp_path)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        assert launcher.poll() is None, "termtune up exited"
+        if (var / "run" / "pids.json").exists() and len(list(var.glob("run/*.heartbeat"))) == 4:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+        time.sleep(0.5)
+    else:
+        launcher.kill()
+        pytest.fail("termtune up was not ready on TERMTUNE_PORT within 180 s")
+    return launcher, json.loads((var / "run" / "pids.json").read_text()), env
+
+
+def _survivors(pids: dict[str, int], within: float) -> list[str]:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline and any(_alive(p) for p in pids.values()):
+        time.sleep(0.2)
+    return [name for name, pid in pids.items() if _alive(pid)]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_no_service_outlives_termtune_up(tmp_path, sig):
+    launcher, pids, env = _up(tmp_path)
+    try:
+        assert set(pids) == {"api", "dataprep", "trainer", "evaluator", "publisher"}
+        # the client finds the API and its key through the same two settings
+        jobs = subprocess.run([TERMTUNE, "jobs"], env=env, cwd=tmp_path, capture_output=True)
+        assert jobs.returncode == 0, jobs.stderr.decode()
+        launcher.send_signal(sig)
+        code = launcher.wait(timeout=60)
+        assert code == (0 if sig == signal.SIGTERM else -signal.SIGKILL)  # up: stopping is its end
+        assert _survivors(pids, within=45) == []
+    finally:
+        for pid in pids.values():
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if launcher.poll() is None:
+            launcher.kill()
