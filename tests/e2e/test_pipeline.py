@@ -1,12 +1,14 @@
 """The services as separate processes, started by the same launcher as `make run`."""
 
 import socket
+from pathlib import Path
 
 import pytest
 
 from services.cli.client import Client
 from services.cli.display import follow
 from services.cli.launcher import Launcher
+from shared.jobspec import GateSpec
 from tests.factories import spec_dict
 
 pytestmark = pytest.mark.e2e
@@ -109,7 +111,8 @@ def test_cancel_during_training_ends_the_job_cancelled(services, tiny_model):
     done = _run_job_follow(launcher, client, job["id"])
     assert done["status"] == "cancelled"
     assert done["stages"]["train"]["status"] == "cancelled"
-    assert done["stages"]["evaluate"]["status"] == "pending"
+    assert done["stages"]["evaluate"]["status"] == "skipped"
+    assert done["stages"]["publish"]["status"] == "skipped"
     assert all(p.poll() is None for p in launcher.processes.values())
 
 
@@ -119,3 +122,38 @@ def _run_job_follow(launcher, client, job_id):
     except BaseException:
         print(launcher.logs_tail(80))
         raise
+
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+
+
+@pytest.mark.skipif(
+    not SHARED_DATA.is_dir(), reason=f"the public glossaries are not at {SHARED_DATA}"
+)
+def test_a_public_glossary_runs_end_to_end_under_the_default_gate(services, tiny_model):
+    """The CDC Plain Language Thesaurus (891 rows nobody here wrote), the gate's defaults."""
+    launcher, client = services
+    spec = spec_dict(
+        tiny_model,
+        name="cdc-thesaurus",
+        dataset={
+            "source": str(SHARED_DATA / "cdc_plain_language_thesaurus.jsonl"),
+            "prompt_template": "In plain words, {term}",
+            "target_template": "{definition}",
+            "max_target_length": "auto",
+        },
+        training={"max_steps": 60, "logging_steps": 10},
+        evaluation={"max_rows": 48, "gate": GateSpec().model_dump()},  # the defaults
+    )
+    job = _run_job(launcher, client, spec)
+    prepared = job["result"]["prepare"]
+    assert sum(prepared["counts"].values()) == 891 - sum(prepared["dropped"].values())
+    assert prepared["tokens"]["target"]["max_length"] <= 512  # "auto" chose under its cap
+    report = client.report(job["id"])
+    rules = {rule["rule"]: rule for rule in report["gate"]["rules"]}
+    assert set(rules) == {"rougeL_gain", "empty_share", "degenerate_share", "lower_loss"}
+    assert all(rule["values"] for rule in rules.values())  # each verdict with its numbers
+    assert report["metrics"]["loss"]["tuned"] < report["metrics"]["loss"]["base"]
+    published = job["model_name"] in {m["name"] for m in client.models()}
+    assert job["status"] == ("succeeded" if report["gate"]["passed"] else "rejected")
+    assert published == report["gate"]["passed"]

@@ -192,7 +192,8 @@ def test_evaluates_base_and_tuned_and_writes_report(trained_job):
     assert len(report["samples"]) == 8
     assert set(report["samples"][0]) == {"prompt", "reference", "base", "tuned"}
     assert [s for s, _ in report["curves"]["train_loss"]] == [2, 4, 6]
-    assert [s for s, _ in report["curves"]["validation_loss"]] == [2, 4, 6]
+    # validation on its own clock: "auto" is about 10 passes a run, here every one of 6 steps
+    assert [s for s, _ in report["curves"]["validation_loss"]] == [1, 2, 3, 4, 5, 6]
     assert event.passed and event.publish  # the test spec's gate has every rule off
     assert report["gate"]["rules"] == [] and report["gate"]["reasons"] == []
     assert report["decoding"] == trained_job["spec"].decoding.model_dump()
