@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import pytest
 
@@ -100,3 +101,134 @@ def test_submit_watch_and_ask_from_the_page(tmp_path, tiny_model, browser):
         answer = find(By.ID, "answer").text
         expected = client.invoke("web-job", "What is Asthma?")["generation"]
         assert answer == expected.strip() and answer  # greedy: the same words as the API's
+
+
+def _job_in_store(launcher, tiny_model, name, *extra_events):
+    """A job written straight into the store (no worker is told): ``queued`` until an event
+    says otherwise, e.g. ``paused`` after a stage run in-process."""
+    from shared.jobs import JobRecords, new_job_id
+    from shared.messages import JobSubmitted
+    from shared.store import LocalStore
+    from tests.factories import make_spec
+
+    jobs = JobRecords(LocalStore(launcher.var_dir / "store"))
+    job_id = new_job_id(name)
+    uri = jobs.create(job_id, make_spec(tiny_model, name=name))
+    jobs.record(JobSubmitted(job_id=job_id, spec_uri=uri, name=name))
+    for make in extra_events:
+        jobs.record(make(job_id))
+    return job_id
+
+
+def test_opening_another_job_shows_only_that_jobs_data(tmp_path, tiny_model, browser):
+    """Issue 17: after a finished job, a failed, queued or paused job showed the finished
+    one's progress, evaluation table, samples, chart and "quality gate: passed"."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from services.cli.display import follow
+    from shared.messages import JobPaused
+
+    find = browser.find_element
+
+    def texts(css):  # read in one go: the page re-renders a job that is not over
+        script = "return [...document.querySelectorAll(arguments[0])].map((e) => e.textContent)"
+        return browser.execute_script(script, css)
+
+    def rows(table_id):
+        return texts(f"#{table_id} tbody tr")
+
+    def badges():
+        return texts("#timeline .badge")
+
+    def open_job(job_id, status):
+        browser.execute_script("location.hash = arguments[0]", "#job/" + job_id)
+        WebDriverWait(browser, 20).until(
+            lambda b: (
+                find(By.ID, "job-title").text == job_id
+                and find(By.ID, "job-status").text == status
+                and len(badges()) == 4
+            )
+        )
+
+    def shows_nothing_of_the_finished_job():
+        assert rows("eval-table") == [] and rows("samples") == []
+        assert "quality gate" not in find(By.ID, "gate").text
+        assert texts("#loss-chart *") == []
+        assert "step" not in find(By.ID, "train-progress").text
+
+    def shows_the_finished_job():
+        WebDriverWait(browser, 20).until(
+            lambda b: (
+                len(rows("eval-table")) >= 1 and "quality gate: passed" in find(By.ID, "gate").text
+            )
+        )
+        assert len(rows("samples")) >= 1
+        assert len(texts("#loss-chart polyline.train")) == 1
+        assert "step 6 / 6" in find(By.ID, "train-progress").text
+
+    with _running(tmp_path) as (launcher, client):
+        done = client.submit(spec_dict(tiny_model, name="web-done"))["id"]
+        missing = str(tmp_path / "no-such-file.jsonl")
+        failed = client.submit(spec_dict(tiny_model, name="web-bad", dataset={"source": missing}))
+        failed = failed["id"]
+        assert follow(client, failed, timeout=120, poll=0.5)["status"] == "failed"
+        assert follow(client, done, timeout=400, poll=0.5)["status"] == "succeeded"
+        queued = _job_in_store(launcher, tiny_model, "web-queued")
+        nxt = "termtune train SPEC --job {}"
+        paused = _job_in_store(
+            launcher,
+            tiny_model,
+            "web-paused",
+            lambda i: JobPaused(job_id=i, stage="prepare", next=nxt.format(i)),
+        )
+
+        browser.get(launcher.url + "/ui")
+        key = (launcher.run_dir / "api_key").read_text().strip()
+        find(By.ID, "api-key").send_keys(key, Keys.TAB)
+
+        open_job(done, "succeeded")
+        shows_the_finished_job()
+
+        open_job(failed, "failed")
+        assert badges() == ["failed", "skipped", "skipped", "skipped"]
+        assert "file not found" in find(By.ID, "job-error").text
+        shows_nothing_of_the_finished_job()
+        browser.save_screenshot(str(tmp_path / "failed-after-done.png"))
+
+        open_job(queued, "queued")
+        assert badges() == ["pending"] * 4
+        assert find(By.ID, "job-error").text == ""
+        assert find(By.ID, "train-progress").text == "waiting for training to start"
+        shows_nothing_of_the_finished_job()
+
+        open_job(done, "succeeded")
+        shows_the_finished_job()
+        open_job(paused, "paused")
+        assert nxt.format(paused) in find(By.ID, "job-next").text
+        shows_nothing_of_the_finished_job()
+        browser.save_screenshot(str(tmp_path / "paused-after-done.png"))
+
+        # A slow reply for the job left behind must not land on the next one's page: the
+        # finished job's requests answer 1.5 s late, and the failed job opens before that.
+        open_job(queued, "queued")
+        browser.execute_script(
+            """const slow = arguments[0], plain = window.fetch.bind(window);
+            window.fetch = (url, options) => String(url).includes(slow)
+              ? new Promise((ok) => setTimeout(ok, 1500)).then(() => plain(url, options))
+              : plain(url, options);""",
+            done,
+        )
+        browser.execute_script("location.hash = arguments[0]", "#job/" + done)
+        open_job(failed, "failed")
+        time.sleep(4)  # every slow reply has come back by now
+        assert find(By.ID, "job-title").text == failed
+        assert find(By.ID, "job-status").text == "failed"
+        assert badges() == ["failed", "skipped", "skipped", "skipped"]
+        shows_nothing_of_the_finished_job()
+
+        browser.get(launcher.url + "/ui#jobs")
+        WebDriverWait(browser, 20).until(lambda b: failed in find(By.ID, "jobs-table").text)
+        row = texts(f"#jobs-table tr:has(a[href='#job/{failed}']) td")
+        assert row[1:3] == ["failed", "prepare"]  # where it stopped, not "publish"
