@@ -20,6 +20,8 @@ from pathlib import Path
 BENCHES = [
     ("bench.training", [], 1800, "Training: our recipe vs the notebook's",
      "Same tiny model, data and machine; each recipe in a fresh process; medians of 3."),
+    ("bench.validation", [], 900, "Validation by its own clock",
+     "The example job's training stage, validating at every logging step vs the default auto."),
     ("bench.dataprep", [], 1200, "Data-prep vs bare tokenization",
      "A generated wiki-sized dataset; medians of 3; peak memory on 1x and 4x the data."),
     ("bench.pipeline", [], 1800, "End to end on the embedded defaults",

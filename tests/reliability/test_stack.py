@@ -40,7 +40,7 @@ def stack(tmp_path_factory, tiny_model):
         yield launcher, client, tmp
 
 
-def _wait(client: Client, job_id: str, timeout: float = 300) -> dict:
+def _wait(client: Client, job_id: str, timeout: float = 900) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = client.job(job_id)

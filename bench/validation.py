@@ -1,0 +1,66 @@
+"""Validation by its own clock: how much of a training stage the validation passes take.
+
+``python -m bench.validation``: the embedded example job's training stage (the offline tiny
+model, the shipped data, ``examples/medical-terms.yaml`` with its validation split), run
+in-process through the trainer's own handler twice: validating at every logging step (what
+termtune did before ``training.validation_every_steps`` existed) and with the default,
+``auto`` (about 10 passes a run). Prints passes, validation seconds and their share of the
+training time, from the train manifest. Goal: under 10% with ``auto``. Nothing here is a test.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from services.cli.stages import run_local
+from services.cli.tinymodel import ensure_tiny_t5
+from shared.jobs import JobRecords
+from shared.jobspec import parse_spec
+from shared.settings import Settings
+from shared.store import open_store
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "medical-terms.yaml"
+SAMPLE_DATA = ROOT / "data" / "medical_terms.jsonl"
+
+
+def train_once(work: Path, model: Path, every: int | str) -> dict[str, Any]:
+    """The example's training stage with validation every ``every`` steps; its manifest."""
+    raw = yaml.safe_load(EXAMPLE.read_text())
+    raw["base_model"] = str(model)
+    raw["dataset"]["source"] = str(SAMPLE_DATA)
+    raw["training"]["validation_every_steps"] = every
+    spec = parse_spec(raw, source=str(EXAMPLE))
+    settings = Settings(var_dir=work / f"var-{every}")
+    job_id, _ = run_local("prepare", spec, settings=settings)
+    run_local("train", spec, job_id=job_id, settings=settings)
+    return JobRecords(open_store(settings)).manifest(job_id, "train") or {}
+
+
+def main() -> None:
+    """Print one line per setting."""
+    with tempfile.TemporaryDirectory(prefix="bench-validation-") as tmp:
+        work = Path(tmp)
+        model = ensure_tiny_t5(work / "tiny-flan-t5", data_file=SAMPLE_DATA)
+        logging_steps = yaml.safe_load(EXAMPLE.read_text())["training"]["logging_steps"]
+        print("| validation | passes | validation s | training s | share of training |")
+        print("|---|---:|---:|---:|---:|")
+        for label, every in (
+            (f"every logging step ({logging_steps}), as before", logging_steps),
+            ("auto (the default)", "auto"),
+        ):
+            manifest = train_once(work, model, every)
+            v = manifest["validation"]
+            print(
+                f"| {label} | {v['passes']} | {v['seconds']:.1f} | {manifest['runtime_s']:.1f} "
+                f"| {v['share_of_training_time']:.1%} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
