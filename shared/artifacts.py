@@ -48,3 +48,9 @@ def adapter_dir(store: Store, training_manifest: dict[str, Any], *, cache_dir: P
         return store.local_dir(store.key_of(training_manifest["adapter"]), cache_dir / "artifacts")
     except (KeyError, NotFound) as exc:
         raise ModelError(f"the trained adapter is missing: {exc}") from exc
+
+
+def dropped_rows(cleaning: dict[str, int]) -> dict[str, int]:
+    """Rows a data-prep manifest's cleaning dropped, by rule (``dropped_duplicate`` →
+    duplicate)."""
+    return {k.removeprefix("dropped_"): v for k, v in cleaning.items() if k.startswith("dropped_")}

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 from services.dataprep import prepare, quality, sources
 from services.dataprep.quality import SideTokens
 from services.dataprep.sample import RowLimit
+from shared.artifacts import dropped_rows
 from shared.jobspec import JobSpec
 from shared.messages import DatasetPrepared, PrepareDataset, TokenLengths
 from shared.modeling import load_tokenizer, versions
@@ -37,7 +38,7 @@ def handle(command: PrepareDataset, ctx: StageContext) -> DatasetPrepared:
             side: TokenLengths(**{k: lengths[k] for k in TokenLengths.model_fields})
             for side, lengths in done.get("lengths", {}).items()
         },
-        dropped=quality.dropped(done.get("cleaning", {})),
+        dropped=dropped_rows(done.get("cleaning", {})),
         bad_rows_skipped=done.get("bad_rows_skipped", 0),
         warnings=done.get("warnings", []),
     )

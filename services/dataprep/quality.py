@@ -143,8 +143,3 @@ def summarise(
         )
     overall = {"unk_id": unk_id, "tokens": kept, "unknown": unknown, "share": round(share, 4)}
     return overall, warnings
-
-
-def dropped(cleaning: dict[str, int]) -> dict[str, int]:
-    """Rows dropped by each cleaning rule, by rule name (``dropped_duplicate`` → duplicate)."""
-    return {k.removeprefix("dropped_"): v for k, v in cleaning.items() if k.startswith("dropped_")}

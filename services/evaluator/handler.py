@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from services.evaluator import html_report, metrics, scoring
-from shared.artifacts import adapter_dir, read_split
+from shared.artifacts import adapter_dir, dropped_rows, read_split
 from shared.errors import ModelError, NotFound
 from shared.jobspec import JobSpec
 from shared.messages import EvaluateModel, ModelEvaluated
@@ -79,6 +79,7 @@ def _evaluate(command: EvaluateModel, ctx: StageContext) -> dict[str, Any]:
         (tuned_rows, tuned_out),
         spec=spec,
         training_log=_training_log(ctx, training),
+        dataset=dataset,
     )
     prefix = ctx.jobs.stage_prefix(command.job_id, "evaluate")
     ctx.store.put_json(f"{prefix}/report.json", report)
@@ -102,8 +103,10 @@ def build_report(
     *,
     spec: JobSpec,
     training_log: list[dict[str, Any]],
+    dataset: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The evaluation report: metrics, deltas with intervals, the gate, samples, curves."""
+    """The evaluation report: metrics, deltas with intervals, the gate, samples, curves, and
+    what the data said about itself (``dataset``: the data-prep manifest)."""
     evaluation, rule = spec.evaluation, spec.evaluation.gate
     base_m, tuned_m = scoring.aggregate(base[0]), scoring.aggregate(tuned[0])
     intervals = scoring.paired_bootstrap(
@@ -149,5 +152,23 @@ def build_report(
                 [e["step"], e["eval_loss"]] for e in training_log if "eval_loss" in e
             ],
         },
+        "data": data_section(dataset or {}),
         "versions": versions(),
+    }
+
+
+def data_section(dataset: dict[str, Any]) -> dict[str, Any]:
+    """The data-prep manifest's account of the data: per side (``tokens``) the kept length and
+    how it was chosen, p50/p99 before the cut, shares of rows cut and of unknown tokens; rows
+    dropped by each cleaning rule, bad rows skipped, the sample and the warnings."""
+    return {
+        "counts": dataset.get("counts", {}),
+        "rows_read": dataset.get("rows_read"),
+        "sample": dataset.get("sample"),
+        "tokens": dataset.get("lengths", {}),
+        "unknown_tokens": dataset.get("unknown_tokens"),
+        "dropped": dropped_rows(dataset.get("cleaning", {})),
+        "bad_rows_skipped": dataset.get("bad_rows_skipped", 0),
+        "cast_to_string": dataset.get("cast_to_string", []),
+        "warnings": dataset.get("warnings", []),
     }

@@ -127,7 +127,7 @@ def test_opening_another_job_shows_only_that_jobs_data(tmp_path, tiny_model, bro
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from services.cli.display import follow
+    from services.cli.display import dataset_lines, follow
     from shared.messages import JobPaused
 
     find = browser.find_element
@@ -157,6 +157,20 @@ def test_opening_another_job_shows_only_that_jobs_data(tmp_path, tiny_model, bro
         assert "quality gate" not in find(By.ID, "gate").text
         assert texts("#loss-chart *") == []
         assert "step" not in find(By.ID, "train-progress").text
+        assert texts("#data li") == [] and "warning" not in find(By.ID, "data").text
+
+    def shows_the_finished_jobs_data():  # data-prep's figures, worded as the CLI summary's
+        prepared = client.job(done)["result"]["prepare"]
+        counts = ", ".join(f"{k} {v} rows" for k, v in prepared["counts"].items())
+        lines = [line.strip() for line in dataset_lines(prepared)]
+        assert texts("#data li") == [f"dataset: {counts}", *lines]
+        keeps = prepared["tokens"]["target"]["max_length"]
+        assert any(
+            line.startswith("target tokens") and f"keeps {keeps} (" in line for line in lines
+        )
+        warnings = texts("#data ul.warnings li")
+        assert warnings == [f"warning: {w}" for w in prepared["warnings"]]
+        assert ("no warnings" in find(By.ID, "data").text) is not bool(warnings)
 
     def shows_the_finished_job():
         WebDriverWait(browser, 20).until(
@@ -167,6 +181,7 @@ def test_opening_another_job_shows_only_that_jobs_data(tmp_path, tiny_model, bro
         assert len(rows("samples")) >= 1
         assert len(texts("#loss-chart polyline.train")) == 1
         assert "step 6 / 6" in find(By.ID, "train-progress").text
+        shows_the_finished_jobs_data()
 
     with _running(tmp_path) as (launcher, client):
         done = client.submit(spec_dict(tiny_model, name="web-done"))["id"]
@@ -194,6 +209,7 @@ def test_opening_another_job_shows_only_that_jobs_data(tmp_path, tiny_model, bro
         open_job(failed, "failed")
         assert badges() == ["failed", "skipped", "skipped", "skipped"]
         assert "file not found" in find(By.ID, "job-error").text
+        assert find(By.ID, "data").text == "data-prep failed"
         shows_nothing_of_the_finished_job()
         browser.save_screenshot(str(tmp_path / "failed-after-done.png"))
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from services.evaluator import html_report, scoring
-from services.evaluator.handler import check_tokenizer, handle
+from services.evaluator.handler import check_tokenizer, data_section, handle
 from shared.errors import ModelError, SpecError
 from shared.jobspec import GateSpec, parse_spec
 
@@ -201,6 +201,14 @@ def test_evaluates_base_and_tuned_and_writes_report(trained_job):
     page = ctx.store.get_bytes(f"{prefix}/report.html").decode()
     assert "<svg" in page and "validation loss" in page and "Quality gate" in page
     assert ctx.store.get_json(f"{prefix}/report.json") == report
+    prepared = ctx.jobs.manifest(cmd.job_id, "prepare")
+    assert report["data"] == data_section(prepared)
+    assert report["data"]["tokens"]["target"] == prepared["lengths"]["target"]
+    assert report["data"]["counts"] == trained_job["prepared"].counts
+    target = prepared["lengths"]["target"]
+    assert (
+        f"<tr data-side='target'><td>target</td><td class=num>{target['max_length']}</td>" in page
+    )
 
 
 @pytest.mark.parametrize("force", [False, True])
@@ -295,3 +303,87 @@ def test_every_rule_is_shown_with_its_numbers_in_cli_and_html():
         "must be at most 5.0% and not above base</li>"
     ) in page
     assert "<li class=pass data-rule='degenerate_share'>pass: degenerate answers: " in page
+
+
+MANIFEST = {  # the data-prep manifest's keys the report's data section reads
+    "rows_read": 5000,
+    "sample": {"method": "random", "seed": 7, "rows": 1500, "of": 5000},
+    "bad_rows_skipped": 2,
+    "cleaning": {"dropped_duplicate": 3, "dropped_empty_field": 0, "whitespace": 9},
+    "counts": {"train": 1200, "validation": 150, "test": 145},
+    "lengths": {
+        side: {
+            "max_length": n,
+            "setting": setting,
+            "cap": 512 if setting == "auto" else None,
+            "p50": 20,
+            "p90": 60,
+            "p99": p99,
+            "max": 700,
+            "reason": reason,
+            "truncated_share": cut,
+            "unknown_share": unknown,
+        }
+        for side, n, setting, p99, reason, cut, unknown in (
+            ("source", 64, "spec", 30, "set by dataset.max_source_length", 0.0, 0.001),
+            ("target", 128, "auto", 128, "auto: the p99 is 128 tokens", 0.482, 0.0123),
+        )
+    },
+    "unknown_tokens": {"unk_id": 2, "tokens": 9000, "unknown": 72, "share": 0.008},
+    "warnings": ["target: 48.2% of rows are cut at 128 tokens (p99 128); raise it", "<b>"],
+    "tokenizer": {"name": "m", "class": "T5TokenizerFast", "vocab_size": 32128},
+}
+
+
+def test_report_data_section_is_what_data_prep_found():
+    data = data_section(MANIFEST)
+    assert data["tokens"] == MANIFEST["lengths"]
+    assert data["dropped"] == {"duplicate": 3, "empty_field": 0}  # only the dropping rules
+    assert data["bad_rows_skipped"] == 2 and data["warnings"] == MANIFEST["warnings"]
+    assert data["counts"] == MANIFEST["counts"] and data["sample"] == MANIFEST["sample"]
+    assert data["unknown_tokens"]["share"] == 0.008
+    assert data_section({}) == {  # a manifest written before data-prep measured its data
+        "counts": {},
+        "rows_read": None,
+        "sample": None,
+        "tokens": {},
+        "unknown_tokens": None,
+        "dropped": {},
+        "bad_rows_skipped": 0,
+        "cast_to_string": [],
+        "warnings": [],
+    }
+
+
+def _page(**report):
+    base = {"rows": 1, "capped_at": None, "metrics": {}, "curves": {}, "samples": []}
+    gate = {"passed": True, "reasons": [], "forced": False}
+    return html_report.render({**base, "gate": gate, **report}, job_id="j")
+
+
+def test_html_shows_lengths_cuts_unknowns_cleaning_and_warnings():
+    page = _page(data=data_section(MANIFEST))
+    assert "<h2>Data</h2>" in page
+    assert (
+        "<tr data-side='target'><td>target</td><td class=num>128</td>"
+        "<td>auto: the p99 is 128 tokens</td><td class=num>20</td><td class=num>128</td>"
+        "<td class=num>48.2%</td><td class=num>1.23%</td></tr>"
+    ) in page
+    assert ("<td>source</td><td class=num>64</td><td>set by dataset.max_source_length</td>") in page
+    assert "<td class=num>0.0%</td><td class=num>0.10%</td>" in page
+    assert "<li>rows: a random sample of 1500 of 5000 rows (seed 7); kept train 1200, " in page
+    assert "<li>dropped by cleaning: 3 duplicate</li><li>bad rows skipped: 2</li>" in page
+    assert (
+        "<ul class=warnings><li class=warn>warning: target: 48.2% of rows are cut at 128 "
+        "tokens (p99 128); raise it</li><li class=warn>warning: &lt;b&gt;</li></ul>"
+    ) in page
+
+
+def test_html_says_no_warnings_and_reads_reports_without_a_data_section():
+    clean = {**MANIFEST, "warnings": [], "cleaning": {}, "bad_rows_skipped": 0}
+    clean["sample"] = {"method": "all", "seed": None, "rows": 1495, "of": 1495}
+    page = _page(data=data_section(clean))
+    assert "<p class=pass>No warnings.</p>" in page and "class=warn>" not in page
+    assert "<li>dropped by cleaning: none</li><li>bad rows skipped: 0</li>" in page
+    assert "<li>rows: all rows; kept train 1200, validation 150, test 145</li>" in page
+    assert "<h2>Data</h2>" not in _page()  # a report.json written before it had one
