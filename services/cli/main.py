@@ -80,10 +80,37 @@ def _raw_spec(path: Path) -> dict[str, Any]:
 
 
 def _ensure_model(spec_path: Path) -> None:
+    """Build the offline tiny model when the spec names it and it is not built yet."""
+    _ensure_base_model(load_spec(spec_path).base_model)
+
+
+def _ensure_base_model(base_model: str) -> None:
     from services.cli.tinymodel import ensure_tiny_t5
 
-    if Path(load_spec(spec_path).base_model).resolve() == TINY_MODEL_DIR.resolve():
-        ensure_tiny_t5(TINY_MODEL_DIR, data_file=SAMPLE_DATA)
+    if Path(base_model).resolve() != TINY_MODEL_DIR.resolve():
+        return
+    if not (
+        (TINY_MODEL_DIR / "config.json").exists() and (TINY_MODEL_DIR / "tokenizer.json").exists()
+    ):
+        print(
+            f"building the embedded tiny model in {TINY_MODEL_DIR} (`termtune build-tiny-model`)",
+            file=sys.stderr,
+        )
+    ensure_tiny_t5(TINY_MODEL_DIR, data_file=SAMPLE_DATA)
+
+
+def _ensure_job_model(client: Any, job_id: str) -> None:
+    """Build the tiny model a job's spec names, when that spec is a file on this machine
+    (the embedded store), before the job is retried: a fresh var/ lacks it."""
+    from urllib.parse import unquote, urlparse
+
+    submitted = next((e for e in client.events(job_id) if e.get("type") == "JobSubmitted"), {})
+    uri = urlparse(submitted.get("spec_uri") or "")
+    if uri.scheme != "file" or not Path(unquote(uri.path)).is_file():
+        return  # a remote store: the control plane's machine has its own models
+    spec = json.loads(Path(unquote(uri.path)).read_text(encoding="utf-8"))
+    if isinstance(spec.get("base_model"), str):
+        _ensure_base_model(spec["base_model"])
 
 
 def _launcher(port: int | None) -> Any:
@@ -167,6 +194,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         from services.cli.client import Client
 
         spec = _raw_spec(args.spec) if args.spec else None
+        if args.spec:
+            _ensure_model(args.spec)
         result = Client().estimate(args.job, args.instance_type, spec=spec)
     else:
         if args.spec is None:
@@ -201,7 +230,9 @@ def _client_command(args: argparse.Namespace) -> int:
 
     client = Client()
     if args.command == "submit":
-        job = client.submit(_raw_spec(args.spec))
+        spec = _raw_spec(args.spec)
+        _ensure_model(args.spec)
+        job = client.submit(spec)
         print(job["id"])
         if args.wait:
             job = display.follow(client, job["id"])
@@ -209,6 +240,7 @@ def _client_command(args: argparse.Namespace) -> int:
             return 0 if job["status"] == "succeeded" else 1
         return 0
     if args.command == "retry":
+        _ensure_job_model(client, args.job_id)
         job = client.retry(args.job_id)
         print(f"{args.job_id}: {job['status']} (retry {job.get('retries', 1)})")
         if args.wait:
