@@ -118,7 +118,7 @@ def test_cancel_during_training_ends_the_job_cancelled(services, tiny_model):
 
 def _run_job_follow(launcher, client, job_id):
     try:
-        return follow(client, job_id, timeout=300, poll=0.5)
+        return follow(client, job_id, timeout=900, poll=0.5)
     except BaseException:
         print(launcher.logs_tail(80))
         raise

@@ -62,7 +62,7 @@ def _wait_for_step(client, job_id, step, timeout=600):
 
 def _finish_on_a_new_trainer(launcher, client, job_id):
     launcher.start(("trainer",))
-    done = follow(client, job_id, timeout=300, poll=0.5)
+    done = follow(client, job_id, timeout=900, poll=0.5)
     assert done["status"] == "succeeded", launcher.logs_tail(40)
     return done
 
