@@ -36,7 +36,7 @@ def _up(tmp_path: Path) -> tuple[subprocess.Popen, dict[str, int], dict[str, str
     env.pop("TERMTUNE_API_URL", None)
     env.pop("TERMTUNE_API_KEY", None)
     launcher = subprocess.Popen([TERMTUNE, "up"], env=env, cwd=tmp_path)
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         assert launcher.poll() is None, "termtune up exited"
         if (var / "run" / "pids.json").exists() and len(list(var.glob("run/*.heartbeat"))) == 4:
@@ -48,7 +48,7 @@ def _up(tmp_path: Path) -> tuple[subprocess.Popen, dict[str, int], dict[str, str
         time.sleep(0.5)
     else:
         launcher.kill()
-        pytest.fail("termtune up was not ready on TERMTUNE_PORT within 180 s")
+        pytest.fail("termtune up was not ready on TERMTUNE_PORT within 600 s")
     return launcher, json.loads((var / "run" / "pids.json").read_text()), env
 
 

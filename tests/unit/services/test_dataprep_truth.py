@@ -9,30 +9,16 @@ import pytest
 
 from services.dataprep.handler import handle
 from shared.errors import DatasetError, SpecError
-from shared.messages import PrepareDataset, parse_message
+from shared.messages import parse_message
 from shared.modeling import load_tokenizer
 from tests.factories import SAMPLE_DATA, make_spec
+from tests.unit.services.test_dataprep import _command, _jsonl, _rows
 
 SHARED_DATA = Path(__file__).resolve().parents[3] / ".." / "shared" / "data"
 needs_glossaries = pytest.mark.skipif(
     not SHARED_DATA.is_dir(), reason=f"the public glossaries are not at {SHARED_DATA}"
 )
 GLOSSARY = {"prompt_template": "What is {term}", "target_template": "{definition}"}
-
-
-def _command(ctx, spec, job_id="job-1"):
-    return PrepareDataset(job_id=job_id, spec_uri=ctx.jobs.create(job_id, spec))
-
-
-def _jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def _rows(n, prefix="Term"):
-    return [
-        {"page_title": f"{prefix} {i}", "page_text": f"Definition number {i}."} for i in range(n)
-    ]
 
 
 def _all_rows(ctx, manifest):
