@@ -31,7 +31,8 @@ NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,46}[a-z0-9])?$"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # a number must be finite: JSON's 1e999 is infinity, which would be stored as null
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def template_fields(template: str) -> list[str]:
@@ -365,7 +366,7 @@ class PublishSpec(_Section):
     @field_validator("model_name")
     @classmethod
     def _model_name(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(NAME_PATTERN, value):
+        if value is not None and not re.fullmatch(NAME_PATTERN, value):
             raise ValueError(f"must match {NAME_PATTERN}")
         return value
 
@@ -430,7 +431,7 @@ class JobSpec(_Section):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not re.match(NAME_PATTERN, value):
+        if not re.fullmatch(NAME_PATTERN, value):  # "$" alone lets a final newline through
             raise ValueError(f"must match {NAME_PATTERN} (e.g. 'medical-terms')")
         return value
 

@@ -7,6 +7,9 @@ store, both under ``./var``. Deployments set ``TERMTUNE_BROKER_URL`` (``amqp://.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -139,3 +142,14 @@ class BedrockSettings(BaseSettings):
     read_timeout_seconds: int = Field(300, ge=1, description="Invoke read timeout.")
     upload_concurrency: int = Field(8, ge=1, le=64, description="Parallel parts per upload.")
     multipart_mb: int = Field(64, ge=5, description="Multipart threshold and part size (MB).")
+
+
+def development_key(key_file: Path) -> str:
+    """The development API key kept in ``key_file``, made on first use (random, and readable
+    by its owner only from the first byte: the file is created with mode 0600)."""
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(24))
+    return key_file.read_text().strip()

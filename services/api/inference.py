@@ -22,7 +22,7 @@ class InvokeRequest(BaseModel):
     """Bedrock's request body for imported models; what it leaves out is the model's decoding
     (the job spec's ``decoding``, which the evaluator scored)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     prompt: str = Field(..., min_length=1, max_length=20_000, description="The input text.")
     max_gen_len: int | None = Field(

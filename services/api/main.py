@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import logging
-import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from services.api.deps import require_api_key
 from services.api.inference import BedrockModels, LocalModels
-from services.api.middleware import BodyLimit, Metrics, RequireKey
+from services.api.middleware import (
+    BodyLimit,
+    Metrics,
+    RedactSecrets,
+    RequireKey,
+    SecurityHeaders,
+)
 from services.api.routes import estimate, health, jobs, metrics, models, web
 from shared.bus import Bus
 from shared.errors import BedrockError, PermanentError, TermtuneError
 from shared.jobs import JobRecords
 from shared.lifetime import end_with_launcher
 from shared.reconciler import Reconciler
-from shared.settings import ApiSettings
+from shared.settings import ApiSettings, development_key
 from shared.store import open_store
 
 log = logging.getLogger(__name__)
@@ -31,9 +37,9 @@ def resolve_api_key(settings: ApiSettings) -> str:
         return settings.api_key
     if settings.environment != "development":
         raise SystemExit("TERMTUNE_API_KEY must be set outside development")
-    key = secrets.token_urlsafe(24)
-    log.warning("TERMTUNE_API_KEY not set: generated a development key: %s", key)
-    return key
+    key_file = settings.run_dir / "api_key"
+    log.warning("TERMTUNE_API_KEY not set: the development key is in %s", key_file)
+    return development_key(key_file)
 
 
 def create_app(settings: ApiSettings | None = None, *, bus: Bus | None = None) -> FastAPI:
@@ -75,7 +81,14 @@ def create_app(settings: ApiSettings | None = None, *, bus: Bus | None = None) -
         app.include_router(router, prefix="/v1", dependencies=[Depends(require_api_key)])
     app.add_middleware(lambda app: app_metrics.middleware(app))  # type: ignore[arg-type]
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
-    app.add_middleware(RequireKey, key=app.state.api_key)  # outermost: before any body is read
+    app.add_middleware(RequireKey, key=app.state.api_key)  # before any body is read
+    app.add_middleware(SecurityHeaders)  # outermost: on every answer, refusals included
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's shape, without echoing the input: a NaN or infinity there is not JSON
+        errors = [{k: e[k] for k in ("loc", "msg", "type")} for e in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
 
     @app.exception_handler(TermtuneError)
     async def _termtune_error(_: Request, exc: TermtuneError) -> JSONResponse:
@@ -97,6 +110,7 @@ def main() -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s api %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("uvicorn.access").addFilter(RedactSecrets())
     uvicorn.run(
         create_app(settings),
         host=settings.host,

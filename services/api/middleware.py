@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 import secrets
 import time
 from typing import Any
@@ -13,6 +15,12 @@ from prometheus_client.core import GaugeMetricFamily
 from shared.jobs import JOB_STATUSES, JobRecords
 
 Scope = dict[str, Any]
+#: HTTP methods counted by name; any other is counted as OTHER (labels stay bounded)
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+#: query parameters that look like credentials: refused, and masked in access logs
+SECRET_PARAMS = re.compile(
+    r"(?i)(^|[?&])((?:api[_-]?)?key|token|access[_-]?token|secret)=[^&\s\"]*"
+)
 
 
 class BodyLimit:
@@ -144,8 +152,9 @@ class Metrics:
                 await app(scope, receive, record)
             finally:
                 route = _route_label(scope)
-                self.requests.labels(scope["method"], route, str(status)).inc()
-                self.latency.labels(scope["method"], route).observe(time.perf_counter() - start)
+                method = scope["method"] if scope["method"] in METHODS else "OTHER"
+                self.requests.labels(method, route, str(status)).inc()
+                self.latency.labels(method, route).observe(time.perf_counter() - start)
 
         return wrapped
 
@@ -158,6 +167,16 @@ class RequireKey:
         self.app, self.key, self.prefixes = app, key.encode(), prefixes
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and SECRET_PARAMS.search(
+            scope.get("query_string", b"").decode("latin-1")
+        ):
+            await _json(
+                send,
+                401,
+                "API keys in the URL are refused (URLs are logged): send "
+                "the header Authorization: Bearer <key>",
+            )
+            return
         if scope["type"] == "http" and scope["path"].startswith(self.prefixes):
             header = dict(scope.get("headers") or []).get(b"authorization", b"")
             scheme, _, token = header.partition(b" ")
@@ -181,3 +200,36 @@ async def _json(
         }
     )
     await send({"type": "http.response.body", "body": json.dumps({"detail": detail}).encode()})
+
+
+class SecurityHeaders:
+    """Headers every response carries: no MIME sniffing, no framing, no referrer."""
+
+    HEADERS = (
+        (b"x-content-type-options", b"nosniff"),
+        (b"x-frame-options", b"DENY"),
+        (b"referrer-policy", b"no-referrer"),
+    )
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        async def with_headers(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *self.HEADERS]}
+            await send(message)
+
+        await self.app(scope, receive, with_headers if scope["type"] == "http" else send)
+
+
+class RedactSecrets(logging.Filter):
+    """Masks credential-like query parameters in log records (uvicorn's access log)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                SECRET_PARAMS.sub(r"\1\2=[redacted]", a) if isinstance(a, str) else a
+                for a in record.args
+            )
+        return True

@@ -131,6 +131,13 @@ def _detail(response: httpx.Response) -> str:
         detail = response.json().get("detail", response.text)
     except ValueError:
         detail = response.text
+    if isinstance(detail, list):  # FastAPI's validation errors: one line per field
+        return "; ".join(
+            f"field '{'.'.join(str(p) for p in e.get('loc', ()))}': {e.get('msg', e)}"
+            if isinstance(e, dict)
+            else str(e)
+            for e in detail
+        )
     return detail if isinstance(detail, str) else str(detail)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 
 from shared.errors import TermtuneError
 from shared.lifetime import PARENT_ENV
-from shared.settings import Settings
+from shared.settings import Settings, development_key
 from shared.worker import check_health
 
 WORKERS = ("dataprep", "trainer", "evaluator", "publisher")
@@ -52,14 +51,7 @@ class Launcher:
     def api_key(self) -> str:
         """The deployment's API key (var/run/api_key), made on first use, readable by its owner
         only from the moment it exists."""
-        key_file = self.run_dir / "api_key"
-        if not key_file.exists():
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(FileExistsError):
-                fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "w") as fh:
-                    fh.write(secrets.token_urlsafe(24))
-        return key_file.read_text().strip()
+        return development_key(self.run_dir / "api_key")
 
     def service_env(self) -> dict[str, str]:
         """The environment every service process gets."""

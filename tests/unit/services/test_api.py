@@ -400,3 +400,88 @@ def test_job_ids_no_job_can_have_are_404_not_500(app_env):
     assert client.get("/v1/jobs/..").status_code in (404, 307)
     assert client.get("/v1/jobs/a%00b").status_code == 404
     assert client.post("/v1/jobs/a%0Ab/retry").status_code == 404
+
+
+def test_metrics_labels_stay_bounded_under_made_up_methods(app_env):
+    client, _, _ = app_env
+    for n in range(30):
+        client.request(f"BREW{n}", "/v1/jobs")
+    text = client.get("/metrics").text
+    assert "BREW" not in text
+    assert 'method="OTHER"' in text
+
+
+def test_responses_carry_security_headers_and_the_page_a_strict_policy(app_env):
+    import base64
+    import hashlib
+    import re
+
+    from services.api.routes.web import PAGE
+
+    client, _, _ = app_env
+    for response in (
+        client.get("/ui"),
+        client.get("/v1/jobs"),
+        client.get("/v1/jobs", headers={"Authorization": ""}),
+    ):
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["x-frame-options"] == "DENY"
+    policy = client.get("/ui").headers["content-security-policy"]
+    [script] = re.findall(r"<script>(.*?)</script>", PAGE.read_text(), flags=re.S)
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    assert f"script-src 'sha256-{digest}';" in policy  # the page's own script and no other
+    assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy
+
+
+def test_a_key_in_the_url_is_refused_and_never_logged(app_env, caplog):
+    import logging
+
+    from services.api.middleware import RedactSecrets
+
+    client, _, _ = app_env
+    response = client.get(f"/v1/jobs?api_key={KEY}", headers={"Authorization": ""})
+    assert response.status_code == 401
+    assert "API keys in the URL are refused" in response.json()["detail"]
+    assert client.get(f"/healthz?key={KEY}").status_code == 401  # on every path
+    assert client.get("/v1/jobs?monkey=1").status_code == 200  # a name that only ends in key
+    record = logging.LogRecord(
+        "uvicorn.access",
+        logging.INFO,
+        "",
+        0,
+        '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:1", "GET", f"/v1/jobs?limit=5&token={KEY}", "1.1", 401),
+        None,
+    )
+    RedactSecrets().filter(record)
+    assert KEY not in record.getMessage()
+    assert "/v1/jobs?limit=5&token=[redacted]" in record.getMessage()
+
+
+def test_a_development_key_is_written_owner_only_and_never_logged(tmp_path, caplog):
+    import logging
+    import stat
+
+    from services.api.main import resolve_api_key
+
+    settings = ApiSettings(var_dir=tmp_path, broker_url="memory://")
+    with caplog.at_level(logging.WARNING):
+        key = resolve_api_key(settings)
+    key_file = tmp_path / "run" / "api_key"
+    assert key_file.read_text().strip() == key
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert key not in caplog.text and str(key_file) in caplog.text
+    assert resolve_api_key(settings) == key  # the same key for the next start
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_invoke_refuses_non_finite_numbers(app_env, value):
+    import json
+
+    client, _, _ = app_env
+    body = json.dumps({"prompt": "What is Asthma", "temperature": value})  # NaN / Infinity
+    response = client.post(
+        "/v1/models/anything/invoke", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422
+    assert "temperature" in response.text

@@ -118,3 +118,23 @@ def test_follow_lines_one_per_step_with_validation_loss_and_the_end_last(monkeyp
         "[train] step 8/8 loss 2.500 val loss 2.750 eta 0s",
         "train succeeded",
     ]
+
+
+def test_validation_errors_read_as_fields_not_python_lists():
+    import httpx
+
+    from services.cli.client import _detail
+
+    response = httpx.Response(
+        422,
+        json={
+            "detail": [
+                {
+                    "loc": ["body", "temperature"],
+                    "msg": "Input should be a finite number",
+                    "type": "finite_number",
+                }
+            ]
+        },
+    )
+    assert _detail(response) == "field 'body.temperature': Input should be a finite number"

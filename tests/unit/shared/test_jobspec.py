@@ -96,3 +96,18 @@ def test_readme_spec_reference_is_current():
     readme = (ROOT / "README.md").read_text()
     assert rendered(readme) == readme, "run `make docs` to regenerate the spec reference"
     assert "| `evaluation.gate.primary_metric` |" in readme and "| `decoding.top_p` |" in readme
+
+
+def test_non_finite_numbers_and_names_with_a_final_newline_are_refused():
+    import json
+
+    from shared.errors import SpecError
+    from shared.jobspec import parse_spec
+
+    data = json.loads('{"name": "terms", "training": {"checkpoint_every_minutes": 1e999}}')
+    with pytest.raises(SpecError, match="field 'training.checkpoint_every_minutes'"):
+        parse_spec(data)
+    with pytest.raises(SpecError, match="field 'name'"):
+        parse_spec({"name": "terms\n"})
+    with pytest.raises(SpecError, match="field 'publish.model_name'"):
+        parse_spec({"name": "terms", "publish": {"model_name": "terms\n"}})
