@@ -264,3 +264,27 @@ def test_the_readme_using_it_commands_work_as_written(workdir, bedrock, s3_endpo
         raise
     finally:
         _stop(up, workdir, shell.env)
+
+
+def first_commands() -> list[str]:
+    """The README's first code block: the run command and the test command."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```bash\n(.*?)\n```", readme, re.DOTALL)
+    assert block, "README.md starts with no ```bash block"
+    return [line.split("#", 1)[0].strip() for line in block.group(1).splitlines()]
+
+
+@pytest.mark.timeout(3600)
+def test_the_readme_run_command_runs_the_job_on_a_fresh_machine(workdir):
+    """`make run`, literally, on a fresh var/ (`make test` is what CI itself runs)."""
+    run, test = first_commands()
+    assert (run, test) == ("make run", "make test")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TERMTUNE_")}
+    env["TERMTUNE_PORT"] = str(_free_port())  # the README's 8000 may be taken here
+    done = Shell(workdir, env).run(run, timeout=3000)
+    out = done.stdout + done.stderr
+    assert "building the embedded tiny model in var/models/tiny-flan-t5" in out  # fresh var/
+    assert re.search(r"publish\s+succeeded", out), out[-3000:]
+    assert "quality gate: passed" in out  # the example passes the default gate's rules
+    assert re.search(r"invoke 'medical-terms': '[^']+'\s+-> '[^']+", out), out[-3000:]
+    assert not (workdir / "var" / "run" / "pids.json").exists()  # every service stopped
