@@ -9,15 +9,20 @@ reason in their headers, where the ``<exchange>.dead`` queue keeps them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
+import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 from kombu import Connection, Exchange, Queue, pools
+from kombu.exceptions import ChannelError
 from kombu.message import Message as KombuMessage
 from kombu.transport import filesystem, virtual
+from kombu.utils import json as kombu_json
 
 from shared.messages import Message, dump_message
 from shared.settings import Settings
@@ -42,6 +47,37 @@ RECONNECT_WINDOW_SECONDS = 20.0
 OnMessage = Callable[[dict[str, Any], KombuMessage], None]
 
 
+class _FolderChannel(filesystem.Channel):
+    """kombu's folder channel, with each message whole before any reader can take it.
+
+    kombu writes a message file in place, and a reader takes a file by moving it: one that
+    moves it while it is being written reads it empty or cut short (a JSONDecodeError that
+    killed a worker under a burst of submissions). Here a message is written under a name
+    no reader takes, then renamed into place; a file that still cannot be read (left cut
+    short by a crash or a full disk) is reported and skipped, never a crash.
+    """
+
+    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
+        name = f"{int(round(time.monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg"
+        final = os.path.join(self.data_folder_out, name)
+        partial = final + ".writing"  # not "<queue>.msg": no reader takes it
+        try:
+            with open(partial, "wb") as fh:
+                fh.write(kombu_json.dumps(payload).encode())
+            os.replace(partial, final)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.remove(partial)
+            raise ChannelError(f"cannot add a message file to {self.data_folder_out}") from exc
+
+    def _get(self, queue: str) -> Any:
+        while True:  # each failed read has removed its file: this ends with Empty
+            try:
+                return super()._get(queue)
+            except ValueError as exc:
+                log.error("skipped an unreadable message file of queue %s: %s", queue, exc)
+
+
 class FolderTransport(filesystem.Transport):
     """kombu's folder broker with its bindings kept per control folder.
 
@@ -52,6 +88,7 @@ class FolderTransport(filesystem.Transport):
     two embedded brokers (the tests, a second job folder) needs the state per folder.
     """
 
+    Channel = _FolderChannel
     _states: dict[str, virtual.BrokerState] = {}
     _states_lock = threading.Lock()
 

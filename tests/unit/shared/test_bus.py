@@ -31,3 +31,33 @@ def test_two_folder_brokers_in_one_process_each_route_their_own_messages(tmp_pat
     finally:
         for bus in buses:
             bus.close()
+
+
+def test_a_reader_never_takes_a_message_half_written_and_skips_a_cut_one(tmp_path):
+    import threading
+
+    bus = Bus(Settings(var_dir=tmp_path))
+    bus.declare()
+    messages = bus.settings.broker_dir / "messages"
+    # a file left cut short (a crash, a full disk) before the good messages: skipped
+    (messages / "0_cut.termtune.dataprep.msg").write_bytes(b'{"body": "eyJ')
+    big = "x" * 400_000  # a long write widens the window a reader could take it in
+    sent = [f"job-{n}" for n in range(40)]
+
+    def publish() -> None:
+        for job_id in sent:
+            bus.publish(PrepareDataset(job_id=job_id, spec_uri=f"file:///{big}.json"))
+
+    writer = threading.Thread(target=publish)
+    writer.start()
+    got: list[str] = []
+    try:
+        while writer.is_alive() or len(got) < len(sent):
+            got += _received(bus, "dataprep")
+            assert len(got) <= len(sent)
+        writer.join()
+        assert got == sent  # every message whole, in order, once
+        assert not list(messages.glob("*.writing"))
+    finally:
+        writer.join()
+        bus.close()
