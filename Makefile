@@ -11,7 +11,7 @@ CMI_VENV ?= .venv-cmi
 LINT_VENV ?= .venv-lint
 CMI_TRANSFORMERS ?= 4.51.3
 
-.PHONY: install compat brokers browsers lint-deploy run test test-unit test-e2e lint format up down clean docs bench reliability
+.PHONY: install compat brokers browsers database lint-deploy run test test-unit test-e2e lint format up down clean docs bench reliability
 
 install: $(VENV)/.installed
 
@@ -50,14 +50,16 @@ $(CMI_VENV)/.installed:
 run: install
 	$(VENV)/bin/termtune run $(SPEC)
 
-test: install compat brokers browsers
-	$(VENV)/bin/pytest
+# The whole suite on PostgreSQL (a private server the tests start; SQLite, the embedded
+# default, is what `make run` uses and what the ledger's own tests also cover).
+test: install compat brokers browsers database
+	TERMTUNE_TEST_DATABASE=postgresql $(VENV)/bin/pytest
 
 test-unit: install compat
 	$(VENV)/bin/pytest tests/unit
 
-test-e2e: install brokers browsers
-	$(VENV)/bin/pytest tests/e2e
+test-e2e: install brokers browsers database
+	TERMTUNE_TEST_DATABASE=postgresql $(VENV)/bin/pytest tests/e2e
 
 lint: install lint-deploy
 	$(VENV)/bin/ruff check .
@@ -94,6 +96,14 @@ brokers:
 	  $$SUDO apt-get install -y -q rabbitmq-server >/dev/null 2>&1 || \
 	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q rabbitmq-server >/dev/null; }; }
 
+# PostgreSQL from Debian for the tests (they start and stop a private server).
+database:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  echo "installing postgresql (Debian package)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y -q postgresql >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q postgresql >/dev/null; }; }
+
 format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
@@ -114,6 +124,6 @@ bench: install
 	$(PY) -m bench.report
 
 # Every fault scenario at full size; docs/reliability.md from what they counted and timed.
-reliability: install brokers
-	TERMTUNE_RELIABILITY_SIZE=full TERMTUNE_RELIABILITY_REPORT=docs/reliability.md \
+reliability: install brokers database
+	TERMTUNE_TEST_DATABASE=postgresql TERMTUNE_RELIABILITY_SIZE=full TERMTUNE_RELIABILITY_REPORT=docs/reliability.md \
 		$(VENV)/bin/pytest -q -p no:cacheprovider --timeout 14400 tests/reliability

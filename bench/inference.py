@@ -31,6 +31,7 @@ def main() -> None:
     from services.api.inference import InvokeRequest, LocalModels
     from services.cli.tinymodel import build_tiny_t5
     from shared.jobs import JobRecords
+    from shared.ledger import Ledger
     from shared.settings import Settings
     from shared.store import LocalStore
     from tests.factories import SAMPLE_DATA
@@ -40,7 +41,7 @@ def main() -> None:
         model = build_tiny_t5(work / "model", data_file=SAMPLE_DATA)
         store = LocalStore(work / "store")
         store.upload_dir(model, "models-data/tiny")
-        jobs = JobRecords(store)
+        jobs = JobRecords(store, Ledger(f"sqlite:///{work / 'termtune.db'}"))
         jobs.register_model(
             "tiny", {"name": "tiny", "target": "local", "location": store.uri("models-data/tiny")}
         )

@@ -31,6 +31,9 @@ BENCHES = [
      "(moto's, a Python server: a floor, not S3's speed) vs a plain copy."),
     ("bench.inference", [], 900, "Local inference (the Bedrock twin)",
      "The control plane's LocalModels answering one request at a time, then concurrently."),
+    ("bench.ledger", [], 2400, "The job ledger at 1,000 and 100,000 jobs",
+     "100,000 jobs x 50 events generated into SQLite and PostgreSQL (a private server, "
+     "fsync off); reads through the HTTP API in-process, writes on the ledger."),
 ]  # fmt: skip
 GPU = (
     "bench.gpu_qlora",
@@ -145,6 +148,37 @@ def run(module: str, args: list[str], limit: int) -> tuple[str, float, bool]:
     return "\n".join(lines), time.monotonic() - start, proc.returncode == 0
 
 
+def _sections(lines: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """(the lines before the first section, each "## " section's lines by title)."""
+    head: list[str] = []
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in lines:
+        if line.startswith("## "):
+            current = sections.setdefault(line, [])
+        (head if current is None else current).append(line)
+    return head, sections
+
+
+def merge(old: str, new: list[str]) -> list[str]:
+    """The old page with the sections ``new`` ran replaced (or added) and its header (the
+    machine and date of this run) on top; sections only the old page has are kept and
+    marked with the date they were measured on."""
+    old_head, old_sections = _sections(old.splitlines())
+    new_head, new_sections = _sections(new)
+    date = next((line for line in old_head if line.startswith("- Date: ")), "")
+    page = list(new_head)
+    for title, lines in old_sections.items():
+        if title in new_sections:
+            page += new_sections.pop(title)
+        else:
+            page += [lines[0], "", f"(from the earlier run: {date.removeprefix('- Date: ')})"]
+            page += lines[1:]
+    for lines in new_sections.values():
+        page += lines
+    return page
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
@@ -175,6 +209,8 @@ def main() -> None:
         page += [line for line in output.splitlines() if line.strip()] + ["```", ""]
     if GPU not in benches:
         page += recorded_gpu(RECORDED_GPU)
+    if args.only and args.out.exists():  # the other sections stay as the last run left them
+        page = merge(args.out.read_text(), page)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(page))
     print(f"wrote {args.out}")

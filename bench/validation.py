@@ -18,10 +18,9 @@ import yaml
 
 from services.cli.stages import run_local
 from services.cli.tinymodel import ensure_tiny_t5
-from shared.jobs import JobRecords
+from shared.jobs import open_records
 from shared.jobspec import parse_spec
 from shared.settings import Settings
-from shared.store import open_store
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "medical-terms.yaml"
@@ -38,7 +37,7 @@ def train_once(work: Path, model: Path, every: int | str) -> dict[str, Any]:
     settings = Settings(var_dir=work / f"var-{every}")
     job_id, _ = run_local("prepare", spec, settings=settings)
     run_local("train", spec, job_id=job_id, settings=settings)
-    return JobRecords(open_store(settings)).manifest(job_id, "train") or {}
+    return open_records(settings).manifest(job_id, "train") or {}
 
 
 def main() -> None:

@@ -10,11 +10,14 @@
     │   ├── StoreLocationError    a URI outside the object store or its allowed buckets
     │   ├── MessageError          a bus message that is not a known, valid message
     │   ├── OutOfMemory           training or inference ran out of device memory
+    │   ├── LedgerSchemaError     the job database's schema is newer than this code
     │   └── Cancelled             a user cancelled the job
     ├── RetryableError            a later attempt may succeed (network, broker, throttling)
     │   ├── StoreUnavailable      the object store could not be reached
+    │   ├── LedgerUnavailable     the job database could not be reached
     │   ├── Interrupted           the worker is stopping; the stage resumes elsewhere
     │   └── ProcessFailed         a child process (a data-parallel rank) died
+    ├── Conflict                  the request contradicts the job's state (409)
     └── NotFound (+ KeyError)     a job, artifact or model that does not exist
 
 A stage handler raises a ``PermanentError`` to fail the job at once; anything else it
@@ -78,6 +81,18 @@ class RetryableError(TermtuneError):
 
 class StoreUnavailable(RetryableError):
     """The object store could not be reached."""
+
+
+class LedgerUnavailable(RetryableError):
+    """The job database could not be reached (or is busy past its timeout)."""
+
+
+class LedgerSchemaError(PermanentError):
+    """The job database's schema is newer than this termtune knows, or not a ledger."""
+
+
+class Conflict(TermtuneError):
+    """The request contradicts the job's state (cancel an ended job, retry a running one)."""
 
 
 class Interrupted(RetryableError):

@@ -1,27 +1,46 @@
-"""A job's record in the object store: the truth about what a job has done.
+"""A job's record: its state in the ledger (SQL), its artifacts in the object store.
 
-    jobs/<id>/spec.json                the validated spec, written once
-    jobs/<id>/events/<ns>-<type>.json  one object per event (an append-only log)
-    jobs/<id>/<stage>/...              a stage's outputs
-    jobs/<id>/<stage>/manifest.json    written last: the stage is done
-    models/<name>.json                 published models and where they live
+    ledger  jobs          one row per job: spec, status, current stage, folded view
+            events        the job's events, numbered 1, 2, 3... with no gaps
+            leases        which worker runs a stage, until when (shared.leases)
+            outbox        commands and events to publish, written with the record
+            models        published models and where they live
+    store   jobs/<id>/spec.json                the validated spec (commands point at it)
+            jobs/<id>/<stage>/...              a stage's outputs
+            jobs/<id>/<stage>/manifest.json    written last: the stage is done
 
-The queue only rings the doorbell: a stage that finds its manifest does no work again.
+An event is appended and the job's view updated in one transaction; the messages that must
+follow it are written to the outbox in the same transaction, and a relay publishes them
+(shared.outbox), so a broker outage delays a job and never strands it. The queue only rings
+the doorbell: a stage that finds its manifest does no work again.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import re
 import secrets
-import time
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from shared.errors import NotFound, SpecError
+import sqlalchemy as sa
+import tenacity
+from sqlalchemy.engine import Connection
+
+from shared.errors import Conflict, LedgerUnavailable, NotFound, SpecError
 from shared.jobspec import JobSpec, parse_spec
-from shared.messages import STAGES, Event, Message, Stage, dump_message, parse_message
-from shared.store import Store
+from shared.ledger import Ledger, open_ledger
+from shared.ledger import tables as t
+from shared.ledger.core import wall_clock
+from shared.ledger.view import ENDED, JOB_STATUSES, current_stage, fold, new_view
+from shared.messages import Event, Message, Stage, dump_message, parse_message
+from shared.settings import Settings
+from shared.store import Store, open_store
+
+__all__ = ["ENDED", "JOB_STATUSES", "OUTCOMES", "JobRecords", "new_job_id", "open_records"]
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def new_job_id(name: str) -> str:
@@ -39,11 +58,6 @@ def job_prefix(job_id: str) -> str:
     return f"jobs/{job_id}"
 
 
-#: every status a job can have, and those it ends in ("paused": a stage run in-process
-#: finished and the next one waits for `termtune <stage> SPEC --job ID`)
-JOB_STATUSES = ("queued", "running", "paused", "succeeded", "failed", "rejected", "cancelled")
-ENDED = ("succeeded", "failed", "rejected", "cancelled")
-
 #: the event that records each stage's success
 OUTCOMES = {
     "prepare": "DatasetPrepared",
@@ -52,12 +66,41 @@ OUTCOMES = {
     "publish": "ModelPublished",
 }
 
+#: a message to publish once the record that calls for it is committed: (message, headers)
+Outgoing = tuple[Message, dict[str, Any]]
+
+
+def _outgoing(send: Iterable[Message | Outgoing | None]) -> list[Outgoing]:
+    return [m if isinstance(m, tuple) else (m, {}) for m in send if m is not None]
+
 
 class JobRecords:
-    """Reads and writes job records in a store."""
+    """Reads and writes job records: the ledger for state, the store for artifacts."""
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    def __init__(self, store: Store, ledger: Ledger, *, patience: float = 0.0) -> None:
+        self.store, self.ledger = store, ledger
+        #: how long a write waits for an unavailable database to come back (a worker rides
+        #: out a database restart; the API answers 503 at once)
+        self.patience = patience
+        #: called after a commit that wrote to the outbox (the relay publishes at once)
+        self.on_outbox: Any = None
+
+    def _durably(self, write: Callable[[], T]) -> T:
+        """Run a write, again while the database is unavailable, for up to ``patience``."""
+        if self.patience <= 0:
+            return write()
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(LedgerUnavailable),
+            stop=tenacity.stop_after_delay(self.patience),
+            wait=tenacity.wait_exponential(multiplier=0.5, max=5),
+            before_sleep=lambda state: log.warning(
+                "job database unavailable; trying again: %s", state.outcome.exception()
+            ),
+            reraise=True,
+        )
+        return retrying(write)
+
+    # -- jobs -----------------------------------------------------------------------------
 
     @staticmethod
     def spec_key(job_id: str) -> str:
@@ -73,87 +116,308 @@ class JobRecords:
         """Key of a stage's manifest."""
         return f"{self.stage_prefix(job_id, stage)}/manifest.json"
 
-    def create(self, job_id: str, spec: JobSpec) -> str:
-        """Store a new job's spec (once); returns the spec's URI."""
+    def create(
+        self, job_id: str, spec: JobSpec, *, submitted: Event | None = None, send: Sequence = ()
+    ) -> str:
+        """Record a new job (once; the same id again changes nothing) and its spec's object;
+        with ``submitted``, its first event and ``send`` in the same transaction. The
+        spec's URI."""
         key = self.spec_key(job_id)
         self.store.put_bytes_if_absent(key, spec.model_dump_json(indent=2).encode())
-        return self.store.uri(key)
+        uri = self.store.uri(key)
+        with self.ledger.write() as conn:
+            exists = conn.execute(sa.select(t.jobs.c.number).where(t.jobs.c.id == job_id)).first()
+            if exists is None:
+                self._insert_job(conn, job_id, spec, uri)
+                if submitted is not None:
+                    self._append(conn, submitted)
+                    self._enqueue(conn, job_id, _outgoing(send))
+        if exists is None and send:
+            self.outbox_written()
+        return uri
+
+    def restore(
+        self, job_id: str, spec: JobSpec, events: Sequence[Event], *, cancel_requested: bool
+    ) -> None:
+        """Record a job with its whole history in one transaction (an import); the spec's
+        object must already be in the store."""
+        with self.ledger.write() as conn:
+            self._insert_job(conn, job_id, spec, self.store.uri(self.spec_key(job_id)))
+            for event in events:
+                self._append(conn, event)
+            if cancel_requested:
+                conn.execute(
+                    t.jobs.update().where(t.jobs.c.id == job_id).values(cancel_requested=True)
+                )
+
+    def _insert_job(self, conn: Connection, job_id: str, spec: JobSpec, uri: str) -> None:
+        now = wall_clock()
+        created = datetime.fromtimestamp(now, UTC).isoformat()
+        conn.execute(
+            t.jobs.insert().values(
+                id=job_id,
+                name=spec.name,
+                status="queued",
+                created_at=now,
+                updated_at=now,
+                spec=spec.model_dump(mode="json"),
+                spec_uri=uri,
+                view=new_view(job_id, spec.name, spec.model_name, created),
+            )
+        )
 
     def spec(self, job_id: str) -> JobSpec:
         """A job's spec; NotFound if there is no such job."""
-        try:
-            data = self.store.get_json(self.spec_key(job_id))
-        except NotFound as exc:
-            raise NotFound(f"no job {job_id!r}") from exc
-        return parse_spec(data, source=self.store.uri(self.spec_key(job_id)))
+        row = self._row(job_id, t.jobs.c.spec)
+        return parse_spec(row.spec, source=f"job {job_id}")
+
+    def spec_uri(self, job_id: str) -> str:
+        """Where the job's spec object is (what its commands point at)."""
+        return self._row(job_id, t.jobs.c.spec_uri).spec_uri
 
     def exists(self, job_id: str) -> bool:
         """Whether a job was submitted."""
-        return self.store.exists(self.spec_key(job_id))
+        with self.ledger.read() as conn:
+            found = conn.execute(sa.select(t.jobs.c.number).where(t.jobs.c.id == job_id))
+            return found.first() is not None
 
-    def job_ids(self) -> list[str]:
-        """Every job id, newest first."""
-        ids = {key.split("/")[1] for key in self.store.list("jobs") if key.endswith("/spec.json")}
-        return sorted(ids, key=lambda i: (i.rsplit("-", 2)[-2:], i), reverse=True)
+    def summary(self, job_id: str) -> dict[str, Any]:
+        """Status, stages, results and error of a job (its folded view)."""
+        return self._row(job_id, t.jobs.c.view).view
 
-    def record(self, event: Event) -> None:
-        """Append an event to its job's log."""
-        name = f"{time.time_ns():020d}-{event.message_id[:12]}.json"
-        key = f"{job_prefix(event.job_id)}/events/{name}"
-        self.store.put_json(key, dump_message(event))
+    def _row(self, job_id: str, *columns: Any) -> Any:
+        job_prefix(job_id)  # NotFound for an id no job can have (PostgreSQL refuses NUL)
+        with self.ledger.read() as conn:
+            row = conn.execute(sa.select(*columns).where(t.jobs.c.id == job_id)).first()
+        if row is None:
+            raise NotFound(f"no job {job_id!r}")
+        return row
+
+    def page(
+        self, *, status: str | None = None, limit: int = 20, after: str | None = None
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """Jobs newest first (optionally with one status), after the job ``after``; the
+        views and whether more follow."""
+        query = sa.select(t.jobs.c.view).order_by(t.jobs.c.number.desc()).limit(limit + 1)
+        if status is not None:
+            query = query.where(t.jobs.c.status == status)
+        with self.ledger.read() as conn:
+            if after is not None:
+                job_prefix(after)
+                number = conn.execute(
+                    sa.select(t.jobs.c.number).where(t.jobs.c.id == after)
+                ).scalar()
+                if number is None:
+                    raise NotFound(f"no job {after!r} to page after")
+                query = query.where(t.jobs.c.number < number)
+            views = [row.view for row in conn.execute(query)]
+        return views[:limit], len(views) > limit
+
+    def counts(self) -> dict[str, int]:
+        """How many jobs have each status."""
+        query = sa.select(t.jobs.c.status, sa.func.count()).group_by(t.jobs.c.status)
+        with self.ledger.read() as conn:
+            return {status: n for status, n in conn.execute(query)}
+
+    # -- events ---------------------------------------------------------------------------
+
+    def record(self, event: Event, *, send: Sequence = (), patient: bool = True) -> int:
+        """Append an event to its job's log and fold it into the job's view; ``send``
+        (messages, or (message, headers)) goes to the outbox in the same transaction.
+        The event's sequence number. ``patient=False``: no waiting for the database
+        (progress, which the next report replaces)."""
+
+        def write() -> int:
+            with self.ledger.write() as conn:
+                seq = self._append(conn, event)
+                self._enqueue(conn, event.job_id, _outgoing(send))
+            return seq
+
+        seq = self._durably(write) if patient else write()
+        if send:
+            self.outbox_written()
+        return seq
+
+    def send(self, job_id: str, *messages: Message | Outgoing) -> None:
+        """Publish messages through the outbox (no event recorded)."""
+
+        def write() -> None:
+            with self.ledger.write() as conn:
+                self._enqueue(conn, job_id, _outgoing(messages))
+
+        self._durably(write)
+        self.outbox_written()
+
+    def _append(self, conn: Connection, event: Event) -> int:
+        jobs = t.jobs.c
+        row = conn.execute(
+            sa.select(jobs.view, jobs.last_seq, jobs.retry_seq)
+            .where(jobs.id == event.job_id)
+            .with_for_update()
+        ).first()
+        if row is None:
+            raise NotFound(f"no job {event.job_id!r}")
+        data = dump_message(event)
+        seq = row.last_seq + 1
+        view = fold(row.view, data)
+        values: dict[str, Any] = {
+            "view": view,
+            "status": view["status"],
+            "stage": current_stage(view),
+            "last_seq": seq,
+            "updated_at": wall_clock(),
+        }
+        if data["type"] == "JobRetried":
+            values.update(retry_seq=seq, cancel_requested=False)
+        if data["type"] == "CancelRequested":
+            values["cancel_requested"] = True
+        conn.execute(t.jobs.update().where(jobs.id == event.job_id).values(**values))
+        conn.execute(
+            t.events.insert().values(
+                job_id=event.job_id,
+                seq=seq,
+                type=data["type"],
+                stage=data.get("stage"),
+                created_at=wall_clock(),
+                body=data,
+            )
+        )
+        return seq
+
+    def append(self, conn: Connection, event: Event, *, send: Sequence = ()) -> int:
+        """``record`` inside a caller's write transaction (call ``outbox_written`` after
+        the commit when ``send`` was given)."""
+        seq = self._append(conn, event)
+        self._enqueue(conn, event.job_id, _outgoing(send))
+        return seq
+
+    def _enqueue(self, conn: Connection, job_id: str, outgoing: list[Outgoing]) -> None:
+        if outgoing:
+            conn.execute(
+                t.outbox.insert(),
+                [
+                    {
+                        "job_id": job_id,
+                        "body": dump_message(message),
+                        "headers": headers,
+                        "created_at": wall_clock(),
+                    }
+                    for message, headers in outgoing
+                ],
+            )
+
+    def outbox_written(self) -> None:
+        """Tell the relay (if one is attached) that the outbox has messages to send."""
+        if self.on_outbox is not None:
+            self.on_outbox()
 
     def events(self, job_id: str) -> list[Message]:
         """A job's events, oldest first."""
         return [message for _, message in self.events_after(job_id)]
 
+    def events_after(
+        self, job_id: str, after: int = 0, *, limit: int | None = None
+    ) -> list[tuple[int, Message]]:
+        """(sequence number, event) of a job's events after number ``after``, oldest first."""
+        job_prefix(job_id)
+        ev = t.events.c
+        query = (
+            sa.select(ev.seq, ev.body)
+            .where(ev.job_id == job_id, ev.seq > after)
+            .order_by(ev.seq)
+            .limit(limit)
+        )
+        with self.ledger.read() as conn:
+            return [(row.seq, parse_message(row.body)) for row in conn.execute(query)]
+
+    def _since_retry(self, job_id: str, *where: Any) -> list[Message]:
+        """The job's events after its last user retry that match ``where``, oldest first."""
+        ev = t.events.c
+        retry = sa.select(t.jobs.c.retry_seq).where(t.jobs.c.id == job_id).scalar_subquery()
+        query = sa.select(ev.body).where(ev.job_id == job_id, ev.seq > retry, *where)
+        with self.ledger.read() as conn:
+            return [parse_message(row.body) for row in conn.execute(query.order_by(ev.seq))]
+
     def since_retry(self, job_id: str) -> list[Message]:
         """A job's events after the last user retry (all of them if none)."""
-        events = self.events(job_id)
-        last = max((n for n, e in enumerate(events) if e.type == "JobRetried"), default=-1)
-        return events[last + 1 :]
+        return self._since_retry(job_id)
 
     def outcome(self, job_id: str, stage: str) -> Message | None:
         """The stage's recorded success (since the last retry), if it has one."""
-        kind = OUTCOMES[stage]
-        return next((e for e in self.since_retry(job_id) if e.type == kind), None)
+        found = self._since_retry(job_id, t.events.c.type == OUTCOMES[stage])
+        return found[0] if found else None
 
     def cancelled(self, job_id: str) -> bool:
         """Whether the job was recorded as cancelled (since the last retry)."""
-        return any(e.type == "JobCancelled" for e in self.since_retry(job_id))
+        return bool(self._since_retry(job_id, t.events.c.type == "JobCancelled"))
 
     def started(self, job_id: str, stage: str) -> bool:
         """Whether the stage was started (since the last retry)."""
-        return any(e.type == "StageStarted" and e.stage == stage for e in self.since_retry(job_id))
+        ev = t.events.c
+        return bool(self._since_retry(job_id, ev.type == "StageStarted", ev.stage == stage))
 
     def deaths(self, job_id: str, stage: str) -> int:
-        """Times ``stage`` was started and its worker vanished without an outcome.
+        """Times ``stage`` was started (since the last retry) and its worker vanished
+        without an outcome.
 
         A start followed by another start, or the last start with no outcome when a new
         delivery arrives, is a worker that died (killed, out of memory, crashed) while on
         the command. A graceful interruption (shutdown, lost lease) records itself and does
-        not count; a user's retry starts the count again.
+        not count.
         """
+        ev = t.events.c
+        marks = sa.or_(ev.type != "StageProgress", sa.cast(ev.body, sa.Text).like("%interrupted%"))
         deaths, open_start = 0, False
-        for event in self.events(job_id):
-            if event.type == "JobRetried":
-                deaths, open_start = 0, False
-            elif getattr(event, "stage", None) != stage:
-                continue
-            elif event.type == "StageStarted":
+        for event in self._since_retry(job_id, ev.stage == stage, marks):
+            if event.type == "StageStarted":  # type: ignore[attr-defined]
                 deaths += open_start
                 open_start = True
-            elif event.type != "StageProgress" or event.progress.get("interrupted"):
+            elif event.type != "StageProgress" or event.progress.get("interrupted"):  # type: ignore[attr-defined]
                 open_start = False
         return deaths + open_start
 
-    def events_after(self, job_id: str, after: str = "") -> list[tuple[str, Message]]:
-        """(id, event) of a job's events whose id sorts after ``after``, oldest first."""
-        keys = self.store.list(f"{job_prefix(job_id)}/events")
-        return [
-            (key.rsplit("/", 1)[1], parse_message(self.store.get_json(key)))
-            for key in keys
-            if key.rsplit("/", 1)[1] > after
-        ]
+    # -- cancel ---------------------------------------------------------------------------
+
+    def cancel(self, job_id: str, *, cancelled: Event, requested: Event) -> dict[str, Any]:
+        """Ask a job to stop, in one transaction: Conflict if it has ended; a job nothing
+        runs (queued, paused) is cancelled at once (``cancelled``). The job's view."""
+        with self.ledger.write() as conn:
+            row = conn.execute(
+                sa.select(t.jobs.c.view, t.jobs.c.cancel_requested)
+                .where(t.jobs.c.id == job_id)
+                .with_for_update()
+            ).first()
+            if row is None:
+                raise NotFound(f"no job {job_id!r}")
+            status = row.view["status"]
+            if status in ENDED:
+                raise Conflict(f"job {job_id!r} has already ended ({status})")
+            if not row.cancel_requested:
+                self._append(conn, requested)
+            if status in ("queued", "paused"):
+                self._append(conn, cancelled)
+        return self.summary(job_id)
+
+    def request_cancel(self, job_id: str) -> bool:
+        """Record that a user asked the job to stop (CancelRequested); False if already
+        asked. The running stage stops at its next check."""
+        from shared.messages import CancelRequested
+
+        with self.ledger.write() as conn:
+            asked = conn.execute(
+                t.jobs.update()
+                .where(t.jobs.c.id == job_id, t.jobs.c.cancel_requested.is_(False))
+                .values(cancel_requested=True)
+            ).rowcount
+            if asked:
+                self._append(conn, CancelRequested(job_id=job_id))
+        return bool(asked)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        """Whether a user asked to cancel the job (and did not retry it since)."""
+        return bool(self._row(job_id, t.jobs.c.cancel_requested).cancel_requested)
+
+    # -- manifests (the store) ------------------------------------------------------------
 
     def manifest(self, job_id: str, stage: Stage) -> dict[str, Any] | None:
         """A stage's manifest, or None while the stage is not done."""
@@ -168,22 +432,7 @@ class JobRecords:
         self.store.put_json(key, manifest)
         return self.store.uri(key)
 
-    def summary(self, job_id: str) -> dict[str, Any]:
-        """Status, stages and results of a job, derived from its events."""
-        spec = self.spec(job_id)
-        return summarize(job_id, spec, self.events(job_id))
-
-    def request_cancel(self, job_id: str) -> bool:
-        """Mark a job for cancellation; False if it was already marked."""
-        return self.store.put_bytes_if_absent(f"{job_prefix(job_id)}/cancel", b"cancel requested\n")
-
-    def clear_cancel(self, job_id: str) -> None:
-        """Forget a cancel request (the job is being retried)."""
-        self.store.delete(f"{job_prefix(job_id)}/cancel")
-
-    def cancel_requested(self, job_id: str) -> bool:
-        """Whether a user asked to cancel the job."""
-        return self.store.exists(f"{job_prefix(job_id)}/cancel")
+    # -- published models -----------------------------------------------------------------
 
     def check_model_name(self, name: str, *, overwrite: bool, job_id: str | None = None) -> None:
         """Refuse a name that another job's model holds, unless ``overwrite`` (SpecError)."""
@@ -203,105 +452,53 @@ class JobRecords:
     def register_model(self, name: str, entry: dict[str, Any], *, overwrite: bool = False) -> None:
         """Record a published model under its name. Without ``overwrite`` the first job to
         register a name keeps it: another job's entry is never replaced (SpecError)."""
-        key = f"models/{name}.json"
-        data = json.dumps(entry, indent=2, sort_keys=True, default=str).encode()
-        if overwrite or not self.store.put_bytes_if_absent(key, data):
-            self.check_model_name(name, overwrite=overwrite, job_id=entry.get("job_id"))
-            self.store.put_bytes(key, data)  # a replacement, or this job's earlier attempt
+        entry = _jsonable(entry)
+        with self.ledger.write() as conn:
+            held = conn.execute(
+                sa.select(t.models.c.job_id).where(t.models.c.name == name).with_for_update()
+            ).first()
+            values = {"job_id": str(entry.get("job_id", "")), "entry": entry}
+            if held is None:
+                conn.execute(t.models.insert().values(name=name, updated_at=wall_clock(), **values))
+                return
+            if not overwrite and held.job_id != entry.get("job_id"):
+                self.check_model_name(name, overwrite=False, job_id=entry.get("job_id"))
+            conn.execute(
+                t.models.update()
+                .where(t.models.c.name == name)
+                .values(updated_at=wall_clock(), **values)
+            )
 
     def model(self, name: str) -> dict[str, Any]:
         """A published model's entry; NotFound if none."""
-        try:
-            return self.store.get_json(f"models/{name}.json")
-        except NotFound as exc:
-            raise NotFound(f"no published model {name!r}") from exc
+        if "\x00" in name:
+            raise NotFound(f"no published model {name!r}")
+        with self.ledger.read() as conn:
+            entry = conn.execute(sa.select(t.models.c.entry).where(t.models.c.name == name))
+            found = entry.scalar()
+        if found is None:
+            raise NotFound(f"no published model {name!r}")
+        return found
 
     def delete_model(self, name: str) -> None:
         """Forget a published model (its job's artifacts stay)."""
-        self.store.delete(f"models/{name}.json")
+        with self.ledger.write() as conn:
+            conn.execute(t.models.delete().where(t.models.c.name == name))
 
     def models(self) -> list[dict[str, Any]]:
-        """Every published model."""
-        return [self.store.get_json(k) for k in self.store.list("models") if k.endswith(".json")]
+        """Every published model, by name."""
+        with self.ledger.read() as conn:
+            query = sa.select(t.models.c.entry).order_by(t.models.c.name)
+            return [row.entry for row in conn.execute(query)]
 
 
-def summarize(job_id: str, spec: JobSpec, events: list[Message]) -> dict[str, Any]:
-    """Fold a job's events into its status and per-stage view."""
-    stages: dict[str, dict[str, Any]] = {s: {"status": "pending"} for s in STAGES}
-    job: dict[str, Any] = {
-        "id": job_id,
-        "name": spec.name,
-        "status": "queued",
-        "model_name": spec.model_name,
-        "error": None,
-        "result": {},
-    }
-    for event in events:
-        data = dump_message(event)
-        stage = data.get("stage")
-        if event.type == "JobSubmitted":  # type: ignore[attr-defined]
-            job["created_at"] = data["created_at"]
-            continue
-        if event.type == "CancelRequested":  # type: ignore[attr-defined]
-            job["cancel_requested"] = True
-            continue
-        if event.type == "JobPaused":  # type: ignore[attr-defined]
-            job.update(status="paused", next=data["next"])
-            continue
-        if event.type == "JobRetried":  # type: ignore[attr-defined]
-            # The failure is history: stages from the resumed one on start over.
-            for name in STAGES[STAGES.index(stage) :]:
-                stages[name] = {"status": "pending"}
-                job["result"].pop(name, None)
-            job.update(status="queued", error=None, cancel_requested=False)
-            job["retries"] = job.get("retries", 0) + 1
-            continue
-        view = stages[stage]
-        kind = event.type  # type: ignore[attr-defined]
-        if kind == "StageStarted":
-            view.update(
-                status="running",
-                started_at=data["created_at"],
-                attempt=data["attempt"],
-                worker=data["worker"],
-            )
-            if job["status"] in ("queued", "paused"):
-                job["status"] = "running"
-                job.pop("next", None)
-        elif kind == "StageProgress":
-            view["progress"] = data["progress"]
-        elif kind == "JobCancelled":
-            view.update(status="cancelled", finished_at=data["created_at"])
-            job["status"] = "cancelled"
-            _skip_after(stages, stage)
-        elif kind == "StageFailed":
-            view.update(status="failed", finished_at=data["created_at"], error=data["error"])
-            job.update(
-                status="failed",
-                error={"stage": stage, "reason": data["error"], "type": data["error_type"]},
-            )
-            _skip_after(stages, stage)
-        else:
-            view.update(
-                status="succeeded", finished_at=data["created_at"], manifest=data["manifest"]
-            )
-            job["result"][stage] = {
-                k: v
-                for k, v in data.items()
-                if k
-                not in ("job_id", "schema_version", "message_id", "created_at", "type", "stage")
-            }
-            if kind == "ModelEvaluated" and not data["publish"]:
-                job["status"] = "rejected"
-                stages["publish"]["status"] = "skipped"
-            if kind == "ModelPublished":
-                job["status"] = "succeeded"
-    job["stages"] = stages
-    return job
+def _jsonable(entry: dict[str, Any]) -> dict[str, Any]:
+    """The entry as JSON types (paths and times become strings)."""
+    import json
+
+    return json.loads(json.dumps(entry, default=str))
 
 
-def _skip_after(stages: dict[str, dict[str, Any]], stage: str) -> None:
-    """The stages after one that ended the job will not run: they say so."""
-    for name in STAGES[STAGES.index(stage) + 1 :]:
-        if stages[name]["status"] == "pending":
-            stages[name]["status"] = "skipped"
+def open_records(settings: Settings, *, patience: float = 0.0) -> JobRecords:
+    """The job records of the settings' store and database."""
+    return JobRecords(open_store(settings), open_ledger(settings), patience=patience)

@@ -1,22 +1,23 @@
-"""Leases in the object store: which worker owns a long stage, renewed by a heartbeat.
+"""Leases in the ledger: which worker owns a running stage, renewed by a heartbeat.
 
-A lease is one JSON object (``jobs/<id>/<stage>/lease.json``) holding the owner, an expiry
-and the command being worked on. It is taken when absent or expired and renewed with
-compare-and-swap, so two workers never both believe they hold it. The reconciler re-sends
-the command of a lease that expired (its worker died, even by ``kill -9``).
+A lease is one row (job, stage) holding the owner, an expiry on the database's clock, a
+version and the command being worked on. It is taken when absent or expired, and renewed,
+by one conditional statement, so two workers never both believe they hold it. The
+reconciler re-sends the command of a lease that expired (its worker died, even by
+``kill -9``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.errors import NotFound
-from shared.store import Store
+import sqlalchemy as sa
+
+from shared.ledger import Ledger
+from shared.ledger import tables as t
 
 log = logging.getLogger(__name__)
 
@@ -25,57 +26,82 @@ log = logging.getLogger(__name__)
 class Lease:
     """One worker's claim on one stage of one job."""
 
-    store: Store
-    key: str
+    ledger: Ledger
+    job_id: str
+    stage: str
     owner: str
     ttl: float
     command: dict[str, Any] = field(default_factory=dict)
-    version: str | None = None
+    version: int | None = None
 
-    def _doc(self) -> bytes:
-        return json.dumps(
-            {"owner": self.owner, "expires_at": time.time() + self.ttl, "command": self.command}
-        ).encode()
+    @property
+    def key(self) -> str:
+        """The lease's name in logs."""
+        return f"{self.job_id}/{self.stage}"
+
+    def _this(self) -> Any:
+        return sa.and_(t.leases.c.job_id == self.job_id, t.leases.c.stage == self.stage)
 
     def acquire(self) -> bool:
         """Take the lease if it is free, expired or already ours."""
-        doc = self._doc()
-        if self.store.put_bytes_if_absent(self.key, doc):
-            self.version = self.store.get_versioned(self.key)[1]
-            return True
         try:
-            data, version = self.store.get_versioned(self.key)
-        except NotFound:
-            return self.acquire()  # released meanwhile
-        current = json.loads(data)
-        if current["owner"] != self.owner and current["expires_at"] > time.time():
-            return False
-        return self._swap(doc, version)
+            return self._acquire()
+        except sa.exc.IntegrityError:
+            return False  # another worker inserted it first
+
+    def _acquire(self) -> bool:
+        leases, now = t.leases.c, self.ledger.now
+        with self.ledger.write() as conn:
+            taken = conn.execute(
+                t.leases.update()
+                .where(self._this(), sa.or_(leases.owner == self.owner, leases.expires_at <= now))
+                .values(
+                    owner=self.owner,
+                    expires_at=now + self.ttl,
+                    version=leases.version + 1,
+                    command=self.command,
+                    redispatched_for=None,
+                )
+                .returning(leases.version)
+            ).first()
+            if taken is None:
+                held = conn.execute(sa.select(leases.owner).where(self._this())).first()
+                if held is not None:
+                    return False  # a live worker holds it
+                conn.execute(
+                    t.leases.insert().values(
+                        job_id=self.job_id,
+                        stage=self.stage,
+                        owner=self.owner,
+                        expires_at=now + self.ttl,
+                        version=1,
+                        command=self.command,
+                    )
+                )
+                self.version = 1
+                return True
+            self.version = taken.version
+            return True
 
     def renew(self) -> bool:
         """Extend the lease; False if another worker took it (it expired)."""
-        try:
-            data, version = self.store.get_versioned(self.key)
-        except NotFound:
+        leases = t.leases.c
+        with self.ledger.write() as conn:
+            renewed = conn.execute(
+                t.leases.update()
+                .where(self._this(), leases.owner == self.owner, leases.version == self.version)
+                .values(expires_at=self.ledger.now + self.ttl, version=leases.version + 1)
+                .returning(leases.version)
+            ).first()
+        if renewed is None:
             return False
-        if json.loads(data)["owner"] != self.owner:
-            return False
-        return self._swap(self._doc(), version)
-
-    def _swap(self, doc: bytes, version: str) -> bool:
-        if not self.store.put_if_version(self.key, doc, version):
-            return False
-        self.version = self.store.get_versioned(self.key)[1]
+        self.version = renewed.version
         return True
 
     def release(self) -> None:
         """Give the lease up if it is still ours."""
-        try:
-            data, _ = self.store.get_versioned(self.key)
-        except NotFound:
-            return
-        if json.loads(data)["owner"] == self.owner:
-            self.store.delete(self.key)
+        with self.ledger.write() as conn:
+            conn.execute(t.leases.delete().where(self._this(), t.leases.c.owner == self.owner))
 
 
 class LeaseKeeper:
@@ -94,7 +120,7 @@ class LeaseKeeper:
                     log.error("lease %s lost to another worker", self.lease.key)
                     self.lost.set()
                     return
-            except Exception as exc:  # noqa: BLE001 - a store hiccup: try again next beat
+            except Exception as exc:  # noqa: BLE001 - a database hiccup: try again next beat
                 log.warning("lease %s not renewed: %s", self.lease.key, exc)
 
     def __enter__(self) -> LeaseKeeper:
@@ -106,29 +132,49 @@ class LeaseKeeper:
         self._thread.join(timeout=5)
 
 
-def expired_leases(store: Store, *, now: float | None = None) -> list[tuple[str, dict[str, Any]]]:
-    """(key, document) of every stage lease past its expiry."""
-    now = time.time() if now is None else now
-    found = []
-    for key in store.list("jobs"):
-        if key.endswith("/lease.json"):
-            try:
-                doc = json.loads(store.get_bytes(key))
-            except NotFound:
-                continue
-            if doc["expires_at"] <= now and doc.get("redispatched_for") != doc["expires_at"]:
-                found.append((key, doc))
-    return found
+@dataclass
+class ExpiredLease:
+    """A lease past its expiry whose command was not sent again yet."""
+
+    job_id: str
+    stage: str
+    version: int
+    command: dict[str, Any]
 
 
-def mark_redispatched(store: Store, key: str, doc: dict[str, Any]) -> bool:
-    """Record that an expired lease's command was sent again (once per expiry)."""
-    try:
-        data, version = store.get_versioned(key)
-    except NotFound:
-        return False
-    if json.loads(data) != doc:
-        return False  # renewed or taken meanwhile
-    return store.put_if_version(
-        key, json.dumps({**doc, "redispatched_for": doc["expires_at"]}).encode(), version
+def expired_leases(ledger: Ledger, *, grace: float = 0.0) -> list[ExpiredLease]:
+    """Every stage lease more than ``grace`` seconds past its expiry, not yet re-sent."""
+    leases = t.leases.c
+    query = sa.select(leases.job_id, leases.stage, leases.version, leases.command).where(
+        leases.expires_at + grace <= ledger.now, leases.redispatched_for.is_(None)
     )
+    with ledger.read() as conn:
+        return [ExpiredLease(*row) for row in conn.execute(query)]
+
+
+def delete_lease(conn: sa.Connection, lease: ExpiredLease) -> None:
+    """Drop a stale lease (its stage ended), if nobody took it meanwhile."""
+    conn.execute(
+        t.leases.delete().where(
+            t.leases.c.job_id == lease.job_id,
+            t.leases.c.stage == lease.stage,
+            t.leases.c.version == lease.version,
+        )
+    )
+
+
+def mark_redispatched(conn: sa.Connection, lease: ExpiredLease, ledger: Ledger) -> bool:
+    """Record that an expired lease's command was sent again (once per expiry): False if
+    it was renewed, taken or re-sent by another replica meanwhile."""
+    leases = t.leases.c
+    done = conn.execute(
+        t.leases.update()
+        .where(
+            leases.job_id == lease.job_id,
+            leases.stage == lease.stage,
+            leases.version == lease.version,
+            leases.redispatched_for.is_(None),
+        )
+        .values(redispatched_for=ledger.now)
+    )
+    return done.rowcount == 1

@@ -3,66 +3,53 @@
 from __future__ import annotations
 
 import logging
-import threading
 
-from shared.bus import ATTEMPT_HEADER, Bus
+from shared.bus import ATTEMPT_HEADER
 from shared.jobs import JobRecords
-from shared.leases import expired_leases, mark_redispatched
+from shared.leases import delete_lease, expired_leases, mark_redispatched
 from shared.messages import StageProgress, parse_message
+from shared.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
 
-def reconcile_once(jobs: JobRecords, bus: Bus) -> list[str]:
-    """Re-dispatch each stage whose lease expired before the stage finished; the job ids."""
+def reconcile_once(jobs: JobRecords) -> list[str]:
+    """Re-dispatch each stage whose lease expired before the stage finished; the job ids.
+
+    The lease is marked, the event recorded and the command written to the outbox in one
+    transaction: two replicas never both re-send it, and a crash re-sends it or nothing.
+    """
     sent = []
-    for key, doc in expired_leases(jobs.store):
-        _, job_id, stage, _ = key.split("/", 3)
-        if jobs.store.exists(f"jobs/{job_id}/{stage}/manifest.json") or jobs.cancel_requested(
-            job_id
-        ):
-            jobs.store.delete(key)  # the stage ended; the lease is stale
-            continue
-        if not mark_redispatched(jobs.store, key, doc):
-            continue  # renewed, taken or re-sent by another replica meanwhile
-        command = parse_message(doc["command"]["body"])
-        attempt = int(doc["command"]["attempt"]) + 1
-        bus.publish(command, headers={ATTEMPT_HEADER: attempt})
-        jobs.record(
-            StageProgress(
-                job_id=job_id,
-                stage=stage,
+    for lease in expired_leases(jobs.ledger):
+        stale = jobs.store.exists(
+            jobs.manifest_key(lease.job_id, lease.stage)  # type: ignore[arg-type]
+        ) or jobs.cancel_requested(lease.job_id)
+        with jobs.ledger.write() as conn:
+            if stale:
+                delete_lease(conn, lease)  # the stage ended; the lease is stale
+                continue
+            if not mark_redispatched(conn, lease, jobs.ledger):
+                continue  # renewed, taken or re-sent by another replica meanwhile
+            command = parse_message(lease.command["body"])
+            attempt = int(lease.command["attempt"]) + 1
+            progress = StageProgress(
+                job_id=lease.job_id,
+                stage=lease.stage,
                 progress={
                     "phase": "worker lost (lease expired); job sent again",
                     "attempt": attempt,
                 },
             )
-        )
-        log.warning("re-dispatched %s %s (attempt %d)", job_id, stage, attempt)
-        sent.append(job_id)
+            jobs.append(conn, progress, send=[(command, {ATTEMPT_HEADER: attempt})])
+        log.warning("re-dispatched %s %s (attempt %d)", lease.job_id, lease.stage, attempt)
+        sent.append(lease.job_id)
+    if sent:
+        jobs.outbox_written()
     return sent
 
 
-class Reconciler:
+class Reconciler(Periodic):
     """Runs reconcile_once every few seconds in a background thread."""
 
-    def __init__(self, jobs: JobRecords, bus: Bus, *, every: float) -> None:
-        self.jobs, self.bus, self.every = jobs, bus, every
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="reconciler")
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every):
-            try:
-                reconcile_once(self.jobs, self.bus)
-            except Exception as exc:  # noqa: BLE001 - keep reconciling after a hiccup
-                log.error("reconcile failed: %s", exc)
-
-    def start(self) -> None:
-        """Begin reconciling."""
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop reconciling."""
-        self._stop.set()
-        self._thread.join(timeout=5)
+    def __init__(self, jobs: JobRecords, *, every: float) -> None:
+        super().__init__("reconciler", every, lambda: reconcile_once(jobs))

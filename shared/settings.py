@@ -1,8 +1,9 @@
 """Settings every service shares, read from ``TERMTUNE_*`` environment variables.
 
-The defaults are the embedded setup: kombu's ``filesystem://`` broker and a local folder
-store, both under ``./var``. Deployments set ``TERMTUNE_BROKER_URL`` (``amqp://...``,
-``sqs://``) and ``TERMTUNE_STORE_URL`` (``s3://bucket/prefix``).
+The defaults are the embedded setup: kombu's ``filesystem://`` broker, a local folder
+store and an SQLite ledger, all under ``./var``. Deployments set ``TERMTUNE_BROKER_URL``
+(``amqp://...``, ``sqs://``), ``TERMTUNE_STORE_URL`` (``s3://bucket/prefix``) and
+``TERMTUNE_DATABASE_URL`` (``postgresql+psycopg://...``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,16 @@ class Settings(BaseSettings):
     var_dir: Path = Field(Path("var"), description="Root of the embedded broker and store.")
     broker_url: str = Field("filesystem://", description="kombu broker URL.")
     store_url: str = Field("", description="file:///path or s3://bucket/prefix (default: var).")
+    database_url: str = Field(
+        "",
+        description="SQLAlchemy URL of the job ledger: sqlite:///path (default: var/termtune.db) "
+        "or postgresql+psycopg://user@host:5432/db.",
+    )
+    database_password: str | None = Field(
+        None,
+        repr=False,
+        description="Password put into database_url (kept apart so it can come from a secret).",
+    )
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO...).")
     allowed_buckets: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma-separated buckets datasets may come from."
@@ -45,6 +56,12 @@ class Settings(BaseSettings):
     )
     reconcile_seconds: float = Field(
         15.0, gt=0, description="How often the control plane re-sends jobs whose lease expired."
+    )
+    database_patience_seconds: float = Field(
+        120.0,
+        ge=0,
+        description="How long a worker waits for an unavailable job database before it "
+        "hands the command back to the queue.",
     )
     log_level: str = Field("INFO", description="Python logging level.")
     sqs_region: str | None = Field(None, description="SQS region (default: AWS_DEFAULT_REGION).")
@@ -68,6 +85,8 @@ class Settings(BaseSettings):
         self.var_dir = self.var_dir.resolve()
         if not self.store_url:
             self.store_url = (self.var_dir / "store").as_uri()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.var_dir / 'termtune.db'}"
 
     @property
     def broker_dir(self) -> Path:

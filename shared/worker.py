@@ -1,165 +1,49 @@
 """The loop every stage service runs: receive a command, run the handler, record, continue.
 
 The handler decides; this module wires it to the bus and the job's record. Order matters:
-the handler stores its outputs and manifest, then the event is recorded and the next
-command published, and only then is the delivery acked. A crash anywhere before the ack
-redelivers the command, and the handler finds its manifest and does no work twice.
+the handler stores its outputs and manifest, then the event is recorded with the next
+command in the ledger's outbox (one transaction), the outbox is relayed to the bus, and
+only then is the delivery acked. A crash anywhere before the ack redelivers the command,
+and the handler finds its manifest and does no work twice.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import shutil
 import signal
-import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from shared.bus import ATTEMPT_HEADER, SERVICE_COMMANDS, Bus
 from shared.ecs import protect_task
-from shared.errors import Cancelled, Interrupted, MessageError, PermanentError
+from shared.errors import Interrupted, LedgerUnavailable, MessageError
 from shared.jobs import JobRecords
-from shared.jobspec import JobSpec, parse_spec
 from shared.leases import Lease, LeaseKeeper
+from shared.ledger import open_ledger
 from shared.lifetime import end_with_launcher
 from shared.messages import (
     STAGE_OF_COMMAND,
     Command,
     Event,
-    JobCancelled,
     StageFailed,
     StageProgress,
-    StageStarted,
     dump_message,
     parse_message,
 )
+from shared.outbox import Relay, relay_once
 from shared.pipeline import next_command
 from shared.settings import Settings
+from shared.stage import Handler, StageContext, run_stage
 from shared.store import Store, open_store
 
 log = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 5.0
-PROGRESS_EVERY_SECONDS = 2.0
-
-
-@dataclass
-class StageContext:
-    """What a handler may use: the store, the job records, settings and a progress hook."""
-
-    store: Store
-    jobs: JobRecords
-    settings: Settings
-    worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
-    progress: Callable[..., None] = field(default=lambda progress, *, force=False: None)
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    lease_lost: threading.Event = field(default_factory=threading.Event)
-
-    def should_stop(self, command: Command) -> str | None:
-        """Why the running stage must stop now: "lost" (lease), "cancel", "shutdown", or None."""
-        if self.lease_lost.is_set():
-            return "lost"
-        if self.jobs.cancel_requested(command.job_id):
-            return "cancel"
-        return "shutdown" if self.stop.is_set() else None
-
-    def spec(self, command: Command) -> JobSpec:
-        """The job spec a command points at."""
-        data = self.store.get_json(self.store.key_of(command.spec_uri))
-        return parse_spec(data, source=command.spec_uri)
-
-    def manifest_at(self, uri: str) -> dict[str, Any]:
-        """A stage manifest by its URI."""
-        return self.store.get_json(self.store.key_of(uri))
-
-    def scratch(self, command: Command, name: str) -> Path:
-        """An empty local working folder for one stage of one job."""
-        folder = self.settings.cache_dir / "scratch" / command.job_id / name
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        return folder
-
-
-Handler = Callable[[Command, StageContext], Event]
-
-
-class _Progress:
-    """Records progress events for one stage, at most one every few seconds."""
-
-    def __init__(self, jobs: JobRecords, command: Command) -> None:
-        self.jobs, self.command, self.last = jobs, command, 0.0
-
-    def __call__(self, progress: dict[str, Any], *, force: bool = False) -> None:
-        now = time.monotonic()
-        if force or now - self.last >= PROGRESS_EVERY_SECONDS:
-            self.last = now
-            stage = STAGE_OF_COMMAND[self.command.type]  # type: ignore[attr-defined]
-            self.jobs.record(
-                StageProgress(job_id=self.command.job_id, stage=stage, progress=progress)
-            )
-
-
-def run_stage(
-    command: Command,
-    handler: Handler,
-    ctx: StageContext,
-    *,
-    attempt: int = 1,
-    final_attempt: bool = True,
-) -> Event | None:
-    """Run one stage and record its outcome; returns the event, None if it should be retried.
-
-    A PermanentError, or any error on the final attempt, records StageFailed and returns it.
-    """
-    stage = STAGE_OF_COMMAND[command.type]  # type: ignore[attr-defined]
-    jobs = ctx.jobs
-    if jobs.cancel_requested(command.job_id) and jobs.cancelled(command.job_id):
-        return JobCancelled(job_id=command.job_id, stage=stage)  # recorded when cancelled
-    jobs.record(
-        StageStarted(job_id=command.job_id, stage=stage, worker=ctx.worker, attempt=attempt)
-    )
-    ctx.progress = _Progress(jobs, command)
-    try:
-        if jobs.cancel_requested(command.job_id):
-            raise Cancelled(f"job {command.job_id} was cancelled")
-        event = handler(command, ctx)
-    except Cancelled:
-        cancelled = JobCancelled(job_id=command.job_id, stage=stage)
-        jobs.record(cancelled)
-        return cancelled
-    except Interrupted:
-        raise  # not a failure: the worker requeues the command
-    except Exception as exc:  # noqa: BLE001 - every failure is recorded, then decided
-        permanent = isinstance(exc, PermanentError)
-        log.error(
-            "%s %s attempt %d failed: %s",
-            stage,
-            command.job_id,
-            attempt,
-            exc,
-            exc_info=not permanent,
-        )
-        if not (permanent or final_attempt):
-            return None
-        failed = StageFailed(
-            job_id=command.job_id,
-            stage=stage,
-            error=str(exc) or repr(exc),
-            error_type=type(exc).__name__,
-            attempts=attempt,
-            permanent=permanent,
-        )
-        jobs.record(failed)
-        return failed
-    jobs.record(event)
-    return event
+DATABASE_RETRY_SECONDS = 5.0
 
 
 class Worker:
@@ -173,14 +57,16 @@ class Worker:
         settings: Settings,
         bus: Bus,
         store: Store,
+        jobs: JobRecords | None = None,
         leased: bool = False,
     ) -> None:
         self.leased = leased
         self.service, self.handler, self.settings, self.bus = service, handler, settings, bus
         self.stop = threading.Event()
-        self.ctx = StageContext(
-            store=store, jobs=JobRecords(store), settings=settings, stop=self.stop
+        jobs = jobs or JobRecords(
+            store, open_ledger(settings), patience=settings.database_patience_seconds
         )
+        self.ctx = StageContext(store=store, jobs=jobs, settings=settings, stop=self.stop)
 
     def on_message(self, body: Any, message: Any) -> None:
         """Handle one delivery and ack it once everything it caused is stored.
@@ -200,13 +86,31 @@ class Worker:
             message.ack()
             return
         attempt = int((message.headers or {}).get(ATTEMPT_HEADER, 1))
-        with self._in_flight(message):
-            if not self.leased:
-                self._process(command, attempt, body=body)
-            else:
-                self._process_leased(command, attempt, body=body, message=message)
+        try:
+            with self._in_flight(message):
+                if not self.leased:
+                    self._process(command, attempt, body=body)
+                else:
+                    self._process_leased(command, attempt, body=body, message=message)
+        except LedgerUnavailable as exc:
+            # The job's record cannot be read or written: hand the command back (a leased
+            # one that was acked comes back through its expired lease) and wait a while.
+            log.error("%s: %s; the command goes back to the queue", command.job_id, exc)
+            if not message.acknowledged:
+                message.requeue()
+            self.stop.wait(DATABASE_RETRY_SECONDS)
+            return
+        self._relay()
         if not message.acknowledged:
             message.ack()
+
+    def _relay(self) -> None:
+        """Publish what this delivery wrote to the outbox now; what fails to go out (the
+        broker is down) stays there for the relay thread to send."""
+        try:
+            relay_once(self.ctx.jobs, self.bus)
+        except Exception as exc:  # noqa: BLE001 - the outbox keeps it
+            log.warning("outbox not relayed yet (%s); it is kept and sent later", exc)
 
     def _process_leased(self, command: Command, attempt: int, *, body: Any, message: Any) -> None:
         lease = self._lease(command, attempt)
@@ -252,8 +156,9 @@ class Worker:
     def _lease(self, command: Command, attempt: int) -> Lease:
         stage = STAGE_OF_COMMAND[command.type]  # type: ignore[attr-defined]
         return Lease(
-            self.ctx.store,
-            f"{self.ctx.jobs.stage_prefix(command.job_id, stage)}/lease.json",
+            self.ctx.jobs.ledger,
+            command.job_id,
+            stage,
             owner=self.ctx.worker,
             ttl=self.settings.lease_seconds,
             command={"body": dump_message(command), "attempt": attempt},
@@ -272,7 +177,12 @@ class Worker:
         else:
             try:
                 event = run_stage(
-                    command, self.handler, self.ctx, attempt=attempt, final_attempt=final
+                    command,
+                    self.handler,
+                    self.ctx,
+                    attempt=attempt,
+                    final_attempt=final,
+                    dispatch=True,
                 )
             except Interrupted as exc:
                 if self.ctx.lease_lost.is_set():
@@ -284,19 +194,15 @@ class Worker:
                         job_id=command.job_id,
                         stage=stage,
                         progress={"phase": f"interrupted ({exc}); sent again", "interrupted": True},
-                    )
+                    ),
+                    send=[(command, {ATTEMPT_HEADER: attempt})],
                 )
-                self.bus.publish(command, headers={ATTEMPT_HEADER: attempt})
                 return
         if event is None:
-            self.bus.publish(command, headers={ATTEMPT_HEADER: attempt + 1})
+            self.ctx.jobs.send(command.job_id, (command, {ATTEMPT_HEADER: attempt + 1}))
             return
-        self.bus.publish(event)
         if isinstance(event, StageFailed) and not event.permanent:
             self.bus.dead_letter(body, routing_key=command.routing_key, reason=event.error)
-        following = next_command(command, event)
-        if following is not None:
-            self.bus.publish(following)
 
     def _delivered_again(self, command: Command, done: Event) -> None:
         """A command whose stage already succeeded (at-least-once delivery): nothing is run
@@ -307,7 +213,7 @@ class Worker:
         if following is None:
             return
         if not self.ctx.jobs.started(command.job_id, STAGE_OF_COMMAND[following.type]):  # type: ignore[attr-defined]
-            self.bus.publish(following)
+            self.ctx.jobs.send(command.job_id, following)
 
     def _give_up(self, command: Command, stage: str, deaths: int) -> StageFailed:
         """A command whose workers keep dying (a crash loop): fail the job, not the fleet."""
@@ -321,7 +227,7 @@ class Worker:
             permanent=False,
         )
         log.error("%s: %s", command.job_id, failed.error)
-        self.ctx.jobs.record(failed)
+        self.ctx.jobs.record(failed, send=[failed])
         return failed
 
     def _parse(self, body: Any) -> Command:
@@ -346,8 +252,13 @@ class Worker:
         self.bus.declare()
         self.heartbeat()
         threading.Thread(target=self._beat_forever, daemon=True).start()
+        relay = Relay(self.ctx.jobs, self.bus)  # what another process left unsent
+        relay.start()
         log.info("%s ready on %s", self.service, self.settings.broker_url.split("@")[-1])
-        self.bus.consume(self.service, self.on_message, stop=self.stop, pull=self.leased)
+        try:
+            self.bus.consume(self.service, self.on_message, stop=self.stop, pull=self.leased)
+        finally:
+            relay.stop()
         log.info("%s stopped", self.service)
 
 

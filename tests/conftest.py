@@ -16,6 +16,11 @@ from tests.factories import SAMPLE_DATA, make_ctx, make_spec
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+#: ``TERMTUNE_TEST_DATABASE=postgresql`` (make test sets it) runs every test on a fresh
+#: database of a private PostgreSQL server; otherwise each test's ledger is SQLite under its
+#: own var folder, the embedded default.
+ON_POSTGRES = os.environ.get("TERMTUNE_TEST_DATABASE", "sqlite") == "postgresql"
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -30,9 +35,18 @@ def ctx(tmp_path: Path) -> StageContext:
 
 
 @pytest.fixture(scope="session")
-def trained_job(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dict:
+def session_database(request: pytest.FixtureRequest) -> str | None:
+    """A database for session-long fixtures: on PostgreSQL one of its own (a test's fresh
+    database is dropped after the test); None: SQLite under the fixture's var folder."""
+    return request.getfixturevalue("postgres").fresh_database() if ON_POSTGRES else None
+
+
+@pytest.fixture(scope="session")
+def trained_job(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, session_database: str | None
+) -> dict:
     """A job whose prepare and train stages ran (shared by evaluator/publisher tests)."""
-    ctx = make_ctx(tmp_path_factory.mktemp("trained") / "var")
+    ctx = make_ctx(tmp_path_factory.mktemp("trained") / "var", session_database)
     spec = make_spec(tiny_model, dataset={"validation_size": 0.1})
     job_id = "trained-job"
     prepare = PrepareDataset(job_id=job_id, spec_uri=ctx.jobs.create(job_id, spec))
@@ -82,3 +96,37 @@ def s3_endpoint() -> str:
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """The tests' PostgreSQL server, for the session (in a folder of its own: as root the
+    server runs as the postgres account, which cannot enter pytest's private folders)."""
+    import shutil
+    import tempfile
+
+    from tests.postgres import PostgresServer
+
+    root = Path(tempfile.mkdtemp(prefix="termtune-pg-"))
+    root.chmod(0o755)
+    server = PostgresServer(root / "server")
+    server.start()
+    yield server
+    server.stop("immediate")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _database(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """On PostgreSQL, a fresh database for this test (every process it starts inherits it)."""
+    if not ON_POSTGRES:
+        yield None
+        return
+    server = request.getfixturevalue("postgres")
+    url = server.fresh_database()
+    monkeypatch.setenv("TERMTUNE_DATABASE_URL", url)
+    yield url
+    from shared.ledger.core import forget
+
+    forget(url)
+    server.drop_database(url)

@@ -7,8 +7,9 @@ from typing import Any
 
 from shared.jobs import JobRecords
 from shared.jobspec import JobSpec, parse_spec
+from shared.ledger import open_ledger
 from shared.settings import Settings
-from shared.store import LocalStore
+from shared.store import LocalStore, Store, open_store
 from shared.worker import StageContext
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,8 +58,29 @@ def make_spec(model_dir: Path, **overrides: Any) -> JobSpec:
     return parse_spec(spec_dict(model_dir, **overrides))
 
 
-def make_ctx(var_dir: Path) -> StageContext:
-    """A stage context on a local store under a temporary folder."""
-    settings = Settings(var_dir=var_dir)
+def make_ctx(var_dir: Path, database_url: str | None = None) -> StageContext:
+    """A stage context on a local store under a temporary folder (and the test's database,
+    or ``database_url``)."""
+    settings = Settings(var_dir=var_dir, **({"database_url": database_url} if database_url else {}))
     store = LocalStore(var_dir / "store")
-    return StageContext(store=store, jobs=JobRecords(store), settings=settings)
+    return StageContext(store=store, jobs=make_jobs(settings, store), settings=settings)
+
+
+def make_jobs(settings: Settings, store: Store | None = None) -> JobRecords:
+    """Job records on the settings' database (SQLite under var, or the test PostgreSQL
+    server's fresh database) and store."""
+    return JobRecords(store or open_store(settings), open_ledger(settings))
+
+
+def lease_owner(var_dir: Path, job_id: str, stage: str) -> str | None:
+    """Who holds a stage's lease in the ledger of a var folder (or the test's database)."""
+    import sqlalchemy as sa
+
+    from shared.ledger import tables as t
+
+    jobs = make_jobs(Settings(var_dir=var_dir))
+    leases = t.leases.c
+    with jobs.ledger.read() as conn:
+        return conn.execute(
+            sa.select(leases.owner).where(leases.job_id == job_id, leases.stage == stage)
+        ).scalar()

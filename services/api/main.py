@@ -21,12 +21,12 @@ from services.api.middleware import (
 )
 from services.api.routes import estimate, health, jobs, metrics, models, web
 from shared.bus import Bus
-from shared.errors import BedrockError, PermanentError, TermtuneError
-from shared.jobs import JobRecords
+from shared.errors import BedrockError, Conflict, NotFound, PermanentError, TermtuneError
+from shared.jobs import open_records
 from shared.lifetime import end_with_launcher
+from shared.outbox import Relay
 from shared.reconciler import Reconciler
 from shared.settings import ApiSettings, development_key
-from shared.store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +43,21 @@ def resolve_api_key(settings: ApiSettings) -> str:
 
 
 def create_app(settings: ApiSettings | None = None, *, bus: Bus | None = None) -> FastAPI:
-    """The FastAPI app wired to the store and bus the settings name."""
+    """The FastAPI app wired to the store, database and bus the settings name."""
     settings = settings or ApiSettings()
-    job_records = JobRecords(open_store(settings))
+    job_records = open_records(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.bus.declare()
-        reconciler = Reconciler(job_records, app.state.bus, every=settings.reconcile_seconds)
+        relay = Relay(job_records, app.state.bus)  # the outbox, published
+        reconciler = Reconciler(job_records, every=settings.reconcile_seconds)
+        relay.start()
+        relay.kick()  # what was recorded while no relay ran (a broker outage, a restart)
         reconciler.start()
         yield
         reconciler.stop()
+        relay.stop()
         app.state.bus.close()
 
     app = FastAPI(
@@ -95,6 +99,10 @@ def create_app(settings: ApiSettings | None = None, *, bus: Bus | None = None) -
         code = 422 if isinstance(exc, PermanentError) else 503
         if isinstance(exc, BedrockError):
             code = 502  # Bedrock refused; the body says what to fix
+        if isinstance(exc, Conflict):
+            code = 409
+        if isinstance(exc, NotFound):
+            code = 404
         return JSONResponse({"detail": str(exc), "type": type(exc).__name__}, status_code=code)
 
     return app

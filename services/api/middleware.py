@@ -81,16 +81,13 @@ def _replay(messages: list[dict[str, Any]], receive: Any) -> Any:
 
 
 class _JobsCollector:
-    """Jobs by status, read from the job records at scrape time (newest ``limit`` jobs)."""
+    """Jobs by status, counted by the ledger at scrape time."""
 
-    def __init__(self, jobs: JobRecords, limit: int = 1000) -> None:
-        self.jobs, self.limit = jobs, limit
+    def __init__(self, jobs: JobRecords) -> None:
+        self.jobs = jobs
 
     def collect(self) -> Any:
-        counts: dict[str, int] = {}
-        for job_id in self.jobs.job_ids()[: self.limit]:
-            status = self.jobs.summary(job_id)["status"]
-            counts[status] = counts.get(status, 0) + 1
+        counts = self.jobs.counts()
         jobs = GaugeMetricFamily("termtune_jobs", "Jobs by status.", labels=["status"])
         for status in JOB_STATUSES:
             jobs.add_metric([status], counts.get(status, 0))

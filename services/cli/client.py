@@ -70,8 +70,7 @@ class Client:
         try:
             with self.http.stream(
                 "GET",
-                f"/v1/jobs/{job_id}/events",
-                params={"follow": True},
+                f"/v1/jobs/{job_id}/events/stream",
                 timeout=httpx.Timeout(30.0, read=None),
             ) as response:
                 if response.status_code >= 400:

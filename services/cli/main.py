@@ -64,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     est.add_argument("spec", type=Path, nargs="?", help="prepared here first, unless --job")
     est.add_argument("--job", default=None, help="a job the control plane has prepared")
     est.add_argument("--instance-type", default="g5.xlarge")
+    db = sub.add_parser("db", help="the job database: migrate it, import an old store's jobs")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    db_sub.add_parser("upgrade", help="migrate TERMTUNE_DATABASE_URL to this version's schema")
+    db_sub.add_parser(
+        "import-store", help="import the jobs and models an older termtune kept in the store"
+    )
     tiny = sub.add_parser("build-tiny-model", help="build the offline tiny Flan-T5-shaped model")
     tiny.add_argument("--out", type=Path, default=TINY_MODEL_DIR)
     tiny.add_argument("--data", type=Path, default=SAMPLE_DATA)
@@ -188,6 +194,31 @@ def cmd_local_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_db(args: argparse.Namespace) -> int:
+    """Migrate the job database, or import an old store's job records into it."""
+    from shared.jobs import open_records
+    from shared.ledger import migrate
+    from shared.settings import Settings
+
+    settings = Settings()
+    jobs = open_records(settings)
+    if args.db_command == "upgrade":
+        revision = migrate.upgrade(jobs.ledger.engine)
+        print(f"{jobs.ledger.where}: schema {revision} (the newest this termtune knows)")
+        return 0
+    from shared.ledger.importer import import_store
+
+    report = import_store(jobs)
+    print(
+        f"imported {len(report.imported)} jobs and {report.models} models from "
+        f"{jobs.store.root_uri} into {jobs.ledger.where}; "
+        f"{len(report.already)} jobs were already there"
+    )
+    for job_id, reason in report.failed.items():
+        print(f"not imported: {job_id}: {reason}", file=sys.stderr)
+    return 1 if report.failed else 0
+
+
 def cmd_estimate(args: argparse.Namespace) -> int:
     """Through the control plane (--job), or data-prep here and the same arithmetic."""
     if args.job:
@@ -202,16 +233,15 @@ def cmd_estimate(args: argparse.Namespace) -> int:
             raise SpecError("estimate needs a SPEC (prepared here) or --job ID")
         from services.cli.stages import run_local
         from shared.estimate import G5_INSTANCES, Prices, count_parameters, estimate
-        from shared.jobs import JobRecords
+        from shared.jobs import open_records
         from shared.settings import BedrockSettings, Settings
-        from shared.store import open_store
 
         _ensure_model(args.spec)
         spec = load_spec(args.spec)
         with tempfile.TemporaryDirectory(prefix="termtune-estimate-") as scratch:
             settings = Settings(var_dir=Path(scratch))  # prepared here; no job is recorded
             job_id, _ = run_local("prepare", spec, settings=settings)
-            dataset = JobRecords(open_store(settings)).manifest(job_id, "prepare") or {}
+            dataset = open_records(settings).manifest(job_id, "prepare") or {}
         prices = Prices(G5_INSTANCES, BedrockSettings().cmu_price_per_minute)
         result = estimate(
             spec,
@@ -308,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_local_stage(args)
         if args.command == "estimate":
             return cmd_estimate(args)
+        if args.command == "db":
+            return cmd_db(args)
         return _client_command(args)
     except (TermtuneError, TimeoutError) as exc:
         print(f"termtune: {exc}", file=sys.stderr)

@@ -6,7 +6,7 @@ import importlib
 from typing import Any
 
 from shared.errors import PermanentError, SpecError
-from shared.jobs import JobRecords
+from shared.jobs import JobRecords, open_records
 from shared.jobspec import JobSpec
 from shared.messages import (
     STAGES,
@@ -22,8 +22,7 @@ from shared.messages import (
     TrainModel,
 )
 from shared.settings import Settings
-from shared.store import open_store
-from shared.worker import StageContext, run_stage
+from shared.stage import StageContext, run_stage
 
 SERVICE_OF_STAGE = {
     "prepare": "dataprep",
@@ -72,7 +71,7 @@ def run_local(
 ) -> tuple[str, Event]:
     """Run one stage of a job in this process; the job id and the stage's event."""
     settings = settings or Settings()
-    jobs = JobRecords(open_store(settings))
+    jobs = open_records(settings)
     job_id = job_id or f"{spec.name}-local"
     spec_uri = jobs.create(job_id, spec)
     if jobs.spec(job_id) != spec:

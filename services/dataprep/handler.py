@@ -16,8 +16,8 @@ from shared.artifacts import dropped_rows
 from shared.jobspec import JobSpec
 from shared.messages import DatasetPrepared, PrepareDataset, TokenLengths
 from shared.modeling import load_tokenizer, versions
+from shared.stage import StageContext
 from shared.store import Store
-from shared.worker import StageContext
 
 SHARD_ROWS = 50_000
 SPLITS = ("train", "validation", "test")

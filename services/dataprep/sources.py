@@ -26,9 +26,9 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from services.dataprep.locations import check_local, check_source
 from shared.errors import DatasetError, NotFound
 from shared.jobspec import DatasetSpec
+from shared.locations import check_local, check_source
 from shared.settings import Settings
 from shared.store import Store
 

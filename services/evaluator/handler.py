@@ -12,7 +12,7 @@ from shared.errors import ModelError, NotFound
 from shared.jobspec import JobSpec
 from shared.messages import EvaluateModel, ModelEvaluated
 from shared.modeling import device, load_seq2seq, load_tokenizer, versions
-from shared.worker import StageContext
+from shared.stage import StageContext
 
 SAMPLE_ROWS = 12
 

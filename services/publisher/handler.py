@@ -16,7 +16,7 @@ from shared.errors import NotFound, SpecError
 from shared.messages import ModelPublished, PublishModel
 from shared.modeling import versions
 from shared.settings import BedrockSettings
-from shared.worker import StageContext
+from shared.stage import StageContext
 
 PROBE_ROWS = 4
 

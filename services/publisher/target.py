@@ -12,7 +12,7 @@ from services.publisher.importer import Importer, ImportRecord, ImportRecords, p
 from shared import bedrock
 from shared.errors import BedrockError
 from shared.settings import BedrockSettings
-from shared.worker import StageContext
+from shared.stage import StageContext
 
 
 def plan(

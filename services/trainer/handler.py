@@ -18,7 +18,7 @@ from shared.artifacts import read_split
 from shared.errors import Cancelled, Interrupted
 from shared.messages import ModelTrained, TrainModel
 from shared.modeling import versions
-from shared.worker import StageContext
+from shared.stage import StageContext
 
 
 def handle(command: TrainModel, ctx: StageContext) -> ModelTrained:

@@ -12,7 +12,7 @@ from services.cli.client import Client
 from services.cli.display import follow
 from services.cli.launcher import Launcher
 from tests.e2e.test_pipeline import _free_port
-from tests.factories import spec_dict
+from tests.factories import lease_owner, spec_dict
 
 pytestmark = pytest.mark.e2e
 STEPS = 120
@@ -83,7 +83,7 @@ def test_sigterm_checkpoints_exits_and_the_job_resumes(tmp_path, tiny_model):
         train_dir = _train_dir(tmp_path, job_id)
         saved = json.loads((train_dir / "checkpoints" / "latest.json").read_text())["step"]
         assert 10 <= saved < STEPS
-        assert not (train_dir / "lease.json").exists()  # released on the way out
+        assert lease_owner(launcher.var_dir, job_id, "train") is None  # released on the way out
         assert client.job(job_id)["status"] == "running"
         _finish_on_a_new_trainer(launcher, client, job_id)
         manifest = json.loads((train_dir / "manifest.json").read_text())

@@ -106,12 +106,13 @@ def test_submit_watch_and_ask_from_the_page(tmp_path, tiny_model, browser):
 def _job_in_store(launcher, tiny_model, name, *extra_events):
     """A job written straight into the store (no worker is told): ``queued`` until an event
     says otherwise, e.g. ``paused`` after a stage run in-process."""
-    from shared.jobs import JobRecords, new_job_id
+    from shared.jobs import new_job_id
     from shared.messages import JobSubmitted
+    from shared.settings import Settings
     from shared.store import LocalStore
-    from tests.factories import make_spec
+    from tests.factories import make_jobs, make_spec
 
-    jobs = JobRecords(LocalStore(launcher.var_dir / "store"))
+    jobs = make_jobs(Settings(var_dir=launcher.var_dir), LocalStore(launcher.var_dir / "store"))
     job_id = new_job_id(name)
     uri = jobs.create(job_id, make_spec(tiny_model, name=name))
     jobs.record(JobSubmitted(job_id=job_id, spec_uri=uri, name=name))

@@ -2,7 +2,8 @@
 docker-compose.yml, its .env and its Dockerfile, with only what a container isolates
 translated for one machine:
 
-- service hostnames (``rabbitmq``, ``minio``) → the loopback servers the test started;
+- service hostnames (``rabbitmq``, ``minio``, ``postgres``) → the loopback servers the test
+  started (the database: a fresh one on the tests' PostgreSQL server);
 - container paths (``/home/termtune/...``) → a temporary folder per service instance;
 - the API's container port and ``0.0.0.0`` → a free loopback port;
 - ``python`` → this interpreter (whose environment has the package installed, as the image).
@@ -69,7 +70,9 @@ class ServiceProcess:
     env: dict[str, str]
 
 
-def service_processes(variables: dict[str, str], *, amqp: str, s3: str) -> dict[str, Any]:
+def service_processes(
+    variables: dict[str, str], *, amqp: str, s3: str, database: str
+) -> dict[str, Any]:
     """Command and environment of each termtune service in docker-compose.yml."""
     compose = yaml.safe_load(interpolate((ROOT / "docker-compose.yml").read_text(), variables))
     out = {}
@@ -81,7 +84,9 @@ def service_processes(variables: dict[str, str], *, amqp: str, s3: str) -> dict[
             env.update(variables)  # the .env file's variables reach the container
         env.update({k: str(v) for k, v in (service.get("environment") or {}).items()})
         env = {
-            k: v.replace("rabbitmq:5672", amqp).replace("http://minio:9000", s3)
+            k: v.replace("rabbitmq:5672", amqp)
+            .replace("http://minio:9000", s3)
+            .replace("postgres:5432/termtune", database)
             for k, v in env.items()
         }
         out[name] = ServiceProcess(name, service.get("command") or cmd, env)

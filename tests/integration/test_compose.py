@@ -25,9 +25,12 @@ API_KEY = "integration-api-key"
 
 
 @pytest.fixture(scope="module")
-def stack(rabbitmq, s3_endpoint, tmp_path_factory):
-    """The compose services (two trainers) on RabbitMQ and the S3 server; an API client."""
+def stack(rabbitmq, s3_endpoint, postgres, tmp_path_factory):
+    """The compose services (two trainers) on RabbitMQ, PostgreSQL and the S3 server; an API
+    client."""
+    database = postgres.fresh_database().split("@", 1)[1]  # host:port/name
     variables = {
+        "POSTGRES_PASSWORD": "unused-locally",  # the tests' server trusts loopback
         "RABBITMQ_USER": RABBITMQ_USER,
         "RABBITMQ_PASSWORD": RABBITMQ_PASSWORD,
         "MINIO_ROOT_USER": "test",
@@ -36,7 +39,9 @@ def stack(rabbitmq, s3_endpoint, tmp_path_factory):
         "TERMTUNE_API_KEY": API_KEY,
         "TERMTUNE_API_PORT": "8000",
     }
-    services = compose.service_processes(variables, amqp=rabbitmq, s3=s3_endpoint)
+    services = compose.service_processes(
+        variables, amqp=rabbitmq, s3=s3_endpoint, database=database
+    )
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     s3.create_bucket(Bucket="termtune-it")  # what compose's minio-init does
     s3.upload_file(str(SAMPLE_DATA), "termtune-it", "termtune/datasets/medical_terms.jsonl")

@@ -10,13 +10,12 @@ from typing import Any
 
 from services.dataprep.handler import handle as prepare
 from shared.bus import Bus
-from shared.jobs import JobRecords
 from shared.jobspec import parse_spec
 from shared.messages import PrepareDataset
 from shared.settings import Settings
 from shared.store import LocalStore
 from shared.worker import Worker
-from tests.factories import spec_dict
+from tests.factories import make_jobs, spec_dict
 from tests.integration.conftest import RabbitNode
 
 JOBS_PER_RESTART = 3
@@ -52,7 +51,7 @@ def test_broker_restart_with_messages_in_flight(scenario, tmp_path, tiny_model):
         exchange=f"r{uuid.uuid4().hex[:8]}",
     )
     store = LocalStore(tmp_path / "var" / "store")
-    jobs = JobRecords(store)
+    jobs = make_jobs(settings, store)
     bus = Bus(settings)
     bus.declare()
 
@@ -139,7 +138,7 @@ def test_a_training_job_longer_than_the_delivery_timeout(scenario, tmp_path, s3_
 
     settings = sqs_settings(tmp_path, s3_endpoint, lease_seconds=3)
     store = LocalStore(tmp_path / "store")
-    jobs = JobRecords(store)
+    jobs = make_jobs(settings, store)
     bus = Bus(settings)
     bus.declare()
     runs: dict[str, list[str]] = {}
@@ -196,4 +195,72 @@ def test_a_training_job_longer_than_the_delivery_timeout(scenario, tmp_path, s3_
     finally:
         bus.close()
     outcome.counts["stage length / delivery timeout"] = 3
+    outcome.verdict()
+
+
+def test_jobs_submitted_while_the_broker_is_down_run_once_it_is_back(
+    scenario, tmp_path, tiny_model
+):
+    from fastapi.testclient import TestClient
+
+    from services.api.main import create_app
+    from shared.outbox import pending
+    from shared.settings import ApiSettings
+
+    outcome = scenario(
+        "submit while the broker is down",
+        full=20,
+        ci=4,
+        must_hold="every submission answered 201 at once; every job prepared once the broker "
+        "is back; 0 stranded in 'queued'",
+    )
+    node = RabbitNode(tmp_path / "rabbitmq")
+    node.start()
+    common = {
+        "var_dir": tmp_path / "var",
+        "broker_url": node.url,
+        "poll_seconds": 0.2,
+        "exchange": f"d{uuid.uuid4().hex[:8]}",
+    }
+    settings = ApiSettings(**common, api_key="k")
+    store = LocalStore(tmp_path / "var" / "store")
+    jobs = make_jobs(settings, store)
+    worker_bus = Bus(Settings(**common))
+    worker = Worker("dataprep", prepare, settings=Settings(**common), bus=worker_bus, store=store)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    try:
+        with TestClient(create_app(settings)) as client:
+            client.headers["Authorization"] = "Bearer k"
+            thread.start()
+            node.stop()
+            ids = []
+            for n in range(outcome.size):
+                started = time.monotonic()
+                response = client.post("/v1/jobs", json=spec_dict(tiny_model, name=f"down-{n}"))
+                outcome.time("submit answered (broker down)", time.monotonic() - started)
+                if outcome.check(response.status_code == 201, f"submit {n}: {response.text}"):
+                    ids.append(response.json()["id"])
+            outcome.count("commands kept in the outbox while down", pending(jobs))
+            back = time.monotonic()
+            node.start()
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline:
+                if all(jobs.outcome(job_id, "prepare") is not None for job_id in ids):
+                    break
+                time.sleep(0.2)
+            outcome.time("broker back to all prepared", time.monotonic() - back)
+    finally:
+        worker.stop.set()
+        thread.join(30)
+        worker_bus.close()
+        node.stop()
+    for job_id in ids:
+        prepared = sum(e.type == "DatasetPrepared" for e in jobs.events(job_id))
+        outcome.count("jobs prepared", prepared >= 1)
+        outcome.check(prepared == 1, f"{job_id}: prepared {prepared} times")
+    outcome.check(len(ids) == outcome.size, f"only {len(ids)} of {outcome.size} submitted")
+    outcome.check(
+        outcome.counts.get("commands kept in the outbox while down", 0) == outcome.size,
+        "the commands were not waiting in the outbox while the broker was down",
+    )
     outcome.verdict()

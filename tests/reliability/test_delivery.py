@@ -20,7 +20,7 @@ from shared.messages import PrepareDataset
 from shared.settings import Settings
 from shared.store import LocalStore
 from shared.worker import Worker
-from tests.factories import spec_dict
+from tests.factories import make_jobs, spec_dict
 from tests.unit.services.test_publisher_bedrock import (  # noqa: F401 - fixtures
     _bedrock_job,
     bedrock_env,
@@ -127,7 +127,7 @@ def test_poison_messages_are_dead_lettered_and_fail_only_their_jobs(scenario, tm
     )
     settings = Settings(var_dir=tmp_path / "var", poll_seconds=0.05, max_attempts=3)
     store = LocalStore(tmp_path / "var" / "store")
-    jobs = JobRecords(store)
+    jobs = make_jobs(settings, store)
     bus = Bus(settings)
     bus.declare()
 
@@ -214,7 +214,7 @@ def _run_pipeline(bus: Bus, settings: Settings, store: LocalStore, job_id: str, 
     deliveries they got."""
     import importlib
 
-    jobs = JobRecords(store)
+    jobs = make_jobs(settings, store)
     CountingWorker.deliveries = 0
     workers = [
         CountingWorker(
@@ -276,7 +276,7 @@ def test_every_message_delivered_twice(
     )
     settings = Settings(var_dir=tmp_path / "var", poll_seconds=0.05)
     store = LocalStore(tmp_path / "var" / "store")
-    jobs = JobRecords(store)
+    jobs = make_jobs(settings, store)
     runs = {}
     for label, bus_class in (("once", Bus), ("twice", TwiceBus)):
         job_id = f"dup-{label}"

@@ -7,8 +7,8 @@ import random
 from pathlib import Path
 from urllib.parse import quote
 
-from services.dataprep.locations import check_source
 from shared.errors import StoreLocationError
+from shared.locations import check_source
 from shared.settings import Settings
 
 STORE = "s3://store-bucket/termtune"

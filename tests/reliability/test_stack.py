@@ -18,7 +18,7 @@ import pytest
 from services.cli.client import Client
 from services.cli.display import TERMINAL
 from tests.e2e.test_trainer_shutdown import STEPS, _running, _submit, _train_dir, _wait_for_step
-from tests.factories import spec_dict
+from tests.factories import lease_owner, spec_dict
 
 pytestmark = pytest.mark.e2e
 #: credentials planted in every service's environment; they must never show up anywhere
@@ -185,7 +185,8 @@ def test_sigterm_a_trainer(scenario, stack, tiny_model):
         pointer = train_dir / "checkpoints" / "latest.json"
         outcome.check(code == 0 and stopped < 25, f"{job_id}: exit {code} after {stopped:.1f} s")
         outcome.check(pointer.exists(), f"{job_id}: no checkpoint after SIGTERM")
-        outcome.check(not (train_dir / "lease.json").exists(), f"{job_id}: lease still held")
+        held = lease_owner(launcher.var_dir, job_id, "train")
+        outcome.check(held is None, f"{job_id}: lease still held by {held}")
         saved = json.loads(pointer.read_text())["step"] if pointer.exists() else None
         _replace_trainer(launcher)
         job = _wait(client, job_id)
@@ -241,7 +242,7 @@ def test_load_concurrent_submissions_and_live_event_streams(scenario, stack, tin
         def watch(job_id: str, done: threading.Event) -> None:
             started = time.perf_counter()
             try:
-                with http.stream("GET", f"/v1/jobs/{job_id}/events", params={"follow": True},
+                with http.stream("GET", f"/v1/jobs/{job_id}/events/stream",
                                  timeout=httpx.Timeout(60, read=120)) as response:  # fmt: skip
                     if response.status_code != 200:
                         errors.append(f"stream {job_id}: {response.status_code}")

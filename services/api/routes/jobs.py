@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
-from typing import Any, Literal
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, HTTPException, Query, status
-from fastapi.responses import HTMLResponse, StreamingResponse
+from fastapi import APIRouter, Body, Depends, Header, HTTPException, Query, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 
-from services.api.deps import BusDep, JobsDep
-from shared.errors import NotFound, SpecError
-from shared.jobs import ENDED, JOB_STATUSES, new_job_id
+from services.api.deps import JobsDep, SettingsDep
+from shared.api_models import EventPage, EventView, JobPage, JobStatus, JobView
+from shared.errors import Conflict, NotFound, SpecError, StoreLocationError
+from shared.jobs import ENDED, new_job_id
 from shared.jobspec import parse_spec
+from shared.locations import check_source
 from shared.messages import (
     STAGE_OF_COMMAND,
     STAGES,
@@ -26,28 +30,35 @@ from shared.messages import (
 from shared.pipeline import resume_command
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
-JobStatus = Literal[JOB_STATUSES]  # type: ignore[valid-type]
 
 
-@router.post("", status_code=status.HTTP_201_CREATED)
-def submit_job(jobs: JobsDep, bus: BusDep, spec: dict[str, Any] = Body(...)) -> dict[str, Any]:
-    """Validate a job spec, record the job and start its first stage."""
+@router.post("", status_code=status.HTTP_201_CREATED, response_model_exclude_unset=True)
+def submit_job(jobs: JobsDep, settings: SettingsDep, spec: dict[str, Any] = Body(...)) -> JobView:
+    """Validate a job spec, record the job and (through the outbox) start its first stage."""
     try:
         parsed = parse_spec(spec, source="spec")
     except SpecError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
+    try:  # refused now rather than after data-prep starts; data-prep checks again
+        check_source(parsed.dataset.source, store_root=jobs.store.root_uri, settings=settings)
+    except StoreLocationError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
     try:  # refused now rather than after training; the publisher checks again
         jobs.check_model_name(parsed.model_name, overwrite=parsed.publish.overwrite)
     except SpecError as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
     job_id = new_job_id(parsed.name)
-    spec_uri = jobs.create(job_id, parsed)
-    jobs.record(JobSubmitted(job_id=job_id, spec_uri=spec_uri, name=parsed.name))
-    bus.publish(PrepareDataset(job_id=job_id, spec_uri=spec_uri))
-    return jobs.summary(job_id)
+    spec_uri = jobs.store.uri(jobs.spec_key(job_id))
+    jobs.create(
+        job_id,
+        parsed,
+        submitted=JobSubmitted(job_id=job_id, spec_uri=spec_uri, name=parsed.name),
+        send=[PrepareDataset(job_id=job_id, spec_uri=spec_uri)],
+    )
+    return JobView.model_validate(jobs.summary(job_id))
 
 
-@router.get("")
+@router.get("", response_model_exclude_unset=True)
 def list_jobs(
     jobs: JobsDep,
     status_filter: JobStatus | None = Query(None, alias="status"),
@@ -55,61 +66,51 @@ def list_jobs(
     after: str | None = Query(
         None, max_length=200, description="Id of the last job of the previous page."
     ),
-) -> dict[str, Any]:
+) -> JobPage:
     """Jobs, newest first, optionally only those with a status; ``after`` pages on."""
-    ids = jobs.job_ids()
-    start = 0
-    if after is not None:
-        if after not in ids:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {after!r} to page after")
-        start = ids.index(after) + 1
-    found: list[dict[str, Any]] = []
-    has_more = False
-    for job_id in ids[start:]:
-        summary = jobs.summary(job_id)
-        if status_filter is not None and summary["status"] != status_filter:
-            continue
-        if len(found) == limit:
-            has_more = True
-            break
-        found.append(summary)
-    return {
-        "data": found,
-        "count": len(found),
-        "has_more": has_more,
-        "next_after": found[-1]["id"] if has_more else None,
-    }
+    views, has_more = _or_404(lambda: jobs.page(status=status_filter, limit=limit, after=after))
+    data = [JobView.model_validate(v) for v in views]
+    return JobPage(
+        data=data,
+        count=len(data),
+        has_more=has_more,
+        next_after=data[-1].id if has_more else None,
+    )
 
 
-@router.get("/{job_id}")
-def get_job(job_id: str, jobs: JobsDep) -> dict[str, Any]:
+@router.get("/{job_id}", response_model_exclude_unset=True)
+def get_job(job_id: str, jobs: JobsDep) -> JobView:
     """A job's status, stages, results and error."""
-    return _or_404(lambda: jobs.summary(job_id))
+    return JobView.model_validate(_or_404(lambda: jobs.summary(job_id)))
 
 
-@router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED)
-def cancel_job(job_id: str, jobs: JobsDep) -> dict[str, Any]:
+@router.post(
+    "/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model_exclude_unset=True
+)
+def cancel_job(job_id: str, jobs: JobsDep) -> JobView:
     """Ask the job to stop; the running stage stops within one step (training: one
-    optimizer step) and the job ends as cancelled."""
+    optimizer step) and the job ends as cancelled; a queued or paused job ends now."""
     summary = _or_404(lambda: jobs.summary(job_id))
-    if summary["status"] in ENDED:
-        raise HTTPException(
-            status.HTTP_409_CONFLICT, f"job {job_id!r} has already ended ({summary['status']})"
+    try:
+        view = jobs.cancel(
+            job_id,
+            requested=CancelRequested(job_id=job_id),
+            cancelled=JobCancelled(job_id=job_id, stage=_next_stage(summary)),
         )
-    if jobs.request_cancel(job_id):
-        jobs.record(CancelRequested(job_id=job_id))
-    if summary["status"] in ("queued", "paused"):  # nothing runs it: cancelled now
-        jobs.record(JobCancelled(job_id=job_id, stage=_next_stage(summary)))
-    return jobs.summary(job_id)
+    except Conflict as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+    return JobView.model_validate(view)
 
 
 def _next_stage(summary: dict[str, Any]) -> str:
     """The first stage of a job that has not succeeded."""
-    return next(s for s in STAGES if summary["stages"][s]["status"] != "succeeded")
+    return next((s for s in STAGES if summary["stages"][s]["status"] != "succeeded"), STAGES[-1])
 
 
-@router.post("/{job_id}/retry", status_code=status.HTTP_202_ACCEPTED)
-def retry_job(job_id: str, jobs: JobsDep, bus: BusDep) -> dict[str, Any]:
+@router.post(
+    "/{job_id}/retry", status_code=status.HTTP_202_ACCEPTED, response_model_exclude_unset=True
+)
+def retry_job(job_id: str, jobs: JobsDep) -> JobView:
     """Resume a failed or cancelled job from the first stage it had not finished (training
     resumes from its latest checkpoint)."""
     summary = _or_404(lambda: jobs.summary(job_id))
@@ -124,46 +125,62 @@ def retry_job(job_id: str, jobs: JobsDep, bus: BusDep) -> dict[str, Any]:
         else None
         for stage in STAGES
     }
-    command = resume_command(job_id, jobs.store.uri(jobs.spec_key(job_id)), manifests)
-    jobs.clear_cancel(job_id)
-    jobs.record(JobRetried(job_id=job_id, stage=STAGE_OF_COMMAND[command.type]))
-    bus.publish(command)
-    return jobs.summary(job_id)
+    command = resume_command(job_id, jobs.spec_uri(job_id), manifests)
+    retried = JobRetried(job_id=job_id, stage=STAGE_OF_COMMAND[command.type])
+    jobs.record(retried, send=[command])
+    return JobView.model_validate(jobs.summary(job_id))
 
 
-@router.get("/{job_id}/events", response_model=None)
+@router.get("/{job_id}/events")
 def job_events(
     job_id: str,
     jobs: JobsDep,
-    follow: bool = Query(False, description="Stream live as Server-Sent Events until the end."),
-) -> dict[str, Any] | StreamingResponse:
-    """A job's events, oldest first; with ``follow``, a live Server-Sent Events stream."""
-    _or_404(lambda: jobs.spec(job_id))
-    if not follow:
-        return {"data": [dump_message(e) for e in jobs.events(job_id)]}
-    return StreamingResponse(
-        _stream(jobs, job_id), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    after: int = Query(0, ge=0, description="Only events after this sequence number."),
+    limit: int = Query(10_000, ge=1, le=10_000),
+) -> EventPage:
+    """A job's events, oldest first, numbered 1, 2, 3... (``after`` pages on)."""
+    _or_404(lambda: jobs.summary(job_id))
+    found = jobs.events_after(job_id, after, limit=limit + 1)
+    data = [EventView(seq=seq, **dump_message(e)) for seq, e in found[:limit]]
+    return EventPage(
+        data=data, last_seq=data[-1].seq if data else after, has_more=len(found) > limit
     )
 
 
-def _stream(jobs: Any, job_id: str, poll: float = 1.0) -> Iterator[str]:
-    """SSE frames of every event, then of each new one, until the job has ended."""
-    last = ""
+def _existing_job(job_id: str, jobs: JobsDep) -> str:
+    """The path's job id, once the job is known to exist (404 before any stream starts)."""
+    _or_404(lambda: jobs.summary(job_id))
+    return job_id
+
+
+@router.get("/{job_id}/events/stream", response_class=EventSourceResponse)
+async def job_event_stream(
+    job_id: Annotated[str, Depends(_existing_job)],
+    jobs: JobsDep,
+    last_event_id: int | None = Header(
+        None, ge=0, description="Resume after this event (sent by browsers on reconnect)."
+    ),
+    after: int = Query(0, ge=0, description="Start after this sequence number."),
+    poll: float = 1.0,
+) -> AsyncIterator[ServerSentEvent]:
+    """A job's events live as Server-Sent Events (``id`` = sequence number), then an
+    ``end`` event once the job has ended."""
+    after = last_event_id if last_event_id is not None else after
     while True:
-        ended = jobs.summary(job_id)["status"] in ENDED
-        for event_id, event in jobs.events_after(job_id, last):
-            last = event_id
-            yield f"id: {event_id}\nevent: {event.type}\ndata: {event.model_dump_json()}\n\n"
+        ended = (await run_in_threadpool(jobs.summary, job_id))["status"] in ENDED
+        for seq, event in await run_in_threadpool(jobs.events_after, job_id, after):
+            after = seq
+            yield ServerSentEvent(raw_data=event.model_dump_json(), event=event.type, id=str(seq))  # type: ignore[attr-defined]
         if ended:
-            yield "event: end\ndata: {}\n\n"
+            yield ServerSentEvent(raw_data="{}", event="end")
             return
-        time.sleep(poll)
+        await asyncio.sleep(poll)
 
 
 @router.get("/{job_id}/report")
 def job_report(job_id: str, jobs: JobsDep) -> dict[str, Any]:
     """The evaluation report of a job."""
-    _or_404(lambda: jobs.spec(job_id))
+    _or_404(lambda: jobs.summary(job_id))
     report = jobs.manifest(job_id, "evaluate")
     if report is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id!r} has no report yet")
@@ -173,7 +190,7 @@ def job_report(job_id: str, jobs: JobsDep) -> dict[str, Any]:
 @router.get("/{job_id}/report.html", response_class=HTMLResponse)
 def job_report_page(job_id: str, jobs: JobsDep) -> HTMLResponse:
     """The evaluation report as a self-contained page."""
-    _or_404(lambda: jobs.spec(job_id))
+    _or_404(lambda: jobs.summary(job_id))
     key = f"{jobs.stage_prefix(job_id, 'evaluate')}/report.html"
     page = _or_404(lambda: jobs.store.get_bytes(key))
     return HTMLResponse(page.decode())

@@ -152,8 +152,79 @@ def test_containers_log_to_cloudwatch_and_read_secrets_from_secrets_manager(reso
     assert container["LogConfiguration"]["LogDriver"] == "awslogs"
     names = {e["Name"] for e in container["Environment"]}
     assert "TERMTUNE_API_KEY" not in names and not any("SECRET" in n for n in names)
-    assert {"TERMTUNE_BROKER_URL", "TERMTUNE_STORE_URL"} <= names
-    if service == "api":
-        assert container["Secrets"] == [
-            {"Name": "TERMTUNE_API_KEY", "ValueFrom": {"Ref": "ApiKeySecret"}}
-        ]
+    assert "TERMTUNE_DATABASE_PASSWORD" not in names
+    assert {"TERMTUNE_BROKER_URL", "TERMTUNE_STORE_URL", "TERMTUNE_DATABASE_URL"} <= names
+    api_key = {"Name": "TERMTUNE_API_KEY", "ValueFrom": {"Ref": "ApiKeySecret"}}
+    assert (api_key in container["Secrets"]) == (service == "api")
+
+
+def test_database_is_private_encrypted_and_kept(resources):
+    template = yaml.safe_load(TEMPLATE.read_text())
+    database = resources["Database"]
+    props = database["Properties"]
+    assert props["Engine"] == "postgres" and str(props["EngineVersion"]).startswith("17")
+    assert props["StorageEncrypted"] is True and "KmsKeyId" in props
+    assert props["PubliclyAccessible"] is False
+    assert props["ManageMasterUserPassword"] is True and "MasterUserPassword" not in props
+    assert props["DeletionProtection"] is True
+    assert database["DeletionPolicy"] == database["UpdateReplacePolicy"] == "Snapshot"
+    retention = template["Parameters"][props["BackupRetentionPeriod"]["Ref"]]
+    assert retention["Default"] >= 7 and retention["MinValue"] >= 1
+    assert template["Parameters"][props["DBInstanceClass"]["Ref"]]["Default"] == "db.t4g.micro"
+    subnets = resources[props["DBSubnetGroupName"]["Ref"]]
+    assert subnets["Type"] == "AWS::RDS::DBSubnetGroup"
+    assert subnets["Properties"]["SubnetIds"] == {"Ref": "PrivateSubnetIds"}
+    assert "DatabaseEndpoint" in template["Outputs"]
+
+
+def test_database_admits_only_the_tasks_on_5432(resources):
+    groups = resources["Database"]["Properties"]["VPCSecurityGroups"]
+    assert groups == [{"Ref": "DatabaseSecurityGroup"}]
+    ingress = resources["DatabaseSecurityGroup"]["Properties"]["SecurityGroupIngress"]
+    for rule in ingress:
+        assert (rule["FromPort"], rule["ToPort"], rule["IpProtocol"]) == (5432, 5432, "tcp")
+        assert rule["SourceSecurityGroupId"] == {"Ref": "TaskSecurityGroup"}
+        assert not {"CidrIp", "CidrIpv6", "SourcePrefixListId"} & rule.keys()
+    extra = _of_type(resources, "AWS::EC2::SecurityGroupIngress").values()
+    assert not [r for r in extra if r["Properties"]["GroupId"] == {"Ref": "DatabaseSecurityGroup"}]
+    # The tasks' security group lets them out to the database (it allows only 443 otherwise).
+    egress = [
+        r["Properties"]
+        for r in _of_type(resources, "AWS::EC2::SecurityGroupEgress").values()
+        if r["Properties"]["GroupId"] == {"Ref": "TaskSecurityGroup"}
+    ]
+    assert any(
+        e["DestinationSecurityGroupId"] == {"Ref": "DatabaseSecurityGroup"}
+        and e["FromPort"] <= 5432 <= e["ToPort"]
+        for e in egress
+    )
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_every_task_gets_the_database_url_and_its_password_secret(resources, service):
+    task, container = _container(resources, service)
+    db = resources["Database"]["Properties"]
+    env = {e["Name"]: e["Value"] for e in container["Environment"]}
+    assert env["TERMTUNE_DATABASE_URL"] == {
+        "Fn::Sub": f"postgresql+psycopg://{db['MasterUsername']}"
+        "@${Database.Endpoint.Address}:${Database.Endpoint.Port}/" + db["DBName"]
+    }
+    assert {
+        "Name": "TERMTUNE_DATABASE_PASSWORD",
+        "ValueFrom": {"Fn::Sub": "${Database.MasterUserSecret.SecretArn}:password::"},
+    } in container["Secrets"]
+    # ECS reads secrets with the execution role; it may read this one (and the task role not).
+    role = task["ExecutionRoleArn"]["Fn::GetAtt"][0]
+    readable = [
+        r
+        for s in _statements(resources[role])
+        if "secretsmanager:GetSecretValue" in _as_list(s["Action"])
+        for r in _as_list(s["Resource"])
+    ]
+    assert {"Fn::GetAtt": ["Database", "MasterUserSecret.SecretArn"]} in readable
+    task_role = resources[task["TaskRoleArn"]["Fn::GetAtt"][0]]
+    assert not any(
+        a.startswith("secretsmanager:")
+        for s in _statements(task_role)
+        for a in _as_list(s["Action"])
+    )

@@ -1,5 +1,6 @@
 """The control plane with TestClient, an in-memory bus and a temporary store."""
 
+import time
 import uuid
 
 import pytest
@@ -25,9 +26,14 @@ def app_env(tmp_path):
         yield client, bus, app
 
 
-def _queued(bus, service):
+def _queued(bus, service, wait=5.0):
+    """The next command on a service's queue (the outbox relay sends it within moments of
+    the commit), or None after ``wait`` seconds."""
+    deadline = time.monotonic() + wait
     with bus.connect() as conn:
-        message = bus.queues[service].bind(conn.default_channel).get(no_ack=True)
+        queue = bus.queues[service].bind(conn.default_channel)
+        while (message := queue.get(no_ack=True)) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
         return parse_message(message.payload) if message else None
 
 
@@ -85,7 +91,7 @@ def test_invalid_spec_names_the_field_and_queues_nothing(app_env):
     response = client.post("/v1/jobs", json={"name": "terms", "training": {"epochz": 2}})
     assert response.status_code == 422
     assert "field 'training.epochz': unknown field" in response.json()["detail"]
-    assert _queued(bus, "dataprep") is None
+    assert _queued(bus, "dataprep", wait=1.0) is None
 
 
 def test_a_published_name_is_refused_at_submission_unless_overwrite(app_env):
@@ -101,7 +107,7 @@ def test_a_published_name_is_refused_at_submission_unless_overwrite(app_env):
         f"terms-1 ({location}); set publish.overwrite: true to replace it, or choose another "
         "publish.model_name"
     )
-    assert _queued(bus, "dataprep") is None and app.state.jobs.job_ids() == []
+    assert _queued(bus, "dataprep", wait=1.0) is None and app.state.jobs.page() == ([], False)
     renamed = {"name": "terms", "publish": {"model_name": "terms-v2"}}
     assert client.post("/v1/jobs", json=renamed).status_code == 201
     replacing = {"name": "terms", "publish": {"overwrite": True}}
@@ -235,7 +241,7 @@ def test_events_stream_live_until_the_job_ends(app_env):
         jobs.record(JobCancelled(job_id=job["id"], stage="prepare"))
 
     threading.Thread(target=later, daemon=True).start()
-    with client.stream("GET", f"/v1/jobs/{job['id']}/events", params={"follow": True}) as r:
+    with client.stream("GET", f"/v1/jobs/{job['id']}/events/stream") as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         body = r.read().decode()
@@ -250,12 +256,20 @@ def test_events_stream_live_until_the_job_ends(app_env):
     ids = [
         line.split(": ", 1)[1] for f in frames for line in f.splitlines() if line.startswith("id: ")
     ]
-    assert ids == sorted(ids) and len(set(ids)) == 3
+    assert ids == ["1", "2", "3"]  # each event's sequence number
+    # A client that reconnects with the last id it saw gets only what followed it.
+    with client.stream(
+        "GET", f"/v1/jobs/{job['id']}/events/stream", headers={"Last-Event-ID": "2"}
+    ) as r:
+        resumed = _frames(r.read().decode())
+    assert [f.splitlines()[0] for f in resumed] == ["event: JobCancelled", "event: end"]
+    page = client.get(f"/v1/jobs/{job['id']}/events", params={"after": 1, "limit": 1}).json()
+    assert [e["seq"] for e in page["data"]] == [2] and page["has_more"] and page["last_seq"] == 2
 
 
 def test_events_stream_of_unknown_job_is_404(app_env):
     client, _, _ = app_env
-    assert client.get("/v1/jobs/nope-1/events", params={"follow": True}).status_code == 404
+    assert client.get("/v1/jobs/nope-1/events/stream").status_code == 404
 
 
 def test_jobs_are_paged_newest_first(app_env):
@@ -358,7 +372,7 @@ def test_request_bodies_over_the_limit_are_refused_with_413(app_env):
         "/v1/jobs", content=chunks(), headers={"Content-Type": "application/json"}
     )
     assert streamed.status_code == 413
-    assert _queued(bus, "dataprep") is None
+    assert _queued(bus, "dataprep", wait=1.0) is None
 
 
 def test_estimate_prices_a_prepared_job_on_a_g5_instance(app_env, trained_job):
@@ -485,3 +499,31 @@ def test_invoke_refuses_non_finite_numbers(app_env, value):
     )
     assert response.status_code == 422
     assert "temperature" in response.text
+
+
+def test_a_dataset_location_its_policy_forbids_is_refused_at_submission(app_env):
+    client, bus, app = app_env
+    spec = {"name": "terms", "dataset": {"source": "s3://someone-elses-bucket/terms.jsonl"}}
+    response = client.post("/v1/jobs", json=spec)
+    assert response.status_code == 422
+    assert response.json()["detail"] == (
+        "dataset.source: 's3://someone-elses-bucket/terms.jsonl' is outside the object store "
+        "and the allowed buckets: none (TERMTUNE_ALLOWED_BUCKETS)"
+    )
+    assert _queued(bus, "dataprep", wait=1.0) is None and app.state.jobs.page() == ([], False)
+
+
+def test_a_submission_while_the_broker_is_down_runs_once_it_is_back(app_env):
+    from shared.outbox import pending, relay_once
+
+    client, bus, app = app_env
+    real = bus.publish
+    bus.publish = lambda *a, **k: (_ for _ in ()).throw(ConnectionRefusedError("broker down"))
+    response = client.post("/v1/jobs", json={"name": "terms"})
+    assert response.status_code == 201 and response.json()["status"] == "queued"
+    time.sleep(0.5)  # the relay tried, and kept the command
+    assert pending(app.state.jobs) == 1
+    bus.publish = real
+    relay_once(app.state.jobs, bus)  # what the relay's next pass does
+    command = _queued(bus, "dataprep")
+    assert command.job_id == response.json()["id"] and pending(app.state.jobs) == 0

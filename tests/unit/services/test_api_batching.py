@@ -10,9 +10,9 @@ import pytest
 
 from services.api.batching import MicroBatcher
 from services.api.inference import InvokeRequest, LocalModels
-from shared.jobs import JobRecords
 from shared.settings import Settings
 from shared.store import LocalStore
+from tests.factories import make_jobs
 
 
 def _slow_echo(calls: list[list[str]], gate: threading.Event | None = None):
@@ -90,7 +90,7 @@ def local_models(published, tmp_path):
     ctx, _, event = published
     store = LocalStore(tmp_path / "store")
     store.upload_dir(ctx.store.path(ctx.store.key_of(event.location)), "models-data/tuned")
-    jobs = JobRecords(store)
+    jobs = make_jobs(Settings(var_dir=tmp_path), store)
     location = store.uri("models-data/tuned")
     jobs.register_model("tuned", {"name": "tuned", "target": "local", "location": location})
 

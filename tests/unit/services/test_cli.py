@@ -27,15 +27,14 @@ def test_estimate_prepares_the_data_here_and_prices_it(tmp_path, tiny_model, mon
 
 
 def test_a_stage_run_here_leaves_the_job_paused_not_running(tmp_path, tiny_model, monkeypatch):
-    from shared.jobs import JobRecords
+    from shared.jobs import open_records
     from shared.settings import Settings
-    from shared.store import open_store
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TERMTUNE_VAR_DIR", str(tmp_path / "var"))
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec_dict(tiny_model, name="here")))
     assert main(["prepare", "job.yaml"]) == 0
-    job = JobRecords(open_store(Settings())).summary("here-local")
+    job = open_records(Settings()).summary("here-local")
     assert job["status"] == "paused"
     assert job["next"] == "termtune train SPEC --job here-local"
 
@@ -138,3 +137,49 @@ def test_validation_errors_read_as_fields_not_python_lists():
         },
     )
     assert _detail(response) == "field 'body.temperature': Input should be a finite number"
+
+
+def test_the_readme_database_commands_run_as_written(tmp_path):
+    """The README's "The job database" block, line by line with bash, on a var/ whose store
+    holds a job in the old layout (events as objects)."""
+    import os
+    import re
+    import subprocess
+
+    from shared.jobspec import JobSpec
+    from shared.messages import JobSubmitted, StageStarted, dump_message
+    from shared.store import LocalStore
+    from tests.factories import ROOT
+
+    section = (ROOT / "README.md").read_text().split("\n### The job database\n", 1)[1]
+    block = re.search(r"```bash\n(.*?)\n```", section, re.DOTALL).group(1)
+    lines = [line for line in block.splitlines() if line.strip()]
+    assert [line.split("#")[0].split()[1:3] for line in lines] == [
+        ["db", "upgrade"],
+        ["db", "import-store"],
+    ]
+    store = LocalStore(tmp_path / "var" / "store")
+    job_id = "terms-20261101000000000000-aaaaaa"
+    store.put_bytes(f"jobs/{job_id}/spec.json", JobSpec(name="terms").model_dump_json().encode())
+    submitted = JobSubmitted(
+        job_id=job_id, spec_uri=store.uri(f"jobs/{job_id}/spec.json"), name="t"
+    )
+    started = StageStarted(job_id=job_id, stage="prepare", worker="w")
+    for n, event in enumerate((submitted, started)):
+        store.put_json(f"jobs/{job_id}/events/{n:020d}-x.json", dump_message(event))
+    (tmp_path / ".venv").symlink_to(ROOT / ".venv")
+    env = {**os.environ, "TERMTUNE_VAR_DIR": str(tmp_path / "var")}
+    outputs = []
+    for line in lines:
+        done = subprocess.run(
+            ["bash", "-c", line], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        outputs.append(done.stdout)
+    assert "schema 0001 (the newest this termtune knows)" in outputs[0]
+    assert outputs[1].startswith("imported 1 jobs and 0 models from file://")
+    from shared.jobs import open_records
+    from shared.settings import Settings
+
+    job = open_records(Settings(var_dir=tmp_path / "var")).summary(job_id)
+    assert job["status"] == "running" and job["stages"]["prepare"]["status"] == "running"

@@ -63,6 +63,7 @@ def test_evaluator_samples_equal_what_invoke_returns(evaluated_and_published):
     ctx, report, _ = evaluated_and_published
     settings = ApiSettings(
         var_dir=ctx.settings.var_dir,
+        database_url=ctx.settings.database_url,
         broker_url="memory://",
         api_key=KEY,
         exchange=f"t{uuid.uuid4().hex[:8]}",

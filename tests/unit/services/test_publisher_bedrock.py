@@ -309,7 +309,11 @@ def test_control_plane_lists_invokes_and_deletes_an_imported_model(published, be
     name = f"terms-{cmd.job_id}"
     arn = ctx.jobs.model(name)["bedrock"]["imported_model_arn"]
     settings = ApiSettings(
-        var_dir=ctx.settings.var_dir, broker_url="memory://", api_key="k", exchange="tb"
+        var_dir=ctx.settings.var_dir,
+        database_url=ctx.settings.database_url,
+        broker_url="memory://",
+        api_key="k",
+        exchange="tb",
     )
     with TestClient(create_app(settings, bus=Bus(settings))) as client:
         client.headers["Authorization"] = "Bearer k"

@@ -12,12 +12,12 @@ import boto3
 import pytest
 
 from shared.bus import Bus
-from shared.jobs import JobRecords
 from shared.jobspec import JobSpec
 from shared.messages import DatasetPrepared, PrepareDataset
 from shared.settings import Settings
 from shared.store import LocalStore
 from shared.worker import Worker
+from tests.factories import make_jobs
 
 VISIBILITY = 2
 
@@ -41,7 +41,7 @@ def sqs_settings(tmp_path, s3_endpoint, **extra) -> Settings:
 def sqs_env(tmp_path, s3_endpoint):
     settings = sqs_settings(tmp_path, s3_endpoint)
     store = LocalStore(tmp_path / "store")
-    jobs = JobRecords(store)
+    jobs = make_jobs(settings, store)
     bus = Bus(settings)
     bus.declare()
     sqs = boto3.client("sqs", endpoint_url=s3_endpoint)

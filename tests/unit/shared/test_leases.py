@@ -1,70 +1,123 @@
-import json
+import threading
 import time
 import uuid
 
 import pytest
+import sqlalchemy as sa
 
 from shared.bus import ATTEMPT_HEADER, Bus
-from shared.jobs import JobRecords
+from shared.jobspec import JobSpec
 from shared.leases import Lease, LeaseKeeper, expired_leases
+from shared.ledger import tables as t
 from shared.messages import TrainModel, dump_message, parse_message
+from shared.outbox import relay_once
 from shared.reconciler import reconcile_once
 from shared.settings import Settings
-from shared.store import LocalStore
-
-KEY = "jobs/job-1/train/lease.json"
+from tests.factories import make_ctx
 
 
 @pytest.fixture
-def store(tmp_path):
-    return LocalStore(tmp_path / "store")
+def jobs(tmp_path):
+    jobs = make_ctx(tmp_path / "var").jobs
+    jobs.create("job-1", JobSpec(name="job"))
+    return jobs
 
 
-def _lease(store, owner, ttl=30.0, command=None):
-    return Lease(store, KEY, owner=owner, ttl=ttl, command=command or {})
+def _lease(jobs, owner, ttl=30.0, command=None):
+    return Lease(jobs.ledger, "job-1", "train", owner=owner, ttl=ttl, command=command or {})
 
 
-def _expire(store):
-    doc = json.loads(store.get_bytes(KEY))
-    store.put_bytes(KEY, json.dumps({**doc, "expires_at": time.time() - 1}).encode())
+def _row(jobs):
+    with jobs.ledger.read() as conn:
+        return conn.execute(sa.select(t.leases).where(t.leases.c.job_id == "job-1")).first()
 
 
-def test_one_owner_at_a_time(store):
-    a, b = _lease(store, "a"), _lease(store, "b")
+def _expire(jobs):
+    with jobs.ledger.write() as conn:
+        conn.execute(t.leases.update().values(expires_at=jobs.ledger.now - 1))
+
+
+def test_one_owner_at_a_time(jobs):
+    a, b = _lease(jobs, "a"), _lease(jobs, "b")
     assert a.acquire() is True
     assert b.acquire() is False
     assert a.acquire() is True  # re-entrant for its owner
     assert a.renew() is True
 
 
-def test_expired_lease_is_taken_over_and_the_old_owner_loses_it(store):
-    a, b = _lease(store, "a"), _lease(store, "b")
+def test_expired_lease_is_taken_over_and_the_old_owner_loses_it(jobs):
+    a, b = _lease(jobs, "a"), _lease(jobs, "b")
     assert a.acquire()
-    _expire(store)
+    _expire(jobs)
     assert b.acquire() is True
     assert a.renew() is False
     a.release()  # not a's any more: must not delete b's lease
-    assert json.loads(store.get_bytes(KEY))["owner"] == "b"
+    assert _row(jobs).owner == "b"
     b.release()
-    assert not store.exists(KEY)
+    assert _row(jobs) is None
 
 
-def test_keeper_renews_before_expiry(store):
-    lease = _lease(store, "a", ttl=0.6)
+def test_expiry_is_on_the_database_clock(jobs):
+    lease = _lease(jobs, "a", ttl=60)
+    assert lease.acquire()
+    with jobs.ledger.read() as conn:
+        now = jobs.ledger.clock(conn)
+    assert 59 < _row(jobs).expires_at - now <= 60
+    assert abs(now - time.time()) < 5  # the same machine here: the clocks agree
+
+
+@pytest.mark.parametrize("round_", range(20))
+def test_concurrent_takeovers_of_an_expired_lease_have_exactly_one_winner(jobs, round_):
+    assert _lease(jobs, "dead").acquire()
+    _expire(jobs)
+    contenders = [_lease(jobs, f"w{n}") for n in range(8)]
+    start, results = threading.Barrier(len(contenders)), {}
+
+    def take(lease):
+        start.wait()
+        results[lease.owner] = lease.acquire()
+
+    threads = [threading.Thread(target=take, args=(c,)) for c in contenders]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    winners = [owner for owner, won in results.items() if won]
+    assert len(winners) == 1, results
+    assert _row(jobs).owner == winners[0]
+
+
+def test_concurrent_first_takes_have_exactly_one_winner(jobs):
+    contenders = [_lease(jobs, f"w{n}") for n in range(8)]
+    start, results = threading.Barrier(len(contenders)), []
+
+    def take(lease):
+        start.wait()
+        results.append(lease.acquire())
+
+    threads = [threading.Thread(target=take, args=(c,)) for c in contenders]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == [False] * 7 + [True]
+
+
+def test_keeper_renews_before_expiry(jobs):
+    lease = _lease(jobs, "a", ttl=0.6)
     assert lease.acquire()
     with LeaseKeeper(lease) as keeper:
         time.sleep(1.5)
         assert not keeper.lost.is_set()
-        assert json.loads(store.get_bytes(KEY))["expires_at"] > time.time()
+        assert expired_leases(jobs.ledger) == []
 
 
-def test_keeper_reports_a_lost_lease(store):
-    lease = _lease(store, "a", ttl=0.6)
+def test_keeper_reports_a_lost_lease(jobs):
+    lease = _lease(jobs, "a", ttl=0.6)
     assert lease.acquire()
     with LeaseKeeper(lease) as keeper:
-        store.put_bytes(
-            KEY, json.dumps({"owner": "b", "expires_at": time.time() + 60, "command": {}}).encode()
-        )
+        with jobs.ledger.write() as conn:
+            conn.execute(t.leases.update().values(owner="b", version=t.leases.c.version + 1))
         assert keeper.lost.wait(2.0)
 
 
@@ -84,28 +137,28 @@ def _queued(bus):
         return bus.queues["trainer"].bind(conn.default_channel).get(no_ack=True)
 
 
-def test_reconciler_resends_an_expired_command_once(store, bus):
+def test_reconciler_resends_an_expired_command_once(jobs, bus):
     command = TrainModel(job_id="job-1", spec_uri="file:///s", dataset_manifest="file:///m")
-    jobs = JobRecords(store)
     assert _lease(
-        store, "dead-worker", command={"body": dump_message(command), "attempt": 1}
+        jobs, "dead-worker", command={"body": dump_message(command), "attempt": 1}
     ).acquire()
-    assert reconcile_once(jobs, bus) == []  # still valid
-    _expire(store)
-    assert reconcile_once(jobs, bus) == ["job-1"]
+    assert reconcile_once(jobs) == []  # still valid
+    _expire(jobs)
+    assert reconcile_once(jobs) == ["job-1"]
+    assert relay_once(jobs, bus) == 1
     message = _queued(bus)
     assert parse_message(message.payload) == command
     assert message.headers[ATTEMPT_HEADER] == 2
-    assert reconcile_once(jobs, bus) == []  # once per expiry
-    assert expired_leases(store) == []
+    assert reconcile_once(jobs) == []  # once per expiry
+    assert expired_leases(jobs.ledger) == []
     assert [e.type for e in jobs.events("job-1")] == ["StageProgress"]
 
 
-def test_reconciler_drops_leases_of_finished_stages(store, bus):
+def test_reconciler_drops_leases_of_finished_stages(jobs, bus):
     command = TrainModel(job_id="job-1", spec_uri="file:///s", dataset_manifest="file:///m")
-    assert _lease(store, "w", command={"body": dump_message(command), "attempt": 1}).acquire()
-    store.put_json("jobs/job-1/train/manifest.json", {"steps": 6})
-    _expire(store)
-    assert reconcile_once(JobRecords(store), bus) == []
-    assert not store.exists(KEY)
-    assert _queued(bus) is None
+    assert _lease(jobs, "w", command={"body": dump_message(command), "attempt": 1}).acquire()
+    jobs.write_manifest("job-1", "train", {"steps": 6})
+    _expire(jobs)
+    assert reconcile_once(jobs) == []
+    assert _row(jobs) is None
+    assert relay_once(jobs, bus) == 0 and _queued(bus) is None

@@ -8,7 +8,6 @@ import pytest
 
 from shared.bus import ATTEMPT_HEADER, REASON_HEADER, Bus
 from shared.errors import DatasetError
-from shared.jobs import JobRecords
 from shared.jobspec import JobSpec
 from shared.messages import (
     DatasetPrepared,
@@ -21,6 +20,7 @@ from shared.messages import (
 from shared.settings import Settings
 from shared.store import LocalStore
 from shared.worker import Worker
+from tests.factories import make_jobs
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def env(tmp_path):
         max_attempts=3,
     )
     store = LocalStore(tmp_path / "store")
-    jobs = JobRecords(store)
+    jobs = make_jobs(settings, store)
     spec_uri = jobs.create("job-1", JobSpec(name="job"))
     bus = Bus(settings)
     bus.declare()
@@ -227,7 +227,7 @@ def test_leased_worker_drops_a_delivery_whose_job_another_worker_holds(env):
         spec_uri=jobs.store.uri("jobs/job-1/spec.json"),
         dataset_manifest="file:///m",
     )
-    assert Lease(store, "jobs/job-1/train/lease.json", owner="other", ttl=60).acquire()
+    assert Lease(jobs.ledger, "job-1", "train", owner="other", ttl=60).acquire()
     calls = []
     worker = Worker(
         "trainer",

@@ -1,0 +1,89 @@
+"""Connecting to the ledger's database: SQLite embedded, PostgreSQL deployed.
+
+SQLite is opened in WAL mode with a busy timeout (several processes write it), and a
+transaction that writes starts with ``BEGIN IMMEDIATE``: it takes the write lock before it
+reads, so two writers queue instead of one failing on a stale snapshot. Reads start a
+plain deferred transaction and never wait for writers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+
+from shared.errors import LedgerUnavailable
+
+BUSY_TIMEOUT_MS = 30_000
+
+
+def database_url(url: str, password: str | None = None) -> URL:
+    """The SQLAlchemy URL, with ``password`` put in (it may come from a secret)."""
+    try:
+        parsed = make_url(url)
+    except sa.exc.ArgumentError as exc:
+        raise LedgerUnavailable(f"TERMTUNE_DATABASE_URL is not a database URL: {exc}") from exc
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise LedgerUnavailable(
+            f"TERMTUNE_DATABASE_URL: {parsed.get_backend_name()} is not supported "
+            "(sqlite:///path or postgresql+psycopg://user@host/db)"
+        )
+    if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.set(password=password) if password else parsed
+
+
+def create_ledger_engine(url: URL) -> Engine:
+    """An engine for the ledger; SQLite gets WAL, a busy timeout and explicit transactions."""
+    if url.get_backend_name() != "sqlite":
+        return sa.create_engine(
+            url,
+            pool_pre_ping=True,  # a database restart drops pooled connections
+            pool_size=5,
+            max_overflow=10,
+            connect_args={"connect_timeout": 10},
+        )
+    if url.database and url.database != ":memory:":
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(
+        url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}
+    )
+
+    @sa.event.listens_for(engine, "connect")
+    def _connect(dbapi_conn: Any, _: Any) -> None:
+        dbapi_conn.isolation_level = None  # transactions begin where we say (below)
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        write = conn.get_execution_options().get("termtune_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    return engine
+
+
+def now_expr(engine: Engine) -> sa.ColumnElement[float]:
+    """The database's clock in epoch seconds (leases expire on one clock, not each worker's)."""
+    if engine.dialect.name == "sqlite":
+        return sa.literal_column("((julianday('now') - 2440587.5) * 86400.0)", sa.Float)
+    return sa.literal_column("extract(epoch from clock_timestamp())::float8", sa.Float)
+
+
+@contextlib.contextmanager
+def unavailable_as_error(url: URL) -> Iterator[None]:
+    """Database errors that mean "cannot reach it" become LedgerUnavailable (a 503)."""
+    try:
+        yield
+    except sa.exc.OperationalError as exc:
+        where = url.render_as_string(hide_password=True)
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        raise LedgerUnavailable(f"the job database {where} is unavailable: {reason}") from exc

@@ -1,0 +1,157 @@
+"""Running one stage: the context a handler gets, and recording what the handler did.
+
+No broker here: handlers and in-process stage runs import this module, never kombu; the
+worker loop (shared.worker) wires it to the bus.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared.errors import Cancelled, Interrupted, LedgerUnavailable, PermanentError
+from shared.jobs import JobRecords
+from shared.jobspec import JobSpec, parse_spec
+from shared.messages import (
+    STAGE_OF_COMMAND,
+    Command,
+    Event,
+    JobCancelled,
+    StageFailed,
+    StageProgress,
+    StageStarted,
+)
+from shared.pipeline import next_command
+from shared.settings import Settings
+from shared.store import Store
+
+log = logging.getLogger(__name__)
+PROGRESS_EVERY_SECONDS = 2.0
+
+
+@dataclass
+class StageContext:
+    """What a handler may use: the store, the job records, settings and a progress hook."""
+
+    store: Store
+    jobs: JobRecords
+    settings: Settings
+    worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    progress: Callable[..., None] = field(default=lambda progress, *, force=False: None)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    lease_lost: threading.Event = field(default_factory=threading.Event)
+
+    def should_stop(self, command: Command) -> str | None:
+        """Why the running stage must stop now: "lost" (lease), "cancel", "shutdown", or None."""
+        if self.lease_lost.is_set():
+            return "lost"
+        if self.jobs.cancel_requested(command.job_id):
+            return "cancel"
+        return "shutdown" if self.stop.is_set() else None
+
+    def spec(self, command: Command) -> JobSpec:
+        """The job spec a command points at."""
+        data = self.store.get_json(self.store.key_of(command.spec_uri))
+        return parse_spec(data, source=command.spec_uri)
+
+    def manifest_at(self, uri: str) -> dict[str, Any]:
+        """A stage manifest by its URI."""
+        return self.store.get_json(self.store.key_of(uri))
+
+    def scratch(self, command: Command, name: str) -> Path:
+        """An empty local working folder for one stage of one job."""
+        folder = self.settings.cache_dir / "scratch" / command.job_id / name
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        return folder
+
+
+Handler = Callable[[Command, StageContext], Event]
+
+
+class _Progress:
+    """Records progress events for one stage, at most one every few seconds."""
+
+    def __init__(self, jobs: JobRecords, command: Command) -> None:
+        self.jobs, self.command, self.last = jobs, command, 0.0
+
+    def __call__(self, progress: dict[str, Any], *, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self.last >= PROGRESS_EVERY_SECONDS:
+            self.last = now
+            stage = STAGE_OF_COMMAND[self.command.type]  # type: ignore[attr-defined]
+            try:
+                self.jobs.record(
+                    StageProgress(job_id=self.command.job_id, stage=stage, progress=progress),
+                    patient=False,
+                )
+            except LedgerUnavailable as exc:  # the next report replaces it
+                log.warning("progress not recorded: %s", exc)
+
+
+def run_stage(
+    command: Command,
+    handler: Handler,
+    ctx: StageContext,
+    *,
+    attempt: int = 1,
+    final_attempt: bool = True,
+    dispatch: bool = False,
+) -> Event | None:
+    """Run one stage and record its outcome; returns the event, None if it should be retried.
+
+    A PermanentError, or any error on the final attempt, records StageFailed and returns it.
+    With ``dispatch``, the event and the command that follows it go to the outbox in the
+    transaction that records the event.
+    """
+    stage = STAGE_OF_COMMAND[command.type]  # type: ignore[attr-defined]
+    jobs = ctx.jobs
+    if jobs.cancel_requested(command.job_id) and jobs.cancelled(command.job_id):
+        return JobCancelled(job_id=command.job_id, stage=stage)  # recorded when cancelled
+    jobs.record(
+        StageStarted(job_id=command.job_id, stage=stage, worker=ctx.worker, attempt=attempt)
+    )
+    ctx.progress = _Progress(jobs, command)
+    try:
+        if jobs.cancel_requested(command.job_id):
+            raise Cancelled(f"job {command.job_id} was cancelled")
+        event = handler(command, ctx)
+    except Cancelled:
+        cancelled = JobCancelled(job_id=command.job_id, stage=stage)
+        jobs.record(cancelled, send=[cancelled] if dispatch else [])
+        return cancelled
+    except Interrupted:
+        raise  # not a failure: the worker requeues the command
+    except Exception as exc:  # noqa: BLE001 - every failure is recorded, then decided
+        permanent = isinstance(exc, PermanentError)
+        log.error(
+            "%s %s attempt %d failed: %s",
+            stage,
+            command.job_id,
+            attempt,
+            exc,
+            exc_info=not permanent,
+        )
+        if not (permanent or final_attempt):
+            return None
+        failed = StageFailed(
+            job_id=command.job_id,
+            stage=stage,
+            error=str(exc) or repr(exc),
+            error_type=type(exc).__name__,
+            attempts=attempt,
+            permanent=permanent,
+        )
+        jobs.record(failed, send=[failed] if dispatch else [])
+        return failed
+    jobs.record(event, send=[event, next_command(command, event)] if dispatch else [])
+    return event

@@ -1,0 +1,305 @@
+"""The ledger on SQLite and PostgreSQL: ordering, one transaction per record, the outbox,
+paging, migrations, an old store imported, a database that goes away and comes back."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import sqlalchemy as sa
+
+from shared.errors import Conflict, LedgerSchemaError, LedgerUnavailable, NotFound
+from shared.jobspec import JobSpec
+from shared.ledger import Ledger, migrate
+from shared.ledger import tables as t
+from shared.messages import (
+    CancelRequested,
+    DatasetPrepared,
+    JobCancelled,
+    JobSubmitted,
+    PrepareDataset,
+    StageFailed,
+    StageProgress,
+    StageStarted,
+    TrainModel,
+)
+from shared.outbox import pending, relay_once
+
+SPEC = JobSpec(name="terms")
+
+
+def _job(jobs, job_id="terms-1", **kw):
+    uri = jobs.create(job_id, SPEC, **kw)
+    return job_id, uri
+
+
+class FakeBus:
+    """Records what it is asked to publish; ``down`` makes it fail like a dead broker."""
+
+    def __init__(self):
+        self.sent, self.down, self.lock = [], False, threading.Lock()
+
+    def publish(self, message, headers=None):
+        if self.down:
+            raise ConnectionRefusedError("broker down")
+        with self.lock:
+            self.sent.append((message, headers))
+
+
+def test_concurrent_appends_are_numbered_without_gaps(jobs):
+    job_id, _ = _job(jobs)
+    per_thread, threads = 25, 4
+
+    def append(n):
+        for step in range(per_thread):
+            jobs.record(StageProgress(job_id=job_id, stage="train", progress={"t": n, "s": step}))
+
+    workers = [threading.Thread(target=append, args=(n,)) for n in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    seqs = [seq for seq, _ in jobs.events_after(job_id)]
+    assert seqs == list(range(1, per_thread * threads + 1))
+    # each thread's own events keep their order
+    for n in range(threads):
+        mine = [e.progress["s"] for _, e in jobs.events_after(job_id) if e.progress["t"] == n]
+        assert mine == list(range(per_thread))
+    assert [seq for seq, _ in jobs.events_after(job_id, 98)] == [99, 100]
+
+
+def test_status_and_stage_move_with_the_event_that_changes_them(jobs):
+    job_id, uri = _job(jobs)
+    jobs.record(JobSubmitted(job_id=job_id, spec_uri=uri, name="terms"))
+    jobs.record(StageStarted(job_id=job_id, stage="prepare", worker="w"))
+    with jobs.ledger.read() as conn:
+        row = conn.execute(sa.select(t.jobs).where(t.jobs.c.id == job_id)).one()
+    assert (row.status, row.stage, row.last_seq) == ("running", "prepare", 2)
+    jobs.record(StageFailed(job_id=job_id, stage="prepare", error="x", error_type="E"))
+    assert [v["id"] for v in jobs.page(status="failed")[0]] == [job_id]
+    assert jobs.page(status="running") == ([], False)
+    assert jobs.counts() == {"failed": 1}
+
+
+def test_a_failed_transaction_leaves_nothing_half_recorded(jobs):
+    job_id, _ = _job(jobs)
+    # the second event names no job: the whole record fails
+    with pytest.raises(NotFound), jobs.ledger.write() as conn:
+        jobs.append(conn, StageStarted(job_id=job_id, stage="prepare", worker="w"))
+        jobs.append(conn, StageStarted(job_id="nope-1", stage="prepare", worker="w"))
+    assert jobs.events(job_id) == []
+    assert jobs.summary(job_id)["status"] == "queued"
+
+
+def test_pages_go_newest_first_with_a_status_filter(jobs):
+    ids = [_job(jobs, f"terms-{n}")[0] for n in range(7)]
+    for job_id in ids[::2]:
+        jobs.record(StageStarted(job_id=job_id, stage="prepare", worker="w"))
+    first, more = jobs.page(limit=3)
+    assert [v["id"] for v in first] == ids[::-1][:3] and more
+    second, more = jobs.page(limit=3, after=first[-1]["id"])
+    assert [v["id"] for v in second] == ids[::-1][3:6] and more
+    running, more = jobs.page(status="running", limit=2, after=ids[6])
+    assert [v["id"] for v in running] == [ids[4], ids[2]] and more
+    with pytest.raises(NotFound):
+        jobs.page(after="nope-1")
+
+
+def test_the_command_is_committed_with_the_record_and_survives_a_broker_outage(jobs):
+    bus = FakeBus()
+    bus.down = True
+    job_id, uri = "terms-1", jobs.store.uri(jobs.spec_key("terms-1"))
+    command = PrepareDataset(job_id=job_id, spec_uri=uri)
+    jobs.create(
+        job_id,
+        SPEC,
+        submitted=JobSubmitted(job_id=job_id, spec_uri=uri, name="terms"),
+        send=[command],
+    )
+    with pytest.raises(ConnectionRefusedError):
+        relay_once(jobs, bus)
+    assert pending(jobs) == 1 and jobs.summary(job_id)["status"] == "queued"
+    bus.down = False  # the broker is back: the next pass sends it, once
+    assert relay_once(jobs, bus) == 1
+    assert [m for m, _ in bus.sent] == [command]
+    assert relay_once(jobs, bus) == 0 and pending(jobs) == 0
+
+
+def test_two_relays_at_once_send_each_message_once(jobs):
+    job_id, _ = _job(jobs)
+    command = TrainModel(job_id=job_id, spec_uri="file:///s", dataset_manifest="file:///m")
+    for n in range(60):
+        jobs.record(
+            StageProgress(job_id=job_id, stage="train", progress={"n": n}),
+            send=[(command, {"n": n})],
+        )
+    bus, start = FakeBus(), threading.Barrier(3)
+
+    def relay():
+        start.wait()
+        relay_once(jobs, bus, batch=7)
+
+    relays = [threading.Thread(target=relay) for _ in range(3)]
+    for r in relays:
+        r.start()
+    for r in relays:
+        r.join()
+    assert sorted(h["n"] for _, h in bus.sent) == list(range(60))
+
+
+def test_cancel_is_one_transaction_and_refuses_an_ended_job(jobs):
+    job_id, _ = _job(jobs)
+    view = jobs.cancel(
+        job_id,
+        requested=CancelRequested(job_id=job_id),
+        cancelled=JobCancelled(job_id=job_id, stage="prepare"),
+    )
+    assert view["status"] == "cancelled" and jobs.cancel_requested(job_id)
+    assert [e.type for e in jobs.events(job_id)] == ["CancelRequested", "JobCancelled"]
+    with pytest.raises(Conflict):
+        jobs.cancel(
+            job_id,
+            requested=CancelRequested(job_id=job_id),
+            cancelled=JobCancelled(job_id=job_id, stage="prepare"),
+        )
+    assert jobs.request_cancel(job_id) is False  # asked once only
+
+
+def test_outcome_started_and_deaths_count_since_the_last_retry(jobs):
+    from shared.messages import JobRetried
+
+    job_id, _ = _job(jobs)
+    for _ in range(2):
+        jobs.record(StageStarted(job_id=job_id, stage="train", worker="w"))
+    jobs.record(StageProgress(job_id=job_id, stage="train", progress={"step": 1}))
+    assert jobs.deaths(job_id, "train") == 2
+    jobs.record(
+        StageProgress(job_id=job_id, stage="train", progress={"phase": "x", "interrupted": True})
+    )
+    assert jobs.deaths(job_id, "train") == 1  # the last start ended by an interruption
+    jobs.record(DatasetPrepared(job_id=job_id, manifest="m", counts={"train": 1}))
+    assert jobs.outcome(job_id, "prepare").manifest == "m"
+    jobs.record(StageFailed(job_id=job_id, stage="train", error="x", error_type="E"))
+    jobs.record(JobRetried(job_id=job_id, stage="prepare"))
+    assert jobs.outcome(job_id, "prepare") is None and jobs.deaths(job_id, "train") == 0
+    assert not jobs.started(job_id, "train")
+
+
+def test_published_models_keep_their_first_owner(jobs):
+    from shared.errors import SpecError
+
+    jobs.register_model("terms", {"name": "terms", "job_id": "a", "location": "file:///a"})
+    with pytest.raises(SpecError, match="already published by job a"):
+        jobs.register_model("terms", {"name": "terms", "job_id": "b", "location": "file:///b"})
+    jobs.register_model("terms", {"name": "terms", "job_id": "a", "location": "file:///a2"})
+    jobs.register_model(
+        "terms", {"name": "terms", "job_id": "b", "location": "file:///b"}, overwrite=True
+    )
+    assert jobs.model("terms")["job_id"] == "b" and len(jobs.models()) == 1
+    jobs.delete_model("terms")
+    with pytest.raises(NotFound):
+        jobs.model("terms")
+
+
+def test_a_schema_newer_than_this_code_is_refused_untouched(backend):
+    ledger = Ledger(backend[1])
+    with ledger.read():
+        pass  # migrated to head
+    with ledger.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999'"))
+    again = Ledger(backend[1])
+    with (
+        pytest.raises(LedgerSchemaError, match="schema 9999, newer than this termtune"),
+        again.read(),
+    ):
+        pass
+    assert migrate.current_revision(ledger.engine) == "9999"
+    ledger.dispose()
+    again.dispose()
+
+
+def test_migrations_run_once_when_many_processes_start_together(backend):
+    ledgers = [Ledger(backend[1]) for _ in range(4)]
+    errors, start = [], threading.Barrier(len(ledgers))
+
+    def migrate_one(ledger):
+        start.wait()
+        try:
+            migrate.upgrade(ledger.engine)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=migrate_one, args=(x,)) for x in ledgers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert migrate.current_revision(ledgers[0].engine) == migrate.head()
+    for ledger in ledgers:
+        ledger.dispose()
+
+
+def test_an_unreachable_database_is_a_clear_retryable_error():
+    ledger = Ledger("postgresql+psycopg://termtune:secret@127.0.0.1:9/termtune")
+    with pytest.raises(LedgerUnavailable) as caught, ledger.read():
+        pass
+    assert "127.0.0.1:9/termtune is unavailable" in str(caught.value)
+    assert "secret" not in str(caught.value)
+
+
+def test_the_database_restarting_loses_nothing_and_the_ledger_reconnects(postgres, tmp_path):
+    from shared.jobs import JobRecords
+    from shared.store import LocalStore
+
+    url = postgres.fresh_database()
+    jobs = JobRecords(LocalStore(tmp_path / "store"), Ledger(url))
+    job_id, _ = _job(jobs)
+    jobs.record(StageStarted(job_id=job_id, stage="prepare", worker="w"))
+    postgres.stop("immediate")  # a crash, not a clean shutdown
+    try:
+        with pytest.raises(LedgerUnavailable):
+            jobs.record(StageProgress(job_id=job_id, stage="prepare", progress={"n": 1}))
+    finally:
+        postgres.start()
+    jobs.record(StageProgress(job_id=job_id, stage="prepare", progress={"n": 2}))
+    assert [seq for seq, _ in jobs.events_after(job_id)] == [1, 2]
+    assert jobs.summary(job_id)["stages"]["prepare"]["progress"] == {"n": 2}
+    jobs.ledger.dispose()
+    postgres.drop_database(url)
+
+
+def test_an_old_store_is_imported_once_job_by_job(jobs):
+    import json
+
+    from shared.ledger.importer import import_store
+    from shared.messages import dump_message
+
+    store = jobs.store
+    old = ["terms-20261101000000000000-aaaaaa", "terms-20261102000000000000-bbbbbb"]
+    for n, job_id in enumerate(old):
+        store.put_bytes(f"jobs/{job_id}/spec.json", SPEC.model_dump_json().encode())
+        events = [
+            JobSubmitted(job_id=job_id, spec_uri=store.uri(f"jobs/{job_id}/spec.json"), name="t"),
+            StageStarted(job_id=job_id, stage="prepare", worker="w"),
+            StageFailed(job_id=job_id, stage="prepare", error="boom", error_type="E"),
+        ]
+        for i, event in enumerate(events[: 2 + n]):
+            store.put_json(f"jobs/{job_id}/events/{i:020d}-x.json", dump_message(event))
+    store.put_bytes(f"jobs/{old[0]}/cancel", b"cancel requested\n")
+    broken = "terms-20261103000000000000-cccccc"
+    store.put_bytes(f"jobs/{broken}/spec.json", SPEC.model_dump_json().encode())
+    store.put_bytes(f"jobs/{broken}/events/00000000000000000001-x.json", b"{not json")
+    store.put_bytes("models/terms.json", json.dumps({"name": "terms", "job_id": old[1]}).encode())
+
+    report = import_store(jobs)
+    assert report.imported == old and report.models == 1
+    assert list(report.failed) == [broken]
+    assert "00000000000000000001-x.json: not JSON (line 1, column 2)" in report.failed[broken]
+    assert not jobs.exists(broken)  # nothing of it half-written
+    assert [v["id"] for v in jobs.page()[0]] == old[::-1]
+    assert jobs.summary(old[0])["status"] == "running" and jobs.cancel_requested(old[0])
+    assert jobs.summary(old[1])["status"] == "failed"
+    assert jobs.model("terms")["job_id"] == old[1]
+    again = import_store(jobs)
+    assert again.imported == [] and again.already == old and again.models == 0
