@@ -171,8 +171,10 @@ def merge(old: str, new: list[str]) -> list[str]:
     for title, lines in old_sections.items():
         if title in new_sections:
             page += new_sections.pop(title)
+        elif any(line.startswith("(from an earlier run") for line in lines[:3]):
+            page += lines  # already marked
         else:
-            page += [lines[0], "", f"(from the earlier run: {date.removeprefix('- Date: ')})"]
+            page += [lines[0], "", f"(from an earlier run: {date.removeprefix('- Date: ')})"]
             page += lines[1:]
     for lines in new_sections.values():
         page += lines

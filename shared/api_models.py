@@ -82,3 +82,48 @@ class EventPage(BaseModel):
     data: list[EventView]
     last_seq: int = Field(description="Sequence number of the last event here (or ``after``).")
     has_more: bool
+
+
+class ModelEntry(BaseModel):
+    """A published model: where it lives and what made it (``bedrock``: the import)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    job_id: str | None = None
+    target: str | None = Field(None, description="local or bedrock")
+    location: str | None = Field(None, description="URI of the exported model folder.")
+
+
+class ModelList(BaseModel):
+    """Every published model, by name."""
+
+    data: list[ModelEntry]
+
+
+class ModelDeleted(BaseModel):
+    """What a delete removed."""
+
+    deleted: str
+    imported_model_arn: str | None = None
+
+
+class ImportedModel(BaseModel):
+    """A model imported into Bedrock (Bedrock's summary), and termtune's name for it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    modelArn: str  # noqa: N815 - Bedrock's field name
+    termtune_model: str | None = None
+
+
+class ImportedModelList(BaseModel):
+    """Every model imported into Bedrock in the account and region."""
+
+    data: list[ImportedModel]
+
+
+class Health(BaseModel):
+    """A liveness or readiness answer."""
+
+    status: Literal["ok", "ready"]

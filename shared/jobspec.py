@@ -28,6 +28,25 @@ from pydantic import (
 from shared.errors import SpecError
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,46}[a-z0-9])?$"
+#: what numpy and torch accept as a seed
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+#: a templated prompt or target is a line or a paragraph, not a document
+MAX_TEMPLATE_CHARS = 2000
+#: a module name or suffix in the model (peft matches it), or a regex peft takes as is
+ModuleName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.*|()\[\]+?^$-]{1,200}$")]
+#: transformers optimizers that need no package beyond torch and bitsandbytes
+Optimizer = Literal[
+    "adamw_torch", "adamw_torch_fused", "adafactor", "adagrad", "sgd", "rmsprop",
+    "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
+    "lion_8bit", "lion_32bit", "paged_lion_8bit", "paged_lion_32bit",
+    "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit",
+    "ademamix", "ademamix_8bit", "paged_ademamix_8bit", "paged_ademamix_32bit",
+]  # fmt: skip
+#: transformers schedulers that need no arguments beyond warmup
+Scheduler = Literal[
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+    "constant_with_warmup", "inverse_sqrt",
+]  # fmt: skip
 
 
 class _Section(BaseModel):
@@ -58,10 +77,14 @@ class DatasetSpec(_Section):
     split: str = Field("train", description="Split to read from a hub dataset.")
     revision: str | None = Field(None, description="Hub dataset revision (branch, tag, commit).")
     prompt_template: str = Field(
-        "What is {page_title}", description="Template of the model input; {column} placeholders."
+        "What is {page_title}",
+        max_length=MAX_TEMPLATE_CHARS,
+        description="Template of the model input; {column} placeholders.",
     )
     target_template: str = Field(
-        "{page_text}", description="Template of the expected output; {column} placeholders."
+        "{page_text}",
+        max_length=MAX_TEMPLATE_CHARS,
+        description="Template of the expected output; {column} placeholders.",
     )
     test_size: float = Field(
         0.3, gt=0.0, lt=1.0, description="Share of prompts held out for evaluation."
@@ -69,7 +92,7 @@ class DatasetSpec(_Section):
     validation_size: float = Field(
         0.0, ge=0.0, lt=1.0, description="Share of prompts for validation loss during training."
     )
-    seed: int = Field(42, description="Seed of the train/test split and of the max_rows sample.")
+    seed: Seed = Field(42, description="Seed of the train/test split and of the max_rows sample.")
     max_source_length: Literal["auto"] | TokenLength = Field(
         "auto",
         description='Input tokens kept. "auto": the p99 of the prompts\' token lengths, at '
@@ -164,9 +187,9 @@ class LoraSpec(_Section):
     r: int = Field(64, ge=1, le=1024, description="Rank of the update matrices.")
     alpha: int = Field(16, ge=1, description="Scaling numerator (lora_alpha).")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
-    target_modules: str | list[str] = Field(
-        "all-linear", description='"all-linear" or a list of module names (e.g. ["q", "v"]).'
-    )
+    target_modules: (
+        Literal["all-linear"] | Annotated[list[ModuleName], Field(min_length=1, max_length=64)]
+    ) = Field("all-linear", description='"all-linear" or a list of module names (e.g. ["q", "v"]).')
 
 
 class TrainingSpec(_Section):
@@ -180,14 +203,20 @@ class TrainingSpec(_Section):
         description='"auto": bf16 on GPUs that support it, else fp32. fp16 is refused '
         "for T5 (its activations overflow).",
     )
-    optimizer: str = Field(
-        "adamw_torch", description='transformers optimizer name (e.g. "paged_adamw_8bit").'
+    optimizer: Optimizer = Field(
+        "adamw_torch",
+        description="transformers optimizer name: torch's or bitsandbytes' (those need no "
+        'other package; e.g. "paged_adamw_8bit").',
     )
     learning_rate: float = Field(2e-4, gt=0.0, le=1.0, description="Peak learning rate.")
-    lr_scheduler: str = Field("linear", description="transformers scheduler name.")
+    lr_scheduler: Scheduler = Field(
+        "linear", description="transformers scheduler name (those that need no extra arguments)."
+    )
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Share of steps to warm up.")
     epochs: float = Field(1.0, gt=0.0, le=1000.0, description="Passes over the train split.")
-    max_steps: int = Field(-1, ge=-1, description="Optimizer steps; -1 means use epochs.")
+    max_steps: int = Field(
+        -1, ge=-1, le=10_000_000, description="Optimizer steps; -1 means use epochs."
+    )
     batch_size: int = Field(1, ge=1, le=4096, description="Examples per device per step.")
     gradient_accumulation_steps: int = Field(2, ge=1, le=1024, description="Steps per update.")
     group_by_length: bool = Field(True, description="Batch examples of similar length.")
@@ -204,7 +233,7 @@ class TrainingSpec(_Section):
     checkpoint_every_minutes: float = Field(
         10.0, gt=0.0, description="...and at least every M minutes."
     )
-    seed: int = Field(42, description="Seed of initialisation and data order.")
+    seed: Seed = Field(42, description="Seed of initialisation and data order.")
     data_parallel: Literal["auto"] | Annotated[int, Field(ge=1, le=64)] = Field(
         "auto",
         description='Training processes, one per GPU. "auto": every visible GPU (1 on CPU). '
@@ -276,7 +305,7 @@ class EvaluationSpec(_Section):
     max_rows: int | None = Field(
         200, ge=1, description="Cap on test rows for quick runs (None: all); reported."
     )
-    seed: int = Field(0, description="Seed of sampling (decoding.temperature > 0) and bootstrap.")
+    seed: Seed = Field(0, description="Seed of sampling (decoding.temperature > 0) and bootstrap.")
     bootstrap_samples: int = Field(
         1000, ge=100, le=100_000, description="Resamples for the 95% confidence intervals."
     )

@@ -74,6 +74,35 @@ def load_seq2seq(
         raise ModelError(_load_hint(base_model, "weights", exc)) from exc
 
 
+def unreadable_weights(path: Path) -> str | None:
+    """Why a safetensors file cannot be read (cut short, not safetensors), or None."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as weights:
+            list(weights.keys())
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type
+        return f"{path.name} cannot be read ({exc})"
+    return None
+
+
+def load_adapter(model: Any, adapter: Path, base_model: str) -> Any:
+    """The model with the LoRA adapter stored in ``adapter`` (a folder); ModelError naming
+    the file when it is missing, cut short or does not fit the base model."""
+    from peft import PeftModel
+
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise ModelError(f"the adapter at {adapter} has no adapter_model.safetensors")
+    problem = unreadable_weights(weights)
+    if problem is not None:
+        raise ModelError(f"the adapter at {adapter}: {problem}")
+    try:
+        return PeftModel.from_pretrained(model, str(adapter))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"the adapter at {adapter} does not fit {base_model}: {exc}") from exc
+
+
 def is_path_like(base_model: str) -> bool:
     """Whether ``base_model`` can only mean a folder: not in the hub's repo id form."""
     return (

@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1, description="Deliveries before a message is dead.")
     poll_seconds: float = Field(1.0, gt=0, description="Worker wait for a message per poll.")
     lease_seconds: float = Field(
-        60.0, gt=0, description="Life of a training lease; renewed every third of it."
+        60.0, gt=0, description="Life of a stage lease; renewed every third of it."
     )
     reconcile_seconds: float = Field(
         15.0, gt=0, description="How often the control plane re-sends jobs whose lease expired."
@@ -119,6 +119,12 @@ class ApiSettings(Settings):
     )
     inference_max_batch: int = Field(
         8, ge=1, le=256, description="Concurrent invoke requests answered in one batch (1: off)."
+    )
+    inference_max_seconds: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="Longest a local invoke generates; the answer is cut there (length).",
     )
     inference_batch_wait_ms: float = Field(
         0.0, ge=0, le=1000, description="How long a lone invoke request waits for company."

@@ -35,6 +35,7 @@ from shared.store import Store
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_SECONDS = 2.0
+CANCEL_CHECK_SECONDS = 1.0
 
 
 @dataclass
@@ -79,23 +80,36 @@ Handler = Callable[[Command, StageContext], Event]
 
 
 class _Progress:
-    """Records progress events for one stage, at most one every few seconds."""
+    """Records progress events for one stage, at most one every few seconds; every report is
+    also a cancellation point (looked up at most once a second): a stage other than training
+    (which stops at an optimizer step, checkpointed) stops at its next report once the job is
+    cancelled, raising Cancelled."""
 
     def __init__(self, jobs: JobRecords, command: Command) -> None:
-        self.jobs, self.command, self.last = jobs, command, 0.0
+        self.jobs, self.command, self.last, self.checked = jobs, command, 0.0, 0.0
+        self.stage = STAGE_OF_COMMAND[command.type]  # type: ignore[attr-defined]
 
     def __call__(self, progress: dict[str, Any], *, force: bool = False) -> None:
         now = time.monotonic()
+        if self.stage != "train" and now - self.checked >= CANCEL_CHECK_SECONDS:
+            self.checked = now
+            if self._cancelled():
+                raise Cancelled(f"job {self.command.job_id} was cancelled")
         if force or now - self.last >= PROGRESS_EVERY_SECONDS:
             self.last = now
-            stage = STAGE_OF_COMMAND[self.command.type]  # type: ignore[attr-defined]
             try:
                 self.jobs.record(
-                    StageProgress(job_id=self.command.job_id, stage=stage, progress=progress),
+                    StageProgress(job_id=self.command.job_id, stage=self.stage, progress=progress),
                     patient=False,
                 )
             except LedgerUnavailable as exc:  # the next report replaces it
                 log.warning("progress not recorded: %s", exc)
+
+    def _cancelled(self) -> bool:
+        try:
+            return self.jobs.cancel_requested(self.command.job_id)
+        except LedgerUnavailable:
+            return False  # looked up again at the next report
 
 
 def run_stage(

@@ -6,6 +6,8 @@ write of one object is atomic: readers see the old object, the new one, or none.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -13,6 +15,7 @@ import os
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -131,31 +134,39 @@ class LocalStore(Store):
         """The file behind a key."""
         return self.root / _check_key(key)
 
+    @contextlib.contextmanager
+    def _staged(self, path: Path) -> Iterator[Path]:
+        """A temporary file beside ``path`` (a name no listing shows), removed unless the
+        body moved it into place; a full disk is a StoreUnavailable naming the folder, and
+        leaves nothing behind."""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            os.close(fd)
+        except OSError as exc:
+            raise _disk_error(exc, path) from exc
+        try:
+            yield Path(tmp)
+        except OSError as exc:
+            raise _disk_error(exc, path) from exc
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
     def put_bytes(self, key: str, data: bytes) -> None:
         path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
+        with self._staged(path) as tmp:
+            tmp.write_bytes(data)
             os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
     def put_bytes_if_absent(self, key: str, data: bytes) -> bool:
         path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        try:
-            os.link(tmp, path)  # atomic and fails if the name exists
+        with self._staged(path) as tmp:
+            tmp.write_bytes(data)
+            try:
+                os.link(tmp, path)  # atomic and fails if the name exists
+            except FileExistsError:
+                return False
             return True
-        except FileExistsError:
-            return False
-        finally:
-            os.unlink(tmp)
 
     def get_versioned(self, key: str) -> tuple[bytes, str]:
         data = self.get_bytes(key)
@@ -198,11 +209,9 @@ class LocalStore(Store):
 
     def upload_file(self, path: Path, key: str) -> None:
         target = self.path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
-        os.close(fd)
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, target)
+        with self._staged(target) as tmp:
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, target)
 
     def download_file(self, key: str, path: Path) -> None:
         shutil.copyfile(self.path(key), path)
@@ -322,3 +331,10 @@ def open_store(settings: Settings) -> Store:
     raise StoreLocationError(
         f"TERMTUNE_STORE_URL must be file:///path or s3://bucket/prefix, got {settings.store_url!r}"
     )
+
+
+def _disk_error(exc: OSError, path: Path) -> Exception:
+    """A full disk (or quota) as a retryable store error naming the folder; others as-is."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreUnavailable(f"no space left to write {path.parent} ({exc.strerror})")
+    return exc

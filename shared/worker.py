@@ -16,12 +16,12 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from shared.bus import ATTEMPT_HEADER, SERVICE_COMMANDS, Bus
 from shared.ecs import protect_task
 from shared.errors import Interrupted, LedgerUnavailable, MessageError
+from shared.health import check_health, heartbeat_path
 from shared.jobs import JobRecords
 from shared.leases import Lease, LeaseKeeper
 from shared.ledger import open_ledger
@@ -71,8 +71,8 @@ class Worker:
     def on_message(self, body: Any, message: Any) -> None:
         """Handle one delivery and ack it once everything it caused is stored.
 
-        A leased service (the trainer) acks as soon as it holds the job's lease: from then
-        on the lease and the reconciler, not the broker's delivery timeout, keep the job. On
+        A leased service (every stage service) acks as soon as it holds the stage's lease:
+        from then on the lease and the reconciler, not the broker, keep the command. On
         SQS every worker keeps its message in flight instead, extending its visibility, and
         acks at the end (the trainer queue's in-flight count is what scales the trainers).
         """
@@ -260,19 +260,6 @@ class Worker:
         finally:
             relay.stop()
         log.info("%s stopped", self.service)
-
-
-def heartbeat_path(settings: Settings, service: str) -> Path:
-    """Where a service's heartbeat file lives."""
-    return settings.run_dir / f"{service}.heartbeat"
-
-
-def check_health(settings: Settings, service: str, *, max_age: float = 30.0) -> bool:
-    """Whether the service's heartbeat is recent."""
-    try:
-        return time.time() - heartbeat_path(settings, service).stat().st_mtime < max_age
-    except FileNotFoundError:
-        return False
 
 
 def configure_logging(settings: Settings, service: str) -> None:

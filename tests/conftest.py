@@ -41,6 +41,12 @@ def session_database(request: pytest.FixtureRequest) -> str | None:
     return request.getfixturevalue("postgres").fresh_database() if ON_POSTGRES else None
 
 
+@pytest.fixture(scope="module")
+def module_database(request: pytest.FixtureRequest) -> str | None:
+    """A database for a module's long-lived services (like session_database, per module)."""
+    return request.getfixturevalue("postgres").fresh_database() if ON_POSTGRES else None
+
+
 @pytest.fixture(scope="session")
 def trained_job(
     tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, session_database: str | None

@@ -72,13 +72,27 @@ def make_jobs(settings: Settings, store: Store | None = None) -> JobRecords:
     return JobRecords(store or open_store(settings), open_ledger(settings))
 
 
-def lease_owner(var_dir: Path, job_id: str, stage: str) -> str | None:
-    """Who holds a stage's lease in the ledger of a var folder (or the test's database)."""
+def launcher_jobs(launcher: Any) -> JobRecords:
+    """The job records a launcher's services use (its database and store)."""
+    url = launcher.service_env().get("TERMTUNE_DATABASE_URL")
+    settings = Settings(var_dir=launcher.var_dir, **({"database_url": url} if url else {}))
+    return make_jobs(settings)
+
+
+def pinned_database(var_dir: Path, database_url: str | None) -> dict[str, str]:
+    """The environment that keeps a long-lived launcher on one database: a test's own
+    database (PostgreSQL runs) changes from test to test, and a service started later in
+    another test (a replacement trainer) must find the same one."""
+    return {"TERMTUNE_DATABASE_URL": database_url or f"sqlite:///{var_dir}/termtune.db"}
+
+
+def lease_owner(launcher: Any, job_id: str, stage: str) -> str | None:
+    """Who holds a stage's lease in a launcher's ledger."""
     import sqlalchemy as sa
 
     from shared.ledger import tables as t
 
-    jobs = make_jobs(Settings(var_dir=var_dir))
+    jobs = launcher_jobs(launcher)
     leases = t.leases.c
     with jobs.ledger.read() as conn:
         return conn.execute(

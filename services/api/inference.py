@@ -70,10 +70,16 @@ class LocalModels:
     """
 
     def __init__(
-        self, jobs: JobRecords, settings: Settings, *, max_batch: int = 8, wait_s: float = 0.0
+        self,
+        jobs: JobRecords,
+        settings: Settings,
+        *,
+        max_batch: int = 8,
+        wait_s: float = 0.0,
+        max_seconds: float = 60.0,
     ) -> None:
         self.jobs, self.settings = jobs, settings
-        self.max_batch, self.wait_s = max_batch, wait_s
+        self.max_batch, self.wait_s, self.max_seconds = max_batch, wait_s, max_seconds
         self._loaded: dict[str, tuple[str, Any, Any]] = {}
         self._batchers: dict[str, MicroBatcher] = {}
         self._lock = threading.Lock()
@@ -137,6 +143,7 @@ class LocalModels:
             do_sample=sample,
             temperature=first.temperature if sample else None,
             top_p=first.top_p if sample else None,
+            max_time=self.max_seconds,  # a long answer is cut there: stop_reason "length"
         )
         prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
         return [

@@ -75,6 +75,7 @@ def create_app(settings: ApiSettings | None = None, *, bus: Bus | None = None) -
         settings,
         max_batch=settings.inference_max_batch,
         wait_s=settings.inference_batch_wait_ms / 1000,
+        max_seconds=settings.inference_max_seconds,
     )
     app.state.bedrock = BedrockModels()
     app.state.metrics = app_metrics = Metrics(job_records)

@@ -9,8 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from pydantic import BaseModel
 
+from shared.api_models import EventPage, JobPage, JobView, ModelDeleted, ModelList
 from shared.errors import NotFound, SpecError, TermtuneError
+
+STREAM_RECONNECTS = 5
 
 
 def default_url() -> str:
@@ -51,40 +55,59 @@ class Client:
 
     def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
         """Submit a job spec; the new job."""
-        return self._call("POST", "/v1/jobs", json=spec)
+        return _as(JobView, self._call("POST", "/v1/jobs", json=spec))
 
     def job(self, job_id: str) -> dict[str, Any]:
         """A job's summary."""
-        return self._call("GET", f"/v1/jobs/{job_id}")
+        return _as(JobView, self._call("GET", f"/v1/jobs/{job_id}"))
 
-    def jobs(self, status: str | None = None) -> list[dict[str, Any]]:
-        """Recent jobs."""
-        return self._call("GET", "/v1/jobs", params={"status": status} if status else {})["data"]
+    def jobs(self, status: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+        """Recent jobs, newest first."""
+        params: dict[str, Any] = {"limit": limit, **({"status": status} if status else {})}
+        return _as(JobPage, self._call("GET", "/v1/jobs", params=params))["data"]
 
     def events(self, job_id: str) -> list[dict[str, Any]]:
-        """A job's events, oldest first."""
-        return self._call("GET", f"/v1/jobs/{job_id}/events")["data"]
+        """A job's events, oldest first (every page)."""
+        found: list[dict[str, Any]] = []
+        after, more = 0, True
+        while more:
+            page = _as(EventPage, self._call("GET", f"/v1/jobs/{job_id}/events?after={after}"))
+            found += page["data"]
+            after, more = page["last_seq"], page["has_more"]
+        return found
 
     def stream_events(self, job_id: str) -> Iterator[dict[str, Any]]:
-        """A job's events as they happen (Server-Sent Events), until the job ends."""
-        try:
-            with self.http.stream(
-                "GET",
-                f"/v1/jobs/{job_id}/events/stream",
-                timeout=httpx.Timeout(30.0, read=None),
-            ) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    raise (NotFound if response.status_code == 404 else ApiError)(_detail(response))
-                for line in response.iter_lines():
-                    if line.startswith("data: ") and line != "data: {}":
-                        yield json.loads(line[len("data: ") :])
-        except httpx.TransportError as exc:
-            raise ApiError(f"event stream from {self.http.base_url} broke: {exc}") from exc
+        """A job's events as they happen (Server-Sent Events), until the job ends; a broken
+        stream is resumed after the last event seen (``Last-Event-ID``)."""
+        last: str | None = None
+        for attempt in range(STREAM_RECONNECTS + 1):
+            headers = {"Last-Event-ID": last} if last else {}
+            try:
+                with self.http.stream(
+                    "GET",
+                    f"/v1/jobs/{job_id}/events/stream",
+                    headers=headers,
+                    timeout=httpx.Timeout(30.0, read=None),
+                ) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        error = NotFound if response.status_code == 404 else ApiError
+                        raise error(_detail(response))
+                    for line in response.iter_lines():
+                        if line.startswith("id: "):
+                            last = line[len("id: ") :]
+                        elif line.startswith("event: end"):
+                            return
+                        elif line.startswith("data: ") and line != "data: {}":
+                            yield json.loads(line[len("data: ") :])
+                    return
+            except httpx.TransportError as exc:
+                if attempt == STREAM_RECONNECTS:
+                    raise ApiError(f"event stream from {self.http.base_url} broke: {exc}") from exc
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         """Ask a job to stop."""
-        return self._call("POST", f"/v1/jobs/{job_id}/cancel")
+        return _as(JobView, self._call("POST", f"/v1/jobs/{job_id}/cancel"))
 
     def estimate(
         self, job_id: str, instance_type: str, *, spec: dict[str, Any] | None = None
@@ -95,7 +118,7 @@ class Client:
 
     def retry(self, job_id: str) -> dict[str, Any]:
         """Resume a failed or cancelled job from its first unfinished stage."""
-        return self._call("POST", f"/v1/jobs/{job_id}/retry")
+        return _as(JobView, self._call("POST", f"/v1/jobs/{job_id}/retry"))
 
     def report(self, job_id: str) -> dict[str, Any]:
         """A job's evaluation report."""
@@ -103,7 +126,7 @@ class Client:
 
     def models(self) -> list[dict[str, Any]]:
         """Published models."""
-        return self._call("GET", "/v1/models")["data"]
+        return _as(ModelList, self._call("GET", "/v1/models"))["data"]
 
     def imported_models(self) -> list[dict[str, Any]]:
         """Every model imported into Bedrock in the account and region."""
@@ -111,7 +134,7 @@ class Client:
 
     def delete_model(self, model: str) -> dict[str, Any]:
         """Delete a published model (and its Bedrock import)."""
-        return self._call("DELETE", f"/v1/models/{model}")
+        return _as(ModelDeleted, self._call("DELETE", f"/v1/models/{model}"))
 
     def invoke(self, model: str, prompt: str, **params: Any) -> dict[str, Any]:
         """Ask a published model; Bedrock's response shape."""
@@ -123,6 +146,12 @@ class Client:
             return self.http.get("/healthz", timeout=2).status_code == 200
         except httpx.TransportError:
             return False
+
+
+def _as(model: type[BaseModel], data: Any) -> Any:
+    """The response read through the API's own model (a drifted server fails here, naming
+    the field), as plain data with only the fields the server sent."""
+    return model.model_validate(data).model_dump(mode="json", exclude_unset=True)
 
 
 def _detail(response: httpx.Response) -> str:

@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.errors import TermtuneError
+from shared.health import check_health
 from shared.lifetime import PARENT_ENV
 from shared.settings import Settings, development_key
-from shared.worker import check_health
 
 WORKERS = ("dataprep", "trainer", "evaluator", "publisher")
+STABLE_SECONDS = 300.0
+MAX_BACKOFF_SECONDS = 60.0
 SERVICES = ("api", *WORKERS)
 
 
@@ -37,6 +39,10 @@ class Launcher:
     port: int = 8000
     env: dict[str, str] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    #: process name → (restarts in a row, when it was last started), for supervise()
+    restarts: dict[str, tuple[int, float]] = field(default_factory=dict)
+    #: process name → when supervise() saw it exited (it waits out its backoff)
+    exited: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.var_dir = self.var_dir.resolve()
@@ -87,6 +93,34 @@ class Launcher:
             json.dumps({n: p.pid for n, p in self.processes.items()})
         )
 
+    def supervise(self, *, now: float | None = None) -> list[str]:
+        """Start again each service that exited, after a backoff that doubles with each
+        restart in a row (1 s, 2 s, 4 s... 60 s at most; a service that ran for 5 minutes
+        starts the count again). One line per restart, for the user."""
+        now = time.monotonic() if now is None else now
+        said = []
+        for name, proc in list(self.processes.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            count, started = self.restarts.get(name, (0, 0.0))
+            if now - started > STABLE_SECONDS:
+                count = 0
+            delay = min(2.0**count, MAX_BACKOFF_SECONDS)
+            exited = self.exited.get(name)
+            if exited is None:
+                self.exited[name] = now
+                tail = self.logs_tail(5, names=(name,))
+                said.append(f"{name} exited ({code}); starting it again in {delay:.0f} s\n{tail}")
+                continue
+            if now - exited < delay:
+                continue
+            self.start((name,))
+            del self.exited[name]
+            self.restarts[name] = (count + 1, now)
+            said.append(f"{name} started again (restart {count + 1} in a row)")
+        return said
+
     def wait_ready(self, timeout: float = 120.0) -> None:
         """Wait until the API answers and every worker's heartbeat is fresh."""
         from services.cli.client import Client
@@ -120,10 +154,10 @@ class Launcher:
                 proc.wait()
         (self.run_dir / "pids.json").unlink(missing_ok=True)
 
-    def logs_tail(self, lines: int = 30) -> str:
-        """The last lines of every service's log."""
+    def logs_tail(self, lines: int = 30, names: tuple[str, ...] = ()) -> str:
+        """The last lines of every service's log (or of ``names``)."""
         parts = []
-        for name in self.processes or SERVICES:
+        for name in names or tuple(self.processes) or SERVICES:
             path = self.log_dir / f"{name}.log"
             if path.exists():
                 tail = path.read_text(errors="replace").splitlines()[-lines:]

@@ -175,10 +175,10 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"termtune is up at {launcher.url} (API key in {launcher.run_dir / 'api_key'}); "
             "Ctrl-C stops it"
         )
-        while all(p.poll() is None for p in launcher.processes.values()):
+        while True:  # a service that exits is started again (with a backoff); Ctrl-C stops
+            for line in launcher.supervise():
+                print(line, file=sys.stderr)
             time.sleep(1)
-        print("a service exited:\n" + launcher.logs_tail(), file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 0
     finally:

@@ -8,4 +8,6 @@ from shared.worker import run_service
 
 def main(argv: list[str] | None = None) -> int:
     """Run the dataprep worker until SIGTERM; `--health` checks its heartbeat."""
-    return run_service("dataprep", handle, argv)  # type: ignore[arg-type]
+    # Owned through a lease like every stage: a worker killed mid-command (even kill -9)
+    # lets its lease expire, and the control plane's reconciler sends the command again.
+    return run_service("dataprep", handle, argv, leased=True)  # type: ignore[arg-type]

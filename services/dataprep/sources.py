@@ -15,6 +15,7 @@ import codecs
 import glob
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,7 +242,7 @@ def _arrow_batches(path: Path, *, text_columns: list[str] = ()) -> Iterator[pa.R
         bad = first_invalid_utf8(path)
         if bad is not None:
             raise DatasetError(f"{path}: bytes that are not UTF-8 at byte offset {bad}") from exc
-        raise DatasetError(f"{path}: cannot read: {exc}") from exc
+        raise DatasetError(f"{path}: cannot read: {_without_content(exc)}") from exc
 
 
 def first_invalid_utf8(path: Path) -> int | None:
@@ -407,3 +408,16 @@ def file_digests(source: Source) -> list[dict[str, Any]]:
                 sha.update(chunk)
         out.append({"file": str(path), "bytes": path.stat().st_size, "sha256": sha.hexdigest()})
     return out
+
+
+#: pyarrow's CSV errors end with the offending row ("Expected 1 columns, got 7: <row>")
+_QUOTED_ROW = re.compile(r"^(.*?columns?, got \d+)")
+
+
+def _without_content(exc: Exception) -> str:
+    """A reader's error without the file's own text: the message names the problem and where
+    (the job's error is shown to every user of the API; the file may be anything a link
+    points at)."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    match = _QUOTED_ROW.match(first)
+    return match.group(1) if match else first[:200]

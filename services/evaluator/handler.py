@@ -11,7 +11,7 @@ from shared.artifacts import adapter_dir, dropped_rows, read_split
 from shared.errors import ModelError, NotFound
 from shared.jobspec import JobSpec
 from shared.messages import EvaluateModel, ModelEvaluated
-from shared.modeling import device, load_seq2seq, load_tokenizer, versions
+from shared.modeling import device, load_adapter, load_seq2seq, load_tokenizer, versions
 from shared.stage import StageContext
 
 SAMPLE_ROWS = 12
@@ -45,8 +45,6 @@ def check_tokenizer(tokenizer: Any, dataset: dict[str, Any], spec: JobSpec) -> N
 
 
 def _evaluate(command: EvaluateModel, ctx: StageContext) -> dict[str, Any]:
-    from peft import PeftModel
-
     spec = ctx.spec(command)
     evaluation = spec.evaluation
     dataset = ctx.manifest_at(command.dataset_manifest)
@@ -67,10 +65,7 @@ def _evaluate(command: EvaluateModel, ctx: StageContext) -> dict[str, Any]:
         progress=ctx.progress,
     )
     base_rows, base_out = metrics.run_model(model, label="base", **run)
-    try:
-        tuned_model = PeftModel.from_pretrained(model, str(adapter))
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelError(f"the adapter at {adapter} does not fit {spec.base_model}: {exc}") from exc
+    tuned_model = load_adapter(model, adapter, spec.base_model)
     tuned_rows, tuned_out = metrics.run_model(tuned_model, label="tuned", **run)
     ctx.progress({"phase": "bootstrap", "samples": evaluation.bootstrap_samples}, force=True)
     report = build_report(

@@ -11,7 +11,7 @@ import torch
 
 from shared.errors import ModelError
 from shared.jobspec import DecodingSpec
-from shared.modeling import load_seq2seq, load_tokenizer
+from shared.modeling import load_adapter, load_seq2seq, load_tokenizer
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 MERGE_TOLERANCE = 1e-3
@@ -19,13 +19,8 @@ MERGE_TOLERANCE = 1e-3
 
 def merge(base_model: str, adapter: Path, probe_ids: list[list[int]]) -> tuple[Any, float]:
     """The merged fp32 model and the largest logit gap between it and base+adapter."""
-    from peft import PeftModel
-
     base = load_seq2seq(base_model, dtype=torch.float32)  # never the quantized copy
-    try:
-        model = PeftModel.from_pretrained(base, str(adapter))
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelError(f"the adapter at {adapter} does not fit {base_model}: {exc}") from exc
+    model = load_adapter(base, adapter, base_model)
     model.eval()
     before = _logits(model, probe_ids)
     merged = model.merge_and_unload()

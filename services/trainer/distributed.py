@@ -49,6 +49,13 @@ def processes(spec: TrainingSpec, device: str) -> int:
             f"training.data_parallel: {spec.data_parallel} processes asked for, "
             f"but this machine has {gpus} GPU(s)"
         )
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if device != "cuda" and spec.data_parallel > (cores or 1):
+        raise SpecError(
+            f"training.data_parallel: {spec.data_parallel} processes asked for on a CPU "
+            f"worker with {cores} core(s); at most one process a core (on CPU this only "
+            "exercises the multi-GPU path)"
+        )
     return spec.data_parallel
 
 

@@ -8,5 +8,6 @@ from shared.worker import run_service
 
 def main(argv: list[str] | None = None) -> int:
     """Run the trainer worker until SIGTERM; `--health` checks its heartbeat."""
-    # Training outlasts broker delivery timeouts: the job is owned through a lease instead.
+    # Training outlasts broker delivery timeouts: the job is owned through a lease instead
+    # (as every stage is).
     return run_service("trainer", handle, argv, leased=True)  # type: ignore[arg-type]

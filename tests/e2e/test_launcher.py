@@ -77,3 +77,41 @@ def test_no_service_outlives_termtune_up(tmp_path, sig):
                 os.kill(pid, signal.SIGKILL)
         if launcher.poll() is None:
             launcher.kill()
+
+
+def test_termtune_up_starts_a_killed_service_again(tmp_path, tiny_model):
+    """Issue 19: one `kill -9` of a worker ended every service in 7-11 s. Now the dead one is
+    started again (after a 1 s backoff) and the deployment keeps working."""
+    from services.cli.client import Client
+    from tests.factories import spec_dict
+
+    launcher, pids, env = _up(tmp_path)
+    var = tmp_path / "var"
+    try:
+        os.kill(pids["dataprep"], signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        new = pids["dataprep"]
+        while time.monotonic() < deadline and new == pids["dataprep"]:
+            new = json.loads((var / "run" / "pids.json").read_text())["dataprep"]
+            time.sleep(0.2)
+        assert new != pids["dataprep"] and _alive(new)
+        assert launcher.poll() is None
+        assert all(_alive(pids[n]) for n in ("api", "trainer", "evaluator", "publisher"))
+        client = Client(f"http://127.0.0.1:{env['TERMTUNE_PORT']}",
+                        api_key=(var / "run" / "api_key").read_text().strip())  # fmt: skip
+        job = client.submit(spec_dict(tiny_model, name="after-restart"))
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            prepare = client.job(job["id"])["stages"]["prepare"]["status"]
+            if prepare not in ("pending", "running"):
+                break
+            time.sleep(0.5)
+        assert prepare == "succeeded"  # the restarted data-prep took the job
+    finally:
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(timeout=60)
+        current = json.loads((var / "run" / "pids.json").read_text()) if (
+            var / "run" / "pids.json").exists() else {}  # fmt: skip
+        for pid in {**pids, **current}.values():
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -9,7 +9,7 @@ from services.cli.client import Client
 from services.cli.display import follow
 from services.cli.launcher import Launcher
 from shared.jobspec import GateSpec
-from tests.factories import spec_dict
+from tests.factories import pinned_database, spec_dict
 
 pytestmark = pytest.mark.e2e
 
@@ -21,8 +21,10 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def services(tmp_path_factory):
-    launcher = Launcher(var_dir=tmp_path_factory.mktemp("e2e") / "var", port=_free_port())
+def services(tmp_path_factory, module_database):
+    var = tmp_path_factory.mktemp("e2e") / "var"
+    env = pinned_database(var, module_database)
+    launcher = Launcher(var_dir=var, port=_free_port(), env=env)
     launcher.start()
     try:
         launcher.wait_ready(timeout=120)

@@ -288,3 +288,35 @@ def test_the_readme_run_command_runs_the_job_on_a_fresh_machine(workdir):
     assert "quality gate: passed" in out  # the example passes the default gate's rules
     assert re.search(r"invoke 'medical-terms': '[^']+'\s+-> '[^']+", out), out[-3000:]
     assert not (workdir / "var" / "run" / "pids.json").exists()  # every service stopped
+
+
+def stage_lines() -> list[str]:
+    """The command lines of the README's in-process stage block."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("Each stage also runs alone", 1)[1]
+    block = re.search(r"```bash\n(.*?)\n```", section, re.DOTALL)
+    assert block, "README.md's in-process stages have no ```bash block"
+    return [line.strip() for line in block.group(1).splitlines() if line.strip()]
+
+
+@pytest.mark.timeout(3600)
+def test_the_readme_stage_commands_run_as_written(workdir):
+    """Each stage in-process, literally as the README gives them, on a fresh var/: one job
+    (medical-terms-local) paused between stages, then published."""
+    lines = stage_lines()
+    assert [_argv(line)[1] for line in lines] == ["prepare", "train", "evaluate", "publish"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TERMTUNE_")}
+    shell = Shell(workdir, env)
+    events = []
+    for line in lines:
+        out = shell.run(line, timeout=1200).stdout
+        events.append(json.loads(out[out.index("{") :]))
+    assert {e["job_id"] for e in events} == {"medical-terms-local"}
+    assert [e["type"] for e in events] == [
+        "DatasetPrepared",
+        "ModelTrained",
+        "ModelEvaluated",
+        "ModelPublished",
+    ]
+    assert events[2]["publish"] is True and events[3]["target"] == "local"
+    assert (workdir / "var" / "termtune.db").exists()  # the embedded ledger

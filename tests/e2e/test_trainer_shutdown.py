@@ -83,7 +83,7 @@ def test_sigterm_checkpoints_exits_and_the_job_resumes(tmp_path, tiny_model):
         train_dir = _train_dir(tmp_path, job_id)
         saved = json.loads((train_dir / "checkpoints" / "latest.json").read_text())["step"]
         assert 10 <= saved < STEPS
-        assert lease_owner(launcher.var_dir, job_id, "train") is None  # released on the way out
+        assert lease_owner(launcher, job_id, "train") is None  # released on the way out
         assert client.job(job_id)["status"] == "running"
         _finish_on_a_new_trainer(launcher, client, job_id)
         manifest = json.loads((train_dir / "manifest.json").read_text())

@@ -108,11 +108,9 @@ def _job_in_store(launcher, tiny_model, name, *extra_events):
     says otherwise, e.g. ``paused`` after a stage run in-process."""
     from shared.jobs import new_job_id
     from shared.messages import JobSubmitted
-    from shared.settings import Settings
-    from shared.store import LocalStore
-    from tests.factories import make_jobs, make_spec
+    from tests.factories import launcher_jobs, make_spec
 
-    jobs = make_jobs(Settings(var_dir=launcher.var_dir), LocalStore(launcher.var_dir / "store"))
+    jobs = launcher_jobs(launcher)
     job_id = new_job_id(name)
     uri = jobs.create(job_id, make_spec(tiny_model, name=name))
     jobs.record(JobSubmitted(job_id=job_id, spec_uri=uri, name=name))

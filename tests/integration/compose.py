@@ -2,7 +2,7 @@
 docker-compose.yml, its .env and its Dockerfile, with only what a container isolates
 translated for one machine:
 
-- service hostnames (``rabbitmq``, ``minio``, ``postgres``) → the loopback servers the test
+- service hostnames (``rabbitmq``, ``s3``, ``postgres``) → the loopback servers the test
   started (the database: a fresh one on the tests' PostgreSQL server);
 - container paths (``/home/termtune/...``) → a temporary folder per service instance;
 - the API's container port and ``0.0.0.0`` → a free loopback port;
@@ -85,7 +85,7 @@ def service_processes(
         env.update({k: str(v) for k, v in (service.get("environment") or {}).items()})
         env = {
             k: v.replace("rabbitmq:5672", amqp)
-            .replace("http://minio:9000", s3)
+            .replace("http://s3:8333", s3)
             .replace("postgres:5432/termtune", database)
             for k, v in env.items()
         }

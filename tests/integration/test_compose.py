@@ -33,8 +33,8 @@ def stack(rabbitmq, s3_endpoint, postgres, tmp_path_factory):
         "POSTGRES_PASSWORD": "unused-locally",  # the tests' server trusts loopback
         "RABBITMQ_USER": RABBITMQ_USER,
         "RABBITMQ_PASSWORD": RABBITMQ_PASSWORD,
-        "MINIO_ROOT_USER": "test",
-        "MINIO_ROOT_PASSWORD": "test-secret",
+        "S3_ACCESS_KEY": "test",
+        "S3_SECRET_KEY": "test-secret",
         "TERMTUNE_BUCKET": "termtune-it",
         "TERMTUNE_API_KEY": API_KEY,
         "TERMTUNE_API_PORT": "8000",
@@ -43,7 +43,7 @@ def stack(rabbitmq, s3_endpoint, postgres, tmp_path_factory):
         variables, amqp=rabbitmq, s3=s3_endpoint, database=database
     )
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
-    s3.create_bucket(Bucket="termtune-it")  # what compose's minio-init does
+    s3.create_bucket(Bucket="termtune-it")  # what compose's s3-init does
     s3.upload_file(str(SAMPLE_DATA), "termtune-it", "termtune/datasets/medical_terms.jsonl")
     base = tmp_path_factory.mktemp("compose")
     port = free_port()

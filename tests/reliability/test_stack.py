@@ -18,7 +18,7 @@ import pytest
 from services.cli.client import Client
 from services.cli.display import TERMINAL
 from tests.e2e.test_trainer_shutdown import STEPS, _running, _submit, _train_dir, _wait_for_step
-from tests.factories import lease_owner, spec_dict
+from tests.factories import lease_owner, pinned_database, spec_dict
 
 pytestmark = pytest.mark.e2e
 #: credentials planted in every service's environment; they must never show up anywhere
@@ -33,10 +33,11 @@ FAST = {
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, tiny_model):
+def stack(tmp_path_factory, tiny_model, module_database):
     """One embedded deployment for the module's scenarios: (launcher, client, var dir)."""
     tmp = tmp_path_factory.mktemp("stack")
-    with _running(tmp, env=FAST) as (launcher, client):
+    env = {**FAST, **pinned_database(tmp / "var", module_database)}
+    with _running(tmp, env=env) as (launcher, client):
         yield launcher, client, tmp
 
 
@@ -185,7 +186,7 @@ def test_sigterm_a_trainer(scenario, stack, tiny_model):
         pointer = train_dir / "checkpoints" / "latest.json"
         outcome.check(code == 0 and stopped < 25, f"{job_id}: exit {code} after {stopped:.1f} s")
         outcome.check(pointer.exists(), f"{job_id}: no checkpoint after SIGTERM")
-        held = lease_owner(launcher.var_dir, job_id, "train")
+        held = lease_owner(launcher, job_id, "train")
         outcome.check(held is None, f"{job_id}: lease still held by {held}")
         saved = json.loads(pointer.read_text())["step"] if pointer.exists() else None
         _replace_trainer(launcher)
@@ -451,6 +452,55 @@ def test_bad_datasets_and_bad_job_specs(scenario, stack, tiny_model, tmp_path):
         outcome.check(ready.status_code == 200, f"/readyz {ready.status_code} after the corpus")
     dead = [n for n, p in launcher.processes.items() if p.poll() is not None]
     outcome.check(not dead, f"services died: {dead}")
+    outcome.verdict()
+
+
+#: the stage each service runs, and the job's stage status that says it is running
+STAGE_OF_SERVICE = {"dataprep": "prepare", "evaluator": "evaluate", "publisher": "publish"}
+
+
+def test_kill_9_any_stage_worker_mid_command(scenario, stack, tiny_model):
+    outcome = scenario(
+        "kill -9 a data-prep, evaluator or publisher worker mid-command",
+        full=9,
+        ci=3,
+        must_hold="every job completes: the stage's lease expires and the reconciler sends "
+        "the command again; each stage's outcome recorded once",
+    )
+    launcher, client, _ = stack
+    services = list(STAGE_OF_SERVICE)
+    attempts = 0
+    while outcome.counts.get("killed", 0) < outcome.size and attempts < 3 * outcome.size:
+        service = services[attempts % len(services)]
+        stage = STAGE_OF_SERVICE[service]
+        attempts += 1
+        job_id = client.submit(spec_dict(tiny_model, name=f"stage-kill-{attempts}"))["id"]
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            job = client.job(job_id)
+            if job["stages"][stage]["status"] != "pending" or job["status"] in TERMINAL:
+                break
+            time.sleep(0.05)
+        running = job["stages"][stage]["status"] == "running"
+        process = launcher.processes.pop(service)
+        process.kill()
+        process.wait(timeout=10)
+        killed = time.monotonic()
+        launcher.start((service,))
+        job = _wait(client, job_id)
+        if not running:  # the stage ended before the kill landed: nothing to recover
+            outcome.count("kills that came after the stage ended (not counted)")
+            continue
+        outcome.count("killed")
+        outcome.count(f"killed during {stage}")
+        if not outcome.check(job["status"] == "succeeded", f"{job_id}: {job['status']}"):
+            continue
+        outcome.count("completed")
+        outcome.time("kill to job ended", time.monotonic() - killed)
+        events = client.events(job_id)
+        for kind in ("DatasetPrepared", "ModelTrained", "ModelEvaluated", "ModelPublished"):
+            n = sum(e["type"] == kind for e in events)
+            outcome.check(n == 1, f"{job_id}: {kind} recorded {n} times")
     outcome.verdict()
 
 

@@ -8,6 +8,7 @@ from fastapi import APIRouter, HTTPException, status
 
 from services.api.deps import BedrockDep, JobsDep, ModelsDep
 from services.api.inference import InvokeRequest, InvokeResponse
+from shared.api_models import ImportedModelList, ModelDeleted, ModelEntry, ModelList
 from shared.errors import NotFound
 
 router = APIRouter(tags=["models"])
@@ -21,15 +22,15 @@ def _entry(jobs: JobsDep, name: str) -> dict[str, Any]:
 
 
 @router.get("/models")
-def list_models(jobs: JobsDep) -> dict[str, Any]:
+def list_models(jobs: JobsDep) -> ModelList:
     """Every published model."""
-    return {"data": jobs.models()}
+    return ModelList.model_validate({"data": jobs.models()})
 
 
 @router.get("/models/{name}")
-def get_model(name: str, jobs: JobsDep) -> dict[str, Any]:
+def get_model(name: str, jobs: JobsDep) -> ModelEntry:
     """One published model."""
-    return _entry(jobs, name)
+    return ModelEntry.model_validate(_entry(jobs, name))
 
 
 @router.post("/models/{name}/invoke")
@@ -44,19 +45,18 @@ def invoke_model(
 
 
 @router.delete("/models/{name}")
-def delete_model(
-    name: str, jobs: JobsDep, models: ModelsDep, imported: BedrockDep
-) -> dict[str, Any]:
+def delete_model(name: str, jobs: JobsDep, models: ModelsDep, imported: BedrockDep) -> ModelDeleted:
     """Delete a published model; an imported one is deleted in Bedrock first (it costs)."""
     entry = _entry(jobs, name)
     deleted_arn = imported.delete(entry) if entry.get("target") == "bedrock" else None
     models.forget(name)
     jobs.delete_model(name)
-    return {"deleted": name, "imported_model_arn": deleted_arn}
+    return ModelDeleted(deleted=name, imported_model_arn=deleted_arn)
 
 
 @router.get("/imported-models")
-def list_imported(jobs: JobsDep, imported: BedrockDep) -> dict[str, Any]:
+def list_imported(jobs: JobsDep, imported: BedrockDep) -> ImportedModelList:
     """Every model imported into Bedrock in the account and region, marking termtune's."""
     ours = {m["bedrock"]["imported_model_arn"]: m["name"] for m in jobs.models() if "bedrock" in m}
-    return {"data": [{**m, "termtune_model": ours.get(m["modelArn"])} for m in imported.imported()]}
+    found = [{**m, "termtune_model": ours.get(m["modelArn"])} for m in imported.imported()]
+    return ImportedModelList.model_validate({"data": found})

@@ -48,17 +48,14 @@ def _container(resources, service):
     return task, task["ContainerDefinitions"][0]
 
 
-def test_trainer_reserves_gpus_on_the_g5_capacity_provider(resources):
+def test_trainer_reserves_gpus_on_the_gpu_capacity_provider(resources):
     task, container = _container(resources, "trainer")
     assert task["RequiresCompatibilities"] == ["EC2"]
     assert container["ResourceRequirements"] == [
         {"Type": "GPU", "Value": {"Ref": "GpusPerTrainer"}}
     ]
-    assert container["StopTimeout"] >= 30  # SIGTERM checkpoint needs up to 25 s
+    assert container["StopTimeout"] == 120  # ECS's longest; the SIGTERM checkpoint takes 25 s
     template = yaml.safe_load(TEMPLATE.read_text())
-    assert all(
-        t.startswith("g5.") for t in template["Parameters"]["GpuInstanceType"]["AllowedValues"]
-    )
     assert "ecs/optimized-ami" in template["Parameters"]["EcsGpuAmiId"]["Default"]
     assert "/gpu/" in template["Parameters"]["EcsGpuAmiId"]["Default"]
     service = resources["TrainerService"]["Properties"]
@@ -68,6 +65,40 @@ def test_trainer_reserves_gpus_on_the_g5_capacity_provider(resources):
     provider = resources["GpuCapacityProvider"]["Properties"]["AutoScalingGroupProvider"]
     assert provider["ManagedScaling"]["Status"] == "ENABLED"
     assert resources["GpuAutoScalingGroup"]["Properties"]["MinSize"] == "0"
+
+
+def test_gpu_instances_are_g5_g6_or_g6e_in_every_size():
+    parameter = yaml.safe_load(TEMPLATE.read_text())["Parameters"]["GpuInstanceType"]
+    allowed = parameter["AllowedValues"]
+    sizes = ("xlarge", "2xlarge", "4xlarge", "8xlarge", "12xlarge", "16xlarge", "24xlarge")
+    assert {t.split(".")[0] for t in allowed} == {"g5", "g6", "g6e"}
+    for family in ("g5", "g6", "g6e"):
+        assert {f"{family}.{size}" for size in (*sizes, "48xlarge")} <= set(allowed), family
+    assert parameter["Default"] in allowed
+
+
+def test_trainers_can_run_on_spot_and_drain_on_interruption(resources):
+    template = yaml.safe_load(TEMPLATE.read_text())
+    option = template["Parameters"]["GpuPurchaseOption"]
+    assert set(option["AllowedValues"]) == {"OnDemand", "Spot"}
+    assert option["Default"] == "OnDemand"
+    assert template["Conditions"]["UseSpot"] == {
+        "Fn::Equals": [{"Ref": "GpuPurchaseOption"}, "Spot"]
+    }
+    group = resources["GpuAutoScalingGroup"]["Properties"]
+    assert "LaunchTemplate" not in group  # the mixed-instances policy names it
+    policy = group["MixedInstancesPolicy"]
+    spec = policy["LaunchTemplate"]["LaunchTemplateSpecification"]
+    assert spec["LaunchTemplateId"] == {"Ref": "GpuLaunchTemplate"}
+    assert policy["LaunchTemplate"]["Overrides"] == [{"InstanceType": {"Ref": "GpuInstanceType"}}]
+    distribution = policy["InstancesDistribution"]
+    assert distribution["OnDemandBaseCapacity"] == 0
+    assert distribution["OnDemandPercentageAboveBaseCapacity"] == {"Fn::If": ["UseSpot", 0, 100]}
+    # A reclaimed Spot instance drains: its trainer gets SIGTERM and its stopTimeout.
+    template_data = resources["GpuLaunchTemplate"]["Properties"]["LaunchTemplateData"]
+    user_data = template_data["UserData"]["Fn::Base64"]["Fn::Sub"]
+    assert 'echo "ECS_ENABLE_SPOT_INSTANCE_DRAINING=true" >> /etc/ecs/ecs.config' in user_data
+    assert 'echo "ECS_CONTAINER_STOP_TIMEOUT=120s" >> /etc/ecs/ecs.config' in user_data
 
 
 def test_trainers_scale_on_queue_depth_down_to_zero(resources):
@@ -228,3 +259,106 @@ def test_every_task_gets_the_database_url_and_its_password_secret(resources, ser
         for s in _statements(task_role)
         for a in _as_list(s["Action"])
     )
+
+
+def test_load_balancer_reaches_the_tasks_by_security_group_not_address(resources):
+    """Issue 20: a 10.0.0.0/8 egress never reached tasks in the default VPC (172.31/16)."""
+    balancer = resources["LoadBalancerSecurityGroup"]["Properties"]
+    for rule in balancer["SecurityGroupEgress"]:
+        assert rule["DestinationSecurityGroupId"] == {"Ref": "TaskSecurityGroup"}
+        assert (rule["FromPort"], rule["ToPort"]) == (8000, 8000)
+        assert not {"CidrIp", "CidrIpv6", "DestinationPrefixListId"} & rule.keys()
+    ingress = [
+        r["Properties"]
+        for r in _of_type(resources, "AWS::EC2::SecurityGroupIngress").values()
+        if r["Properties"]["GroupId"] == {"Ref": "TaskSecurityGroup"}
+    ]
+    assert [(r["FromPort"], r["SourceSecurityGroupId"]) for r in ingress] == [
+        (8000, {"Ref": "LoadBalancerSecurityGroup"})
+    ]
+    assert not any("CidrIp" in r for r in ingress)
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_every_task_uses_the_stacks_region_for_bedrock(resources, service):
+    """Without it the API's invoke, list and delete went to us-east-1 whatever the stack's."""
+    _, container = _container(resources, service)
+    env = {e["Name"]: e["Value"] for e in container["Environment"]}
+    assert env["TERMTUNE_BEDROCK_REGION"] == {"Ref": "AWS::Region"}
+    assert env["AWS_DEFAULT_REGION"] == {"Ref": "AWS::Region"}
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_every_container_has_a_health_check(resources, service):
+    _, container = _container(resources, service)
+    check = container["HealthCheck"]
+    if service == "api":
+        assert check["Command"][:3] == ["CMD", "python", "-c"]
+        assert "urllib.request.urlopen('http://127.0.0.1:8000/healthz'" in check["Command"][3]
+    else:  # the heartbeat check: no torch imported, an answer well inside the timeout
+        assert check["Command"] == ["CMD", "python", "-m", f"services.{service}", "--health"]
+    assert (check["Interval"], check["Timeout"], check["Retries"]) == (15, 5, 3)
+    assert check["StartPeriod"] == (120 if service == "trainer" else 60)
+    assert check["StartPeriod"] <= 300  # ECS's limit
+
+
+def _dead_letter_queues(resources):
+    queues = _of_type(resources, "AWS::SQS::Queue")
+    targets = {
+        q["Properties"]["RedrivePolicy"]["deadLetterTargetArn"]["Fn::GetAtt"][0]
+        for q in queues.values()
+        if "RedrivePolicy" in q["Properties"]
+    }
+    return targets | {"DeadQueue"}
+
+
+def _alarms_on(resources, metric):
+    return {
+        a["Properties"]["Dimensions"][0]["Value"]["Fn::GetAtt"][0]: a["Properties"]
+        for a in _of_type(resources, "AWS::CloudWatch::Alarm").values()
+        if a["Properties"]["MetricName"] == metric
+    }
+
+
+def test_every_dead_letter_queue_raises_an_alarm(resources):
+    alarms = _alarms_on(resources, "ApproximateNumberOfMessagesVisible")
+    dead = _dead_letter_queues(resources)
+    assert len(dead) == 5 and dead <= alarms.keys()
+    for queue in dead:
+        alarm = alarms[queue]
+        assert alarm["Namespace"] == "AWS/SQS"
+        assert alarm["Dimensions"][0]["Name"] == "QueueName"
+        assert (alarm["ComparisonOperator"], alarm["Threshold"]) == ("GreaterThanThreshold", 0)
+        assert alarm["TreatMissingData"] == "notBreaching"
+        assert alarm["AlarmActions"] == [{"Ref": "AlarmTopic"}]
+
+
+def test_a_stuck_training_job_raises_an_alarm(resources):
+    template = yaml.safe_load(TEMPLATE.read_text())
+    alarm = _alarms_on(resources, "ApproximateAgeOfOldestMessage")["TrainerQueue"]
+    assert alarm["ComparisonOperator"] == "GreaterThanThreshold"
+    threshold = template["Parameters"][alarm["Threshold"]["Ref"]]
+    assert threshold["Type"] == "Number" and threshold["Default"] >= 3600
+    assert alarm["AlarmActions"] == [{"Ref": "AlarmTopic"}]
+
+
+def test_alarms_notify_an_encrypted_topic_and_optionally_an_email(resources):
+    template = yaml.safe_load(TEMPLATE.read_text())
+    topic = resources["AlarmTopic"]["Properties"]
+    assert topic["KmsMasterKeyId"] == {"Ref": "LogsKey"}
+    # CloudWatch may use the key to publish to the encrypted topic.
+    key_policy = resources["LogsKey"]["Properties"]["KeyPolicy"]["Statement"]
+    assert any(
+        s["Principal"] == {"Service": "cloudwatch.amazonaws.com"}
+        and {"kms:Decrypt", "kms:GenerateDataKey*"} <= set(_as_list(s["Action"]))
+        for s in key_policy
+    )
+    email = template["Parameters"]["AlarmEmail"]
+    assert email["Default"] == ""
+    subscription = resources["AlarmEmailSubscription"]
+    assert subscription["Condition"] == "HasAlarmEmail"
+    assert subscription["Properties"]["Endpoint"] == {"Ref": "AlarmEmail"}
+    assert subscription["Properties"]["TopicArn"] == {"Ref": "AlarmTopic"}
+    assert template["Conditions"]["HasAlarmEmail"] == {
+        "Fn::Not": [{"Fn::Equals": [{"Ref": "AlarmEmail"}, ""]}]
+    }

@@ -1,11 +1,14 @@
 """docker-compose.yml's decisions (the Compose schema is checked in `make lint-deploy`):
-every termtune service reaches the job database, and starts only once it is healthy."""
+every termtune service reaches the job database and the store, and starts only once they are
+ready; a supported RabbitMQ and a maintained S3 server; GPUs and shared memory per trainer;
+the trainer image's torch."""
 
 from __future__ import annotations
 
 import importlib.util
 import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -78,3 +81,104 @@ def test_every_service_gets_the_database_and_waits_for_it(services, name):
 def test_env_example_lists_the_database_password():
     example = (ROOT / ".env.example").read_text()
     assert re.search(r"^POSTGRES_PASSWORD=\S+", example, re.MULTILINE)
+
+
+def _conf(path: Path) -> dict[str, str]:
+    """``key = value`` lines of a rabbitmq.conf."""
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+    return {k.strip(): v.strip() for k, v in pairs if not k.lstrip().startswith("#")}
+
+
+def test_rabbitmq_is_a_4x_release_with_its_config_and_health_check(compose):
+    """3.13 is out of community support; 4.3 is the series in it."""
+    rabbitmq = compose["services"]["rabbitmq"]
+    assert re.fullmatch(r"rabbitmq:4\.\d+-management", rabbitmq["image"])
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in rabbitmq["volumes"]}
+    config = mounts["/etc/rabbitmq/conf.d/20-termtune.conf"]
+    assert config == "./deploy/rabbitmq/rabbitmq.conf"
+    assert rabbitmq["healthcheck"]["test"] == ["CMD", "rabbitmq-diagnostics", "-q", "check_running"]
+    # A stage runs for hours unacked: quorum queues time consumers out after 30 min by default.
+    assert int(_conf(ROOT / config)["consumer_timeout"]) >= 24 * 3600 * 1000
+
+
+def test_s3_server_is_maintained_pinned_and_published_on_loopback(services):
+    """The pinned MinIO release was unmaintained (with an advisory) and not reachable."""
+    s3 = services["s3"]
+    image, _, tag = s3["image"].partition(":")
+    assert "minio" not in image  # no MinIO images are published any more
+    assert tag and tag != "latest"
+    endpoint = urlsplit(services["api"]["environment"]["TERMTUNE_S3_ENDPOINT_URL"])
+    assert endpoint.hostname == "s3"
+    published = [_defaults(p).split(":") for p in s3["ports"]]
+    assert ["127.0.0.1", str(endpoint.port), str(endpoint.port)] in published  # the S3 API
+    assert len(published) == 2 and all(p[0] == "127.0.0.1" for p in published)  # + console
+    assert f"http://127.0.0.1:{endpoint.port}/" in " ".join(s3["healthcheck"]["test"])
+    # The server's identity is the one every service signs with.
+    env = services["api"]["environment"]
+    assert s3["environment"]["AWS_ACCESS_KEY_ID"] == env["AWS_ACCESS_KEY_ID"]
+    assert s3["environment"]["AWS_SECRET_ACCESS_KEY"] == env["AWS_SECRET_ACCESS_KEY"]
+    assert env["AWS_SECRET_ACCESS_KEY"].startswith("${S3_SECRET_KEY:?")
+
+
+def test_s3_data_lives_in_a_named_volume(compose):
+    volume = compose["services"]["s3"]["volumes"][0].split(":")
+    assert volume[0] in compose["volumes"] and volume[1] == "/data"
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_the_bucket_exists_before_a_service_starts(services, name):
+    init = services["s3-init"]
+    assert init["depends_on"] == {"s3": {"condition": "service_healthy"}}
+    script = " ".join(init["command"])
+    assert "create-bucket" in script and '"$${TERMTUNE_BUCKET}"' in script
+    env = services[name]["environment"]
+    assert init["environment"]["AWS_ENDPOINT_URL"] == env["TERMTUNE_S3_ENDPOINT_URL"]
+    assert env["TERMTUNE_STORE_URL"].startswith(f"s3://{init['environment']['TERMTUNE_BUCKET']}/")
+    assert services[name]["depends_on"]["s3-init"] == {
+        "condition": "service_completed_successfully"
+    }
+
+
+def test_trainer_has_shared_memory_for_nccl(services):
+    size = re.fullmatch(r"(\d+)gb", services["trainer"]["shm_size"])
+    assert size and int(size.group(1)) >= 1  # Docker's default is 64 MB
+
+
+def test_gpus_are_given_per_trainer_not_shared_by_scaling(compose):
+    """`--scale trainer=N` gives every replica every GPU: a trainer is given its GPUs."""
+    devices = compose["services"]["trainer"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [
+        {"driver": "nvidia", "device_ids": ["${TRAINER_GPUS:-all}"], "capabilities": ["gpu"]}
+    ]
+    header = (ROOT / "docker-compose.yml").read_text().split("\nx-termtune:")[0]
+    assert "TRAINER_GPUS" in header and "--scale trainer=N" in header
+    guide = (ROOT / "deploy/README.md").read_text()
+    assert "TRAINER_GPUS" in guide and "device_ids" in guide
+
+
+def test_cpu_override_drops_the_gpus_and_builds_cpu_torch():
+    lint = _compose_loader()
+    base, cpu = lint.load(ROOT / "docker-compose.yml"), lint.load(ROOT / "deploy/compose.cpu.yml")
+    merged = lint.strip(lint.merge(base, cpu))
+    trainer = merged["services"]["trainer"]
+    assert "deploy" not in trainer
+    dockerfile = (ROOT / trainer["build"]["dockerfile"]).read_text()
+    declared = set(re.findall(r"^ARG (\w+)", dockerfile, re.MULTILINE))
+    assert trainer["build"]["args"] == {"TORCH_INDEX": "cpu"}
+    assert set(trainer["build"]["args"]) <= declared
+
+
+def test_trainer_image_takes_torch_from_pypi_on_a_slim_base():
+    """PyTorch publishes no CUDA 12.8 builds from 2.12 on; PyPI's wheel (CUDA 13.0) brings its
+    CUDA libraries, so a CUDA base image would only hold them twice."""
+    text = (ROOT / "services/trainer/Dockerfile").read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(.*)$", text, re.MULTILINE))
+    assert "cu128" not in text and "nvidia/cuda" not in text
+    assert args["BASE"] == "python:3.11-slim-bookworm"
+    assert args["TORCH_INDEX"] in ("", '""')  # no index: PyPI
+    install = re.search(r"pip install (torch==\S+)(.*)", re.sub(r"\\\n\s*", " ", text))
+    version = re.search(r"^TORCH_VERSION \?= (\S+)$", (ROOT / "Makefile").read_text(), re.M)
+    assert install.group(1) == f"torch=={version.group(1)}"  # as `make install` on a GPU host
+    assert install.group(2).strip() == (
+        "${TORCH_INDEX:+--index-url https://download.pytorch.org/whl/${TORCH_INDEX}}"
+    )

@@ -24,7 +24,7 @@ ALL = {
     "torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes", "safetensors",
     "tokenizers", "pyarrow", "kombu", "boto3", "fastapi", "uvicorn", "httpx", "pydantic",
     "pydantic_settings", "yaml", "rouge_score", "sacrebleu", "numpy", "tenacity", "rich",
-    "prometheus_client",
+    "prometheus_client", "sqlalchemy", "alembic", "psycopg",
 }  # fmt: skip
 SERVICES = ("api", "dataprep", "trainer", "evaluator", "publisher")
 
@@ -97,3 +97,15 @@ print(sum(manifest["counts"].values()))
     assert done.returncode == 0, done.stderr[-3000:]
     rows = sum(1 for line in SAMPLE_DATA.read_text().splitlines() if line.strip())
     assert int(done.stdout.strip()) == rows
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_the_model_cache_volume_folder_belongs_to_the_service_user(service):
+    """Issue 20: compose mounts the model-cache volume at HF_HOME, a folder no image created,
+    so Docker made it root's and the first download failed (blaming the hub)."""
+    final = (ROOT / f"services/{service}/Dockerfile").read_text().rsplit("\nFROM ", 1)[1]
+    home = re.search(r"HF_HOME=(\S+)", final).group(1)
+    run = final.split("\nUSER ", 1)[0]  # what runs as root, before the service's user
+    assert f"mkdir -p {home}" in run and "chown -R termtune:termtune /home/termtune/.cache" in run
+    compose = (ROOT / "docker-compose.yml").read_text()
+    assert f"model-cache:{home}" in compose

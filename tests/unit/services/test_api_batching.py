@@ -94,8 +94,9 @@ def local_models(published, tmp_path):
     location = store.uri("models-data/tuned")
     jobs.register_model("tuned", {"name": "tuned", "target": "local", "location": location})
 
-    def make(max_batch: int) -> LocalModels:
-        return LocalModels(jobs, Settings(var_dir=tmp_path), max_batch=max_batch)
+    def make(max_batch: int, max_seconds: float = 60.0) -> LocalModels:
+        settings = Settings(var_dir=tmp_path)
+        return LocalModels(jobs, settings, max_batch=max_batch, max_seconds=max_seconds)
 
     return make
 
@@ -125,3 +126,13 @@ def test_batched_greedy_answers_equal_one_at_a_time(local_models):
     assert sum(sizes) == len(requests) * 3 and max(sizes) > 1
     batched_models.forget("tuned")
     assert "tuned" not in batched_models._batchers
+
+
+def test_a_long_invoke_is_cut_at_the_time_limit(local_models):
+    """Issue 19: one invoke of 4,096 tokens ran 431 s inside the API with no limit."""
+    models = local_models(1, max_seconds=0.5)
+    models.invoke("tuned", InvokeRequest(prompt="What is Asthma", max_gen_len=1))  # loaded
+    started = time.monotonic()
+    answer = models.invoke("tuned", InvokeRequest(prompt="What is Asthma", max_gen_len=4096))
+    assert time.monotonic() - started < 5
+    assert answer.stop_reason == "length" and 0 < answer.generation_token_count < 4096

@@ -183,3 +183,34 @@ def test_the_readme_database_commands_run_as_written(tmp_path):
 
     job = open_records(Settings(var_dir=tmp_path / "var")).summary(job_id)
     assert job["status"] == "running" and job["stages"]["prepare"]["status"] == "running"
+
+
+def test_termtune_up_starts_a_dead_service_again_with_a_growing_backoff(tmp_path):
+    from services.cli.launcher import Launcher
+
+    class Proc:
+        def __init__(self, code=None):
+            self.code = code
+
+        def poll(self):
+            return self.code
+
+    launcher = Launcher(var_dir=tmp_path / "var")
+    started = []
+    launcher.start = lambda names, **_: [  # type: ignore[method-assign]
+        started.append(n) or launcher.processes.__setitem__(n, Proc()) for n in names
+    ]
+    launcher.processes = {"api": Proc(), "dataprep": Proc(code=-9)}
+    t = 1000.0
+    assert launcher.supervise(now=t)[0].startswith("dataprep exited (-9); starting it again in 1 s")
+    assert launcher.supervise(now=t + 0.5) == [] and started == []  # its backoff
+    assert launcher.supervise(now=t + 1.0) == ["dataprep started again (restart 1 in a row)"]
+    launcher.processes["dataprep"].code = 1  # dies again at once: 2 s, then 4 s
+    assert "starting it again in 2 s" in launcher.supervise(now=t + 2)[0]
+    launcher.supervise(now=t + 4)
+    launcher.processes["dataprep"].code = 1
+    assert "starting it again in 4 s" in launcher.supervise(now=t + 5)[0]
+    launcher.supervise(now=t + 9)
+    launcher.processes["dataprep"].code = 1  # after 5 minutes up, the count starts again
+    assert "starting it again in 1 s" in launcher.supervise(now=t + 9 + 301)[0]
+    assert started == ["dataprep"] * 3 and launcher.processes["api"].code is None

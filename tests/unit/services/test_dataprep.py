@@ -392,3 +392,16 @@ def test_missing_jsonl_column_fails_before_the_tokenizer_loads(ctx, tmp_path):
         r"term, definition",
     ):
         handle(_command(ctx, spec), ctx)
+
+
+def test_errors_never_quote_the_files_content(ctx, tiny_model, tmp_path):
+    """Issue 19: a dataset that was a link to /etc/passwd failed with one of its lines in the
+    job's error, which every user of the API reads."""
+    secret = "root:x:0:0:SECRET-LINE:/root:/bin/bash"
+    (tmp_path / "system.txt").write_text(f"page_title,page_text\n{secret},two,three\n")
+    (tmp_path / "terms.csv").symlink_to(tmp_path / "system.txt")
+    spec = make_spec(tiny_model, dataset={"source": str(tmp_path / "terms.csv")})
+    with pytest.raises(DatasetError) as caught:
+        handle(_command(ctx, spec), ctx)
+    assert "Expected 2 columns, got 3" in str(caught.value)
+    assert "SECRET-LINE" not in str(caught.value)

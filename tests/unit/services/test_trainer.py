@@ -127,6 +127,31 @@ def test_resumes_from_the_latest_checkpoint_after_a_crash(ctx, prepared):
     assert [e["step"] for e in log if "loss" in e] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.parametrize("damage", ["deleted", "cut short"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(ctx, prepared, damage):
+    """Issue 19: with the checkpoint latest.json names gone, the job failed ("Can't find a
+    valid checkpoint") and so did every retry, though an older checkpoint was stored."""
+
+    def crash():
+        raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(ctx, prepared, _progress_hook(ctx, 5, crash))
+    prefix = "jobs/job-1/train/checkpoints"
+    assert [k.rsplit("/", 1)[1] for k in ctx.store.list(prefix) if k.endswith("state.json")]
+    assert {k.split("/")[4] for k in ctx.store.list(prefix) if "/step-" in k} == {
+        "step-00000002",
+        "step-00000004",
+    }  # the two newest are kept
+    if damage == "deleted":
+        ctx.store.delete_prefix(f"{prefix}/step-00000004")
+    else:
+        ctx.store.put_bytes(f"{prefix}/step-00000004/adapter_model.safetensors", b"\x08\x00")
+    _run(ctx, prepared, lambda data, *, force=False: None)
+    manifest = ctx.jobs.manifest("job-1", "train")
+    assert manifest["resumed_from_step"] == 2 and manifest["steps"] == 6
+
+
 def test_cancel_stops_within_one_optimizer_step(ctx, prepared):
     from shared.errors import Cancelled
 

@@ -111,3 +111,47 @@ def test_non_finite_numbers_and_names_with_a_final_newline_are_refused():
         parse_spec({"name": "terms\n"})
     with pytest.raises(SpecError, match="field 'publish.model_name'"):
         parse_spec({"name": "terms", "publish": {"model_name": "terms\n"}})
+
+
+def test_training_settings_are_bounded_at_submission():
+    """Issue 19: accepted, then failed late after three wasted attempts (or never sensible)."""
+    from shared.jobspec import MAX_TEMPLATE_CHARS
+
+    cases = {
+        ("training", "optimizer"): "adamw_turbo",
+        ("training", "lr_scheduler"): "reduce_lr_on_plateau",
+        ("training", "seed"): 2**70,
+        ("training", "max_steps"): 10**12,
+        ("training", "data_parallel"): 65,
+        ("evaluation", "seed"): -1,
+        ("dataset", "seed"): 2**32,
+        ("dataset", "prompt_template"): "What is {page_title}" + "x" * MAX_TEMPLATE_CHARS,
+    }
+    for (section, name), value in cases.items():
+        with pytest.raises(SpecError, match=rf"field '{section}\.{name}"):
+            parse_spec({"name": "terms", section: {name: value}})
+    with pytest.raises(SpecError, match=r"field 'training\.lora\.target_modules"):
+        parse_spec({"name": "terms", "training": {"lora": {"target_modules": ["q; rm -rf"]}}})
+    ok = parse_spec(
+        {
+            "name": "terms",
+            "training": {
+                "optimizer": "paged_adamw_8bit",
+                "seed": 2**32 - 1,
+                "lora": {"target_modules": ["q", "v"]},
+            },
+        }  # fmt: skip
+    )
+    assert ok.training.lora.target_modules == ["q", "v"]
+
+
+def test_every_optimizer_and_scheduler_offered_is_one_transformers_knows():
+    from typing import get_args
+
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    from shared.jobspec import Optimizer, Scheduler
+
+    assert set(get_args(Optimizer)) <= {o.value for o in OptimizerNames}
+    assert set(get_args(Scheduler)) <= {s.value for s in SchedulerType}

@@ -155,3 +155,18 @@ def test_the_hub_librarys_repo_id_message_is_never_all_we_say():
     message = _load_hint("var/models/tiny-flan-t5", "tokenizer", raised.value)
     assert HUB_LIBRARY_TEXT not in message
     assert message.startswith("base_model 'var/models/tiny-flan-t5' is not a model folder")
+
+
+def test_a_cut_short_adapter_is_named_by_file(tmp_path):
+    """Issue 19: a truncated adapter failed with "header too small", naming no file."""
+    from shared.errors import ModelError
+    from shared.modeling import load_adapter
+
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"\x08\x00")
+    with pytest.raises(
+        ModelError, match=r"adapter at .*: adapter_model.safetensors cannot be read"
+    ):
+        load_adapter(object(), tmp_path, "base")
+    (tmp_path / "adapter_model.safetensors").unlink()
+    with pytest.raises(ModelError, match=r"has no adapter_model.safetensors"):
+        load_adapter(object(), tmp_path, "base")

@@ -11,3 +11,33 @@ def test_handlers_import_no_broker_runtime():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_cancel_stops_a_stage_at_its_next_progress_report(ctx):
+    """Evaluation and publishing stop within a report of a cancel (issue 19: evaluation ran
+    on for minutes after a cancel)."""
+    import time
+
+    from shared.jobspec import JobSpec
+    from shared.messages import EvaluateModel
+    from shared.stage import run_stage
+
+    uri = ctx.jobs.create("job-1", JobSpec(name="job"))
+    command = EvaluateModel(
+        job_id="job-1", spec_uri=uri, dataset_manifest="file:///d", training_manifest="file:///t"
+    )
+    batches = []
+
+    def evaluate(command, ctx):
+        for batch in range(200):
+            if batch == 3:
+                ctx.jobs.request_cancel("job-1")  # a user's cancel, mid-generation
+            ctx.progress({"phase": "generating", "rows_done": batch})
+            batches.append(batch)
+            time.sleep(0.02)
+        raise AssertionError("not stopped")
+
+    event = run_stage(command, evaluate, ctx)
+    assert event.type == "JobCancelled" and event.stage == "evaluate"
+    assert len(batches) < 3 + 60  # stopped within about a second of reports
+    assert ctx.jobs.summary("job-1")["status"] == "cancelled"

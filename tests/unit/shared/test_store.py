@@ -107,3 +107,35 @@ def test_compare_and_swap(store):
     store.delete("jobs/a/lease.json")
     store.delete("jobs/a/lease.json")  # missing is fine
     assert not store.exists("jobs/a/lease.json")
+
+
+def test_a_full_disk_leaves_no_temporary_file_and_says_so(tmp_path, monkeypatch):
+    """Issue 19: a publisher on a full disk left a 1.1 MB temporary file in the store."""
+    import errno
+    import shutil
+
+    from shared.errors import StoreUnavailable
+    from shared.store import LocalStore
+
+    store = LocalStore(tmp_path / "store")
+    source = tmp_path / "weights.bin"
+    source.write_bytes(b"x" * 1_100_000)
+
+    def full(src, dst):
+        with open(dst, "wb") as out:
+            out.write(b"x" * 500_000)  # part of it written, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfile", full)
+    with pytest.raises(StoreUnavailable, match=r"no space left to write .*/models"):
+        store.upload_file(source, "jobs/a/publish/models/weights.bin")
+    assert [p.name for p in (tmp_path / "store").rglob("*") if p.is_file()] == []
+    monkeypatch.setattr(
+        "pathlib.Path.write_bytes",
+        lambda self, data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left")),
+    )
+    with pytest.raises(StoreUnavailable):
+        store.put_bytes("jobs/a/spec.json", b"{}")
+    with pytest.raises(StoreUnavailable):
+        store.put_bytes_if_absent("jobs/a/spec.json", b"{}")
+    assert [p.name for p in (tmp_path / "store").rglob("*") if p.is_file()] == []
