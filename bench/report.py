@@ -32,8 +32,9 @@ BENCHES = [
     ("bench.inference", [], 900, "Local inference (the Bedrock twin)",
      "The control plane's LocalModels answering one request at a time, then concurrently."),
     ("bench.ledger", [], 2400, "The job ledger at 1,000 and 100,000 jobs",
-     "100,000 jobs x 50 events generated into SQLite and PostgreSQL (a private server, "
-     "fsync off); reads through the HTTP API in-process, writes on the ledger."),
+     "100,000 jobs x 50 events generated into SQLite and PostgreSQL (a private server on "
+     "this machine, sharing its 2 cores with the client: fsync off, shared_buffers 2 GB); "
+     "reads through the HTTP API in-process, writes on the ledger."),
 ]  # fmt: skip
 GPU = (
     "bench.gpu_qlora",

@@ -165,6 +165,7 @@ class JobRecords:
                 view=new_view(job_id, spec.name, spec.model_name, created),
             )
         )
+        _count(conn, "queued", +1)
 
     def spec(self, job_id: str) -> JobSpec:
         """A job's spec; NotFound if there is no such job."""
@@ -214,8 +215,9 @@ class JobRecords:
         return views[:limit], len(views) > limit
 
     def counts(self) -> dict[str, int]:
-        """How many jobs have each status."""
-        query = sa.select(t.jobs.c.status, sa.func.count()).group_by(t.jobs.c.status)
+        """How many jobs have each status (kept with every status change, not counted)."""
+        counts = t.status_counts.c
+        query = sa.select(counts.status, counts.jobs).where(counts.jobs > 0)
         with self.ledger.read() as conn:
             return {status: n for status, n in conn.execute(query)}
 
@@ -249,39 +251,48 @@ class JobRecords:
         self.outbox_written()
 
     def _append(self, conn: Connection, event: Event) -> int:
+        """Number the event, fold it into the view and store both: two statements. The
+        first takes the next number and locks the job's row (one writer at a time, so
+        numbers follow commit order); on PostgreSQL the event's INSERT rides in the second
+        (a data-modifying CTE)."""
         jobs = t.jobs.c
         row = conn.execute(
-            sa.select(jobs.view, jobs.last_seq, jobs.retry_seq)
+            t.jobs.update()
             .where(jobs.id == event.job_id)
-            .with_for_update()
+            .values(last_seq=jobs.last_seq + 1)
+            .returning(jobs.view, jobs.last_seq)
         ).first()
         if row is None:
             raise NotFound(f"no job {event.job_id!r}")
-        data = dump_message(event)
-        seq = row.last_seq + 1
+        data, seq = dump_message(event), row.last_seq
         view = fold(row.view, data)
         values: dict[str, Any] = {
             "view": view,
             "status": view["status"],
             "stage": current_stage(view),
-            "last_seq": seq,
             "updated_at": wall_clock(),
         }
         if data["type"] == "JobRetried":
             values.update(retry_seq=seq, cancel_requested=False)
         if data["type"] == "CancelRequested":
             values["cancel_requested"] = True
-        conn.execute(t.jobs.update().where(jobs.id == event.job_id).values(**values))
-        conn.execute(
-            t.events.insert().values(
-                job_id=event.job_id,
-                seq=seq,
-                type=data["type"],
-                stage=data.get("stage"),
-                created_at=wall_clock(),
-                body=data,
-            )
+        insert = t.events.insert().values(
+            job_id=event.job_id,
+            seq=seq,
+            type=data["type"],
+            stage=data.get("stage"),
+            created_at=wall_clock(),
+            body=data,
         )
+        update = t.jobs.update().where(jobs.id == event.job_id).values(**values)
+        if conn.dialect.name == "postgresql":
+            conn.execute(update.add_cte(insert.cte("appended")))
+        else:
+            conn.execute(insert)
+            conn.execute(update)
+        if view["status"] != row.view["status"]:
+            _count(conn, row.view["status"], -1)
+            _count(conn, view["status"], +1)
         return seq
 
     def append(self, conn: Connection, event: Event, *, send: Sequence = ()) -> int:
@@ -490,6 +501,20 @@ class JobRecords:
         with self.ledger.read() as conn:
             query = sa.select(t.models.c.entry).order_by(t.models.c.name)
             return [row.entry for row in conn.execute(query)]
+
+
+def _count(conn: Connection, status: str, change: int) -> None:
+    """Add ``change`` to the number of jobs with ``status``, in one upsert (two first jobs
+    of a status at once must not both try to create its row)."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    insert = dialect.insert(t.status_counts).values(status=status, jobs=change)
+    conn.execute(
+        insert.on_conflict_do_update(
+            index_elements=["status"], set_={"jobs": t.status_counts.c.jobs + change}
+        )
+    )
 
 
 def _jsonable(entry: dict[str, Any]) -> dict[str, Any]:

@@ -49,9 +49,11 @@ class PostgresServer:
     def _run(self, *args: str) -> None:
         subprocess.run([*self.as_user, *args], check=True, capture_output=True, timeout=120)
 
-    def start(self) -> None:
-        """Start (or start again) and wait until it accepts connections."""
+    def start(self, *settings: str) -> None:
+        """Start (or start again) and wait until it accepts connections; ``settings``:
+        more ``name=value`` server settings."""
         options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        options += "".join(f" -c {s}" for s in settings)
         self._run(
             _bin("pg_ctl"),
             "-D",

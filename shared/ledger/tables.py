@@ -79,6 +79,15 @@ outbox = sa.Table(
     sa.Index(None, "sent_at", "id"),
 )
 
+#: how many jobs have each status, kept in the transaction that changes a job's status
+#: (/metrics reads a handful of rows, not every job)
+status_counts = sa.Table(
+    "status_counts",
+    metadata,
+    sa.Column("status", sa.String(16), primary_key=True),
+    sa.Column("jobs", sa.Integer, nullable=False),
+)
+
 #: published models by name
 models = sa.Table(
     "models",

@@ -176,7 +176,7 @@ def test_the_readme_database_commands_run_as_written(tmp_path):
         )
         assert done.returncode == 0, done.stderr
         outputs.append(done.stdout)
-    assert "schema 0001 (the newest this termtune knows)" in outputs[0]
+    assert "schema 0002 (the newest this termtune knows)" in outputs[0]
     assert outputs[1].startswith("imported 1 jobs and 0 models from file://")
     from shared.jobs import open_records
     from shared.settings import Settings

@@ -303,3 +303,47 @@ def test_an_old_store_is_imported_once_job_by_job(jobs):
     assert jobs.model("terms")["job_id"] == old[1]
     again = import_store(jobs)
     assert again.imported == [] and again.already == old and again.models == 0
+
+
+def test_status_counts_follow_every_change_even_concurrent(jobs):
+    ids = [_job(jobs, f"terms-{n}")[0] for n in range(12)]
+
+    def run(job_id, n):
+        jobs.record(StageStarted(job_id=job_id, stage="prepare", worker="w"))
+        if n % 3 == 0:
+            jobs.record(StageFailed(job_id=job_id, stage="prepare", error="x", error_type="E"))
+
+    threads = [threading.Thread(target=run, args=(j, n)) for n, j in enumerate(ids)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    with jobs.ledger.read() as conn:
+        query = sa.select(t.jobs.c.status, sa.func.count()).group_by(t.jobs.c.status)
+        counted = {status: n for status, n in conn.execute(query)}
+    assert jobs.counts() == counted == {"running": 8, "failed": 4}
+
+
+def test_migration_0002_counts_the_jobs_already_there(backend, tmp_path):
+    from alembic import command
+
+    from shared.jobs import JobRecords
+    from shared.store import LocalStore
+
+    ledger = Ledger(backend[1], upgrade=False)
+    config = migrate.alembic_config()
+    with ledger.engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0001")
+        for n, status in enumerate(["failed", "failed", "succeeded"]):
+            conn.execute(
+                t.jobs.insert().values(
+                    id=f"old-{n}", name="old", status=status, created_at=0, updated_at=0,
+                    spec={}, spec_uri="file:///s", view={}, last_seq=0, retry_seq=0,
+                    cancel_requested=False,
+                )
+            )  # fmt: skip
+    assert migrate.upgrade(ledger.engine) == "0002"
+    jobs = JobRecords(LocalStore(tmp_path / "store"), ledger)
+    assert jobs.counts() == {"failed": 2, "succeeded": 1}
+    ledger.dispose()
