@@ -6,8 +6,8 @@ import logging
 
 from shared.bus import ATTEMPT_HEADER
 from shared.jobs import JobRecords
-from shared.leases import delete_lease, expired_leases, mark_redispatched
-from shared.messages import StageProgress, parse_message
+from shared.leases import ExpiredLease, delete_lease, expired_leases, mark_redispatched
+from shared.messages import StageFailed, StageProgress, parse_message
 from shared.periodic import Periodic
 
 log = logging.getLogger(__name__)
@@ -17,35 +17,62 @@ def reconcile_once(jobs: JobRecords) -> list[str]:
     """Re-dispatch each stage whose lease expired before the stage finished; the job ids.
 
     The lease is marked, the event recorded and the command written to the outbox in one
-    transaction: two replicas never both re-send it, and a crash re-sends it or nothing.
+    transaction: two replicas never both re-send it, and a crash re-sends it or nothing. A
+    lease that cannot be handled (its command unreadable) is quarantined and its job failed
+    with the reason; the others are reconciled all the same.
     """
     sent = []
     for lease in expired_leases(jobs.ledger):
-        stale = jobs.store.exists(
-            jobs.manifest_key(lease.job_id, lease.stage)  # type: ignore[arg-type]
-        ) or jobs.cancel_requested(lease.job_id)
-        with jobs.ledger.write() as conn:
-            if stale:
-                delete_lease(conn, lease)  # the stage ended; the lease is stale
-                continue
-            if not mark_redispatched(conn, lease, jobs.ledger):
-                continue  # renewed, taken or re-sent by another replica meanwhile
-            command = parse_message(lease.command["body"])
-            attempt = int(lease.command["attempt"]) + 1
-            progress = StageProgress(
-                job_id=lease.job_id,
-                stage=lease.stage,
-                progress={
-                    "phase": "worker lost (lease expired); job sent again",
-                    "attempt": attempt,
-                },
-            )
-            jobs.append(conn, progress, send=[(command, {ATTEMPT_HEADER: attempt})])
-        log.warning("re-dispatched %s %s (attempt %d)", lease.job_id, lease.stage, attempt)
-        sent.append(lease.job_id)
+        try:
+            if _reconcile(jobs, lease):
+                sent.append(lease.job_id)
+        except Exception as exc:  # noqa: BLE001 - one bad record never stops the others
+            log.error("lease of %s %s not reconciled: %s", lease.job_id, lease.stage, exc)
+            _quarantine(jobs, lease, exc)
     if sent:
         jobs.outbox_written()
     return sent
+
+
+def _reconcile(jobs: JobRecords, lease: ExpiredLease) -> bool:
+    """Re-send one expired lease's command (True), or drop the lease of a stage that ended."""
+    stale = jobs.store.exists(
+        jobs.manifest_key(lease.job_id, lease.stage)  # type: ignore[arg-type]
+    ) or jobs.cancel_requested(lease.job_id)
+    with jobs.ledger.write() as conn:
+        if stale:
+            delete_lease(conn, lease)  # the stage ended; the lease is stale
+            return False
+        command = parse_message(lease.command["body"])
+        attempt = int(lease.command["attempt"]) + 1
+        if not mark_redispatched(conn, lease, jobs.ledger):
+            return False  # renewed, taken or re-sent by another replica meanwhile
+        progress = StageProgress(
+            job_id=lease.job_id,
+            stage=lease.stage,
+            progress={"phase": "worker lost (lease expired); job sent again", "attempt": attempt},
+        )
+        jobs.append(conn, progress, send=[(command, {ATTEMPT_HEADER: attempt})])
+    log.warning("re-dispatched %s %s (attempt %d)", lease.job_id, lease.stage, attempt)
+    return True
+
+
+def _quarantine(jobs: JobRecords, lease: ExpiredLease, exc: Exception) -> None:
+    """Set a lease aside (never looked at again) and fail its job, saying why."""
+    try:
+        with jobs.ledger.write() as conn:
+            if mark_redispatched(conn, lease, jobs.ledger):
+                failed = StageFailed(
+                    job_id=lease.job_id,
+                    stage=lease.stage,
+                    error=f"its worker was lost and the command it held cannot be read "
+                    f"({type(exc).__name__}); retry the job to start the stage again",
+                    error_type="CorruptRecord",
+                    permanent=True,
+                )
+                jobs.append(conn, failed)
+    except Exception as again:  # noqa: BLE001 - reported; the next pass tries again
+        log.error("lease of %s %s not quarantined: %s", lease.job_id, lease.stage, again)
 
 
 class Reconciler(Periodic):

@@ -81,16 +81,22 @@ Handler = Callable[[Command, StageContext], Event]
 
 class _Progress:
     """Records progress events for one stage, at most one every few seconds; every report is
-    also a cancellation point (looked up at most once a second): a stage other than training
-    (which stops at an optimizer step, checkpointed) stops at its next report once the job is
-    cancelled, raising Cancelled."""
+    also a stopping point for a stage other than training (which stops at an optimizer step,
+    checkpointed): once the worker is asked to stop (SIGTERM) it raises Interrupted (the
+    command goes back to the queue), once the job is cancelled (looked up at most once a
+    second) Cancelled."""
 
-    def __init__(self, jobs: JobRecords, command: Command) -> None:
+    def __init__(
+        self, jobs: JobRecords, command: Command, stop: threading.Event | None = None
+    ) -> None:
         self.jobs, self.command, self.last, self.checked = jobs, command, 0.0, 0.0
+        self.stop = stop or threading.Event()
         self.stage = STAGE_OF_COMMAND[command.type]  # type: ignore[attr-defined]
 
     def __call__(self, progress: dict[str, Any], *, force: bool = False) -> None:
         now = time.monotonic()
+        if self.stage != "train" and self.stop.is_set():
+            raise Interrupted(f"{self.stage} stopped: the worker is shutting down")
         if self.stage != "train" and now - self.checked >= CANCEL_CHECK_SECONDS:
             self.checked = now
             if self._cancelled():
@@ -134,7 +140,7 @@ def run_stage(
     jobs.record(
         StageStarted(job_id=command.job_id, stage=stage, worker=ctx.worker, attempt=attempt)
     )
-    ctx.progress = _Progress(jobs, command)
+    ctx.progress = _Progress(jobs, command, ctx.stop)
     try:
         if jobs.cancel_requested(command.job_id):
             raise Cancelled(f"job {command.job_id} was cancelled")

@@ -162,3 +162,22 @@ def test_reconciler_drops_leases_of_finished_stages(jobs, bus):
     assert reconcile_once(jobs) == []
     assert _row(jobs) is None
     assert relay_once(jobs, bus) == 0 and _queued(bus) is None
+
+
+def test_a_corrupt_lease_is_quarantined_and_the_others_are_still_reconciled(jobs, bus):
+    """Issue 19: one corrupt lease made every reconcile pass fail, so a second job whose
+    trainer was killed stayed stuck while a trainer sat idle."""
+    from shared.jobspec import JobSpec
+
+    jobs.create("job-2", JobSpec(name="job"))
+    command = TrainModel(job_id="job-2", spec_uri="file:///s", dataset_manifest="file:///m")
+    assert _lease(jobs, "dead", command={"body": {"type": "Garbage"}, "attempt": 1}).acquire()
+    good = Lease(jobs.ledger, "job-2", "train", owner="dead", ttl=30,
+                 command={"body": dump_message(command), "attempt": 1})  # fmt: skip
+    assert good.acquire()
+    _expire(jobs)
+    assert reconcile_once(jobs) == ["job-2"]
+    assert relay_once(jobs, bus) == 1 and parse_message(_queued(bus).payload) == command
+    failed = jobs.summary("job-1")
+    assert failed["status"] == "failed" and failed["error"]["type"] == "CorruptRecord"
+    assert reconcile_once(jobs) == []  # set aside: not tried again
