@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import tenacity
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import OperationalError
 
 from shared.errors import LedgerSchemaError
 
@@ -40,6 +42,22 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
+def _locked(exc: BaseException) -> bool:
+    return isinstance(exc, OperationalError) and "locked" in str(exc)
+
+
+#: SQLite can answer "database is locked" at once, without waiting out its busy timeout,
+#: when processes open a new database together (switching it to WAL); the upgrade is
+#: idempotent, so it is simply tried again
+_patiently = tenacity.retry(
+    retry=tenacity.retry_if_exception(_locked),
+    stop=tenacity.stop_after_delay(60),
+    wait=tenacity.wait_random_exponential(multiplier=0.05, max=1),
+    reraise=True,
+)
+
+
+@_patiently
 def upgrade(engine: Engine) -> str:
     """Migrate the database to ``head()``; returns the revision it is at."""
     config = alembic_config()
