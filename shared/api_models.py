@@ -1,14 +1,15 @@
-"""What the control plane answers, as typed models: the OpenAPI schema describes them and
-the CLI's client reads responses through them."""
+"""What the control plane answers (and the manifest a model upload sends), as typed models:
+the OpenAPI schema describes them and the CLI's client reads responses through them."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.ledger.view import JOB_STATUSES
 from shared.messages import STAGES
+from shared.uploads import check_model_path
 
 JobStatus = Literal[JOB_STATUSES]  # type: ignore[valid-type]
 StageName = Literal[STAGES]  # type: ignore[valid-type]
@@ -127,3 +128,62 @@ class Health(BaseModel):
     """A liveness or readiness answer."""
 
     status: Literal["ok", "ready"]
+
+
+class DatasetUpload(BaseModel):
+    """A dataset file put into the object store."""
+
+    location: str = Field(description="Its store URI: give it as dataset.source.")
+    sha256: str = Field(description="SHA-256 of the file (part of the location).")
+    bytes: int
+
+
+class ModelFileUpload(BaseModel):
+    """One file of a model folder put into the object store."""
+
+    path: str
+    sha256: str
+    bytes: int
+
+
+class ModelFile(BaseModel):
+    """One file of a model folder's manifest."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(max_length=700, description="Path inside the folder, /-separated.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Lowercase hex SHA-256.")
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        return check_model_path(value)
+
+
+class ModelManifest(BaseModel):
+    """Every file of a model folder and its SHA-256: finishes its upload."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    files: list[ModelFile] = Field(min_length=1, max_length=1000)
+
+    @field_validator("files")
+    @classmethod
+    def _once_each(cls, value: list[ModelFile]) -> list[ModelFile]:
+        paths = [f.path for f in value]
+        if len(set(paths)) != len(paths):
+            raise ValueError("a file is named twice")
+        return value
+
+    def by_path(self) -> dict[str, str]:
+        """The files as path -> SHA-256."""
+        return {f.path: f.sha256 for f in self.files}
+
+
+class ModelUpload(BaseModel):
+    """A model folder whose upload is finished: give ``location`` as base_model."""
+
+    location: str = Field(description="Its store URI: give it as base_model.")
+    digest: str = Field(description="SHA-256 over the sorted '<file> <sha256>' lines.")
+    files: dict[str, str] = Field(description="Each file and its SHA-256.")
+    bytes: int

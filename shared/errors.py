@@ -8,6 +8,7 @@
     │   ├── PreflightError        an export breaks a Bedrock import rule (names the rule)
     │   ├── BedrockError          Bedrock refused: access, region, a failed import
     │   ├── StoreLocationError    a URI outside the object store or its allowed buckets
+    │   ├── UploadError           an upload that cannot be stored (a name, a manifest)
     │   ├── MessageError          a bus message that is not a known, valid message
     │   ├── OutOfMemory           training or inference ran out of device memory
     │   ├── LedgerSchemaError     the job database's schema is newer than this code
@@ -61,6 +62,11 @@ class BedrockError(PermanentError):
 
 class StoreLocationError(PermanentError, ValueError):
     """A location outside the object store or the buckets the deployment allows."""
+
+
+class UploadError(PermanentError, ValueError):
+    """An uploaded file or model folder that cannot be stored: a bad name, a link, a
+    manifest that does not match its digest."""
 
 
 class MessageError(PermanentError, ValueError):

@@ -117,6 +117,12 @@ class ApiSettings(Settings):
     max_request_bytes: int = Field(
         1_048_576, ge=1024, description="Largest request body accepted (413 above)."
     )
+    max_upload_bytes: int = Field(
+        5 * 2**30,
+        ge=1,
+        description="Largest file accepted by /v1/uploads (one dataset file, one file of a "
+        "model folder); streamed to disk, never held in memory (413 above).",
+    )
     inference_max_batch: int = Field(
         8, ge=1, le=256, description="Concurrent invoke requests answered in one batch (1: off)."
     )

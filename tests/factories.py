@@ -98,3 +98,44 @@ def lease_owner(launcher: Any, job_id: str, stage: str) -> str | None:
         return conn.execute(
             sa.select(leases.owner).where(leases.job_id == job_id, leases.stage == stage)
         ).scalar()
+
+
+ENDED_STATUSES = ("succeeded", "failed", "rejected", "cancelled")
+
+
+def wait_for_job(http: Any, job_id: str, *, timeout: float, describe: Any = str) -> dict:
+    """Poll ``GET /v1/jobs/{id}`` with an httpx client until the job ends; the job.
+    ``describe()`` adds context (service logs) to the failure when it does not."""
+    import time
+
+    import pytest
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = http.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in ENDED_STATUSES:
+            return job
+        time.sleep(1)
+    pytest.fail(f"job {job_id} did not end in {timeout} s\n{describe()}")
+
+
+def assert_trained_at_once(http: Any, job_ids: list[str]) -> None:
+    """Each of two jobs trained exactly once, by two different trainers, at the same time."""
+    from datetime import datetime
+
+    spans = []
+    for job_id in job_ids:
+        events = http.get(f"/v1/jobs/{job_id}/events").json()["data"]
+        started = [e for e in events if e["type"] == "StageStarted" and e["stage"] == "train"]
+        ended = [e for e in events if e["type"] == "ModelTrained"]
+        assert len(started) == len(ended) == 1, events  # trained once each
+        spans.append(
+            (
+                datetime.fromisoformat(started[0]["created_at"]),
+                datetime.fromisoformat(ended[0]["created_at"]),
+                started[0]["worker"],
+            )
+        )
+    (start_a, end_a, worker_a), (start_b, end_b, worker_b) = spans
+    assert worker_a != worker_b
+    assert max(start_a, start_b) < min(end_a, end_b)  # the two trainings overlapped

@@ -19,7 +19,7 @@ from services.api.middleware import (
     RequireKey,
     SecurityHeaders,
 )
-from services.api.routes import estimate, health, jobs, metrics, models, web
+from services.api.routes import estimate, health, jobs, metrics, models, uploads, web
 from shared.bus import Bus
 from shared.errors import BedrockError, Conflict, NotFound, PermanentError, TermtuneError
 from shared.jobs import open_records
@@ -82,10 +82,10 @@ def create_app(settings: ApiSettings | None = None, *, bus: Bus | None = None) -
     app.include_router(health.router)
     app.include_router(web.router)
     app.include_router(metrics.router, dependencies=[Depends(require_api_key)])
-    for router in (jobs.router, models.router, estimate.router):
+    for router in (jobs.router, models.router, estimate.router, uploads.router):
         app.include_router(router, prefix="/v1", dependencies=[Depends(require_api_key)])
     app.add_middleware(lambda app: app_metrics.middleware(app))  # type: ignore[arg-type]
-    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes, streamed=("/v1/uploads/",))
     app.add_middleware(RequireKey, key=app.state.api_key)  # before any body is read
     app.add_middleware(SecurityHeaders)  # outermost: on every answer, refusals included
 

@@ -26,13 +26,16 @@ SECRET_PARAMS = re.compile(
 class BodyLimit:
     """Answers 413 with a JSON reason to a request body over ``limit`` bytes, whether it
     says its length up front or streams it (the body is read, at most ``limit`` + one
-    chunk, before the app sees it)."""
+    chunk, before the app sees it). A PUT under a ``streamed`` path prefix passes unread:
+    its route streams the body to disk under a limit of its own."""
 
-    def __init__(self, app: Any, *, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: Any, *, limit: int, streamed: tuple[str, ...] = ()) -> None:
+        self.app, self.limit, self.streamed = app, limit, streamed
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or (
+            scope["method"] == "PUT" and scope["path"].startswith(self.streamed)
+        ):
             await self.app(scope, receive, send)
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")

@@ -11,10 +11,23 @@ from typing import Any
 import httpx
 from pydantic import BaseModel
 
-from shared.api_models import EventPage, JobPage, JobView, ModelDeleted, ModelList
+from shared.api_models import (
+    DatasetUpload,
+    EventPage,
+    JobPage,
+    JobView,
+    ModelDeleted,
+    ModelFileUpload,
+    ModelList,
+    ModelManifest,
+    ModelUpload,
+)
 from shared.errors import NotFound, SpecError, TermtuneError
+from shared.uploads import file_sha256, folder_digest, model_files, upload_name
 
 STREAM_RECONNECTS = 5
+#: the answer to an upload comes once the server has copied the file into the store
+UPLOAD_TIMEOUT = httpx.Timeout(120.0, read=1800.0)
 
 
 def default_url() -> str:
@@ -139,6 +152,34 @@ class Client:
     def invoke(self, model: str, prompt: str, **params: Any) -> dict[str, Any]:
         """Ask a published model; Bedrock's response shape."""
         return self._call("POST", f"/v1/models/{model}/invoke", json={"prompt": prompt, **params})
+
+    def upload_dataset(self, path: Path) -> dict[str, Any]:
+        """Put a local dataset file into the store (streamed); its location there."""
+        name = upload_name(path.name)
+        return _as(DatasetUpload, self._put(f"/v1/uploads/datasets/{name}", path))
+
+    def upload_model(self, folder: Path) -> dict[str, Any]:
+        """Put a local model folder's files into the store and finish the upload (files are
+        sent only when the store lacks this folder); its location there."""
+        files = model_files(folder)
+        shas = {name: file_sha256(path) for name, path in files.items()}
+        prefix = f"/v1/uploads/models/{folder_digest(shas)}"
+        try:
+            return _as(ModelUpload, self._call("GET", prefix))
+        except NotFound:
+            pass
+        for name, path in files.items():
+            _as(ModelFileUpload, self._put(f"{prefix}/{name}", path))
+        manifest = ModelManifest.model_validate(
+            {"files": [{"path": name, "sha256": sha} for name, sha in shas.items()]}
+        )
+        return _as(ModelUpload, self._call("POST", prefix, json=manifest.model_dump()))
+
+    def _put(self, path: str, file: Path) -> Any:
+        """PUT a file as the raw body, streamed from disk."""
+        with file.open("rb") as body:
+            headers = {"Content-Type": "application/octet-stream"}
+            return self._call("PUT", path, content=body, headers=headers, timeout=UPLOAD_TIMEOUT)
 
     def healthy(self) -> bool:
         """Whether /healthz answers."""

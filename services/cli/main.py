@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from shared.errors import SpecError, TermtuneError
-from shared.jobspec import load_spec
+from shared.jobspec import JobSpec, load_spec
 
 TINY_MODEL_DIR = Path("var/models/tiny-flan-t5")
 SAMPLE_DATA = Path("data/medical_terms.jsonl")
@@ -34,6 +34,12 @@ def _parser() -> argparse.ArgumentParser:
     submit = sub.add_parser("submit", help="submit a job spec")
     submit.add_argument("spec", type=Path)
     submit.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    submit.add_argument(
+        "--upload",
+        action="store_true",
+        help="put a local dataset file and base model folder into the object store first "
+        "(for a deployed stack) and submit their locations there",
+    )
     status = sub.add_parser("status", help="a job's status")
     status.add_argument("job_id")
     sub.add_parser("jobs", help="recent jobs")
@@ -117,6 +123,73 @@ def _ensure_job_model(client: Any, job_id: str) -> None:
     spec = json.loads(Path(unquote(uri.path)).read_text(encoding="utf-8"))
     if isinstance(spec.get("base_model"), str):
         _ensure_base_model(spec["base_model"])
+
+
+def _local_dataset(source: str) -> Path | None:
+    """The local file a dataset.source names; None for a hub id or a store or S3 location."""
+    from urllib.parse import unquote, urlparse
+
+    from shared.locations import GLOB_CHARS, HUB_ID
+    from shared.uploads import DATASET_SUFFIXES
+
+    if "://" in source and not source.startswith("file://"):
+        return None
+    local = source.startswith("file://")
+    path = Path(unquote(urlparse(source).path) if local else source).expanduser()
+    if path.is_file():
+        if not path.name.lower().endswith(DATASET_SUFFIXES):
+            raise SpecError(
+                f"dataset.source: {source!r}: data-prep reads {', '.join(DATASET_SUFFIXES)} files"
+            )
+        return path
+    if path.is_dir() or any(c in source for c in GLOB_CHARS):
+        raise SpecError(
+            f"dataset.source: {source!r} is a folder or a glob; --upload puts one file into "
+            "the store: join the files into one (.jsonl, .csv, .parquet...) and name it"
+        )
+    if local or source.lower().endswith(DATASET_SUFFIXES) or not HUB_ID.match(source):
+        raise SpecError(f"dataset.source: {source!r}: no such file here to upload")
+    return None
+
+
+def _local_model(base_model: str) -> Path | None:
+    """The local folder base_model names (its files checked); None for a hub id or a store
+    location."""
+    from shared.modeling import check_base_model
+    from shared.uploads import model_files
+
+    if "://" in base_model:
+        return None
+    path = Path(base_model).expanduser()
+    if path.is_dir():
+        model_files(path)  # links, odd names, no config.json: refused before any upload
+        return path
+    check_base_model(base_model)  # a path that is no folder: ModelError saying what to do
+    return None
+
+
+def _upload_inputs(client: Any, raw: dict[str, Any], spec: JobSpec) -> dict[str, Any]:
+    """The spec with its local dataset file and base model folder put into the store and
+    named by their locations there; what was uploaded is told on stderr."""
+    raw = dict(raw)
+    dataset, folder = _local_dataset(spec.dataset.source), _local_model(spec.base_model)
+    if dataset is not None:
+        done = client.upload_dataset(dataset)
+        raw["dataset"] = {**(raw.get("dataset") or {}), "source": done["location"]}
+        print(f"uploaded {dataset} ({_size(done['bytes'])}): {done['location']}", file=sys.stderr)
+    if folder is not None:
+        done = client.upload_model(folder)
+        raw["base_model"] = done["location"]
+        files = f"{len(done['files'])} files, {_size(done['bytes'])}"
+        print(f"uploaded {folder} ({files}): {done['location']}", file=sys.stderr)
+    return raw
+
+
+def _size(count: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} bytes"
 
 
 def _launcher(port: int | None) -> Any:
@@ -262,6 +335,8 @@ def _client_command(args: argparse.Namespace) -> int:
     if args.command == "submit":
         spec = _raw_spec(args.spec)
         _ensure_model(args.spec)
+        if args.upload:
+            spec = _upload_inputs(client, spec, load_spec(args.spec))
         job = client.submit(spec)
         print(job["id"])
         if args.wait:

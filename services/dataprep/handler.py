@@ -13,6 +13,7 @@ from services.dataprep import prepare, quality, sources
 from services.dataprep.quality import SideTokens
 from services.dataprep.sample import RowLimit
 from shared.artifacts import dropped_rows
+from shared.basemodel import resolve_base_model
 from shared.jobspec import JobSpec
 from shared.messages import DatasetPrepared, PrepareDataset, TokenLengths
 from shared.modeling import load_tokenizer, versions
@@ -51,7 +52,9 @@ def _prepare(command: PrepareDataset, ctx: StageContext) -> dict[str, Any]:
     if source.columns:
         prepare.check_columns(list(source.columns), data, shown=source.shown)
         sources.check_types(source)
-    tokenizer = load_tokenizer(spec.base_model)
+    tokenizer = load_tokenizer(
+        resolve_base_model(spec.base_model, store=ctx.store, cache_dir=ctx.settings.cache_dir)
+    )
     folder = ctx.scratch(command, "prepare")
     limit = RowLimit.of(data)
     batches = prepare.checked(source.batches(), data, shown=source.shown)

@@ -8,6 +8,7 @@ import torch
 
 from services.evaluator import html_report, metrics, scoring
 from shared.artifacts import adapter_dir, dropped_rows, read_split
+from shared.basemodel import resolve_base_model
 from shared.errors import ModelError, NotFound
 from shared.jobspec import JobSpec
 from shared.messages import EvaluateModel, ModelEvaluated
@@ -53,10 +54,13 @@ def _evaluate(command: EvaluateModel, ctx: StageContext) -> dict[str, Any]:
         ctx.store, dataset, "test", cache_dir=ctx.settings.cache_dir, max_rows=evaluation.max_rows
     )
     adapter = adapter_dir(ctx.store, training, cache_dir=ctx.settings.cache_dir)
-    tokenizer = load_tokenizer(spec.base_model)
+    base_model = resolve_base_model(
+        spec.base_model, store=ctx.store, cache_dir=ctx.settings.cache_dir
+    )
+    tokenizer = load_tokenizer(base_model)
     check_tokenizer(tokenizer, dataset, spec)
     dtype = torch.bfloat16 if device() == "cuda" else torch.float32
-    model = load_seq2seq(spec.base_model, dtype=dtype).to(device())
+    model = load_seq2seq(base_model, dtype=dtype).to(device())
     run = dict(
         tokenizer=tokenizer,
         table=table,

@@ -12,11 +12,13 @@ from typing import Any
 from services.publisher import card, cmi, export, target, upload
 from shared import bedrock
 from shared.artifacts import adapter_dir, read_split
+from shared.basemodel import resolve_base_model
 from shared.errors import NotFound, SpecError
 from shared.messages import ModelPublished, PublishModel
 from shared.modeling import versions
 from shared.settings import BedrockSettings
 from shared.stage import StageContext
+from shared.uploads import folder_digest
 
 PROBE_ROWS = 4
 
@@ -56,10 +58,13 @@ def _publish(command: PublishModel, ctx: StageContext) -> dict[str, Any]:
     )
     adapter = adapter_dir(ctx.store, training, cache_dir=ctx.settings.cache_dir)
     ctx.progress({"phase": "merging"}, force=True)
-    merged, gap = export.merge(spec.base_model, adapter, probes.column("input_ids").to_pylist())
+    base_model = resolve_base_model(
+        spec.base_model, store=ctx.store, cache_dir=ctx.settings.cache_dir
+    )
+    merged, gap = export.merge(base_model, adapter, probes.column("input_ids").to_pylist())
     export.apply_decoding(merged, spec.decoding)
     folder = ctx.scratch(command, "publish") / "model"
-    tokenizer_files = export.save(merged, spec.base_model, folder, dtype=spec.publish.dtype)
+    tokenizer_files = export.save(merged, base_model, folder, dtype=spec.publish.dtype)
     (folder / "README.md").write_text(
         card.model_card(
             spec, dataset, training, evaluation, merge_gap=gap, tolerance=export.MERGE_TOLERANCE
@@ -68,7 +73,7 @@ def _publish(command: PublishModel, ctx: StageContext) -> dict[str, Any]:
     region = settings.region if settings else None
     checks = cmi.preflight(folder, tokenizer_files=tokenizer_files, region=region)
     files = upload.digests(folder)
-    digest = upload.folder_digest(files)
+    digest = folder_digest(files)
     if settings:  # the import's names and S3 keys, before anything is uploaded
         target.plan(
             command.job_id, list(files), digest, model_name=spec.model_name, settings=settings

@@ -3,7 +3,6 @@ skipping files already there with the same digest."""
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -12,23 +11,9 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from shared.errors import StoreUnavailable
+from shared.uploads import file_sha256
 
 DIGEST_KEY = "sha256"  # object metadata: the file's SHA-256, hex
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(8 * 2**20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def folder_digest(files: dict[str, str]) -> str:
-    """One digest for a folder: SHA-256 over its sorted ``name sha256`` lines."""
-    lines = "".join(f"{name} {sha}\n" for name, sha in sorted(files.items()))
-    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def digests(folder: Path) -> dict[str, str]:

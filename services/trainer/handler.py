@@ -15,6 +15,7 @@ from services.trainer import distributed, lora
 from services.trainer.checkpoints import CheckpointStore
 from services.trainer.fit import TrainJob, fit
 from shared.artifacts import read_split
+from shared.basemodel import resolve_base_model
 from shared.errors import Cancelled, Interrupted
 from shared.messages import ModelTrained, TrainModel
 from shared.modeling import versions
@@ -45,7 +46,9 @@ def _train(command: TrainModel, ctx: StageContext) -> dict[str, Any]:
     checkpoints = CheckpointStore(ctx.store, f"{prefix}/checkpoints")
     resume = checkpoints.download_latest(folder / "trainer")
     job = TrainJob(
-        base_model=spec.base_model,
+        base_model=resolve_base_model(
+            spec.base_model, store=ctx.store, cache_dir=ctx.settings.cache_dir
+        ),
         training=spec.training.model_dump(mode="json"),
         plan=dataclasses.asdict(plan),
         output_dir=str(folder),

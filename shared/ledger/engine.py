@@ -48,7 +48,9 @@ def create_ledger_engine(url: URL) -> Engine:
             pool_pre_ping=True,  # a database restart drops pooled connections
             pool_size=5,
             max_overflow=10,
-            connect_args={"connect_timeout": 10},
+            # UTF-8 whatever the database's encoding: on a SQL_ASCII database (initdb under
+            # the C locale) psycopg would return bytes for text, and SQLAlchemy fail at once.
+            connect_args={"connect_timeout": 10, "client_encoding": "utf8"},
         )
     if url.database and url.database != ":memory:":
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)

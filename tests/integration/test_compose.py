@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import time
 from contextlib import ExitStack
-from datetime import datetime
 
 import boto3
 import httpx
 import pytest
 
-from tests.factories import SAMPLE_DATA, spec_dict
+from tests.factories import SAMPLE_DATA, assert_trained_at_once, spec_dict, wait_for_job
 from tests.integration import compose
 from tests.integration.conftest import RABBITMQ_PASSWORD, RABBITMQ_USER, free_port
 
@@ -100,13 +99,7 @@ def _spec(tiny_model, name, **training):
 
 
 def _wait(client, job_id, base, timeout=400):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed", "rejected", "cancelled"):
-            return job
-        time.sleep(1)
-    pytest.fail(f"job {job_id} did not finish\n{_logs(base)}")
+    return wait_for_job(client, job_id, timeout=timeout, describe=lambda: _logs(base))
 
 
 def test_the_services_use_the_deployment_broker_and_store(stack):
@@ -147,19 +140,4 @@ def test_two_trainer_instances_train_two_jobs_at_once(stack, tiny_model):
     ]
     jobs = [_wait(client, job_id, base) for job_id in ids]
     assert [j["status"] for j in jobs] == ["succeeded"] * 2, _logs(base)
-    spans = []
-    for job_id in ids:
-        events = client.get(f"/v1/jobs/{job_id}/events").json()["data"]
-        started = [e for e in events if e["type"] == "StageStarted" and e["stage"] == "train"]
-        ended = [e for e in events if e["type"] == "ModelTrained"]
-        assert len(started) == len(ended) == 1  # trained once each
-        spans.append(
-            (
-                datetime.fromisoformat(started[0]["created_at"]),
-                datetime.fromisoformat(ended[0]["created_at"]),
-                started[0]["worker"],
-            )
-        )
-    (start_a, end_a, worker_a), (start_b, end_b, worker_b) = spans
-    assert worker_a != worker_b
-    assert max(start_a, start_b) < min(end_a, end_b)  # the two trainings overlapped
+    assert_trained_at_once(client, ids)

@@ -8,6 +8,7 @@ from fastapi import APIRouter, HTTPException, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.api.deps import JobsDep, SettingsDep
+from shared.basemodel import base_model_config
 from shared.errors import NotFound, SpecError
 from shared.estimate import G5_INSTANCES, Prices, count_parameters, estimate
 from shared.jobspec import parse_spec
@@ -55,7 +56,9 @@ def estimate_job(request: EstimateRequest, jobs: JobsDep, settings: SettingsDep)
             spec,
             dataset,
             instance_type=request.instance_type,
-            parameters=count_parameters(spec.base_model),
+            parameters=count_parameters(
+                base_model_config(spec.base_model, store=jobs.store, cache_dir=settings.cache_dir)
+            ),
             prices=prices,
         )
     except SpecError as exc:

@@ -13,6 +13,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from services.api.deps import JobsDep, SettingsDep
 from shared.api_models import EventPage, EventView, JobPage, JobStatus, JobView
+from shared.basemodel import check_uploaded
 from shared.errors import Conflict, NotFound, SpecError, StoreLocationError
 from shared.jobs import ENDED, new_job_id
 from shared.jobspec import parse_spec
@@ -39,9 +40,10 @@ def submit_job(jobs: JobsDep, settings: SettingsDep, spec: dict[str, Any] = Body
         parsed = parse_spec(spec, source="spec")
     except SpecError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
-    try:  # refused now rather than after data-prep starts; data-prep checks again
+    try:  # refused now rather than after data-prep starts; the stages check again
         check_source(parsed.dataset.source, store_root=jobs.store.root_uri, settings=settings)
-    except StoreLocationError as exc:
+        check_uploaded(parsed.base_model, store=jobs.store)
+    except (StoreLocationError, SpecError) as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
     try:  # refused now rather than after training; the publisher checks again
         jobs.check_model_name(parsed.model_name, overwrite=parsed.publish.overwrite)

@@ -13,7 +13,7 @@ CHECK = (
     "    runpy.run_module('services.{service}', run_name='__main__')\n"
     "except SystemExit as stop:\n"
     "    heavy = sorted({{m.split('.')[0] for m in sys.modules}} & {{'torch', 'transformers', "
-    "'kombu', 'sqlalchemy', 'peft', 'datasets'}})\n"
+    "'kombu', 'sqlalchemy', 'peft', 'datasets', 'pydantic'}})\n"
     "    print(stop.code, heavy)\n"
 )
 
@@ -30,3 +30,16 @@ def test_the_health_check_answers_without_importing_the_service(service, tmp_pat
     (tmp_path / "run" / f"{service}.heartbeat").write_text("now\n")
     fresh = subprocess.run(run, env=env, cwd=ROOT, capture_output=True, text=True, check=True)
     assert fresh.stdout.split() == ["0", "[]"]
+
+
+@pytest.mark.parametrize("key", ["TERMTUNE_VAR_DIR", "termtune_var_dir", None])
+def test_the_health_check_reads_the_folder_settings_use(key, tmp_path, monkeypatch):
+    from shared.health import run_dir_from_env
+    from shared.settings import Settings
+
+    for name in [k for k in os.environ if k.upper() == "TERMTUNE_VAR_DIR"]:
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    if key:
+        monkeypatch.setenv(key, "some/where")
+    assert run_dir_from_env() == Settings().run_dir

@@ -269,6 +269,32 @@ def test_the_database_restarting_loses_nothing_and_the_ledger_reconnects(postgre
     postgres.drop_database(url)
 
 
+def test_a_database_made_under_the_c_locale_works_all_the_same(postgres, tmp_path):
+    """Issue 20: a PostgreSQL initialised under the C locale has SQL_ASCII as its encoding;
+    psycopg then returned bytes for text and the first connection failed ("cannot use a
+    string pattern on a bytes-like object"). The ledger asks for UTF-8 on every connection."""
+    from shared.jobs import JobRecords
+    from shared.store import LocalStore
+
+    name = "t_sql_ascii_" + tmp_path.name[-8:].replace("-", "_")
+    admin = sa.create_engine(postgres.url(), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(
+            f"CREATE DATABASE \"{name}\" ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' "
+            "TEMPLATE template0"
+        )
+    admin.dispose()
+    url = postgres.url(name)
+    jobs = JobRecords(LocalStore(tmp_path / "store"), Ledger(url))
+    job_id, _ = _job(jobs)
+    jobs.record(StageStarted(job_id=job_id, stage="prepare", worker="wörker"))
+    assert jobs.summary(job_id)["stages"]["prepare"]["worker"] == "wörker"
+    with jobs.ledger.read() as conn:
+        assert conn.exec_driver_sql("SHOW server_encoding").scalar() == "SQL_ASCII"
+    jobs.ledger.dispose()
+    postgres.drop_database(url)
+
+
 def test_an_old_store_is_imported_once_job_by_job(jobs):
     import json
 

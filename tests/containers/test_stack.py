@@ -1,0 +1,214 @@
+"""``docker compose up``, for real: every image built from its Dockerfile, the whole stack in
+a real Docker engine, the example job submitted through the published API port.
+
+Runs under ``make test-compose`` (TERMTUNE_TEST_CONTAINERS=1), apart from ``make test``:
+building the images takes minutes. Only the upstream base images are stand-ins
+(tests/containers/engine.py says why and how they are built). The figures it prints (image
+sizes, build time, the time from ``docker compose up`` to a published model) are the ones
+deploy/README.md quotes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.containers import engine
+from tests.factories import assert_trained_at_once, wait_for_job
+
+if os.environ.get("TERMTUNE_TEST_CONTAINERS") != "1":
+    pytest.skip(
+        "the real-container tests run under `make test-compose` (a Docker engine, ~15 min)",
+        allow_module_level=True,
+    )
+
+ROOT = engine.ROOT
+PROJECT = "termtune-test"
+IMAGES = [f"termtune/{s}:0.1.0" for s in ("api", "dataprep", "evaluator", "publisher")]
+IMAGES.append("termtune/trainer-cpu:0.1.0")
+FIGURES: dict[str, Any] = {}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The images built and the stack up (one trainer); torn down with its volumes."""
+    problem = engine.engine_problem()
+    if problem:
+        pytest.fail(f"make test-compose needs a Docker engine: {problem}")
+    folder = tmp_path_factory.mktemp("compose")
+    key = secrets.token_urlsafe(24)
+    port = 8000  # the README's command names the default port
+    with socket.socket() as sock:
+        if sock.connect_ex(("127.0.0.1", port)) == 0:
+            pytest.fail("port 8000 is taken: the stack publishes its API there, as documented")
+    env_file = folder / ".env"
+    variables = {
+        "RABBITMQ_PASSWORD": secrets.token_urlsafe(16),
+        "POSTGRES_PASSWORD": secrets.token_urlsafe(16),
+        "S3_SECRET_KEY": secrets.token_urlsafe(16),
+        "TERMTUNE_API_KEY": key,
+        "TERMTUNE_API_PORT": str(port),
+        "TERMTUNE_S3_PORT": str(_free_port()),
+        "TERMTUNE_S3_CONSOLE_PORT": str(_free_port()),
+    }
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in variables.items()))
+    wheelhouse = engine.fill_wheelhouse(engine.CACHE / "wheelhouse")
+    with engine.serve(wheelhouse) as url:
+        engine.build_standins(url)
+        compose = engine.Compose(PROJECT, env_file, {"TERMTUNE_WHEELHOUSE_URL": url})
+        compose("down", "-v", "--remove-orphans", check=False)
+        started = time.monotonic()
+        compose("build", timeout=5400)
+        FIGURES["build_s"] = round(time.monotonic() - started)
+    FIGURES["image_mb"] = {image: round(engine.image_size_mb(image)) for image in IMAGES}
+    try:
+        started = time.monotonic()
+        compose("up", "-d", "--wait", "--wait-timeout", "600", timeout=900)
+        FIGURES["up_to_healthy_s"] = round(time.monotonic() - started, 1)
+        yield {
+            "compose": compose,
+            "url": f"http://127.0.0.1:{port}",
+            "key": key,
+            "up_started": started,
+            "folder": folder,
+        }
+    finally:
+        print(json.dumps(FIGURES, indent=2))
+        compose("down", "-v", "--remove-orphans", check=False, timeout=600)
+
+
+@pytest.fixture(autouse=True)
+def _logs_on_failure(request: pytest.FixtureRequest, stack: dict[str, Any]) -> Iterator[None]:
+    """Every container's log when a test failed."""
+    yield
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(stack["compose"].logs())
+
+
+def termtune(stack: dict[str, Any], *args: str, timeout: float = 900) -> str:
+    """The host's `termtune` against the stack's published API port; its stdout."""
+    done = subprocess.run(
+        [str(ROOT / ".venv/bin/termtune"), *args],
+        cwd=ROOT,
+        env={**os.environ, "TERMTUNE_API_URL": stack["url"], "TERMTUNE_API_KEY": stack["key"]},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert done.returncode == 0, f"termtune {' '.join(args)}: {done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def client(stack: dict[str, Any]) -> httpx.Client:
+    return httpx.Client(
+        base_url=stack["url"], headers={"Authorization": f"Bearer {stack['key']}"}, timeout=60
+    )
+
+
+def test_every_service_is_healthy_and_its_check_answers_at_once(stack):
+    out = stack["compose"]("ps", "--format", "json").stdout
+    states = [json.loads(line) for line in out.splitlines() if line.strip()]
+    termtune_services = {"api", "dataprep", "trainer", "evaluator", "publisher"}
+    seen = {s["Service"]: s for s in states}
+    assert termtune_services <= set(seen), seen.keys()
+    for name in termtune_services | {"rabbitmq", "postgres", "s3"}:
+        assert seen[name]["Health"] == "healthy", seen[name]
+    for name in termtune_services - {"api"}:
+        health = json.loads(
+            engine.run(
+                ["docker", "inspect", "-f", "{{json .State.Health}}", seen[name]["Name"]]
+            ).stdout
+        )
+        durations = [
+            (_time(h["End"]) - _time(h["Start"])) for h in health["Log"] if h["ExitCode"] == 0
+        ]
+        assert durations and max(durations) < 1.0, (name, health["Log"])
+
+
+def _time(text: str) -> float:
+    """Docker's RFC 3339 timestamps (nanoseconds) as seconds."""
+    head, _, rest = text.partition(".")
+    fraction = rest.rstrip("Z").split("+")[0].split("-")[0]
+    return datetime.fromisoformat(head).timestamp() + float(f"0.{fraction}")
+
+
+def readme_upload_line() -> str:
+    """README.md's command that submits the example to a deployed stack."""
+    lines = [
+        line
+        for line in (ROOT / "README.md").read_text().splitlines()
+        if "termtune submit examples/medical-terms.yaml --upload" in line
+        and "TERMTUNE_API_URL" in line
+    ]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_the_example_job_publishes_and_its_model_answers(stack):
+    """The README's line, run as written (with bash, from the repository) against the stack."""
+    done = subprocess.run(
+        ["bash", "-c", readme_upload_line()],
+        cwd=ROOT,
+        env={**os.environ, "TERMTUNE_API_KEY": stack["key"]},
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    assert "uploaded data/medical_terms.jsonl" in done.stderr
+    assert "uploaded var/models/tiny-flan-t5" in done.stderr
+    out = done.stdout
+    FIGURES["up_to_published_s"] = round(time.monotonic() - stack["up_started"])
+    job = client(stack).get(f"/v1/jobs/{out.split()[0]}").json()
+    assert job["status"] == "succeeded", job
+    report = client(stack).get(f"/v1/jobs/{job['id']}/report").json()
+    assert report["gate"]["passed"], report["gate"]
+    answer = json.loads(termtune(stack, "invoke", "medical-terms", "What is Asthma?"))
+    assert answer["generation"].strip(), f"the published model answered nothing: {answer}"
+
+
+def test_two_trainers_train_two_jobs_at_once(stack):
+    stack["compose"]("up", "-d", "--wait", "--scale", "trainer=2", timeout=900)
+    example = yaml.safe_load((ROOT / "examples/medical-terms.yaml").read_text())
+    ids = []
+    for n in range(2):
+        spec = {
+            **example,
+            "name": f"pair-{n}",
+            "training": {**example["training"], "epochs": 1, "max_steps": 30},
+            "publish": {"target": "local", "overwrite": True},
+        }
+        path = stack["folder"] / f"pair-{n}.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        ids.append(termtune(stack, "submit", str(path), "--upload").split()[0])
+    with client(stack) as http:
+        for job_id in ids:
+            job = wait_for_job(http, job_id, timeout=900, describe=stack["compose"].logs)
+            assert job["status"] == "succeeded", job
+        assert_trained_at_once(http, ids)  # two trainer containers, two jobs at once
+
+
+def test_compose_down_removes_every_container(stack):
+    stack["compose"]("down", timeout=600)
+    left = stack["compose"]("ps", "-a", "-q").stdout.split()
+    assert left == []
