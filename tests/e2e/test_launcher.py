@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -30,25 +31,26 @@ def _alive(pid: int) -> bool:
 
 
 def _up(tmp_path: Path) -> tuple[subprocess.Popen, dict[str, int], dict[str, str]]:
-    """`termtune up` on TERMTUNE_PORT and TERMTUNE_VAR_DIR; once ready, its services' pids."""
+    """`termtune up` on TERMTUNE_PORT and TERMTUNE_VAR_DIR; once it says it is up (its own
+    readiness check passed, the supervisor running), its services' pids."""
     port, var = _free_port(), tmp_path / "var"
     env = {**os.environ, "TERMTUNE_PORT": str(port), "TERMTUNE_VAR_DIR": str(var)}
     env.pop("TERMTUNE_API_URL", None)
     env.pop("TERMTUNE_API_KEY", None)
-    launcher = subprocess.Popen([TERMTUNE, "up"], env=env, cwd=tmp_path)
+    launcher = subprocess.Popen(
+        [TERMTUNE, "up"], env=env, cwd=tmp_path, stdout=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        assert launcher.poll() is None, "termtune up exited"
-        if (var / "run" / "pids.json").exists() and len(list(var.glob("run/*.heartbeat"))) == 4:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-        time.sleep(0.5)
-    else:
+    said = ""
+    while time.monotonic() < deadline and "termtune is up" not in said:
+        assert launcher.poll() is None, f"termtune up exited: {said}"
+        ready, _, _ = select.select([launcher.stdout], [], [], 1.0)
+        if ready:
+            said += launcher.stdout.readline()
+    if "termtune is up" not in said:
         launcher.kill()
         pytest.fail("termtune up was not ready on TERMTUNE_PORT within 600 s")
+    assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
     return launcher, json.loads((var / "run" / "pids.json").read_text()), env
 
 

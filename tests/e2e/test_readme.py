@@ -29,7 +29,16 @@ from tests.standins.bedrock import ACCOUNT, REGION, BedrockStandIn
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
-LINKED = (".venv", "Makefile", "pyproject.toml", "examples", "data", "services", "shared")
+LINKED = (
+    ".venv",
+    "Makefile",
+    "pyproject.toml",
+    "deploy",
+    "examples",
+    "data",
+    "services",
+    "shared",
+)
 FOREIGN_ARN = f"arn:aws:bedrock:{REGION}:{ACCOUNT}:imported-model/someone-elses"
 
 
