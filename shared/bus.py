@@ -107,15 +107,48 @@ class Bus:
         prefix = settings.exchange
         self.exchange = Exchange(prefix, type="topic", durable=True)
         self.dead_exchange = Exchange(f"{prefix}.dead", type="topic", durable=True)
+        arguments = self._queue_arguments()
         self.queues = {
             service: Queue(
-                f"{prefix}.{service}", self.exchange, routing_key=f"cmd.{command}", durable=True
+                f"{prefix}.{service}",
+                self.exchange,
+                routing_key=f"cmd.{command}",
+                durable=True,
+                queue_arguments={**arguments, **self._dead_lettering()},
             )
             for service, command in SERVICE_COMMANDS.items()
         }
-        self.dead_queue = Queue(f"{prefix}.dead", self.dead_exchange, routing_key="#", durable=True)
+        self.dead_queue = Queue(
+            f"{prefix}.dead",
+            self.dead_exchange,
+            routing_key="#",
+            durable=True,
+            queue_arguments=arguments,
+        )
         self._connection: Connection | None = None
         self._lock = threading.Lock()
+
+    def _on_rabbitmq_quorum(self) -> bool:
+        return (
+            self.settings.broker_url.startswith(("amqp", "pyamqp"))
+            and self.settings.amqp_queue_type == "quorum"
+        )
+
+    def _queue_arguments(self) -> dict[str, Any]:
+        """RabbitMQ: quorum queues (replicated, the type RabbitMQ 4 recommends for durable
+        work queues); other brokers take their queues as they are."""
+        return {"x-queue-type": "quorum"} if self._on_rabbitmq_quorum() else {}
+
+    def _dead_lettering(self) -> dict[str, Any]:
+        """A stage queue's message redelivered past the limit goes, by the broker's hand, to
+        the dead-letter exchange: a message that kills its worker every time, before the
+        worker counts an attempt, ends there instead of looping."""
+        if not self._on_rabbitmq_quorum():
+            return {}
+        return {
+            "x-delivery-limit": self.settings.amqp_delivery_limit,
+            "x-dead-letter-exchange": self.dead_exchange.name,
+        }
 
     def connect(self) -> Connection:
         """A new connection to the broker, with the transport's options."""

@@ -50,6 +50,18 @@ class Settings(BaseSettings):
     )
     exchange: str = Field("termtune", description="Name prefix of exchanges and queues.")
     max_attempts: int = Field(3, ge=1, description="Deliveries before a message is dead.")
+    amqp_queue_type: Literal["quorum", "classic"] = Field(
+        "quorum",
+        description="RabbitMQ queue type: quorum (replicated; the broker dead-letters a "
+        "message redelivered past amqp_delivery_limit) or classic (for queues an earlier "
+        "termtune declared: RabbitMQ refuses to declare a queue again with another type).",
+    )
+    amqp_delivery_limit: int = Field(
+        10,
+        ge=1,
+        description="Quorum queues: deliveries after which RabbitMQ itself dead-letters a "
+        "message (one that kills its worker every time, before it can count an attempt).",
+    )
     poll_seconds: float = Field(1.0, gt=0, description="Worker wait for a message per poll.")
     lease_seconds: float = Field(
         60.0, gt=0, description="Life of a stage lease; renewed every third of it."

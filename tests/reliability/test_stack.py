@@ -392,7 +392,30 @@ BAD_SPECS = {
     "unknown publish target": ({"publish": {"target": "ftp"}}, "publish.target"),
     "spec that is a list": ([], "body"),
     "very long name": ({"name": "x" * 10_000}, "name"),
+    # issue 19: accepted, then failed late or never sensible
+    "name ending in a newline": ({"name": "terms\n"}, "name"),
+    "model name ending in a newline": ({"publish": {"model_name": "terms\n"}}, "model_name"),
+    "unknown optimizer": ({"training": {"optimizer": "adamw_turbo"}}, "training.optimizer"),
+    "unknown scheduler": ({"training": {"lr_scheduler": "zigzag"}}, "training.lr_scheduler"),
+    "target module pattern": (
+        {"training": {"lora": {"target_modules": ["q.*;rm -rf"]}}},
+        "training.lora.target_modules",
+    ),
+    "seed past 2**32": ({"training": {"seed": 2**70}}, "training.seed"),
+    "max_steps of 10**12": ({"training": {"max_steps": 10**12}}, "training.max_steps"),
+    "data_parallel of 1000": ({"training": {"data_parallel": 1000}}, "training.data_parallel"),
+    "900 KB prompt template": (
+        {"dataset": {"prompt_template": "What is {page_title}" + "?" * 900_000}},
+        "dataset.prompt_template",
+    ),
 }
+#: numbers JSON cannot carry but a body can: a placeholder in the spec replaced as text
+NON_FINITE_SPECS = {
+    "checkpoint minutes 1e999": ("training", "checkpoint_every_minutes", "1e999"),
+    "learning rate NaN": ("training", "learning_rate", "NaN"),
+    "test size -Infinity": ("dataset", "test_size", "-Infinity"),
+}
+PLACEHOLDER = 0.123456789
 
 
 def test_bad_datasets_and_bad_job_specs(scenario, stack, tiny_model, tmp_path):
@@ -446,8 +469,23 @@ def test_bad_datasets_and_bad_job_specs(scenario, stack, tiny_model, tmp_path):
                 "refused with 422 naming the field",
                 response.status_code == 422 and field.split(".")[-1] in detail,
             )
+        for case, (section, field, literal) in NON_FINITE_SPECS.items():
+            body = json.dumps(spec_dict(tiny_model, **{section: {field: PLACEHOLDER}}))
+            raw = body.replace(str(PLACEHOLDER), literal).encode()
+            response = http.post(
+                "/v1/jobs", content=raw, headers={"Content-Type": "application/json"}
+            )
+            outcome.count("bad specs")
+            outcome.check(response.status_code == 422, f"{case}: {response.status_code}")
+            named = field in response.text
+            outcome.check(named, f"{case}: {field} not named: {response.text[:200]}")
+            refused = response.status_code == 422 and named
+            outcome.count("refused with 422 naming the field", refused)
         after = len(http.get("/v1/jobs", params={"limit": 200}).json()["data"])
         outcome.check(after == before, f"bad specs created {after - before} jobs")
+        for path in ("/v1/jobs", "/metrics"):  # a refused spec leaves nothing that breaks them
+            listed = http.get(path)
+            outcome.check(listed.status_code == 200, f"{path} answers {listed.status_code}")
         ready = http.get("/readyz")
         outcome.check(ready.status_code == 200, f"/readyz {ready.status_code} after the corpus")
     dead = [n for n, p in launcher.processes.items() if p.poll() is not None]

@@ -61,3 +61,17 @@ def test_a_reader_never_takes_a_message_half_written_and_skips_a_cut_one(tmp_pat
     finally:
         writer.join()
         bus.close()
+
+
+def test_rabbitmq_queues_are_quorum_queues_that_dead_letter_past_the_delivery_limit():
+    bus = Bus(Settings(broker_url="amqp://u:p@rabbit:5672//", amqp_delivery_limit=7))
+    assert bus.queues["trainer"].queue_arguments == {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": 7,
+        "x-dead-letter-exchange": "termtune.dead",
+    }
+    assert bus.dead_queue.queue_arguments == {"x-queue-type": "quorum"}
+    classic = Bus(Settings(broker_url="amqp://u:p@rabbit:5672//", amqp_queue_type="classic"))
+    assert not classic.queues["trainer"].queue_arguments
+    for url in ("filesystem://", "sqs://"):
+        assert not Bus(Settings(broker_url=url)).queues["trainer"].queue_arguments
