@@ -191,7 +191,7 @@ clean:
 	rm -rf var
 
 docs: install
-	$(PY) -c "from services.cli.docs import update_readme; update_readme()"
+	$(PY) -c "from services.cli.docs import update_docs; update_docs()"
 
 bench: install
 	$(PY) -m bench.report

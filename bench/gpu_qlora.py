@@ -1,16 +1,22 @@
-"""GPU check: a randomly initialised model of flan-t5-large's shape, trained with termtune's
-trainer code, QLoRA (nf4, double quantization, bf16) and bf16 LoRA; tokens/s, peak memory, MFU.
+"""GPU check: a randomly initialised model of flan-t5-large's shape trained through the
+trainer's own code path (``services.trainer.train`` under a ``shared.planner`` plan, the
+CUDA probe included); tokens/s, peak memory, MFU, GPU-busy share and kernels a step.
 
-    python -m bench.gpu_qlora [--steps 30] [--batch 8] [--source 128] [--target 256]
+    python -m bench.gpu_qlora [--steps 30] [--source 128] [--target 256]
                               [--out bench/results/gpu_qlora.jsonl]
+    python -m bench.gpu_qlora --smoke      # the same code on CPU, small, to check it runs
 
-Needs CUDA and bitsandbytes' CUDA build; refuses to run without a GPU. No hub access: the
-model is built from flan-t5-large's configuration values (780M parameters). Modes: QLoRA
-(nf4, double quantization, bf16 compute) and bf16 LoRA at --batch, and QLoRA at the
-notebook's batch of 1. Each stops after --steps optimizer steps (the first 5 are warm-up,
-not timed). Every line printed is JSON; with --out they are also written to that file,
-which ``make bench`` on a machine without a GPU copies into the figures page (the card,
-versions and date are in the first line).
+Needs CUDA (and bitsandbytes' CUDA build for the nf4 modes) unless --smoke. No hub access:
+the model is built from flan-t5-large's configuration values (750M parameters). Modes: the
+auto plan (termtune's default: batch and precision chosen for this GPU), the notebook's
+recipe (nf4, 1 x 2), and the 2026-11-28 record's best row (bf16 LoRA, batch 32) for
+comparison. Each runs --steps optimizer steps; the first 5 are warm-up (compilation
+included), the last is profiled, the ones between are timed. MFU = 4 x (encoder weights x
+source tokens + decoder and LM-head weights x target tokens) x examples/s over the card's
+dense bf16 peak (frozen base: no weight gradients; each half charged for its own tokens).
+Every line printed is JSON; with --out they are also written to that file, which ``make
+bench`` on a machine without a GPU copies into the figures page (the card, versions and
+date are in the first line).
 """
 
 from __future__ import annotations
@@ -18,13 +24,12 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import sys
 import tempfile
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 # google/flan-t5-large's configuration (config.json on the hub), written out: no hub here.
 FLAN_T5_LARGE = dict(
@@ -44,109 +49,164 @@ FLAN_T5_LARGE = dict(
     eos_token_id=1,
     dropout_rate=0.1,
 )
+#: weights an encoder token and a decoder token pass (the LM head included), as
+#: shared.trainplan.model_shape counts them for the configuration above
+FLAN_T5_LARGE_MATMUL = (308_281_344, 441_843_712)
 WARMUP = 5
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A10G": 125.0, "A100": 312.0, "L4": 121.0}
 
 
-def build(folder: Path) -> int:
-    """Save a random flan-t5-large-shaped model; its parameter count."""
+def build(folder: Path, width: int = 1024) -> int:
+    """Save a random flan-t5-large-shaped model (``width`` scales d_model only) with an
+    offline tokenizer (it only pads here); its parameter count."""
     import torch
-    from transformers import T5Config, T5ForConditionalGeneration
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
+    from services.cli.tinymodel import build_tiny_t5
+    from tests.factories import SAMPLE_DATA
+
+    scale = width / 1024
+    shape = {**FLAN_T5_LARGE, "d_model": width, "d_ff": round(2816 * scale)}
+    shape["d_kv"] = max(1, round(64 * scale))
     torch.manual_seed(0)
-    model = T5ForConditionalGeneration(T5Config(**FLAN_T5_LARGE))
+    model = T5ForConditionalGeneration(T5Config(**shape))
     model.save_pretrained(folder)
+    tiny = build_tiny_t5(folder / "tiny", data_file=SAMPLE_DATA)
+    AutoTokenizer.from_pretrained(tiny).save_pretrained(folder)
     return sum(p.numel() for p in model.parameters())
 
 
-#: (label, quantization, batch size; None = --batch)
-MODES = (
-    ("QLoRA nf4", "4bit", None),
-    ("bf16 LoRA", "none", None),
-    ("QLoRA nf4, notebook batch 1", "4bit", 1),
-    ("QLoRA nf4, batch 32", "4bit", 32),
-    ("bf16 LoRA, batch 32", "none", 32),
-)
+#: (label, the job spec's training section)
+MODES: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("auto plan (termtune default)", {}),
+    ("notebook recipe (nf4, 1x2)", {"recipe": "notebook"}),
+    ("bf16 LoRA, batch 32 (the 2026-11-28 best row)",
+     {"recipe": "notebook", "quantization": "none", "batch_size": 32,
+      "gradient_accumulation_steps": 1}),
+)  # fmt: skip
 
 
 def run(
-    folder: Path, *, quantization: str, steps: int, batch: int, source: int, target: int
-) -> dict[str, float]:
-    """Train `steps` steps on random tokens with termtune's LoRA model; the figures."""
+    folder: Path, training: dict[str, Any], *, steps: int, source: int, target: int
+) -> dict[str, Any]:
+    """Train ``steps`` steps on random tokens through the trainer's code path; the figures."""
+    import pyarrow as pa
     import torch
+    from transformers import AutoTokenizer
 
-    from services.trainer import lora
+    from services.trainer import lora, probe, train
+    from shared import planner
     from shared.jobspec import TrainingSpec
+    from shared.trainplan import model_shape
 
-    spec = TrainingSpec(quantization=quantization, precision="bf16", batch_size=batch)
-    plan = lora.resolve_plan(spec)
+    spec = TrainingSpec.model_validate(
+        {**training, "max_steps": steps, "logging_steps": 10**6, "checkpoint_every_steps": 10**6}
+    )
+    shape = model_shape(str(folder))
+    rows = planner.Rows(10**6, source, target)
+    plan = planner.resolve(spec, shape, rows)
+    torch.manual_seed(0)
     model = lora.build_model(str(folder), spec, plan)
-    if quantization == "none":
-        model.to("cuda")  # quantized loads are placed by device_map already
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-
-    def step() -> float:
-        ids = torch.randint(2, 32000, (batch, source), device="cuda", generator=gen)
-        labels = torch.randint(2, 32000, (batch, target), device="cuda", generator=gen)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
-
-    torch.cuda.reset_peak_memory_stats()
-    for _ in range(WARMUP):
-        step()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps - WARMUP):
-        loss = step()
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    timed = steps - WARMUP
-    tokens_s = timed * batch * (source + target) / seconds
+    cuda = plan.device == "cuda"
+    if cuda and spec.batch_size == "auto":
+        plan = probe.on_device(
+            model, plan, rows, effective_batch=spec.effective_batch_size, processes=1
+        )
+    per_step = plan.batch_size * plan.gradient_accumulation_steps
+    gen = torch.Generator().manual_seed(0)
+    table = pa.table(
+        {
+            "input_ids": torch.randint(
+                2, 32000, (steps * per_step, source), generator=gen
+            ).tolist(),
+            "labels": torch.randint(2, 32000, (steps * per_step, target), generator=gen).tolist(),
+        }
+    )
+    timer = step_timer(steps, cuda)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory() as out:
+        train.train(
+            model, AutoTokenizer.from_pretrained(folder), table, spec=spec, plan=plan,
+            output_dir=Path(out), callbacks=[timer],
+        )  # fmt: skip
+    examples_s = (steps - 1 - WARMUP) * per_step / timer.seconds
     return {
-        "tokens_per_s": tokens_s,
-        "step_s": seconds / timed,
-        "trainable": trainable,
-        "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30,
-        "loss": loss,
-        **gpu_busy(step),
+        "batch": plan.batch_size,
+        "accumulation": plan.gradient_accumulation_steps,
+        "quantization": plan.quantization,
+        "precision": plan.precision,
+        "compile": plan.compile,
+        "tokens_per_s": examples_s * (source + target),
+        "step_s": timer.seconds / (steps - 1 - WARMUP),
+        "examples_per_s": examples_s,
+        "flops_per_example": shape.training_flops(source, target),
+        "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+        **timer.profile,
     }
 
 
-def gpu_busy(step: Callable[[], float]) -> dict[str, float]:
-    """One more step under the profiler: the share of its wall time the GPU spent in
-    kernels, and how many kernels it launched (a low share means launch-bound)."""
-    import torch
+def step_timer(steps: int, cuda: bool) -> Any:
+    """A Trainer callback that times optimizer steps WARMUP+1 .. steps-1 and profiles the
+    last one (built here so this module imports without transformers)."""
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        def __init__(self) -> None:
+            self.seconds, self.profile = 0.0, {}
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            if state.global_step == WARMUP:
+                _sync(cuda)
+                self.start = time.perf_counter()
+            if state.global_step == steps - 1:
+                _sync(cuda)
+                self.seconds = time.perf_counter() - self.start
+                self.prof = _profiler(cuda)
+                self.prof.__enter__()
+                self.prof_start = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            if state.global_step == steps:
+                _sync(cuda)
+                wall = time.perf_counter() - self.prof_start
+                self.prof.__exit__(None, None, None)
+                self.profile = busy(self.prof, wall, cuda)
+
+    return Timer()
+
+
+def _sync(cuda: bool) -> None:
+    if cuda:
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _profiler(cuda: bool) -> Any:
     from torch.profiler import ProfilerActivity, profile
 
-    try:
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            step()
-            torch.cuda.synchronize()
-            wall = time.perf_counter() - start
-        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        busy_us = sum(e.time_range.elapsed_us() for e in kernels)
-    except Exception as exc:  # noqa: BLE001 - the profile is extra; the timings stand alone
-        print(f"profile failed: {exc!r}", file=sys.stderr)
-        return {}
+    return profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])])
+
+
+def busy(prof: Any, wall: float, cuda: bool) -> dict[str, float]:
+    """The share of a step's wall time the GPU spent in kernels, and how many it launched
+    (a low share means launch-bound); on CPU, the top-level operator calls."""
+    import torch
+
+    if not cuda:
+        from bench.kernels import count_ops
+
+        return {"operator_calls": count_ops(prof.events())["compute"]}
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_us = sum(e.time_range.elapsed_us() for e in kernels)
     return {"gpu_busy": busy_us / 1e6 / wall, "kernels_per_step": len(kernels)}
 
 
-def mfu(tokens_s: float, params: int, card: str) -> float | None:
-    """Model FLOPs utilisation: 6 x parameters x tokens/s over the card's bf16 dense peak.
-
-    With frozen base weights the backward skips weight gradients (about 4N, not 6N, FLOPs a
-    token), so this overstates work a little; it is the convention peers report.
-    """
+def mfu(examples_s: float, flops_per_example: float, card: str) -> float | None:
+    """Model FLOPs utilisation over the card's dense bf16 peak (None: a card not listed)."""
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in card), None)
-    return None if peak is None else 6 * params * tokens_s / (peak * 1e12)
+    return None if peak is None else examples_s * flops_per_example / (peak * 1e12)
 
 
 def header(card: str, params: int, args: argparse.Namespace) -> dict[str, object]:
@@ -178,14 +238,16 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--source", type=int, default=128)
     parser.add_argument("--target", type=int, default=256)
     parser.add_argument("--out", type=Path, help="also write the JSON lines to this file")
+    parser.add_argument("--smoke", action="store_true", help="CPU, width 64, 8 steps, 1 mode")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench.gpu_qlora needs a CUDA GPU")
-    card = torch.cuda.get_device_name(0)
+    if args.smoke:
+        args.steps, args.source, args.target = WARMUP + 3, 16, 32
+    elif not torch.cuda.is_available():
+        raise SystemExit("bench.gpu_qlora needs a CUDA GPU (or --smoke, on CPU)")
+    card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     lines = []
 
     def emit(record: dict[str, object]) -> None:
@@ -193,23 +255,18 @@ def main() -> None:
         print(lines[-1], flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
-        params = build(Path(tmp))
+        params = build(Path(tmp), width=64 if args.smoke else 1024)
         emit(header(card, params, args))
-        for label, quantization, batch in MODES:
-            batch = batch or args.batch
+        for label, training in MODES[:1] if args.smoke else MODES:
             figures = run(
-                Path(tmp),
-                quantization=quantization,
-                steps=args.steps,
-                batch=batch,
-                source=args.source,
-                target=args.target,
+                Path(tmp), training, steps=args.steps, source=args.source, target=args.target
             )
-            figures["mfu"] = mfu(figures["tokens_per_s"], params, card)
+            figures["mfu"] = mfu(figures["examples_per_s"], figures["flops_per_example"], card)
             rounded = {k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}
-            emit({"mode": label, "batch": batch, **rounded})
+            emit({"mode": label, **rounded})
             gc.collect()
-            torch.cuda.empty_cache()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("\n".join(lines) + "\n")

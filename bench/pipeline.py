@@ -7,7 +7,11 @@ caps training for a quick look) ``--jobs`` times one after another, and reads ea
 recorded events: each stage's wall time (its start to its result) and each
 hop between stages (a result recorded → the next stage started: bus message, worker pickup,
 reading the spec and manifests from the store). Orchestration overhead = the hops' share of
-the job's wall time (goal: under 5%). Prints figures; nothing here is a test.
+the job's wall time (goal: under 5%). Then the training stage's throughput as a job sees it
+(train rows x epochs over the stage's wall time: model load, checkpoints, progress events
+and the lease included) against the trainer alone on the same prepared split, spec and plan
+in this process (``services.trainer.train`` only; goal: the job within 15%). Prints
+figures; nothing here is a test.
 """
 
 from __future__ import annotations
@@ -107,6 +111,7 @@ def main() -> None:
             hops: list[float] = []
             shares: list[float] = []
             totals: list[float] = []
+            job_rates: list[float] = []
             for n in range(args.jobs):
                 spec = example_spec(model, f"bench-{n}", args.steps)
                 job = wait(client, client.submit(spec)["id"], timeout=900)
@@ -118,9 +123,11 @@ def main() -> None:
                 hops += job_hops
                 shares.append(sum(job_hops) / total)
                 totals.append(total)
+                job_rates.append(trained_examples(launcher, job["id"], spec) / stages["train"])
                 print(f"  job {n + 1}: {total:.1f} s, hops {sum(job_hops):.2f} s", flush=True)
         finally:
             launcher.stop()
+        alone = [trainer_alone(launcher, job["id"], spec) for _ in range(args.jobs)]
     steps = f"training capped at {args.steps} steps" if args.steps else "the example's training"
     print(f"{args.jobs} jobs ({steps}), medians:")
     for stage, values in per_stage.items():
@@ -130,6 +137,49 @@ def main() -> None:
         f"{percentile(hops, 0.5) * 1000:.0f} ms, p95 {percentile(hops, 0.95) * 1000:.0f} ms; "
         f"orchestration overhead {statistics.median(shares):.1%} of the job (goal < 5%)"
     )
+    job_rate, alone_rate = statistics.median(job_rates), statistics.median(alone)
+    print(
+        f"training: {job_rate:.1f} examples/s as the job's stage, {alone_rate:.1f} examples/s "
+        f"for the trainer alone; the job at {job_rate / alone_rate:.0%} of it (goal >= 85%)"
+    )
+
+
+def trained_examples(launcher: Any, job_id: str, spec: dict[str, Any]) -> float:
+    """Examples the job's training stage went through (its plan's steps x batch)."""
+    from tests.factories import launcher_jobs
+
+    manifest = launcher_jobs(launcher).manifest(job_id, "train")
+    plan = manifest["plan"]
+    return manifest["steps"] * plan["batch_size"] * plan["gradient_accumulation_steps"]
+
+
+def trainer_alone(launcher: Any, job_id: str, spec: dict[str, Any]) -> float:
+    """examples/s of services.trainer.train on the job's prepared split, spec and plan."""
+    import torch
+
+    from services.trainer import lora, train
+    from shared.artifacts import read_split
+    from shared.jobspec import parse_spec
+    from shared.modeling import load_tokenizer
+    from shared.planner import Plan
+    from tests.factories import launcher_jobs
+
+    jobs = launcher_jobs(launcher)
+    dataset = jobs.manifest(job_id, "prepare")
+    manifest = jobs.manifest(job_id, "train")
+    plan = Plan(**{**manifest["plan"], "notes": tuple(manifest["plan"]["notes"])})
+    training = parse_spec(spec).training
+    table = read_split(jobs.store, dataset, "train", cache_dir=launcher.var_dir / "bench-cache")
+    torch.manual_seed(training.seed)
+    model = lora.build_model(spec["base_model"], training, plan)
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        summary = train.train(
+            model, load_tokenizer(spec["base_model"]), table, spec=training, plan=plan,
+            output_dir=Path(out), callbacks=[],
+        )  # fmt: skip
+        seconds = time.perf_counter() - start
+    return summary["steps"] * plan.batch_size * plan.gradient_accumulation_steps / seconds
 
 
 if __name__ == "__main__":

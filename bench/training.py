@@ -1,20 +1,25 @@
-"""Training: the notebook's recipe as written beside termtune's, on the same model and data.
+"""Training: the notebook's recipe as written beside termtune's, each at its own best
+learning rate, on the same model and data.
 
-    python -m bench.training [--repeats 3] [--epochs 1]
+    python -m bench.training [--repeats 3] [--epochs 3]
 
-Both recipes train LoRA (r=64, alpha=16, dropout 0.1, all linear layers) on the tiny
-offline T5 over the shipped sample data's train split, with the notebook's learning rate
-and one epoch, each run in a fresh process:
+Three recipes train LoRA (r=64, alpha=16, all linear layers) on the tiny offline T5 over the
+shipped sample data's train split (prepared with targets up to 512 tokens, the notebook's
+max_length), each run in a fresh process:
 
-- notebook: every example padded to max_length inside the batched map (128 source, 128
-  target tokens), labels padded with the pad id and not masked, batch 1, gradient
-  accumulation 2, default collator;
-- termtune: no padding at tokenization, DataCollatorForSeq2Seq padding per batch with -100
-  labels, length-grouped batches; once with the notebook's batch (1 x 2) and once with the
-  batch termtune uses on CPU in the sample spec (8 x 1).
+- notebook as written: every example padded to 512 tokens inside the batched map, labels
+  padded with the pad id and not masked, batch 1 x accumulation 2, random order, LoRA
+  dropout 0.1, eager attention, AdamW for-loop (``training.recipe: notebook``);
+- termtune at the notebook's batch (1 x 2), through the trainer's own code path
+  (``services.trainer.train``: dynamic padding, -100 labels, two-sided length grouping,
+  fused layers and AdamW, SDPA, no LoRA dropout);
+- termtune's default: the same code path under the plan ``batch_size: auto`` makes here
+  (the effective batch of 32 in one step).
 
-Prints examples/s, real (non-padding) tokens/s, peak RSS and the held-out loss (masked, on
-the test split, the same code for all), medians over the repeats.
+Each recipe first tries each learning rate of its grid once and keeps the one with the
+lowest held-out loss, then repeats at that rate. Prints examples/s, real (non-padding)
+tokens/s, peak RSS and the held-out loss (masked, on the test split, the same code for
+all), medians over the repeats.
 """
 
 from __future__ import annotations
@@ -30,12 +35,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-RECIPES = {
-    "notebook (pad to max, pad-id labels, 1x2)": {"recipe": "notebook", "batch": 1, "accum": 2},
-    "termtune (dynamic pad, -100, grouped, 1x2)": {"recipe": "termtune", "batch": 1, "accum": 2},
-    "termtune (dynamic pad, -100, grouped, 8x1)": {"recipe": "termtune", "batch": 8, "accum": 1},
-}
-MAX_SOURCE, MAX_TARGET = 128, 128
+RECIPES: dict[str, dict[str, Any]] = {
+    "notebook as written (pad to 512, pad-id labels, 1x2)": {
+        "path": "notebook", "training": {"recipe": "notebook"}, "lrs": [1e-3, 3e-3, 1e-2],
+    },
+    "termtune at batch 1 (1x2)": {
+        "path": "termtune", "training": {"batch_size": 1, "gradient_accumulation_steps": 2},
+        "lrs": [1e-3, 3e-3, 1e-2],
+    },
+    "termtune default (auto plan)": {"path": "termtune", "training": {}, "lrs": [3e-2, 1e-1, 3e-1]},
+}  # fmt: skip
+MAX_SOURCE, MAX_TARGET = 128, 512
 
 
 def _prepared(work: Path) -> tuple[Path, dict[str, Any]]:
@@ -47,7 +57,9 @@ def _prepared(work: Path) -> tuple[Path, dict[str, Any]]:
 
     model = build_tiny_t5(work / "model", data_file=SAMPLE_DATA)
     ctx = make_ctx(work / "var")
-    spec = make_spec(model, dataset={"max_target_length": MAX_TARGET})
+    spec = make_spec(
+        model, dataset={"max_target_length": MAX_TARGET, "max_source_length": MAX_SOURCE}
+    )
     cmd = PrepareDataset(job_id="bench", spec_uri=ctx.jobs.create("bench", spec))
     handle(cmd, ctx)
     return model, {"var": str(work / "var"), "manifest": ctx.jobs.manifest("bench", "prepare")}
@@ -89,57 +101,38 @@ def _notebook_dataset(table: Any, tokenizer: Any) -> Any:
     return ds.map(preprocess, batched=True, remove_columns=["prompt", "target"])
 
 
-def run_one(
-    model_dir: str, prepared: str, recipe: str, batch: int, accum: int, epochs: float
-) -> dict[str, float]:
-    """Train one recipe in this process; its figures."""
+def run_one(model_dir: str, prepared: str, name: str, lr: float, epochs: float) -> dict[str, float]:
+    """Train one recipe at one learning rate in this process; its figures."""
     import torch
-    from transformers import (
-        AutoTokenizer,
-        DataCollatorForSeq2Seq,
-        Seq2SeqTrainer,
-        Seq2SeqTrainingArguments,
-        default_data_collator,
-    )
+    from transformers import AutoTokenizer
 
     from services.evaluator.metrics import row_losses
     from services.trainer import lora
-    from services.trainer.train import to_dataset
+    from shared import planner
     from shared.jobspec import TrainingSpec
+    from shared.trainplan import model_shape
 
+    recipe = RECIPES[name]
     info = json.loads(prepared)
     train_table, test_table = _splits(info["var"], info["manifest"])
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    spec = TrainingSpec(batch_size=batch, gradient_accumulation_steps=accum, epochs=epochs)
-    plan = lora.resolve_plan(spec)
+    spec = TrainingSpec.model_validate(
+        {**recipe["training"], "learning_rate": lr, "epochs": epochs, "seed": 0,
+         "checkpoint_every_steps": 10**6, "logging_steps": 10**6}
+    )  # fmt: skip
+    rows = planner.Rows.from_manifest(info["manifest"])
+    plan = planner.resolve(spec, model_shape(model_dir), rows)
     torch.manual_seed(0)
     model = lora.build_model(model_dir, spec, plan)
-    notebook = recipe == "notebook"
-    dataset = _notebook_dataset(train_table, tokenizer) if notebook else to_dataset(train_table)
     with tempfile.TemporaryDirectory() as out:
-        args = Seq2SeqTrainingArguments(
-            output_dir=out,
-            per_device_train_batch_size=batch,
-            gradient_accumulation_steps=accum,
-            num_train_epochs=epochs,
-            learning_rate=spec.learning_rate,
-            save_strategy="no",
-            report_to="none",
-            use_cpu=True,
-            disable_tqdm=True,
-            seed=0,
-            train_sampling_strategy="random" if notebook else "group_by_length",
-        )
-        collator = (
-            default_data_collator
-            if notebook
-            else DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
-        )
-        trainer = Seq2SeqTrainer(
-            model=model, args=args, train_dataset=dataset, data_collator=collator
-        )
         start = time.perf_counter()
-        trainer.train()
+        if recipe["path"] == "notebook":
+            _train_as_the_notebook(model, tokenizer, train_table, spec, Path(out))
+        else:
+            from services.trainer.train import train
+
+            train(model, tokenizer, train_table, spec=spec, plan=plan, output_dir=Path(out),
+                  callbacks=[])  # fmt: skip
         seconds = time.perf_counter() - start
     examples = train_table.num_rows * epochs
     real_tokens = (
@@ -153,67 +146,97 @@ def run_one(
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "heldout_loss": sum(nll) / sum(tokens),
         "seconds": seconds,
+        "batch": f"{plan.batch_size}x{plan.gradient_accumulation_steps}",
     }
 
 
+def _train_as_the_notebook(model: Any, tokenizer: Any, table: Any, spec: Any, out: Path) -> None:
+    """The notebook's loop: its padded dataset, default collator, random order."""
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, default_data_collator
+
+    args = Seq2SeqTrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=spec.batch_size,
+        gradient_accumulation_steps=spec.gradient_accumulation_steps,
+        num_train_epochs=spec.epochs, learning_rate=spec.learning_rate, optim=spec.optimizer,
+        save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    Seq2SeqTrainer(
+        model=model,
+        args=args,
+        train_dataset=_notebook_dataset(table, tokenizer),
+        data_collator=default_data_collator,
+    ).train()
+
+
+def _child(model: Path, prepared: dict[str, Any], name: str, lr: float, epochs: float) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.training", "--child", str(model), json.dumps(prepared),
+         name, repr(lr), str(epochs)],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> None:
-    """Run every recipe in fresh processes and print the medians."""
+    """Tune each recipe's learning rate, repeat at the best, print the medians."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--epochs", type=float, default=3.0)
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        model, prepared, recipe, batch, accum, epochs = args.child
-        print(json.dumps(run_one(model, prepared, recipe, int(batch), int(accum), float(epochs))))
+        model, prepared, name, lr, epochs = args.child
+        print(json.dumps(run_one(model, prepared, name, float(lr), float(epochs))))
         return
     with tempfile.TemporaryDirectory() as tmp:
         model, prepared = _prepared(Path(tmp))
         counts = prepared["manifest"]["counts"]
         print(
             f"tiny T5, {counts['train']} train / {counts['test']} test rows, "
-            f"{args.epochs:g} epoch(s), {args.repeats} repeats, CPU"
+            f"{args.epochs:g} epoch(s), {args.repeats} repeats at each recipe's best rate, CPU"
         )
-        results: dict[str, list[dict[str, float]]] = {name: [] for name in RECIPES}
-        for n in range(args.repeats):
-            for name, r in RECIPES.items():
-                out = subprocess.run(
-                    [
-                        sys.executable,
-                        "-m",
-                        "bench.training",
-                        "--child",
-                        str(model),
-                        json.dumps(prepared),
-                        r["recipe"],
-                        str(r["batch"]),
-                        str(r["accum"]),
-                        str(args.epochs),
-                    ],
-                    check=True,
-                    capture_output=True,
-                    text=True,
-                ).stdout
-                results[name].append(json.loads(out.strip().splitlines()[-1]))
-                print(f"  run {n + 1} {name}: {results[name][-1]['seconds']:.1f}s", flush=True)
+        results: dict[str, list[dict[str, Any]]] = {}
+        for name, recipe in RECIPES.items():
+            tried = {lr: _child(model, prepared, name, lr, args.epochs) for lr in recipe["lrs"]}
+            for lr, r in tried.items():
+                print(f"  {name} at lr {lr:g}: held-out loss {r['heldout_loss']:.4f}, "
+                      f"{r['seconds']:.1f}s", flush=True)  # fmt: skip
+            best = min(tried, key=lambda lr: tried[lr]["heldout_loss"])
+            results[name] = [{**tried[best], "lr": best}]
+            for n in range(1, args.repeats):
+                results[name].append(
+                    {**_child(model, prepared, name, best, args.epochs), "lr": best}
+                )
+                print(f"  run {n + 1} {name} at lr {best:g}: {results[name][-1]['seconds']:.1f}s",
+                      flush=True)  # fmt: skip
         _print(results)
 
 
-def _print(results: dict[str, list[dict[str, float]]]) -> None:
+def _print(results: dict[str, list[dict[str, Any]]]) -> None:
     med = {
-        name: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        name: {
+            **{k: statistics.median(r[k] for r in runs) for k in runs[0] if k not in ("batch",)},
+            "batch": runs[0]["batch"],
+        }
         for name, runs in results.items()
     }
     base = med[next(iter(med))]["examples_per_s"]
     print(
-        f"{'recipe':46} {'examples/s':>10} {'vs nb':>6} {'tokens/s':>9} "
+        f"{'recipe':52} {'batch':>6} {'lr':>7} {'examples/s':>10} {'vs nb':>6} {'tokens/s':>9} "
         f"{'peak MB':>8} {'held-out loss':>13}"
     )
     for name, m in med.items():
         print(
-            f"{name:46} {m['examples_per_s']:10.1f} {m['examples_per_s'] / base:5.2f}x "
-            f"{m['tokens_per_s']:9.0f} {m['peak_rss_mb']:8.0f} {m['heldout_loss']:13.4f}"
+            f"{name:52} {m['batch']:>6} {m['lr']:7.0e} {m['examples_per_s']:10.1f} "
+            f"{m['examples_per_s'] / base:5.2f}x {m['tokens_per_s']:9.0f} {m['peak_rss_mb']:8.0f} "
+            f"{m['heldout_loss']:13.4f}"
         )
+    names = list(med)
+    print(
+        f"termtune default: {med[names[2]]['examples_per_s'] / base:.2f}x the notebook's "
+        f"examples/s (goal >= 6x), held-out loss {med[names[2]]['heldout_loss']:.4f} vs "
+        f"{med[names[1]]['heldout_loss']:.4f} at batch 1 (goal: lower)"
+    )
 
 
 if __name__ == "__main__":

@@ -7,8 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from shared.ledger.view import JOB_STATUSES
-from shared.messages import STAGES
+from shared.messages import JOB_STATUSES, STAGES
 from shared.uploads import check_model_path
 
 JobStatus = Literal[JOB_STATUSES]  # type: ignore[valid-type]

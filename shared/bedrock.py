@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import tenacity
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -138,23 +139,34 @@ def invoke(
 
     botocore's own retries give up in under a second; a cold model needs minutes.
     """
-    for attempt in range(retries + 1):
-        try:
-            response = runtime.invoke_model(
-                modelId=model_arn,
-                body=json.dumps(request),
-                contentType="application/json",
-                accept="application/json",
-            )
-        except (ClientError, BotoCoreError) as exc:
-            if error_code(exc) == "ModelNotReadyException" and attempt < retries:
-                log.info("model %s not ready (try %d/%d)", model_arn, attempt + 1, retries)
-                sleep(wait_seconds)
-                continue
-            raise explain(exc, "InvokeModel") from exc
-        body = json.loads(response["body"].read())
-        return {**body, "generation": generation_of(body)}
-    raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    def not_ready(exc: BaseException) -> bool:
+        return error_code(exc) == "ModelNotReadyException"
+
+    def call() -> Any:
+        return runtime.invoke_model(
+            modelId=model_arn,
+            body=json.dumps(request),
+            contentType="application/json",
+            accept="application/json",
+        )
+
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception(not_ready),
+        stop=tenacity.stop_after_attempt(retries + 1),
+        wait=tenacity.wait_fixed(wait_seconds),
+        sleep=sleep,
+        before_sleep=lambda state: log.info(
+            "model %s not ready (try %d/%d)", model_arn, state.attempt_number, retries
+        ),
+        reraise=True,
+    )
+    try:
+        response = retrying(call)
+    except (ClientError, BotoCoreError) as exc:
+        raise explain(exc, "InvokeModel") from exc
+    body = json.loads(response["body"].read())
+    return {**body, "generation": generation_of(body)}
 
 
 def imported_models(client: Any) -> list[dict[str, Any]]:

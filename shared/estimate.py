@@ -1,10 +1,13 @@
 """Estimate before spending: training time and cost on a g5 instance, and Bedrock's cost.
 
 Inputs are a job spec and its prepared dataset's token counts (the data-prep manifest).
-Training compute follows the usual transformer count — forward 2·N FLOPs per token,
-backward 2·N more for activations (LoRA computes no gradients for the frozen weights) plus
-the recomputed forward under gradient checkpointing — over the peak bf16 throughput of the
-instance's GPUs at an assumed model FLOPs utilisation. Every figure says what it rests on;
+Training compute follows the usual transformer count, each half of the encoder-decoder
+charged for its own tokens — forward 2 FLOPs per weight a token passes (the encoder's for a
+source token, the decoder's and the LM head's for a target token), backward 2 more for
+activations (LoRA computes no gradients for the frozen weights), plus the recomputed forward
+under gradient checkpointing — over the peak bf16 throughput of the instance's GPUs at an
+assumed model FLOPs utilisation. The batch, accumulation and quantization are the plan the
+trainer would make on the instance's GPU (``shared.planner``). Every figure says what it rests on;
 prices and the utilisation are configuration, not facts.
 """
 
@@ -14,8 +17,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from shared import planner
 from shared.errors import SpecError
 from shared.jobspec import JobSpec
+from shared.trainplan import GIB, ModelShape
 
 #: g5 family (NVIDIA A10G): GPUs per instance and on-demand USD/hour (us-east-1, 2026).
 G5_INSTANCES: dict[str, tuple[int, float]] = {
@@ -29,7 +34,11 @@ G5_INSTANCES: dict[str, tuple[int, float]] = {
     "g5.48xlarge": (8, 16.288),
 }
 A10G_BF16_TFLOPS = 125.0  # dense tensor-core peak (NVIDIA's A10 datasheet)
-DEFAULT_MFU = {"4bit": 0.15, "8bit": 0.12, "none": 0.30}  # assumptions until measured
+LORA_KIND = {"none": "bf16", "4bit": "nf4 (QLoRA)", "8bit": "8-bit"}
+A10G_FREE_BYTES = 22 * GIB  # of its 24 GB, what a process finds free (22.5 GiB usable)
+#: assumed utilisation, from the H200 record's launch-bound steps scaled to an A10G's peak
+#: (about 7% at batch 32 in bf16); not measured on an A10G
+DEFAULT_MFU = {"4bit": 0.07, "8bit": 0.05, "none": 0.10}
 CMU_PARAMS = 3_000_000_000  # assumed parameters per Custom Model Unit (Bedrock assigns it)
 
 
@@ -42,26 +51,16 @@ class Prices:
     mfu: dict[str, float] | None = None
 
 
-def count_parameters(base_model: str) -> int:
-    """Parameters of a model from its config alone (no weights: built on the meta device)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM
-
-    config = AutoConfig.from_pretrained(base_model)
-    with init_empty_weights():
-        model = AutoModelForSeq2SeqLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
-
-
 def estimate(
     spec: JobSpec,
     dataset: dict[str, Any],
     *,
     instance_type: str,
-    parameters: int,
+    shape: ModelShape,
     prices: Prices,
 ) -> dict[str, Any]:
-    """Training steps, tokens, time and cost; Bedrock's cost per active hour."""
+    """Training steps, tokens, time and cost under the plan the trainer would make on the
+    instance's GPUs; Bedrock's cost per active hour."""
     if instance_type not in prices.instances:
         raise SpecError(
             f"instance_type {instance_type!r}: choose one of {', '.join(sorted(prices.instances))}"
@@ -74,15 +73,27 @@ def estimate(
     stats = dataset.get("tokens", {}).get("train", {})
     tokens_per_row = sum(stats.get(side, {}).get("mean", 0.0) for side in ("source", "target"))
     processes = gpus if t.data_parallel == "auto" else min(t.data_parallel, gpus)
-    per_step = t.batch_size * t.gradient_accumulation_steps * processes
+    plan = planner.resolve(
+        t,
+        shape,
+        planner.Rows.from_manifest(dataset),
+        processes=processes,
+        dev="cuda",
+        memory_bytes=A10G_FREE_BYTES,
+        bf16=True,
+    )
+    parameters = shape.parameters
+    per_step = plan.batch_size * plan.gradient_accumulation_steps * processes
     steps_per_epoch = math.ceil(rows / per_step)
     steps = t.max_steps if t.max_steps > 0 else math.ceil(steps_per_epoch * t.epochs)
     tokens = steps * per_step * tokens_per_row
-    quantization = "4bit" if t.quantization == "auto" else t.quantization
-    flops_per_token = (6 if t.gradient_checkpointing else 4) * parameters
+    quantization = plan.quantization
+    sides = [stats.get(side, {}).get("mean", 0.0) for side in ("source", "target")]
+    flops = shape.training_flops(*sides) * (1.5 if t.gradient_checkpointing else 1.0)
     mfu = (prices.mfu or DEFAULT_MFU)[quantization]
-    throughput = processes * A10G_BF16_TFLOPS * 1e12 * mfu / flops_per_token
-    seconds = tokens / throughput
+    examples_per_s = processes * A10G_BF16_TFLOPS * 1e12 * mfu / max(flops, 1.0)
+    throughput = examples_per_s * tokens_per_row
+    seconds = steps * per_step / examples_per_s
     hours = seconds / 3600
     units = max(1, math.ceil(parameters / CMU_PARAMS))
     return {
@@ -90,6 +101,15 @@ def estimate(
         "gpus": gpus,
         "processes": processes,
         "dataset": {"train_rows": rows, "tokens_per_row": round(tokens_per_row, 1)},
+        "plan": {
+            "quantization": plan.quantization,
+            "precision": plan.precision,
+            "batch_size": plan.batch_size,
+            "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+            "token_budget": plan.token_budget,
+            "gpu_memory_gib": plan.memory_gib,
+            "notes": list(plan.notes),
+        },
         "training": {
             "optimizer_steps": steps,
             "examples_per_step": per_step,
@@ -99,9 +119,13 @@ def estimate(
             "cost_usd": round(hours * hourly, 2),
             "price_per_hour_usd": hourly,
             "basis": (
-                f"{flops_per_token // parameters}·N FLOPs/token, N={parameters:,} parameters, "
+                f"{flops / 1e9:,.1f} GFLOPs an example ({4 if not t.gradient_checkpointing else 6}"
+                f" x the encoder's {shape.encoder_matmul_parameters:,} weights x "
+                f"{sides[0]:.0f} source tokens + the decoder's "
+                f"{shape.decoder_matmul_parameters:,} x {sides[1]:.0f} target tokens), "
                 f"{processes}x A10G at {A10G_BF16_TFLOPS:g} bf16 TFLOPS and an assumed "
-                f"{mfu:.0%} utilisation for {quantization} LoRA; excludes model download, "
+                f"{mfu:.0%} utilisation for {LORA_KIND[quantization]} LoRA; excludes model "
+                "download, "
                 "evaluation and publishing"
             ),
         },

@@ -1,15 +1,16 @@
 """The job specification users write (YAML), its defaults and its validation.
 
-Defaults are the original notebook's recipe: flan-t5-large, ``"What is {page_title}"`` →
-``page_text``, a 70/30 split, LoRA r=64 / alpha=16 / dropout 0.1 on all linear layers,
-nf4 4-bit with double quantization and bf16 compute (on CUDA), batch 1 with gradient
-accumulation 2, one epoch.
+Defaults are the original notebook's task: flan-t5-large, ``"What is {page_title}"`` →
+``page_text``, a 70/30 split, LoRA r=64 / alpha=16 on all linear layers, one epoch. Its
+training recipe (batch 1 x accumulation 2, nf4 on CUDA, LoRA dropout 0.1, learning rate
+2e-4) is ``training.recipe: notebook``; the default recipe sizes batches to the device.
 """
 
 from __future__ import annotations
 
 import re
 import string
+import unicodedata
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -19,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictInt,
+    StringConstraints,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -186,29 +188,57 @@ class LoraSpec(_Section):
 
     r: int = Field(64, ge=1, le=1024, description="Rank of the update matrices.")
     alpha: int = Field(16, ge=1, description="Scaling numerator (lora_alpha).")
-    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Dropout on the LoRA input (0: no dropout kernels; the notebook's 0.1).",
+    )
     target_modules: (
         Literal["all-linear"] | Annotated[list[ModuleName], Field(min_length=1, max_length=64)]
     ) = Field("all-linear", description='"all-linear" or a list of module names (e.g. ["q", "v"]).')
 
 
+#: recipe "notebook": the original notebook's settings where the spec leaves them out
+NOTEBOOK_RECIPE: dict[str, Any] = {
+    "batch_size": 1,
+    "gradient_accumulation_steps": 2,
+    "learning_rate": 2e-4,
+    "optimizer": "adamw_torch",
+    "attention": "eager",
+    "compile": "off",
+    "fused_layers": False,
+}
+NOTEBOOK_LORA: dict[str, Any] = {"dropout": 0.1}
+
+
 class TrainingSpec(_Section):
     """How the adapter is trained (transformers ``Seq2SeqTrainer``)."""
 
+    recipe: Literal["termtune", "notebook"] = Field(
+        "termtune",
+        description='"termtune": batches sized to the device, bf16 LoRA where it fits, fused '
+        'optimizer, SDPA, torch.compile on CUDA. "notebook": the original notebook\'s '
+        "settings (batch 1 x accumulation 2, learning rate 2e-4, LoRA dropout 0.1, nf4 on "
+        "CUDA, eager attention) wherever the spec does not set them, for comparison.",
+    )
     quantization: Literal["auto", "none", "4bit", "8bit"] = Field(
-        "auto", description='"auto": nf4 4-bit (QLoRA) on CUDA, none on CPU.'
+        "auto",
+        description='"auto": bf16 LoRA when the weights and the planned batch fit in the '
+        "GPU's memory, else nf4 4-bit (QLoRA); none on CPU. Recipe notebook: 4bit on CUDA.",
     )
     precision: Literal["auto", "bf16", "fp32", "fp16"] = Field(
         "auto",
         description='"auto": bf16 on GPUs that support it, else fp32. fp16 is refused '
         "for T5 (its activations overflow).",
     )
-    optimizer: Optimizer = Field(
-        "adamw_torch",
-        description="transformers optimizer name: torch's or bitsandbytes' (those need no "
-        'other package; e.g. "paged_adamw_8bit").',
+    optimizer: Literal["auto"] | Optimizer = Field(
+        "auto",
+        description='"auto": torch\'s fused AdamW (one kernel for every parameter). Else a '
+        "transformers optimizer name: torch's or bitsandbytes' (those need no other "
+        'package; e.g. "paged_adamw_8bit").',
     )
-    learning_rate: float = Field(2e-4, gt=0.0, le=1.0, description="Peak learning rate.")
+    learning_rate: float = Field(1e-3, gt=0.0, le=1.0, description="Peak learning rate.")
     lr_scheduler: Scheduler = Field(
         "linear", description="transformers scheduler name (those that need no extra arguments)."
     )
@@ -217,9 +247,37 @@ class TrainingSpec(_Section):
     max_steps: int = Field(
         -1, ge=-1, le=10_000_000, description="Optimizer steps; -1 means use epochs."
     )
-    batch_size: int = Field(1, ge=1, le=4096, description="Examples per device per step.")
-    gradient_accumulation_steps: int = Field(2, ge=1, le=1024, description="Steps per update.")
+    batch_size: Literal["auto"] | Annotated[int, Field(ge=1, le=4096)] = Field(
+        "auto",
+        description='Examples per device per step. "auto": the effective batch\'s share per '
+        "device, as far as the longest rows fit in memory (a memory model of the model, "
+        "checked on CUDA by a probe step that backs off on out-of-memory).",
+    )
+    gradient_accumulation_steps: Literal["auto"] | Annotated[int, Field(ge=1, le=1024)] = Field(
+        "auto",
+        description='Steps per update. "auto": as many as make up effective_batch_size.',
+    )
+    effective_batch_size: int = Field(
+        32,
+        ge=1,
+        le=65536,
+        description="Examples per optimizer update over every process, kept by the "
+        "accumulation when batch_size is auto.",
+    )
     group_by_length: bool = Field(True, description="Batch examples of similar length.")
+    attention: Literal["auto", "sdpa", "eager"] = Field(
+        "auto", description='Attention kernels: "auto" is torch\'s SDPA.'
+    )
+    fused_layers: bool = Field(
+        True,
+        description="Train with torch's fused gelu(tanh) and rms_norm in place of T5's "
+        "written-out gelu_new and RMS norm (the same arithmetic, fewer kernels).",
+    )
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description='torch.compile the model: "auto" on CUDA without bitsandbytes weights '
+        "(falls back with a logged reason when compiling fails).",
+    )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
     logging_steps: int = Field(10, ge=1, description="Optimizer steps between loss records.")
     validation_every_steps: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(
@@ -240,6 +298,16 @@ class TrainingSpec(_Section):
         "A number above 1 on CPU runs gloo processes (for testing the multi-GPU path).",
     )
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA adapter settings.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe_defaults(cls, data: Any) -> Any:
+        """Recipe notebook: the notebook's settings wherever the spec leaves them out."""
+        if not isinstance(data, dict) or data.get("recipe") != "notebook":
+            return data
+        lora = data.get("lora")
+        lora = {**NOTEBOOK_LORA, **lora} if isinstance(lora, dict) else lora or NOTEBOOK_LORA
+        return {**NOTEBOOK_RECIPE, **data, "lora": lora}
 
 
 #: metrics the gate may rank models by (all higher-is-better), with their display names
@@ -309,7 +377,12 @@ class EvaluationSpec(_Section):
     bootstrap_samples: int = Field(
         1000, ge=100, le=100_000, description="Resamples for the 95% confidence intervals."
     )
-    batch_size: int = Field(16, ge=1, le=1024, description="Rows per forward pass.")
+    batch_size: Literal["auto"] | Annotated[int, Field(ge=1, le=1024)] = Field(
+        "auto",
+        description='Rows per forward pass, taken longest first. "auto": 16 on CPU; on a GPU '
+        "the most the memory model fits beside the weights (keys and values of every decoder "
+        "layer for the source and the answer), halved again on out-of-memory.",
+    )
     gate: GateSpec = Field(default_factory=GateSpec, description="The quality gate.")
 
 
@@ -372,6 +445,45 @@ class DecodingSpec(_Section):
         ]
 
 
+DEFAULT_NOTICE = (
+    "It can be wrong, incomplete or out of date, and it states errors as confidently as "
+    "facts: check what it says against an authoritative source before acting on it. Not "
+    "professional advice."
+)
+
+
+class CardSpec(_Section):
+    """The model card (README.md beside the weights, Hugging Face's convention)."""
+
+    notice: str = Field(
+        DEFAULT_NOTICE,
+        min_length=1,
+        max_length=2000,
+        description="The warning the card (and the evaluation page) gives its readers; name "
+        "the field's own risk (the medical example: not medical advice).",
+    )
+    license: str | None = Field(
+        None,
+        max_length=100,
+        pattern=r"^[a-z0-9][a-z0-9.+-]*$",
+        description="The card's `license:` (a Hugging Face license id, e.g. apache-2.0 for "
+        "Flan-T5); left out by default: the base model's and the data's licenses govern.",
+    )
+    language: list[Annotated[str, StringConstraints(pattern=r"^[a-z]{2,3}$")]] = Field(
+        ["en"], max_length=20, description="Languages of the prompts and answers (ISO 639)."
+    )
+    tags: list[Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,49}$")]] = Field(
+        [], max_length=20, description="Tags added to termtune's own (termtune, lora-merged, t5)."
+    )
+
+    @field_validator("notice")
+    @classmethod
+    def _notice(cls, value: str) -> str:
+        if any(unicodedata.category(c) == "Cc" and c not in "\n" for c in value):
+            raise ValueError("control characters other than newlines are not allowed")
+        return value.strip()
+
+
 class PublishSpec(_Section):
     """Where and how the merged model is shipped."""
 
@@ -385,6 +497,7 @@ class PublishSpec(_Section):
     dtype: Literal["bfloat16", "float32"] = Field(
         "bfloat16", description="Weight dtype of the merged export (never fp16 for T5)."
     )
+    card: CardSpec = Field(default_factory=CardSpec, description="The model card.")
     overwrite: bool = Field(
         False,
         description="Replace a model already published under this name. Without it, a taken "

@@ -18,6 +18,7 @@ import sqlalchemy as sa
 
 from shared.ledger import Ledger
 from shared.ledger import tables as t
+from shared.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -105,31 +106,26 @@ class Lease:
 
 
 class LeaseKeeper:
-    """Renews a lease every third of its time to live; sets ``lost`` if renewal fails."""
+    """Renews a lease every third of its time to live; sets ``lost`` (and stops) when another
+    worker holds it. A renewal that fails (a database hiccup) is tried again next time."""
 
     def __init__(self, lease: Lease) -> None:
         self.lease = lease
         self.lost = threading.Event()
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._timer = Periodic(f"lease {lease.key}", lease.ttl / 3, self._renew)
 
-    def _run(self) -> None:
-        while not self._done.wait(self.lease.ttl / 3):
-            try:
-                if not self.lease.renew():
-                    log.error("lease %s lost to another worker", self.lease.key)
-                    self.lost.set()
-                    return
-            except Exception as exc:  # noqa: BLE001 - a database hiccup: try again next beat
-                log.warning("lease %s not renewed: %s", self.lease.key, exc)
+    def _renew(self) -> None:
+        if not self.lease.renew():
+            log.error("lease %s lost to another worker", self.lease.key)
+            self.lost.set()
+            self._timer.stop()
 
     def __enter__(self) -> LeaseKeeper:
-        self._thread.start()
+        self._timer.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self._thread.join(timeout=5)
+        self._timer.stop()
 
 
 @dataclass

@@ -104,13 +104,19 @@ def check_source(source: str, *, store_root: str, settings: Settings) -> str:
         return "local"
     if "://" in source or source.startswith("//"):
         raise _refuse(source, "uses a scheme other than s3:// and file://")
+    if not is_hub_id(source):
+        check_local(source, source, settings=settings)
+        return "local"
+    return "hub"
+
+
+def is_hub_id(source: str) -> bool:
+    """Whether a dataset source names a hub dataset (``owner/name``), not a file or a URI."""
     looks_local = (
-        source.lower().endswith((".jsonl", ".json", ".csv", ".tsv", ".parquet"))
+        "://" in source
+        or source.lower().endswith((".jsonl", ".json", ".csv", ".tsv", ".parquet"))
         or source.startswith((".", "/", "~"))
         or any(c in source for c in GLOB_CHARS)
         or "\\" in source
     )
-    if looks_local or not HUB_ID.match(source):
-        check_local(source, source, settings=settings)
-        return "local"
-    return "hub"
+    return not looks_local and bool(HUB_ID.match(source))

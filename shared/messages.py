@@ -18,6 +18,10 @@ SCHEMA_VERSION = 1
 
 Stage = Literal["prepare", "train", "evaluate", "publish"]
 STAGES: tuple[Stage, ...] = ("prepare", "train", "evaluate", "publish")
+#: every status a job can have, and those it ends in ("paused": a stage run in-process
+#: finished and the next one waits for `termtune <stage> SPEC --job ID`)
+JOB_STATUSES = ("queued", "running", "paused", "succeeded", "failed", "rejected", "cancelled")
+ENDED = ("succeeded", "failed", "rejected", "cancelled")
 
 
 def _now() -> datetime:

@@ -48,8 +48,12 @@ def load_seq2seq(
     dtype: Any = None,
     quantization_config: Any = None,
     device_map: Any = None,
+    attention: str | None = None,
 ) -> Any:
-    """A seq2seq language model from a hub id or folder, refusing decoder-only models."""
+    """A seq2seq language model from a hub id or folder, refusing decoder-only models.
+
+    ``attention`` names transformers' attention implementation (``sdpa``, ``eager``).
+    """
     import torch
     from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
@@ -64,6 +68,8 @@ def load_seq2seq(
             f"trains encoder-decoder models ({', '.join(SEQ2SEQ_MODEL_TYPES)})"
         )
     kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
+    if attention is not None:
+        kwargs["attn_implementation"] = attention
     if quantization_config is not None:
         kwargs.update(quantization_config=quantization_config, device_map=device_map or "auto")
     elif device_map is not None:

@@ -1,4 +1,6 @@
-"""A function run every few seconds in a background thread, surviving its own errors."""
+"""A function run every few seconds in a background thread, surviving its own errors: the
+one loop behind the outbox relay, the reconciler, the trainer's stop poll, a worker's
+heartbeat, its SQS visibility extension and its lease renewal."""
 
 from __future__ import annotations
 
@@ -39,8 +41,15 @@ class Periodic:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop (waits for a run in progress, up to 5 s)."""
+        """Stop (waits for a run in progress, up to 5 s; from ``fn`` itself, at once)."""
         self._stop.set()
         self._wake.set()
-        if self._thread.is_alive():
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
+
+    def __enter__(self) -> Periodic:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

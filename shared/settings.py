@@ -76,6 +76,17 @@ class Settings(BaseSettings):
         "hands the command back to the queue.",
     )
     log_level: str = Field("INFO", description="Python logging level.")
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto",
+        description="Log lines as JSON objects or text; auto: text on a terminal, else JSON.",
+    )
+    metrics_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="A stage service's Prometheus metrics port (0: none; the API serves "
+        "/metrics on its own port).",
+    )
     sqs_region: str | None = Field(None, description="SQS region (default: AWS_DEFAULT_REGION).")
     sqs_visibility_seconds: int = Field(
         900,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared import worker_metrics
 from shared.errors import Cancelled, Interrupted, LedgerUnavailable, PermanentError
 from shared.jobs import JobRecords
 from shared.jobspec import JobSpec, parse_spec
@@ -59,6 +60,13 @@ class StageContext:
             return "cancel"
         return "shutdown" if self.stop.is_set() else None
 
+    def local_stop(self) -> str | None:
+        """``should_stop`` without asking the database (no cancel): cheap enough for every
+        step of a loop that asks the database on a timer."""
+        if self.lease_lost.is_set():
+            return "lost"
+        return "shutdown" if self.stop.is_set() else None
+
     def spec(self, command: Command) -> JobSpec:
         """The job spec a command points at."""
         data = self.store.get_json(self.store.key_of(command.spec_uri))
@@ -95,6 +103,7 @@ class _Progress:
 
     def __call__(self, progress: dict[str, Any], *, force: bool = False) -> None:
         now = time.monotonic()
+        worker_metrics.observe_progress(self.stage, progress)
         if self.stage != "train" and self.stop.is_set():
             raise Interrupted(f"{self.stage} stopped: the worker is shutting down")
         if self.stage != "train" and now - self.checked >= CANCEL_CHECK_SECONDS:

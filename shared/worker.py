@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from shared import worker_metrics
 from shared.bus import ATTEMPT_HEADER, SERVICE_COMMANDS, Bus
 from shared.ecs import protect_task
 from shared.errors import Interrupted, LedgerUnavailable, MessageError
@@ -26,6 +27,7 @@ from shared.jobs import JobRecords
 from shared.leases import Lease, LeaseKeeper
 from shared.ledger import open_ledger
 from shared.lifetime import end_with_launcher
+from shared.logs import configure_logging, log_context
 from shared.messages import (
     STAGE_OF_COMMAND,
     Command,
@@ -36,6 +38,7 @@ from shared.messages import (
     parse_message,
 )
 from shared.outbox import Relay, relay_once
+from shared.periodic import Periodic
 from shared.pipeline import next_command
 from shared.settings import Settings
 from shared.stage import Handler, StageContext, run_stage
@@ -80,14 +83,21 @@ class Worker:
             command = self._parse(body)
         except MessageError as exc:
             log.error("dead-lettering a message: %s", exc)
+            worker_metrics.DEAD_LETTERS.labels(self.service).inc()
             self.bus.dead_letter(
                 body, routing_key=message.delivery_info.get("routing_key", ""), reason=str(exc)
             )
             message.ack()
             return
         attempt = int((message.headers or {}).get(ATTEMPT_HEADER, 1))
+        context = log_context(
+            job_id=command.job_id,
+            stage=STAGE_OF_COMMAND[command.type],  # type: ignore[attr-defined]
+            attempt=attempt,
+            message_type=command.type,  # type: ignore[attr-defined]
+        )
         try:
-            with self._in_flight(message):
+            with context, self._in_flight(message):
                 if not self.leased:
                     self._process(command, attempt, body=body)
                 else:
@@ -136,22 +146,9 @@ class Worker:
         if not self.bus.holds_deliveries:
             yield
             return
-        done = threading.Event()
-
-        def extend() -> None:
-            while not done.wait(self.settings.sqs_visibility_seconds / 3):
-                try:
-                    self.bus.extend_delivery(message)
-                except Exception as exc:  # noqa: BLE001 - try again at the next beat
-                    log.warning("could not extend the message's visibility: %s", exc)
-
-        thread = threading.Thread(target=extend, daemon=True)
-        thread.start()
-        try:
+        every = self.settings.sqs_visibility_seconds / 3
+        with Periodic("sqs visibility", every, lambda: self.bus.extend_delivery(message)):
             yield
-        finally:
-            done.set()
-            thread.join(timeout=5)
 
     def _lease(self, command: Command, attempt: int) -> Lease:
         stage = STAGE_OF_COMMAND[command.type]  # type: ignore[attr-defined]
@@ -175,6 +172,8 @@ class Worker:
         if deaths >= self.settings.max_attempts:
             event: Event | None = self._give_up(command, stage, deaths)
         else:
+            self._count_start(command, stage, attempt)
+            started = time.monotonic()
             try:
                 event = run_stage(
                     command,
@@ -185,6 +184,7 @@ class Worker:
                     dispatch=True,
                 )
             except Interrupted as exc:
+                self._count_end(stage, "interrupted", started)
                 if self.ctx.lease_lost.is_set():
                     log.warning("%s: lease lost; another worker owns the job", command.job_id)
                     return
@@ -198,11 +198,28 @@ class Worker:
                     send=[(command, {ATTEMPT_HEADER: attempt})],
                 )
                 return
+            self._count_end(stage, worker_metrics.outcome_of(event), started)
         if event is None:
             self.ctx.jobs.send(command.job_id, (command, {ATTEMPT_HEADER: attempt + 1}))
             return
         if isinstance(event, StageFailed) and not event.permanent:
+            worker_metrics.DEAD_LETTERS.labels(self.service).inc()
             self.bus.dead_letter(body, routing_key=command.routing_key, reason=event.error)
+
+    @staticmethod
+    def _count_start(command: Command, stage: str, attempt: int) -> None:
+        """A run begins: its wait in the queue (a first attempt), or one more retry."""
+        if attempt > 1:
+            worker_metrics.RETRIES.labels(stage).inc()
+            return
+        waited = time.time() - command.created_at.timestamp()
+        worker_metrics.QUEUE_WAIT.labels(stage).observe(max(waited, 0.0))
+
+    @staticmethod
+    def _count_end(stage: str, outcome: str, started: float) -> None:
+        worker_metrics.STAGE_SECONDS.labels(stage, outcome).observe(time.monotonic() - started)
+        if stage == "train":
+            worker_metrics.EXAMPLES_PER_SECOND.set(0)
 
     def _delivered_again(self, command: Command, done: Event) -> None:
         """A command whose stage already succeeded (at-least-once delivery): nothing is run
@@ -243,32 +260,16 @@ class Worker:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(f"{time.time()}\n")
 
-    def _beat_forever(self) -> None:
-        while not self.stop.wait(HEARTBEAT_SECONDS):
-            self.heartbeat()
-
     def run(self) -> None:
         """Declare the topology and consume until stopped."""
         self.bus.declare()
         self.heartbeat()
-        threading.Thread(target=self._beat_forever, daemon=True).start()
+        beat = Periodic("heartbeat", HEARTBEAT_SECONDS, self.heartbeat)
         relay = Relay(self.ctx.jobs, self.bus)  # what another process left unsent
-        relay.start()
         log.info("%s ready on %s", self.service, self.settings.broker_url.split("@")[-1])
-        try:
+        with beat, relay:
             self.bus.consume(self.service, self.on_message, stop=self.stop, pull=self.leased)
-        finally:
-            relay.stop()
         log.info("%s stopped", self.service)
-
-
-def configure_logging(settings: Settings, service: str) -> None:
-    """Log lines with time, service and level to stderr."""
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        stream=sys.stderr,
-        format=f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s",
-    )
 
 
 def run_service(
@@ -279,7 +280,8 @@ def run_service(
     argv = sys.argv[1:] if argv is None else argv
     if "--health" in argv:
         return 0 if check_health(settings, service) else 1
-    configure_logging(settings, service)
+    configure_logging(service, level=settings.log_level, log_format=settings.log_format)
+    worker_metrics.serve(settings.metrics_port)
     worker = Worker(
         service,
         handler,

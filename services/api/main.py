@@ -24,6 +24,7 @@ from shared.bus import Bus
 from shared.errors import BedrockError, Conflict, NotFound, PermanentError, TermtuneError
 from shared.jobs import open_records
 from shared.lifetime import end_with_launcher
+from shared.logs import configure_logging
 from shared.outbox import Relay
 from shared.reconciler import Reconciler
 from shared.settings import ApiSettings, development_key
@@ -115,15 +116,13 @@ def main() -> int:
 
     settings = ApiSettings()
     end_with_launcher()
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s api %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("uvicorn.access").addFilter(RedactSecrets())
+    handler = configure_logging("api", level=settings.log_level, log_format=settings.log_format)
+    handler.addFilter(RedactSecrets())
     uvicorn.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
+        log_config=None,  # uvicorn's lines go through the handler above (format, redaction)
     )
     return 0

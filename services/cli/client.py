@@ -26,6 +26,7 @@ from shared.errors import NotFound, SpecError, TermtuneError
 from shared.uploads import file_sha256, folder_digest, model_files, upload_name
 
 STREAM_RECONNECTS = 5
+JOB_PAGE_MAX = 200  # the API's largest page of jobs
 #: the answer to an upload comes once the server has copied the file into the store
 UPLOAD_TIMEOUT = httpx.Timeout(120.0, read=1800.0)
 
@@ -74,10 +75,25 @@ class Client:
         """A job's summary."""
         return _as(JobView, self._call("GET", f"/v1/jobs/{job_id}"))
 
-    def jobs(self, status: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
-        """Recent jobs, newest first."""
-        params: dict[str, Any] = {"limit": limit, **({"status": status} if status else {})}
-        return _as(JobPage, self._call("GET", "/v1/jobs", params=params))["data"]
+    def jobs(self, status: str | None = None, limit: int | None = 20) -> list[dict[str, Any]]:
+        """Jobs, newest first, optionally only those with a status: the newest ``limit``, or
+        every one (``limit=None``), page after page."""
+        found: list[dict[str, Any]] = []
+        after: str | None = None
+        while limit is None or len(found) < limit:
+            size = JOB_PAGE_MAX if limit is None else min(JOB_PAGE_MAX, limit - len(found))
+            params = {"limit": size, "status": status, "after": after}
+            page = _as(
+                JobPage,
+                self._call(
+                    "GET", "/v1/jobs", params={k: v for k, v in params.items() if v is not None}
+                ),
+            )
+            found += page["data"]
+            if not page["has_more"]:
+                break
+            after = page["next_after"]
+        return found
 
     def events(self, job_id: str) -> list[dict[str, Any]]:
         """A job's events, oldest first (every page)."""

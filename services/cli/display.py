@@ -10,8 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from services.cli.client import Client
-from shared.jobs import ENDED
-from shared.messages import STAGES
+from shared.messages import ENDED, STAGES
 
 TERMINAL = ENDED
 console = Console(highlight=False)
@@ -186,9 +185,19 @@ def summary(client: Client, job: dict[str, Any]) -> None:
             style = "yellow" if line.startswith("  warning:") else None
             console.print(line, style=style, markup=False, soft_wrap=True)
     if "train" in result:
+        train = result["train"]
+        waste = (train.get("padding_waste") or {}).get("all")
         console.print(
-            f"training: {result['train']['steps']} optimizer steps, "
-            f"mean train loss {result['train']['train_loss']:.4f}"
+            f"training: {train['steps']} optimizer steps, mean train loss "
+            f"{train['train_loss']:.4f}"
+            + (f", {train['runtime_s']:.1f} s" if train.get("runtime_s") else "")
+            + (f", {waste:.0%} of batch positions padding" if waste is not None else "")
+        )
+    if "evaluate" in result and result["evaluate"].get("timing"):
+        timing = result["evaluate"]["timing"]
+        console.print(
+            f"evaluation: base {timing['base_s']:.1f} s + tuned {timing['tuned_s']:.1f} s on "
+            f"{timing['device']}, batches of {timing['batch_size']} by length"
         )
     if "evaluate" in result:
         print_report(client.report(job["id"]))

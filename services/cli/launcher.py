@@ -60,8 +60,10 @@ class Launcher:
         return development_key(self.run_dir / "api_key")
 
     def service_env(self) -> dict[str, str]:
-        """The environment every service process gets."""
+        """The environment every service process gets; their logs are files people read,
+        so text unless TERMTUNE_LOG_FORMAT says otherwise."""
         return {
+            "TERMTUNE_LOG_FORMAT": "text",
             **os.environ,
             "TERMTUNE_VAR_DIR": str(self.var_dir),
             "TERMTUNE_PORT": str(self.port),
@@ -84,7 +86,7 @@ class Launcher:
             log = (self.log_dir / f"{name}.log").open("ab")
             self.processes[name] = subprocess.Popen(
                 [sys.executable, "-m", f"services.{service_of(name)}"],
-                env=env,
+                env=metrics_env(env, name),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -195,3 +197,17 @@ def _alive(pid: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+def metrics_env(env: dict[str, str], name: str) -> dict[str, str]:
+    """A service's environment with its own metrics port: TERMTUNE_METRICS_PORT (when set)
+    plus the service's place (dataprep +1, trainer +2, evaluator +3, publisher +4,
+    trainer-2 +5...), as processes on one machine cannot share a port; the API keeps
+    /metrics on its own port."""
+    base = int(env.get("TERMTUNE_METRICS_PORT") or 0)
+    if not base or name == "api":
+        return {k: v for k, v in env.items() if k != "TERMTUNE_METRICS_PORT"}
+    offset = (
+        SERVICES.index(name) if name in SERVICES else len(SERVICES) + int(name.split("-")[1]) - 2
+    )
+    return {**env, "TERMTUNE_METRICS_PORT": str(base + offset)}

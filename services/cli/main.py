@@ -13,16 +13,69 @@ from typing import Any
 
 import yaml
 
+from services.cli.exits import Exit
 from shared.errors import SpecError, TermtuneError
 from shared.jobspec import JobSpec, load_spec
+from shared.messages import JOB_STATUSES
 
 TINY_MODEL_DIR = Path("var/models/tiny-flan-t5")
+#: what `pip install 'termtune[services]'` adds to the client alone (import names)
+SERVICE_MODULES = frozenset(
+    [
+        "torch",
+        "transformers",
+        "peft",
+        "accelerate",
+        "datasets",
+        "bitsandbytes",
+        "safetensors",
+        "tokenizers",
+        "pyarrow",
+        "kombu",
+        "boto3",
+        "botocore",
+        "fastapi",
+        "prometheus_client",
+        "uvicorn",
+        "rouge_score",
+        "sacrebleu",
+        "numpy",
+        "tenacity",
+        "pythonjsonlogger",
+        "sqlalchemy",
+        "alembic",
+        "psycopg",
+    ]
+)
 SAMPLE_DATA = Path("data/medical_terms.jsonl")
 
 
+def version() -> str:
+    """This termtune's version (the installed distribution's)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("termtune")
+    except PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="termtune", description=__doc__)
+    from services.cli.exits import epilog
+
+    p = argparse.ArgumentParser(
+        prog="termtune",
+        description=__doc__,
+        epilog=epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"termtune {version()}")
     sub = p.add_subparsers(dest="command", required=True)
+    json_flag = argparse.ArgumentParser(add_help=False)
+    json_flag.add_argument(
+        "--json", action="store_true", help="the API's objects as JSON, for scripts"
+    )
     run = sub.add_parser("run", help="start the services, run a job end to end, stop")
     run.add_argument("spec", type=Path)
     run.add_argument("--port", type=int, default=None, help="default: TERMTUNE_PORT or 8000")
@@ -40,10 +93,13 @@ def _parser() -> argparse.ArgumentParser:
         help="put a local dataset file and base model folder into the object store first "
         "(for a deployed stack) and submit their locations there",
     )
-    status = sub.add_parser("status", help="a job's status")
+    status = sub.add_parser("status", help="a job's status (JSON)", parents=[json_flag])
     status.add_argument("job_id")
-    sub.add_parser("jobs", help="recent jobs")
-    events = sub.add_parser("events", help="a job's events")
+    jobs = sub.add_parser("jobs", help="jobs, newest first", parents=[json_flag])
+    jobs.add_argument("--limit", type=_positive, default=20, help="the newest N (default 20)")
+    jobs.add_argument("--all", action="store_true", help="every job (page after page)")
+    jobs.add_argument("--status", choices=JOB_STATUSES, default=None, help="only these")
+    events = sub.add_parser("events", help="a job's events", parents=[json_flag])
     events.add_argument("job_id")
     events.add_argument("--follow", action="store_true", help="stream until the job ends")
     cancel = sub.add_parser("cancel", help="cancel a job")
@@ -51,15 +107,15 @@ def _parser() -> argparse.ArgumentParser:
     retry = sub.add_parser("retry", help="resume a failed or cancelled job")
     retry.add_argument("job_id")
     retry.add_argument("--wait", action="store_true", help="follow the job until it ends")
-    report = sub.add_parser("report", help="a job's evaluation table and gate")
+    report = sub.add_parser("report", help="a job's evaluation table and gate", parents=[json_flag])
     report.add_argument("job_id")
-    models = sub.add_parser("models", help="published models")
+    models = sub.add_parser("models", help="published models", parents=[json_flag])
     models.add_argument(
         "--imported", action="store_true", help="every model imported into Bedrock instead"
     )
     delete = sub.add_parser("delete-model", help="delete a published model and its import")
     delete.add_argument("model")
-    invoke = sub.add_parser("invoke", help="ask a published model")
+    invoke = sub.add_parser("invoke", help="ask a published model (JSON)", parents=[json_flag])
     invoke.add_argument("model")
     invoke.add_argument("prompt")
     for flag, kind in (("--max-gen-len", int), ("--temperature", float), ("--top-p", float)):
@@ -76,6 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     db_sub.add_parser(
         "import-store", help="import the jobs and models an older termtune kept in the store"
     )
+    sub.add_parser("schema", help="the job spec's JSON Schema (docs/job-spec.schema.json)")
     tiny = sub.add_parser("build-tiny-model", help="build the offline tiny Flan-T5-shaped model")
     tiny.add_argument("--out", type=Path, default=TINY_MODEL_DIR)
     tiny.add_argument("--data", type=Path, default=SAMPLE_DATA)
@@ -84,6 +141,17 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("spec", type=Path)
         sp.add_argument("--job", default=None, help="job id (default: <name>-local)")
     return p
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
+def _job_exit(job: dict[str, Any]) -> int:
+    """0 for a job that succeeded, 3 for one that failed or was cancelled."""
+    return Exit.OK if job["status"] == "succeeded" else Exit.JOB_NOT_SUCCEEDED
 
 
 def _raw_spec(path: Path) -> dict[str, Any]:
@@ -234,7 +302,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         display.console.print(
             f"done in {time.monotonic() - started:.0f}s; artifacts in {launcher.var_dir}"
         )
-        return 0 if job["status"] == "succeeded" else 1
+        return _job_exit(job)
     finally:
         launcher.stop()
 
@@ -305,9 +373,10 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         if args.spec is None:
             raise SpecError("estimate needs a SPEC (prepared here) or --job ID")
         from services.cli.stages import run_local
-        from shared.estimate import G5_INSTANCES, Prices, count_parameters, estimate
+        from shared.estimate import G5_INSTANCES, Prices, estimate
         from shared.jobs import open_records
         from shared.settings import BedrockSettings, Settings
+        from shared.trainplan import model_shape
 
         _ensure_model(args.spec)
         spec = load_spec(args.spec)
@@ -320,7 +389,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
             spec,
             dataset,
             instance_type=args.instance_type,
-            parameters=count_parameters(spec.base_model),
+            shape=model_shape(spec.base_model),
             prices=prices,
         )
     print(json.dumps(result, indent=2, ensure_ascii=False))
@@ -328,7 +397,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def _client_command(args: argparse.Namespace) -> int:
-    from services.cli import display
+    from services.cli import display, reads
     from services.cli.client import Client
 
     client = Client()
@@ -342,7 +411,7 @@ def _client_command(args: argparse.Namespace) -> int:
         if args.wait:
             job = display.follow(client, job["id"])
             display.summary(client, job)
-            return 0 if job["status"] == "succeeded" else 1
+            return _job_exit(job)
         return 0
     if args.command == "retry":
         _ensure_job_model(client, args.job_id)
@@ -351,35 +420,12 @@ def _client_command(args: argparse.Namespace) -> int:
         if args.wait:
             job = display.follow(client, args.job_id)
             display.summary(client, job)
-            return 0 if job["status"] == "succeeded" else 1
+            return _job_exit(job)
         return 0
-    if args.command == "status":
-        print(json.dumps(client.job(args.job_id), indent=2))
-    elif args.command == "events":
-        stream = client.stream_events(args.job_id) if args.follow else client.events(args.job_id)
-        for event in stream:
-            details = {
-                k: v
-                for k, v in event.items()
-                if k not in ("job_id", "schema_version", "message_id", "created_at", "type")
-            }
-            print(f"{event['created_at']}  {event['type']:<16} {json.dumps(details)}", flush=True)
-    elif args.command == "cancel":
+    if args.command in reads.COMMANDS:
+        return reads.COMMANDS[args.command](client, args)
+    if args.command == "cancel":
         print(f"{args.job_id}: {client.cancel(args.job_id)['status']} (cancel requested)")
-    elif args.command == "report":
-        report = client.report(args.job_id)
-        display.print_report(report)
-        return 0 if report["gate"]["publish"] else 1
-    elif args.command == "jobs":
-        for job in client.jobs():
-            print(f"{job['id']}\t{job['status']}")
-    elif args.command == "models" and args.imported:
-        for model in client.imported_models():
-            print(f"{model['modelName']}\t{model['modelArn']}\t{model['termtune_model'] or '-'}")
-    elif args.command == "models":
-        for model in client.models():
-            where = model.get("bedrock", {}).get("imported_model_arn") or model["location"]
-            print(f"{model['name']}\t{model['target']}\t{where}")
     elif args.command == "delete-model":
         deleted = client.delete_model(args.model)
         arn = deleted["imported_model_arn"]
@@ -404,6 +450,11 @@ def main(argv: list[str] | None = None) -> int:
 
             print("stopped: " + (", ".join(stop_recorded()) or "nothing was running"))
             return 0
+        if args.command == "schema":
+            from services.cli.docs import schema_text
+
+            print(schema_text(), end="")
+            return 0
         if args.command == "build-tiny-model":
             from services.cli.tinymodel import build_tiny_t5
 
@@ -418,7 +469,17 @@ def main(argv: list[str] | None = None) -> int:
         return _client_command(args)
     except (TermtuneError, TimeoutError) as exc:
         print(f"termtune: {exc}", file=sys.stderr)
-        return 1
+        return Exit.ERROR
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").split(".")[0]
+        if missing not in SERVICE_MODULES:
+            raise
+        print(
+            f"termtune: `termtune {args.command}` needs the services' packages ({missing} is "
+            "not installed): pip install 'termtune[services]'",
+            file=sys.stderr,
+        )
+        return Exit.ERROR
     except KeyboardInterrupt:
         print("termtune: interrupted; every service it started was stopped", file=sys.stderr)
-        return 130
+        return Exit.INTERRUPTED

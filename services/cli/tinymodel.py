@@ -24,6 +24,31 @@ def corpus(data_file: Path) -> list[str]:
     return texts
 
 
+def canonical(tokenizer):  # noqa: ANN001, ANN201
+    """The trained unigram tokenizer with a reproducible vocabulary. The trainer's pieces
+    are the same from run to run but not its scores: they differ in their last bits (its
+    sums go through hash maps), pieces of equal score come out in any order, and the
+    characters it adds at the end (those too rare to be pieces) get their descending
+    scores in hash-map order. The ids, and with them the embedding row each piece gets,
+    changed from build to build, and the example's gate with them. Here scores are
+    rounded to 8 decimals, the pieces after the special tokens ordered by score then text,
+    and the trailing run of single characters given that run's scores in text order."""
+    from tokenizers import Tokenizer
+
+    state = json.loads(tokenizer.to_str())
+    specials = len(SPECIAL_TOKENS)
+    vocab = [(piece, round(score, 8)) for piece, score in state["model"]["vocab"][specials:]]
+    vocab.sort(key=lambda item: (-item[1], item[0]))
+    tail = len(vocab)
+    while tail > 0 and len(vocab[tail - 1][0]) == 1:
+        tail -= 1
+    chars = sorted(piece for piece, _ in vocab[tail:])
+    scores = [score for _, score in vocab[tail:]]
+    vocab[tail:] = list(zip(chars, scores, strict=True))
+    state["model"]["vocab"] = state["model"]["vocab"][:specials] + vocab
+    return Tokenizer.from_str(json.dumps(state))
+
+
 def build_tokenizer(texts: Iterable[str], *, vocab_size: int = 1000):  # noqa: ANN201
     """A SentencePiece unigram tokenizer wrapped as transformers' T5 tokenizer."""
     from tokenizers import SentencePieceUnigramTokenizer
@@ -38,7 +63,7 @@ def build_tokenizer(texts: Iterable[str], *, vocab_size: int = 1000):  # noqa: A
         show_progress=False,
     )
     return T5TokenizerFast(
-        tokenizer_object=sp._tokenizer,
+        tokenizer_object=canonical(sp._tokenizer),
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",

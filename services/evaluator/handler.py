@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -68,9 +69,18 @@ def _evaluate(command: EvaluateModel, ctx: StageContext) -> dict[str, Any]:
         decoding=spec.decoding,
         progress=ctx.progress,
     )
+    started = time.perf_counter()
     base_rows, base_out = metrics.run_model(model, label="base", **run)
+    base_s = time.perf_counter() - started
     tuned_model = load_adapter(model, adapter, spec.base_model)
     tuned_rows, tuned_out = metrics.run_model(tuned_model, label="tuned", **run)
+    timing = {
+        "device": device(),
+        "batch_size": metrics.batch_size(evaluation, model, table, spec.decoding),
+        "base_s": round(base_s, 2),
+        "tuned_s": round(time.perf_counter() - started - base_s, 2),
+        "training_s": training.get("runtime_s"),
+    }
     ctx.progress({"phase": "bootstrap", "samples": evaluation.bootstrap_samples}, force=True)
     report = build_report(
         table,
@@ -80,9 +90,10 @@ def _evaluate(command: EvaluateModel, ctx: StageContext) -> dict[str, Any]:
         training_log=_training_log(ctx, training),
         dataset=dataset,
     )
+    report["timing"] = timing
     prefix = ctx.jobs.stage_prefix(command.job_id, "evaluate")
     ctx.store.put_json(f"{prefix}/report.json", report)
-    page = html_report.render(report, job_id=command.job_id)
+    page = html_report.render(report, job_id=command.job_id, notice=spec.publish.card.notice)
     ctx.store.put_bytes(f"{prefix}/report.html", page.encode())
     ctx.jobs.write_manifest(command.job_id, "evaluate", report)
     return report

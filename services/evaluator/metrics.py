@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from services.evaluator.scoring import RowScores, score_rows
@@ -14,8 +15,62 @@ from shared.jobspec import DecodingSpec, EvaluationSpec
 Progress = Callable[..., None]
 
 
+#: rows a forward pass takes on CPU when evaluation.batch_size is "auto"
+CPU_BATCH = 16
+#: the most rows a GPU batch takes however much memory is free
+MAX_BATCH = 512
+
+
 def _batches(table: pa.Table, size: int) -> list[pa.Table]:
     return [table.slice(i, size) for i in range(0, table.num_rows, size)]
+
+
+def longest_first(table: pa.Table, *columns: str) -> list[int]:
+    """Row order by the summed lengths of ``columns``, longest first: batches of alike
+    lengths pad little, and an out-of-memory shows at the first batch."""
+    sides = [pc.list_value_length(table.column(c)).to_pylist() for c in columns]
+    lengths = [sum(n) for n in zip(*sides, strict=True)]
+    return sorted(range(table.num_rows), key=lambda i: -lengths[i])
+
+
+def restored(values: list[Any], order: list[int]) -> list[Any]:
+    """Values computed in ``order`` put back in the table's own order."""
+    out: list[Any] = [None] * len(order)
+    for value, row in zip(values, order, strict=True):
+        out[row] = value
+    return out
+
+
+def halving(run: Callable[[pa.Table], list[Any]], chunk: pa.Table) -> list[Any]:
+    """``run`` on a chunk; on out-of-memory, on each half (down to one row)."""
+    try:
+        return run(chunk)
+    except torch.OutOfMemoryError:
+        if chunk.num_rows == 1:
+            raise
+        torch.cuda.empty_cache()
+        half = chunk.num_rows // 2
+        return halving(run, chunk.slice(0, half)) + halving(run, chunk.slice(half))
+
+
+def batch_size(spec: EvaluationSpec, model: Any, table: pa.Table, decoding: DecodingSpec) -> int:
+    """The spec's number, or "auto": CPU_BATCH on CPU; on CUDA what the memory model fits."""
+    if spec.batch_size != "auto":
+        return spec.batch_size
+    if model.device.type != "cuda":
+        return CPU_BATCH
+    from shared import trainplan
+
+    shape = trainplan.shape_from(model, model.config)
+    longest = max(pc.list_value_length(table.column("input_ids")).to_pylist(), default=1)
+    dtype_bytes = next(model.parameters()).element_size()
+    per_row = trainplan.generation_row_bytes(
+        shape, longest, decoding.max_new_tokens, dtype_bytes=dtype_bytes,
+        beams=getattr(decoding, "num_beams", 1) or 1,
+    )  # fmt: skip
+    free, _ = torch.cuda.mem_get_info()
+    rows = int(free * trainplan.MEMORY_FRACTION) // max(per_row, 1)
+    return max(1, min(MAX_BATCH, rows))
 
 
 @torch.no_grad()
@@ -27,18 +82,22 @@ def row_losses(
 
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
     model.eval()
-    nll: list[float] = []
-    tokens: list[int] = []
-    for chunk in _batches(table.select(["input_ids", "labels"]), batch_size):
+
+    def run(chunk: pa.Table) -> list[tuple[float, int]]:
         batch = {k: v.to(model.device) for k, v in collator(chunk.to_pylist()).items()}
         logits = model(**batch).logits.float()
         labels = batch["labels"]
         losses = torch.nn.functional.cross_entropy(
             logits.transpose(1, 2), labels, ignore_index=-100, reduction="none"
         )
-        nll += losses.sum(dim=1).tolist()
-        tokens += (labels != -100).sum(dim=1).tolist()
-    return nll, tokens
+        counted = (labels != -100).sum(dim=1).tolist()
+        return list(zip(losses.sum(dim=1).tolist(), counted, strict=True))
+
+    order = longest_first(table, "input_ids", "labels")
+    ordered = table.select(["input_ids", "labels"]).take(order)
+    pairs = [pair for chunk in _batches(ordered, batch_size) for pair in halving(run, chunk)]
+    pairs = restored(pairs, order)
+    return [nll for nll, _ in pairs], [tokens for _, tokens in pairs]
 
 
 @torch.no_grad()
@@ -51,16 +110,22 @@ def generate(
     batch_size: int,
     on_batch: Progress,
 ) -> list[str]:
-    """The model's answers to the prompts of a table, in batches, decoded as served."""
+    """The model's answers to the prompts of a table, decoded as served, in batches of
+    alike prompt lengths (longest first), returned in the table's order."""
     model.eval()
-    outputs: list[str] = []
-    for chunk in _batches(table.select(["input_ids"]), batch_size):
+
+    def run(chunk: pa.Table) -> list[str]:
         ids = chunk.column("input_ids").to_pylist()
         batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(model.device)
         generated = model.generate(**batch, **decoding.generate_kwargs())
-        outputs += [o.strip() for o in tokenizer.batch_decode(generated, skip_special_tokens=True)]
+        return [o.strip() for o in tokenizer.batch_decode(generated, skip_special_tokens=True)]
+
+    order = longest_first(table, "input_ids")
+    outputs: list[str] = []
+    for chunk in _batches(table.select(["input_ids"]).take(order), batch_size):
+        outputs += halving(run, chunk)
         on_batch(len(outputs))
-    return outputs
+    return restored(outputs, order)
 
 
 def run_model(
@@ -74,8 +139,12 @@ def run_model(
     label: str,
 ) -> tuple[RowScores, list[str]]:
     """Per-row scores and generations of one model."""
-    progress({"phase": f"{label}: reference loss", "rows": table.num_rows}, force=True)
-    nll, tokens = row_losses(model, tokenizer, table, batch_size=spec.batch_size)
+    size = batch_size(spec, model, table, decoding)
+    progress(
+        {"phase": f"{label}: reference loss", "rows": table.num_rows, "batch_size": size},
+        force=True,
+    )
+    nll, tokens = row_losses(model, tokenizer, table, batch_size=size)
     if decoding.temperature > 0:
         torch.manual_seed(spec.seed)
 
@@ -83,7 +152,7 @@ def run_model(
         progress({"phase": f"{label}: generating", "rows_done": done, "rows": table.num_rows})
 
     predictions = generate(
-        model, tokenizer, table, decoding=decoding, batch_size=spec.batch_size, on_batch=on_batch
+        model, tokenizer, table, decoding=decoding, batch_size=size, on_batch=on_batch
     )
     references = table.column("target").to_pylist()
     return score_rows(predictions, references, nll=nll, tokens=tokens), predictions

@@ -6,11 +6,15 @@ bytes (the artifact digest, and with it the import's idempotency token, stays st
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from shared.jobspec import JobSpec
+from shared.locations import is_hub_id
+
+BASE_TAGS = ("termtune", "lora-merged", "t5")
 
 
 def model_card(
@@ -23,18 +27,11 @@ def model_card(
     tolerance: float,
 ) -> str:
     """Markdown with YAML front matter: what the model is, how it was made, how it scored."""
-    front = {
-        "base_model": spec.base_model,
-        "library_name": "transformers",
-        "pipeline_tag": "text2text-generation",
-        "tags": ["termtune", "lora-merged", "t5"],
-        "language": ["en"],
-    }
-    t = spec.training
+    t, plan = spec.training, training["plan"]
     counts = dataset.get("counts", {})
     lines = [
         "---",
-        yaml.safe_dump(front, sort_keys=True).strip(),
+        yaml.safe_dump(front_matter(spec, evaluation), sort_keys=True).strip(),
         "---",
         "",
         f"# {spec.model_name}",
@@ -46,11 +43,9 @@ def model_card(
         "## Intended use and limits",
         "",
         f'Answers questions of the form "{spec.dataset.prompt_template.strip()}" with a short, '
-        "plain-language definition, to help people read domain text. It can be wrong, "
-        "incomplete or out of date, and it states errors as confidently as facts.",
+        "plain-language definition, to help people read domain text.",
         "",
-        "**Not medical advice.** Do not use it to diagnose, treat or make decisions about "
-        "anyone's health; ask a qualified professional.",
+        f"**Notice.** {spec.publish.card.notice}",
         "",
         "## Data",
         "",
@@ -68,11 +63,12 @@ def model_card(
             for k, v in {
                 "LoRA r / alpha / dropout": f"{t.lora.r} / {t.lora.alpha} / {t.lora.dropout}",
                 "LoRA targets": t.lora.target_modules,
-                "quantization / precision": f"{training['plan']['quantization']} / "
-                f"{training['plan']['precision']}",
+                "quantization / precision": f"{plan['quantization']} / {plan['precision']}",
                 "learning rate / schedule": f"{t.learning_rate} / {t.lr_scheduler}",
-                "batch size x accumulation x processes": f"{t.batch_size} x "
-                f"{t.gradient_accumulation_steps} x {training.get('processes', 1)}",
+                "batch size x accumulation x processes": f"{plan.get('batch_size', '?')} x "
+                f"{plan.get('gradient_accumulation_steps', '?')} x {training.get('processes', 1)}",
+                "recipe / optimizer / attention": f"{t.recipe} / {plan.get('optimizer')} / "
+                f"{plan.get('attention')}",
                 "optimizer steps": training["steps"],
                 "final training loss": f"{training['train_loss']:.4f}",
             }.items()
@@ -87,6 +83,51 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def front_matter(spec: JobSpec, evaluation: dict[str, Any]) -> dict[str, Any]:
+    """Hugging Face's model card metadata: the base model, the dataset when it is a hub id,
+    the card's license, languages and tags, and the tuned model's held-out scores as a
+    ``model-index`` (self-reported: ``verified: false``)."""
+    card = spec.publish.card
+    source = spec.dataset.source
+    hub_dataset = is_hub_id(source)
+    front: dict[str, Any] = {
+        "base_model": spec.base_model,
+        "library_name": "transformers",
+        "pipeline_tag": "text2text-generation",
+        "tags": ["termtune", "lora-merged", "t5", *(t for t in card.tags if t not in BASE_TAGS)],
+        "language": list(card.language),
+    }
+    if hub_dataset:
+        front["datasets"] = [source]
+    if card.license:
+        front["license"] = card.license
+    metrics = [
+        {
+            "type": name,
+            "name": f"{name} (tuned; base {m['base']:.4f})",
+            "value": round(float(m["tuned"]), 4),
+            "verified": False,
+        }
+        for name in evaluation.get("metric_order", evaluation.get("metrics", {}))
+        if (m := evaluation["metrics"][name]) and m.get("tuned") is not None
+    ]
+    if metrics:
+        data = {"type": source if hub_dataset else "custom", "name": Path(source).name or source}
+        front["model-index"] = [
+            {
+                "name": spec.model_name,
+                "results": [
+                    {
+                        "task": {"type": "text2text-generation", "name": "Term definition"},
+                        "dataset": {**data, "split": "test"},
+                        "metrics": metrics,
+                    }
+                ],
+            }
+        ]
+    return front
 
 
 def _tokens(dataset: dict[str, Any]) -> str:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import tenacity
 from botocore.exceptions import BotoCoreError, ClientError
 
 from shared import bedrock
@@ -103,69 +104,94 @@ class Importer:
         }
 
     def create(self, record: ImportRecord) -> str:
-        """``create_model_import_job``: waits out the one-import quota and a fresh role."""
+        """``create_model_import_job``: waits out the one-import quota, a fresh role and
+        throttling, the waits doubling from ``poll_seconds`` up to ``poll_max_seconds``."""
         start = self.clock()
-        quota_until = start + self.settings.quota_wait_minutes * 60
-        role_until = start + self.settings.role_retry_minutes * 60
-        delay = self.settings.poll_seconds
-        while True:
-            try:
-                response = self.client.create_model_import_job(
-                    jobName=record.job_name,
-                    importedModelName=record.imported_model_name,
-                    roleArn=self.settings.role_arn,
-                    modelDataSource={"s3DataSource": {"s3Uri": record.s3_uri}},
-                    clientRequestToken=record.client_token,
-                    jobTags=[{"key": "termtune:digest", "value": record.digest[:64]}],
-                )
-                return str(response["jobArn"])
-            except ClientError as exc:
-                code, message = bedrock.error_code(exc), str(exc)
-                now = self.clock()
-                if code == "ServiceQuotaExceededException" and now < quota_until:
-                    self.report({"phase": "waiting for the import quota", "detail": message})
-                elif code == "ValidationException" and "role" in message.lower():
-                    if now >= role_until:
-                        raise BedrockError(
-                            f"CreateModelImportJob: the role {self.settings.role_arn} was "
-                            f"still refused after {self.settings.role_retry_minutes} minutes "
-                            f"(trust policy for bedrock.amazonaws.com, s3:GetObject and "
-                            f"s3:ListBucket on the bucket): {message}"
-                        ) from exc
-                    self.report({"phase": "waiting for the role to propagate"})
-                elif code == "ThrottlingException":
-                    pass
-                else:
-                    raise bedrock.explain(exc, "CreateModelImportJob") from exc
-            except BotoCoreError as exc:
-                raise bedrock.explain(exc, "CreateModelImportJob") from exc
-            self.sleep(delay)
-            delay = min(delay * 2, self.settings.poll_max_seconds)
+
+        def call() -> str:
+            response = self.client.create_model_import_job(
+                jobName=record.job_name,
+                importedModelName=record.imported_model_name,
+                roleArn=self.settings.role_arn,
+                modelDataSource={"s3DataSource": {"s3Uri": record.s3_uri}},
+                clientRequestToken=record.client_token,
+                jobTags=[{"key": "termtune:digest", "value": record.digest[:64]}],
+            )
+            return str(response["jobArn"])
+
+        retrying = self._retrying(
+            retry=tenacity.retry_if_exception(lambda exc: self._waits_out(exc, start)),
+            stop=tenacity.stop_never,
+        )
+        try:
+            return retrying(call)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._refused(exc) from exc
+
+    def _waits_out(self, exc: BaseException, start: float) -> bool:
+        """Whether a CreateModelImportJob error is one to wait out now (and say so)."""
+        code, message = bedrock.error_code(exc), str(exc)
+        elapsed = self.clock() - start
+        if code == "ServiceQuotaExceededException":
+            if elapsed < self.settings.quota_wait_minutes * 60:
+                self.report({"phase": "waiting for the import quota", "detail": message})
+                return True
+            return False
+        if code == "ValidationException" and "role" in message.lower():
+            if elapsed < self.settings.role_retry_minutes * 60:
+                self.report({"phase": "waiting for the role to propagate"})
+                return True
+            return False
+        return code == "ThrottlingException"
+
+    def _refused(self, exc: ClientError | BotoCoreError) -> Exception:
+        """The error CreateModelImportJob ended with, naming what to fix."""
+        message = str(exc)
+        if bedrock.error_code(exc) == "ValidationException" and "role" in message.lower():
+            return BedrockError(
+                f"CreateModelImportJob: the role {self.settings.role_arn} was still refused "
+                f"after {self.settings.role_retry_minutes} minutes (trust policy for "
+                f"bedrock.amazonaws.com, s3:GetObject and s3:ListBucket on the bucket): "
+                f"{message}"
+            )
+        return bedrock.explain(exc, "CreateModelImportJob")
 
     def wait(self, job_arn: str) -> dict[str, Any]:
         """Poll ``get_model_import_job`` with backoff until Completed; Failed raises."""
         start = self.clock()
         deadline = start + self.settings.import_timeout_minutes * 60
-        delay = self.settings.poll_seconds
-        while True:
+
+        def poll() -> dict[str, Any]:
             job = self._call("GetModelImportJob", jobIdentifier=job_arn)
-            status = job["status"]
-            self.report(
-                {"phase": "importing", "status": status, "elapsed_s": round(self.clock() - start)}
-            )
-            if status == "Completed":
-                return job
-            if status == "Failed":
+            elapsed = round(self.clock() - start)
+            self.report({"phase": "importing", "status": job["status"], "elapsed_s": elapsed})
+            if job["status"] == "Failed":
                 raise BedrockError(
                     f"Bedrock import job {job_arn} failed: {job.get('failureMessage', '?')}"
                 )
-            if self.clock() >= deadline:
-                raise RetryableError(
-                    f"Bedrock import job {job_arn} still {status} after "
-                    f"{self.settings.import_timeout_minutes} minutes"
-                )
-            self.sleep(delay)
-            delay = min(delay * 2, self.settings.poll_max_seconds)
+            return job
+
+        retrying = self._retrying(
+            retry=tenacity.retry_if_result(lambda job: job["status"] != "Completed"),
+            stop=lambda state: self.clock() >= deadline,
+        )
+        try:
+            return retrying(poll)
+        except tenacity.RetryError as exc:
+            status = exc.last_attempt.result()["status"]
+            raise RetryableError(
+                f"Bedrock import job {job_arn} still {status} after "
+                f"{self.settings.import_timeout_minutes} minutes"
+            ) from None
+
+    def _retrying(self, **conditions: Any) -> tenacity.Retrying:
+        """Retries with this importer's sleep, the waits doubling up to poll_max_seconds."""
+        wait = tenacity.wait_exponential(
+            multiplier=self.settings.poll_seconds,
+            min=self.settings.poll_seconds,
+            max=self.settings.poll_max_seconds,
+        )
+        return tenacity.Retrying(wait=wait, sleep=self.sleep, reraise=True, **conditions)
 
     def _call(self, operation: str, **params: Any) -> dict[str, Any]:
         method = getattr(self.client, _snake(operation))

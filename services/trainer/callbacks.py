@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import resource
 import time
 from collections.abc import Callable
@@ -13,9 +14,14 @@ from transformers import TrainerCallback
 
 from services.trainer import ranks
 from services.trainer.checkpoints import CheckpointStore
+from shared.periodic import Periodic
 
 # Stop reasons by precedence: when ranks see different ones, the strongest wins.
 STOP_REASONS = (None, "cancel", "shutdown", "lost")
+#: the training plan a checkpoint was taken under, beside it
+PLAN_FILE = "termtune-plan.json"
+#: seconds between stop checks (a database query for cancel) off the training thread
+STOP_POLL_SECONDS = 1.0
 
 
 def peak_memory_mb() -> float:
@@ -86,9 +92,15 @@ class StoreCheckpoints(TrainerCallback):
     """
 
     def __init__(
-        self, checkpoints: CheckpointStore, *, every_minutes: float, stored: Callable[[int], None]
+        self,
+        checkpoints: CheckpointStore,
+        *,
+        every_minutes: float,
+        stored: Callable[[int], None],
+        plan: dict[str, Any] | None = None,
     ) -> None:
         self.checkpoints, self.every_s, self.stored = checkpoints, every_minutes * 60, stored
+        self.plan = plan  # stored with each checkpoint: a resumed run keeps its batch
         self.last = time.monotonic()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
@@ -99,6 +111,8 @@ class StoreCheckpoints(TrainerCallback):
         ranks.barrier()
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if self.plan is not None:
+                (folder / PLAN_FILE).write_text(json.dumps(self.plan))
             self.checkpoints.upload(folder, state.global_step)
             self.stored(state.global_step)
         ranks.barrier()
@@ -106,7 +120,8 @@ class StoreCheckpoints(TrainerCallback):
 
 
 class StopOnRequest(TrainerCallback):
-    """Ends training after the current step when asked; on shutdown, saves a checkpoint first.
+    """Ends training after the step during which a stop was asked (``PolledStop`` asks off
+    the training thread); on shutdown, saves a checkpoint first.
 
     A lost lease stops without saving: another worker owns the job and its checkpoints now.
     """
@@ -119,3 +134,39 @@ class StopOnRequest(TrainerCallback):
         if self.reason is not None:
             control.should_training_stop = True
             control.should_save = self.reason == "shutdown"
+
+
+class PolledStop:
+    """``should_stop`` asked on a timer in a background thread, not on every step: the
+    training loop reads the latest answer (a reason, once seen, stays), and asks
+    ``immediate`` (in-memory flags: shutdown, a lost lease) every time."""
+
+    def __init__(
+        self,
+        should_stop: Callable[[], str | None],
+        every: float | None = None,
+        immediate: Callable[[], str | None] = lambda: None,
+    ) -> None:
+        self.ask, self.immediate, self.latest = should_stop, immediate, None
+        self.timer = Periodic("stop-poll", every or STOP_POLL_SECONDS, self.poll)
+
+    def poll(self) -> None:
+        """Ask now."""
+        self._keep(self.ask())
+
+    def _keep(self, reason: str | None) -> None:
+        """Keep the strongest reason seen."""
+        if STOP_REASONS.index(reason) > STOP_REASONS.index(self.latest):
+            self.latest = reason
+
+    def __call__(self) -> str | None:
+        self._keep(self.immediate())
+        return self.latest
+
+    def __enter__(self) -> PolledStop:
+        self.poll()
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.timer.stop()

@@ -226,7 +226,9 @@ def main(launch_path: str) -> None:
             pq.read_table(files.table("validation")) if launch_doc["validation"] else None,
             store=open_store(settings),
             report=_rank_report(files.progress),
-            should_stop=_rank_should_stop(files, launch_doc["worker_pid"]),
+            # a file and a process check: cheap enough for every step
+            should_stop=lambda: None,
+            immediate_stop=_rank_should_stop(files, launch_doc["worker_pid"]),
         )
     except Exception as exc:
         if first:

@@ -11,8 +11,9 @@ from typing import Any
 import pyarrow as pa
 from transformers import set_seed
 
-from services.trainer import callbacks, lora, train
+from services.trainer import callbacks, lora, probe, train
 from services.trainer.checkpoints import CheckpointStore
+from shared import planner
 from shared.jobspec import TrainingSpec
 from shared.modeling import load_tokenizer
 from shared.store import Store
@@ -30,6 +31,7 @@ class TrainJob:
     tokens_per_example: float
     processes: int = 1
     resume_from: str | None = None
+    rows: dict[str, int] | None = None  # planner.Rows of the train split, for the probe
 
     @property
     def spec(self) -> TrainingSpec:
@@ -50,10 +52,13 @@ def fit(
     store: Store,
     report: Callable[..., None],
     should_stop: Callable[[], str | None],
+    immediate_stop: Callable[[], str | None] = lambda: None,
 ) -> dict[str, Any]:
     """Train (resuming if asked); the first rank saves the adapter under output_dir/adapter.
 
-    The summary's ``stop_reason`` says why training ended early (None: it finished).
+    ``should_stop`` is asked every STOP_POLL_SECONDS off the training thread,
+    ``immediate_stop`` (cheap) at every step. The summary's ``stop_reason`` says why
+    training ended early (None: it finished).
     """
     spec, plan = job.spec, job.resolved
     tokenizer = load_tokenizer(job.base_model)
@@ -61,10 +66,40 @@ def fit(
     # trains the same model in any process (a worker that trained another job before too).
     set_seed(spec.seed)
     model = lora.build_model(job.base_model, spec, plan)
+    plan = _probed(job, model, plan)
+    with callbacks.PolledStop(should_stop, immediate=immediate_stop) as polled:
+        return _fit(job, model, tokenizer, plan, train_table, eval_table, store, report, polled)
+
+
+def _probed(job: TrainJob, model: Any, plan: lora.Plan) -> lora.Plan:
+    """On CUDA with batch_size auto: the planned batch checked by a probe step."""
+    if plan.device != "cuda" or job.spec.batch_size != "auto" or not job.rows:
+        return plan
+    return probe.on_device(
+        model,
+        plan,
+        planner.Rows(**job.rows),
+        effective_batch=job.spec.effective_batch_size,
+        processes=job.processes,
+    )
+
+
+def _fit(
+    job: TrainJob,
+    model: Any,
+    tokenizer: Any,
+    plan: lora.Plan,
+    train_table: pa.Table,
+    eval_table: pa.Table | None,
+    store: Store,
+    report: Callable[..., None],
+    should_stop: Callable[[], str | None],
+) -> dict[str, Any]:
+    spec = job.spec
     stop = callbacks.StopOnRequest(should_stop)
     progress = callbacks.Progress(
         report,
-        examples_per_step=spec.batch_size * spec.gradient_accumulation_steps * job.processes,
+        examples_per_step=plan.batch_size * plan.gradient_accumulation_steps * job.processes,
         tokens_per_example=job.tokens_per_example,
     )
     output = Path(job.output_dir)
@@ -83,6 +118,7 @@ def fit(
                 CheckpointStore(store, job.checkpoints_prefix),
                 stored=progress.checkpoint_stored,
                 every_minutes=spec.checkpoint_every_minutes,
+                plan=dataclasses.asdict(plan),
             ),
             stop,
         ],
@@ -92,4 +128,5 @@ def fit(
         model.save_pretrained(output / "adapter")
     summary["stop_reason"] = stop.reason
     summary["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    summary["plan"] = dataclasses.asdict(plan)
     return summary

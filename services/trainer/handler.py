@@ -1,25 +1,31 @@
 """Trainer: a prepared dataset → a LoRA adapter and its training log in the store.
 
-Training resumes from the job's latest stored checkpoint. A cancel request stops it within
-one optimizer step; SIGTERM stores a checkpoint and hands the job back to the queue. With
-several GPUs the ranks run under torchrun (``distributed``) and this process relays.
+Training resumes from the job's latest stored checkpoint, under the plan it was taken with.
+A cancel request stops it within a second and one optimizer step; SIGTERM stores a
+checkpoint and hands the job back to the queue. With several GPUs the ranks run under
+torchrun (``distributed``) and this process relays.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+from pathlib import Path
 from typing import Any
 
 from services.trainer import distributed, lora
+from services.trainer.callbacks import PLAN_FILE
 from services.trainer.checkpoints import CheckpointStore
 from services.trainer.fit import TrainJob, fit
+from shared import planner
 from shared.artifacts import read_split
 from shared.basemodel import resolve_base_model
 from shared.errors import Cancelled, Interrupted
 from shared.messages import ModelTrained, TrainModel
-from shared.modeling import versions
+from shared.modeling import device, versions
 from shared.stage import StageContext
+from shared.trainplan import model_shape
 
 
 def handle(command: TrainModel, ctx: StageContext) -> ModelTrained:
@@ -35,7 +41,6 @@ def handle(command: TrainModel, ctx: StageContext) -> ModelTrained:
 
 def _train(command: TrainModel, ctx: StageContext) -> dict[str, Any]:
     spec = ctx.spec(command)
-    plan = lora.resolve_plan(spec.training)
     dataset = ctx.manifest_at(command.dataset_manifest)
     table = read_split(ctx.store, dataset, "train", cache_dir=ctx.settings.cache_dir)
     validation = None
@@ -45,17 +50,24 @@ def _train(command: TrainModel, ctx: StageContext) -> dict[str, Any]:
     prefix = ctx.jobs.stage_prefix(command.job_id, "train")
     checkpoints = CheckpointStore(ctx.store, f"{prefix}/checkpoints")
     resume = checkpoints.download_latest(folder / "trainer")
+    base_model = resolve_base_model(
+        spec.base_model, store=ctx.store, cache_dir=ctx.settings.cache_dir
+    )
+    processes = distributed.processes(spec.training, device())
+    rows = planner.Rows.from_manifest(dataset)
+    plan = _resumed_plan(resume) or planner.resolve(
+        spec.training, model_shape(base_model), rows, processes=processes
+    )
     job = TrainJob(
-        base_model=resolve_base_model(
-            spec.base_model, store=ctx.store, cache_dir=ctx.settings.cache_dir
-        ),
+        base_model=base_model,
         training=spec.training.model_dump(mode="json"),
         plan=dataclasses.asdict(plan),
         output_dir=str(folder),
         checkpoints_prefix=checkpoints.prefix,
         tokens_per_example=_tokens_per_example(dataset),
-        processes=distributed.processes(spec.training, plan.device),
+        processes=processes,
         resume_from=str(resume) if resume else None,
+        rows=None if resume else dataclasses.asdict(rows),
     )
     ctx.progress(
         {"phase": "loading model", "plan": job.plan, "processes": job.processes}, force=True
@@ -74,19 +86,26 @@ def _train(command: TrainModel, ctx: StageContext) -> dict[str, Any]:
         )
     else:
         summary = fit(
-            job, table, validation, store=ctx.store, report=ctx.progress, should_stop=should_stop
+            job,
+            table,
+            validation,
+            store=ctx.store,
+            report=ctx.progress,
+            should_stop=should_stop,
+            immediate_stop=ctx.local_stop,
         )
     _raise_if_stopped(command, summary)
     ctx.store.upload_dir(folder / "adapter", f"{prefix}/adapter")
     ctx.store.put_json(f"{prefix}/log.json", summary.pop("log_history"))
     summary.pop("stop_reason")
+    job_plan = summary.pop("plan", job.plan)  # after the probe (CUDA)
     manifest = {
         **summary,
         "resumed_from_step": int(resume.name.split("-")[1]) if resume else None,
         "processes": job.processes,
         "adapter": ctx.store.uri(f"{prefix}/adapter"),
         "log": ctx.store.uri(f"{prefix}/log.json"),
-        "plan": job.plan,
+        "plan": job_plan,
         "base_model": spec.base_model,
         "versions": versions(),
     }
@@ -103,6 +122,17 @@ def _raise_if_stopped(command: TrainModel, summary: dict[str, Any]) -> None:
         raise Interrupted(f"worker stopping; checkpoint stored at step {steps}")
     if reason == "lost":
         raise Interrupted(f"lease lost at step {steps}; another worker owns the job")
+
+
+def _resumed_plan(checkpoint: Path | None) -> lora.Plan | None:
+    """The plan a checkpoint was taken under: a resumed run keeps its batch and data order."""
+    saved = checkpoint / PLAN_FILE if checkpoint else None
+    if saved is None or not saved.is_file():
+        return None
+    data = json.loads(saved.read_text())
+    return lora.Plan(
+        **{**data, "notes": (*data.get("notes", ()), "resumed: the checkpoint's plan")}
+    )
 
 
 def _tokens_per_example(dataset: dict[str, Any]) -> float:

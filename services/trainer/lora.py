@@ -2,51 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from services.trainer import kernels
 from services.trainer.ranks import local_rank
-from shared.errors import SpecError
 from shared.jobspec import TrainingSpec
-from shared.modeling import device, load_seq2seq
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What the trainer resolved from the spec for this machine."""
-
-    device: str
-    precision: str
-    quantization: str
-    notes: tuple[str, ...] = ()
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """Storage and compute dtype of the non-quantized weights."""
-        return torch.bfloat16 if self.precision == "bf16" else torch.float32
-
-
-def resolve_plan(spec: TrainingSpec, model_type: str = "t5") -> Plan:
-    """Resolve "auto" settings for the device; refuse what cannot work."""
-    dev = device()
-    notes = []
-    if spec.precision == "fp16" and model_type in ("t5", "mt5", "umt5"):
-        raise SpecError(
-            "training.precision: fp16 is refused for T5 models: their activations "
-            "overflow fp16's range and the loss becomes NaN; use bf16 or fp32"
-        )
-    precision = spec.precision
-    if precision == "auto":
-        bf16_ok = dev == "cuda" and torch.cuda.is_bf16_supported()
-        precision = "bf16" if bf16_ok else "fp32"
-        notes.append(f"precision auto -> {precision} on {dev}")
-    quantization = spec.quantization
-    if quantization == "auto":
-        quantization = "4bit" if dev == "cuda" else "none"
-        notes.append(f"quantization auto -> {quantization} on {dev}")
-    return Plan(device=dev, precision=precision, quantization=quantization, notes=tuple(notes))
+from shared.modeling import load_seq2seq
+from shared.planner import Plan
 
 
 def quantization_config(plan: Plan) -> Any:
@@ -75,11 +39,14 @@ def build_model(base_model: str, spec: TrainingSpec, plan: Plan) -> Any:
     model = load_seq2seq(
         base_model,
         dtype=plan.dtype,
+        attention=plan.attention,
         quantization_config=qconfig,
         device_map={"": local_rank()}
         if qconfig is not None and plan.device == "cuda"
         else ({"": "cpu"} if qconfig is not None else None),
     )
+    if spec.fused_layers:
+        kernels.fuse(model)
     if qconfig is not None:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=spec.gradient_checkpointing

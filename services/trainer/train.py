@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +12,12 @@ import pyarrow as pa
 import torch
 
 from services.trainer import ranks
+from services.trainer.batches import CountingCollator, GroupedTrainer, side_lengths
 from services.trainer.lora import Plan
 from shared.errors import OutOfMemory
 from shared.jobspec import TrainingSpec
+
+log = logging.getLogger(__name__)
 
 
 def to_dataset(table: pa.Table) -> Any:
@@ -26,19 +31,19 @@ def to_dataset(table: pa.Table) -> Any:
 VALIDATION_PASSES = 10
 
 
-def planned_steps(spec: TrainingSpec, train_rows: int) -> int:
+def planned_steps(spec: TrainingSpec, plan: Plan, train_rows: int) -> int:
     """Optimizer steps the run will take (max_steps, or the epochs over every process)."""
     if spec.max_steps > 0:
         return spec.max_steps
-    batches = math.ceil(train_rows / (spec.batch_size * ranks.world_size()))
-    return math.ceil(math.ceil(batches / spec.gradient_accumulation_steps) * spec.epochs)
+    batches = math.ceil(train_rows / (plan.batch_size * ranks.world_size()))
+    return math.ceil(math.ceil(batches / plan.gradient_accumulation_steps) * spec.epochs)
 
 
-def validation_every(spec: TrainingSpec, train_rows: int) -> int:
+def validation_every(spec: TrainingSpec, plan: Plan, train_rows: int) -> int:
     """Steps between validation passes: the spec's number, or about 10 passes a run."""
     if spec.validation_every_steps != "auto":
         return spec.validation_every_steps
-    return max(1, math.ceil(planned_steps(spec, train_rows) / VALIDATION_PASSES))
+    return max(1, math.ceil(planned_steps(spec, plan, train_rows) / VALIDATION_PASSES))
 
 
 def training_arguments(
@@ -54,8 +59,8 @@ def training_arguments(
 
     return Seq2SeqTrainingArguments(
         output_dir=str(output_dir),
-        per_device_train_batch_size=spec.batch_size,
-        gradient_accumulation_steps=spec.gradient_accumulation_steps,
+        per_device_train_batch_size=plan.batch_size,
+        gradient_accumulation_steps=plan.gradient_accumulation_steps,
         num_train_epochs=spec.epochs,
         max_steps=spec.max_steps,
         learning_rate=spec.learning_rate,
@@ -66,12 +71,13 @@ def training_arguments(
         logging_steps=spec.logging_steps,
         eval_strategy="steps" if evaluate else "no",
         eval_steps=eval_steps if evaluate else None,
-        per_device_eval_batch_size=spec.batch_size,
+        per_device_eval_batch_size=plan.batch_size,
         prediction_loss_only=True,
         save_strategy="steps",
         save_steps=spec.checkpoint_every_steps,
         save_total_limit=1,
-        optim=spec.optimizer,
+        optim=plan.optimizer,
+        torch_compile=plan.compile,
         report_to="none",
         seed=spec.seed,
         bf16=plan.precision == "bf16",
@@ -97,36 +103,29 @@ def train(
     callbacks: list[Any],
     resume_from: Path | None = None,
 ) -> dict[str, Any]:
-    """Train the adapter in place (resuming from a checkpoint); a summary and the log."""
-    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Seq2SeqTrainer
+    """Train the adapter in place (resuming from a checkpoint); a summary and the log.
 
-    collator = DataCollatorForSeq2Seq(
-        tokenizer,
-        model=model,
-        label_pad_token_id=-100,
-        pad_to_multiple_of=8 if plan.device == "cuda" else None,
-    )
-    trainer = Seq2SeqTrainer(
-        model=model,
-        args=training_arguments(
-            spec,
-            plan,
-            output_dir,
-            evaluate=eval_table is not None,
-            eval_steps=validation_every(spec, train_table.num_rows),
-        ),
-        train_dataset=to_dataset(train_table),
-        eval_dataset=to_dataset(eval_table) if eval_table is not None else None,
-        data_collator=collator,
-        processing_class=tokenizer,
-        callbacks=callbacks,
-    )
-    trainer.remove_callback(PrinterCallback)  # progress goes to events, not stdout
+    torch.compile failing (at the first step) falls back to training without it, logged.
+    """
+
+    def build(plan: Plan) -> Any:
+        data = (train_table, eval_table)
+        return _trainer(model, tokenizer, *data, spec, plan, output_dir, callbacks)
+
+    trainer = build(plan)
     finished = finished_state(resume_from)
     if finished is not None:
         return _restore_finished(trainer, finished, resume_from)
+    checkpoint = str(resume_from) if resume_from else None
     try:
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        try:
+            result = trainer.train(resume_from_checkpoint=checkpoint)
+        except Exception as exc:
+            if not (plan.compile and _compile_failure(exc)):
+                raise
+            log.warning("torch.compile failed, training without it: %s", str(exc)[:300])
+            trainer = build(replace(plan, compile=False))
+            result = trainer.train(resume_from_checkpoint=checkpoint)
     except torch.OutOfMemoryError as exc:
         raise OutOfMemory(out_of_memory_message(spec, plan, exc)) from exc
     runtime = result.metrics.get("train_runtime", 0.0)
@@ -136,10 +135,58 @@ def train(
         "train_loss": result.training_loss,
         "runtime_s": round(runtime, 2),
         "examples_per_s": result.metrics.get("train_samples_per_second"),
+        "padding_waste": trainer.data_collator.waste(),
         "validation": validation_summary(trainer.state.log_history, runtime),
         "log_history": trainer.state.log_history,
         "is_main": trainer.is_world_process_zero(),
     }
+
+
+def _trainer(
+    model: Any,
+    tokenizer: Any,
+    train_table: pa.Table,
+    eval_table: pa.Table | None,
+    spec: TrainingSpec,
+    plan: Plan,
+    output_dir: Path,
+    callbacks: list[Any],
+) -> Any:
+    from transformers import DataCollatorForSeq2Seq, PrinterCallback
+
+    collator = DataCollatorForSeq2Seq(
+        tokenizer,
+        model=model,
+        label_pad_token_id=-100,
+        pad_to_multiple_of=8 if plan.device == "cuda" else None,
+    )
+    trainer = GroupedTrainer(
+        model=model,
+        args=training_arguments(
+            spec,
+            plan,
+            output_dir,
+            evaluate=eval_table is not None,
+            eval_steps=validation_every(spec, plan, train_table.num_rows),
+        ),
+        train_dataset=to_dataset(train_table),
+        eval_dataset=to_dataset(eval_table) if eval_table is not None else None,
+        data_collator=CountingCollator(collator),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        lengths=side_lengths(train_table) if spec.group_by_length else None,
+    )
+    trainer.remove_callback(PrinterCallback)  # progress goes to events, not stdout
+    return trainer
+
+
+def _compile_failure(exc: BaseException) -> bool:
+    """Whether an error came from torch.compile (dynamo or inductor), not from training."""
+    while exc is not None:
+        if type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def validation_summary(log_history: list[dict[str, Any]], runtime_s: float) -> dict[str, Any]:
@@ -183,6 +230,7 @@ def _restore_finished(trainer: Any, state: Any, checkpoint: Path) -> dict[str, A
         "train_loss": sum(losses) / len(losses) if losses else None,
         "runtime_s": 0.0,
         "examples_per_s": None,
+        "padding_waste": None,
         "validation": validation_summary(state.log_history, 0.0),
         "log_history": state.log_history,
         "is_main": trainer.is_world_process_zero(),
@@ -192,8 +240,8 @@ def _restore_finished(trainer: Any, state: Any, checkpoint: Path) -> dict[str, A
 def out_of_memory_message(spec: TrainingSpec, plan: Plan, exc: Exception) -> str:
     """What ran out, with which sizes, and what to lower."""
     return (
-        f"out of {plan.device} memory with batch_size={spec.batch_size}, "
-        f"gradient_accumulation_steps={spec.gradient_accumulation_steps}, "
+        f"out of {plan.device} memory with batch_size={plan.batch_size}, "
+        f"gradient_accumulation_steps={plan.gradient_accumulation_steps}, "
         f"quantization={plan.quantization}, precision={plan.precision}, "
         f"gradient_checkpointing={spec.gradient_checkpointing}, LoRA r={spec.lora.r}: lower "
         "training.batch_size (raise gradient_accumulation_steps to keep the effective batch), "

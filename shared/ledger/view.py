@@ -9,12 +9,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from shared.messages import STAGES
+from shared.messages import ENDED, JOB_STATUSES, STAGES
 
-#: every status a job can have, and those it ends in ("paused": a stage run in-process
-#: finished and the next one waits for `termtune <stage> SPEC --job ID`)
-JOB_STATUSES = ("queued", "running", "paused", "succeeded", "failed", "rejected", "cancelled")
-ENDED = ("succeeded", "failed", "rejected", "cancelled")
+__all__ = ["ENDED", "JOB_STATUSES", "current_stage", "fold", "new_view"]
 _ENVELOPE = ("job_id", "schema_version", "message_id", "created_at", "type", "stage")
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,11 +31,11 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _up(tmp_path: Path) -> tuple[subprocess.Popen, dict[str, int], dict[str, str]]:
-    """`termtune up` on TERMTUNE_PORT and TERMTUNE_VAR_DIR; once it says it is up (its own
-    readiness check passed, the supervisor running), its services' pids."""
+def _up(tmp_path: Path, **settings: str) -> tuple[subprocess.Popen, dict[str, int], dict[str, str]]:
+    """`termtune up` on TERMTUNE_PORT and TERMTUNE_VAR_DIR (and other settings); once it says
+    it is up (its own readiness check passed, the supervisor running), its services' pids."""
     port, var = _free_port(), tmp_path / "var"
-    env = {**os.environ, "TERMTUNE_PORT": str(port), "TERMTUNE_VAR_DIR": str(var)}
+    env = {**os.environ, "TERMTUNE_PORT": str(port), "TERMTUNE_VAR_DIR": str(var), **settings}
     env.pop("TERMTUNE_API_URL", None)
     env.pop("TERMTUNE_API_KEY", None)
     launcher = subprocess.Popen(
@@ -81,13 +82,35 @@ def test_no_service_outlives_termtune_up(tmp_path, sig):
             launcher.kill()
 
 
+def _free_ports(count: int) -> int:
+    """The first of ``count`` consecutive ports free now."""
+    for _ in range(50):
+        base = _free_port()
+        try:
+            for offset in range(count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", base + offset))
+        except OSError:
+            continue
+        return base
+    raise AssertionError("no run of free ports")
+
+
 def test_termtune_up_starts_a_killed_service_again(tmp_path, tiny_model):
     """Issue 19: one `kill -9` of a worker ended every service in 7-11 s. Now the dead one is
-    started again (after a 1 s backoff) and the deployment keeps working."""
+    started again (after a 1 s backoff) and the deployment keeps working. Issue 23: with
+    TERMTUNE_METRICS_PORT each worker serves its metrics on its own port (the restarted one
+    on its old one), and with TERMTUNE_LOG_FORMAT=json its log lines are JSON carrying the
+    job they are about."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     from services.cli.client import Client
     from tests.factories import spec_dict
 
-    launcher, pids, env = _up(tmp_path)
+    metrics = _free_ports(5)
+    launcher, pids, env = _up(
+        tmp_path, TERMTUNE_METRICS_PORT=str(metrics), TERMTUNE_LOG_FORMAT="json"
+    )
     var = tmp_path / "var"
     try:
         os.kill(pids["dataprep"], signal.SIGKILL)
@@ -109,6 +132,20 @@ def test_termtune_up_starts_a_killed_service_again(tmp_path, tiny_model):
                 break
             time.sleep(0.5)
         assert prepare == "succeeded"  # the restarted data-prep took the job
+        scraped = httpx.get(f"http://127.0.0.1:{metrics + 1}/metrics", timeout=10).text
+        runs = {
+            (s.labels["stage"], s.labels["outcome"]): s.value
+            for family in text_string_to_metric_families(scraped)
+            for s in family.samples
+            if s.name == "termtune_stage_duration_seconds_count"
+        }
+        assert runs == {("prepare", "succeeded"): 1.0}
+        for offset in (2, 3, 4):  # trainer, evaluator, publisher: their own ports
+            assert httpx.get(f"http://127.0.0.1:{metrics + offset}/metrics").status_code == 200
+        lines = [json.loads(line) for line in (var / "logs" / "dataprep.log").open()]
+        about = [line for line in lines if line.get("job_id") == job["id"]]
+        assert about and {line["stage"] for line in about} == {"prepare"}, lines
+        assert {line["service"] for line in lines} == {"dataprep"}
     finally:
         launcher.send_signal(signal.SIGTERM)
         launcher.wait(timeout=60)

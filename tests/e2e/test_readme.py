@@ -60,7 +60,7 @@ def _subcommand(line: str) -> str:
     argv = _argv(line)
     if not argv or not argv[0].endswith("termtune"):
         return ""
-    return " ".join([argv[1], *(a for a in argv[2:] if a == "--imported")])
+    return " ".join([argv[1], *(a for a in argv[2:] if a in ("--imported", "--json"))])
 
 
 class Shell:
@@ -238,7 +238,18 @@ def test_the_readme_using_it_commands_work_as_written(workdir, bedrock, s3_endpo
                 # var/ was fresh: submit built the tiny model the example names
                 assert "building the embedded tiny model in var/models/tiny-flan-t5" in done.stderr
             elif command == "jobs":
-                assert f"{job_id}\tsucceeded" in out.splitlines()
+                rows = out.splitlines()
+                assert any(row.startswith(f"{job_id}\tsucceeded\t") for row in rows), out
+            elif command == "jobs --json":
+                listed = json.loads(out)
+                assert job_id in [j["id"] for j in listed], listed
+                assert {j["status"] for j in listed} == {"succeeded"}, listed
+                assert set(listed[0]) >= {"id", "name", "status", "model_name", "stages"}
+            elif command == "schema":
+                written = (workdir / "job-spec.schema.json").read_text(encoding="utf-8")
+                assert written == (ROOT / "docs" / "job-spec.schema.json").read_text("utf-8")
+            elif command == "--version":
+                assert re.fullmatch(r"termtune \d+\.\d+\.\d+\n", out), out
             elif command == "status":
                 job = json.loads(out)
                 assert job["status"] == "succeeded", job
@@ -267,7 +278,7 @@ def test_the_readme_using_it_commands_work_as_written(workdir, bedrock, s3_endpo
                 assert bedrock.calls_to("ListImportedModels"), "Bedrock was not asked"
             elif command == "delete-model":
                 assert out.strip() == "deleted medical-terms", out
-        assert {"submit", "status", "report", "invoke", "models --imported"} <= seen
+        assert {"submit", "status", "report", "invoke", "models --imported", "schema"} <= seen
     except BaseException:
         _print_logs(workdir, up_log)
         raise

@@ -10,9 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from services.api.deps import JobsDep, SettingsDep
 from shared.basemodel import base_model_config
 from shared.errors import NotFound, SpecError
-from shared.estimate import G5_INSTANCES, Prices, count_parameters, estimate
+from shared.estimate import G5_INSTANCES, Prices, estimate
 from shared.jobspec import parse_spec
 from shared.settings import BedrockSettings
+from shared.trainplan import model_shape
 
 router = APIRouter(tags=["estimate"])
 
@@ -56,7 +57,7 @@ def estimate_job(request: EstimateRequest, jobs: JobsDep, settings: SettingsDep)
             spec,
             dataset,
             instance_type=request.instance_type,
-            parameters=count_parameters(
+            shape=model_shape(
                 base_model_config(spec.base_model, store=jobs.store, cache_dir=settings.cache_dir)
             ),
             prices=prices,

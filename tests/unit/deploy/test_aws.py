@@ -362,3 +362,24 @@ def test_alarms_notify_an_encrypted_topic_and_optionally_an_email(resources):
     assert template["Conditions"]["HasAlarmEmail"] == {
         "Fn::Not": [{"Fn::Equals": [{"Ref": "AlarmEmail"}, ""]}]
     }
+
+
+@pytest.mark.parametrize("service", ["evaluator", "publisher"])
+def test_evaluator_and_publisher_can_run_on_the_gpu_instances(resources, service):
+    """EvaluatorPublisherCapacity=Gpu: EC2 tasks with one GPU on the trainers' capacity
+    provider and the -gpu image; Fargate (the default) otherwise."""
+    task, container = _container(resources, service)
+    assert task["RequiresCompatibilities"] == {"Fn::If": ["StagesOnGpu", ["EC2"], ["FARGATE"]]}
+    assert container["ResourceRequirements"]["Fn::If"][1] == [{"Type": "GPU", "Value": "1"}]
+    gpu_image, cpu_image = container["Image"]["Fn::If"][1:]
+    assert gpu_image["Fn::Sub"].endswith(f"/{service}:${{ImageTag}}-gpu")
+    assert cpu_image["Fn::Sub"].endswith(f"/{service}:${{ImageTag}}")
+    props = resources[f"{service.capitalize()}Service"]["Properties"]
+    strategy = props["CapacityProviderStrategy"]["Fn::If"][1]
+    assert strategy[0]["CapacityProvider"] == {"Ref": "GpuCapacityProvider"}
+    assert props["LaunchType"] == {"Fn::If": ["StagesOnGpu", {"Ref": "AWS::NoValue"}, "FARGATE"]}
+    template = yaml.safe_load(TEMPLATE.read_text())
+    assert template["Conditions"]["StagesOnGpu"] == {
+        "Fn::Equals": [{"Ref": "EvaluatorPublisherCapacity"}, "Gpu"]
+    }
+    assert template["Parameters"]["EvaluatorPublisherCapacity"]["Default"] == "Fargate"

@@ -396,7 +396,8 @@ def test_estimate_prices_a_prepared_job_on_a_g5_instance(app_env, trained_job):
     assert one["training"]["optimizer_steps"] == math.ceil(math.ceil(rows / 8) * 3)
     assert four["processes"] == 4  # data-parallel on the four GPUs: a quarter of the steps
     assert four["training"]["optimizer_steps"] == math.ceil(math.ceil(rows / 32) * 3)
-    assert four["training"]["tokens_per_s"] == 4 * one["training"]["tokens_per_s"]
+    # each figure rounded to a whole token/s
+    assert abs(four["training"]["tokens_per_s"] - 4 * one["training"]["tokens_per_s"]) <= 4
     assert one["training"]["cost_usd"] == round(one["training"]["hours"] * 1.006, 2)
     assert one["bedrock"]["custom_model_units"] == 1
     assert "assumed" in one["training"]["basis"] and "assumed" in one["bedrock"]["basis"]

@@ -103,3 +103,34 @@ def test_estimate_of_a_job_with_a_spec_builds_the_tiny_model(tmp_path, monkeypat
     assert main(["estimate", _spec(tmp_path, TINY), "--job", "j-1"]) == 0
     assert built == [Path(TINY)]
     assert fake.calls == [("estimate", "j-1")]
+
+
+_BUILD_TOKENIZER = """
+import sys
+from pathlib import Path
+from services.cli.tinymodel import build_tokenizer, corpus
+build_tokenizer(corpus(Path(sys.argv[1]))).save_pretrained(sys.argv[2])
+"""
+
+
+def test_the_tokenizer_is_the_same_from_build_to_build(tmp_path):
+    """The unigram trainer's scores and the order of its rarest characters change from
+    process to process (hash-map order); the ids did too, and the example's gate with them
+    (a clean-clone CI run refused the example that passed here). Built in two processes,
+    the tokenizers are byte for byte the same, the special tokens at T5's ids."""
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    data = Path(__file__).parents[3] / "data" / "medical_terms.jsonl"
+    for build in ("a", "b"):
+        subprocess.run(
+            [sys.executable, "-c", _BUILD_TOKENIZER, str(data), str(tmp_path / build)],
+            check=True,
+        )
+    first, second = ((tmp_path / b / "tokenizer.json").read_bytes() for b in ("a", "b"))
+    assert first == second
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "a")
+    assert [tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id] == [0, 1, 2]
+    assert tokenizer("What is Dexamethasone suppression test?").input_ids[-1] == 1

@@ -387,3 +387,61 @@ def test_html_says_no_warnings_and_reads_reports_without_a_data_section():
     assert "<li>dropped by cleaning: none</li><li>bad rows skipped: 0</li>" in page
     assert "<li>rows: all rows; kept train 1200, validation 150, test 145</li>" in page
     assert "<h2>Data</h2>" not in _page()  # a report.json written before it had one
+
+
+def test_generation_by_length_answers_in_the_tables_order(tiny_model):
+    """Rows taken longest first and put back: the same answers as one row at a time."""
+    import pyarrow as pa
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from services.evaluator import metrics
+    from shared.jobspec import DecodingSpec
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForSeq2SeqLM.from_pretrained(tiny_model)
+    prompts = ["What is Gout?", "What is Acromegaly of the pituitary gland?", "What is X?"] * 2
+    table = pa.table({"input_ids": tokenizer(prompts)["input_ids"]})
+    decoding = DecodingSpec(max_new_tokens=6)
+    done = []
+    batched = metrics.generate(
+        model, tokenizer, table, decoding=decoding, batch_size=4, on_batch=done.append
+    )
+    one_by_one = [
+        metrics.generate(model, tokenizer, table.slice(i, 1), decoding=decoding, batch_size=1,
+                         on_batch=lambda n: None)[0]
+        for i in range(table.num_rows)
+    ]  # fmt: skip
+    assert batched == one_by_one and done == [4, 6]
+    assert metrics.longest_first(table, "input_ids")[0] in (1, 4)
+
+
+def test_an_out_of_memory_batch_is_split_until_it_fits():
+    import pyarrow as pa
+    import torch
+
+    from services.evaluator import metrics
+
+    seen = []
+
+    def run(chunk):
+        seen.append(chunk.num_rows)
+        if chunk.num_rows > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return chunk.column("x").to_pylist()
+
+    table = pa.table({"x": list(range(7))})
+    assert metrics.halving(run, table) == list(range(7))
+    assert seen == [7, 3, 1, 2, 4, 2, 2]  # 7 -> 3 + 4, 3 -> 1 + 2, 4 -> 2 + 2
+
+
+def test_evaluation_batch_auto_is_sixteen_on_cpu(tiny_model):
+    import pyarrow as pa
+    from transformers import AutoModelForSeq2SeqLM
+
+    from services.evaluator import metrics
+    from shared.jobspec import DecodingSpec, EvaluationSpec
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(tiny_model)
+    table = pa.table({"input_ids": [[5, 6, 1]]})
+    assert metrics.batch_size(EvaluationSpec(), model, table, DecodingSpec()) == metrics.CPU_BATCH
+    assert metrics.batch_size(EvaluationSpec(batch_size=3), model, table, DecodingSpec()) == 3

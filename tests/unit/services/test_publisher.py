@@ -1,13 +1,15 @@
 import json
+import re
 import shutil
 
 import pytest
+import yaml
 from safetensors.torch import save_file
 
 from services.publisher import cmi, export
 from services.publisher.handler import handle
 from shared.errors import PreflightError, SpecError
-from shared.jobspec import parse_spec
+from shared.jobspec import DEFAULT_NOTICE, JobSpec, parse_spec
 
 
 def test_publishes_merged_model_and_registers_it(published):
@@ -80,15 +82,27 @@ def test_export_loads_and_generates_in_transformers_4_51_3(published):
     assert result["ids"] == ours[0].tolist()
 
 
-def test_model_card_describes_the_model_and_warns_it_is_not_medical_advice(published):
+def test_model_card_describes_the_model_with_hugging_face_metadata_and_the_notice(published):
     ctx, publish, event = published
     card = (ctx.store.path(ctx.store.key_of(event.location)) / "README.md").read_text()
-    assert card.startswith("---\n") and "base_model:" in card
-    assert "**Not medical advice.**" in card
+    _, header, _ = card.split("---\n", 2)
+    front = yaml.safe_load(header)
     spec = ctx.spec(publish)
+    assert front["base_model"] == spec.base_model and "datasets" not in front  # a local file
+    assert "license" not in front  # none named: the base model's and the data's govern
+    assert front["tags"] == ["termtune", "lora-merged", "t5"] and front["language"] == ["en"]
+    (entry,) = front["model-index"]
+    (result,) = entry["results"]
+    assert entry["name"] == spec.model_name
+    assert result["dataset"] == {"type": "custom", "name": "medical_terms.jsonl", "split": "test"}
+    report = ctx.manifest_at(publish.evaluation_manifest)
+    assert [m["type"] for m in result["metrics"]] == report["metric_order"]
+    rouge = next(m for m in result["metrics"] if m["type"] == "rougeL")
+    assert rouge["value"] == round(report["metrics"]["rougeL"]["tuned"], 4)
+    assert rouge["verified"] is False
+    assert f"**Notice.** {DEFAULT_NOTICE}" in card and "medical advice" not in card.lower()
     lora = spec.training.lora
     assert f"| LoRA r / alpha / dropout | {lora.r} / {lora.alpha} / {lora.dropout} |" in card
-    report = ctx.manifest_at(publish.evaluation_manifest)
     loss = report["metrics"]["loss"]
     assert f"| loss | {loss['base']:.4f} | {loss['tuned']:.4f} |" in card
     counts = ctx.manifest_at(publish.dataset_manifest)["counts"]
@@ -387,3 +401,45 @@ def test_the_registry_keeps_a_name_for_its_first_job(ctx):
     assert ctx.jobs.model("terms")["location"] == "file:///a2"
     ctx.jobs.register_model("terms", {"job_id": "b", "location": "file:///b"}, overwrite=True)
     assert ctx.jobs.model("terms")["job_id"] == "b"
+
+
+def test_the_cards_notice_license_tags_and_hub_dataset_come_from_the_spec():
+    from services.publisher.card import front_matter
+
+    spec = JobSpec(
+        name="terms",
+        dataset={"source": "gamino/wiki_medical_terms"},
+        publish={
+            "card": {
+                "notice": "Not medical advice.",
+                "license": "apache-2.0",
+                "tags": ["medical", "t5"],
+                "language": ["en", "de"],
+            }
+        },
+    )
+    metrics = {"loss": {"base": 3.0, "tuned": 2.123456}, "bleu": {"base": 1.0, "tuned": None}}
+    front = front_matter(spec, {"metric_order": ["loss", "bleu"], "metrics": metrics})
+    assert front["datasets"] == ["gamino/wiki_medical_terms"] and front["license"] == "apache-2.0"
+    assert front["tags"] == ["termtune", "lora-merged", "t5", "medical"]
+    assert front["language"] == ["en", "de"]
+    (result,) = front["model-index"][0]["results"]
+    assert result["dataset"]["type"] == "gamino/wiki_medical_terms"
+    assert result["metrics"] == [
+        {"type": "loss", "name": "loss (tuned; base 3.0000)", "value": 2.1235, "verified": False}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("card", "field"),
+    [
+        ({"notice": "ok\x07"}, "publish.card.notice"),
+        ({"notice": ""}, "publish.card.notice"),
+        ({"license": "Apache 2.0"}, "publish.card.license"),
+        ({"tags": ["Has Space"]}, "publish.card.tags.0"),
+        ({"language": ["english"]}, "publish.card.language.0"),
+    ],
+)
+def test_a_bad_card_setting_is_refused_naming_the_field(card, field):
+    with pytest.raises(SpecError, match=re.escape(field)):
+        parse_spec({"name": "terms", "publish": {"card": card}})

@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from services.trainer import lora
+from shared import planner
 from shared.errors import SpecError
 from shared.jobspec import TrainingSpec
+from tests.unit.shared.test_planner import ROWS, T5_LARGE
 
 
 def test_trained_job_stores_adapter_and_log(trained_job):
@@ -14,12 +16,16 @@ def test_trained_job_stores_adapter_and_log(trained_job):
     manifest = ctx.jobs.manifest(job_id, "train")
     assert manifest["steps"] == 6 == trained_job["trained"].steps
     assert manifest["train_loss"] > 0
-    assert manifest["plan"] == {
+    plan = manifest["plan"]
+    assert {k: plan[k] for k in ("device", "precision", "quantization", "optimizer")} == {
         "device": "cpu",
         "precision": "fp32",
         "quantization": "none",
-        "notes": ["precision auto -> fp32 on cpu", "quantization auto -> none on cpu"],
+        "optimizer": "adamw_torch_fused",
     }
+    assert (plan["batch_size"], plan["gradient_accumulation_steps"]) == (8, 1)
+    assert (plan["attention"], plan["compile"]) == ("sdpa", False)
+    assert "precision auto -> fp32 on cpu" in plan["notes"]
     adapter_keys = ctx.store.list(ctx.store.key_of(manifest["adapter"]))
     assert {k.rsplit("/", 1)[-1] for k in adapter_keys} >= {
         "adapter_config.json",
@@ -47,7 +53,7 @@ def test_rerun_with_manifest_is_a_no_op(trained_job):
 
 def test_fp16_is_refused_for_t5_with_the_reason():
     with pytest.raises(SpecError, match=r"training.precision: fp16 .* overflow"):
-        lora.resolve_plan(TrainingSpec(precision="fp16"))
+        planner.resolve(TrainingSpec(precision="fp16"), T5_LARGE, ROWS, dev="cpu")
 
 
 def test_nf4_double_quant_config_matches_the_notebook():
@@ -59,10 +65,15 @@ def test_nf4_double_quant_config_matches_the_notebook():
 
 
 def test_lora_wraps_all_linear_layers(tiny_model):
-    plan = lora.resolve_plan(TrainingSpec())
+    plan = planner.resolve(TrainingSpec(), T5_LARGE, ROWS, dev="cpu")
     model = lora.build_model(str(tiny_model), TrainingSpec(), plan)
     config = model.peft_config["default"]
-    assert (config.r, config.lora_alpha, config.lora_dropout) == (64, 16, 0.1)
+    assert (config.r, config.lora_alpha, config.lora_dropout) == (64, 16, 0.0)
+    assert model.config._attn_implementation == "sdpa"
+    notebook = TrainingSpec(recipe="notebook")
+    model = lora.build_model(str(tiny_model), notebook, planner.resolve(notebook, T5_LARGE, ROWS))
+    assert model.peft_config["default"].lora_dropout == 0.1
+    assert model.config._attn_implementation == "eager"
     wrapped = {n.split(".")[-1] for n, _ in model.named_modules() if n.endswith("lora_A")}
     assert wrapped == {"lora_A"}
     names = {n.rsplit(".", 2)[-2] for n, _ in model.named_modules() if n.endswith(".lora_A")}
@@ -152,9 +163,15 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(ctx, prepared,
     assert manifest["resumed_from_step"] == 2 and manifest["steps"] == 6
 
 
-def test_cancel_stops_within_one_optimizer_step(ctx, prepared):
+def test_cancel_stops_within_one_poll_and_one_optimizer_step(ctx, prepared, monkeypatch):
+    """The cancel request is read off the training thread every STOP_POLL_SECONDS; a step
+    longer than that (here step 3, made slow) is the last one."""
+    import time
+
+    from services.trainer import callbacks
     from shared.errors import Cancelled
 
+    monkeypatch.setattr(callbacks, "STOP_POLL_SECONDS", 0.05)
     steps = []
 
     def progress(data, *, force=False):
@@ -162,6 +179,7 @@ def test_cancel_stops_within_one_optimizer_step(ctx, prepared):
             steps.append(data["step"])
             if data["step"] == 2:
                 ctx.jobs.request_cancel("job-1")
+                time.sleep(0.5)  # several polls go by during step 3
 
     with pytest.raises(Cancelled, match="cancelled at step 3"):
         _run(ctx, prepared, progress)
@@ -328,3 +346,24 @@ def test_validation_runs_on_its_own_clock_in_the_step_records(ctx, tiny_model):
     validation = ctx.jobs.manifest("job-v", "train")["validation"]
     assert validation["passes"] == 10 and validation["every_steps"] == 3  # "auto": ~10 a run
     assert 0 < validation["share_of_training_time"] < 1
+
+
+def test_fused_layers_compute_the_same_model(tiny_model):
+    from transformers import AutoModelForSeq2SeqLM
+
+    from services.trainer import kernels
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(tiny_model).eval()
+    ids = torch.tensor([[5, 6, 7, 1], [8, 9, 1, 0]])
+    labels = torch.tensor([[4, 5, 1], [6, 1, -100]])
+    before = model(input_ids=ids, labels=labels)
+    done = kernels.fuse(model)
+    after = model(input_ids=ids, labels=labels)
+    encoder, decoder = model.config.num_layers, model.config.num_decoder_layers
+    norms = 2 * encoder + 3 * decoder + 2  # each block's, plus each stack's final norm
+    assert done == [
+        f"{encoder + decoder} gelu_new -> torch gelu(tanh)",
+        f"{norms} T5LayerNorm -> torch rms_norm",
+    ]
+    assert torch.allclose(before.logits, after.logits, atol=1e-5)
+    assert after.loss.item() == pytest.approx(before.loss.item(), abs=1e-5)

@@ -8,7 +8,7 @@ from shared.jobspec import JobSpec, load_spec, parse_spec, template_fields
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def test_defaults_are_the_notebook_recipe():
+def test_defaults_are_the_notebooks_task_with_termtunes_recipe():
     spec = JobSpec(name="medical-terms")
     assert spec.base_model == "google/flan-t5-large"
     assert spec.dataset.source == "gamino/wiki_medical_terms"
@@ -19,11 +19,18 @@ def test_defaults_are_the_notebook_recipe():
     assert spec.dataset.max_target_length_cap == 512
     assert (spec.dataset.max_rows, spec.dataset.sample) == (None, "random")
     lora = spec.training.lora
-    assert (lora.r, lora.alpha, lora.dropout, lora.target_modules) == (64, 16, 0.1, "all-linear")
-    assert spec.training.batch_size == 1
-    assert spec.training.gradient_accumulation_steps == 2
+    assert (lora.r, lora.alpha, lora.dropout, lora.target_modules) == (64, 16, 0.0, "all-linear")
+    assert spec.training.recipe == "termtune"
+    assert (spec.training.batch_size, spec.training.gradient_accumulation_steps) == ("auto", "auto")
+    assert spec.training.effective_batch_size == 32
     assert spec.training.epochs == 1
     assert spec.training.quantization == "auto"
+    notebook = JobSpec(name="medical-terms", training={"recipe": "notebook"}).training
+    assert (notebook.lora.dropout, notebook.batch_size, notebook.gradient_accumulation_steps) == (
+        0.1,
+        1,
+        2,
+    )
 
 
 def test_every_field_is_documented():

@@ -1,0 +1,175 @@
+"""Operator calls per optimizer step: the notebook's recipe against termtune's, by variant.
+
+    python -m bench.kernels [--width 1024] [--source 32] [--target 64]
+
+A randomly initialised model of flan-t5-large's shape (24 + 24 layers, 16 heads, d_model
+1024, gated-GELU d_ff 2816, vocabulary 32128), LoRA r=64 on every linear layer, batch 1 and
+no accumulation, trained through the trainer's own code path (``services.trainer.train``)
+on CPU; one optimizer step (the third) profiled with torch's profiler. Counted: the aten
+operators called from Python, the autograd engine and the optimizer (top level: the calls
+that each launch kernels on a GPU), and of those the ones that compute (views and metadata
+ops such as ``t``, ``reshape`` or ``detach`` launch nothing). The counts do not depend on
+the width or the lengths (``--width`` only makes the run quicker); the time a step takes
+does. Prints figures; nothing here is a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+#: aten ops that only make views or read metadata (no kernel on a GPU), unless they copy
+VIEW_OPS = {
+    "aten::t", "aten::reshape", "aten::view", "aten::transpose", "aten::detach",
+    "aten::expand", "aten::as_strided", "aten::narrow", "aten::slice", "aten::select",
+    "aten::unsqueeze", "aten::squeeze", "aten::permute", "aten::alias", "aten::lift_fresh",
+    "aten::detach_", "aten::_unsafe_view", "aten::unflatten", "aten::flatten",
+    "aten::resolve_conj", "aten::resolve_neg", "aten::contiguous", "aten::to",
+    "aten::view_as", "aten::split", "aten::chunk", "aten::unbind", "aten::_reshape_alias",
+}  # fmt: skip
+VARIANTS: list[tuple[str, dict[str, Any]]] = [
+    ("notebook recipe (eager attention, LoRA dropout 0.1, AdamW for-loop)", {"recipe": "notebook"}),
+    ("+ SDPA attention", {"recipe": "notebook", "attention": "sdpa"}),
+    ("+ no LoRA dropout", {"recipe": "notebook", "attention": "sdpa", "lora": {"dropout": 0.0}}),
+    ("+ fused AdamW", {"recipe": "notebook", "attention": "sdpa", "lora": {"dropout": 0.0},
+                       "optimizer": "adamw_torch_fused"}),
+    ("termtune default (+ torch's gelu(tanh) and rms_norm)", {"recipe": "termtune"}),
+]  # fmt: skip
+
+
+def build_model(folder: Path, width: int) -> Path:
+    """flan-t5-large's shape (scaled in width only) with random weights and a tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    from services.cli.tinymodel import build_tiny_t5
+    from tests.factories import SAMPLE_DATA
+
+    tiny = build_tiny_t5(folder / "tiny", data_file=SAMPLE_DATA)
+    scale = width / 1024
+    config = T5Config(
+        vocab_size=32128, d_model=width, d_kv=max(1, round(64 * scale)), d_ff=round(2816 * scale),
+        num_layers=24, num_decoder_layers=24, num_heads=16, feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False, dropout_rate=0.1, decoder_start_token_id=0, pad_token_id=0,
+        eos_token_id=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(config).save_pretrained(folder / "model")
+    AutoTokenizer.from_pretrained(tiny).save_pretrained(folder / "model")
+    return folder / "model"
+
+
+def counter() -> Any:
+    """A Trainer callback that profiles the third optimizer step and counts its operators."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+
+    class Count(TrainerCallback):
+        counts: dict[str, int] = {}
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            if state.global_step == 2:
+                self.prof = profile(activities=[ProfilerActivity.CPU])
+                self.prof.__enter__()
+                self.start = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            if state.global_step == 3:
+                seconds = time.perf_counter() - self.start
+                self.prof.__exit__(None, None, None)
+                self.counts = {**count_ops(self.prof.events()), "seconds": seconds}
+
+    return Count()
+
+
+def count_ops(events: Any) -> dict[str, int]:
+    """Top-level aten calls, and those that compute."""
+    top = [
+        e
+        for e in events
+        if e.name.startswith("aten::")
+        and (e.cpu_parent is None or not e.cpu_parent.name.startswith(("aten::", "autograd::")))
+    ]
+    return {"calls": len(top), "compute": sum(map(computes, top))}
+
+
+def computes(event: Any) -> bool:
+    """Whether an op runs a kernel: not a view op, or one that copied (``to`` a new dtype,
+    ``reshape`` or ``contiguous`` of a strided tensor)."""
+    return event.name not in VIEW_OPS or any(map(computes, event.cpu_children))
+
+
+def run_variant(model_dir: Path, overrides: dict[str, Any], source: int, target: int) -> dict:
+    """One variant through services.trainer.train; its counts and the profiled step's time."""
+    import pyarrow as pa
+    import torch
+    from transformers import AutoTokenizer
+
+    from services.trainer import lora, train
+    from shared import planner
+    from shared.jobspec import TrainingSpec
+    from shared.trainplan import model_shape
+
+    spec = TrainingSpec.model_validate(
+        {"batch_size": 1, "gradient_accumulation_steps": 1, "max_steps": 3,
+         "checkpoint_every_steps": 1000, "logging_steps": 1000, **overrides}
+    )  # fmt: skip
+    rows = planner.Rows(4, source, target)
+    plan = planner.resolve(spec, model_shape(str(model_dir)), rows, dev="cpu")
+    torch.manual_seed(0)
+    model = lora.build_model(str(model_dir), spec, plan)
+    gen = torch.Generator().manual_seed(0)
+    table = pa.table(
+        {
+            "input_ids": [torch.randint(2, 32000, (source,), generator=gen).tolist()] * 4,
+            "labels": [torch.randint(2, 32000, (target,), generator=gen).tolist()] * 4,
+        }
+    )
+    count = counter()
+    with tempfile.TemporaryDirectory() as out:
+        train.train(
+            model,
+            AutoTokenizer.from_pretrained(model_dir),
+            table,
+            spec=spec,
+            plan=plan,
+            output_dir=Path(out),
+            callbacks=[count],
+        )
+    return {**count.counts, "plan": plan}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--width", type=int, default=1024, help="d_model (1024: flan-t5-large)")
+    parser.add_argument("--source", type=int, default=32)
+    parser.add_argument("--target", type=int, default=64)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-kernels-") as tmp:
+        print(f"building flan-t5-large's shape at width {args.width}...", flush=True)
+        model_dir = build_model(Path(tmp), args.width)
+        rows = []
+        for label, overrides in VARIANTS:
+            result = run_variant(model_dir, overrides, args.source, args.target)
+            plan = result["plan"]
+            print(
+                f"  {label}: {result['calls']:,} calls, {result['compute']:,} computing, "
+                f"step {result['seconds']:.2f} s ({plan.attention}, {plan.optimizer})",
+                flush=True,
+            )
+            rows.append((label, result))
+    base = rows[0][1]
+    print(f"batch 1, {args.source} + {args.target} tokens, one optimizer step, CPU")
+    print(f"{'variant':<70} {'calls':>7} {'vs nb':>6} {'compute':>8} {'vs nb':>6} {'step s':>7}")
+    for label, r in rows:
+        print(
+            f"{label:<70} {r['calls']:>7,} {base['calls'] / r['calls']:>5.2f}x "
+            f"{r['compute']:>8,} {base['compute'] / r['compute']:>5.2f}x {r['seconds']:>7.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""The training plan for this machine: device, precision, quantization, batch and kernels.
+
+Every "auto" in the training spec is resolved here, each with the reason in ``notes`` (the
+trainer prints them, stores them with the job, and ``termtune estimate`` shows the same
+plan for an instance's GPU). The batch comes from ``shared.trainplan``'s memory model; on
+CUDA ``probe`` then runs a step at the planned batch on the longest rows and halves it on
+out-of-memory.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import Any
+
+from shared import trainplan
+from shared.errors import SpecError
+from shared.jobspec import TrainingSpec
+from shared.modeling import device as current_device
+
+T5_TYPES = ("t5", "mt5", "umt5")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the trainer resolved from the spec for this machine."""
+
+    device: str
+    precision: str
+    quantization: str
+    notes: tuple[str, ...] = ()
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    optimizer: str = "adamw_torch"
+    attention: str = "sdpa"
+    compile: bool = False
+    token_budget: int | None = None  # the per-device batch x the longest rows' tokens
+    memory_gib: float | None = None  # the device memory the plan was sized for
+
+    @property
+    def dtype(self) -> Any:
+        """Storage and compute dtype of the non-quantized weights (a torch.dtype)."""
+        import torch
+
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The prepared train split's size and longest rows (from the data-prep manifest)."""
+
+    count: int
+    source_tokens: int
+    target_tokens: int
+
+    @classmethod
+    def from_manifest(cls, dataset: dict) -> Rows:
+        """Rows of a data-prep manifest (longest kept lengths of the train split)."""
+        stats = dataset.get("tokens", {}).get("train", {})
+        return cls(
+            count=int(dataset.get("counts", {}).get("train", 0)),
+            source_tokens=int(stats.get("source", {}).get("max", 0)) or 1,
+            target_tokens=int(stats.get("target", {}).get("max", 0)) or 1,
+        )
+
+    @property
+    def longest(self) -> int:
+        """Tokens of the longest source plus the longest target."""
+        return self.source_tokens + self.target_tokens
+
+
+def device_memory(dev: str) -> int:
+    """Free memory of the device training runs on (CUDA), or available RAM (CPU)."""
+    if dev == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        return int(free)
+    pages = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(pages)
+
+
+def resolve(
+    spec: TrainingSpec,
+    shape: trainplan.ModelShape,
+    rows: Rows,
+    *,
+    processes: int = 1,
+    dev: str | None = None,
+    memory_bytes: int | None = None,
+    bf16: bool | None = None,
+) -> Plan:
+    """Resolve every "auto" of the spec for this device (this machine's unless given: its
+    kind, free memory and bf16 support); refuse what cannot work."""
+    dev = dev or current_device()
+    notes: list[str] = []
+    precision = _precision(spec, shape.model_type, dev, _bf16(dev) if bf16 is None else bf16, notes)
+    memory = memory_bytes if memory_bytes is not None else device_memory(dev)
+    quantization = _quantization(spec, shape, rows, dev, memory, precision, processes, notes)
+    dtype_bytes = 2 if precision == "bf16" else 4
+    attention = "sdpa" if spec.attention == "auto" else spec.attention
+    per_example = trainplan.example_bytes(
+        shape,
+        rows.source_tokens,
+        rows.target_tokens,
+        dtype_bytes=dtype_bytes,
+        gradient_checkpointing=spec.gradient_checkpointing,
+        eager_attention=attention == "eager",
+    )
+    fixed = trainplan.weight_bytes(shape, quantization, dtype_bytes) + trainplan.adapter_bytes(
+        shape, spec.lora.r
+    )
+    fits = trainplan.fitting_batch(memory, fixed, per_example) if dev == "cuda" else None
+    batch = trainplan.plan_batch(
+        wanted_batch=None if spec.batch_size == "auto" else spec.batch_size,
+        wanted_accumulation=None
+        if spec.gradient_accumulation_steps == "auto"
+        else spec.gradient_accumulation_steps,
+        effective_batch=spec.effective_batch_size,
+        processes=processes,
+        fits=fits,
+        example_bytes=per_example,
+        fixed_bytes=fixed,
+        longest_tokens=rows.longest,
+    )
+    notes.append(
+        f"batch {batch.batch_size} x accumulation {batch.gradient_accumulation_steps} x "
+        f"{processes} process(es) = {batch.effective_batch_size}: {batch.reason}"
+    )
+    optimizer = _optimizer(spec, notes)
+    if spec.fused_layers:
+        notes.append("fused layers: torch's gelu(tanh) and rms_norm in place of T5's")
+    compile_model = _compile(spec, dev, quantization, notes)
+    return Plan(
+        device=dev,
+        precision=precision,
+        quantization=quantization,
+        notes=tuple(notes),
+        batch_size=batch.batch_size,
+        gradient_accumulation_steps=batch.gradient_accumulation_steps,
+        optimizer=optimizer,
+        attention=attention,
+        compile=compile_model,
+        token_budget=batch.token_budget,
+        memory_gib=round(memory / trainplan.GIB, 1),
+    )
+
+
+def _bf16(dev: str) -> bool:
+    import torch
+
+    return dev == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def _precision(spec: TrainingSpec, model_type: str, dev: str, bf16: bool, notes: list[str]) -> str:
+    if spec.precision == "fp16" and model_type in T5_TYPES:
+        raise SpecError(
+            "training.precision: fp16 is refused for T5 models: their activations "
+            "overflow fp16's range and the loss becomes NaN; use bf16 or fp32"
+        )
+    if spec.precision != "auto":
+        return spec.precision
+    precision = "bf16" if bf16 and dev == "cuda" else "fp32"
+    notes.append(f"precision auto -> {precision} on {dev}")
+    return precision
+
+
+def _quantization(
+    spec: TrainingSpec,
+    shape: trainplan.ModelShape,
+    rows: Rows,
+    dev: str,
+    memory: int,
+    precision: str,
+    processes: int,
+    notes: list[str],
+) -> str:
+    if spec.quantization != "auto":
+        return spec.quantization
+    if dev != "cuda":
+        notes.append(f"quantization auto -> none on {dev} (bitsandbytes' 4-bit needs CUDA)")
+        return "none"
+    if spec.recipe == "notebook" or precision != "bf16":
+        why = "the notebook's recipe" if spec.recipe == "notebook" else f"{precision} compute"
+        notes.append(f"quantization auto -> 4bit ({why})")
+        return "4bit"
+    wanted = (
+        spec.batch_size if spec.batch_size != "auto" else -(-spec.effective_batch_size // processes)
+    )
+    choice, why = trainplan.choose_quantization(
+        shape,
+        available_bytes=memory,
+        r=spec.lora.r,
+        source_tokens=rows.source_tokens,
+        target_tokens=rows.target_tokens,
+        wanted_batch=wanted,
+        gradient_checkpointing=spec.gradient_checkpointing,
+    )
+    notes.append(f"quantization auto -> {choice}: {why}")
+    return choice
+
+
+def _optimizer(spec: TrainingSpec, notes: list[str]) -> str:
+    if spec.optimizer != "auto":
+        return spec.optimizer
+    notes.append("optimizer auto -> adamw_torch_fused (one kernel for every parameter)")
+    return "adamw_torch_fused"
+
+
+def _compile(spec: TrainingSpec, dev: str, quantization: str, notes: list[str]) -> bool:
+    if spec.compile != "auto":
+        return spec.compile == "on"
+    if dev != "cuda":
+        notes.append(f"compile auto -> off on {dev} (compiling takes longer than it saves)")
+        return False
+    if quantization != "none":
+        notes.append(f"compile auto -> off ({quantization} bitsandbytes weights break graphs)")
+        return False
+    notes.append("compile auto -> on (torch.compile of the model)")
+    return True
+
+
+def backed_off(plan: Plan, batch: int, effective: int, processes: int, why: str) -> Plan:
+    """The plan with a smaller per-device batch and the accumulation that keeps the
+    effective batch."""
+    accumulation = max(1, -(-effective // (batch * processes)))
+    per_row = (plan.token_budget or plan.batch_size) // plan.batch_size
+    return replace(
+        plan,
+        batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        token_budget=batch * per_row,
+        notes=(*plan.notes, why),
+    )

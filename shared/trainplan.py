@@ -1,0 +1,267 @@
+"""How much an encoder-decoder LoRA step holds in memory, and the batch and precision that fit.
+
+Pure arithmetic on a model's shape (read from its config) and the prepared data's longest
+rows, shared by the trainer (which then checks the figure on CUDA with a short probe that
+backs off on out-of-memory) and by ``termtune estimate`` (which plans for an instance's GPU).
+
+The memory of a step is the weights (by quantization), the adapter with its gradient and
+Adam's two moments (fp32), and the activations kept for the backward pass: per encoder
+token and per decoder token, by layer, from the widths of the attention and feed-forward
+blocks, the attention bias the T5 stacks expand over the batch, and the logits (kept in the
+compute dtype, upcast to fp32 for the loss, and their gradient). The activation
+coefficients are calibrated on the H200 record of 2026-11-28 (flan-t5-large's shape, bf16
+LoRA r=64 on every linear layer, 128 + 256 tokens: 12.7 GiB at batch 8 and 42.8 GiB at
+batch 32, i.e. 1.25 GiB an example); with eager attention, as that run had, the model gives
+12.7 and 42.8 GiB.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+GIB = 2**30
+#: share of the device's free memory a plan may fill (the rest: allocator fragmentation)
+MEMORY_FRACTION = 0.85
+#: kept back for the CUDA context, cuBLAS workspaces and kernels' scratch
+RESERVED_BYTES = 1 * GIB
+#: fp32 adapter weight, its gradient and AdamW's two moments
+ADAPTER_BYTES_PER_PARAMETER = 16
+#: the per-device batch quantization "auto" wants to reach in bf16 before it takes nf4
+MIN_BF16_BATCH = 8
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory model needs from an encoder-decoder's config and modules."""
+
+    parameters: int
+    linear_parameters: int  # in the Linear layers bitsandbytes quantizes (not the LM head)
+    lora_dims: int  # sum of in + out features over the Linear layers LoRA adapts
+    d_model: int
+    d_ff: int
+    heads: int
+    encoder_layers: int
+    decoder_layers: int
+    vocab: int
+    dropout: float  # the model's own dropout (its masks are kept for the backward)
+    model_type: str = "t5"
+    encoder_matmul_parameters: int = 0  # weights a source token is multiplied by
+    decoder_matmul_parameters: int = 0  # ...and a target token (the LM head included)
+
+    def training_flops(self, source_tokens: float, target_tokens: float) -> float:
+        """FLOPs to train on one example with the base frozen: forward 2 and backward 2
+        (activation gradients only) per weight, each half charged for its own tokens."""
+        return 4 * (
+            self.encoder_matmul_parameters * source_tokens
+            + self.decoder_matmul_parameters * target_tokens
+        )
+
+    def adapter_parameters(self, r: int) -> int:
+        """Trainable parameters of a rank-r LoRA adapter on every adapted Linear layer."""
+        return r * self.lora_dims
+
+
+def weight_bytes(shape: ModelShape, quantization: str, dtype_bytes: int) -> int:
+    """The frozen weights: nf4 is half a byte a weight plus its double-quantized scales."""
+    others = shape.parameters - shape.linear_parameters
+    per_linear = {"4bit": 0.5 + 0.5 / 64 * 1.1, "8bit": 1.0 + 4 / 64}.get(quantization)
+    if per_linear is None:
+        return shape.parameters * dtype_bytes
+    return int(shape.linear_parameters * per_linear + others * dtype_bytes)
+
+
+def adapter_bytes(shape: ModelShape, r: int) -> int:
+    """The adapter, its gradient and the optimizer's moments, all fp32."""
+    return shape.adapter_parameters(r) * ADAPTER_BYTES_PER_PARAMETER
+
+
+def example_bytes(
+    shape: ModelShape,
+    source_tokens: int,
+    target_tokens: int,
+    *,
+    dtype_bytes: int,
+    gradient_checkpointing: bool = False,
+    eager_attention: bool = False,
+) -> int:
+    """Activations one example of these lengths keeps for the backward pass.
+
+    With a bf16 model peft runs the fp32 adapter on an fp32 copy of each adapted layer's
+    input, kept for the backward pass too; eager attention also keeps its probabilities
+    (and their dropout mask), which SDPA recomputes.
+    """
+    d, f, b = shape.d_model, shape.d_ff, dtype_bytes
+    mask = 1 if shape.dropout > 0 else 0  # dropout keeps a byte-per-value mask
+    copy = 4 if dtype_bytes != 4 else 0  # peft's fp32 copies of the adapted layers' inputs
+    if gradient_checkpointing:  # each layer's input, plus one layer recomputed at a time
+        encoder = shape.encoder_layers * b * d + b * (12 * d + 4 * f)
+        decoder = shape.decoder_layers * b * d + b * (22 * d + 4 * f)
+        cross = 2 * b * d  # one layer's keys and values over the source
+    else:
+        encoder = shape.encoder_layers * (
+            b * (12 * d + 4 * f) + mask * (3 * d + f) + copy * (6 * d + f)
+        )
+        decoder = shape.decoder_layers * (
+            b * (22 * d + 4 * f) + mask * (4 * d + f) + copy * (8 * d + f)
+        )
+        cross = shape.decoder_layers * (2 * b * d + copy * 2 * d)
+    logits = shape.vocab * (b + 4 + 4)
+    pairs = source_tokens**2 + target_tokens**2 + source_tokens * target_tokens
+    bias = shape.heads * pairs * b  # the position bias and mask, expanded over the batch
+    if eager_attention and not gradient_checkpointing:
+        layers_pairs = shape.encoder_layers * source_tokens**2 + shape.decoder_layers * (
+            target_tokens**2 + source_tokens * target_tokens
+        )
+        bias += shape.heads * layers_pairs * (2 * b + mask)
+    return int(source_tokens * (encoder + cross) + target_tokens * (decoder + logits) + bias)
+
+
+def generation_row_bytes(
+    shape: ModelShape, source_tokens: int, new_tokens: int, *, dtype_bytes: int, beams: int = 1
+) -> int:
+    """What one row of batched generation holds: the encoder's output, every decoder
+    layer's keys and values over the source (cross) and the answer so far (self), and the
+    step's logits in fp32, for each beam."""
+    d, b = shape.d_model, dtype_bytes
+    cache = shape.decoder_layers * 2 * d * b * (source_tokens + new_tokens)
+    return int(source_tokens * d * b * 4 + beams * (cache + shape.vocab * 4 * 2))
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """The per-device batch, the accumulation that keeps the effective batch, and why."""
+
+    batch_size: int
+    gradient_accumulation_steps: int
+    effective_batch_size: int  # examples per optimizer update over every process
+    fits: int | None  # examples the memory model says fit (None: not memory-bound here)
+    example_bytes: int
+    fixed_bytes: int  # weights and adapter state
+    token_budget: int  # batch x the longest rows' tokens
+    reason: str
+
+
+def fitting_batch(available_bytes: int, fixed_bytes: int, per_example: int) -> int:
+    """How many examples fit beside the fixed part (0: not even one)."""
+    room = int(available_bytes * MEMORY_FRACTION) - RESERVED_BYTES - fixed_bytes
+    return max(0, room // max(per_example, 1))
+
+
+def plan_batch(
+    *,
+    wanted_batch: int | None,
+    wanted_accumulation: int | None,
+    effective_batch: int,
+    processes: int,
+    fits: int | None,
+    example_bytes: int,
+    fixed_bytes: int,
+    longest_tokens: int,
+) -> BatchPlan:
+    """Per-device batch and accumulation from the spec's numbers or "auto" (None).
+
+    "auto" takes the effective batch's share per device, capped by what fits; the
+    accumulation then makes up the rest of the effective batch.
+    """
+    share = math.ceil(effective_batch / processes)
+    if wanted_batch is not None:
+        batch, why = wanted_batch, f"batch_size {wanted_batch} from the spec"
+    elif fits is None:
+        batch, why = share, f"the effective batch {effective_batch} over {processes} process(es)"
+    else:
+        batch = max(1, min(share, fits))
+        why = (
+            f"{fits} example(s) of the longest rows ({longest_tokens} tokens) fit in memory; "
+            f"the effective batch {effective_batch} asks {share} a device"
+        )
+    if wanted_accumulation is not None:
+        accumulation = wanted_accumulation
+    else:
+        accumulation = max(1, math.ceil(effective_batch / (batch * processes)))
+    return BatchPlan(
+        batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        effective_batch_size=batch * accumulation * processes,
+        fits=fits,
+        example_bytes=example_bytes,
+        fixed_bytes=fixed_bytes,
+        token_budget=batch * longest_tokens,
+        reason=why,
+    )
+
+
+def choose_quantization(
+    shape: ModelShape,
+    *,
+    available_bytes: int,
+    r: int,
+    source_tokens: int,
+    target_tokens: int,
+    wanted_batch: int,
+    gradient_checkpointing: bool,
+) -> tuple[str, str]:
+    """bf16 LoRA when the weights and the wanted batch (or 8) fit; else nf4; and why."""
+    per_example = example_bytes(
+        shape, source_tokens, target_tokens, dtype_bytes=2,
+        gradient_checkpointing=gradient_checkpointing,
+    )  # fmt: skip
+    fixed = weight_bytes(shape, "none", 2) + adapter_bytes(shape, r)
+    fits = fitting_batch(available_bytes, fixed, per_example)
+    needed = min(wanted_batch, MIN_BF16_BATCH)
+    memory = f"{available_bytes / GIB:.1f} GiB"
+    if fits >= needed:
+        return "none", (
+            f"bf16 weights ({fixed / GIB:.1f} GiB with the adapter state) leave room for "
+            f"{fits} example(s) of {source_tokens}+{target_tokens} tokens in {memory}: "
+            "no quantization needed"
+        )
+    return "4bit", (
+        f"bf16 weights and adapter state ({fixed / GIB:.1f} GiB) leave room for only {fits} "
+        f"example(s) of {source_tokens}+{target_tokens} tokens in {memory} (wanted "
+        f"{needed}): nf4 4-bit QLoRA"
+    )
+
+
+def model_shape(base_model: str) -> ModelShape:
+    """The shape of a model from its config alone (modules built on the meta device)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    config = AutoConfig.from_pretrained(base_model)
+    with init_empty_weights():
+        model = AutoModelForSeq2SeqLM.from_config(config)
+    model.tie_weights()  # on the meta device the shared embeddings are not tied yet
+    return shape_from(model, config)
+
+
+def shape_from(model: object, config: object) -> ModelShape:
+    """ModelShape of a built (possibly meta-device) model and its config."""
+    from torch import nn
+
+    head = model.get_output_embeddings()  # type: ignore[attr-defined]
+    linears = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.Linear) and m is not head  # type: ignore[attr-defined]
+    ]
+
+    def matmul(stack: object) -> int:
+        return sum(m.weight.numel() for m in stack.modules() if isinstance(m, nn.Linear))  # type: ignore[attr-defined]
+
+    get = lambda *names: next(getattr(config, n) for n in names if getattr(config, n, None))  # noqa: E731
+    return ModelShape(
+        parameters=sum(p.numel() for p in model.parameters()),  # type: ignore[attr-defined]
+        linear_parameters=sum(m.weight.numel() for m in linears),
+        lora_dims=sum(m.in_features + m.out_features for m in linears),
+        d_model=get("d_model", "hidden_size"),
+        d_ff=get("d_ff", "encoder_ffn_dim", "intermediate_size"),
+        heads=get("num_heads", "encoder_attention_heads", "num_attention_heads"),
+        encoder_layers=get("num_layers", "encoder_layers"),
+        decoder_layers=get("num_decoder_layers", "decoder_layers", "num_layers"),
+        vocab=get("vocab_size"),
+        dropout=float(getattr(config, "dropout_rate", getattr(config, "dropout", 0.0)) or 0.0),
+        model_type=str(getattr(config, "model_type", "")),
+        encoder_matmul_parameters=matmul(model.get_encoder()),  # type: ignore[attr-defined]
+        decoder_matmul_parameters=matmul(model.get_decoder()) + head.weight.numel(),
+    )

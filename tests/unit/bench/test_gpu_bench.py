@@ -1,0 +1,26 @@
+"""The GPU benchmark's code path, run small on CPU: a GPU session's minutes are scarce."""
+
+import json
+import subprocess
+import sys
+
+from tests.factories import ROOT
+
+
+def test_the_gpu_benchmark_runs_the_trainers_code_path_on_cpu():
+    """`python -m bench.gpu_qlora --smoke`, as the README gives it (with this venv's python)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_qlora", "--smoke"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    head, mode = (json.loads(line) for line in lines)
+    assert head["card"] == "CPU" and head["steps"] == 8
+    assert mode["mode"] == "auto plan (termtune default)"
+    assert (mode["batch"], mode["accumulation"], mode["quantization"]) == (32, 1, "none")
+    assert mode["examples_per_s"] > 0 and mode["flops_per_example"] > 0
+    assert mode["operator_calls"] > 1000  # the profiled step's operators were counted

@@ -1,0 +1,92 @@
+"""Length grouping by both sides on real glossaries, and the padding it leaves."""
+
+import json
+
+import pyarrow as pa
+import pytest
+import torch
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from services.trainer.batches import CountingCollator, TwoSidedSampler, side_lengths
+from tests.unit.services.test_dataprep_truth import SHARED_DATA, needs_glossaries
+
+
+def _glossary_table(tokenizer, name):
+    rows = [json.loads(line) for line in (SHARED_DATA / name).read_text().splitlines()]
+    return pa.table(
+        {
+            "input_ids": tokenizer([f"What is {r['term']}" for r in rows])["input_ids"],
+            "labels": tokenizer([r["definition"] for r in rows], truncation=True, max_length=128)[
+                "input_ids"
+            ],
+        }
+    )
+
+
+def _waste(table, order, batch):
+    sources = [len(x) for x in table.column("input_ids").to_pylist()]
+    targets = [len(x) for x in table.column("labels").to_pylist()]
+    real = padded = 0
+    for i in range(0, len(order), batch):
+        chunk = order[i : i + batch]
+        real += sum(sources[j] + targets[j] for j in chunk)
+        padded += len(chunk) * (max(sources[j] for j in chunk) + max(targets[j] for j in chunk))
+    return 1 - real / padded
+
+
+@needs_glossaries
+@pytest.mark.parametrize(
+    ("name", "batch", "at_most"),
+    [
+        ("cdc_plain_language_thesaurus.jsonl", 16, 0.20),  # short terms and short definitions
+        ("symptom_ontology.jsonl", 8, 0.10),  # definitions a sentence or two long
+    ],
+)
+def test_grouping_by_both_sides_halves_the_padding_of_a_glossary(tiny_model, name, batch, at_most):
+    from transformers import AutoTokenizer
+
+    table = _glossary_table(AutoTokenizer.from_pretrained(tiny_model), name)
+    torch.manual_seed(0)
+    ours = list(TwoSidedSampler(batch, *side_lengths(table)))
+    torch.manual_seed(0)
+    by_source = list(
+        LengthGroupedSampler(batch, lengths=[len(x) for x in table.column("input_ids").to_pylist()])
+    )
+    torch.manual_seed(0)
+    shuffled = torch.randperm(table.num_rows).tolist()
+    assert sorted(ours) == list(range(table.num_rows))  # every row once
+    assert _waste(table, ours, batch) < at_most
+    assert _waste(table, ours, batch) < _waste(table, by_source, batch) / 2
+    assert _waste(table, by_source, batch) <= _waste(table, shuffled, batch) + 0.02
+
+
+def test_the_collator_counts_real_tokens_and_padded_positions(tiny_model):
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    counting = CountingCollator(DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100))
+    assert counting.waste() == {"source": None, "target": None, "all": None}
+    counting(
+        [{"input_ids": [5, 6, 1], "labels": [7, 1]}, {"input_ids": [5, 1], "labels": [7, 8, 9, 1]}]
+    )
+    # source: 5 tokens in 2 x 3 positions; target: 6 tokens in 2 x 4 positions
+    assert counting.waste() == {"source": round(1 / 6, 4), "target": 0.25, "all": round(3 / 14, 4)}
+
+
+def test_batches_stay_whole_when_cut_every_batch_rows_and_change_order_each_epoch():
+    """The DataLoader cuts the sampler's order every ``batch`` rows: only the last piece
+    may be short, every piece is one planned batch, the longest comes first."""
+    torch.manual_seed(0)
+    sources = [int(x) for x in torch.randint(3, 20, (1003,))]
+    targets = [int(x) for x in torch.randint(3, 300, (1003,))]
+    sampler = TwoSidedSampler(16, sources, targets)
+    first, second = list(sampler), list(sampler)
+    assert sorted(first) == list(range(1003)) and first != second
+    pieces = [first[i : i + 16] for i in range(0, 1003, 16)]
+    assert [len(p) for p in pieces[:-1]] == [16] * (len(pieces) - 1) and len(pieces[-1]) == 11
+    spread = [max(targets[i] for i in p) - min(targets[i] for i in p) for p in pieces[:-1]]
+    assert sorted(spread)[len(spread) // 2] < 30  # grouped: the median batch spans < 30 tokens
+    tokens = [len(p) * (max(sources[i] for i in p) + max(targets[i] for i in p)) for p in pieces]
+    assert tokens[0] == max(tokens[:-1])
+    order = [max(targets[i] for i in p) for p in pieces[1:-1]]
+    assert order != sorted(order) and order != sorted(order, reverse=True)  # not a curriculum

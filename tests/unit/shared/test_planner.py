@@ -1,0 +1,208 @@
+"""The memory model, the batch and quantization plan, and the probe's back-off."""
+
+import pytest
+import torch
+
+from services.trainer import callbacks, probe
+from shared import planner, trainplan
+from shared.errors import OutOfMemory
+from shared.jobspec import TrainingSpec
+
+GIB = trainplan.GIB
+#: flan-t5-large's shape, as trainplan.model_shape reads it from the config
+T5_LARGE = trainplan.ModelShape(
+    parameters=750_251_008,
+    linear_parameters=717_225_984,
+    lora_dims=1_142_784,
+    d_model=1024,
+    d_ff=2816,
+    heads=16,
+    encoder_layers=24,
+    decoder_layers=24,
+    vocab=32128,
+    dropout=0.1,
+    encoder_matmul_parameters=308_281_344,
+    decoder_matmul_parameters=441_843_712,
+)
+#: the GPU record's rows: 128 source and 256 target tokens
+ROWS = planner.Rows(count=4800, source_tokens=128, target_tokens=256)
+A10G = 22 * GIB
+
+
+def test_the_shape_is_read_from_a_config(tiny_model):
+    shape = trainplan.model_shape(str(tiny_model))
+    assert shape.model_type == "t5"
+    assert 0 < shape.linear_parameters < shape.parameters
+    assert shape.lora_dims > 0 and shape.encoder_layers > 0 and shape.vocab > 0
+
+
+def test_the_memory_model_matches_the_h200_record():
+    """bf16 LoRA r=64, eager attention, 128 + 256 tokens: 12.7 GiB at 8, 42.8 GiB at 32."""
+    fixed = trainplan.weight_bytes(T5_LARGE, "none", 2) + trainplan.adapter_bytes(T5_LARGE, 64)
+    per = trainplan.example_bytes(T5_LARGE, 128, 256, dtype_bytes=2, eager_attention=True)
+    for batch, measured in ((8, 12.7), (32, 42.8)):
+        assert (fixed + batch * per) / GIB == pytest.approx(measured, rel=0.05)
+    sdpa = trainplan.example_bytes(T5_LARGE, 128, 256, dtype_bytes=2)
+    checkpointed = trainplan.example_bytes(
+        T5_LARGE, 128, 256, dtype_bytes=2, gradient_checkpointing=True
+    )
+    assert checkpointed < sdpa < per
+    nf4, bf16 = (trainplan.weight_bytes(T5_LARGE, q, 2) for q in ("4bit", "none"))
+    assert nf4 < bf16 / 2
+
+
+def test_on_an_a10g_flan_t5_large_trains_in_bf16_with_the_effective_batch_kept():
+    plan = planner.resolve(TrainingSpec(), T5_LARGE, ROWS, dev="cuda", memory_bytes=A10G, bf16=True)
+    assert (plan.quantization, plan.precision) == ("none", "bf16")
+    assert 8 <= plan.batch_size < 32  # memory-bound: fewer than the effective batch fit
+    assert plan.batch_size * plan.gradient_accumulation_steps >= 32
+    assert plan.token_budget == plan.batch_size * ROWS.longest
+    assert plan.compile and plan.optimizer == "adamw_torch_fused" and plan.attention == "sdpa"
+    assert any(n.startswith("quantization auto -> none: bf16 weights") for n in plan.notes)
+
+
+def test_a_small_gpu_takes_nf4_and_says_why():
+    plan = planner.resolve(
+        TrainingSpec(), T5_LARGE, ROWS, dev="cuda", memory_bytes=8 * GIB, bf16=True
+    )
+    assert plan.quantization == "4bit"
+    assert not plan.compile  # bitsandbytes weights: compile stays off, with the reason
+    assert any("leave room for only" in n for n in plan.notes)
+    assert any("compile auto -> off (4bit" in n for n in plan.notes)
+
+
+def test_a_gpu_too_small_for_one_example_still_plans_batch_one():
+    plan = planner.resolve(
+        TrainingSpec(), T5_LARGE, ROWS, dev="cuda", memory_bytes=2 * GIB, bf16=True
+    )
+    assert (plan.quantization, plan.batch_size, plan.gradient_accumulation_steps) == (
+        "4bit",
+        1,
+        32,
+    )
+
+
+def test_on_cpu_the_effective_batch_is_shared_between_processes():
+    spec = TrainingSpec(effective_batch_size=32)
+    plan = planner.resolve(spec, T5_LARGE, ROWS, dev="cpu", memory_bytes=24 * GIB, processes=2)
+    assert (plan.batch_size, plan.gradient_accumulation_steps) == (16, 1)
+    assert (plan.quantization, plan.precision, plan.compile) == ("none", "fp32", False)
+
+
+def test_a_batch_from_the_spec_gets_the_accumulation_that_keeps_the_effective_batch():
+    spec = TrainingSpec(batch_size=8, effective_batch_size=64)
+    plan = planner.resolve(spec, T5_LARGE, ROWS, dev="cpu", memory_bytes=24 * GIB)
+    assert (plan.batch_size, plan.gradient_accumulation_steps) == (8, 8)
+    both = TrainingSpec(batch_size=8, gradient_accumulation_steps=3)
+    plan = planner.resolve(both, T5_LARGE, ROWS, dev="cpu", memory_bytes=24 * GIB)
+    assert (plan.batch_size, plan.gradient_accumulation_steps) == (8, 3)
+
+
+def test_recipe_notebook_is_exactly_the_old_defaults():
+    spec = TrainingSpec(recipe="notebook")
+    assert (spec.batch_size, spec.gradient_accumulation_steps, spec.learning_rate) == (1, 2, 2e-4)
+    assert (spec.optimizer, spec.attention, spec.compile) == ("adamw_torch", "eager", "off")
+    assert (spec.lora.r, spec.lora.alpha, spec.lora.dropout) == (64, 16, 0.1)
+    cuda = planner.resolve(spec, T5_LARGE, ROWS, dev="cuda", memory_bytes=80 * GIB, bf16=True)
+    assert (cuda.quantization, cuda.precision, cuda.batch_size) == ("4bit", "bf16", 1)
+    assert (cuda.gradient_accumulation_steps, cuda.optimizer) == (2, "adamw_torch")
+    assert not cuda.compile
+    cpu = planner.resolve(spec, T5_LARGE, ROWS, dev="cpu", memory_bytes=24 * GIB)
+    assert (cpu.quantization, cpu.precision) == ("none", "fp32")
+
+
+def test_what_the_spec_sets_beats_the_recipe():
+    spec = TrainingSpec.model_validate(
+        {"recipe": "notebook", "batch_size": 8, "lora": {"r": 8}, "learning_rate": 0.01}
+    )
+    assert (spec.batch_size, spec.gradient_accumulation_steps, spec.learning_rate) == (8, 2, 0.01)
+    assert (spec.lora.r, spec.lora.dropout) == (8, 0.1)
+
+
+def _oom_above(limit: int, peak_per_example: int = GIB):
+    tried = []
+
+    def run(batch: int) -> int:
+        tried.append(batch)
+        if batch > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return batch * peak_per_example
+
+    return run, tried
+
+
+def test_the_probe_halves_the_batch_until_it_fits():
+    plan = planner.resolve(TrainingSpec(), T5_LARGE, ROWS, dev="cuda", memory_bytes=A10G, bf16=True)
+    run, tried = _oom_above(5)
+    probed = probe.fit_batch(
+        plan, run=run, effective_batch=32, processes=1, total_bytes=80 * GIB, optimizer_bytes=0
+    )
+    assert tried == [plan.batch_size, plan.batch_size // 2, plan.batch_size // 4][: len(tried)]
+    assert probed.batch_size <= 5 and tried[-1] == probed.batch_size
+    assert probed.batch_size * probed.gradient_accumulation_steps >= 32
+    assert probed.token_budget == probed.batch_size * ROWS.longest
+    assert "did not fit" in probed.notes[-1]
+
+
+def test_the_probe_keeps_a_batch_that_fits_and_counts_the_optimizer():
+    plan = planner.resolve(TrainingSpec(), T5_LARGE, ROWS, dev="cuda", memory_bytes=A10G, bf16=True)
+    run, tried = _oom_above(1000)
+    kept = probe.fit_batch(
+        plan, run=run, effective_batch=32, processes=1, total_bytes=80 * GIB, optimizer_bytes=0
+    )
+    assert kept is plan and tried == [plan.batch_size]
+    # the step fits, but not with the optimizer's moments beside it: backs off too
+    run, tried = _oom_above(1000, peak_per_example=4 * GIB)
+    smaller = probe.fit_batch(
+        plan, run=run, effective_batch=32, processes=1, total_bytes=24 * GIB, optimizer_bytes=GIB
+    )
+    assert smaller.batch_size * 4 + 1 <= 24 * trainplan.MEMORY_FRACTION
+
+
+def test_the_probe_fails_with_what_to_lower_when_one_example_does_not_fit():
+    plan = planner.resolve(
+        TrainingSpec(), T5_LARGE, ROWS, dev="cuda", memory_bytes=2 * GIB, bf16=True
+    )
+    run, _ = _oom_above(0)
+    with pytest.raises(OutOfMemory, match="max_target_length.*gradient_checkpointing"):
+        probe.fit_batch(
+            plan, run=run, effective_batch=32, processes=1, total_bytes=2 * GIB, optimizer_bytes=0
+        )
+
+
+def test_stop_requests_are_asked_on_a_timer_not_every_step():
+    asked = []
+    answers = iter([None, None, "cancel", None])
+
+    def should_stop():
+        asked.append(1)
+        return next(answers, None)
+
+    flags = []  # the in-memory flags (shutdown), read at every step
+    with callbacks.PolledStop(
+        should_stop, every=0.05, immediate=lambda: next(iter(flags), None)
+    ) as polled:
+        reads = [polled() for _ in range(10_000)]  # the training loop's steps
+        assert len(asked) <= 2  # asked once at the start, maybe once by the timer
+        while polled() is None:
+            pass
+        assert polled() == "cancel"  # a reason, once seen, stays
+        flags.append("shutdown")
+        assert polled() == "shutdown"  # at once, and it outranks cancel
+    assert reads[0] is None
+
+
+def test_mfu_charges_each_half_for_its_own_tokens():
+    """The H200 record's best row (bf16 LoRA, batch 32: 19,615 tokens/s of 128 + 256 a row)
+    is ~3.2% of 989 TFLOPS, not the 8.9% that 6 x every parameter x every token gave."""
+    examples_per_s = 19_615 / (128 + 256)
+    mfu = T5_LARGE.training_flops(128, 256) * examples_per_s / 989e12
+    assert mfu == pytest.approx(0.0315, abs=0.0005)
+    assert 6 * T5_LARGE.parameters * 19_615 / 989e12 == pytest.approx(0.089, abs=0.001)
+
+
+def test_the_shape_splits_the_weights_between_the_halves(tiny_model):
+    shape = trainplan.model_shape(str(tiny_model))
+    assert shape.encoder_matmul_parameters > 0
+    assert shape.decoder_matmul_parameters > shape.encoder_matmul_parameters  # cross-attention
+    assert shape.training_flops(10, 0) == 4 * shape.encoder_matmul_parameters * 10
