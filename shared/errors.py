@@ -17,6 +17,7 @@
     │   ├── StoreUnavailable      the object store could not be reached
     │   ├── LedgerUnavailable     the job database could not be reached
     │   ├── Interrupted           the worker is stopping; the stage resumes elsewhere
+│   ├── TrackingUnavailable   the experiment tracking server failed a call
     │   └── ProcessFailed         a child process (a data-parallel rank) died
     ├── Conflict                  the request contradicts the job's state (409)
     └── NotFound (+ KeyError)     a job, artifact or model that does not exist
@@ -95,6 +96,10 @@ class LedgerUnavailable(RetryableError):
 
 class LedgerSchemaError(PermanentError):
     """The job database's schema is newer than this termtune knows, or not a ledger."""
+
+
+class TrackingUnavailable(RetryableError):
+    """The experiment tracking server (MLflow) could not be reached or refused a call."""
 
 
 class Conflict(TermtuneError):

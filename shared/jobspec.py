@@ -513,6 +513,33 @@ class PublishSpec(_Section):
         return value
 
 
+class TrackingSpec(_Section):
+    """Experiment tracking: one run a job, from training to the registered model."""
+
+    backend: Literal["none", "mlflow", "tensorboard"] | None = Field(
+        None,
+        description='"mlflow": the job\'s parameters, training curves, evaluation (metrics '
+        "with intervals, samples, the HTML page) and a registered model version per export "
+        "go to the deployment's MLflow server (TERMTUNE_MLFLOW_TRACKING_URI). "
+        '"tensorboard": the parameters, curves and evaluation scalars as TensorBoard event '
+        'files in the store (jobs/<id>/tracking/tensorboard/). "none": '
+        "termtune's own record only. Unset: the deployment's TERMTUNE_TRACKING, fixed when "
+        "the job is submitted.",
+    )
+    experiment: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._/-]*$",
+        description="MLflow experiment of the run (default: termtune/<job name>).",
+    )
+    register_model: bool = Field(
+        True,
+        description="Register the exported model in MLflow's model registry (a version under "
+        "the published model name, tagged with the job id, digest and Bedrock ARN).",
+    )
+
+
 class JobSpec(_Section):
     """A termtune job: teach a base model a domain's terms, check it, publish it."""
 
@@ -524,6 +551,9 @@ class JobSpec(_Section):
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="The training.")
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="The check.")
     publish: PublishSpec = Field(default_factory=PublishSpec, description="The shipping.")
+    tracking: TrackingSpec = Field(
+        default_factory=TrackingSpec, description="Experiment tracking (MLflow)."
+    )
     decoding: DecodingSpec = Field(
         default_factory=DecodingSpec,
         description="One decoding: evaluated, exported and served (after publish: checked "

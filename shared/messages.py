@@ -148,6 +148,8 @@ class ModelTrained(Event):
     manifest: str
     train_loss: float | None
     steps: int
+    tracking: dict[str, Any] | None = None
+    """The job's experiment-tracking run (backend, run_id, experiment_id, url), if tracked."""
 
 
 class ModelEvaluated(Event):
@@ -159,6 +161,8 @@ class ModelEvaluated(Event):
     passed: bool
     publish: bool
     reasons: list[str] = Field(default_factory=list)
+    timing: dict[str, Any] | None = None
+    """How long the base and tuned models took to answer the test split, on which device."""
 
 
 class ModelPublished(Event):
@@ -170,6 +174,8 @@ class ModelPublished(Event):
     model_name: str
     target: str
     location: str
+    registered_model: dict[str, Any] | None = None
+    """The model registry's version of this export (name, version, source), if tracked."""
 
 
 class StageFailed(Event):

@@ -87,6 +87,19 @@ class Settings(BaseSettings):
         description="A stage service's Prometheus metrics port (0: none; the API serves "
         "/metrics on its own port).",
     )
+    tracking: Literal["none", "mlflow", "tensorboard"] = Field(
+        "none", description="Experiment tracking of jobs whose spec leaves tracking.backend unset."
+    )
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking server (http://host:5000) the stages log runs to and "
+        "register models in.",
+    )
+    mlflow_ui_url: str | None = Field(
+        None,
+        description="Base of the run links the web page and CLI show (default: the tracking "
+        "URI when it is http(s)).",
+    )
     sqs_region: str | None = Field(None, description="SQS region (default: AWS_DEFAULT_REGION).")
     sqs_visibility_seconds: int = Field(
         900,

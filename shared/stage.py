@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared import worker_metrics
+from shared import tracking, worker_metrics
 from shared.errors import Cancelled, Interrupted, LedgerUnavailable, PermanentError
 from shared.jobs import JobRecords
 from shared.jobspec import JobSpec, parse_spec
@@ -82,6 +82,16 @@ class StageContext:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         return folder
+
+    def tracked_run(
+        self, command: Command, training: dict[str, Any], stage: str
+    ) -> tracking.TrackedRun | None:
+        """The job's experiment-tracking run the trainer opened (None: not tracked)."""
+        ref = training.get("tracking")
+        if not ref:
+            return None
+        folder = self.scratch(command, "tracking")
+        return tracking.attach(ref, self.settings, store=self.store, folder=folder, stage=stage)
 
 
 Handler = Callable[[Command, StageContext], Event]
@@ -157,6 +167,7 @@ def run_stage(
     except Cancelled:
         cancelled = JobCancelled(job_id=command.job_id, stage=stage)
         jobs.record(cancelled, send=[cancelled] if dispatch else [])
+        end_run(ctx, command, "KILLED")
         return cancelled
     except Interrupted:
         raise  # not a failure: the worker requeues the command
@@ -181,6 +192,19 @@ def run_stage(
             permanent=permanent,
         )
         jobs.record(failed, send=[failed] if dispatch else [])
+        end_run(ctx, command, "FAILED")
         return failed
     jobs.record(event, send=[event, next_command(command, event)] if dispatch else [])
     return event
+
+
+def end_run(ctx: StageContext, command: Command, status: str) -> None:
+    """The job ended in this stage: its experiment-tracking run (opened by the trainer)
+    ends with it."""
+    if STAGE_OF_COMMAND[command.type] == "prepare":  # type: ignore[attr-defined]
+        return
+    try:
+        spec = ctx.spec(command)
+    except Exception:  # noqa: BLE001 - an unreadable spec is the stage's own failure
+        return
+    tracking.end_quietly(command.job_id, spec, ctx.settings, status)

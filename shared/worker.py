@@ -41,7 +41,7 @@ from shared.outbox import Relay, relay_once
 from shared.periodic import Periodic
 from shared.pipeline import next_command
 from shared.settings import Settings
-from shared.stage import Handler, StageContext, run_stage
+from shared.stage import Handler, StageContext, end_run, run_stage
 from shared.store import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -245,6 +245,7 @@ class Worker:
         )
         log.error("%s: %s", command.job_id, failed.error)
         self.ctx.jobs.record(failed, send=[failed])
+        end_run(self.ctx, command, "FAILED")
         return failed
 
     def _parse(self, body: Any) -> Command:

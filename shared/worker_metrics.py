@@ -60,11 +60,23 @@ PEAK_MEMORY = Gauge(
 )
 
 
-def serve(port: int) -> None:
-    """Serve the metrics on ``port`` (0: not at all)."""
-    if port:
+def serve(port: int) -> bool:
+    """Serve the metrics on ``port`` (0: not at all). A port already taken (two workers on
+    one host given the same one) costs the metrics, not the worker: logged as an error."""
+    if not port:
+        return False
+    try:
         start_http_server(port, registry=REGISTRY)
-        log.info("metrics on :%d/metrics", port)
+    except OSError as exc:
+        log.error(
+            "metrics port %d: %s; this worker serves no metrics (give each worker on one "
+            "host its own TERMTUNE_METRICS_PORT)",
+            port,
+            exc.strerror or exc,
+        )
+        return False
+    log.info("metrics on :%d/metrics", port)
+    return True
 
 
 def outcome_of(event: Any) -> str:

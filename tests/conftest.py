@@ -122,6 +122,19 @@ def postgres():
     shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
+    """A real MLflow tracking server for the session (on PostgreSQL runs, its runs in a
+    database of the tests' PostgreSQL server, as compose keeps them in the stack's)."""
+    from tests.mlflow_server import MlflowServer
+
+    backend = request.getfixturevalue("postgres").fresh_database() if ON_POSTGRES else None
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"), backend_store_uri=backend)
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(autouse=True)
 def _database(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
     """On PostgreSQL, a fresh database for this test (every process it starts inherits it)."""

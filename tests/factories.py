@@ -139,3 +139,13 @@ def assert_trained_at_once(http: Any, job_ids: list[str]) -> None:
     (start_a, end_a, worker_a), (start_b, end_b, worker_b) = spans
     assert worker_a != worker_b
     assert max(start_a, start_b) < min(end_a, end_b)  # the two trainings overlapped
+
+
+def module_from_file(path: Path, name: str) -> Any:
+    """A script outside the packages (deploy/...) imported as a module, to test its parts."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -193,6 +193,9 @@ def summary(client: Client, job: dict[str, Any]) -> None:
             + (f", {train['runtime_s']:.1f} s" if train.get("runtime_s") else "")
             + (f", {waste:.0%} of batch positions padding" if waste is not None else "")
         )
+    run = result.get("train", {}).get("tracking")
+    if run:
+        console.print(tracking_line(run), markup=False, soft_wrap=True)
     if "evaluate" in result and result["evaluate"].get("timing"):
         timing = result["evaluate"]["timing"]
         console.print(
@@ -205,6 +208,19 @@ def summary(client: Client, job: dict[str, Any]) -> None:
         location = result["publish"]["location"]
         shown = unquote(urlparse(location).path) if location.startswith("file://") else location
         console.print(f"exported model folder: {shown}")
+        registered = result["publish"].get("registered_model")
+        if registered:
+            console.print(
+                f"registered model: {registered['name']} version {registered['version']}",
+                markup=False,
+            )
+
+
+def tracking_line(run: dict[str, Any]) -> str:
+    """Where the job's tracked run is: an MLflow run and its link, or TensorBoard's files."""
+    if run.get("backend") == "tensorboard":
+        return f"tensorboard logs: {run['location']}"
+    return f"{run['backend']} run {run['run_id']}" + (f": {run['url']}" if run.get("url") else "")
 
 
 def print_report(report: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from services.evaluator import html_report, metrics, scoring
+from shared import tracking
 from shared.artifacts import adapter_dir, dropped_rows, read_split
 from shared.basemodel import resolve_base_model
 from shared.errors import ModelError, NotFound
@@ -32,6 +33,7 @@ def handle(command: EvaluateModel, ctx: StageContext) -> ModelEvaluated:
         passed=gate["passed"],
         publish=gate["publish"],
         reasons=gate["reasons"],
+        timing=report.get("timing"),
     )
 
 
@@ -95,8 +97,32 @@ def _evaluate(command: EvaluateModel, ctx: StageContext) -> dict[str, Any]:
     ctx.store.put_json(f"{prefix}/report.json", report)
     page = html_report.render(report, job_id=command.job_id, notice=spec.publish.card.notice)
     ctx.store.put_bytes(f"{prefix}/report.html", page.encode())
+    run = ctx.tracked_run(command, training, "evaluate")
+    if run is not None:
+        _track(run, report, page)
     ctx.jobs.write_manifest(command.job_id, "evaluate", report)
     return report
+
+
+def _track(run: tracking.TrackedRun, report: dict[str, Any], page: str) -> None:
+    """Both models' metrics with the tuned one's change and its 95% interval, the gate's
+    verdict, and the report itself; a model the gate keeps back ends the job (and run)."""
+    rows = []
+    for name, m in report["metrics"].items():
+        rows += [(f"eval/{name}/{side}", m[side], 0) for side in ("base", "tuned", "delta")]
+        rows += [(f"eval/{name}/delta_ci95_low", m["ci95"][0], 0)]
+        rows += [(f"eval/{name}/delta_ci95_high", m["ci95"][1], 0)]
+    gate = report["gate"]
+    rows += [("eval/rows", report["rows"], 0), ("gate/passed", float(gate["passed"]), 0)]
+    run.log_metrics([(k, v, step) for k, v, step in rows if v is not None])
+    run.set_tags({"termtune.gate": "passed" if gate["passed"] else "refused"})
+    run.log_dict("evaluation/report.json", report)
+    run.log_dict("evaluation/samples.json", report["samples"])
+    run.log_text("evaluation/report.html", page)
+    if not gate["publish"]:
+        run.end("FINISHED")
+    else:
+        run.finish_stage()
 
 
 def _training_log(ctx: StageContext, training: dict[str, Any]) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from services.publisher import card, cmi, export, target, upload
-from shared import bedrock
+from shared import bedrock, tracking
 from shared.artifacts import adapter_dir, read_split
 from shared.basemodel import resolve_base_model
 from shared.errors import NotFound, SpecError
@@ -35,6 +35,7 @@ def handle(command: PublishModel, ctx: StageContext) -> ModelPublished:
         model_name=manifest["model_name"],
         target=manifest["target"],
         location=manifest["location"],
+        registered_model=manifest.get("registered_model"),
     )
 
 
@@ -119,11 +120,35 @@ def _publish(command: PublishModel, ctx: StageContext) -> dict[str, Any]:
             settings=settings,
         )
         manifest["bedrock"] = entry["bedrock"] = imported
+    run = ctx.tracked_run(command, training, "publish")
+    if run is not None:
+        registered = _track(run, spec, manifest, folder, command.job_id)
+        manifest["registered_model"] = entry["registered_model"] = registered
     if spec.publish.overwrite:
         entry["replaced"] = _replaced(ctx, spec.model_name, command.job_id)
     ctx.jobs.register_model(spec.model_name, entry, overwrite=spec.publish.overwrite)
     ctx.jobs.write_manifest(command.job_id, "publish", manifest)  # last: the stage is done
     return manifest
+
+
+def _track(
+    run: tracking.TrackedRun, spec: Any, manifest: dict[str, Any], folder: Any, job_id: str
+) -> dict[str, Any] | None:
+    """A registry version of the export (tagged with the job, the digest and the Bedrock
+    ARN), the run tagged with where the model went, and the run ended: the job is done."""
+    registered = None
+    arn = manifest.get("bedrock", {}).get("imported_model_arn")
+    if spec.tracking.register_model:
+        tags = {tracking.JOB_TAG: job_id, "termtune.digest": manifest["digest"]}
+        registered = run.register(spec.model_name, manifest["location"], folder, tags)
+        if arn:
+            run.tag_version(registered, {"bedrock.model_arn": arn})
+    run.set_tags(
+        {"termtune.model_name": spec.model_name, "termtune.location": manifest["location"]}
+        | ({"bedrock.model_arn": arn} if arn else {})
+    )
+    run.end("FINISHED")
+    return registered
 
 
 def _replaced(ctx: StageContext, name: str, job_id: str) -> dict[str, Any] | None:

@@ -18,7 +18,7 @@ from services.trainer import distributed, lora
 from services.trainer.callbacks import PLAN_FILE
 from services.trainer.checkpoints import CheckpointStore
 from services.trainer.fit import TrainJob, fit
-from shared import planner
+from shared import planner, tracking
 from shared.artifacts import read_split
 from shared.basemodel import resolve_base_model
 from shared.errors import Cancelled, Interrupted
@@ -35,7 +35,11 @@ def handle(command: TrainModel, ctx: StageContext) -> ModelTrained:
         done = _train(command, ctx)
     uri = ctx.store.uri(ctx.jobs.manifest_key(command.job_id, "train"))
     return ModelTrained(
-        job_id=command.job_id, manifest=uri, train_loss=done["train_loss"], steps=done["steps"]
+        job_id=command.job_id,
+        manifest=uri,
+        train_loss=done["train_loss"],
+        steps=done["steps"],
+        tracking=done.get("tracking"),
     )
 
 
@@ -52,6 +56,9 @@ def _train(command: TrainModel, ctx: StageContext) -> dict[str, Any]:
     resume = checkpoints.download_latest(folder / "trainer")
     base_model = resolve_base_model(
         spec.base_model, store=ctx.store, cache_dir=ctx.settings.cache_dir
+    )
+    run = tracking.start(  # before hours of training: a wrong server fails now
+        command.job_id, spec, ctx.settings, store=ctx.store, folder=folder / "tracking"
     )
     processes = distributed.processes(spec.training, device())
     rows = planner.Rows.from_manifest(dataset)
@@ -96,7 +103,8 @@ def _train(command: TrainModel, ctx: StageContext) -> dict[str, Any]:
         )
     _raise_if_stopped(command, summary)
     ctx.store.upload_dir(folder / "adapter", f"{prefix}/adapter")
-    ctx.store.put_json(f"{prefix}/log.json", summary.pop("log_history"))
+    log_history = summary.pop("log_history")
+    ctx.store.put_json(f"{prefix}/log.json", log_history)
     summary.pop("stop_reason")
     job_plan = summary.pop("plan", job.plan)  # after the probe (CUDA)
     manifest = {
@@ -109,8 +117,38 @@ def _train(command: TrainModel, ctx: StageContext) -> dict[str, Any]:
         "base_model": spec.base_model,
         "versions": versions(),
     }
+    if run is not None:
+        _track(run, spec, manifest, log_history)
+        run.finish_stage()
+        manifest["tracking"] = run.ref()
     ctx.jobs.write_manifest(command.job_id, "train", manifest)
     return manifest
+
+
+def _track(
+    run: tracking.TrackedRun, spec: Any, manifest: dict[str, Any], log_history: list[dict[str, Any]]
+) -> None:
+    """The spec and the resolved plan as parameters; the curves and the totals as metrics."""
+    run.log_params(
+        {
+            "base_model": spec.base_model,
+            "dataset": spec.dataset.model_dump(mode="json"),
+            "training": spec.training.model_dump(mode="json"),
+            "decoding": spec.decoding.model_dump(mode="json"),
+            "plan": {k: v for k, v in manifest["plan"].items() if k != "notes"},
+        }
+    )
+    run.log_history(log_history)
+    names = {"train_loss": "mean_loss", "runtime_s": "runtime_s"}
+    names["trainable_parameters"] = "trainable_parameters"
+    steps = int(manifest["steps"])
+    run.log_metrics(
+        [
+            (f"train/{name}", manifest[key], steps)
+            for key, name in names.items()
+            if manifest.get(key) is not None
+        ]
+    )
 
 
 def _raise_if_stopped(command: TrainModel, summary: dict[str, Any]) -> None:

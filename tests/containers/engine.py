@@ -41,6 +41,7 @@ STANDINS = {
     "termtune-standin/postgres:15": "postgres",
     "termtune-standin/s3:moto": "s3",
     "termtune-standin/aws-cli:1": "aws-cli",
+    "termtune-standin/prometheus:2.42": "prometheus",
 }
 LOCKS = sorted((ROOT / "deploy/docker/requirements").glob("*.lock"))
 #: what the stand-ins and the app's build backend install besides the locks

@@ -36,7 +36,7 @@ if os.environ.get("TERMTUNE_TEST_CONTAINERS") != "1":
 ROOT = engine.ROOT
 PROJECT = "termtune-test"
 IMAGES = [f"termtune/{s}:0.1.0" for s in ("api", "dataprep", "evaluator", "publisher")]
-IMAGES.append("termtune/trainer-cpu:0.1.0")
+IMAGES += ["termtune/trainer-cpu:0.1.0", "termtune/mlflow:0.1.0"]
 FIGURES: dict[str, Any] = {}
 
 
@@ -67,6 +67,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         "TERMTUNE_API_PORT": str(port),
         "TERMTUNE_S3_PORT": str(_free_port()),
         "TERMTUNE_S3_CONSOLE_PORT": str(_free_port()),
+        # Every job tracked in the stack's MLflow server (its UI on a free loopback port).
+        "TERMTUNE_TRACKING": "mlflow",
+        "TERMTUNE_MLFLOW_PORT": str(_free_port()),
+        "TERMTUNE_PROMETHEUS_PORT": str(_free_port()),
     }
     env_file.write_text("".join(f"{k}={v}\n" for k, v in variables.items()))
     wheelhouse = engine.fill_wheelhouse(engine.CACHE / "wheelhouse")
@@ -88,6 +92,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             "key": key,
             "up_started": started,
             "folder": folder,
+            "mlflow": f"http://127.0.0.1:{variables['TERMTUNE_MLFLOW_PORT']}",
+            "prometheus": f"http://127.0.0.1:{variables['TERMTUNE_PROMETHEUS_PORT']}",
         }
     finally:
         print(json.dumps(FIGURES, indent=2))
@@ -130,7 +136,7 @@ def test_every_service_is_healthy_and_its_check_answers_at_once(stack):
     termtune_services = {"api", "dataprep", "trainer", "evaluator", "publisher"}
     seen = {s["Service"]: s for s in states}
     assert termtune_services <= set(seen), seen.keys()
-    for name in termtune_services | {"rabbitmq", "postgres", "s3"}:
+    for name in termtune_services | {"rabbitmq", "postgres", "s3", "mlflow", "prometheus"}:
         assert seen[name]["Health"] == "healthy", seen[name]
     for name in termtune_services - {"api"}:
         health = json.loads(
@@ -185,6 +191,64 @@ def test_the_example_job_publishes_and_its_model_answers(stack):
     assert report["gate"]["passed"], report["gate"]
     answer = json.loads(termtune(stack, "invoke", "medical-terms", "What is Asthma?"))
     assert answer["generation"].strip(), f"the published model answered nothing: {answer}"
+    _check_the_mlflow_run(stack, job, report)
+
+
+def _check_the_mlflow_run(stack, job, report):
+    """The job's run in the stack's MLflow server (its runs in PostgreSQL, its artifacts in
+    the bucket), read through the host's port: the link the web page shows works."""
+    from mlflow import MlflowClient
+
+    ref = job["result"]["train"]["tracking"]
+    assert ref["url"].startswith(stack["mlflow"] + "/#/experiments/"), ref
+    assert httpx.get(ref["url"], timeout=30).status_code == 200  # the UI answers the link
+    mlflow = MlflowClient(stack["mlflow"])
+    run = mlflow.get_run(ref["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["termtune.job_id"] == job["id"]
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:/")  # served by the server
+    assert mlflow.get_metric_history(ref["run_id"], "train/loss")
+    rouge = report["metrics"]["rougeL"]["tuned"]
+    assert run.data.metrics["eval/rougeL/tuned"] == pytest.approx(rouge)
+    local = stack["folder"] / "mlflow-artifacts"
+    mlflow.download_artifacts(ref["run_id"], "evaluation/report.json", str(local))
+    assert json.loads((local / "evaluation" / "report.json").read_text()) == report
+    registered = job["result"]["publish"]["registered_model"]
+    version = mlflow.get_model_version("medical-terms", registered["version"])
+    assert version.source == job["result"]["publish"]["location"]  # s3://: not copied
+    assert version.source.startswith("s3://termtune/termtune/jobs/")
+    assert version.tags["termtune.job_id"] == job["id"]
+
+
+def _targets(stack) -> list[dict[str, Any]]:
+    got = httpx.get(f"{stack['prometheus']}/api/v1/targets", timeout=30).json()
+    return got["data"]["activeTargets"]
+
+
+def _scraped(stack, services: dict[str, int], timeout: float = 120) -> list[dict[str, Any]]:
+    """Prometheus's targets once each service has its number of replicas up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        up = [t for t in _targets(stack) if t["health"] == "up"]
+        counts = {s: sum(t["labels"]["service"] == s for t in up) for s in services}
+        if counts == services or time.monotonic() > deadline:
+            assert counts == services, _targets(stack)
+            return up
+        time.sleep(3)
+
+
+def test_prometheus_scrapes_every_worker_and_sees_the_job(stack):
+    """After the example job: each worker a target that is up, the stage runs counted."""
+    _scraped(stack, {"dataprep": 1, "trainer": 1, "evaluator": 1, "publisher": 1})
+    query = 'sum by (stage) (termtune_stage_duration_seconds_count{outcome="succeeded"})'
+    deadline = time.monotonic() + 60
+    while True:  # the counts of the last scrape (every 15 s)
+        got = httpx.get(f"{stack['prometheus']}/api/v1/query", params={"query": query}).json()
+        runs = {r["metric"]["stage"]: float(r["value"][1]) for r in got["data"]["result"]}
+        if set(runs) >= {"prepare", "train", "evaluate", "publish"} or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    assert set(runs) >= {"prepare", "train", "evaluate", "publish"}, got
+    assert all(n >= 1 for n in runs.values())
 
 
 def test_two_trainers_train_two_jobs_at_once(stack):
@@ -206,6 +270,8 @@ def test_two_trainers_train_two_jobs_at_once(stack):
             job = wait_for_job(http, job_id, timeout=900, describe=stack["compose"].logs)
             assert job["status"] == "succeeded", job
         assert_trained_at_once(http, ids)  # two trainer containers, two jobs at once
+    # Prometheus found the second trainer by DNS: two trainer targets, both up.
+    _scraped(stack, {"dataprep": 1, "trainer": 2, "evaluator": 1, "publisher": 1})
 
 
 def test_compose_down_removes_every_container(stack):

@@ -21,9 +21,11 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def services(tmp_path_factory, module_database):
+def services(tmp_path_factory, module_database, mlflow_server):
     var = tmp_path_factory.mktemp("e2e") / "var"
     env = pinned_database(var, module_database)
+    # The deployment has an MLflow server; jobs are tracked when their spec asks.
+    env["TERMTUNE_MLFLOW_TRACKING_URI"] = mlflow_server.uri
     launcher = Launcher(var_dir=var, port=_free_port(), env=env)
     launcher.start()
     try:
@@ -64,9 +66,10 @@ def test_spec_with_unknown_field_is_refused_before_any_work(services, tiny_model
         client.submit(spec_dict(tiny_model, training={"epocs": 3}))
 
 
-def test_job_runs_end_to_end_and_model_answers(services, tiny_model):
+def test_job_runs_end_to_end_and_model_answers(services, tiny_model, mlflow_server, tmp_path):
     launcher, client = services
-    job = _run_job(launcher, client, spec_dict(tiny_model, name="e2e-terms"))
+    tracked = {"backend": "mlflow", "experiment": "e2e/terms"}
+    job = _run_job(launcher, client, spec_dict(tiny_model, name="e2e-terms", tracking=tracked))
     assert job["status"] == "succeeded", job
     assert [job["stages"][s]["status"] for s in job["stages"]] == ["succeeded"] * 4
     assert job["result"]["prepare"]["counts"] == {"train": 176, "test": 75}
@@ -83,18 +86,80 @@ def test_job_runs_end_to_end_and_model_answers(services, tiny_model):
     streamed = [e["type"] for e in client.stream_events(job["id"])]  # ended: closes by itself
     assert streamed == [e["type"] for e in client.events(job["id"])]
     assert streamed[-1] == "ModelPublished"
+    _check_the_mlflow_run(job, client.report(job["id"]), model, mlflow_server, tmp_path)
+
+
+def _check_the_mlflow_run(job, report, model, server, tmp_path):
+    """The job's run as the MLflow server holds it: params, curves, evaluation, registry."""
+    import json
+
+    from mlflow import MlflowClient
+
+    ref = job["result"]["train"]["tracking"]
+    assert ref["url"] == f"{server.uri}/#/experiments/{ref['experiment_id']}/runs/{ref['run_id']}"
+    mlflow = MlflowClient(server.uri)
+    run = mlflow.get_run(ref["run_id"])
+    assert run.info.status == "FINISHED"
+    assert mlflow.get_experiment(run.info.experiment_id).name == "e2e/terms"
+    assert run.data.tags["termtune.job_id"] == job["id"]
+    assert run.data.tags["termtune.gate"] == "passed"
+    assert run.data.tags["termtune.model_name"] == "e2e-terms"
+    assert run.data.params["training.max_steps"] == "6"
+    assert run.data.params["plan.batch_size"] == "8"
+    loss = mlflow.get_metric_history(ref["run_id"], "train/loss")
+    assert [m.step for m in loss] == [2, 4, 6]
+    assert run.data.metrics["train/mean_loss"] == pytest.approx(
+        job["result"]["train"]["train_loss"]
+    )
+    rouge = report["metrics"]["rougeL"]
+    assert run.data.metrics["eval/rougeL/tuned"] == pytest.approx(rouge["tuned"])
+    assert run.data.metrics["eval/rougeL/delta_ci95_low"] == pytest.approx(rouge["ci95"][0])
+    assert run.data.metrics["gate/passed"] == 1.0
+    mlflow.download_artifacts(ref["run_id"], "evaluation", str(tmp_path))
+    assert json.loads((tmp_path / "evaluation" / "report.json").read_text()) == report
+    assert len(json.loads((tmp_path / "evaluation" / "samples.json").read_text())) == 8
+    assert "Quality gate" in (tmp_path / "evaluation" / "report.html").read_text()
+    registered = job["result"]["publish"]["registered_model"]
+    assert registered["name"] == "e2e-terms" and model["registered_model"] == registered
+    version = mlflow.get_model_version("e2e-terms", registered["version"])
+    assert version.run_id == ref["run_id"]
+    assert version.tags == {"termtune.job_id": job["id"], "termtune.digest": model["digest"]}
+    mlflow.download_artifacts(ref["run_id"], "model", str(tmp_path))
+    assert (tmp_path / "model" / "config.json").is_file()
+    assert (tmp_path / "model" / "README.md").read_text().startswith("---\n")
 
 
 def test_job_failing_the_gate_ends_rejected_and_publishes_nothing(services, tiny_model):
     launcher, client = services
-    spec = spec_dict(tiny_model, name="strict-gate", evaluation={"gate": {"min_gain": 1.0}})
+    spec = spec_dict(
+        tiny_model,
+        name="strict-gate",
+        evaluation={"gate": {"min_gain": 1.0}},
+        tracking={"backend": "tensorboard"},
+    )
     job = _run_job(launcher, client, spec)
     assert job["status"] == "rejected"
+    _check_the_tensorboard_run(launcher, job)
     assert job["stages"]["publish"]["status"] == "skipped"
     report = client.report(job["id"])
     assert not report["gate"]["publish"]
     assert report["gate"]["reasons"][0].startswith("ROUGE-L")
     assert "strict-gate" not in {m["name"] for m in client.models()}
+
+
+def _check_the_tensorboard_run(launcher, job):
+    """The trainer's and the evaluator's event files, read with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ref = job["result"]["train"]["tracking"]
+    folder = launcher.var_dir / "store" / "jobs" / job["id"] / "tracking" / "tensorboard"
+    assert ref["location"] == folder.as_uri()
+    events = EventAccumulator(str(folder), size_guidance={"tensors": 0, "scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6]
+    assert events.Scalars("gate/passed")[0].value == 0.0  # the gate kept it back
+    status = events.Tensors("status/text_summary")[0].tensor_proto.string_val[0]
+    assert status == b"FINISHED"  # the job ended at the gate: so did its run
 
 
 def test_cancel_during_training_ends_the_job_cancelled(services, tiny_model):

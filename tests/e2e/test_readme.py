@@ -306,6 +306,8 @@ def test_the_readme_run_command_runs_the_job_on_a_fresh_machine(workdir):
     assert "building the embedded tiny model in var/models/tiny-flan-t5" in out  # fresh var/
     assert re.search(r"publish\s+succeeded", out), out[-3000:]
     assert "quality gate: passed" in out  # the example passes the default gate's rules
+    # the evaluation's timing reaches the summary through the job's result
+    assert re.search(r"evaluation: base [\d.]+ s \+ tuned [\d.]+ s on cpu", out), out[-3000:]
     assert re.search(r"invoke 'medical-terms': '[^']+'\s+-> '[^']+", out), out[-3000:]
     assert not (workdir / "var" / "run" / "pids.json").exists()  # every service stopped
 

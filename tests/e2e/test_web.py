@@ -247,3 +247,27 @@ def test_opening_another_job_shows_only_that_jobs_data(tmp_path, tiny_model, bro
         WebDriverWait(browser, 20).until(lambda b: failed in find(By.ID, "jobs-table").text)
         row = texts(f"#jobs-table tr:has(a[href='#job/{failed}']) td")
         assert row[1:3] == ["failed", "prepare"]  # where it stopped, not "publish"
+
+        # A tracked job links to its MLflow run; the next job's page does not keep the link,
+        # and a link that is not http(s) is never shown.
+        from shared.messages import ModelTrained
+
+        url = "http://mlflow.example:5000/#/experiments/3/runs/abc123"
+
+        def trained(link):
+            ref = {"backend": "mlflow", "run_id": "abc123", "experiment_id": "3", "url": link}
+            return lambda i: ModelTrained(
+                job_id=i, manifest="file:///m.json", train_loss=1.0, steps=6, tracking=ref
+            )
+
+        tracked = _job_in_store(launcher, tiny_model, "web-tracked", trained(url))
+        sneaky = _job_in_store(launcher, tiny_model, "web-sneaky", trained("javascript:alert(1)"))
+        open_job(tracked, client.job(tracked)["status"])
+        run_link = find(By.CSS_SELECTOR, "#job-run a")
+        assert find(By.ID, "job-run").is_displayed()
+        assert run_link.get_attribute("href") == url and run_link.text == "mlflow run abc123"
+        open_job(queued, "queued")
+        assert not find(By.ID, "job-run").is_displayed()
+        open_job(sneaky, client.job(sneaky)["status"])
+        assert not find(By.ID, "job-run").is_displayed()
+        assert not run_link.get_attribute("href").startswith("javascript:")

@@ -5,7 +5,8 @@ translated for one machine:
 - service hostnames (``rabbitmq``, ``s3``, ``postgres``) → the loopback servers the test
   started (the database: a fresh one on the tests' PostgreSQL server);
 - container paths (``/home/termtune/...``) → a temporary folder per service instance;
-- the API's container port and ``0.0.0.0`` → a free loopback port;
+- the API's container port and ``0.0.0.0`` → a free loopback port; each worker's metrics
+  port (9100 in every container) → a free port of its own;
 - ``python`` → this interpreter (whose environment has the package installed, as the image).
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -25,6 +27,12 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 WORKERS = ("api", "dataprep", "trainer", "evaluator", "publisher")
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def interpolate(text: str, variables: dict[str, str]) -> str:
@@ -103,6 +111,8 @@ def start(service: ServiceProcess, folder: Path, *, port: int | None = None) -> 
         env[key] = value.replace("/home/termtune", str(folder))
     if port is not None:
         env.update(TERMTUNE_HOST="127.0.0.1", TERMTUNE_PORT=str(port))
+    if "TERMTUNE_METRICS_PORT" in env:  # a container's own port; one host: one each
+        env["TERMTUNE_METRICS_PORT"] = str(_free_port())
     command = [sys.executable if c == "python" else c for c in service.command]
     log = (folder / "service.log").open("wb")
     return subprocess.Popen(command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)

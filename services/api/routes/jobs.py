@@ -12,6 +12,7 @@ from fastapi.responses import HTMLResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from services.api.deps import JobsDep, SettingsDep
+from shared import tracking
 from shared.api_models import EventPage, EventView, JobPage, JobStatus, JobView
 from shared.basemodel import check_uploaded
 from shared.errors import Conflict, NotFound, SpecError, StoreLocationError
@@ -43,6 +44,7 @@ def submit_job(jobs: JobsDep, settings: SettingsDep, spec: dict[str, Any] = Body
     try:  # refused now rather than after data-prep starts; the stages check again
         check_source(parsed.dataset.source, store_root=jobs.store.root_uri, settings=settings)
         check_uploaded(parsed.base_model, store=jobs.store)
+        parsed = tracking.resolve(parsed, settings)  # the deployment's default, fixed now
     except (StoreLocationError, SpecError) as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
     try:  # refused now rather than after training; the publisher checks again

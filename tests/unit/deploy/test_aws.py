@@ -383,3 +383,25 @@ def test_evaluator_and_publisher_can_run_on_the_gpu_instances(resources, service
         "Fn::Equals": [{"Ref": "EvaluatorPublisherCapacity"}, "Gpu"]
     }
     assert template["Parameters"]["EvaluatorPublisherCapacity"]["Default"] == "Fargate"
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_every_task_gets_the_stacks_tracking_settings(resources, service):
+    _, container = _container(resources, service)
+    env = {e["Name"]: e["Value"] for e in container["Environment"]}
+    assert env["TERMTUNE_TRACKING"] == {"Ref": "Tracking"}
+    assert env["TERMTUNE_MLFLOW_TRACKING_URI"] == {"Ref": "MlflowTrackingUri"}
+
+
+def test_mlflow_tracking_is_refused_without_a_server_and_reached_over_https():
+    import re
+
+    template = yaml.safe_load(TEMPLATE.read_text())
+    parameters, rule = template["Parameters"], template["Rules"]["MlflowNeedsAServer"]
+    assert parameters["Tracking"]["AllowedValues"] == ["none", "mlflow"]
+    assert rule["RuleCondition"] == {"Fn::Equals": [{"Ref": "Tracking"}, "mlflow"]}
+    [assertion] = rule["Assertions"]
+    assert assertion["Assert"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": "MlflowTrackingUri"}, ""]}]}
+    pattern = parameters["MlflowTrackingUri"]["AllowedPattern"]
+    assert re.fullmatch(pattern, "") and re.fullmatch(pattern, "https://mlflow.example.com")
+    assert not re.fullmatch(pattern, "http://mlflow:5000")  # the tasks' egress is 443 only

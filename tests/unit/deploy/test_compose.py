@@ -5,13 +5,14 @@ the trainer image's torch."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 import yaml
+
+from tests.factories import module_from_file
 
 ROOT = Path(__file__).resolve().parents[3]
 SERVICES = ("api", "dataprep", "trainer", "evaluator", "publisher")
@@ -20,11 +21,7 @@ _DEFAULT = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*):-([^}]*)\}")
 
 def _compose_loader():
     """deploy/lint/compose_schema.py: compose's YAML (``!reset``) and its file merging."""
-    path = ROOT / "deploy/lint/compose_schema.py"
-    spec = importlib.util.spec_from_file_location("compose_schema", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return module_from_file(ROOT / "deploy/lint/compose_schema.py", "compose_schema")
 
 
 def _defaults(text: str) -> str:
@@ -182,3 +179,29 @@ def test_trainer_image_takes_torch_from_pypi_on_a_slim_base():
     assert install.group(2).strip() == (
         "${TORCH_INDEX:+--index-url https://download.pytorch.org/whl/${TORCH_INDEX}}"
     )
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_mlflow_keeps_runs_in_the_stack_database_and_artifacts_in_its_bucket(services, name):
+    mlflow = services["mlflow"]
+    env, postgres = mlflow["environment"], services["postgres"]["environment"]
+    assert env["POSTGRES_HOST"] == "postgres"
+    assert env["POSTGRES_USER"] == postgres["POSTGRES_USER"]
+    assert env["POSTGRES_PASSWORD"] == postgres["POSTGRES_PASSWORD"]
+    bucket = services["s3-init"]["environment"]["TERMTUNE_BUCKET"]
+    assert env["MLFLOW_ARTIFACTS_DESTINATION"] == f"s3://{bucket}/mlflow"
+    stage = services[name]["environment"]
+    assert env["MLFLOW_S3_ENDPOINT_URL"] == stage["TERMTUNE_S3_ENDPOINT_URL"]
+    assert env["AWS_SECRET_ACCESS_KEY"] == stage["AWS_SECRET_ACCESS_KEY"]
+    assert mlflow["depends_on"] == {
+        "postgres": {"condition": "service_healthy"},
+        "s3-init": {"condition": "service_completed_successfully"},
+    }
+    # The stages reach it by its service name (a Host header it accepts); the links the web
+    # page shows are the host's published loopback port.
+    uri = urlsplit(stage["TERMTUNE_MLFLOW_TRACKING_URI"])
+    assert (uri.hostname, uri.port) == ("mlflow", 5000)
+    assert "mlflow:5000" in env["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
+    [published] = [_defaults(p) for p in mlflow["ports"]]
+    assert published == "127.0.0.1:5000:5000"
+    assert _defaults(stage["TERMTUNE_MLFLOW_UI_URL"]) == "http://127.0.0.1:5000"

@@ -94,6 +94,17 @@ def test_invalid_spec_names_the_field_and_queues_nothing(app_env):
     assert _queued(bus, "dataprep", wait=1.0) is None
 
 
+def test_tracking_is_fixed_at_submission_and_refused_without_a_server(app_env):
+    client, bus, app = app_env
+    asks = {"name": "terms", "tracking": {"backend": "mlflow"}}
+    response = client.post("/v1/jobs", json=asks)
+    assert response.status_code == 422
+    assert "TERMTUNE_MLFLOW_TRACKING_URI" in response.json()["detail"]
+    assert _queued(bus, "dataprep", wait=1.0) is None and app.state.jobs.page() == ([], False)
+    job = client.post("/v1/jobs", json={"name": "terms"}).json()
+    assert app.state.jobs.spec(job["id"]).tracking.backend == "none"  # the deployment's
+
+
 def test_a_published_name_is_refused_at_submission_unless_overwrite(app_env):
     client, bus, app = app_env
     location = "file:///models/terms"

@@ -51,3 +51,11 @@ def test_summary_of_an_older_job_without_the_new_fields(capsys):
     display.summary(None, job)
     out = capsys.readouterr().out
     assert "dataset: train 3 rows" in out and "tokens" not in out and "warning" not in out
+
+
+def test_the_summary_says_where_the_tracked_run_is():
+    mlflow = {"backend": "mlflow", "run_id": "abc", "experiment_id": "1", "url": "http://m/#/r"}
+    assert display.tracking_line(mlflow) == "mlflow run abc: http://m/#/r"
+    assert display.tracking_line({**mlflow, "url": None}) == "mlflow run abc"
+    board = {"backend": "tensorboard", "location": "file:///var/store/jobs/j/tracking/tb"}
+    assert display.tracking_line(board) == "tensorboard logs: file:///var/store/jobs/j/tracking/tb"

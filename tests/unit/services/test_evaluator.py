@@ -195,6 +195,9 @@ def test_evaluates_base_and_tuned_and_writes_report(trained_job):
     # validation on its own clock: "auto" is about 10 passes a run, here every one of 6 steps
     assert [s for s, _ in report["curves"]["validation_loss"]] == [1, 2, 3, 4, 5, 6]
     assert event.passed and event.publish  # the test spec's gate has every rule off
+    # the job's result carries the timing (the CLI's summary prints it)
+    assert event.timing == report["timing"] and event.timing["device"] == "cpu"
+    assert event.timing["base_s"] >= 0 and event.timing["tuned_s"] >= 0
     assert report["gate"]["rules"] == [] and report["gate"]["reasons"] == []
     assert report["decoding"] == trained_job["spec"].decoding.model_dump()
     prefix = ctx.jobs.stage_prefix(cmd.job_id, "evaluate")

@@ -78,3 +78,17 @@ def test_the_metrics_are_served_on_the_port_prometheus_scrapes():
         "termtune_train_examples_per_second",
         "termtune_peak_memory_bytes",
     } <= names
+
+
+def test_a_taken_metrics_port_costs_the_metrics_not_the_worker(caplog):
+    """Seen in CI: every compose service given 9100, run as processes on one host, died."""
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with caplog.at_level("ERROR", logger="shared.worker_metrics"):
+            assert worker_metrics.serve(port) is False
+    assert f"metrics port {port}: Address already in use; this worker serves no metrics" in (
+        caplog.text
+    )
+    assert worker_metrics.serve(0) is False
