@@ -214,8 +214,9 @@ def _check_the_mlflow_run(stack, job, report):
     rouge = report["metrics"]["rougeL"]["tuned"]
     assert run.data.metrics["eval/rougeL/tuned"] == pytest.approx(rouge)
     local = stack["folder"] / "mlflow-artifacts"
-    mlflow.download_artifacts(ref["run_id"], "evaluation/report.json", str(local))
-    assert json.loads((local / "evaluation" / "report.json").read_text()) == report
+    local.mkdir(exist_ok=True)
+    path = mlflow.download_artifacts(ref["run_id"], "evaluation/report.json", str(local))
+    assert json.loads(local.joinpath(path).read_text()) == report  # a file: local/report.json
     registered = job["result"]["publish"]["registered_model"]
     version = mlflow.get_model_version("medical-terms", registered["version"])
     assert version.source == job["result"]["publish"]["location"]  # s3://: not copied

@@ -68,6 +68,28 @@ def test_jobs_json_prints_the_newest_20_with_the_apis_field_names(api, capsys):
     assert {j["status"] for j in listed} == {"queued"}
 
 
+def test_json_outputs_validate_against_the_apis_own_schemas(api, capsys):
+    """What scripts parse is what the API documents (its OpenAPI models' JSON Schemas)."""
+    from shared.api_models import EventView
+
+    newest, _ = api
+    job_schema = JobView.model_json_schema()
+    assert main(["jobs", "--json"]) == 0
+    listed = _json(capsys)
+    assert listed
+    for job in listed:
+        jsonschema.validate(job, job_schema)
+    assert main(["status", newest[0]]) == 0
+    jsonschema.validate(_json(capsys), job_schema)
+    assert main(["events", newest[0], "--json"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines
+    for line in lines:
+        jsonschema.validate(json.loads(line), EventView.model_json_schema())
+    with pytest.raises(jsonschema.ValidationError):  # the check can fail
+        jsonschema.validate({**listed[0], "status": "sleeping"}, job_schema)
+
+
 def test_jobs_limit_and_status_choose_which(api, capsys):
     newest, requests = api
     assert main(["jobs", "--limit", "3", "--json"]) == 0
