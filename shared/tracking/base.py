@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ JOB_TAG = "termtune.job_id"
 _POSITION_KEYS = {"step", "epoch"}
 
 
-class TrackedRun:
+class TrackedRun(ABC):
     """The job's run in a tracking backend: what the stages log to it.
 
     ``finish_stage`` after a stage's logging (the run outlives the stage's process); ``end``
@@ -20,29 +21,31 @@ class TrackedRun:
     backend = ""
     url: str | None = None
 
+    @abstractmethod
     def ref(self) -> dict[str, Any]:
         """What the manifests and the job's result keep of the run."""
-        raise NotImplementedError
+        ...
 
-    def log_params(self, params: dict[str, Any]) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def log_params(self, params: dict[str, Any]) -> None: ...
 
+    @abstractmethod
     def log_metrics(self, rows: list[tuple[str, float, int]]) -> None:
         """(name, value, step) rows."""
-        raise NotImplementedError
+        ...
 
     def log_history(self, log_history: list[dict[str, Any]], prefix: str = "train/") -> None:
         """transformers' log history (loss, learning rate, validation loss...) by step."""
         self.log_metrics(history_rows(log_history, prefix))
 
-    def log_text(self, artifact_file: str, text: str) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def log_text(self, artifact_file: str, text: str) -> None: ...
 
-    def log_dict(self, artifact_file: str, data: Any) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def log_dict(self, artifact_file: str, data: Any) -> None: ...
 
-    def set_tags(self, tags: dict[str, str]) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def set_tags(self, tags: dict[str, str]) -> None: ...
 
     def register(
         self, name: str, location: str, folder: Path, tags: dict[str, str]
@@ -55,8 +58,8 @@ class TrackedRun:
     def finish_stage(self) -> None:
         return None
 
-    def end(self, status: str = "FINISHED") -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def end(self, status: str = "FINISHED") -> None: ...
 
 
 def history_rows(log_history: list[dict[str, Any]], prefix: str) -> list[tuple[str, float, int]]:
