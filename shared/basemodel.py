@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from shared import families
 from shared.errors import ModelError, SpecError
 from shared.store import LocalStore, Store
 from shared.uploads import MARKER, MODELS, file_sha256, read_marker
@@ -124,3 +125,33 @@ def _download(store: Store, digest: str, marker: dict[str, Any], target: Path) -
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def base_model_family(base_model: str, *, store: Store, cache_dir: Path) -> families.Family | None:
+    """The family of ``base_model`` where its config.json can be read without downloading
+    the model (a folder, an upload, the hub's local cache); None where it cannot (a hub id
+    not cached here: the stages check it when they load it). ModelError for a model of a
+    family Bedrock does not import or termtune does not train."""
+    where = f"base_model {base_model!r}"
+    folder = Path(base_model_config(base_model, store=store, cache_dir=cache_dir))
+    if (folder / "config.json").is_file():
+        config = folder / "config.json"
+    else:
+        config = _cached_hub_config(base_model)
+        if config is None:
+            return None
+    family = families.folder_family(config.parent, where=where)
+    return families.check_trainable(family, where=where)
+
+
+def _cached_hub_config(base_model: str) -> Path | None:
+    """config.json of a hub id from the hub's local cache, never asking the hub."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # a client-only install: the stages check the model
+        return None
+    try:
+        found = try_to_load_from_cache(base_model, "config.json")
+    except ValueError:  # not a repo id the hub would take; loading it will say why
+        return None
+    return Path(found) if isinstance(found, str) else None

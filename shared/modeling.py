@@ -15,9 +15,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from shared import families
 from shared.errors import ModelError
 
-SEQ2SEQ_MODEL_TYPES = ("t5", "mt5", "umt5", "bart", "mbart", "pegasus")
 TINY_MODEL = "var/models/tiny-flan-t5"  # where `termtune build-tiny-model` writes by default
 EXAMPLE_HUB_ID = "google/flan-t5-large"
 # The hub's form of a repo id (huggingface_hub's validate_repo_id): "name" or "namespace/name".
@@ -50,7 +50,8 @@ def load_seq2seq(
     device_map: Any = None,
     attention: str | None = None,
 ) -> Any:
-    """A seq2seq language model from a hub id or folder, refusing decoder-only models.
+    """A seq2seq language model from a hub id or folder, refusing a model of a family
+    Bedrock does not import or termtune does not train (shared.families).
 
     ``attention`` names transformers' attention implementation (``sdpa``, ``eager``).
     """
@@ -62,11 +63,8 @@ def load_seq2seq(
         config = AutoConfig.from_pretrained(base_model)
     except (OSError, ValueError) as exc:
         raise ModelError(_load_hint(base_model, "config", exc)) from exc
-    if config.model_type not in SEQ2SEQ_MODEL_TYPES:
-        raise ModelError(
-            f"base_model {base_model!r} is a {config.model_type!r} model; termtune "
-            f"trains encoder-decoder models ({', '.join(SEQ2SEQ_MODEL_TYPES)})"
-        )
+    where = f"base_model {base_model!r}"
+    families.check_trainable(families.family_of(config, where=where), where=where)
     kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
     if attention is not None:
         kwargs["attn_implementation"] = attention

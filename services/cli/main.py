@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from services.cli.exits import Exit
+from services.cli.tinymodel import TINY_FAMILIES
 from shared.errors import SpecError, TermtuneError
 from shared.jobspec import JobSpec, load_spec
 from shared.messages import JOB_STATUSES
@@ -133,8 +134,10 @@ def _parser() -> argparse.ArgumentParser:
         "import-store", help="import the jobs and models an older termtune kept in the store"
     )
     sub.add_parser("schema", help="the job spec's JSON Schema (docs/job-spec.schema.json)")
-    tiny = sub.add_parser("build-tiny-model", help="build the offline tiny Flan-T5-shaped model")
-    tiny.add_argument("--out", type=Path, default=TINY_MODEL_DIR)
+    tiny = sub.add_parser("build-tiny-model", help="build an offline tiny model of a family")
+    tiny.add_argument("--family", choices=TINY_FAMILIES, default="t5")
+    tiny.add_argument("--out", type=Path, help=f"default {TINY_MODEL_DIR} for t5, else "
+                      "var/models/tiny-FAMILY")  # fmt: skip
     tiny.add_argument("--data", type=Path, default=SAMPLE_DATA)
     for stage in ("prepare", "train", "evaluate", "publish"):
         sp = sub.add_parser(stage, help=f"run the {stage} stage in this process")
@@ -456,9 +459,10 @@ def main(argv: list[str] | None = None) -> int:
             print(schema_text(), end="")
             return 0
         if args.command == "build-tiny-model":
-            from services.cli.tinymodel import build_tiny_t5
+            from services.cli.tinymodel import build_tiny, tiny_folder
 
-            print(build_tiny_t5(args.out, data_file=args.data))
+            out = args.out or tiny_folder(args.family)
+            print(build_tiny(args.family, out, data_file=args.data))
             return 0
         if args.command in ("prepare", "train", "evaluate", "publish"):
             return cmd_local_stage(args)

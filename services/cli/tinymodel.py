@@ -12,6 +12,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # T5's ids 0, 1, 2
+#: the families `termtune build-tiny-model --family` builds (services.cli.tinycausal: the
+#: decoder-only ones)
+TINY_FAMILIES = ("t5", "llama", "qwen2", "qwen3", "mistral")
 
 
 def corpus(data_file: Path) -> list[str]:
@@ -108,3 +111,17 @@ def ensure_tiny_t5(out_dir: Path, *, data_file: Path) -> Path:
     if (out_dir / "config.json").exists() and (out_dir / "tokenizer.json").exists():
         return out_dir
     return build_tiny_t5(out_dir, data_file=data_file)
+
+
+def tiny_folder(family: str) -> Path:
+    """Where `termtune build-tiny-model --family FAMILY` writes by default."""
+    return Path("var/models/tiny-flan-t5" if family == "t5" else f"var/models/tiny-{family}")
+
+
+def build_tiny(family: str, out_dir: Path, *, data_file: Path) -> Path:
+    """A tiny model of ``family`` (one of TINY_FAMILIES) written to ``out_dir``."""
+    if family == "t5":
+        return build_tiny_t5(out_dir, data_file=data_file)
+    from services.cli.tinycausal import build_tiny_causal
+
+    return build_tiny_causal(family, out_dir, data_file=data_file)

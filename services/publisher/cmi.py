@@ -13,20 +13,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from shared import families
 from shared.errors import PreflightError
 
 #: model_type -> the one architecture Bedrock imports for it (Qwen3: dense or MoE causal LM)
-SUPPORTED_ARCHITECTURES = {
-    "t5": "T5ForConditionalGeneration",
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "mixtral": "MixtralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    "qwen3_moe": "Qwen3MoeForCausalLM",
-    "gpt_bigcode": "GPTBigCodeForCausalLM",
-    "gpt_oss": "GptOssForCausalLM",
-}
+SUPPORTED_ARCHITECTURES = {t: f.architecture for t, f in families.FAMILIES.items()}
 TOKENIZER_CLASSES = frozenset(
     f"{name}{suffix}"
     for name in ("T5", "Llama", "CodeLlama", "GPT2", "GPTNeoX", "Qwen2", "PreTrained")
@@ -39,7 +30,8 @@ MAX_BYTES = 200 * 1024**3
 MAX_CONTEXT = 128 * 1024
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 T5_HEAD_MULTIPLE = 4  # Bedrock shards a T5 model's attention heads across GPUs
-GPT_OSS_REGIONS = ("us-east-1",)
+#: tensors holding the vocabulary's rows: input embeddings of each family, and the LM head
+EMBEDDING_TENSORS = ("embed_tokens.weight", "wte.weight", "shared.weight", "lm_head.weight")
 
 #: every rule preflight() checks, by the name a PreflightError carries
 RULES = (
@@ -48,10 +40,13 @@ RULES = (
     "unquantized-weights",
     "context-length",
     "t5-attention-heads",
+    "attention-heads",
+    "config-portable",
     "region",
     "safetensors-weights",
     "merged-weights",
     "weight-dtype",
+    "vocabulary-size",
     "tokenizer-class",
     "tokenizer-config",
     "model-size",
@@ -84,6 +79,7 @@ def preflight(
     config = _read_json(folder / "config.json")
     model_type = _check_config(config, region)
     weights, dtypes = _check_weights(folder, model_type)
+    _check_vocabulary(config, weights, folder / "tokenizer.json")
     _check_tokenizer(_read_json(folder / "tokenizer_config.json"))
     size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
     if size >= MAX_BYTES:
@@ -95,6 +91,7 @@ def preflight(
         "weight_files": [p.name for p in weights],
         "region": region,
         "chat_template": _has_chat_template(folder),
+        "notes": _notes(config),
         "rules": list(RULES),
     }
 
@@ -116,7 +113,7 @@ def _check_files(folder: Path, tokenizer_files: Iterable[str]) -> None:
 
 
 def _check_config(config: dict[str, Any], region: str | None) -> str:
-    """Architecture, quantization, context, T5 heads and region rules; the model_type."""
+    """Architecture, quantization, context, head and region rules; the model_type."""
     model_type = config.get("model_type")
     expected = SUPPORTED_ARCHITECTURES.get(model_type or "")
     if expected is None:
@@ -152,11 +149,105 @@ def _check_config(config: dict[str, Any], region: str | None) -> str:
             "model's attention heads across GPUs (flan-t5-small's 6 heads do not import; "
             "flan-t5-base has 12, flan-t5-large 16)",
         )
-    if model_type == "gpt_oss" and region is not None and region not in GPT_OSS_REGIONS:
+    family = families.FAMILIES[str(model_type)]
+    if family.kind == "causal":
+        _check_heads(config)
+    _check_rope(config)
+    if family.regions and region is not None and region not in family.regions:
         raise PreflightError(
-            "region", f"GPT-OSS models import only in {', '.join(GPT_OSS_REGIONS)}, not {region}"
+            "region",
+            f"{family.label} models import only in {', '.join(family.regions)}, not {region}",
         )
     return str(model_type)
+
+
+def _check_heads(config: dict[str, Any]) -> None:
+    """A decoder-only model's attention shape: key/value heads that divide the query heads
+    (grouped-query attention) and a hidden size the heads split evenly, unless the config
+    names its head_dim."""
+    heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads")
+    kv_heads = heads if kv_heads is None else kv_heads
+    if not isinstance(heads, int) or not isinstance(kv_heads, int) or heads < 1 or kv_heads < 1:
+        raise PreflightError(
+            "attention-heads", f"num_attention_heads {heads!r} / num_key_value_heads "
+            f"{kv_heads!r}: config.json needs positive head counts"
+        )  # fmt: skip
+    if heads % kv_heads:
+        raise PreflightError(
+            "attention-heads",
+            f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}: "
+            "each key/value head serves a whole group of query heads",
+        )
+    hidden = config.get("hidden_size")
+    if config.get("head_dim") is None and isinstance(hidden, int) and hidden % heads:
+        raise PreflightError(
+            "attention-heads",
+            f"hidden_size {hidden} does not split into {heads} heads and config.json names "
+            "no head_dim",
+        )
+
+
+def _check_rope(config: dict[str, Any]) -> None:
+    """Rope settings transformers 4.51.3 reads as transformers 5 does: 4.51.3 knows only
+    ``rope_theta`` and ``rope_scaling``, not 5's ``rope_parameters``."""
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict):
+        return
+    theta, scaling = rope.get("rope_theta"), config.get("rope_scaling") or {}
+    kind = rope.get("rope_type", "default")
+    if (theta is not None and config.get("rope_theta") != theta) or (
+        kind != "default" and scaling.get("rope_type", scaling.get("type")) != kind
+    ):
+        raise PreflightError(
+            "config-portable",
+            f"config.json keeps rope_theta {theta} / rope_type {kind!r} only in "
+            "rope_parameters, which transformers 4.51.3 (Bedrock's) does not read: write "
+            "them as rope_theta and rope_scaling too (the publisher's export does)",
+        )
+
+
+def _check_vocabulary(config: dict[str, Any], weights: list[Path], tokenizer: Path) -> None:
+    """Embedding rows equal to config.json's vocab_size, and every token id the tokenizer
+    can produce inside them (an id past the last row fails at the first request)."""
+    size = config.get("vocab_size")
+    if not isinstance(size, int) or size < 1:
+        raise PreflightError("vocabulary-size", f"config.json's vocab_size is {size!r}")
+    for path in weights:
+        for name, tensor in safetensors_header(path).items():
+            rows = (tensor.get("shape") or [None])[0]
+            if name.endswith(EMBEDDING_TENSORS) and rows != size:
+                raise PreflightError(
+                    "vocabulary-size",
+                    f"{name} has {rows} rows but config.json's vocab_size is {size}: the "
+                    "embeddings were resized without the config (or the reverse)",
+                )
+    largest = _largest_token_id(_read_json(tokenizer))
+    if largest is not None and largest >= size:
+        raise PreflightError(
+            "vocabulary-size",
+            f"tokenizer.json produces token id {largest} but the model has {size} embedding "
+            "rows: resize the embeddings to the tokenizer (resize_token_embeddings) first",
+        )
+
+
+def _largest_token_id(tokenizer: dict[str, Any]) -> int | None:
+    """The largest id in tokenizer.json's vocabulary and added tokens (None: none found)."""
+    vocab = (tokenizer.get("model") or {}).get("vocab")
+    ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab or [])))
+    ids += [t["id"] for t in tokenizer.get("added_tokens") or [] if isinstance(t.get("id"), int)]
+    return max(ids, default=None)
+
+
+def _notes(config: dict[str, Any]) -> list[str]:
+    """What imports but behaves differently on Bedrock than here."""
+    notes = []
+    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    if config.get("model_type") == "llama" and rope.get("rope_type", "default") != "default":
+        notes.append(
+            f"rope_scaling {rope.get('rope_type') or rope.get('type')!r}: Bedrock overrides a "
+            "Llama model's rope_scaling with its own"
+        )
+    return notes
 
 
 def _check_weights(folder: Path, model_type: str) -> tuple[list[Path], set[str]]:

@@ -49,6 +49,7 @@ def save(model: Any, base_model: str, out_dir: Path, *, dtype: str) -> list[str]
     the tokenizer model files the base tokenizer has (each shipped too)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.to(DTYPES[dtype]).save_pretrained(out_dir, max_shard_size="4GB")
+    make_config_portable(out_dir / "config.json")
     tokenizer = load_tokenizer(base_model)
     tokenizer.save_pretrained(out_dir)
     make_tokenizer_config_portable(out_dir / "tokenizer_config.json")
@@ -78,9 +79,34 @@ def copy_sentencepiece_model(tokenizer: Any, base_model: str, out_dir: Path) -> 
     return []
 
 
+def make_config_portable(path: Path) -> None:
+    """Write config.json's settings under the names transformers 4.51.3 (Bedrock's) reads
+    as well: transformers 5 keeps the rope settings in ``rope_parameters`` (4.51.3 would
+    fall back to its defaults, rope_theta 10000 and no scaling, and answer differently) and
+    the weights' dtype as ``dtype`` (4.51.3: ``torch_dtype``)."""
+    config = json.loads(path.read_text())
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict):
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        if "rope_theta" in rope:
+            config["rope_theta"] = rope["rope_theta"]
+        default = scaling.get("rope_type", "default") == "default"
+        config["rope_scaling"] = None if default else scaling
+    if "dtype" in config:
+        config["torch_dtype"] = config["dtype"]
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def make_tokenizer_config_portable(path: Path) -> None:
     """Rewrite what transformers 5 writes that Bedrock's transformers 4.51.3 cannot read."""
     config = json.loads(path.read_text())
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        # transformers 5's name for a tokenizer with no model-specific class (Llama 3's);
+        # 4.51.3 and Bedrock know that class as PreTrainedTokenizerFast
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        # whose default inputs include token_type_ids, which no causal LM takes (generate
+        # refuses them); Llama 3's own tokenizer_config.json names these two
+        config.setdefault("model_input_names", ["input_ids", "attention_mask"])
     extra = config.get("extra_special_tokens")
     if isinstance(extra, list):
         # 4.51.3 expects a name -> token mapping; keep list entries as additional tokens.

@@ -14,8 +14,8 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from services.api.deps import JobsDep, SettingsDep
 from shared import tracking
 from shared.api_models import EventPage, EventView, JobPage, JobStatus, JobView
-from shared.basemodel import check_uploaded
-from shared.errors import Conflict, NotFound, SpecError, StoreLocationError
+from shared.basemodel import base_model_family
+from shared.errors import Conflict, ModelError, NotFound, SpecError, StoreLocationError
 from shared.jobs import ENDED, new_job_id
 from shared.jobspec import parse_spec
 from shared.locations import check_source
@@ -43,9 +43,10 @@ def submit_job(jobs: JobsDep, settings: SettingsDep, spec: dict[str, Any] = Body
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
     try:  # refused now rather than after data-prep starts; the stages check again
         check_source(parsed.dataset.source, store_root=jobs.store.root_uri, settings=settings)
-        check_uploaded(parsed.base_model, store=jobs.store)
+        # an upload must be finished; a model whose config is at hand, of a family we train
+        base_model_family(parsed.base_model, store=jobs.store, cache_dir=settings.cache_dir)
         parsed = tracking.resolve(parsed, settings)  # the deployment's default, fixed now
-    except (StoreLocationError, SpecError) as exc:
+    except (StoreLocationError, SpecError, ModelError) as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
     try:  # refused now rather than after training; the publisher checks again
         jobs.check_model_name(parsed.model_name, overwrite=parsed.publish.overwrite)

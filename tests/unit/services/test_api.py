@@ -539,3 +539,24 @@ def test_a_submission_while_the_broker_is_down_runs_once_it_is_back(app_env):
     relay_once(app.state.jobs, bus)  # what the relay's next pass does
     command = _queued(bus, "dataprep")
     assert command.job_id == response.json()["id"] and pending(app.state.jobs) == 0
+
+
+def test_a_base_model_of_a_family_not_trained_is_refused_at_submission(app_env, tmp_path):
+    from services.cli.tinycausal import build_tiny_causal
+    from tests.factories import SAMPLE_DATA
+
+    client, bus, app = app_env
+    qwen = build_tiny_causal("qwen3", tmp_path / "qwen3", data_file=SAMPLE_DATA)
+    response = client.post("/v1/jobs", json={"name": "terms", "base_model": str(qwen)})
+    assert response.status_code == 422
+    assert response.json()["detail"].startswith(
+        f"base_model {str(qwen)!r} is a Qwen3 model (causal): Bedrock imports it, but "
+        "termtune trains only Flan-T5 models so far"
+    )
+    (qwen / "config.json").write_text('{"model_type": "bert"}')
+    response = client.post("/v1/jobs", json={"name": "terms", "base_model": str(qwen)})
+    assert (
+        response.status_code == 422
+        and "family Bedrock Custom Model Import does not take" in (response.json()["detail"])
+    )
+    assert _queued(bus, "dataprep", wait=1.0) is None and app.state.jobs.page() == ([], False)
