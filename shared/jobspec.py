@@ -88,6 +88,13 @@ class DatasetSpec(_Section):
         max_length=MAX_TEMPLATE_CHARS,
         description="Template of the expected output; {column} placeholders.",
     )
+    chat_template: Literal["auto", "none"] = Field(
+        "auto",
+        description='Decoder-only models: "auto" wraps each prompt in the tokenizer\'s chat '
+        "template as a user message (when it has one; the model is then served through chat "
+        'completions), "none" feeds the prompt as it is (completion). Encoder-decoder '
+        "models take the prompt as it is either way.",
+    )
     test_size: float = Field(
         0.3, gt=0.0, lt=1.0, description="Share of prompts held out for evaluation."
     )

@@ -42,7 +42,36 @@ def load_tokenizer(base_model: str) -> Any:
         raise ModelError(_load_hint(base_model, "tokenizer", exc)) from exc
 
 
-def load_seq2seq(
+def load_seq2seq(base_model: str, **kwargs: Any) -> Any:
+    """A seq2seq language model from a hub id or folder, refusing a model of a family
+    Bedrock does not import or termtune does not train (shared.families)."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    where = f"base_model {base_model!r}"
+    family = families.check_trainable(model_family(base_model), where=where)
+    if family.kind != "seq2seq":
+        raise ModelError(f"{where} is a {family.label} model, not an encoder-decoder")
+    return _load(AutoModelForSeq2SeqLM, base_model, **kwargs)
+
+
+def load_causal(base_model: str, **kwargs: Any) -> Any:
+    """A decoder-only language model of a family Bedrock imports, from a hub id or folder."""
+    from transformers import AutoModelForCausalLM
+
+    family = model_family(base_model)
+    if family.kind != "causal":
+        raise ModelError(f"base_model {base_model!r} is a {family.label} model, not decoder-only")
+    return _load(AutoModelForCausalLM, base_model, **kwargs)
+
+
+def load_model(base_model: str, **kwargs: Any) -> Any:
+    """The base model of its family's kind: encoder-decoder or decoder-only."""
+    kind = model_family(base_model).kind
+    return (load_causal if kind == "causal" else load_seq2seq)(base_model, **kwargs)
+
+
+def _load(
+    auto: Any,
     base_model: str,
     *,
     dtype: Any = None,
@@ -50,21 +79,12 @@ def load_seq2seq(
     device_map: Any = None,
     attention: str | None = None,
 ) -> Any:
-    """A seq2seq language model from a hub id or folder, refusing a model of a family
-    Bedrock does not import or termtune does not train (shared.families).
+    """``auto.from_pretrained`` with termtune's settings; ModelError in our words.
 
     ``attention`` names transformers' attention implementation (``sdpa``, ``eager``).
     """
     import torch
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
-    check_base_model(base_model)
-    try:
-        config = AutoConfig.from_pretrained(base_model)
-    except (OSError, ValueError) as exc:
-        raise ModelError(_load_hint(base_model, "config", exc)) from exc
-    where = f"base_model {base_model!r}"
-    families.check_trainable(families.family_of(config, where=where), where=where)
     kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
     if attention is not None:
         kwargs["attn_implementation"] = attention
@@ -73,9 +93,22 @@ def load_seq2seq(
     elif device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        return AutoModelForSeq2SeqLM.from_pretrained(base_model, **kwargs)
+        return auto.from_pretrained(base_model, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(_load_hint(base_model, "weights", exc)) from exc
+
+
+def model_family(base_model: str) -> families.Family:
+    """The family of a hub id or folder, read from its config; ModelError naming the model
+    when the config cannot be loaded or its family is one Bedrock does not import."""
+    from transformers import AutoConfig
+
+    check_base_model(base_model)
+    try:
+        config = AutoConfig.from_pretrained(base_model)
+    except (OSError, ValueError) as exc:
+        raise ModelError(_load_hint(base_model, "config", exc)) from exc
+    return families.family_of(config, where=f"base_model {base_model!r}")
 
 
 def unreadable_weights(path: Path) -> str | None:

@@ -36,6 +36,7 @@ class Plan:
     compile: bool = False
     token_budget: int | None = None  # the per-device batch x the longest rows' tokens
     memory_gib: float | None = None  # the device memory the plan was sized for
+    kind: str = "seq2seq"  # the base model's kind (shared.families): which trainer runs
 
     @property
     def dtype(self) -> Any:
@@ -128,7 +129,7 @@ def resolve(
         f"{processes} process(es) = {batch.effective_batch_size}: {batch.reason}"
     )
     optimizer = _optimizer(spec, notes)
-    if spec.fused_layers:
+    if spec.fused_layers and shape.kind == "seq2seq":
         notes.append("fused layers: torch's gelu(tanh) and rms_norm in place of T5's")
     compile_model = _compile(spec, dev, quantization, notes)
     return Plan(
@@ -143,6 +144,7 @@ def resolve(
         compile=compile_model,
         token_budget=batch.token_budget,
         memory_gib=round(memory / trainplan.GIB, 1),
+        kind=shape.kind,
     )
 
 

@@ -13,6 +13,11 @@ coefficients are calibrated on the H200 record of 2026-11-28 (flan-t5-large's sh
 LoRA r=64 on every linear layer, 128 + 256 tokens: 12.7 GiB at batch 8 and 42.8 GiB at
 batch 32, i.e. 1.25 GiB an example); with eager attention, as that run had, the model gives
 12.7 and 42.8 GiB.
+
+A decoder-only model (Llama, Qwen, Mistral) reads the prompt and the answer as one sequence:
+every token passes every layer and the LM head, and its layers keep what a T5 encoder layer
+keeps plus the gated feed-forward's third projection. Its coefficients follow from the same
+layer widths; they are not yet calibrated on a GPU record.
 """
 
 from __future__ import annotations
@@ -48,10 +53,14 @@ class ModelShape:
     model_type: str = "t5"
     encoder_matmul_parameters: int = 0  # weights a source token is multiplied by
     decoder_matmul_parameters: int = 0  # ...and a target token (the LM head included)
+    kind: str = "seq2seq"  # or "causal": one stack reads the prompt and the answer
 
     def training_flops(self, source_tokens: float, target_tokens: float) -> float:
         """FLOPs to train on one example with the base frozen: forward 2 and backward 2
-        (activation gradients only) per weight, each half charged for its own tokens."""
+        (activation gradients only) per weight, each half charged for its own tokens (a
+        decoder-only model passes both through the one stack)."""
+        if self.kind == "causal":
+            return 4 * self.decoder_matmul_parameters * (source_tokens + target_tokens)
         return 4 * (
             self.encoder_matmul_parameters * source_tokens
             + self.decoder_matmul_parameters * target_tokens
@@ -91,6 +100,11 @@ def example_bytes(
     input, kept for the backward pass too; eager attention also keeps its probabilities
     (and their dropout mask), which SDPA recomputes.
     """
+    if shape.kind == "causal":
+        return _causal_example_bytes(
+            shape, source_tokens + target_tokens, dtype_bytes=dtype_bytes,
+            gradient_checkpointing=gradient_checkpointing, eager_attention=eager_attention,
+        )  # fmt: skip
     d, f, b = shape.d_model, shape.d_ff, dtype_bytes
     mask = 1 if shape.dropout > 0 else 0  # dropout keeps a byte-per-value mask
     copy = 4 if dtype_bytes != 4 else 0  # peft's fp32 copies of the adapted layers' inputs
@@ -117,6 +131,34 @@ def example_bytes(
     return int(source_tokens * (encoder + cross) + target_tokens * (decoder + logits) + bias)
 
 
+def _causal_example_bytes(
+    shape: ModelShape,
+    tokens: int,
+    *,
+    dtype_bytes: int,
+    gradient_checkpointing: bool,
+    eager_attention: bool,
+) -> int:
+    """A decoder-only example of ``tokens`` (prompt and answer): per layer and token, a T5
+    encoder layer's widths plus the gated feed-forward's third projection (its input and
+    output are the width of the others), the logits of every position, and with eager
+    attention the probabilities (and their dropout mask) over the causal pairs."""
+    d, f, b = shape.d_model, shape.d_ff, dtype_bytes
+    mask = 1 if shape.dropout > 0 else 0
+    copy = 4 if dtype_bytes != 4 else 0
+    if gradient_checkpointing:
+        layers = shape.decoder_layers * b * d + b * (12 * d + 6 * f)
+    else:
+        layers = shape.decoder_layers * (
+            b * (12 * d + 6 * f) + mask * (3 * d + f) + copy * (6 * d + f)
+        )
+    logits = shape.vocab * (b + 4 + 4)
+    attention = 0
+    if eager_attention and not gradient_checkpointing:
+        attention = shape.decoder_layers * shape.heads * tokens * tokens * (2 * b + mask)
+    return int(tokens * (layers + logits) + attention)
+
+
 def generation_row_bytes(
     shape: ModelShape, source_tokens: int, new_tokens: int, *, dtype_bytes: int, beams: int = 1
 ) -> int:
@@ -125,6 +167,8 @@ def generation_row_bytes(
     step's logits in fp32, for each beam."""
     d, b = shape.d_model, dtype_bytes
     cache = shape.decoder_layers * 2 * d * b * (source_tokens + new_tokens)
+    if shape.kind == "causal":  # no encoder output; the cache spans prompt and answer
+        return int(beams * (cache + shape.vocab * 4 * 2))
     return int(source_tokens * d * b * 4 + beams * (cache + shape.vocab * 4 * 2))
 
 
@@ -226,11 +270,12 @@ def choose_quantization(
 def model_shape(base_model: str) -> ModelShape:
     """The shape of a model from its config alone (modules built on the meta device)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     config = AutoConfig.from_pretrained(base_model)
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     with init_empty_weights():
-        model = AutoModelForSeq2SeqLM.from_config(config)
+        model = auto.from_config(config)
     model.tie_weights()  # on the meta device the shared embeddings are not tied yet
     return shape_from(model, config)
 
@@ -250,6 +295,8 @@ def shape_from(model: object, config: object) -> ModelShape:
         return sum(m.weight.numel() for m in stack.modules() if isinstance(m, nn.Linear))  # type: ignore[attr-defined]
 
     get = lambda *names: next(getattr(config, n) for n in names if getattr(config, n, None))  # noqa: E731
+    if not getattr(config, "is_encoder_decoder", True):
+        return _causal_shape(model, config, linears, head)
     return ModelShape(
         parameters=sum(p.numel() for p in model.parameters()),  # type: ignore[attr-defined]
         linear_parameters=sum(m.weight.numel() for m in linears),
@@ -264,4 +311,27 @@ def shape_from(model: object, config: object) -> ModelShape:
         model_type=str(getattr(config, "model_type", "")),
         encoder_matmul_parameters=matmul(model.get_encoder()),  # type: ignore[attr-defined]
         decoder_matmul_parameters=matmul(model.get_decoder()) + head.weight.numel(),
+    )
+
+
+def _causal_shape(model: object, config: object, linears: list, head: object) -> ModelShape:
+    """ModelShape of a decoder-only model: one stack, every token through all of it."""
+    from torch import nn
+
+    stack = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))  # type: ignore[attr-defined]
+    layers = int(config.num_hidden_layers)  # type: ignore[attr-defined]
+    return ModelShape(
+        parameters=sum(p.numel() for p in model.parameters()),  # type: ignore[attr-defined]
+        linear_parameters=sum(m.weight.numel() for m in linears),
+        lora_dims=sum(m.in_features + m.out_features for m in linears),
+        d_model=int(config.hidden_size),  # type: ignore[attr-defined]
+        d_ff=int(config.intermediate_size),  # type: ignore[attr-defined]
+        heads=int(config.num_attention_heads),  # type: ignore[attr-defined]
+        encoder_layers=0,
+        decoder_layers=layers,
+        vocab=int(config.vocab_size),  # type: ignore[attr-defined]
+        dropout=float(getattr(config, "attention_dropout", 0.0) or 0.0),
+        model_type=str(getattr(config, "model_type", "")),
+        decoder_matmul_parameters=stack,  # the LM head is one of the Linear layers
+        kind="causal",
     )

@@ -77,6 +77,31 @@ def _handler(service: str):  # noqa: ANN202
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen3-shaped decoder-only model with its tokenizer and chat template."""
+    from services.cli.tinycausal import build_tiny_causal
+
+    return build_tiny_causal("qwen3", tmp_path_factory.mktemp("qwen") / "m", data_file=SAMPLE_DATA)
+
+
+@pytest.fixture(scope="session")
+def trained_qwen(tmp_path_factory: pytest.TempPathFactory, tiny_qwen: Path) -> dict:
+    """A job on the tiny Qwen model whose prepare and train stages ran."""
+    ctx = make_ctx(tmp_path_factory.mktemp("trained-qwen") / "var")
+    spec = make_spec(tiny_qwen, dataset={"validation_size": 0.1})
+    prepare = PrepareDataset(job_id="qwen-job", spec_uri=ctx.jobs.create("qwen-job", spec))
+    prepared = run_stage(prepare, _handler("dataprep"), ctx)
+    train = next_command(prepare, prepared)
+    trained = run_stage(train, _handler("trainer"), ctx)
+    return {
+        "ctx": ctx,
+        "prepared": prepared,
+        "trained": trained,
+        "evaluate": next_command(train, trained),
+    }
+
+
+@pytest.fixture(scope="session")
 def published(trained_job) -> tuple:
     """The trained job evaluated and published: (ctx, PublishModel, ModelPublished)."""
     ctx, cmd = trained_job["ctx"], trained_job["evaluate"]

@@ -14,9 +14,11 @@ from services.dataprep.quality import SideTokens
 from services.dataprep.sample import RowLimit
 from shared.artifacts import dropped_rows
 from shared.basemodel import resolve_base_model
+from shared.errors import ModelError
 from shared.jobspec import JobSpec
 from shared.messages import DatasetPrepared, PrepareDataset, TokenLengths
-from shared.modeling import load_tokenizer, versions
+from shared.modeling import load_tokenizer, model_family, versions
+from shared.prompting import Prompting, cut
 from shared.stage import StageContext
 from shared.store import Store
 
@@ -52,9 +54,15 @@ def _prepare(command: PrepareDataset, ctx: StageContext) -> dict[str, Any]:
     if source.columns:
         prepare.check_columns(list(source.columns), data, shown=source.shown)
         sources.check_types(source)
-    tokenizer = load_tokenizer(
-        resolve_base_model(spec.base_model, store=ctx.store, cache_dir=ctx.settings.cache_dir)
+    base_model = resolve_base_model(
+        spec.base_model, store=ctx.store, cache_dir=ctx.settings.cache_dir
     )
+    tokenizer = load_tokenizer(base_model)
+    family = model_family(base_model)
+    try:
+        prompting = Prompting.of(tokenizer, family.kind, data.chat_template)
+    except ValueError as exc:
+        raise ModelError(f"base_model {spec.base_model!r}: {exc}") from exc
     folder = ctx.scratch(command, "prepare")
     limit = RowLimit.of(data)
     batches = prepare.checked(source.batches(), data, shown=source.shown)
@@ -62,6 +70,7 @@ def _prepare(command: PrepareDataset, ctx: StageContext) -> dict[str, Any]:
         limit.apply(batches, columns=data.template_columns, progress=ctx.progress),
         data,
         tokenizer,
+        prompting,
         path=folder / "staged.parquet",
         shown=source.shown,
         progress=ctx.progress,
@@ -79,7 +88,8 @@ def _prepare(command: PrepareDataset, ctx: StageContext) -> dict[str, Any]:
         unk_id=tokenizer.unk_token_id,
     )
     limits = {side: lengths[side]["max_length"] for side in SIDES}
-    _route(staged.path, assignment, writer, limits=limits, tail=quality.special_tail(tokenizer))
+    tails = {"source": prompting.source_tail, "target": prompting.target_tail}
+    _route(staged.path, assignment, writer, limits=limits, tails=tails)
     shards, tokens = writer.close()
     staged.path.unlink()
     split = {
@@ -99,6 +109,7 @@ def _prepare(command: PrepareDataset, ctx: StageContext) -> dict[str, Any]:
         tokens=tokens,
         lengths=lengths,
         tokenizer=tokenizer,
+        prompting=prompting,
         split=split,
     )
     ctx.jobs.write_manifest(command.job_id, "prepare", manifest)
@@ -115,6 +126,7 @@ def _manifest(
     tokens: dict[str, dict[str, SideTokens]],
     lengths: dict[str, dict[str, Any]],
     tokenizer: Any,
+    prompting: Prompting,
     split: dict[str, Any],
 ) -> dict[str, Any]:
     """What data-prep did and what the data says about itself (written last)."""
@@ -140,6 +152,7 @@ def _manifest(
         "unknown_tokens": unknown,
         "warnings": warnings,
         "template": {"prompt": data.prompt_template, "target": data.target_template},
+        "prompting": prompting.record(),
         "tokenizer": {
             "name": spec.base_model,
             "class": type(tokenizer).__name__,
@@ -156,7 +169,7 @@ def _route(
     writer: _ShardWriter,
     *,
     limits: dict[str, int],
-    tail: int,
+    tails: dict[str, int],
 ) -> None:
     """Cut each staged row to the kept lengths and send it to its prompt's split."""
     for batch in pq.ParquetFile(staged).iter_batches(batch_size=sources.BATCH_ROWS):
@@ -167,7 +180,7 @@ def _route(
         for side, column in (("source", "input_ids"), ("target", "labels")):
             ids = table[column].to_pylist()
             full[side] = [len(x) for x in ids]
-            kept = [quality.cut(x, limits[side], tail=tail) for x in ids]
+            kept = [cut(x, limits[side], tail=tails[side]) for x in ids]
             index = table.schema.get_field_index(column)
             table = table.set_column(index, column, pa.array(kept, table.schema.field(column).type))
         for split in SPLITS:

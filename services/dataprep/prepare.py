@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from services.dataprep.sources import Batch
 from shared.errors import DatasetError
 from shared.jobspec import DatasetSpec, template_fields
+from shared.prompting import Prompting
 
 STAGED_SCHEMA = pa.schema(
     [
@@ -134,6 +135,7 @@ def stage(
     batches: Iterator[Batch],
     spec: DatasetSpec,
     tokenizer: Any,
+    prompting: Prompting,
     *,
     path: Path,
     shown: str,
@@ -158,7 +160,7 @@ def stage(
                     pairs.append(pair)
             staged.rows_read += n
             if pairs:
-                table = _tokenized(pairs, tokenizer)
+                table = _tokenized(pairs, tokenizer, prompting)
                 for side, column in (("source", "input_ids"), ("target", "labels")):
                     staged.lengths[side].extend(pc.list_value_length(table[column]).to_pylist())
                 writer.write_table(table)
@@ -173,18 +175,16 @@ def stage(
     return staged
 
 
-def _tokenized(pairs: list[tuple[str, str]], tokenizer: Any) -> pa.Table:
+def _tokenized(pairs: list[tuple[str, str]], tokenizer: Any, prompting: Prompting) -> pa.Table:
     prompts, targets = [p for p, _ in pairs], [t for _, t in pairs]
     # in full (verbose=False: no warning for rows longer than the model's maximum)
-    sources = tokenizer(prompts, verbose=False)
-    labels = tokenizer(text_target=targets, verbose=False)
     return pa.table(
         {
             "key": [prompt_key(p) for p in prompts],
             "prompt": prompts,
             "target": targets,
-            "input_ids": sources["input_ids"],
-            "labels": labels["input_ids"],
+            "input_ids": prompting.prompts(tokenizer, prompts),
+            "labels": prompting.targets(tokenizer, targets),
         },
         schema=STAGED_SCHEMA,
     )

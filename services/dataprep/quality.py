@@ -92,23 +92,6 @@ def resolve_length(spec: DatasetSpec, side: str, full: array) -> dict[str, Any]:
     }
 
 
-def special_tail(tokenizer: Any) -> int:
-    """How many special tokens the tokenizer appends to a sequence (T5: its eos)."""
-    plain = tokenizer("a term", add_special_tokens=False)["input_ids"]
-    marked = tokenizer("a term")["input_ids"]
-    for start in range(len(marked) - len(plain) + 1):
-        if marked[start : start + len(plain)] == plain:
-            return len(marked) - start - len(plain)
-    return 0
-
-
-def cut(ids: list[int], limit: int, *, tail: int) -> list[int]:
-    """A sequence cut to the limit as the tokenizer's truncation cuts it (the tail kept)."""
-    if len(ids) <= limit:
-        return ids
-    return ids[: limit - tail] + ids[len(ids) - tail :] if tail else ids[:limit]
-
-
 def summarise(
     lengths: dict[str, dict[str, Any]],
     splits: dict[str, dict[str, SideTokens]],

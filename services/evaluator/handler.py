@@ -14,7 +14,7 @@ from shared.basemodel import resolve_base_model
 from shared.errors import ModelError, NotFound
 from shared.jobspec import JobSpec
 from shared.messages import EvaluateModel, ModelEvaluated
-from shared.modeling import device, load_adapter, load_seq2seq, load_tokenizer, versions
+from shared.modeling import device, load_adapter, load_model, load_tokenizer, versions
 from shared.stage import StageContext
 
 SAMPLE_ROWS = 12
@@ -63,7 +63,7 @@ def _evaluate(command: EvaluateModel, ctx: StageContext) -> dict[str, Any]:
     tokenizer = load_tokenizer(base_model)
     check_tokenizer(tokenizer, dataset, spec)
     dtype = torch.bfloat16 if device() == "cuda" else torch.float32
-    model = load_seq2seq(base_model, dtype=dtype).to(device())
+    model = load_model(base_model, dtype=dtype).to(device())
     run = dict(
         tokenizer=tokenizer,
         table=table,

@@ -77,16 +77,18 @@ def batch_size(spec: EvaluationSpec, model: Any, table: pa.Table, decoding: Deco
 def row_losses(
     model: Any, tokenizer: Any, table: pa.Table, *, batch_size: int
 ) -> tuple[list[float], list[int]]:
-    """Summed token cross-entropy of each row's reference (teacher forcing) and its length."""
-    from transformers import DataCollatorForSeq2Seq
-
-    collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
+    """Summed token cross-entropy of each row's reference (teacher forcing) and its length;
+    a decoder-only model reads the prompt and the reference as one sequence and is scored
+    on the reference's tokens only, as it was trained."""
+    collator = _loss_collator(model, tokenizer)
     model.eval()
 
     def run(chunk: pa.Table) -> list[tuple[float, int]]:
         batch = {k: v.to(model.device) for k, v in collator(chunk.to_pylist()).items()}
-        logits = model(**batch).logits.float()
+        logits = model(**batch, use_cache=False).logits.float()
         labels = batch["labels"]
+        if not model.config.is_encoder_decoder:  # position i predicts token i + 1
+            logits, labels = logits[:, :-1], labels[:, 1:]
         losses = torch.nn.functional.cross_entropy(
             logits.transpose(1, 2), labels, ignore_index=-100, reduction="none"
         )
@@ -98,6 +100,38 @@ def row_losses(
     pairs = [pair for chunk in _batches(ordered, batch_size) for pair in halving(run, chunk)]
     pairs = restored(pairs, order)
     return [nll for nll, _ in pairs], [tokens for _, tokens in pairs]
+
+
+def _loss_collator(model: Any, tokenizer: Any) -> Callable[[list[dict]], dict]:
+    """Rows of prompt and reference ids to a padded batch with the reference as labels."""
+    from transformers import DataCollatorForSeq2Seq
+
+    if model.config.is_encoder_decoder:
+        return DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
+
+    def collate(rows: list[dict]) -> dict:
+        sequences = [r["input_ids"] + r["labels"] for r in rows]
+        width = max(len(x) for x in sequences)
+        pad = pad_id(tokenizer)
+        return {
+            "input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in sequences]),
+            "attention_mask": torch.tensor(
+                [[1] * len(x) + [0] * (width - len(x)) for x in sequences]
+            ),
+            "labels": torch.tensor(
+                [
+                    [-100] * len(r["input_ids"]) + r["labels"] + [-100] * (width - len(x))
+                    for r, x in zip(rows, sequences, strict=True)
+                ]
+            ),
+        }
+
+    return collate
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The padding id (a tokenizer without one, as Llama 3's, pads with EOS: masked out)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 @torch.no_grad()
@@ -114,10 +148,16 @@ def generate(
     alike prompt lengths (longest first), returned in the table's order."""
     model.eval()
 
+    causal = not model.config.is_encoder_decoder
+
     def run(chunk: pa.Table) -> list[str]:
         ids = chunk.column("input_ids").to_pylist()
-        batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(model.device)
-        generated = model.generate(**batch, **decoding.generate_kwargs())
+        batch = _padded(ids, pad_id(tokenizer), left=causal).to(model.device)
+        generated = model.generate(
+            **batch, pad_token_id=pad_id(tokenizer), **decoding.generate_kwargs()
+        )
+        if causal:  # the answer only: a decoder-only model's output starts with the prompt
+            generated = generated[:, batch["input_ids"].shape[1] :]
         return [o.strip() for o in tokenizer.batch_decode(generated, skip_special_tokens=True)]
 
     order = longest_first(table, "input_ids")
@@ -126,6 +166,24 @@ def generate(
         outputs += halving(run, chunk)
         on_batch(len(outputs))
     return restored(outputs, order)
+
+
+def _padded(ids: list[list[int]], pad: int, *, left: bool) -> Any:
+    """A batch of prompts padded to one length: on the left for a decoder-only model (its
+    answer continues from the last position), on the right for an encoder."""
+    from transformers import BatchEncoding
+
+    width = max(len(x) for x in ids)
+    fill = [[pad] * (width - len(x)) for x in ids]
+    ones = [[1] * len(x) for x in ids]
+    zeros = [[0] * len(f) for f in fill]
+    if left:
+        rows = [f + x for f, x in zip(fill, ids, strict=True)]
+        mask = [z + o for z, o in zip(zeros, ones, strict=True)]
+    else:
+        rows = [x + f for f, x in zip(fill, ids, strict=True)]
+        mask = [o + z for z, o in zip(zeros, ones, strict=True)]
+    return BatchEncoding({"input_ids": torch.tensor(rows), "attention_mask": torch.tensor(mask)})
 
 
 def run_model(

@@ -14,7 +14,7 @@ import yaml
 from shared.jobspec import JobSpec
 from shared.locations import is_hub_id
 
-BASE_TAGS = ("termtune", "lora-merged", "t5")
+BASE_TAGS = ("termtune", "lora-merged")  # then the model family (t5, llama, ...)
 
 
 def model_card(
@@ -25,13 +25,14 @@ def model_card(
     *,
     merge_gap: float,
     tolerance: float,
+    model_type: str = "t5",
 ) -> str:
     """Markdown with YAML front matter: what the model is, how it was made, how it scored."""
     t, plan = spec.training, training["plan"]
     counts = dataset.get("counts", {})
     lines = [
         "---",
-        yaml.safe_dump(front_matter(spec, evaluation), sort_keys=True).strip(),
+        yaml.safe_dump(front_matter(spec, evaluation, model_type), sort_keys=True).strip(),
         "---",
         "",
         f"# {spec.model_name}",
@@ -85,7 +86,9 @@ def model_card(
     return "\n".join(lines)
 
 
-def front_matter(spec: JobSpec, evaluation: dict[str, Any]) -> dict[str, Any]:
+def front_matter(
+    spec: JobSpec, evaluation: dict[str, Any], model_type: str = "t5"
+) -> dict[str, Any]:
     """Hugging Face's model card metadata: the base model, the dataset when it is a hub id,
     the card's license, languages and tags, and the tuned model's held-out scores as a
     ``model-index`` (self-reported: ``verified: false``)."""
@@ -95,8 +98,13 @@ def front_matter(spec: JobSpec, evaluation: dict[str, Any]) -> dict[str, Any]:
     front: dict[str, Any] = {
         "base_model": spec.base_model,
         "library_name": "transformers",
-        "pipeline_tag": "text2text-generation",
-        "tags": ["termtune", "lora-merged", "t5", *(t for t in card.tags if t not in BASE_TAGS)],
+        "pipeline_tag": "text2text-generation" if model_type == "t5" else "text-generation",
+        "tags": [
+            "termtune",
+            "lora-merged",
+            model_type,
+            *(t for t in card.tags if t not in (*BASE_TAGS, model_type)),
+        ],
         "language": list(card.language),
     }
     if hub_dataset:

@@ -11,7 +11,7 @@ import torch
 
 from shared.errors import ModelError
 from shared.jobspec import DecodingSpec
-from shared.modeling import load_adapter, load_seq2seq, load_tokenizer
+from shared.modeling import load_adapter, load_model, load_tokenizer
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 MERGE_TOLERANCE = 1e-3
@@ -19,7 +19,7 @@ MERGE_TOLERANCE = 1e-3
 
 def merge(base_model: str, adapter: Path, probe_ids: list[list[int]]) -> tuple[Any, float]:
     """The merged fp32 model and the largest logit gap between it and base+adapter."""
-    base = load_seq2seq(base_model, dtype=torch.float32)  # never the quantized copy
+    base = load_model(base_model, dtype=torch.float32)  # never the quantized copy
     model = load_adapter(base, adapter, base_model)
     model.eval()
     before = _logits(model, probe_ids)
@@ -40,6 +40,8 @@ def _logits(model: Any, probe_ids: list[list[int]]) -> torch.Tensor:
     width = max(len(ids) for ids in probe_ids)
     ids = torch.tensor([x + [0] * (width - len(x)) for x in probe_ids])
     mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in probe_ids])
+    if not model.config.is_encoder_decoder:  # every position's next-token logits
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     start = torch.full((len(probe_ids), 1), model.config.decoder_start_token_id)
     return model(input_ids=ids, attention_mask=mask, decoder_input_ids=start).logits
 

@@ -68,8 +68,14 @@ def _publish(command: PublishModel, ctx: StageContext) -> dict[str, Any]:
     tokenizer_files = export.save(merged, base_model, folder, dtype=spec.publish.dtype)
     (folder / "README.md").write_text(
         card.model_card(
-            spec, dataset, training, evaluation, merge_gap=gap, tolerance=export.MERGE_TOLERANCE
-        )
+            spec,
+            dataset,
+            training,
+            evaluation,
+            merge_gap=gap,
+            tolerance=export.MERGE_TOLERANCE,
+            model_type=merged.config.model_type,
+        )  # fmt: skip
     )
     region = settings.region if settings else None
     checks = cmi.preflight(folder, tokenizer_files=tokenizer_files, region=region)

@@ -21,7 +21,7 @@ from services.trainer.fit import TrainJob, fit
 from shared import planner, tracking
 from shared.artifacts import read_split
 from shared.basemodel import resolve_base_model
-from shared.errors import Cancelled, Interrupted
+from shared.errors import Cancelled, Interrupted, ModelError
 from shared.messages import ModelTrained, TrainModel
 from shared.modeling import device, versions
 from shared.stage import StageContext
@@ -65,6 +65,12 @@ def _train(command: TrainModel, ctx: StageContext) -> dict[str, Any]:
     plan = _resumed_plan(resume) or planner.resolve(
         spec.training, model_shape(base_model), rows, processes=processes
     )
+    prepared = dataset.get("prompting", {}).get("kind", "seq2seq")
+    if prepared != plan.kind:
+        raise ModelError(
+            f"the dataset was prepared for a {prepared} model but base_model "
+            f"{spec.base_model!r} is {plan.kind}: prepare the data again for this model"
+        )
     job = TrainJob(
         base_model=base_model,
         training=spec.training.model_dump(mode="json"),

@@ -9,7 +9,7 @@ import torch
 from services.trainer import kernels
 from services.trainer.ranks import local_rank
 from shared.jobspec import TrainingSpec
-from shared.modeling import load_seq2seq
+from shared.modeling import load_causal, load_seq2seq
 from shared.planner import Plan
 
 
@@ -36,7 +36,8 @@ def build_model(base_model: str, spec: TrainingSpec, plan: Plan) -> Any:
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 
     qconfig = quantization_config(plan)
-    model = load_seq2seq(
+    load = load_causal if plan.kind == "causal" else load_seq2seq
+    model = load(
         base_model,
         dtype=plan.dtype,
         attention=plan.attention,
@@ -52,7 +53,7 @@ def build_model(base_model: str, spec: TrainingSpec, plan: Plan) -> Any:
             model, use_gradient_checkpointing=spec.gradient_checkpointing
         )
     lora = LoraConfig(
-        task_type=TaskType.SEQ_2_SEQ_LM,
+        task_type=TaskType.CAUSAL_LM if plan.kind == "causal" else TaskType.SEQ_2_SEQ_LM,
         r=spec.lora.r,
         lora_alpha=spec.lora.alpha,
         lora_dropout=spec.lora.dropout,

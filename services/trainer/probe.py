@@ -26,10 +26,15 @@ def step(model: Any, rows: Rows, batch: int) -> int:
     vocab = model.config.vocab_size
     dev = next(p.device for p in model.parameters())
     torch.cuda.reset_peak_memory_stats()
-    ids = torch.randint(2, vocab, (batch, rows.source_tokens), device=dev)
-    labels = torch.randint(2, vocab, (batch, rows.target_tokens), device=dev)
+    if model.config.is_encoder_decoder:
+        ids = torch.randint(2, vocab, (batch, rows.source_tokens), device=dev)
+        labels = torch.randint(2, vocab, (batch, rows.target_tokens), device=dev)
+    else:  # one sequence, the loss on the answer's part (as trl's trainer labels it)
+        ids = torch.randint(2, vocab, (batch, rows.longest), device=dev)
+        labels = ids.clone()
+        labels[:, : rows.source_tokens] = -100
     try:
-        model(input_ids=ids, labels=labels).loss.backward()
+        model(input_ids=ids, labels=labels, use_cache=False).loss.backward()
     finally:
         model.zero_grad(set_to_none=True)
     return torch.cuda.max_memory_allocated()

@@ -1,4 +1,5 @@
-"""Running transformers' Seq2SeqTrainer on a prepared split."""
+"""Running the trainer on a prepared split: transformers' Seq2SeqTrainer for T5, trl's
+SFTTrainer for a decoder-only model (services.trainer.causal)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from services.trainer import ranks
+from services.trainer import causal, ranks
 from services.trainer.batches import CountingCollator, GroupedTrainer, side_lengths
 from services.trainer.lora import Plan
 from shared.errors import OutOfMemory
@@ -53,11 +54,10 @@ def training_arguments(
     *,
     evaluate: bool = False,
     eval_steps: int | None = None,
-) -> Any:
-    """Seq2SeqTrainingArguments from the spec and the resolved plan."""
-    from transformers import Seq2SeqTrainingArguments
-
-    return Seq2SeqTrainingArguments(
+) -> dict[str, Any]:
+    """The Trainer's arguments from the spec and the resolved plan (keyword arguments of
+    Seq2SeqTrainingArguments, and of trl's SFTConfig, which takes them too)."""
+    return dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=plan.batch_size,
         gradient_accumulation_steps=plan.gradient_accumulation_steps,
@@ -66,7 +66,6 @@ def training_arguments(
         learning_rate=spec.learning_rate,
         lr_scheduler_type=spec.lr_scheduler,
         warmup_steps=spec.warmup_ratio,
-        train_sampling_strategy="group_by_length" if spec.group_by_length else "random",
         gradient_checkpointing=spec.gradient_checkpointing,
         logging_steps=spec.logging_steps,
         eval_strategy="steps" if evaluate else "no",
@@ -152,8 +151,22 @@ def _trainer(
     output_dir: Path,
     callbacks: list[Any],
 ) -> Any:
-    from transformers import DataCollatorForSeq2Seq, PrinterCallback
+    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Seq2SeqTrainingArguments
 
+    arguments = training_arguments(
+        spec,
+        plan,
+        output_dir,
+        evaluate=eval_table is not None,
+        eval_steps=validation_every(spec, plan, train_table.num_rows),
+    )
+    if plan.kind == "causal":
+        trainer = causal.sft_trainer(
+            model, tokenizer, (train_table, eval_table),
+            spec=spec, plan=plan, arguments=arguments, callbacks=callbacks,
+        )  # fmt: skip
+        trainer.remove_callback(PrinterCallback)
+        return trainer
     collator = DataCollatorForSeq2Seq(
         tokenizer,
         model=model,
@@ -162,12 +175,9 @@ def _trainer(
     )
     trainer = GroupedTrainer(
         model=model,
-        args=training_arguments(
-            spec,
-            plan,
-            output_dir,
-            evaluate=eval_table is not None,
-            eval_steps=validation_every(spec, plan, train_table.num_rows),
+        args=Seq2SeqTrainingArguments(
+            **arguments,
+            train_sampling_strategy="group_by_length" if spec.group_by_length else "random",
         ),
         train_dataset=to_dataset(train_table),
         eval_dataset=to_dataset(eval_table) if eval_table is not None else None,

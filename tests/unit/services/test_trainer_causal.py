@@ -1,0 +1,100 @@
+"""Training a decoder-only model: trl's SFTTrainer on the prepared split, the loss on the
+answer's tokens only, a LoRA adapter of the causal-LM kind, and the planner's shape of a
+decoder-only model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from services.trainer import causal, lora, train
+from shared import planner
+from shared.artifacts import read_split
+from shared.errors import ModelError
+from shared.jobspec import TrainingSpec
+from shared.trainplan import model_shape
+from tests.factories import make_spec
+
+
+def test_a_decoder_only_model_trains_with_trl_and_stores_a_causal_adapter(trained_qwen, tiny_qwen):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ctx, trained = trained_qwen["ctx"], trained_qwen["trained"]
+    manifest = ctx.jobs.manifest("qwen-job", "train")
+    assert manifest["steps"] == trained.steps == 6 and manifest["plan"]["kind"] == "causal"
+    log = ctx.store.get_json(ctx.store.key_of(manifest["log"]))
+    losses = [e["loss"] for e in log if "loss" in e]
+    assert len(losses) == 3 and all(0 < x < 20 for x in losses)
+    assert manifest["validation"]["passes"] >= 1
+    assert 0 <= manifest["padding_waste"]["all"] < 0.6
+    folder = ctx.store.path(ctx.store.key_of(manifest["adapter"]))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM"
+    adapted = {name.rsplit(".", 1)[-1] for name in config["target_modules"]}
+    # all-linear: every projection of the attention and the gated feed-forward, not the head
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_qwen), folder)
+    base = AutoModelForCausalLM.from_pretrained(tiny_qwen)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert not torch.allclose(model(input_ids=ids).logits, base(input_ids=ids).logits)
+
+
+def test_the_loss_is_on_the_answer_only(trained_qwen, tiny_qwen, tmp_path):
+    from shared.modeling import load_tokenizer
+
+    ctx = trained_qwen["ctx"]
+    dataset = ctx.jobs.manifest("qwen-job", "prepare")
+    table = read_split(ctx.store, dataset, "train", cache_dir=ctx.settings.cache_dir).slice(0, 4)
+    spec = TrainingSpec(max_steps=1)
+    plan = planner.resolve(spec, model_shape(str(tiny_qwen)), planner.Rows(4, 8, 8), dev="cpu")
+    model = lora.build_model(str(tiny_qwen), spec, plan)
+    trainer = train._trainer(
+        model, load_tokenizer(str(tiny_qwen)), table, None, spec, plan, tmp_path, []
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    rows = table.to_pylist()
+    assert len(batch["input_ids"]) == 4
+    for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist(), strict=True):
+        answer = [x for x in labels if x != -100]
+        row = next(r for r in rows if r["labels"] == answer)  # the answer ends with EOS
+        prompt, end = len(row["input_ids"]), len(row["input_ids"]) + len(answer)
+        assert ids[:end] == row["input_ids"] + answer
+        assert labels[:prompt] == [-100] * prompt and labels[prompt:end] == answer
+        assert set(labels[end:]) <= {-100}  # padding
+
+
+def test_a_dataset_prepared_for_another_kind_of_model_is_refused(trained_qwen, tiny_model):
+    from services.trainer.handler import handle
+    from shared.messages import TrainModel
+
+    ctx, prepared = trained_qwen["ctx"], trained_qwen["prepared"]
+    spec = make_spec(tiny_model)
+    uri = ctx.jobs.create("t5-on-qwen-data", spec)
+    command = TrainModel(job_id="t5-on-qwen-data", spec_uri=uri, dataset_manifest=prepared.manifest)
+    with pytest.raises(ModelError, match="prepared for a causal model but base_model .* seq2seq"):
+        handle(command, ctx)
+
+
+def test_a_decoder_only_shape_charges_every_token_to_the_whole_stack(tiny_qwen):
+    shape = model_shape(str(tiny_qwen))
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen)
+    assert shape.kind == "causal" and shape.parameters == sum(p.numel() for p in model.parameters())
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert shape.decoder_matmul_parameters == linear  # the LM head included
+    assert shape.training_flops(10, 20) == 4 * linear * 30
+    plan = planner.resolve(TrainingSpec(), shape, planner.Rows(100, 10, 20), dev="cpu")
+    assert plan.kind == "causal" and not any("fused layers" in n for n in plan.notes)
+
+
+def test_causal_rows_become_one_sequence_with_the_answer_masked_in():
+    import pyarrow as pa
+
+    table = pa.table({"input_ids": [[1, 2, 3], [4]], "labels": [[7, 8], [9, 10, 11]]})
+    data = causal.to_dataset(table)
+    assert data["input_ids"] == [[1, 2, 3, 7, 8], [4, 9, 10, 11]]
+    assert data["completion_mask"] == [[0, 0, 0, 1, 1], [0, 1, 1, 1]]
