@@ -30,7 +30,8 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--max-gen-len", type=int, default=32)
     args = parser.parse_args()
-    from services.api.inference import InvokeRequest, LocalModels
+    from services.api.inference import LocalModels
+    from services.api.shapes import InvokeRequest
     from services.cli.tinymodel import build_tiny_t5
     from shared.jobs import JobRecords
     from shared.ledger import Ledger

@@ -93,6 +93,11 @@ class ModelEntry(BaseModel):
     job_id: str | None = None
     target: str | None = Field(None, description="local or bedrock")
     location: str | None = Field(None, description="URI of the exported model folder.")
+    chat: bool = Field(
+        False,
+        description="Trained on prompts in its chat template: ask it with chat messages "
+        "(OpenAI chat completions), as it was evaluated.",
+    )
 
 
 class ModelList(BaseModel):

@@ -111,6 +111,9 @@ def generation_of(body: dict[str, Any]) -> str:
             text = items[0].get("text")
             if isinstance(text, str):
                 return text
+            message = items[0].get("message")  # chat completions
+            if isinstance(message, dict) and isinstance(message.get("content"), str):
+                return message["content"]
     raise BedrockError(f"unrecognised invoke response shape (keys {sorted(body)})")
 
 
@@ -124,6 +127,19 @@ def request_body(prompt: str, decoding: dict[str, Any], **given: Any) -> dict[st
     }
     chosen = {k: given.get(k) if given.get(k) is not None else v for k, v in defaults.items()}
     return {"prompt": prompt, **{k: v for k, v in chosen.items() if v is not None}}
+
+
+def chat_request_body(prompt: str, decoding: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAI chat completions body Bedrock takes for an imported model with a chat
+    template: the prompt as the user's message, the spec's decoding under OpenAI's names."""
+    body = request_body(prompt, decoding)
+    body.pop("prompt")
+    limit = body.pop("max_gen_len", None)
+    return {
+        "messages": [{"role": "user", "content": prompt}],
+        **({"max_tokens": limit} if limit is not None else {}),
+        **body,
+    }
 
 
 def invoke(

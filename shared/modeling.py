@@ -58,9 +58,10 @@ def load_causal(base_model: str, **kwargs: Any) -> Any:
     """A decoder-only language model of a family Bedrock imports, from a hub id or folder."""
     from transformers import AutoModelForCausalLM
 
-    family = model_family(base_model)
+    where = f"base_model {base_model!r}"
+    family = families.check_trainable(model_family(base_model), where=where)
     if family.kind != "causal":
-        raise ModelError(f"base_model {base_model!r} is a {family.label} model, not decoder-only")
+        raise ModelError(f"{where} is a {family.label} model, not decoder-only")
     return _load(AutoModelForCausalLM, base_model, **kwargs)
 
 

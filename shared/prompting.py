@@ -110,3 +110,24 @@ def cut(ids: list[int], limit: int, *, tail: int) -> list[int]:
     if len(ids) <= limit:
         return ids
     return ids[: limit - tail] + ids[len(ids) - tail :] if tail else ids[:limit]
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The padding id (a tokenizer without one, as Llama 3's, pads with EOS: masked out)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def padded(ids: list[list[int]], pad: int, *, left: bool) -> Any:
+    """Prompts padded to one length as a BatchEncoding with their attention mask: on the
+    left for a decoder-only model (its answer continues from the last position), on the
+    right for an encoder."""
+    import torch
+    from transformers import BatchEncoding
+
+    width = max(len(x) for x in ids)
+    rows, mask = [], []
+    for x in ids:
+        fill = width - len(x)
+        rows.append([pad] * fill + x if left else x + [pad] * fill)
+        mask.append([0] * fill + [1] * len(x) if left else [1] * len(x) + [0] * fill)
+    return BatchEncoding({"input_ids": torch.tensor(rows), "attention_mask": torch.tensor(mask)})

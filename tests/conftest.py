@@ -102,6 +102,15 @@ def trained_qwen(tmp_path_factory: pytest.TempPathFactory, tiny_qwen: Path) -> d
 
 
 @pytest.fixture(scope="session")
+def published_qwen(trained_qwen: dict) -> tuple:
+    """The tiny Qwen job evaluated and published (local): (ctx, ModelEvaluated,
+    ModelPublished)."""
+    ctx, command = trained_qwen["ctx"], trained_qwen["evaluate"]
+    evaluated = _handler("evaluator")(command, ctx)
+    return ctx, evaluated, _handler("publisher")(next_command(command, evaluated), ctx)
+
+
+@pytest.fixture(scope="session")
 def published(trained_job) -> tuple:
     """The trained job evaluated and published: (ctx, PublishModel, ModelPublished)."""
     ctx, cmd = trained_job["ctx"], trained_job["evaluate"]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any
 
 from shared.jobs import JobRecords
 from shared.jobspec import JobSpec, parse_spec
 from shared.ledger import open_ledger
-from shared.settings import Settings
+from shared.settings import ApiSettings, Settings
 from shared.store import LocalStore, Store, open_store
 from shared.worker import StageContext
 
@@ -149,3 +150,15 @@ def module_from_file(path: Path, name: str) -> Any:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def api_settings(ctx: StageContext, key: str) -> ApiSettings:
+    """Settings of a control plane over a stage context's var folder and database (a
+    broker in memory, an exchange of its own)."""
+    return ApiSettings(
+        var_dir=ctx.settings.var_dir,
+        database_url=ctx.settings.database_url,
+        broker_url="memory://",
+        api_key=key,
+        exchange=f"t{uuid.uuid4().hex[:8]}",
+    )

@@ -1,63 +1,48 @@
-"""Serving published models locally, in Bedrock's invoke request and response shape."""
+"""Serving published models locally, in the request and response shapes Bedrock serves
+imported models in (services.api.shapes)."""
 
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from services.api.batching import MicroBatcher
+from services.api.shapes import (
+    Answer,
+    AnyRequest,
+    AnyResponse,
+    Ask,
+    answer_of,
+    ask_of,
+    body_of,
+    respond,
+)
 from shared import bedrock
+from shared.errors import ModelError
 from shared.jobs import JobRecords
+from shared.prompting import pad_id, padded
 from shared.settings import BedrockSettings, Settings
 
 #: the length cap of models whose generation_config.json carries none (older exports)
 DEFAULT_MAX_GEN_LEN = 256
 
 
-class InvokeRequest(BaseModel):
-    """Bedrock's request body for imported models; what it leaves out is the model's decoding
-    (the job spec's ``decoding``, which the evaluator scored)."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    prompt: str = Field(..., min_length=1, max_length=20_000, description="The input text.")
-    max_gen_len: int | None = Field(
-        None, ge=1, le=4096, description="Most tokens to generate (default: decoding's)."
-    )
-    temperature: float | None = Field(
-        None, ge=0.0, le=2.0, description="0: greedy decoding (default: decoding's)."
-    )
-    top_p: float | None = Field(
-        None, gt=0.0, le=1.0, description="Nucleus sampling mass (default: decoding's)."
-    )
-
-
-def served(request: InvokeRequest, config: Any) -> InvokeRequest:
+def served(ask: Ask, config: Any) -> Ask:
     """The request with what it leaves out taken from the model's generation config (its
     generation_config.json: the spec's decoding, written at export)."""
     sampling = bool(config.do_sample)
     temperature = (config.temperature or 1.0) if sampling else 0.0
     top_p = (config.top_p or 1.0) if sampling else 1.0
-    return request.model_copy(
-        update={
-            "max_gen_len": request.max_gen_len or config.max_new_tokens or DEFAULT_MAX_GEN_LEN,
-            "temperature": temperature if request.temperature is None else request.temperature,
-            "top_p": top_p if request.top_p is None else request.top_p,
-        }
+    return replace(
+        ask,
+        max_new_tokens=ask.max_new_tokens or config.max_new_tokens or DEFAULT_MAX_GEN_LEN,
+        temperature=temperature if ask.temperature is None else ask.temperature,
+        top_p=top_p if ask.top_p is None else ask.top_p,
     )
-
-
-class InvokeResponse(BaseModel):
-    """Bedrock's response body for imported models."""
-
-    generation: str
-    prompt_token_count: int
-    generation_token_count: int
-    stop_reason: Literal["stop", "length"]
 
 
 class LocalModels:
@@ -85,7 +70,12 @@ class LocalModels:
         self._lock = threading.Lock()
 
     def _load(self, name: str) -> tuple[Any, Any]:
-        from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+        from transformers import (
+            AutoConfig,
+            AutoModelForCausalLM,
+            AutoModelForSeq2SeqLM,
+            AutoTokenizer,
+        )
 
         entry = self.jobs.model(name)
         with self._lock:
@@ -95,7 +85,9 @@ class LocalModels:
                 folder: Path = store.local_dir(
                     store.key_of(entry["location"]), self.settings.cache_dir / "models"
                 )
-                model = AutoModelForSeq2SeqLM.from_pretrained(folder, dtype=torch.float32).eval()
+                seq2seq = AutoConfig.from_pretrained(folder).is_encoder_decoder
+                auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+                model = auto.from_pretrained(folder, dtype=torch.float32).eval()
                 cached = (entry["location"], model, AutoTokenizer.from_pretrained(folder))
                 self._loaded[name] = cached
         return cached[1], cached[2]
@@ -108,71 +100,98 @@ class LocalModels:
         if batcher is not None:
             batcher.close()
 
-    def invoke(self, name: str, request: InvokeRequest) -> InvokeResponse:
-        """Generate an answer to one prompt (batched with concurrent ones)."""
-        model, _ = self._load(name)  # a missing model is the caller's 404, not the batch's
-        request = served(request, model.generation_config)
+    def invoke(self, name: str, request: AnyRequest) -> AnyResponse:
+        """Answer one request in its shape (batched with concurrent ones); ModelError for
+        chat messages to a model without a chat template."""
+        model, tokenizer = self._load(name)  # a missing model is the caller's 404
+        ask = served(ask_of(request), model.generation_config)
+        if ask.messages is not None and not tokenizer.chat_template:
+            raise ModelError(
+                f"model {name!r} has no chat template, so it cannot take chat messages: ask "
+                "it with a prompt (Bedrock applies none either)"
+            )
         if self.max_batch <= 1:
-            return self.generate(name, [request])[0]
+            return respond(request, self.answer(name, [ask])[0], name)
         with self._lock:
             batcher = self._batchers.get(name)
             if batcher is None:
                 batcher = self._batchers[name] = MicroBatcher(
-                    lambda requests: self.generate(name, requests),
+                    lambda asks: self.answer(name, asks),
                     key=_batch_key(model.generation_config),
                     max_batch=self.max_batch,
                     wait_s=self.wait_s,
                     name=f"batch-{name}",
                 )
-        return batcher.submit(request)
+        return respond(request, batcher.submit(ask), name)
 
     @torch.no_grad()
-    def generate(self, name: str, requests: list[InvokeRequest]) -> list[InvokeResponse]:
-        """Answers to prompts sharing temperature and top_p, in one ``generate`` call; the
+    def answer(self, name: str, asks: list[Ask]) -> list[Answer]:
+        """Answers to requests sharing temperature and top_p, in one ``generate`` call; the
         model's generation config (num_beams, no_repeat_ngram_size, ...) applies to all."""
         model, tokenizer = self._load(name)
-        requests = [served(r, model.generation_config) for r in requests]
-        inputs = tokenizer(
-            [r.prompt for r in requests], return_tensors="pt", padding=True, truncation=True
-        )
-        first = requests[0]
-        sample = first.temperature > 0
+        asks = [served(a, model.generation_config) for a in asks]
+        causal = not model.config.is_encoder_decoder
+        prompts = [_prompt_ids(tokenizer, a, causal=causal) for a in asks]
+        inputs = padded(prompts, pad_id(tokenizer), left=causal)
+        first = asks[0]
+        sample = (first.temperature or 0.0) > 0
         output = model.generate(
             **inputs,
-            max_new_tokens=max(r.max_gen_len for r in requests),
+            pad_token_id=pad_id(tokenizer),
+            max_new_tokens=max(a.max_new_tokens or DEFAULT_MAX_GEN_LEN for a in asks),
             do_sample=sample,
             temperature=first.temperature if sample else None,
             top_p=first.top_p if sample else None,
             max_time=self.max_seconds,  # a long answer is cut there: stop_reason "length"
         )
-        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+        start = inputs["input_ids"].shape[1] if causal else 1  # the prompt / decoder start
+        stops = _stop_ids(model.generation_config, tokenizer)
         return [
-            _answer(tokenizer, row.tolist()[1:], request.max_gen_len, int(count))
-            for row, request, count in zip(output, requests, prompt_tokens, strict=True)
+            _answer(tokenizer, row[start:].tolist(), ask.max_new_tokens, len(ids), stops)
+            for row, ask, ids in zip(output, asks, prompts, strict=True)
         ]
+
+
+def _prompt_ids(tokenizer: Any, ask: Ask, *, causal: bool) -> list[int]:
+    """The ids the model reads: chat messages rendered by its chat template (the assistant's
+    turn opened), or the prompt as it is (cut to an encoder's length)."""
+    if ask.messages is not None:
+        text = tokenizer.apply_chat_template(
+            list(ask.messages), add_generation_prompt=True, tokenize=False
+        )
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(ask.prompt, truncation=not causal)["input_ids"]
+
+
+def _stop_ids(config: Any, tokenizer: Any) -> set[int]:
+    """The tokens that end an answer: the generation config's EOS ids and the tokenizer's."""
+    ids = config.eos_token_id
+    found = set(ids) if isinstance(ids, list) else ({ids} if ids is not None else set())
+    return found | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
 
 
 def _batch_key(config: Any) -> Any:
     """Requests answered together: same sampling settings; under beam search also the same
     length cap (a beam search cut shorter is not the start of a longer one)."""
     if (config.num_beams or 1) > 1:
-        return lambda r: (r.temperature, r.top_p, r.max_gen_len)
-    return lambda r: (r.temperature, r.top_p)
+        return lambda a: (a.temperature, a.top_p, a.max_new_tokens)
+    return lambda a: (a.temperature, a.top_p)
 
 
 def _answer(
-    tokenizer: Any, tokens: list[int], max_gen_len: int, prompt_tokens: int
-) -> InvokeResponse:
-    """One row of a batch (decoder start dropped): cut at its end-of-sequence, or at its
-    own ``max_gen_len`` when the batch generated longer for another row."""
-    if tokenizer.eos_token_id in tokens:
-        tokens = tokens[: tokens.index(tokenizer.eos_token_id) + 1]
-    tokens = tokens[:max_gen_len]
-    finished = bool(tokens) and tokens[-1] == tokenizer.eos_token_id
-    return InvokeResponse(
-        generation=tokenizer.decode(tokens, skip_special_tokens=True).strip(),
-        prompt_token_count=prompt_tokens,
-        generation_token_count=len(tokens),
+    tokenizer: Any, tokens: list[int], max_new: int | None, prompt_tokens: int, stops: set[int]
+) -> Answer:
+    """One row of a batch: cut at its end of sequence, or at its own ``max_new`` when the
+    batch generated longer for another row."""
+    end = next((i for i, t in enumerate(tokens) if t in stops), None)
+    if end is not None:
+        tokens = tokens[: end + 1]
+    tokens = tokens[: max_new or len(tokens)]
+    finished = bool(tokens) and tokens[-1] in stops
+    return Answer(
+        text=tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+        prompt_tokens=prompt_tokens,
+        generated_tokens=len(tokens),
         stop_reason="stop" if finished else "length",
     )
 
@@ -190,23 +209,17 @@ class BedrockModels:
             self._clients[kind] = make(self.settings)
         return self._clients[kind]
 
-    def invoke(self, entry: dict[str, Any], request: InvokeRequest) -> InvokeResponse:
-        """Ask the imported model (what the request leaves out: the spec's decoding); a cold
-        copy is retried for minutes, as Bedrock needs."""
-        given = request.model_dump(exclude={"prompt"})
+    def invoke(self, entry: dict[str, Any], request: AnyRequest) -> AnyResponse:
+        """Ask the imported model in the request's shape (what it leaves out: the spec's
+        decoding); a cold copy is retried for minutes, as Bedrock needs."""
         body = bedrock.invoke(
             self._client("runtime"),
             entry["bedrock"]["imported_model_arn"],
-            bedrock.request_body(request.prompt, entry.get("decoding", {}), **given),
+            body_of(request, entry.get("decoding", {})),
             retries=self.settings.not_ready_retries,
             wait_seconds=self.settings.not_ready_wait_seconds,
         )
-        return InvokeResponse(
-            generation=body["generation"],
-            prompt_token_count=int(body.get("prompt_token_count") or 0),
-            generation_token_count=int(body.get("generation_token_count") or 0),
-            stop_reason="length" if body.get("stop_reason") == "length" else "stop",
-        )
+        return respond(request, answer_of(body), str(entry["name"]))
 
     def delete(self, entry: dict[str, Any]) -> str:
         """Delete the imported model in Bedrock; its ARN."""

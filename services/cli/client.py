@@ -17,6 +17,7 @@ from shared.api_models import (
     JobPage,
     JobView,
     ModelDeleted,
+    ModelEntry,
     ModelFileUpload,
     ModelList,
     ModelManifest,
@@ -157,6 +158,10 @@ class Client:
         """Published models."""
         return _as(ModelList, self._call("GET", "/v1/models"))["data"]
 
+    def model(self, model: str) -> dict[str, Any]:
+        """One published model."""
+        return _as(ModelEntry, self._call("GET", f"/v1/models/{model}"))
+
     def imported_models(self) -> list[dict[str, Any]]:
         """Every model imported into Bedrock in the account and region."""
         return self._call("GET", "/v1/imported-models")["data"]
@@ -167,7 +172,12 @@ class Client:
 
     def invoke(self, model: str, prompt: str, **params: Any) -> dict[str, Any]:
         """Ask a published model; Bedrock's response shape."""
-        return self._call("POST", f"/v1/models/{model}/invoke", json={"prompt": prompt, **params})
+        return self.invoke_body(model, {"prompt": prompt, **params})
+
+    def invoke_body(self, model: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Ask a published model in any shape Bedrock serves (Bedrock completion, OpenAI
+        completion, OpenAI chat completions); the answer in the same shape."""
+        return self._call("POST", f"/v1/models/{model}/invoke", json=body)
 
     def upload_dataset(self, path: Path) -> dict[str, Any]:
         """Put a local dataset file into the store (streamed); its location there."""

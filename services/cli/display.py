@@ -238,3 +238,19 @@ def gate_lines(gate: dict[str, Any]) -> str:
     else:  # a report written before the gate listed its rules
         lines += [f"  FAIL  {reason}" for reason in gate["reasons"]]
     return "\n".join(lines)
+
+
+def invoked(client: Any, model: str, prompt: str) -> None:
+    """Ask a published model as it was evaluated (a chat-tuned one with a chat message) and
+    print its answer."""
+    if client.model(model).get("chat"):
+        body = {"messages": [{"role": "user", "content": prompt}]}
+        reply = client.invoke_body(model, body)
+        (choice,) = reply["choices"]
+        text, tokens = choice["message"]["content"], reply["usage"]["completion_tokens"]
+        reason = choice["finish_reason"]
+    else:
+        reply = client.invoke(model, prompt)
+        text, tokens = reply["generation"], reply["generation_token_count"]
+        reason = reply["stop_reason"]
+    console.print(f"invoke {model!r}: {prompt!r}\n  -> {text!r} ({tokens} tokens, {reason})")

@@ -121,6 +121,10 @@ def _parser() -> argparse.ArgumentParser:
     invoke.add_argument("prompt")
     for flag, kind in (("--max-gen-len", int), ("--temperature", float), ("--top-p", float)):
         invoke.add_argument(flag, type=kind, help="default: the job spec's decoding")
+    invoke.add_argument(
+        "--chat", action="store_true", help="send the prompt as a chat message (OpenAI chat "
+        "completions, rendered by the model's chat template); the answer in that shape",
+    )  # fmt: skip
     est = sub.add_parser(
         "estimate", help="training time and cost on a g5 instance, and Bedrock's cost"
     )
@@ -168,18 +172,18 @@ def _ensure_model(spec_path: Path) -> None:
 
 
 def _ensure_base_model(base_model: str) -> None:
-    from services.cli.tinymodel import ensure_tiny_t5
+    """Build the tiny model of a family when ``base_model`` is its default folder."""
+    from services.cli.tinymodel import ensure_tiny, tiny_folder
 
-    if Path(base_model).resolve() != TINY_MODEL_DIR.resolve():
+    wanted = Path(base_model).resolve()
+    family = next((f for f in TINY_FAMILIES if tiny_folder(f).resolve() == wanted), None)
+    if family is None:
         return
-    if not (
-        (TINY_MODEL_DIR / "config.json").exists() and (TINY_MODEL_DIR / "tokenizer.json").exists()
-    ):
-        print(
-            f"building the embedded tiny model in {TINY_MODEL_DIR} (`termtune build-tiny-model`)",
-            file=sys.stderr,
-        )
-    ensure_tiny_t5(TINY_MODEL_DIR, data_file=SAMPLE_DATA)
+    folder = tiny_folder(family)
+    if not ((folder / "config.json").exists() and (folder / "tokenizer.json").exists()):
+        how = "termtune build-tiny-model" + ("" if family == "t5" else f" --family {family}")
+        print(f"building the embedded tiny model in {folder} (`{how}`)", file=sys.stderr)
+    ensure_tiny(family, folder, data_file=SAMPLE_DATA)
 
 
 def _ensure_job_model(client: Any, job_id: str) -> None:
@@ -295,13 +299,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if job["status"] == "succeeded":
             report = client.report(job["id"])
             prompt = args.prompt or report["samples"][0]["prompt"]
-            answer = client.invoke(job["model_name"], prompt)  # the decoding evaluated
-            display.console.print(
-                f"invoke {job['model_name']!r}: {prompt!r}\n"
-                f"  -> {answer['generation']!r} "
-                f"({answer['generation_token_count']} tokens, "
-                f"{answer['stop_reason']})"
-            )
+            display.invoked(client, job["model_name"], prompt)  # the decoding evaluated
         display.console.print(
             f"done in {time.monotonic() - started:.0f}s; artifacts in {launcher.var_dir}"
         )
@@ -434,9 +432,14 @@ def _client_command(args: argparse.Namespace) -> int:
         arn = deleted["imported_model_arn"]
         print(f"deleted {deleted['deleted']}" + (f" and its Bedrock import {arn}" if arn else ""))
     elif args.command == "invoke":
-        chosen = {"max_gen_len": args.max_gen_len, "temperature": args.temperature}
-        given = {k: v for k, v in {**chosen, "top_p": args.top_p}.items() if v is not None}
-        print(json.dumps(client.invoke(args.model, args.prompt, **given), indent=2))
+        limit = "max_tokens" if args.chat else "max_gen_len"
+        chosen = {limit: args.max_gen_len, "temperature": args.temperature, "top_p": args.top_p}
+        given = {k: v for k, v in chosen.items() if v is not None}
+        if args.chat:
+            body = {"messages": [{"role": "user", "content": args.prompt}], **given}
+            print(json.dumps(client.invoke_body(args.model, body), indent=2))
+        else:
+            print(json.dumps(client.invoke(args.model, args.prompt, **given), indent=2))
     return 0
 
 

@@ -107,10 +107,15 @@ def build_tiny_t5(out_dir: Path, *, data_file: Path, seed: int = 0, d_model: int
 
 
 def ensure_tiny_t5(out_dir: Path, *, data_file: Path) -> Path:
-    """Build the tiny model unless a complete one is already there."""
+    """Build the tiny T5 unless a complete one is already there."""
+    return ensure_tiny("t5", out_dir, data_file=data_file)
+
+
+def ensure_tiny(family: str, out_dir: Path, *, data_file: Path) -> Path:
+    """Build the tiny model of ``family`` unless a complete one is already there."""
     if (out_dir / "config.json").exists() and (out_dir / "tokenizer.json").exists():
         return out_dir
-    return build_tiny_t5(out_dir, data_file=data_file)
+    return build_tiny(family, out_dir, data_file=data_file)
 
 
 def tiny_folder(family: str) -> Path:

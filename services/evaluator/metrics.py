@@ -11,6 +11,7 @@ import torch
 
 from services.evaluator.scoring import RowScores, score_rows
 from shared.jobspec import DecodingSpec, EvaluationSpec
+from shared.prompting import pad_id, padded
 
 Progress = Callable[..., None]
 
@@ -129,11 +130,6 @@ def _loss_collator(model: Any, tokenizer: Any) -> Callable[[list[dict]], dict]:
     return collate
 
 
-def pad_id(tokenizer: Any) -> int:
-    """The padding id (a tokenizer without one, as Llama 3's, pads with EOS: masked out)."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
 @torch.no_grad()
 def generate(
     model: Any,
@@ -152,7 +148,7 @@ def generate(
 
     def run(chunk: pa.Table) -> list[str]:
         ids = chunk.column("input_ids").to_pylist()
-        batch = _padded(ids, pad_id(tokenizer), left=causal).to(model.device)
+        batch = padded(ids, pad_id(tokenizer), left=causal).to(model.device)
         generated = model.generate(
             **batch, pad_token_id=pad_id(tokenizer), **decoding.generate_kwargs()
         )
@@ -166,24 +162,6 @@ def generate(
         outputs += halving(run, chunk)
         on_batch(len(outputs))
     return restored(outputs, order)
-
-
-def _padded(ids: list[list[int]], pad: int, *, left: bool) -> Any:
-    """A batch of prompts padded to one length: on the left for a decoder-only model (its
-    answer continues from the last position), on the right for an encoder."""
-    from transformers import BatchEncoding
-
-    width = max(len(x) for x in ids)
-    fill = [[pad] * (width - len(x)) for x in ids]
-    ones = [[1] * len(x) for x in ids]
-    zeros = [[0] * len(f) for f in fill]
-    if left:
-        rows = [f + x for f, x in zip(fill, ids, strict=True)]
-        mask = [z + o for z, o in zip(zeros, ones, strict=True)]
-    else:
-        rows = [x + f for f, x in zip(fill, ids, strict=True)]
-        mask = [o + z for z, o in zip(zeros, ones, strict=True)]
-    return BatchEncoding({"input_ids": torch.tensor(rows), "attention_mask": torch.tensor(mask)})
 
 
 def run_model(

@@ -111,6 +111,8 @@ def _publish(command: PublishModel, ctx: StageContext) -> dict[str, Any]:
         "published_at": datetime.now(UTC).isoformat(),
         "gate_forced": evaluation["gate"]["forced"],
         "decoding": spec.decoding.model_dump(),
+        # trained on chat-templated prompts: served through chat completions
+        "chat": bool(dataset.get("prompting", {}).get("chat_template")),
     }
     if spec.publish.target == "bedrock":
         imported = target.to_bedrock(
@@ -120,8 +122,8 @@ def _publish(command: PublishModel, ctx: StageContext) -> dict[str, Any]:
             files,
             digest,
             model_name=spec.model_name,
-            smoke_request=bedrock.request_body(
-                probes.column("prompt")[0].as_py(), spec.decoding.model_dump()
+            smoke_request=_smoke_request(
+                probes.column("prompt")[0].as_py(), spec, dataset.get("prompting", {})
             ),
             settings=settings,
         )
@@ -135,6 +137,14 @@ def _publish(command: PublishModel, ctx: StageContext) -> dict[str, Any]:
     ctx.jobs.register_model(spec.model_name, entry, overwrite=spec.publish.overwrite)
     ctx.jobs.write_manifest(command.job_id, "publish", manifest)  # last: the stage is done
     return manifest
+
+
+def _smoke_request(prompt: str, spec: Any, prompting: dict[str, Any]) -> dict[str, Any]:
+    """The first test prompt as the model was trained and is served: a chat message to a
+    model trained in its chat template, else the prompt as it is."""
+    if prompting.get("chat_template"):
+        return bedrock.chat_request_body(prompt, spec.decoding.model_dump())
+    return bedrock.request_body(prompt, spec.decoding.model_dump())
 
 
 def _track(

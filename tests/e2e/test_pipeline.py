@@ -224,3 +224,28 @@ def test_a_public_glossary_runs_end_to_end_under_the_default_gate(services, tiny
     published = job["model_name"] in {m["name"] for m in client.models()}
     assert job["status"] == ("succeeded" if report["gate"]["passed"] else "rejected")
     assert published == report["gate"]["passed"]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_a_decoder_only_job_runs_end_to_end_and_answers_chat_as_evaluated(
+    services, family, tmp_path
+):
+    """A tiny Llama- and a tiny Qwen-shaped model through the same four processes: trained
+    in their chat template, published with it, and asked through chat completions the answer
+    the evaluator scored."""
+    from services.cli.tinycausal import build_tiny_causal
+    from tests.factories import SAMPLE_DATA
+
+    launcher, client = services
+    model = build_tiny_causal(family, tmp_path / family, data_file=SAMPLE_DATA)
+    job = _run_job(launcher, client, spec_dict(model, name=f"e2e-{family}"))
+    assert job["status"] == "succeeded", job
+    assert job["result"]["train"]["steps"] == 6
+    entry = client.model(f"e2e-{family}")
+    assert entry["chat"] is True and entry["job_id"] == job["id"]
+    sample = client.report(job["id"])["samples"][0]
+    body = {"messages": [{"role": "user", "content": sample["prompt"]}]}
+    reply = client.invoke_body(f"e2e-{family}", body)
+    assert reply["choices"][0]["message"]["content"] == sample["tuned"]
+    workers = {job["stages"][s]["worker"] for s in job["stages"]}
+    assert len(workers) == 4

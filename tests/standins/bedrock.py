@@ -239,7 +239,16 @@ class BedrockStandIn:
         return self._generate(model, body)
 
     def _generate(self, model: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
-        from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+        """Answer in the body's shape, as Bedrock does for imported models: Bedrock
+        completion (prompt, max_gen_len), OpenAI completion (prompt, max_tokens) or OpenAI
+        chat completions (messages, rendered by the model's chat template)."""
+        import torch
+        from transformers import (
+            AutoConfig,
+            AutoModelForCausalLM,
+            AutoModelForSeq2SeqLM,
+            AutoTokenizer,
+        )
 
         arn = model["modelArn"]
         if arn not in self._loaded:
@@ -249,20 +258,46 @@ class BedrockStandIn:
             listing = s3.list_objects_v2(Bucket=parsed.netloc, Prefix=parsed.path.lstrip("/"))
             for obj in listing.get("Contents", []):
                 s3.download_file(parsed.netloc, obj["Key"], str(folder / Path(obj["Key"]).name))
+            seq2seq = AutoConfig.from_pretrained(folder).is_encoder_decoder
+            auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
             self._loaded[arn] = (
                 AutoTokenizer.from_pretrained(folder),
-                AutoModelForSeq2SeqLM.from_pretrained(folder),
+                auto.from_pretrained(folder),
             )
         tokenizer, lm = self._loaded[arn]
-        inputs = tokenizer(body["prompt"], return_tensors="pt")
-        output = lm.generate(**inputs, max_new_tokens=int(body.get("max_gen_len", 64)))[0]
-        text = tokenizer.decode(output, skip_special_tokens=True)
-        return {
-            "generation": text,
-            "prompt_token_count": int(inputs["input_ids"].shape[1]),
-            "generation_token_count": len(output) - 1,
-            "stop_reason": "stop",
+        if "messages" in body:
+            if not tokenizer.chat_template:
+                raise ApiError("ValidationException", "the model has no chat template", RUNTIME)
+            text = tokenizer.apply_chat_template(
+                body["messages"], add_generation_prompt=True, tokenize=False
+            )
+            inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        else:
+            inputs = tokenizer(body["prompt"], return_tensors="pt")
+        limit = int(body.get("max_gen_len", body.get("max_tokens", 64)))
+        with torch.no_grad():
+            output = lm.generate(**inputs, max_new_tokens=limit, do_sample=False)[0]
+        start = 1 if lm.config.is_encoder_decoder else inputs["input_ids"].shape[1]
+        answer = tokenizer.decode(output[start:], skip_special_tokens=True).strip()
+        counts = {"prompt": int(inputs["input_ids"].shape[1]), "answer": len(output) - start}
+        if "max_gen_len" in body or ("prompt" in body and "max_tokens" not in body):
+            return {
+                "generation": answer,
+                "prompt_token_count": counts["prompt"],
+                "generation_token_count": counts["answer"],
+                "stop_reason": "stop",
+            }
+        usage = {
+            "prompt_tokens": counts["prompt"],
+            "completion_tokens": counts["answer"],
+            "total_tokens": counts["prompt"] + counts["answer"],
         }
+        if "messages" in body:
+            message = {"role": "assistant", "content": answer}
+            choice = {"index": 0, "message": message, "finish_reason": "stop"}
+            return {"object": "chat.completion", "choices": [choice], "usage": usage}
+        choice = {"index": 0, "text": answer, "finish_reason": "stop"}
+        return {"object": "text_completion", "choices": [choice], "usage": usage}
 
     # -- HTTP -----------------------------------------------------------------------------
 

@@ -7,9 +7,9 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, status
 
 from services.api.deps import BedrockDep, JobsDep, ModelsDep
-from services.api.inference import InvokeRequest, InvokeResponse
+from services.api.shapes import AnyRequest, AnyResponse
 from shared.api_models import ImportedModelList, ModelDeleted, ModelEntry, ModelList
-from shared.errors import NotFound
+from shared.errors import ModelError, NotFound
 
 router = APIRouter(tags=["models"])
 
@@ -35,13 +35,18 @@ def get_model(name: str, jobs: JobsDep) -> ModelEntry:
 
 @router.post("/models/{name}/invoke")
 def invoke_model(
-    name: str, request: InvokeRequest, jobs: JobsDep, models: ModelsDep, imported: BedrockDep
-) -> InvokeResponse:
-    """Ask a published model: served here (local) or through bedrock-runtime (bedrock)."""
+    name: str, request: AnyRequest, jobs: JobsDep, models: ModelsDep, imported: BedrockDep
+) -> AnyResponse:
+    """Ask a published model in any shape Bedrock serves imported models in (Bedrock
+    completion, OpenAI completion, OpenAI chat completions; the answer comes in the
+    request's): served here (local) or through bedrock-runtime (bedrock)."""
     entry = _entry(jobs, name)
     if entry.get("target") == "bedrock":
         return imported.invoke(entry, request)
-    return models.invoke(name, request)
+    try:
+        return models.invoke(name, request)
+    except ModelError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
 
 
 @router.delete("/models/{name}")

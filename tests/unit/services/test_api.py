@@ -1,5 +1,6 @@
 """The control plane with TestClient, an in-memory bus and a temporary store."""
 
+import json
 import time
 import uuid
 
@@ -546,12 +547,17 @@ def test_a_base_model_of_a_family_not_trained_is_refused_at_submission(app_env, 
     from tests.factories import SAMPLE_DATA
 
     client, bus, app = app_env
-    qwen = build_tiny_causal("qwen3", tmp_path / "qwen3", data_file=SAMPLE_DATA)
+    qwen = build_tiny_causal("qwen3", tmp_path / "qwen3", data_file=SAMPLE_DATA, hidden=32)
+    accepted = client.post("/v1/jobs", json={"name": "terms", "base_model": str(qwen)})
+    assert accepted.status_code == 201  # a decoder-only family termtune trains
+    assert _queued(bus, "dataprep") is not None
+    config = json.loads((qwen / "config.json").read_text())
+    (qwen / "config.json").write_text(json.dumps({**config, "model_type": "mixtral"}))
     response = client.post("/v1/jobs", json={"name": "terms", "base_model": str(qwen)})
     assert response.status_code == 422
     assert response.json()["detail"].startswith(
-        f"base_model {str(qwen)!r} is a Qwen3 model (causal): Bedrock imports it, but "
-        "termtune trains only Flan-T5 models so far"
+        f"base_model {str(qwen)!r} is a Mixtral model: Bedrock imports it, but termtune "
+        "does not train that family yet"
     )
     (qwen / "config.json").write_text('{"model_type": "bert"}')
     response = client.post("/v1/jobs", json={"name": "terms", "base_model": str(qwen)})
@@ -559,4 +565,4 @@ def test_a_base_model_of_a_family_not_trained_is_refused_at_submission(app_env, 
         response.status_code == 422
         and "family Bedrock Custom Model Import does not take" in (response.json()["detail"])
     )
-    assert _queued(bus, "dataprep", wait=1.0) is None and app.state.jobs.page() == ([], False)
+    assert len(app.state.jobs.page()[0]) == 1  # the refused ones recorded nothing

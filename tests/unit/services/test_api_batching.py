@@ -9,7 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from services.api.batching import MicroBatcher
-from services.api.inference import InvokeRequest, LocalModels
+from services.api.inference import LocalModels
+from services.api.shapes import InvokeRequest, ask_of, respond
 from shared.settings import Settings
 from shared.store import LocalStore
 from tests.factories import make_jobs
@@ -112,7 +113,8 @@ def test_batched_greedy_answers_equal_one_at_a_time(local_models):
     single = local_models(1)
     alone = [single.invoke("tuned", r) for r in requests]
     batched_models = local_models(8)
-    together = batched_models.generate("tuned", requests)  # one call, rows padded
+    answers = batched_models.answer("tuned", [ask_of(r) for r in requests])  # rows padded
+    together = [respond(r, a, "tuned") for r, a in zip(requests, answers, strict=True)]
     assert [a.model_dump() for a in together] == [a.model_dump() for a in alone]
     for answer, request in zip(together, requests, strict=True):
         assert answer.generation_token_count <= request.max_gen_len

@@ -47,7 +47,7 @@ def built(tmp_path, monkeypatch) -> list[Path]:
     """A fresh checkout's folder; the tiny model's builds are recorded, not run."""
     monkeypatch.chdir(tmp_path)
     builds: list[Path] = []
-    monkeypatch.setattr(tinymodel, "ensure_tiny_t5", lambda out, data_file: builds.append(out))
+    monkeypatch.setattr(tinymodel, "ensure_tiny", lambda family, out, data_file: builds.append(out))
     return builds
 
 
@@ -134,3 +134,16 @@ def test_the_tokenizer_is_the_same_from_build_to_build(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "a")
     assert [tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id] == [0, 1, 2]
     assert tokenizer("What is Dexamethasone suppression test?").input_ids[-1] == 1
+
+
+def test_submit_builds_a_tiny_decoder_only_model_the_spec_names(
+    tmp_path, monkeypatch, built, capsys
+):
+    fake = _Client()
+    monkeypatch.setattr(client_module, "Client", fake)
+    assert main(["submit", _spec(tmp_path, "var/models/tiny-qwen3")]) == 0
+    assert built == [Path("var/models/tiny-qwen3")]
+    assert capsys.readouterr().err == (
+        "building the embedded tiny model in var/models/tiny-qwen3 "
+        "(`termtune build-tiny-model --family qwen3`)\n"
+    )

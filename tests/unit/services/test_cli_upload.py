@@ -140,11 +140,11 @@ def test_the_example_spec_builds_the_tiny_model_then_uploads_it(tmp_path, monkey
     shutil.copytree(ROOT / "data", tmp_path / "data")
     built = []
 
-    def build(out, data_file):
+    def build(family, out, data_file):
         built.append(out)
         small_model(out)
 
-    monkeypatch.setattr(tinymodel, "ensure_tiny_t5", build)
+    monkeypatch.setattr(tinymodel, "ensure_tiny", build)
     fake = _Client()
     monkeypatch.setattr(client_module, "Client", fake)
     example = str(ROOT / "examples" / "medical-terms.yaml")

@@ -12,11 +12,8 @@ import pytest
 import torch
 
 from services.evaluator import metrics
-from services.evaluator.handler import handle as evaluate
-from services.publisher.handler import handle as publish
 from shared.artifacts import read_split
 from shared.modeling import load_model, load_tokenizer
-from shared.pipeline import next_command
 
 
 @pytest.fixture(scope="module")
@@ -78,15 +75,13 @@ def test_answers_leave_the_prompt_out(qwen):
     assert answer == new and "What is Asthma" not in answer
 
 
-def test_a_decoder_only_job_evaluates_and_publishes_an_importable_model(trained_qwen):
-    ctx, command = trained_qwen["ctx"], trained_qwen["evaluate"]
-    evaluated = evaluate(command, ctx)
+def test_a_decoder_only_job_evaluates_and_publishes_an_importable_model(published_qwen):
+    ctx, evaluated, event = published_qwen
     report = ctx.jobs.manifest("qwen-job", "evaluate")
     assert report["rows"] > 0 and evaluated.passed is report["gate"]["passed"] is True
     loss = report["metrics"]["loss"]
     assert loss["tuned"] < loss["base"]  # 6 steps on the answers lower their loss
     assert len(report["samples"]) > 0
-    event = publish(next_command(command, evaluated), ctx)
     folder = ctx.store.path(ctx.store.key_of(event.location))
     manifest = ctx.jobs.manifest("qwen-job", "publish")
     assert manifest["preflight"]["model_type"] == "qwen3"

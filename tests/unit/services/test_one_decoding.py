@@ -1,7 +1,6 @@
 """One decoding end to end: what the evaluator scored is what the published model serves."""
 
 import json
-import uuid
 
 import pytest
 from fastapi.testclient import TestClient
@@ -15,8 +14,7 @@ from shared.errors import SpecError
 from shared.jobspec import parse_spec
 from shared.messages import EvaluateModel
 from shared.pipeline import next_command
-from shared.settings import ApiSettings
-from tests.factories import make_spec
+from tests.factories import api_settings, make_spec
 
 KEY = "test-key-123"
 # Not the library's defaults: each setting must travel to be seen.
@@ -61,13 +59,7 @@ def test_export_carries_the_evaluated_decoding(evaluated_and_published):
 
 def test_evaluator_samples_equal_what_invoke_returns(evaluated_and_published):
     ctx, report, _ = evaluated_and_published
-    settings = ApiSettings(
-        var_dir=ctx.settings.var_dir,
-        database_url=ctx.settings.database_url,
-        broker_url="memory://",
-        api_key=KEY,
-        exchange=f"t{uuid.uuid4().hex[:8]}",
-    )
+    settings = api_settings(ctx, KEY)
     samples = report["samples"]
     assert len(samples) == 8 and any(s["tuned"] for s in samples)
     with TestClient(create_app(settings, bus=Bus(settings))) as client:

@@ -5,17 +5,23 @@ decoder-only model."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
+from services.cli.tinycausal import build_tiny_causal
 from services.trainer import causal, lora, train
 from shared import planner
 from shared.artifacts import read_split
 from shared.errors import ModelError
 from shared.jobspec import TrainingSpec
+from shared.messages import PrepareDataset
+from shared.pipeline import next_command
 from shared.trainplan import model_shape
-from tests.factories import make_spec
+from shared.worker import run_stage
+from tests.conftest import _handler
+from tests.factories import SAMPLE_DATA, make_ctx, make_spec
 
 
 def test_a_decoder_only_model_trains_with_trl_and_stores_a_causal_adapter(trained_qwen, tiny_qwen):
@@ -98,3 +104,18 @@ def test_causal_rows_become_one_sequence_with_the_answer_masked_in():
     data = causal.to_dataset(table)
     assert data["input_ids"] == [[1, 2, 3, 7, 8], [4, 9, 10, 11]]
     assert data["completion_mask"] == [[0, 0, 0, 1, 1], [0, 1, 1, 1]]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_every_decoder_only_family_termtune_trains_prepares_and_trains(family, tmp_path):
+    model = build_tiny_causal(family, tmp_path / family, data_file=SAMPLE_DATA, hidden=64)
+    ctx = make_ctx(tmp_path / "var")
+    spec = make_spec(model, training={"max_steps": 2, "logging_steps": 1})
+    prepare = PrepareDataset(job_id="j", spec_uri=ctx.jobs.create("j", spec))
+    prepared = run_stage(prepare, _handler("dataprep"), ctx)
+    run_stage(next_command(prepare, prepared), _handler("trainer"), ctx)
+    manifest = ctx.jobs.manifest("j", "train")
+    assert manifest["steps"] == 2 and manifest["plan"]["kind"] == "causal"
+    log = ctx.store.get_json(ctx.store.key_of(manifest["log"]))
+    assert [e["step"] for e in log if "loss" in e] == [1, 2]
+    assert all(math.isfinite(e["loss"]) for e in log if "loss" in e)

@@ -97,6 +97,15 @@ def test_shipped_example_is_valid():
     assert spec.publish.target == "local"
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+def test_each_decoder_only_family_has_a_valid_example(family):
+    from services.cli.tinymodel import tiny_folder
+
+    spec = load_spec(ROOT / "examples" / f"{family}-terms.yaml")
+    assert Path(spec.base_model) == tiny_folder(family)  # `termtune run` builds it
+    assert spec.dataset.chat_template == "auto" and spec.publish.target == "local"
+
+
 def test_readme_spec_reference_is_current():
     from services.cli.docs import rendered
 

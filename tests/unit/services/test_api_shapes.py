@@ -1,0 +1,146 @@
+"""The shapes Bedrock serves imported models in — Bedrock completion, OpenAI completion,
+OpenAI chat completions — spoken by the local twin and sent to Bedrock: a chat-tuned model
+answers a chat message as the evaluator scored it."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from services.api.main import create_app
+from services.api.shapes import (
+    ChatRequest,
+    CompletionRequest,
+    InvokeRequest,
+    answer_of,
+    body_of,
+)
+from shared import bedrock
+from shared.bus import Bus
+from tests.factories import api_settings
+from tests.unit.services.test_api import app_env  # noqa: F401 - the API on a fresh var/
+
+KEY = "test-key-123"
+DECODING = {"max_new_tokens": 8, "temperature": 0.0, "top_p": 1.0}
+
+
+@pytest.fixture(scope="module")
+def twin(published_qwen):
+    ctx, _, _ = published_qwen
+    settings = api_settings(ctx, KEY)
+    with TestClient(create_app(settings, bus=Bus(settings))) as client:
+        client.headers["Authorization"] = f"Bearer {KEY}"
+        yield ctx, client
+
+
+def test_a_chat_tuned_model_answers_a_chat_message_as_it_was_evaluated(twin):
+    ctx, client = twin
+    samples = ctx.jobs.manifest("qwen-job", "evaluate")["samples"]
+    assert samples
+    for sample in samples:
+        body = {"messages": [{"role": "user", "content": sample["prompt"]}]}
+        answer = client.post("/v1/models/test-terms/invoke", json=body)
+        assert answer.status_code == 200, answer.text
+        reply = answer.json()
+        assert reply["object"] == "chat.completion" and reply["model"] == "test-terms"
+        (choice,) = reply["choices"]
+        assert choice["message"] == {"role": "assistant", "content": sample["tuned"]}
+        assert choice["finish_reason"] in ("stop", "length")
+        usage = reply["usage"]
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_both_completion_shapes_take_the_prompt_as_it_is(twin):
+    _, client = twin
+    prompt = "What is Asthma"
+    bedrock_shape = client.post(
+        "/v1/models/test-terms/invoke", json={"prompt": prompt, "max_gen_len": 5}
+    ).json()
+    openai_shape = client.post(
+        "/v1/models/test-terms/invoke", json={"prompt": prompt, "max_tokens": 5}
+    ).json()
+    assert set(bedrock_shape) == {
+        "generation", "prompt_token_count", "generation_token_count", "stop_reason",
+    }  # fmt: skip
+    (choice,) = openai_shape["choices"]
+    assert openai_shape["object"] == "text_completion"
+    assert choice["text"] == bedrock_shape["generation"]
+    assert openai_shape["usage"]["completion_tokens"] == bedrock_shape["generation_token_count"]
+    assert bedrock_shape["generation_token_count"] <= 5
+
+
+def test_a_model_without_a_chat_template_refuses_chat(app_env, published):  # noqa: F811
+    client, _, app = app_env
+    ctx, _, event = published
+    store = app.state.jobs.store
+    store.upload_dir(ctx.store.path(ctx.store.key_of(event.location)), "jobs/j/publish/model")
+    location = store.uri("jobs/j/publish/model")
+    app.state.jobs.register_model("t5", {"name": "t5", "target": "local", "location": location})
+    body = {"messages": [{"role": "user", "content": "What is Asthma"}]}
+    refused = client.post("/v1/models/t5/invoke", json=body)
+    assert refused.status_code == 422
+    assert "model 't5' has no chat template, so it cannot take chat messages" in refused.text
+    mixed = client.post(
+        "/v1/models/t5/invoke", json={"prompt": "x", "max_tokens": 2, "max_gen_len": 2}
+    )
+    assert mixed.status_code == 422  # one shape at a time
+
+
+def test_bodies_sent_to_bedrock_carry_the_decoding_under_each_shapes_names():
+    assert body_of(InvokeRequest(prompt="p"), DECODING) == {
+        "prompt": "p", "max_gen_len": 8, "temperature": 0.0, "top_p": 1.0,
+    }  # fmt: skip
+    assert body_of(CompletionRequest(prompt="p", max_tokens=3), DECODING) == {
+        "prompt": "p", "max_tokens": 3, "temperature": 0.0, "top_p": 1.0,
+    }  # fmt: skip
+    chat = ChatRequest(messages=[{"role": "user", "content": "p"}], temperature=0.5)
+    assert body_of(chat, DECODING) == {
+        "messages": [{"role": "user", "content": "p"}],
+        "max_tokens": 8, "temperature": 0.5, "top_p": 1.0,
+    }  # fmt: skip
+    assert bedrock.chat_request_body("p", DECODING) == body_of(
+        ChatRequest(messages=[{"role": "user", "content": "p"}]), DECODING
+    )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"generation": "a drug", "prompt_token_count": 3, "generation_token_count": 2},
+        {"choices": [{"text": "a drug", "finish_reason": "length"}],
+         "usage": {"prompt_tokens": 3, "completion_tokens": 2}},
+        {"choices": [{"message": {"role": "assistant", "content": "a drug"}}],
+         "usage": {"prompt_tokens": 3, "completion_tokens": 2}},
+        {"outputs": [{"text": "a drug"}]},
+    ],
+)  # fmt: skip
+def test_every_answer_shape_bedrock_sends_back_is_read(body):
+    answer = answer_of(body)
+    assert answer.text == "a drug"
+    if "outputs" not in body:
+        assert (answer.prompt_tokens, answer.generated_tokens) == (3, 2)
+    assert answer.stop_reason == ("length" if "length" in str(body) else "stop")
+
+
+def test_the_cli_asks_a_chat_tuned_model_with_a_chat_message(twin, monkeypatch, capsys):
+    import json
+
+    import jsonschema
+
+    from services.api.shapes import ChatResponse
+    from services.cli import client as client_module
+    from services.cli import display
+    from services.cli.main import main
+
+    ctx, http = twin
+    client = client_module.Client("http://testserver", api_key=KEY)
+    client.http = http
+    monkeypatch.setattr(client_module, "Client", lambda *args, **kwargs: client)
+    sample = ctx.jobs.manifest("qwen-job", "evaluate")["samples"][0]
+    assert main(["invoke", "test-terms", sample["prompt"], "--chat", "--max-gen-len", "8"]) == 0
+    reply = json.loads(capsys.readouterr().out)
+    jsonschema.validate(reply, ChatResponse.model_json_schema())
+    assert reply["choices"][0]["message"]["content"] == sample["tuned"]
+    assert client.model("test-terms")["chat"] is True
+    display.invoked(client, "test-terms", sample["prompt"])  # `termtune run`'s last line
+    assert f"-> {sample['tuned']!r}" in capsys.readouterr().out
