@@ -285,6 +285,13 @@ class TrainingSpec(_Section):
         description='torch.compile the model: "auto" on CUDA without bitsandbytes weights '
         "(falls back with a logged reason when compiling fails).",
     )
+    packing: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Decoder-only models: each batch's examples joined into one row without "
+        'padding, attention kept within each example (by position ids). "auto": on where '
+        "the installed transformers keeps packed examples apart (5.x). Encoder-decoder models "
+        "pad their batches either way.",
+    )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
     logging_steps: int = Field(10, ge=1, description="Optimizer steps between loss records.")
     validation_every_steps: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(

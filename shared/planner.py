@@ -37,6 +37,7 @@ class Plan:
     token_budget: int | None = None  # the per-device batch x the longest rows' tokens
     memory_gib: float | None = None  # the device memory the plan was sized for
     kind: str = "seq2seq"  # the base model's kind (shared.families): which trainer runs
+    packing: bool = False  # decoder-only: padding-free batches (one row, examples kept apart)
 
     @property
     def dtype(self) -> Any:
@@ -132,6 +133,7 @@ def resolve(
     if spec.fused_layers and shape.kind == "seq2seq":
         notes.append("fused layers: torch's gelu(tanh) and rms_norm in place of T5's")
     compile_model = _compile(spec, dev, quantization, notes)
+    packing = _packing(spec, shape.kind, notes)
     return Plan(
         device=dev,
         precision=precision,
@@ -145,6 +147,7 @@ def resolve(
         token_budget=batch.token_budget,
         memory_gib=round(memory / trainplan.GIB, 1),
         kind=shape.kind,
+        packing=packing,
     )
 
 
@@ -207,6 +210,31 @@ def _optimizer(spec: TrainingSpec, notes: list[str]) -> str:
         return spec.optimizer
     notes.append("optimizer auto -> adamw_torch_fused (one kernel for every parameter)")
     return "adamw_torch_fused"
+
+
+def packed_masks_supported() -> bool:
+    """Whether the installed transformers keeps packed examples apart in SDPA and eager
+    attention: it finds them from position ids that restart (masking_utils, 5.x)."""
+    try:
+        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _packing(spec: TrainingSpec, kind: str, notes: list[str]) -> bool:
+    if kind != "causal" or spec.packing == "off":
+        return False
+    if not packed_masks_supported():
+        if spec.packing == "on":
+            raise SpecError(
+                "training.packing: on needs a transformers that keeps packed examples apart "
+                "(5.x); set it to auto or off"
+            )
+        notes.append("packing auto -> off (this transformers would let packed examples mix)")
+        return False
+    notes.append("packing -> on (padding-free batches; attention stays within each example)")
+    return True
 
 
 def _compile(spec: TrainingSpec, dev: str, quantization: str, notes: list[str]) -> bool:

@@ -4,7 +4,11 @@ Data-prep stores each row as the prompt's tokens (in the chat template, when the
 one) and the answer's (ending with EOS). Here they become one sequence with a completion
 mask, and trl's trainer computes the loss on the answer's tokens only (the prompt's are
 labelled -100 from the mask): the model learns to answer, not to repeat questions.
-Batches are padded and grouped by length; the collator counts the padding.
+With ``training.packing`` (on by default where transformers supports it) a batch's examples
+are joined into one row without padding, each with position ids that start at 0: transformers
+builds a block-diagonal causal mask from them (with ``use_cache=False``, which trl passes), so
+no example attends to another. Otherwise batches are padded and grouped by length. The
+collator counts the padding either way.
 """
 
 from __future__ import annotations
@@ -70,19 +74,24 @@ def sft_trainer(
         **arguments,
         completion_only_loss=True,
         max_length=None,  # data-prep cut every row to the kept lengths already
+        padding_free=plan.packing,
         dataset_num_proc=None,
         train_sampling_strategy="group_by_length" if spec.group_by_length else "random",
     )
-    collator = DataCollatorForLanguageModeling(
-        pad_token_id=tokenizer.pad_token_id,
-        pad_to_multiple_of=8 if plan.device == "cuda" else None,
-    )
-    return SFTTrainer(
+    collator = None  # padding-free: trl's own (it takes no other), counted below
+    if not plan.packing:
+        collator = DataCollatorForLanguageModeling(
+            pad_token_id=tokenizer.pad_token_id,
+            pad_to_multiple_of=8 if plan.device == "cuda" else None,
+        )
+    trainer = SFTTrainer(
         model=model,
         args=config,
         train_dataset=to_dataset(train_table),
         eval_dataset=to_dataset(eval_table) if eval_table is not None else None,
         processing_class=tokenizer,
-        data_collator=CountingCollator(collator),
+        data_collator=collator,
         callbacks=callbacks,
     )
+    trainer.data_collator = CountingCollator(trainer.data_collator)
+    return trainer
