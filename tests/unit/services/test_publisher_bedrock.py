@@ -332,3 +332,38 @@ def test_control_plane_lists_invokes_and_deletes_an_imported_model(published, be
         assert deleted.json() == {"deleted": name, "imported_model_arn": arn}
         assert arn not in standin.models
         assert client.get(f"/v1/models/{name}").status_code == 404
+
+
+def test_a_chat_tuned_model_is_smoke_tested_with_a_chat_message(
+    published_qwen, trained_qwen, bedrock_env, standin
+):
+    """A decoder-only model trained in its chat template goes to Bedrock with the template,
+    and the smoke test asks it as it was evaluated: through chat completions."""
+    ctx, evaluated, _ = published_qwen
+    evaluate = trained_qwen["evaluate"]
+    job_id = _job_id()
+    data = ctx.spec(evaluate).model_dump(mode="json")
+    data["publish"] = {"target": "bedrock", "model_name": f"qwen-{job_id}"}
+    cmd = PublishModel(
+        job_id=job_id,
+        spec_uri=ctx.jobs.create(job_id, parse_spec(data)),
+        dataset_manifest=evaluate.dataset_manifest,
+        training_manifest=evaluate.training_manifest,
+        evaluation_manifest=evaluated.manifest,
+    )
+    handle(cmd, ctx)
+    manifest = ctx.jobs.manifest(job_id, "publish")
+    smoke = manifest["bedrock"]["smoke_test"]
+    sample = ctx.jobs.manifest("qwen-job", "evaluate")["samples"]
+    prompt = smoke["messages"][0]["content"]
+    assert smoke["messages"] == [{"role": "user", "content": prompt}] and "prompt" not in smoke
+    assert {k: smoke[k] for k in ("max_tokens", "temperature", "top_p")} == {
+        "max_tokens": 8, "temperature": 0.0, "top_p": 1.0,
+    }  # fmt: skip
+    # the first test row, among the report's samples: Bedrock (the stand-in) answers it as
+    # the evaluator scored it
+    assert smoke["generation"] == next(s["tuned"] for s in sample if s["prompt"] == prompt)
+    assert manifest["preflight"]["chat_template"] is True
+    assert ctx.jobs.model(f"qwen-{job_id}")["chat"] is True
+    (invoke,) = standin.calls_to("InvokeModel")
+    assert invoke["modelId"] == manifest["bedrock"]["imported_model_arn"]
