@@ -145,8 +145,11 @@ def _track(
         }
     )
     run.log_history(log_history)
-    names = {"train_loss": "mean_loss", "runtime_s": "runtime_s"}
-    names["trainable_parameters"] = "trainable_parameters"
+    names = {
+        "train_loss": "mean_loss",
+        "runtime_s": "runtime_s",
+        "trainable_parameters": "trainable_parameters",
+    }
     steps = int(manifest["steps"])
     run.log_metrics(
         [

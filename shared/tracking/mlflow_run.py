@@ -166,8 +166,35 @@ def attach_run(ref: dict[str, Any], settings: Settings) -> MlflowRun:
     return MlflowRun(_client(settings), ref["run_id"], ref["experiment_id"], ref.get("url"))
 
 
+#: on a path that is already failing, MLflow is asked once, briefly: its own retries (7,
+#: with backoff) would hold a failed stage or a cancel for minutes when the server is down
+QUICK = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+@contextlib.contextmanager
+def _quick() -> Iterator[None]:
+    """MLflow's HTTP settings for one quick try (they are read at each request), restored."""
+    import os
+
+    before = {name: os.environ.get(name) for name in QUICK}
+    os.environ.update(QUICK)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def end_quietly(job_id: str, spec: JobSpec, settings: Settings, status: str) -> None:
-    """The job's run, if it has one, ends with ``status``; never raises."""
+    """The job's run, if it has one, ends with ``status``; one quick try, never raises."""
+    with _quick():
+        _end(job_id, spec, settings, status)
+
+
+def _end(job_id: str, spec: JobSpec, settings: Settings, status: str) -> None:
     try:
         client = _client(settings)
         found = client.get_experiment_by_name(experiment_name(spec))

@@ -6,7 +6,16 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Header, HTTPException, Query, status
+from fastapi import (
+    APIRouter,
+    BackgroundTasks,
+    Body,
+    Depends,
+    Header,
+    HTTPException,
+    Query,
+    status,
+)
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
@@ -92,9 +101,12 @@ def get_job(job_id: str, jobs: JobsDep) -> JobView:
 @router.post(
     "/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model_exclude_unset=True
 )
-def cancel_job(job_id: str, jobs: JobsDep) -> JobView:
+def cancel_job(
+    job_id: str, jobs: JobsDep, settings: SettingsDep, background: BackgroundTasks
+) -> JobView:
     """Ask the job to stop; the running stage stops within one step (training: one
-    optimizer step) and the job ends as cancelled; a queued or paused job ends now."""
+    optimizer step) and the job ends as cancelled; a queued or paused job ends now (its
+    MLflow run, if training opened one, ends KILLED after the answer)."""
     summary = _or_404(lambda: jobs.summary(job_id))
     try:
         view = jobs.cancel(
@@ -104,6 +116,8 @@ def cancel_job(job_id: str, jobs: JobsDep) -> JobView:
         )
     except Conflict as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+    if view["status"] == "cancelled":  # between stages: no worker will end its run
+        background.add_task(tracking.end_quietly, job_id, jobs.spec(job_id), settings, "KILLED")
     return JobView.model_validate(view)
 
 

@@ -566,3 +566,22 @@ def test_a_base_model_of_a_family_not_trained_is_refused_at_submission(app_env, 
         and "family Bedrock Custom Model Import does not take" in (response.json()["detail"])
     )
     assert len(app.state.jobs.page()[0]) == 1  # the refused ones recorded nothing
+
+
+def test_cancelling_a_job_between_stages_ends_its_mlflow_run(tmp_path, mlflow_server):
+    from shared.tracking import mlflow_run
+
+    settings = ApiSettings(
+        var_dir=tmp_path, broker_url="memory://", api_key=KEY,
+        exchange=f"t{uuid.uuid4().hex[:8]}", mlflow_tracking_uri=mlflow_server.uri,
+    )  # fmt: skip
+    with TestClient(create_app(settings, bus=Bus(settings))) as client:
+        client.headers["Authorization"] = f"Bearer {KEY}"
+        spec = {"name": "tracked", "tracking": {"backend": "mlflow"}}
+        job = client.post("/v1/jobs", json=spec).json()
+        jobs = client.app.state.jobs
+        run = mlflow_run.open_run(job["id"], jobs.spec(job["id"]), settings)  # as training does
+        assert run.client.get_run(run.run_id).info.status == "RUNNING"
+        cancelled = client.post(f"/v1/jobs/{job['id']}/cancel")
+        assert cancelled.status_code == 202 and cancelled.json()["status"] == "cancelled"
+        assert run.client.get_run(run.run_id).info.status == "KILLED"
