@@ -3,14 +3,16 @@ trainer's own code path (``services.trainer.train`` under a ``shared.planner`` p
 CUDA probe included); tokens/s, peak memory, MFU, GPU-busy share and kernels a step.
 
     python -m bench.gpu_qlora [--steps 30] [--source 128] [--target 256]
-                              [--out bench/results/gpu_qlora.jsonl]
+                              [--family t5|llama] [--out bench/results/gpu_qlora.jsonl]
     python -m bench.gpu_qlora --smoke      # the same code on CPU, small, to check it runs
 
 Needs CUDA (and bitsandbytes' CUDA build for the nf4 modes) unless --smoke. No hub access:
 the model is built from flan-t5-large's configuration values (750M parameters). Modes: the
 auto plan (termtune's default: batch and precision chosen for this GPU), the notebook's
 recipe (nf4, 1 x 2), and the 2026-11-28 record's best row (bf16 LoRA, batch 32) for
-comparison. Each runs --steps optimizer steps; the first 5 are warm-up (compilation
+comparison. ``--family llama`` trains Llama-3.2-1B's shape (1.24B parameters, decoder-only:
+trl's SFTTrainer, every token charged to the whole stack) packed (the default) and padded.
+Each runs --steps optimizer steps; the first 5 are warm-up (compilation
 included), the last is profiled, the ones between are timed. MFU = 4 x (encoder weights x
 source tokens + decoder and LM-head weights x target tokens) x examples/s over the card's
 dense bf16 peak (frozen base: no weight gradients; each half charged for its own tokens).
@@ -49,6 +51,26 @@ FLAN_T5_LARGE = dict(
     eos_token_id=1,
     dropout_rate=0.1,
 )
+#: meta-llama/Llama-3.2-1B's configuration (config.json on the hub), written out: the
+#: decoder-only shape most teams import (tied embeddings, grouped-query attention, llama3 rope)
+LLAMA_3_2_1B = dict(
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    max_position_embeddings=131072,
+    rope_theta=500000.0,
+    rope_scaling={
+        "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+    },
+    tie_word_embeddings=True,
+    bos_token_id=128000,
+    eos_token_id=128001,
+)  # fmt: skip
 #: weights an encoder token and a decoder token pass (the LM head included), as
 #: shared.trainplan.model_shape counts them for the configuration above
 FLAN_T5_LARGE_MATMUL = (308_281_344, 441_843_712)
@@ -58,14 +80,16 @@ SAMPLE_DATA = Path(__file__).resolve().parents[1] / "data" / "medical_terms.json
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A10G": 125.0, "A100": 312.0, "L4": 121.0}
 
 
-def build(folder: Path, width: int = 1024) -> int:
-    """Save a random flan-t5-large-shaped model (``width`` scales d_model only) with an
-    offline tokenizer (it only pads here); its parameter count."""
+def build(folder: Path, width: int = 1024, family: str = "t5") -> int:
+    """Save a random flan-t5-large- (or Llama-3.2-1B-) shaped model (``width`` scales the
+    model width only) with an offline tokenizer (it only pads here); its parameter count."""
     import torch
     from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
     from services.cli.tinymodel import build_tiny_t5
 
+    if family == "llama":
+        return _build_llama(folder, width)
     scale = width / 1024
     shape = {**FLAN_T5_LARGE, "d_model": width, "d_ff": round(2816 * scale)}
     shape["d_kv"] = max(1, round(64 * scale))
@@ -73,6 +97,27 @@ def build(folder: Path, width: int = 1024) -> int:
     model = T5ForConditionalGeneration(T5Config(**shape))
     model.save_pretrained(folder)
     tiny = build_tiny_t5(folder / "tiny", data_file=SAMPLE_DATA)
+    AutoTokenizer.from_pretrained(tiny).save_pretrained(folder)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _build_llama(folder: Path, width: int) -> int:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from services.cli.tinycausal import build_tiny_causal
+
+    scale = width / 2048
+    shape = {**LLAMA_3_2_1B, "hidden_size": width, "intermediate_size": round(8192 * scale)}
+    if width < 2048:  # the smoke run: two layers of four heads, a smaller vocabulary
+        shape.update(
+            vocab_size=32000, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=width // 4,
+        )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**shape))
+    model.save_pretrained(folder)
+    tiny = build_tiny_causal("llama", folder / "tiny", data_file=SAMPLE_DATA, hidden=32)
     AutoTokenizer.from_pretrained(tiny).save_pretrained(folder)
     return sum(p.numel() for p in model.parameters())
 
@@ -86,6 +131,11 @@ MODES: tuple[tuple[str, dict[str, Any]], ...] = (
       "gradient_accumulation_steps": 1}),
     ("auto plan, compile off (what torch.compile gives)", {"compile": "off"}),
 )  # fmt: skip
+#: the decoder-only modes (--family llama): packing is what differs from T5's path
+CAUSAL_MODES: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("auto plan (termtune default: packed)", {}),
+    ("auto plan, padded batches (packing off)", {"packing": "off"}),
+)
 
 
 def run(
@@ -228,6 +278,7 @@ def header(card: str, params: int, args: argparse.Namespace) -> dict[str, object
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         **versions,
+        "family": args.family,
         "steps": args.steps,
         "source_tokens": args.source,
         "target_tokens": args.target,
@@ -244,6 +295,10 @@ def main() -> None:
     parser.add_argument("--target", type=int, default=256)
     parser.add_argument("--out", type=Path, help="also write the JSON lines to this file")
     parser.add_argument("--smoke", action="store_true", help="CPU, width 64, 8 steps, 1 mode")
+    parser.add_argument(
+        "--family", choices=("t5", "llama"), default="t5",
+        help="flan-t5-large's shape (default) or Llama-3.2-1B's",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.smoke:
         args.steps, args.source, args.target = WARMUP + 3, 16, 32
@@ -262,9 +317,11 @@ def main() -> None:
                 out.write(line + "\n")
 
     with tempfile.TemporaryDirectory() as tmp:
-        params = build(Path(tmp), width=64 if args.smoke else 1024)
+        full = 2048 if args.family == "llama" else 1024
+        params = build(Path(tmp), width=64 if args.smoke else full, family=args.family)
         emit(header(card, params, args))
-        for label, training in MODES[:1] if args.smoke else MODES:
+        modes = CAUSAL_MODES if args.family == "llama" else MODES
+        for label, training in modes[:1] if args.smoke else modes:
             emit({"mode": label, **measure(Path(tmp), training, args, card)})
             gc.collect()
             if torch.cuda.is_available():

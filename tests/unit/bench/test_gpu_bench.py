@@ -7,10 +7,10 @@ import sys
 from tests.factories import ROOT
 
 
-def test_the_gpu_benchmark_runs_the_trainers_code_path_on_cpu():
-    """`python -m bench.gpu_qlora --smoke`, as the README gives it (with this venv's python)."""
+def _smoke(*flags: str) -> tuple[dict, dict]:
+    """`python -m bench.gpu_qlora --smoke` (with this venv's python): the header and mode."""
     done = subprocess.run(
-        [sys.executable, "-m", "bench.gpu_qlora", "--smoke"],
+        [sys.executable, "-m", "bench.gpu_qlora", "--smoke", *flags],
         cwd=ROOT,
         check=True,
         capture_output=True,
@@ -19,8 +19,22 @@ def test_the_gpu_benchmark_runs_the_trainers_code_path_on_cpu():
     )
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     head, mode = (json.loads(line) for line in lines)
+    return head, mode
+
+
+def test_the_gpu_benchmark_runs_the_trainers_code_path_on_cpu():
+    """`python -m bench.gpu_qlora --smoke`, as the README gives it."""
+    head, mode = _smoke()
     assert head["card"] == "CPU" and head["steps"] == 8
     assert mode["mode"] == "auto plan (termtune default)"
     assert (mode["batch"], mode["accumulation"], mode["quantization"]) == (32, 1, "none")
     assert mode["examples_per_s"] > 0 and mode["flops_per_example"] > 0
     assert mode["operator_calls"] > 1000  # the profiled step's operators were counted
+
+
+def test_the_gpu_benchmark_runs_a_decoder_only_shape_on_cpu():
+    """`--family llama`: Llama-3.2-1B's shape, small, through trl's trainer, packed."""
+    head, mode = _smoke("--family", "llama")
+    assert head["family"] == "llama" and head["steps"] == 8
+    assert mode["mode"] == "auto plan (termtune default: packed)"
+    assert mode["examples_per_s"] > 0 and mode["flops_per_example"] > 0
