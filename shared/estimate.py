@@ -120,9 +120,7 @@ def estimate(
             "price_per_hour_usd": hourly,
             "basis": (
                 f"{flops / 1e9:,.1f} GFLOPs an example ({4 if not t.gradient_checkpointing else 6}"
-                f" x the encoder's {shape.encoder_matmul_parameters:,} weights x "
-                f"{sides[0]:.0f} source tokens + the decoder's "
-                f"{shape.decoder_matmul_parameters:,} x {sides[1]:.0f} target tokens), "
+                f" x {_charged(shape, sides)}), "
                 f"{processes}x A10G at {A10G_BF16_TFLOPS:g} bf16 TFLOPS and an assumed "
                 f"{mfu:.0%} utilisation for {LORA_KIND[quantization]} LoRA; excludes model "
                 "download, "
@@ -140,3 +138,17 @@ def estimate(
             ),
         },
     }
+
+
+def _charged(shape: ModelShape, sides: list[float]) -> str:
+    """Which weights each token passes, in words, for the estimate's basis."""
+    if shape.kind == "causal":
+        return (
+            f"the model's {shape.decoder_matmul_parameters:,} weights x "
+            f"{sides[0] + sides[1]:.0f} prompt and answer tokens"
+        )
+    return (
+        f"the encoder's {shape.encoder_matmul_parameters:,} weights x {sides[0]:.0f} source "
+        f"tokens + the decoder's {shape.decoder_matmul_parameters:,} x {sides[1]:.0f} target "
+        "tokens"
+    )

@@ -585,3 +585,23 @@ def test_cancelling_a_job_between_stages_ends_its_mlflow_run(tmp_path, mlflow_se
         cancelled = client.post(f"/v1/jobs/{job['id']}/cancel")
         assert cancelled.status_code == 202 and cancelled.json()["status"] == "cancelled"
         assert run.client.get_run(run.run_id).info.status == "KILLED"
+
+
+def test_estimate_charges_a_decoder_only_model_every_token_through_the_whole_stack(
+    app_env, trained_qwen, tiny_qwen
+):
+    from shared.trainplan import model_shape
+
+    client, _, app = app_env
+    ctx = trained_qwen["ctx"]
+    app.state.jobs.create("est-q", ctx.jobs.spec("qwen-job"))
+    dataset = ctx.jobs.manifest("qwen-job", "prepare")
+    app.state.jobs.write_manifest("est-q", "prepare", dataset)
+    answer = client.post("/v1/estimate", json={"job_id": "est-q"}).json()
+    weights = model_shape(str(tiny_qwen)).decoder_matmul_parameters
+    tokens = sum(dataset["tokens"]["train"][side]["mean"] for side in ("source", "target"))
+    assert (
+        f"4 x the model's {weights:,} weights x {tokens:.0f} prompt and answer tokens"
+        in (answer["training"]["basis"])
+    )
+    assert "encoder" not in answer["training"]["basis"]
