@@ -105,11 +105,8 @@ class LocalModels:
         chat messages to a model without a chat template."""
         model, tokenizer = self._load(name)  # a missing model is the caller's 404
         ask = served(ask_of(request), model.generation_config)
-        if ask.messages is not None and not tokenizer.chat_template:
-            raise ModelError(
-                f"model {name!r} has no chat template, so it cannot take chat messages: ask "
-                "it with a prompt (Bedrock applies none either)"
-            )
+        if ask.messages is not None:
+            _check_chat(name, tokenizer, ask)
         if self.max_batch <= 1:
             return respond(request, self.answer(name, [ask])[0], name)
         with self._lock:
@@ -150,6 +147,21 @@ class LocalModels:
             _answer(tokenizer, row[start:].tolist(), ask.max_new_tokens, len(ids), stops)
             for row, ask, ids in zip(output, asks, prompts, strict=True)
         ]
+
+
+def _check_chat(name: str, tokenizer: Any, ask: Ask) -> None:
+    """ModelError when the model cannot render these messages: it has no chat template, or
+    its template refuses them (some allow no system message, or demand turns alternate)."""
+    if not tokenizer.chat_template:
+        raise ModelError(
+            f"model {name!r} has no chat template, so it cannot take chat messages: ask it "
+            "with a prompt (Bedrock applies none either)"
+        )
+    try:
+        messages = list(ask.messages or ())
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # noqa: BLE001 - a template raises what its author wrote
+        raise ModelError(f"model {name!r}'s chat template refused these messages: {exc}") from exc
 
 
 def _prompt_ids(tokenizer: Any, ask: Ask, *, causal: bool) -> list[int]:

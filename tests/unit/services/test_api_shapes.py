@@ -144,3 +144,17 @@ def test_the_cli_asks_a_chat_tuned_model_with_a_chat_message(twin, monkeypatch, 
     assert client.model("test-terms")["chat"] is True
     display.invoked(client, "test-terms", sample["prompt"])  # `termtune run`'s last line
     assert f"-> {sample['tuned']!r}" in capsys.readouterr().out
+
+
+def test_messages_a_chat_template_refuses_are_the_callers_error(tiny_qwen):
+    from services.api.inference import _check_chat
+    from services.api.shapes import ask_of
+    from shared.errors import ModelError
+    from shared.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_qwen))
+    ask = ask_of(ChatRequest(messages=[{"role": "system", "content": "be brief"}]))
+    _check_chat("m", tokenizer, ask)  # ChatML renders a system message
+    tokenizer.chat_template = "{{ raise_exception('roles must alternate user/assistant') }}"
+    with pytest.raises(ModelError, match="model 'm''s chat template refused these messages: "):
+        _check_chat("m", tokenizer, ask)
