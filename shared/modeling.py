@@ -45,30 +45,32 @@ def load_tokenizer(base_model: str) -> Any:
 def load_seq2seq(base_model: str, **kwargs: Any) -> Any:
     """A seq2seq language model from a hub id or folder, refusing a model of a family
     Bedrock does not import or termtune does not train (shared.families)."""
-    from transformers import AutoModelForSeq2SeqLM
-
-    where = f"base_model {base_model!r}"
-    family = families.check_trainable(model_family(base_model), where=where)
-    if family.kind != "seq2seq":
-        raise ModelError(f"{where} is a {family.label} model, not an encoder-decoder")
-    return _load(AutoModelForSeq2SeqLM, base_model, **kwargs)
+    return _load_kind(base_model, "seq2seq", **kwargs)
 
 
 def load_causal(base_model: str, **kwargs: Any) -> Any:
     """A decoder-only language model of a family Bedrock imports, from a hub id or folder."""
-    from transformers import AutoModelForCausalLM
-
-    where = f"base_model {base_model!r}"
-    family = families.check_trainable(model_family(base_model), where=where)
-    if family.kind != "causal":
-        raise ModelError(f"{where} is a {family.label} model, not decoder-only")
-    return _load(AutoModelForCausalLM, base_model, **kwargs)
+    return _load_kind(base_model, "causal", **kwargs)
 
 
 def load_model(base_model: str, **kwargs: Any) -> Any:
     """The base model of its family's kind: encoder-decoder or decoder-only."""
-    kind = model_family(base_model).kind
-    return (load_causal if kind == "causal" else load_seq2seq)(base_model, **kwargs)
+    return _load_kind(base_model, None, **kwargs)
+
+
+_KIND_WORDS = {"seq2seq": "an encoder-decoder", "causal": "decoder-only"}
+
+
+def _load_kind(base_model: str, kind: str | None, **kwargs: Any) -> Any:
+    """The model, when its family is trained here and of ``kind`` (None: either)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    where = f"base_model {base_model!r}"
+    family = families.check_trainable(model_family(base_model), where=where)
+    if kind is not None and family.kind != kind:
+        raise ModelError(f"{where} is a {family.label} model, not {_KIND_WORDS[kind]}")
+    auto = AutoModelForCausalLM if family.kind == "causal" else AutoModelForSeq2SeqLM
+    return _load(auto, base_model, **kwargs)
 
 
 def _load(
