@@ -28,6 +28,10 @@ class Family:
     architecture: str  # the one architectures entry Bedrock imports for it
     trained: bool = True  # termtune trains it (its tests build, train and export one)
     regions: tuple[str, ...] | None = None  # None: every region CMI runs in
+    untrained_why: str = ""  # what stands in the way, for a family termtune does not train
+    #: (the name transformers 4.51.3 reads, the one transformers 5 writes) for each config
+    #: setting 5 renamed: an export writes both, or Bedrock's 4.51.3 reads its default
+    renamed: tuple[tuple[str, str], ...] = ()
 
 
 FAMILIES: dict[str, Family] = {
@@ -36,14 +40,23 @@ FAMILIES: dict[str, Family] = {
         Family("t5", "Flan-T5", "seq2seq", "T5ForConditionalGeneration"),
         Family("llama", "Llama 2/3.x", "causal", "LlamaForCausalLM"),
         Family("mistral", "Mistral", "causal", "MistralForCausalLM"),
-        Family("mixtral", "Mixtral", "causal", "MixtralForCausalLM", trained=False),
+        Family("mixtral", "Mixtral", "causal", "MixtralForCausalLM"),
         Family("qwen2", "Qwen2/2.5", "causal", "Qwen2ForCausalLM"),
         Family("qwen3", "Qwen3", "causal", "Qwen3ForCausalLM"),
-        Family("qwen3_moe", "Qwen3 MoE", "causal", "Qwen3MoeForCausalLM", trained=False),
-        Family("gpt_bigcode", "GPTBigCode", "causal", "GPTBigCodeForCausalLM", trained=False),
+        Family(
+            "qwen3_moe", "Qwen3 MoE", "causal", "Qwen3MoeForCausalLM",
+            renamed=(("num_experts", "num_local_experts"),),  # 4.51.3: 128 by default
+        ),
+        Family("gpt_bigcode", "GPTBigCode", "causal", "GPTBigCodeForCausalLM"),
         Family(
             "gpt_oss", "GPT-OSS", "causal", "GptOssForCausalLM", trained=False,
             regions=("us-east-1",),
+            untrained_why=(
+                "its released weights keep the experts in MXFP4, and transformers 4.51.3 "
+                "(the version AWS documents for imports, which every export is tested "
+                "against) has no GPT-OSS class, so an export could not be checked before "
+                "upload"
+            ),
         ),
     )
 }  # fmt: skip
@@ -71,14 +84,14 @@ def family_of(config: Any, *, where: str) -> Family:
 
 
 def check_trainable(family: Family, *, where: str) -> Family:
-    """The family, when termtune trains it; ModelError naming those it trains otherwise
-    (Bedrock imports a mixture-of-experts or GPTBigCode model too, but termtune has not
-    been tested training one)."""
+    """The family, when termtune trains it; ModelError saying why not and naming those it
+    trains otherwise."""
     if not family.trained:
         trained = [f.label for f in FAMILIES.values() if f.trained]
         raise ModelError(
             f"{where} is a {family.label} model: Bedrock imports it, but termtune does not "
-            f"train that family yet; name a model of one it trains: {', '.join(trained)}"
+            f"train that family yet ({family.untrained_why}); name a model of one it "
+            f"trains: {', '.join(trained)}"
         )
     return family
 

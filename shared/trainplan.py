@@ -17,7 +17,10 @@ batch 32, i.e. 1.25 GiB an example); with eager attention, as that run had, the 
 A decoder-only model (Llama, Qwen, Mistral) reads the prompt and the answer as one sequence:
 every token passes every layer and the LM head, and its layers keep what a T5 encoder layer
 keeps plus the gated feed-forward's third projection. Its coefficients follow from the same
-layer widths; they are not yet calibrated on a GPU record.
+layer widths; they are not yet calibrated on a GPU record. A mixture-of-experts layer
+(Mixtral, Qwen3 MoE) holds every expert's weights but passes a token through
+``num_experts_per_tok`` of them: its FLOPs and activations are those experts', its weights
+all of them (unquantized under QLoRA: bitsandbytes takes only ``nn.Linear`` layers).
 """
 
 from __future__ import annotations
@@ -315,23 +318,71 @@ def shape_from(model: object, config: object) -> ModelShape:
 
 
 def _causal_shape(model: object, config: object, linears: list, head: object) -> ModelShape:
-    """ModelShape of a decoder-only model: one stack, every token through all of it."""
+    """ModelShape of a decoder-only model: one stack, every token through all of it (and
+    through ``num_experts_per_tok`` of a mixture-of-experts layer's experts)."""
     from torch import nn
 
     stack = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))  # type: ignore[attr-defined]
-    layers = int(config.num_hidden_layers)  # type: ignore[attr-defined]
+    experts = Experts.of(model, config)
     return ModelShape(
         parameters=sum(p.numel() for p in model.parameters()),  # type: ignore[attr-defined]
+        # bitsandbytes quantizes nn.Linear layers only: fused experts keep the compute dtype
         linear_parameters=sum(m.weight.numel() for m in linears),
-        lora_dims=sum(m.in_features + m.out_features for m in linears),
+        lora_dims=sum(m.in_features + m.out_features for m in linears) + experts.lora_dims,
         d_model=int(config.hidden_size),  # type: ignore[attr-defined]
-        d_ff=int(config.intermediate_size),  # type: ignore[attr-defined]
+        d_ff=experts.ffn_width(config),
         heads=int(config.num_attention_heads),  # type: ignore[attr-defined]
         encoder_layers=0,
-        decoder_layers=layers,
+        decoder_layers=int(config.num_hidden_layers),  # type: ignore[attr-defined]
         vocab=int(config.vocab_size),  # type: ignore[attr-defined]
         dropout=float(getattr(config, "attention_dropout", 0.0) or 0.0),
         model_type=str(getattr(config, "model_type", "")),
-        decoder_matmul_parameters=stack,  # the LM head is one of the Linear layers
+        # the LM head is one of the Linear layers; a token meets only its experts' weights
+        decoder_matmul_parameters=stack + experts.active_weights,
         kind="causal",
     )
+
+
+@dataclass(frozen=True)
+class Experts:
+    """A mixture-of-experts model's experts, as transformers 5 holds them: one fused
+    ``(experts, out, in)`` parameter per projection and layer, and a router per layer."""
+
+    count: int  # experts a layer has (0: a dense model)
+    per_token: int  # experts a token passes through
+    weights: int  # every expert's weights
+    lora_dims: int  # what peft's all-linear adapts: each expert's projections, the routers
+
+    @classmethod
+    def of(cls, model: object, config: object) -> Experts:
+        count = int(_config_value(config, "num_local_experts", "num_experts") or 0)
+        if not count:
+            return cls(0, 0, 0, 0)
+        dims = 0
+        for name, p in model.named_parameters():  # type: ignore[attr-defined]
+            if p.dim() == 3:  # peft gives a fused gate/up projection twice the rank
+                dims += p.shape[0] * (p.shape[1] + p.shape[2]) * (2 if "gate_up" in name else 1)
+        for m in model.modules():  # type: ignore[attr-defined]
+            if type(m).__name__.endswith("Router"):
+                dims += sum(m.weight.shape)
+        weights = sum(p.numel() for p in model.parameters() if p.dim() == 3)  # type: ignore[attr-defined]
+        return cls(count, int(config.num_experts_per_tok), weights, dims)  # type: ignore[attr-defined]
+
+    @property
+    def active_weights(self) -> int:
+        """Expert weights one token is multiplied by."""
+        return self.weights * self.per_token // self.count if self.count else 0
+
+    def ffn_width(self, config: object) -> int:
+        """The feed-forward width a token's activations have: its experts' together in a
+        mixture-of-experts layer, GPTBigCode's ``n_inner`` (4 x the width when unset)."""
+        if self.count:
+            width = _config_value(config, "moe_intermediate_size", "intermediate_size")
+            return int(width) * self.per_token
+        width = _config_value(config, "intermediate_size", "n_inner")
+        return int(width or 4 * config.hidden_size)  # type: ignore[attr-defined]
+
+
+def _config_value(config: object, *names: str) -> object:
+    """The first of ``names`` the config sets (families name some settings differently)."""
+    return next((getattr(config, n) for n in names if getattr(config, n, None)), None)

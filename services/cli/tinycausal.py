@@ -2,10 +2,12 @@
 
 Each is a randomly initialised two-layer model whose config has its family's shape (grouped
 query attention, the family's rope settings, tied or untied embeddings as its small
-releases have them) and whose tokenizer has the family's kind (byte-level BPE for Llama 3
-and Qwen, SentencePiece-style BPE for Mistral), special tokens and chat template, trained
-on the shipped data. No hub is asked: tests and the embedded examples load them through
-the same ``from_pretrained`` path as the real models.
+releases have them; four experts, two a token, for the mixture-of-experts families; one
+key/value head and learned positions for GPTBigCode) and whose tokenizer has the family's
+kind (byte-level BPE for Llama 3, Qwen and GPTBigCode, SentencePiece-style BPE for Mistral
+and Mixtral), special tokens and chat template, trained on the shipped data. No hub is
+asked: tests and the embedded examples load them through the same ``from_pretrained`` path
+as the real models.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ MISTRAL_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
     "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+STARCHAT_TEMPLATE = (  # StarChat's, the chat-tuned GPTBigCode models'
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
 
 
@@ -63,7 +70,20 @@ MISTRAL = Vocabulary(
     "sentencepiece", "LlamaTokenizerFast", ("<unk>", "<s>", "</s>"),
     bos="<s>", eos="</s>", pad=None, chat_template=MISTRAL_TEMPLATE,
 )  # fmt: skip
-VOCABULARIES = {"llama": LLAMA3, "qwen2": QWEN, "qwen3": QWEN, "mistral": MISTRAL}
+STARCHAT = Vocabulary(
+    "byte-level", "GPT2TokenizerFast",
+    ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
+    bos=None, eos="<|end|>", pad=None, chat_template=STARCHAT_TEMPLATE,
+)  # fmt: skip
+VOCABULARIES = {
+    "llama": LLAMA3,
+    "qwen2": QWEN,
+    "qwen3": QWEN,
+    "qwen3_moe": QWEN,
+    "mistral": MISTRAL,
+    "mixtral": MISTRAL,
+    "gpt_bigcode": STARCHAT,
+}
 FAMILIES = tuple(VOCABULARIES)
 
 
@@ -98,7 +118,7 @@ def build_tokenizer(vocabulary: Vocabulary, texts: list[str], *, vocab_size: int
 
 def config_for(family: str, tokenizer: Any, *, hidden: int) -> Any:
     """A two-layer config of ``family``'s shape for ``tokenizer``'s vocabulary."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    import transformers
 
     ids = {
         "vocab_size": len(tokenizer),
@@ -106,6 +126,11 @@ def config_for(family: str, tokenizer: Any, *, hidden: int) -> Any:
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
+    if family == "gpt_bigcode":  # StarCoder's: one key/value head, learned positions
+        return transformers.GPTBigCodeConfig(
+            **ids, n_embd=hidden, n_inner=hidden * 4, n_layer=2, n_head=4, multi_query=True,
+            n_positions=8192,
+        )  # fmt: skip
     shape = {
         "hidden_size": hidden,
         "intermediate_size": hidden * 2,
@@ -113,6 +138,8 @@ def config_for(family: str, tokenizer: Any, *, hidden: int) -> Any:
         "num_attention_heads": 4,
         "num_key_value_heads": 2,  # grouped-query attention, as every current release
     }
+    long_rope = {"max_position_embeddings": 32768, "rope_theta": 1000000.0}
+    experts = {"num_experts_per_tok": 2}  # of four, as Mixtral takes 2 of 8
     if family == "llama":  # Llama 3.2's small models: tied embeddings, llama3 rope scaling
         rope = {
             "rope_type": "llama3",
@@ -121,24 +148,30 @@ def config_for(family: str, tokenizer: Any, *, hidden: int) -> Any:
             "high_freq_factor": 4.0,
             "original_max_position_embeddings": 8192,
         }
-        return LlamaConfig(
+        return transformers.LlamaConfig(
             **ids, **shape, max_position_embeddings=131072, rope_theta=500000.0,
             rope_scaling=rope, tie_word_embeddings=True,
         )  # fmt: skip
     if family == "qwen2":  # Qwen2.5-0.5B: tied embeddings, bias on q/k/v
-        return Qwen2Config(
-            **ids, **shape, max_position_embeddings=32768, rope_theta=1000000.0,
-            tie_word_embeddings=True,
-        )  # fmt: skip
+        return transformers.Qwen2Config(**ids, **shape, **long_rope, tie_word_embeddings=True)
     if family == "qwen3":  # Qwen3-0.6B: an explicit head_dim, q/k norms
-        return Qwen3Config(
-            **ids, **shape, head_dim=hidden // 4, max_position_embeddings=40960,
-            rope_theta=1000000.0, tie_word_embeddings=True,
+        return transformers.Qwen3Config(
+            **ids, **shape, **long_rope, head_dim=hidden // 4, tie_word_embeddings=True
         )  # fmt: skip
-    return MistralConfig(  # Mistral-7B-v0.3: untied, no sliding window
-        **ids, **shape, max_position_embeddings=32768, rope_theta=1000000.0,
-        sliding_window=None, tie_word_embeddings=False,
-    )  # fmt: skip
+    if family == "qwen3_moe":  # Qwen3-30B-A3B: every layer sparse, narrow experts, untied
+        return transformers.Qwen3MoeConfig(
+            **ids, **shape, **long_rope, **experts, head_dim=hidden // 4, num_experts=4,
+            moe_intermediate_size=hidden // 2, decoder_sparse_step=1, norm_topk_prob=True,
+            tie_word_embeddings=False,
+        )  # fmt: skip
+    if family == "mixtral":  # Mixtral-8x7B: Mistral's attention, 8 experts of Mistral's FFN
+        return transformers.MixtralConfig(
+            **ids, **shape, **long_rope, **experts, num_local_experts=4, sliding_window=None,
+            tie_word_embeddings=False,
+        )  # fmt: skip
+    return transformers.MistralConfig(  # Mistral-7B-v0.3: untied, no sliding window
+        **ids, **shape, **long_rope, sliding_window=None, tie_word_embeddings=False
+    )
 
 
 def build_tiny_causal(

@@ -14,7 +14,9 @@ from pathlib import Path
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # T5's ids 0, 1, 2
 #: the families `termtune build-tiny-model --family` builds (services.cli.tinycausal: the
 #: decoder-only ones)
-TINY_FAMILIES = ("t5", "llama", "qwen2", "qwen3", "mistral")
+TINY_FAMILIES = (
+    "t5", "llama", "qwen2", "qwen3", "qwen3_moe", "mistral", "mixtral", "gpt_bigcode"
+)  # fmt: skip
 
 
 def corpus(data_file: Path) -> list[str]:

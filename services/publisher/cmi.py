@@ -153,6 +153,7 @@ def _check_config(config: dict[str, Any], region: str | None) -> str:
     if family.kind == "causal":
         _check_heads(config)
     _check_rope(config)
+    _check_names(config, family)
     if family.regions and region is not None and region not in family.regions:
         raise PreflightError(
             "region",
@@ -165,8 +166,10 @@ def _check_heads(config: dict[str, Any]) -> None:
     """A decoder-only model's attention shape: key/value heads that divide the query heads
     (grouped-query attention) and a hidden size the heads split evenly, unless the config
     names its head_dim."""
-    heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads")
-    kv_heads = heads if kv_heads is None else kv_heads
+    heads = _first(config, "num_attention_heads", "n_head")  # GPTBigCode: n_head, n_embd
+    kv_heads = config.get("num_key_value_heads")
+    if kv_heads is None:  # GPTBigCode's multi-query attention: one key/value head
+        kv_heads = 1 if config.get("multi_query") else heads
     if not isinstance(heads, int) or not isinstance(kv_heads, int) or heads < 1 or kv_heads < 1:
         raise PreflightError(
             "attention-heads", f"num_attention_heads {heads!r} / num_key_value_heads "
@@ -178,13 +181,18 @@ def _check_heads(config: dict[str, Any]) -> None:
             f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}: "
             "each key/value head serves a whole group of query heads",
         )
-    hidden = config.get("hidden_size")
+    hidden = _first(config, "hidden_size", "n_embd")
     if config.get("head_dim") is None and isinstance(hidden, int) and hidden % heads:
         raise PreflightError(
             "attention-heads",
             f"hidden_size {hidden} does not split into {heads} heads and config.json names "
             "no head_dim",
         )
+
+
+def _first(config: dict[str, Any], *names: str) -> Any:
+    """The value of the first of ``names`` config.json has (families name some differently)."""
+    return next((config[n] for n in names if config.get(n) is not None), None)
 
 
 def _check_rope(config: dict[str, Any]) -> None:
@@ -204,6 +212,26 @@ def _check_rope(config: dict[str, Any]) -> None:
             "rope_parameters, which transformers 4.51.3 (Bedrock's) does not read: write "
             "them as rope_theta and rope_scaling too (the publisher's export does)",
         )
+
+
+def _check_names(config: dict[str, Any], family: families.Family) -> None:
+    """Settings under the names transformers 4.51.3 reads: a null ``head_dim`` (how 5
+    writes an unset one) and a setting only under 5's new name would leave 4.51.3 with
+    no width or its own default (Qwen3 MoE: 128 experts)."""
+    if "head_dim" in config and config["head_dim"] is None:
+        raise PreflightError(
+            "config-portable",
+            "config.json's head_dim is null, which transformers 4.51.3 (Bedrock's) takes "
+            "for the heads' width: drop it (the publisher's export does)",
+        )
+    for old, new in family.renamed:
+        if new in config and config.get(old) != config[new]:
+            raise PreflightError(
+                "config-portable",
+                f"config.json names {new} {config[new]!r} but not {old}, the name "
+                f"transformers 4.51.3 (Bedrock's) reads for a {family.label} model: write "
+                "both (the publisher's export does)",
+            )
 
 
 def _check_vocabulary(config: dict[str, Any], weights: list[Path], tokenizer: Path) -> None:

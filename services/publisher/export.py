@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from shared import families
 from shared.errors import ModelError
 from shared.jobspec import DecodingSpec
 from shared.modeling import load_adapter, load_model, load_tokenizer
@@ -96,6 +97,13 @@ def make_config_portable(path: Path) -> None:
         config["rope_scaling"] = None if default else scaling
     if "dtype" in config:
         config["torch_dtype"] = config["dtype"]
+    if "head_dim" in config and config["head_dim"] is None:
+        # 5 writes an unset head_dim as null; 4.51.3's Mixtral then has no head width
+        del config["head_dim"]
+    family = families.FAMILIES.get(str(config.get("model_type")))
+    for old, new in family.renamed if family else ():
+        if new in config:
+            config[old] = config[new]
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

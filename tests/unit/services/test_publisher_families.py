@@ -198,3 +198,26 @@ def test_preflight_refuses_gpt_oss_outside_us_east_1(exports, tmp_path):
         cmi.preflight(folder, region="us-west-2")
     assert cmi.preflight(folder, region="us-east-1")["region"] == "us-east-1"
     assert cmi.preflight(folder)["model_type"] == "gpt_oss"  # region not known: local
+
+
+def test_preflight_refuses_config_names_transformers_4_51_reads_otherwise(exports, tmp_path):
+    config = json.loads((exports["qwen3_moe"] / "config.json").read_text())
+    assert config["num_experts"] == config["num_local_experts"] == 4  # the export wrote both
+    assert "head_dim" not in json.loads((exports["mixtral"] / "config.json").read_text())
+    # as transformers 5 writes them: 4.51.3 would build 128 experts, or heads of no width
+    moe = _copy(exports, "qwen3_moe", tmp_path, num_experts=None)
+    assert str(_refusal(moe)) == (
+        "config-portable: config.json names num_local_experts 4 but not num_experts, the "
+        "name transformers 4.51.3 (Bedrock's) reads for a Qwen3 MoE model: write both (the "
+        "publisher's export does)"
+    )
+    with pytest.raises(PreflightError, match="config-portable: config.json's head_dim is null"):
+        cmi.preflight(_copy(exports, "mixtral", tmp_path, head_dim=None))
+
+
+def test_preflight_reads_gpt_bigcodes_head_names(exports, tmp_path):
+    folder = _copy(exports, "gpt_bigcode", tmp_path, multi_query=False)
+    assert cmi.preflight(folder)["model_type"] == "gpt_bigcode"  # one key/value head a query
+    _edit(folder, n_head=6)
+    with pytest.raises(PreflightError, match="hidden_size 128 does not split into 6 heads"):
+        cmi.preflight(folder)

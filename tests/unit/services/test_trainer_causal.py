@@ -97,6 +97,19 @@ def test_a_decoder_only_shape_charges_every_token_to_the_whole_stack(tiny_qwen):
     assert plan.kind == "causal" and not any("fused layers" in n for n in plan.notes)
 
 
+def test_a_mixture_of_experts_token_is_charged_only_its_experts(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base = build_tiny_causal("mixtral", tmp_path / "m", data_file=SAMPLE_DATA, hidden=64)
+    shape, model = model_shape(str(base)), AutoModelForCausalLM.from_pretrained(base)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    experts = sum(p.numel() for p in model.parameters() if p.dim() == 3)  # fused, 4 a layer
+    assert shape.parameters == sum(p.numel() for p in model.parameters())
+    assert shape.linear_parameters == linear - model.lm_head.weight.numel()  # what nf4 takes
+    assert shape.decoder_matmul_parameters == linear + experts // 2  # 2 of the 4 experts
+    assert shape.d_ff == 2 * model.config.intermediate_size  # a token's two experts' widths
+
+
 def test_causal_rows_become_one_sequence_with_the_answer_masked_in():
     import pyarrow as pa
 
