@@ -20,6 +20,9 @@ from pathlib import Path
 BENCHES = [
     ("bench.training", [], 1800, "Training: our recipe vs the notebook's",
      "Same tiny model, data and machine; each recipe in a fresh process; medians of 3."),
+    ("bench.packing", [], 1800, "Training a decoder-only model: packed vs padded batches",
+     "Tiny Llama- and Mixtral-shaped models on a real long-tail glossary, through the "
+     "trainer's code path; each way at its own best learning rate; medians of 2."),
     ("bench.kernels", [], 1200, "Operator calls per optimizer step",
      "flan-t5-large's shape at batch 1, LoRA r=64 on every linear layer, one optimizer step "
      "through the trainer's code path, counted by torch's profiler; the notebook's recipe, "
@@ -196,21 +199,30 @@ def _sections(lines: list[str]) -> tuple[list[str], dict[str, list[str]]]:
 def merge(old: str, new: list[str]) -> list[str]:
     """The old page with the sections ``new`` ran replaced (or added) and its header (the
     machine and date of this run) on top; sections only the old page has are kept and
-    marked with the date they were measured on."""
+    marked with the date they were measured on. Sections come in ``BENCHES`` order, each
+    ending with a blank line."""
     old_head, old_sections = _sections(old.splitlines())
     new_head, new_sections = _sections(new)
     date = next((line for line in old_head if line.startswith("- Date: ")), "")
-    page = list(new_head)
+    merged: dict[str, list[str]] = {}
     for title, lines in old_sections.items():
         if title in new_sections:
-            page += new_sections.pop(title)
+            merged[title] = new_sections.pop(title)
         elif any(line.startswith("(from an earlier run") for line in lines[:3]):
-            page += lines  # already marked
+            merged[title] = lines  # already marked
         else:
-            page += [lines[0], "", f"(from an earlier run: {date.removeprefix('- Date: ')})"]
-            page += lines[1:]
-    for lines in new_sections.values():
-        page += lines
+            merged[title] = [
+                lines[0],
+                "",
+                f"(from an earlier run: {date.removeprefix('- Date: ')})",
+            ]
+            merged[title] += lines[1:]
+    merged |= new_sections
+    order = [f"## {b[3]}" for b in (*BENCHES, GPU)]
+    page = list(new_head)
+    for title in sorted(merged, key=lambda t: order.index(t) if t in order else len(order)):
+        lines = merged[title]
+        page += lines if lines[-1] == "" else [*lines, ""]
     return page
 
 

@@ -28,12 +28,12 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from bench import child_run
 
 RECIPES: dict[str, dict[str, Any]] = {
     "notebook as written (pad to 512, pad-id labels, 1x2)": {
@@ -169,12 +169,7 @@ def _train_as_the_notebook(model: Any, tokenizer: Any, table: Any, spec: Any, ou
 
 
 def _child(model: Path, prepared: dict[str, Any], name: str, lr: float, epochs: float) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.training", "--child", str(model), json.dumps(prepared),
-         name, repr(lr), str(epochs)],
-        check=True, capture_output=True, text=True,
-    ).stdout  # fmt: skip
-    return json.loads(out.strip().splitlines()[-1])
+    return child_run("bench.training", model, prepared, name, lr, epochs)
 
 
 def main() -> None:

@@ -37,7 +37,7 @@ class Plan:
     token_budget: int | None = None  # the per-device batch x the longest rows' tokens
     memory_gib: float | None = None  # the device memory the plan was sized for
     kind: str = "seq2seq"  # the base model's kind (shared.families): which trainer runs
-    packing: bool = False  # decoder-only: padding-free batches (one row, examples kept apart)
+    packing: bool = False  # decoder-only: examples packed into rows (kept apart by positions)
 
     @property
     def dtype(self) -> Any:
@@ -233,7 +233,10 @@ def _packing(spec: TrainingSpec, kind: str, notes: list[str]) -> bool:
             )
         notes.append("packing auto -> off (this transformers would let packed examples mix)")
         return False
-    notes.append("packing -> on (padding-free batches; attention stays within each example)")
+    notes.append(
+        "packing -> on (each batch's examples packed into rows, attention kept within each "
+        "example and costing no more than the padded batch's)"
+    )
     return True
 
 

@@ -204,7 +204,18 @@ class Worker:
             return
         if isinstance(event, StageFailed) and not event.permanent:
             worker_metrics.DEAD_LETTERS.labels(self.service).inc()
-            self.bus.dead_letter(body, routing_key=command.routing_key, reason=event.error)
+            self._dead_letter(body, command, event.error)
+
+    def _dead_letter(self, body: Any, command: Command, reason: str) -> None:
+        """Keep the failed command for operators; the job's failure is recorded already, so
+        a broker that cannot take it (a full disk, a dropped connection) costs the copy,
+        never the worker."""
+        try:
+            self.bus.dead_letter(body, routing_key=command.routing_key, reason=reason)
+        except Exception as exc:  # noqa: BLE001 - the job's own record has the failure
+            log.error(
+                "%s: dead letter not kept (%s); the job's failure is recorded", command.job_id, exc
+            )
 
     @staticmethod
     def _count_start(command: Command, stage: str, attempt: int) -> None:

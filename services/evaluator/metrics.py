@@ -111,21 +111,9 @@ def _loss_collator(model: Any, tokenizer: Any) -> Callable[[list[dict]], dict]:
         return DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
 
     def collate(rows: list[dict]) -> dict:
-        sequences = [r["input_ids"] + r["labels"] for r in rows]
-        width = max(len(x) for x in sequences)
-        pad = pad_id(tokenizer)
-        return {
-            "input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in sequences]),
-            "attention_mask": torch.tensor(
-                [[1] * len(x) + [0] * (width - len(x)) for x in sequences]
-            ),
-            "labels": torch.tensor(
-                [
-                    [-100] * len(r["input_ids"]) + r["labels"] + [-100] * (width - len(x))
-                    for r, x in zip(rows, sequences, strict=True)
-                ]
-            ),
-        }
+        batch = padded([r["input_ids"] + r["labels"] for r in rows], pad_id(tokenizer), left=False)
+        answers = [[-100] * len(r["input_ids"]) + r["labels"] for r in rows]
+        return {**batch, "labels": padded(answers, -100, left=False)["input_ids"]}
 
     return collate
 

@@ -5,10 +5,12 @@ one) and the answer's (ending with EOS). Here they become one sequence with a co
 mask, and trl's trainer computes the loss on the answer's tokens only (the prompt's are
 labelled -100 from the mask): the model learns to answer, not to repeat questions.
 With ``training.packing`` (on by default where transformers supports it) a batch's examples
-are joined into one row without padding, each with position ids that start at 0: transformers
-builds a block-diagonal causal mask from them (with ``use_cache=False``, which trl passes), so
-no example attends to another. Otherwise batches are padded and grouped by length. The
-collator counts the padding either way.
+are packed, longest first, into rows (``bins``: L x L / mean tokens wide, L the longest),
+each example with position ids that start at 0: transformers builds a block-diagonal causal
+mask from them (with ``use_cache=False``, which trl passes), so no example attends to
+another. Bounding the rows keeps attention's cost at most the padded batch's (one row of the
+whole batch would cost its square); what padding is left fills the rows' ends. Otherwise
+batches are padded and grouped by length. The collator counts the padding either way.
 """
 
 from __future__ import annotations
@@ -52,6 +54,59 @@ class CountingCollator:
         return {"all": share}
 
 
+class PackingCollator:
+    """A batch's examples packed into rows (``bins``), position ids restarting at each
+    example, with trl's labels (the answer's)."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        rows = bins(sorted(features, key=lambda f: -len(f["input_ids"])))
+        width = max(sum(len(f["input_ids"]) for f in row) for row in rows)
+        ids, labels, positions = [], [], []
+        for row in rows:
+            row_ids, row_labels, row_positions = [], [], []
+            for f in row:
+                row_ids += f["input_ids"]
+                row_labels += f["labels"]  # trl's: -100 but on the answer's tokens
+                row_positions += range(len(f["input_ids"]))
+            pad = width - len(row_ids)  # the last example's positions go on: it alone sees them
+            ids.append(row_ids + [self.pad_token_id] * pad)
+            labels.append(row_labels + [-100] * pad)
+            positions.append(
+                row_positions + list(range(row_positions[-1] + 1, row_positions[-1] + 1 + pad))
+            )
+        return {
+            "input_ids": torch.tensor(ids),
+            "labels": torch.tensor(labels),
+            "position_ids": torch.tensor(positions),
+        }
+
+
+def bins(features: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """First fit of examples, longest first, into rows of L x L / mean tokens (L: the
+    longest; never under L): rows that width hold the batch in about as many positions as
+    it has tokens, and their attention (a row's cost grows with its square, so the batch's
+    with its tokens x the width) costs no more than the padded batch's (its examples x L^2).
+    """
+    sizes = [len(f["input_ids"]) for f in features]
+    capacity = max(sizes[0], sizes[0] * sizes[0] * len(sizes) // sum(sizes))
+    rows: list[list[dict[str, Any]]] = []
+    room: list[int] = []
+    for f, size in zip(features, sizes, strict=True):
+        slot = next((i for i, left in enumerate(room) if left >= size), None)
+        if slot is None:
+            rows.append([f])
+            room.append(capacity - size)
+        else:
+            rows[slot].append(f)
+            room[slot] -= size
+    return rows
+
+
 def sft_trainer(
     model: Any,
     tokenizer: Any,
@@ -74,11 +129,11 @@ def sft_trainer(
         **arguments,
         completion_only_loss=True,
         max_length=None,  # data-prep cut every row to the kept lengths already
-        padding_free=plan.packing,
+        padding_free=False,  # trl's joins a whole batch into one row: ours packs rows
         dataset_num_proc=None,
         train_sampling_strategy="group_by_length" if spec.group_by_length else "random",
     )
-    collator = None  # padding-free: trl's own (it takes no other), counted below
+    collator: Any = PackingCollator(tokenizer.pad_token_id)
     if not plan.packing:
         collator = DataCollatorForLanguageModeling(
             pad_token_id=tokenizer.pad_token_id,

@@ -92,15 +92,23 @@ def test_submit_watch_and_ask_from_the_page(tmp_path, tiny_model, browser):
         WebDriverWait(browser, 10).until(
             lambda b: find(By.ID, "model-select").get_attribute("value") == "web-job"
         )
-        prompt = find(By.ID, "prompt-input")
-        prompt.clear()
-        prompt.send_keys("What is Asthma?")
-        find(By.ID, "ask-button").click()
-        WebDriverWait(browser, 60).until(lambda b: "tokens" in find(By.ID, "ask-meta").text)
+        answer = _ask(browser, "What is Asthma?")
         browser.save_screenshot(str(tmp_path / "playground.png"))
-        answer = find(By.ID, "answer").text
         expected = client.invoke("web-job", "What is Asthma?")["generation"]
         assert answer == expected.strip() and answer  # greedy: the same words as the API's
+
+
+def _ask(browser, question: str) -> str:
+    """Ask the playground's selected model ``question``; the answer shown once it came."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    prompt = browser.find_element(By.ID, "prompt-input")
+    prompt.clear()
+    prompt.send_keys(question)
+    browser.find_element(By.ID, "ask-button").click()
+    WebDriverWait(browser, 60).until(lambda b: "tokens" in b.find_element(By.ID, "ask-meta").text)
+    return browser.find_element(By.ID, "answer").text
 
 
 def _job_in_store(launcher, tiny_model, name, *extra_events):
@@ -271,3 +279,42 @@ def test_opening_another_job_shows_only_that_jobs_data(tmp_path, tiny_model, bro
         open_job(sneaky, client.job(sneaky)["status"])
         assert not find(By.ID, "job-run").is_displayed()
         assert not run_link.get_attribute("href").startswith("javascript:")
+
+
+def test_the_playground_asks_a_chat_model_with_a_chat_message(tmp_path, tiny_qwen, browser):
+    """A model trained in its chat template is listed as a chat model and asked through
+    chat completions: the page shows the API's chat answer and its usage."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    find = browser.find_element
+    with _running(tmp_path) as (launcher, client):
+        job_id = client.submit(spec_dict(tiny_qwen, name="chat-job"))["id"]
+        deadline = time.monotonic() + 400
+        while client.job(job_id)["status"] not in ("succeeded", "failed", "rejected"):
+            assert time.monotonic() < deadline, client.job(job_id)
+            time.sleep(1)
+        assert client.job(job_id)["status"] == "succeeded", client.job(job_id)
+        assert client.model("chat-job")["chat"] is True
+
+        browser.get(launcher.url + "/ui")
+        key = (launcher.run_dir / "api_key").read_text().strip()
+        find(By.ID, "api-key").send_keys(key, Keys.TAB)
+        find(By.CSS_SELECTOR, "a[data-view=playground]").click()
+        WebDriverWait(browser, 10).until(
+            lambda b: find(By.ID, "model-select").get_attribute("value") == "chat-job"
+        )
+        assert Select(find(By.ID, "model-select")).first_selected_option.text == (
+            "chat-job (local, chat)"
+        )
+        answer = _ask(browser, "What is Asthma?")
+        browser.save_screenshot(str(tmp_path / "playground-chat.png"))
+        reply = client.invoke_body(
+            "chat-job", {"messages": [{"role": "user", "content": "What is Asthma?"}]}
+        )
+        (choice,) = reply["choices"]
+        assert answer == choice["message"]["content"].strip()
+        assert find(By.ID, "ask-meta").text.startswith(
+            f"{reply['usage']['completion_tokens']} tokens · {choice['finish_reason']} · "
+        )

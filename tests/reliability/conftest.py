@@ -120,12 +120,14 @@ def _report():
 
 SCENARIO_ORDER = [
     "kill -9 a trainer at a random step",
+    "a corrupt checkpoint, then kill -9 the trainer",
     "SIGTERM a trainer",
     "restart the broker with messages in flight",
     "crash the publisher between the import call and recording it",
     "poison message",
     "every message delivered twice",
     "a training job longer than the delivery timeout",
+    "a full disk mid-job",
     "bad datasets and bad job specs",
     "unauthenticated and wrong-key requests",
     "fuzzed S3 URIs and local paths",

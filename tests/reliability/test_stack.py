@@ -88,6 +88,42 @@ def _kill_mid_training(launcher, train_dir) -> tuple[bool, int | None]:
     return finished, saved
 
 
+class _TrainingJobs:
+    """Jobs submitted one at a time to a trainer scenario, each yielded once it reaches a
+    random step in ``at``, until ``counted`` reaches the scenario's size (3x its jobs at
+    most: a fault that lands after training ended is not counted)."""
+
+    def __init__(self, outcome, counted: str, stack, tiny_model, name: str, **how) -> None:
+        self.outcome, self.counted, self.stack, self.tiny_model = (
+            outcome,
+            counted,
+            stack,
+            tiny_model,
+        )
+        self.name, self.how, self.attempts = name, how, 0
+
+    def __iter__(self):
+        _, client, tmp = self.stack
+        rng, at, every = self.how["rng"], self.how["at"], self.how["checkpoint_every"]
+        size = self.outcome.size
+        while self.outcome.counts.get(self.counted, 0) < size and self.attempts < 3 * size:
+            self.attempts += 1
+            job_id = _submit(
+                client, self.tiny_model, f"{self.name}-{self.attempts}", checkpoint_every=every
+            )
+            step = _wait_for_step(client, job_id, rng.randint(*at))
+            yield job_id, _train_dir(tmp, job_id), step
+
+    def all_landed(self, what: str) -> None:
+        """Check that every fault of the scenario landed mid-training."""
+        landed = self.outcome.counts.get(self.counted, 0)
+        self.outcome.check(
+            landed == self.outcome.size,
+            f"only {landed} of {self.outcome.size} {what} landed mid-training in "
+            f"{self.attempts} jobs",
+        )
+
+
 def test_kill_9_trainer_at_a_random_step(scenario, stack, tiny_model):
     outcome = scenario(
         "kill -9 a trainer at a random step",
@@ -96,14 +132,12 @@ def test_kill_9_trainer_at_a_random_step(scenario, stack, tiny_model):
         must_hold="every job completes on another trainer, resumed from the checkpoint stored "
         "before the kill; 0 lost; 0 duplicate publishes",
     )
-    launcher, client, tmp = stack
-    rng = random.Random(9)
-    attempts = 0
-    while outcome.counts.get("killed", 0) < outcome.size and attempts < 3 * outcome.size:
-        attempts += 1
-        job_id = _submit(client, tiny_model, f"kill-{attempts}", checkpoint_every=20)
-        train_dir = _train_dir(tmp, job_id)
-        at = _wait_for_step(client, job_id, rng.randint(25, STEPS - 25))
+    launcher, client, _ = stack
+    jobs = _TrainingJobs(
+        outcome, "killed", stack, tiny_model, "kill",
+        rng=random.Random(9), at=(25, STEPS - 25), checkpoint_every=20,
+    )  # fmt: skip
+    for job_id, train_dir, at in jobs:
         finished, saved = _kill_mid_training(launcher, train_dir)
         killed = time.time()
         _replace_trainer(launcher)
@@ -136,11 +170,65 @@ def test_kill_9_trainer_at_a_random_step(scenario, stack, tiny_model):
         publishes = _publishes(client, job_id)
         outcome.check(publishes == 1, f"{job_id}: {publishes} publishes")
         outcome.count("duplicate publishes", publishes - 1)
-    outcome.check(
-        outcome.counts.get("killed", 0) == outcome.size,
-        f"only {outcome.counts.get('killed', 0)} of {outcome.size} kills landed mid-training "
-        f"in {attempts} jobs",
+    jobs.all_landed("kills")
+    outcome.verdict()
+
+
+def _corrupt_newest_checkpoint(train_dir, rng: random.Random) -> tuple[int, int] | None:
+    """Cut the newest stored checkpoint's adapter short or empty it (a full disk's or a
+    hand's work in the bucket); (its step, the step before), or None while fewer than two
+    are stored."""
+    pointer = train_dir / "checkpoints" / "latest.json"
+    steps = sorted(
+        int(p.name.removeprefix("step-")) for p in (train_dir / "checkpoints").glob("step-*")
     )
+    if not pointer.exists() or len(steps) < 2:
+        return None
+    newest = json.loads(pointer.read_text())["step"]
+    weights = train_dir / "checkpoints" / f"step-{newest:08d}" / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: rng.choice([0, 7, len(data) // 2])])
+    return newest, max(s for s in steps if s < newest)
+
+
+def test_corrupt_checkpoint_then_kill_9(scenario, stack, tiny_model):
+    outcome = scenario(
+        "a corrupt checkpoint, then kill -9 the trainer",
+        full=6,
+        ci=1,
+        must_hold="the job completes, resumed from the whole checkpoint before the corrupt "
+        "one (not failed, not started over)",
+    )
+    launcher, client, _ = stack
+    rng = random.Random(11)
+    jobs = _TrainingJobs(
+        outcome, "corrupted", stack, tiny_model, "corrupt",
+        rng=rng, at=(45, STEPS - 25), checkpoint_every=20,
+    )  # fmt: skip
+    for job_id, train_dir, _ in jobs:
+        trainer = launcher.processes["trainer"]
+        trainer.send_signal(signal.SIGSTOP)  # nothing stored changes while we look
+        corrupted = None if (train_dir / "manifest.json").exists() else (
+            _corrupt_newest_checkpoint(train_dir, rng)
+        )  # fmt: skip
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait(timeout=10)
+        _replace_trainer(launcher)
+        job = _wait(client, job_id)
+        if corrupted is None:
+            outcome.count("kills that came after training ended (not counted)")
+            continue
+        outcome.count("corrupted")
+        if not outcome.check(job["status"] == "succeeded", f"{job_id}: {job['status']}"):
+            continue
+        outcome.count("completed")
+        manifest = json.loads((train_dir / "manifest.json").read_text())
+        outcome.check(
+            manifest["resumed_from_step"] == corrupted[1] and manifest["steps"] == STEPS,
+            f"{job_id}: checkpoint {corrupted[0]} corrupted, resumed from "
+            f"{manifest['resumed_from_step']} (not {corrupted[1]}), {manifest['steps']} steps",
+        )
+    jobs.all_landed("corruptions")
     outcome.verdict()
 
 
@@ -152,14 +240,12 @@ def test_sigterm_a_trainer(scenario, stack, tiny_model):
         must_hold="checkpoint stored and lease released within 25 s; the job resumes; final "
         "step count equal to an uninterrupted run",
     )
-    launcher, client, tmp = stack
-    rng = random.Random(15)
-    attempts = 0
-    while outcome.counts.get("stopped", 0) < outcome.size and attempts < 3 * outcome.size:
-        attempts += 1
-        job_id = _submit(client, tiny_model, f"term-{attempts}", checkpoint_every=10_000)
-        train_dir = _train_dir(tmp, job_id)
-        _wait_for_step(client, job_id, rng.randint(5, STEPS - 25))
+    launcher, client, _ = stack
+    jobs = _TrainingJobs(
+        outcome, "stopped", stack, tiny_model, "term",
+        rng=random.Random(15), at=(5, STEPS - 25), checkpoint_every=10_000,
+    )  # fmt: skip
+    for job_id, train_dir, _ in jobs:
         trainer = launcher.processes["trainer"]
         trainer.send_signal(signal.SIGSTOP)  # progress lags the trainer: look before stopping
         if (train_dir / "manifest.json").exists():
@@ -201,11 +287,7 @@ def test_sigterm_a_trainer(scenario, stack, tiny_model):
             f"{job_id}: saved {saved}, resumed {manifest['resumed_from_step']}, "
             f"{manifest['steps']} of {STEPS} steps",
         )
-    outcome.check(
-        outcome.counts.get("stopped", 0) == outcome.size,
-        f"only {outcome.counts.get('stopped', 0)} of {outcome.size} stops landed mid-training "
-        f"in {attempts} jobs",
-    )
+    jobs.all_landed("stops")
     outcome.verdict()
 
 

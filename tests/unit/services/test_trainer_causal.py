@@ -110,6 +110,29 @@ def test_a_mixture_of_experts_token_is_charged_only_its_experts(tmp_path):
     assert shape.d_ff == 2 * model.config.intermediate_size  # a token's two experts' widths
 
 
+def test_packing_fills_rows_whose_attention_costs_no_more_than_padding():
+    sizes = [120, 90, 60, 40, 30, 20, 12, 8]  # a glossary's long tail, longest first
+    rows = causal.bins([{"input_ids": [0] * n} for n in sizes])
+    widths = [sum(len(f["input_ids"]) for f in row) for row in rows]
+    capacity = 120 * 120 * len(sizes) // sum(sizes)  # L x L / mean
+    assert capacity == 303  # 40 no longer fits beside 120 + 90 + 60; 30 does
+    assert [[len(f["input_ids"]) for f in row] for row in rows] == [
+        [120, 90, 60, 30],
+        [40, 20, 12, 8],
+    ]
+    assert max(widths) <= capacity
+    assert len(rows) * max(widths) < len(sizes) * 120  # fewer positions than padding
+    assert sum(w * w for w in widths) <= len(sizes) * 120 * 120  # attention within padding's
+    collate = causal.PackingCollator(pad_token_id=0)
+    batch = collate(
+        [{"input_ids": [5] * n, "labels": [-100] * (n - 2) + [7, 8]} for n in (6, 3, 2)]
+    )
+    # 6 x 6 x 3 / 11 = 9 wide: the 3 joins the 6, the 2 starts a row padded to 9
+    assert batch["input_ids"].tolist() == [[5] * 9, [5, 5] + [0] * 7]
+    assert batch["position_ids"].tolist() == [[*range(6), *range(3)], list(range(9))]
+    assert batch["labels"].tolist() == [[-100] * 4 + [7, 8, -100, 7, 8], [7, 8] + [-100] * 7]
+
+
 def test_causal_rows_become_one_sequence_with_the_answer_masked_in():
     import pyarrow as pa
 
@@ -135,13 +158,19 @@ def test_every_decoder_only_family_termtune_trains_prepares_and_trains(family, t
 
 
 def test_packed_batches_keep_each_example_apart(trained_qwen, tiny_qwen, tmp_path):
-    """A padding-free batch (one row, position ids restarting per example) has the loss of
-    the same examples padded: no example attends to another."""
+    """A packed batch (rows of L x L / mean tokens, position ids restarting per example) has
+    the loss of the same examples padded: no example attends to another."""
     from shared.modeling import load_tokenizer
 
     ctx = trained_qwen["ctx"]
     dataset = ctx.jobs.manifest("qwen-job", "prepare")
-    table = read_split(ctx.store, dataset, "train", cache_dir=ctx.settings.cache_dir).slice(0, 6)
+    table = read_split(ctx.store, dataset, "train", cache_dir=ctx.settings.cache_dir)
+    lengths = [
+        len(p) + len(a)
+        for p, a in zip(*table.select(["input_ids", "labels"]).to_pydict().values(), strict=True)
+    ]
+    by_length = sorted(range(table.num_rows), key=lengths.__getitem__)
+    table = table.take(by_length[:3] + by_length[-3:])  # three short, three long
     shape, rows = model_shape(str(tiny_qwen)), planner.Rows(6, 8, 8)
     losses, batches = {}, {}
     for packing in ("on", "off"):
@@ -160,12 +189,17 @@ def test_packed_batches_keep_each_example_apart(trained_qwen, tiny_qwen, tmp_pat
                 inputs = {k: batch[k] for k in ("input_ids", "position_ids", "labels")}
                 losses["mixed"] = float(model(**inputs, use_cache=True).loss)
         batches[packing] = batch
-    assert batches["on"]["input_ids"].shape[0] == 1  # one row
-    assert "attention_mask" not in batches["on"]
+    packed, sizes = batches["on"], sorted(len(f["input_ids"]) for f in features)
+    width = sizes[-1] * sizes[-1] * 6 // sum(sizes)  # L x L / mean
+    assert packed["input_ids"].shape[0] < 6 and packed["input_ids"].shape[1] <= width
+    assert packed["input_ids"].numel() < 6 * sizes[-1]  # fewer positions than padded
+    assert "attention_mask" not in packed
+    starts = (packed["position_ids"] == 0).sum().item()
+    assert starts == 6  # every example starts its own positions; padding continues the last
     assert batches["off"]["input_ids"].shape[0] == 6
     assert trainer.data_collator.waste()["all"] > 0  # the padded one padded
-    # equal to float rounding; letting the examples see each other moves it (4e-3 here)
-    assert abs(losses["on"] - losses["off"]) < 1e-4 < abs(losses["mixed"] - losses["off"])
-    assert "packing -> on (padding-free batches" in " ".join(
+    # equal to float rounding; letting the examples see each other moves it (1e-4 here)
+    assert abs(losses["on"] - losses["off"]) < 1e-5 < abs(losses["mixed"] - losses["off"])
+    assert "packing -> on (each batch's examples packed into rows, attention" in " ".join(
         planner.resolve(TrainingSpec(), shape, rows, dev="cpu").notes
     )

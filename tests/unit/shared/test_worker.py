@@ -144,6 +144,47 @@ def test_transient_error_is_retried_then_dead_lettered(env):
     assert parse_message(dead.payload).job_id == "job-1"
 
 
+def test_a_dead_letter_the_broker_cannot_take_costs_the_copy_not_the_worker(
+    env, monkeypatch, caplog
+):
+    """A full disk under the folder broker (the reliability scenario's): the failed job is
+    recorded and its delivery done with, the worker goes on to the next command (the folder
+    transport's error killed it; here, as a connection lost, it would come back)."""
+    from amqp.exceptions import ChannelError
+
+    settings, store, jobs, bus, cmd = env
+
+    def full(*args, **kwargs):
+        raise ChannelError("cannot add a message file to var/broker/messages")
+
+    def handler(command, ctx):
+        if command.job_id == "job-1":
+            raise RuntimeError("No space left on device")
+        return DatasetPrepared(job_id=command.job_id, manifest="file:///m", counts={"train": 3})
+
+    monkeypatch.setattr(bus, "dead_letter", full)
+    worker = Worker("dataprep", handler, settings=settings, bus=bus, store=store)
+    second = PrepareDataset(job_id="job-2", spec_uri=jobs.create("job-2", JobSpec(name="job")))
+    bus.publish(cmd)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while "StageFailed" not in _types(jobs) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert jobs.events("job-1")[-1].type == "StageFailed"
+        bus.publish(second)
+        while not jobs.outcome("job-2", "prepare") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert thread.is_alive() and jobs.outcome("job-2", "prepare").type == "DatasetPrepared"
+    finally:
+        worker.stop.set()
+        thread.join(5)
+    said = [r.getMessage() for r in caplog.records]
+    assert any("dead letter not kept (cannot add a message file" in m for m in said)
+    assert not any("broker connection lost" in m for m in said)
+
+
 def test_poison_message_is_dead_lettered_with_reason(env):
     settings, store, jobs, bus, _ = env
     worker = Worker("dataprep", lambda c, x: None, settings=settings, bus=bus, store=store)

@@ -1,0 +1,180 @@
+"""Training a decoder-only model: batches packed into rows vs padded ones.
+
+    python -m bench.packing [--repeats 2] [--epochs 3] [--families llama,mixtral]
+
+On a tiny offline model of each family (``termtune build-tiny-model --family``) over a real
+glossary (``../shared/data/symptom_ontology.jsonl``: 424 terms, definitions from a few
+tokens to 263, the long tail of such data; the shipped ``data/medical_terms.jsonl`` where
+that is absent), prepared by the data-prep stage in the model's chat template with answers
+up to 256 tokens, three ways to batch the same examples, each through the trainer's own
+code path (trl's SFTTrainer, the auto plan's batch) in a fresh process:
+
+- padded, random order: every batch padded to its longest row, as a plain SFT loop does;
+- padded, length-grouped (``training.packing: off`` with the default ``group_by_length``):
+  the strongest padded alternative, as little padding as batching by length gives;
+- packed (``training.packing: auto``, on here): each batch's examples packed into rows
+  of L x L / mean tokens, attention kept within each example by its restarting position
+  ids (``services.trainer.causal.bins``).
+
+Each way first tries each learning rate of the grid once and keeps the one with the lowest
+held-out loss (the answer's tokens on the test split, the evaluator's code), then repeats at
+that rate. Prints examples/s, real tokens/s, the padded share of the positions computed and
+the held-out loss, medians over the repeats (rates by the training loop's own clock, the
+trainer's set-up left out); goal: packed at least 1.5x the padded
+examples/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench import child_run
+from bench.training import _splits
+
+MODES: dict[str, dict[str, Any]] = {
+    "padded, random order": {"packing": "off", "group_by_length": False},
+    "padded, length-grouped": {"packing": "off", "group_by_length": True},
+    "packed rows": {"packing": "auto"},
+}
+LRS = (1e-3, 3e-3, 1e-2)
+MAX_TARGET = 256
+GOAL = 1.5
+GLOSSARY = Path(__file__).parents[2] / "shared" / "data" / "symptom_ontology.jsonl"
+
+
+def _prepared(work: Path, family: str) -> tuple[Path, dict[str, Any]]:
+    """A tiny model of ``family`` and the sample data prepared for it by data-prep."""
+    from services.cli.tinycausal import build_tiny_causal
+    from services.dataprep.handler import handle
+    from shared.messages import PrepareDataset
+    from tests.factories import SAMPLE_DATA, make_ctx, make_spec
+
+    model = build_tiny_causal(family, work / "model", data_file=SAMPLE_DATA)
+    ctx = make_ctx(work / "var")
+    dataset: dict[str, Any] = {"max_target_length": MAX_TARGET}
+    if GLOSSARY.exists():
+        dataset |= {"source": str(GLOSSARY), "prompt_template": "What is {term}",
+                    "target_template": "{definition}"}  # fmt: skip
+    spec = make_spec(model, dataset=dataset)
+    handle(PrepareDataset(job_id="bench", spec_uri=ctx.jobs.create("bench", spec)), ctx)
+    return model, {"var": str(work / "var"), "manifest": ctx.jobs.manifest("bench", "prepare")}
+
+
+def run_one(model_dir: str, prepared: str, mode: str, lr: float, epochs: float) -> dict[str, Any]:
+    """Train one way at one learning rate in this process; its figures."""
+    import torch
+
+    from services.evaluator.metrics import row_losses
+    from services.trainer import lora
+    from services.trainer.train import train
+    from shared import planner
+    from shared.jobspec import TrainingSpec
+    from shared.modeling import load_tokenizer
+    from shared.trainplan import model_shape
+
+    info = json.loads(prepared)
+    train_table, test_table = _splits(info["var"], info["manifest"])
+    tokenizer = load_tokenizer(model_dir)
+    spec = TrainingSpec.model_validate(
+        {**MODES[mode], "learning_rate": lr, "epochs": epochs, "seed": 0,
+         "checkpoint_every_steps": 10**6, "logging_steps": 10**6}
+    )  # fmt: skip
+    plan = planner.resolve(
+        spec, model_shape(model_dir), planner.Rows.from_manifest(info["manifest"])
+    )
+    torch.manual_seed(0)
+    model = lora.build_model(model_dir, spec, plan)
+    with tempfile.TemporaryDirectory() as out:
+        summary = train(model, tokenizer, train_table, spec=spec, plan=plan,
+                        output_dir=Path(out), callbacks=[])  # fmt: skip
+    seconds = summary["runtime_s"]  # the training loop's own clock, not the trainer's set-up
+    lengths = [
+        len(p) + len(a)
+        for p, a in zip(
+            train_table.column("input_ids").to_pylist(),
+            train_table.column("labels").to_pylist(),
+            strict=True,
+        )
+    ]
+    nll, tokens = row_losses(model.eval(), tokenizer, test_table, batch_size=16)
+    return {
+        "examples_per_s": train_table.num_rows * epochs / seconds,
+        "tokens_per_s": sum(lengths) * epochs / seconds,
+        "padding_waste": summary["padding_waste"]["all"],
+        "heldout_loss": sum(nll) / sum(tokens),
+        "seconds": seconds,
+        "batch": f"{plan.batch_size}x{plan.gradient_accumulation_steps}",
+        "packing": plan.packing,
+    }
+
+
+def _child(model: Path, prepared: dict[str, Any], name: str, lr: float, epochs: float) -> dict:
+    return child_run("bench.packing", model, prepared, name, lr, epochs)
+
+
+def bench_family(family: str, repeats: int, epochs: float) -> dict[str, dict[str, Any]]:
+    """Each way's medians at its best rate, for a tiny model of ``family``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model, prepared = _prepared(Path(tmp), family)
+        counts = prepared["manifest"]["counts"]
+        data = GLOSSARY.name if GLOSSARY.exists() else "the sample data"
+        print(f"tiny {family} on {data}: {counts['train']} train / {counts['test']} test "
+              f"rows, {epochs:g} epoch(s), {repeats} run(s) at each way's best rate, CPU",
+              flush=True)  # fmt: skip
+        medians = {}
+        for mode in MODES:
+            tried = {lr: _child(model, prepared, mode, lr, epochs) for lr in LRS}
+            for lr, r in tried.items():
+                print(f"  {mode} at lr {lr:g}: held-out loss {r['heldout_loss']:.4f}, "
+                      f"{r['seconds']:.1f}s", flush=True)  # fmt: skip
+            best = min(tried, key=lambda lr: tried[lr]["heldout_loss"])
+            runs = [tried[best]] + [
+                _child(model, prepared, mode, best, epochs) for _ in range(1, repeats)
+            ]
+            medians[mode] = {
+                **{k: statistics.median(r[k] for r in runs) for k in
+                   ("examples_per_s", "tokens_per_s", "padding_waste", "heldout_loss")},
+                "batch": runs[0]["batch"], "packing": runs[0]["packing"], "lr": best,
+            }  # fmt: skip
+    return medians
+
+
+def _print(family: str, medians: dict[str, dict[str, Any]]) -> None:
+    print(
+        f"{family:12} {'batching':24} {'batch':>6} {'lr':>7} {'examples/s':>10} {'tokens/s':>9} "
+        f"{'padded':>7} {'held-out loss':>13}"
+    )
+    for mode, m in medians.items():
+        print(
+            f"{family:12} {mode:24} {m['batch']:>6} {m['lr']:7.0e} {m['examples_per_s']:10.1f} "
+            f"{m['tokens_per_s']:9.0f} {m['padding_waste']:7.1%} {m['heldout_loss']:13.4f}"
+        )
+    packed = medians["packed rows"]
+    for mode in ("padded, random order", "padded, length-grouped"):
+        ratio = packed["examples_per_s"] / medians[mode]["examples_per_s"]
+        print(f"{family}: packed {ratio:.2f}x the examples/s of {mode} (goal >= {GOAL}x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--epochs", type=float, default=3.0)
+    parser.add_argument("--families", default="llama,mixtral")
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        model, prepared, mode, lr, epochs = args.child
+        print(json.dumps(run_one(model, prepared, mode, float(lr), float(epochs))))
+        return
+    results = {f: bench_family(f, args.repeats, args.epochs) for f in args.families.split(",")}
+    for family, medians in results.items():
+        _print(family, medians)
+
+
+if __name__ == "__main__":
+    main()
