@@ -552,12 +552,12 @@ def test_a_base_model_of_a_family_not_trained_is_refused_at_submission(app_env, 
     assert accepted.status_code == 201  # a decoder-only family termtune trains
     assert _queued(bus, "dataprep") is not None
     config = json.loads((qwen / "config.json").read_text())
-    (qwen / "config.json").write_text(json.dumps({**config, "model_type": "mixtral"}))
+    (qwen / "config.json").write_text(json.dumps({**config, "model_type": "gpt_oss"}))
     response = client.post("/v1/jobs", json={"name": "terms", "base_model": str(qwen)})
     assert response.status_code == 422
     assert response.json()["detail"].startswith(
-        f"base_model {str(qwen)!r} is a Mixtral model: Bedrock imports it, but termtune "
-        "does not train that family yet"
+        f"base_model {str(qwen)!r} is a GPT-OSS model: Bedrock imports it, but termtune "
+        "does not train that family yet (its released weights keep the experts in MXFP4"
     )
     (qwen / "config.json").write_text('{"model_type": "bert"}')
     response = client.post("/v1/jobs", json={"name": "terms", "base_model": str(qwen)})
