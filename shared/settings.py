@@ -90,6 +90,13 @@ class Settings(BaseSettings):
     tracking: Literal["none", "mlflow", "tensorboard"] = Field(
         "none", description="Experiment tracking of jobs whose spec leaves tracking.backend unset."
     )
+    tracking_live_seconds: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="Seconds between sends of a training job's curves to its run while it "
+        "trains (the rest when the stage ends).",
+    )
     mlflow_tracking_uri: str | None = Field(
         None,
         description="MLflow tracking server (http://host:5000) the stages log runs to and "

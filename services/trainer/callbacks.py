@@ -52,7 +52,8 @@ class Progress(TrainerCallback):
             return
         logs = logs or {}
         if "eval_loss" in logs:
-            self.last.update(eval_loss=logs["eval_loss"], step=state.global_step)
+            step = state.global_step
+            self.last.update(eval_loss=logs["eval_loss"], eval_step=step, step=step)
         elif "loss" not in logs:
             return  # the run's closing totals: the last step was reported already
         else:
@@ -71,6 +72,8 @@ class Progress(TrainerCallback):
             "epoch": round(state.epoch or 0.0, 3),
             "loss": logs.get("loss"),
             "eval_loss": self.last.get("eval_loss"),  # the latest validation, until the next
+            "eval_step": self.last.get("eval_step"),  # ... and the step it was measured at
+            "grad_norm": logs.get("grad_norm"),
             "learning_rate": logs.get("learning_rate"),
             "examples_per_s": round(examples_s, 2),
             "tokens_per_s": round(examples_s * self.tokens_per_example, 1),

@@ -8,6 +8,7 @@ torchrun (``distributed``) and this process relays.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -85,28 +86,10 @@ def _train(command: TrainModel, ctx: StageContext) -> dict[str, Any]:
     ctx.progress(
         {"phase": "loading model", "plan": job.plan, "processes": job.processes}, force=True
     )
-    should_stop = functools.partial(ctx.should_stop, command)
-    if job.processes > 1:
-        summary = distributed.launch(
-            job,
-            table,
-            validation,
-            store_url=ctx.settings.store_url,
-            s3_endpoint_url=ctx.settings.s3_endpoint_url,
-            report=ctx.progress,
-            should_stop=should_stop,
-            folder=folder / "ranks",
-        )
-    else:
-        summary = fit(
-            job,
-            table,
-            validation,
-            store=ctx.store,
-            report=ctx.progress,
-            should_stop=should_stop,
-            immediate_stop=ctx.local_stop,
-        )
+    live = run and tracking.LiveCurves(run, ctx.settings.tracking_live_seconds)
+    report = live.tap(ctx.progress) if live else ctx.progress  # the curves, as they come
+    with live or contextlib.nullcontext():
+        summary = _fit(job, table, validation, command, ctx, report, folder)
     _raise_if_stopped(command, summary)
     ctx.store.upload_dir(folder / "adapter", f"{prefix}/adapter")
     log_history = summary.pop("log_history")
@@ -123,18 +106,56 @@ def _train(command: TrainModel, ctx: StageContext) -> dict[str, Any]:
         "base_model": spec.base_model,
         "versions": versions(),
     }
-    if run is not None:
-        _track(run, spec, manifest, log_history)
+    if live:
+        _track(live, spec, manifest, log_history)
         run.finish_stage()
         manifest["tracking"] = run.ref()
     ctx.jobs.write_manifest(command.job_id, "train", manifest)
     return manifest
 
 
+def _fit(
+    job: TrainJob,
+    table: Any,
+    validation: Any,
+    command: TrainModel,
+    ctx: StageContext,
+    report: Any,
+    folder: Path,
+) -> dict[str, Any]:
+    """Train here, or under torchrun when the plan has several processes."""
+    should_stop = functools.partial(ctx.should_stop, command)
+    if job.processes > 1:
+        return distributed.launch(
+            job,
+            table,
+            validation,
+            store_url=ctx.settings.store_url,
+            s3_endpoint_url=ctx.settings.s3_endpoint_url,
+            report=report,
+            should_stop=should_stop,
+            folder=folder / "ranks",
+        )
+    return fit(
+        job,
+        table,
+        validation,
+        store=ctx.store,
+        report=report,
+        should_stop=should_stop,
+        immediate_stop=ctx.local_stop,
+    )
+
+
 def _track(
-    run: tracking.TrackedRun, spec: Any, manifest: dict[str, Any], log_history: list[dict[str, Any]]
+    live: tracking.LiveCurves,
+    spec: Any,
+    manifest: dict[str, Any],
+    log_history: list[dict[str, Any]],
 ) -> None:
-    """The spec and the resolved plan as parameters; the curves and the totals as metrics."""
+    """The spec and the resolved plan as parameters; the curve points the run does not hold
+    yet (most were sent while training) and the totals as metrics."""
+    run = live.run
     run.log_params(
         {
             "base_model": spec.base_model,
@@ -144,7 +165,7 @@ def _track(
             "plan": {k: v for k, v in manifest["plan"].items() if k != "notes"},
         }
     )
-    run.log_history(log_history)
+    run.log_metrics(live.unsent(tracking.history_rows(log_history, "train/")))
     names = {
         "train_loss": "mean_loss",
         "runtime_s": "runtime_s",

@@ -4,11 +4,12 @@
 job is submitted) chooses where: ``mlflow`` (the deployment's MLflow server,
 ``mlflow_run``), ``tensorboard`` (event files in the store, ``tensorboard_run``) or
 ``none``. The trainer opens the job's run and logs the spec and the resolved plan as
-parameters and the training curves by step; the evaluator logs both models' metrics with
-the change and its 95% interval, the gate's verdict and (MLflow) the report; the publisher
-registers the export (MLflow: a version of the registry's model of the published name,
-tagged with the job id, the folder's digest and, once imported, the Bedrock model ARN) and
-ends the run. The run's reference travels in the training manifest and the job's result.
+parameters and the training curves by step, while it trains (``live``); the evaluator logs
+both models' metrics with the change and its 95% interval, the gate's verdict and (MLflow)
+the report; the publisher registers the export (MLflow: a version of the registry's model
+of the published name, tagged with the job id, the folder's digest and, once imported, the
+Bedrock model ARN) and ends the run. The run's reference travels in the training manifest
+and the job's result.
 """
 
 from __future__ import annotations
@@ -22,9 +23,20 @@ from shared.jobspec import JobSpec
 from shared.settings import Settings
 from shared.store import Store
 from shared.tracking import mlflow_run, tensorboard_run
-from shared.tracking.base import JOB_TAG, TrackedRun
+from shared.tracking.base import JOB_TAG, TrackedRun, history_rows
+from shared.tracking.live import LiveCurves
 
-__all__ = ["JOB_TAG", "TrackedRun", "attach", "backend", "end_quietly", "resolve", "start"]
+__all__ = [
+    "JOB_TAG",
+    "LiveCurves",
+    "TrackedRun",
+    "attach",
+    "backend",
+    "end_quietly",
+    "history_rows",
+    "resolve",
+    "start",
+]
 
 
 def backend(spec: JobSpec, settings: Settings) -> str:

@@ -58,6 +58,15 @@ class TrackedRun(ABC):
     def finish_stage(self) -> None:
         return None
 
+    def sync(self) -> None:
+        """What was logged so far, visible to the backend's readers (mid-stage)."""
+        return None
+
+    def logged(self, names: set[str]) -> set[tuple[str, int]]:
+        """The (name, step) points of ``names`` the run already holds, where the backend can
+        tell (an earlier attempt of the stage may have logged some)."""
+        return set()
+
     @abstractmethod
     def end(self, status: str = "FINISHED") -> None: ...
 

@@ -87,6 +87,14 @@ class MlflowRun(TrackedRun):
             for i in range(0, len(metrics), _METRICS_PER_BATCH):
                 self.client.log_batch(self.run_id, metrics=metrics[i : i + _METRICS_PER_BATCH])
 
+    def logged(self, names: set[str]) -> set[tuple[str, int]]:
+        with _calls("reading the run's curves"):
+            return {
+                (name, metric.step)
+                for name in names
+                for metric in self.client.get_metric_history(self.run_id, name)
+            }
+
     def log_text(self, artifact_file: str, text: str) -> None:
         with _calls(f"storing {artifact_file}"):
             self.client.log_text(self.run_id, text, artifact_file)

@@ -4,8 +4,10 @@ Each stage writes its own event file (tensorboardX: the format TensorBoard reads
 TensorFlow or the TensorBoard server in the images) into a local folder and uploads it under
 ``jobs/<id>/tracking/tensorboard/`` when its logging is done, so the run's curves and
 evaluation scalars sit together: ``tensorboard --logdir <store>/jobs`` shows every job, one
-run each. Parameters and tags are text (a Markdown table); the report itself stays in the
-job's ``evaluate/`` folder, and there is no model registry.
+run each. The store gets a stage's file when the stage ends, not while training runs:
+tensorboardX writes from a queue it cannot be asked to empty. Parameters and tags are text (a
+Markdown table); the report itself stays in the job's ``evaluate/`` folder, and there is no
+model registry.
 """
 
 from __future__ import annotations

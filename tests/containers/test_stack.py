@@ -241,19 +241,28 @@ def _scraped(stack, services: dict[str, int], timeout: float = 120) -> list[dict
         time.sleep(3)
 
 
-def test_prometheus_scrapes_every_worker_and_sees_the_job(stack):
-    """After the example job: each worker a target that is up, the stage runs counted."""
-    _scraped(stack, {"dataprep": 1, "trainer": 1, "evaluator": 1, "publisher": 1})
-    query = 'sum by (stage) (termtune_stage_duration_seconds_count{outcome="succeeded"})'
+def _query(stack, query: str, by: str, wanted: set[str]) -> dict[str, float]:
+    """The query's values by label ``by``, once ``wanted`` are all there (or a minute on)."""
     deadline = time.monotonic() + 60
     while True:  # the counts of the last scrape (every 15 s)
         got = httpx.get(f"{stack['prometheus']}/api/v1/query", params={"query": query}).json()
-        runs = {r["metric"]["stage"]: float(r["value"][1]) for r in got["data"]["result"]}
-        if set(runs) >= {"prepare", "train", "evaluate", "publish"} or time.monotonic() > deadline:
-            break
+        values = {r["metric"][by]: float(r["value"][1]) for r in got["data"]["result"]}
+        if set(values) >= wanted or time.monotonic() > deadline:
+            assert set(values) >= wanted, got
+            return values
         time.sleep(3)
-    assert set(runs) >= {"prepare", "train", "evaluate", "publish"}, got
+
+
+def test_prometheus_scrapes_every_worker_and_the_api_and_sees_the_job(stack):
+    """After the example job: each worker and the API (with its key, from compose's secret)
+    a target that is up, the stage runs and the API's job requests counted."""
+    _scraped(stack, {"dataprep": 1, "trainer": 1, "evaluator": 1, "publisher": 1, "api": 1})
+    query = 'sum by (stage) (termtune_stage_duration_seconds_count{outcome="succeeded"})'
+    runs = _query(stack, query, "stage", {"prepare", "train", "evaluate", "publish"})
     assert all(n >= 1 for n in runs.values())
+    query = 'sum by (route) (termtune_http_requests_total{service="api", status="201"})'
+    created = _query(stack, query, "route", {"/v1/jobs"})
+    assert created["/v1/jobs"] >= 1  # the example job's submission, counted by the API
 
 
 def test_two_trainers_train_two_jobs_at_once(stack):
@@ -276,7 +285,7 @@ def test_two_trainers_train_two_jobs_at_once(stack):
             assert job["status"] == "succeeded", job
         assert_trained_at_once(http, ids)  # two trainer containers, two jobs at once
     # Prometheus found the second trainer by DNS: two trainer targets, both up.
-    _scraped(stack, {"dataprep": 1, "trainer": 2, "evaluator": 1, "publisher": 1})
+    _scraped(stack, {"dataprep": 1, "trainer": 2, "evaluator": 1, "publisher": 1, "api": 1})
 
 
 def test_compose_down_removes_every_container(stack):

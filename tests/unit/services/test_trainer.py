@@ -367,3 +367,60 @@ def test_fused_layers_compute_the_same_model(tiny_model):
     ]
     assert torch.allclose(before.logits, after.logits, atol=1e-5)
     assert after.loss.item() == pytest.approx(before.loss.item(), abs=1e-5)
+
+
+def test_the_curves_reach_the_mlflow_run_while_it_trains(ctx, tiny_model, mlflow_server):
+    """Issue 23: the curves reached MLflow only when the stage ended. Here training is held
+    at step 8 until the server has steps 1-7; at the end each step is there once."""
+    import time
+
+    from mlflow import MlflowClient
+
+    from services.dataprep.handler import handle as prepare
+    from shared.messages import PrepareDataset, TrainModel
+    from shared.tracking import mlflow_run
+    from tests.factories import make_spec
+
+    spec = make_spec(
+        tiny_model,
+        name="live",
+        dataset={"validation_size": 0.2},
+        tracking={"backend": "mlflow"},
+        training={"max_steps": 12, "logging_steps": 1, "checkpoint_every_steps": 1000},
+    )
+    ctx.settings = ctx.settings.model_copy(
+        update={"mlflow_tracking_uri": mlflow_server.uri, "tracking_live_seconds": 0.2}
+    )
+    cmd = PrepareDataset(job_id="job-live", spec_uri=ctx.jobs.create("job-live", spec))
+    train = TrainModel(
+        job_id="job-live", spec_uri=cmd.spec_uri, dataset_manifest=prepare(cmd, ctx).manifest
+    )
+    client = MlflowClient(mlflow_server.uri)
+
+    def loss_steps():
+        experiment = client.get_experiment_by_name("termtune/live")
+        run_id = mlflow_run._find(client, experiment.experiment_id, "job-live")
+        return run_id, [m.step for m in client.get_metric_history(run_id, "train/loss")]
+
+    held = []
+
+    def hook(data, *, force=False):
+        if data.get("step") == 8 and "phase" not in data and not held:
+            deadline = time.monotonic() + 30
+            while not set(range(1, 8)) <= set(loss_steps()[1]) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            held.append(loss_steps()[1])
+
+    _run(ctx, train, hook)
+    assert set(range(1, 8)) <= set(held[0]) and max(held[0]) <= 8  # sent while training
+    run_id, steps = loss_steps()
+    assert steps == list(range(1, 13))  # each step once: the end sent only what was missing
+    log = ctx.store.get_json(ctx.store.key_of(ctx.jobs.manifest("job-live", "train")["log"]))
+    validated = [e["step"] for e in log if "eval_loss" in e]
+    assert validated and [m.step for m in client.get_metric_history(run_id, "train/eval_loss")] == (
+        validated
+    )
+    losses = {e["step"]: e["loss"] for e in log if "loss" in e}
+    sent = {m.step: m.value for m in client.get_metric_history(run_id, "train/loss")}
+    assert sent == pytest.approx(losses)
+    assert len(client.get_metric_history(run_id, "train/examples_per_s")) == 12
