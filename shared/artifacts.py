@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shared.errors import DatasetError, ModelError, NotFound
+from shared.errors import CorruptOutput, DatasetError, NotFound
+from shared.modeling import unreadable_weights
 from shared.store import Store
 
 
@@ -21,33 +23,90 @@ def read_split(
     cache_dir: Path,
     max_rows: int | None = None,
 ) -> pa.Table:
-    """One split of a prepared dataset, its shards' SHA-256 verified."""
+    """One split of a prepared dataset, its shards' SHA-256 verified: a cached copy that does
+    not match is fetched again; a stored one that does not (or a shard gone) is the prepare
+    stage's corrupt output (``CorruptOutput``: that stage runs again)."""
     if split not in manifest.get("shards", {}):
         raise DatasetError(f"the prepared dataset has no {split!r} split")
     tables = []
     for shard in manifest["shards"][split]:
         key = store.key_of(shard["uri"])
         path = cache_dir / "artifacts" / key
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                store.download_file(key, path)
-            except NotFound as exc:
-                raise DatasetError(f"dataset shard missing: {shard['uri']}") from exc
-        if hashlib.sha256(path.read_bytes()).hexdigest() != shard["sha256"]:
+        for fetched in (False, True):
+            if fetched or not path.exists():
+                _fetch(store, key, path)
+            if sha256_of(path) == shard["sha256"]:
+                break
             path.unlink()
-            raise DatasetError(f"dataset shard {shard['uri']} does not match its SHA-256")
+        else:
+            raise CorruptOutput(
+                f"dataset shard {shard['uri']} does not match its SHA-256", stage="prepare"
+            )
         tables.append(pq.read_table(path))
     table = pa.concat_tables(tables)
     return table.slice(0, max_rows) if max_rows is not None else table
 
 
-def adapter_dir(store: Store, training_manifest: dict[str, Any], *, cache_dir: Path) -> Path:
-    """A local folder holding the trained LoRA adapter."""
+def _fetch(store: Store, key: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        return store.local_dir(store.key_of(training_manifest["adapter"]), cache_dir / "artifacts")
-    except (KeyError, NotFound) as exc:
-        raise ModelError(f"the trained adapter is missing: {exc}") from exc
+        store.download_file(key, path)
+    except NotFound as exc:
+        raise CorruptOutput(f"dataset shard missing: {store.uri(key)}", stage="prepare") from exc
+
+
+def sha256_of(path: Path) -> str:
+    """A file's SHA-256, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``folder``, by its path relative to it."""
+    return {
+        path.relative_to(folder).as_posix(): sha256_of(path)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def adapter_dir(store: Store, training_manifest: dict[str, Any], *, cache_dir: Path) -> Path:
+    """A local folder holding the trained LoRA adapter, checked against the SHA-256s the
+    training manifest lists (a cached copy that does not match is fetched again). A stored
+    adapter that is gone, cut short or does not match is the train stage's corrupt output
+    (``CorruptOutput``: that stage runs again, from its checkpoints)."""
+    prefix = store.key_of(training_manifest["adapter"])
+    for fetched in (False, True):
+        try:
+            folder = store.local_dir(prefix, cache_dir / "artifacts")
+        except NotFound as exc:
+            raise CorruptOutput(f"the trained adapter is missing: {exc}", stage="train") from exc
+        problem = _adapter_problem(folder, training_manifest.get("adapter_sha256"))
+        if problem is None:
+            return folder
+        cached = cache_dir / "artifacts" / prefix
+        if fetched or folder != cached:
+            break  # the store's own copy
+        shutil.rmtree(cached, ignore_errors=True)
+    raise CorruptOutput(
+        f"the trained adapter {training_manifest['adapter']}: {problem}", stage="train"
+    )
+
+
+def _adapter_problem(folder: Path, digests: dict[str, str] | None) -> str | None:
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        return "has no adapter_model.safetensors"
+    if digests is None:  # a manifest from before termtune listed them
+        return unreadable_weights(weights)
+    for name, digest in digests.items():
+        path = folder / name
+        if not path.is_file() or sha256_of(path) != digest:
+            return f"{name} does not match its SHA-256"
+    return None
 
 
 def dropped_rows(cleaning: dict[str, int]) -> dict[str, int]:

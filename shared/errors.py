@@ -4,6 +4,8 @@
     ├── PermanentError            retrying cannot help: the job fails with the reason
     │   ├── SpecError             the job spec is invalid (names the field)
     │   ├── DatasetError          the dataset cannot be used (names file, row, column)
+    │   ├── CorruptOutput         a stage's stored output is unreadable or not what its
+    │   │                         manifest says: that stage runs again (once)
     │   ├── ModelError            the model or adapter cannot be loaded or used
     │   ├── PreflightError        an export breaks a Bedrock import rule (names the rule)
     │   ├── BedrockError          Bedrock refused: access, region, a failed import
@@ -43,6 +45,17 @@ class SpecError(PermanentError, ValueError):
 
 class DatasetError(PermanentError, ValueError):
     """The dataset is missing, malformed or lacks what the spec names."""
+
+
+class CorruptOutput(PermanentError):
+    """A stage's stored output (its manifest, a dataset shard, the adapter) is missing,
+    unreadable or does not match its manifest: no retry of the stage that found it can help,
+    but running ``stage``, the stage that wrote it, again can (``run_stage`` sets its
+    manifest aside and sends its command, once a job)."""
+
+    def __init__(self, message: str, *, stage: str) -> None:
+        super().__init__(message)
+        self.stage = stage
 
 
 class ModelError(PermanentError):

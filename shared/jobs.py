@@ -34,7 +34,16 @@ from shared.ledger import Ledger, open_ledger
 from shared.ledger import tables as t
 from shared.ledger.core import wall_clock
 from shared.ledger.view import ENDED, JOB_STATUSES, current_stage, fold, new_view
-from shared.messages import Event, Message, Stage, dump_message, parse_message
+from shared.messages import (
+    STAGES,
+    Command,
+    Event,
+    Message,
+    Stage,
+    dump_message,
+    parse_message,
+)
+from shared.pipeline import resume_command
 from shared.settings import Settings
 from shared.store import Store, open_store
 
@@ -431,11 +440,46 @@ class JobRecords:
     # -- manifests (the store) ------------------------------------------------------------
 
     def manifest(self, job_id: str, stage: Stage) -> dict[str, Any] | None:
-        """A stage's manifest, or None while the stage is not done."""
+        """A stage's manifest, or None while the stage is not done. An unreadable one is set
+        aside (``set_aside``) and is None too: the stage runs again."""
+        key = self.manifest_key(job_id, stage)
         try:
-            return self.store.get_json(self.manifest_key(job_id, stage))
+            found = self.store.get_json(key)
         except NotFound:
             return None
+        except ValueError as exc:  # cut short, emptied, not JSON
+            self.set_aside(job_id, stage, f"its manifest is not JSON ({exc})")
+            return None
+        if not isinstance(found, dict):
+            self.set_aside(job_id, stage, "its manifest is not a JSON object")
+            return None
+        return found
+
+    def resume_command(self, job_id: str) -> Command:
+        """The command that resumes the job at the first stage without a readable manifest."""
+        manifests = {
+            stage: self.store.uri(self.manifest_key(job_id, stage))
+            if self.manifest(job_id, stage) is not None
+            else None
+            for stage in STAGES
+        }
+        return resume_command(job_id, self.spec_uri(job_id), manifests)
+
+    def set_aside(self, job_id: str, stage: Stage, reason: str) -> str | None:
+        """Move a stage's manifest to ``manifest.corrupt-<UTC time>.json`` beside it (kept
+        for a look, read by nothing), so the stage counts as not done; the new key, or None
+        when there was no manifest."""
+        key = self.manifest_key(job_id, stage)
+        try:
+            data = self.store.get_bytes(key)
+        except NotFound:
+            return None
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        kept = key.removesuffix(".json") + f".corrupt-{stamp}.json"
+        self.store.put_bytes(kept, data)
+        self.store.delete(key)
+        log.warning("%s: the %s stage's output is set aside (%s): %s", job_id, stage, reason, kept)
+        return kept
 
     def write_manifest(self, job_id: str, stage: Stage, manifest: dict[str, Any]) -> str:
         """Write a stage's manifest (last, atomically); returns its URI."""

@@ -203,10 +203,13 @@ class JobCancelled(Event):
 
 
 class JobRetried(Event):
-    """A user resumed a failed or cancelled job from the first stage it had not finished."""
+    """The job resumes from the first stage it had not finished: a user retried it (failed
+    or cancelled), or a stage found an earlier stage's stored output corrupt (``reason``)
+    and that stage runs again."""
 
     type: Literal["JobRetried"] = "JobRetried"
     stage: Stage
+    reason: str | None = Field(None, description="Why termtune resumed it itself.")
 
 
 class JobPaused(Event):

@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from shared import tracking, worker_metrics
-from shared.errors import Cancelled, Interrupted, LedgerUnavailable, PermanentError
+from shared.errors import (
+    Cancelled,
+    CorruptOutput,
+    Interrupted,
+    LedgerUnavailable,
+    NotFound,
+    PermanentError,
+)
 from shared.jobs import JobRecords
 from shared.jobspec import JobSpec, parse_spec
 from shared.messages import (
@@ -26,6 +33,7 @@ from shared.messages import (
     Command,
     Event,
     JobCancelled,
+    JobRetried,
     StageFailed,
     StageProgress,
     StageStarted,
@@ -73,8 +81,21 @@ class StageContext:
         return parse_spec(data, source=command.spec_uri)
 
     def manifest_at(self, uri: str) -> dict[str, Any]:
-        """A stage manifest by its URI."""
-        return self.store.get_json(self.store.key_of(uri))
+        """An earlier stage's manifest by its URI; CorruptOutput naming that stage when it
+        is gone or unreadable."""
+        key = self.store.key_of(uri)
+        stage = key.rsplit("/", 2)[-2]
+        try:
+            found = self.store.get_json(key)
+        except NotFound as exc:
+            raise CorruptOutput(f"the {stage} stage's manifest {uri} is gone", stage=stage) from exc
+        except ValueError as exc:
+            raise CorruptOutput(
+                f"the {stage} stage's manifest {uri} is not JSON ({exc})", stage=stage
+            ) from exc
+        if not isinstance(found, dict):
+            raise CorruptOutput(f"the {stage} stage's manifest {uri} is not an object", stage=stage)
+        return found
 
     def scratch(self, command: Command, name: str) -> Path:
         """An empty local working folder for one stage of one job."""
@@ -171,6 +192,8 @@ def run_stage(
         return cancelled
     except Interrupted:
         raise  # not a failure: the worker requeues the command
+    except CorruptOutput as exc:
+        return _redo(command, ctx, exc, dispatch)
     except Exception as exc:  # noqa: BLE001 - every failure is recorded, then decided
         permanent = isinstance(exc, PermanentError)
         log.error(
@@ -183,19 +206,51 @@ def run_stage(
         )
         if not (permanent or final_attempt):
             return None
-        failed = StageFailed(
-            job_id=command.job_id,
-            stage=stage,
-            error=str(exc) or repr(exc),
-            error_type=type(exc).__name__,
-            attempts=attempt,
-            permanent=permanent,
-        )
-        jobs.record(failed, send=[failed] if dispatch else [])
-        end_run(ctx, command, "FAILED")
-        return failed
+        return _failed(command, ctx, exc, attempt, dispatch)
     jobs.record(event, send=[event, next_command(command, event)] if dispatch else [])
     return event
+
+
+def _failed(
+    command: Command, ctx: StageContext, exc: Exception, attempt: int, dispatch: bool
+) -> StageFailed:
+    """Record the stage's failure (the job's, from here)."""
+    failed = StageFailed(
+        job_id=command.job_id,
+        stage=STAGE_OF_COMMAND[command.type],  # type: ignore[attr-defined]
+        error=str(exc) or repr(exc),
+        error_type=type(exc).__name__,
+        attempts=attempt,
+        permanent=isinstance(exc, PermanentError),
+    )
+    ctx.jobs.record(failed, send=[failed] if dispatch else [])
+    end_run(ctx, command, "FAILED")
+    return failed
+
+
+def _redo(command: Command, ctx: StageContext, exc: CorruptOutput, dispatch: bool) -> Event:
+    """The stage that wrote a corrupt output is made to run again: its manifest set aside
+    and the cached copies of its outputs dropped, then (dispatched, once a job and stage)
+    its command sent with a ``JobRetried`` that says why. Otherwise the job fails, and a
+    retry starts at that stage."""
+    jobs, job_id, stage = ctx.jobs, command.job_id, exc.stage
+    redone = [e for _, e in jobs.events_after(job_id) if isinstance(e, JobRetried) and e.reason]
+    jobs.set_aside(job_id, stage, str(exc))  # type: ignore[arg-type]
+    prefix = jobs.stage_prefix(job_id, stage)  # type: ignore[arg-type]
+    shutil.rmtree(ctx.settings.cache_dir / "artifacts" / prefix, ignore_errors=True)
+    if any(e.stage == stage for e in redone) or not dispatch:
+        again = "found corrupt before: not redone again" if redone else "set aside"
+        exc.args = (f"{exc} (the {stage} stage's output {again}; a retry runs it again)",)
+        return _failed(command, ctx, exc, 1, dispatch)
+    resumed = jobs.resume_command(job_id)
+    retried = JobRetried(
+        job_id=job_id,
+        stage=STAGE_OF_COMMAND[resumed.type],  # type: ignore[attr-defined]
+        reason=str(exc),
+    )
+    log.warning("%s: %s; the %s stage runs again", job_id, exc, retried.stage)
+    jobs.record(retried, send=[resumed])
+    return retried
 
 
 def end_run(ctx: StageContext, command: Command, status: str) -> None:

@@ -85,7 +85,7 @@ class Store(ABC):
 
     @abstractmethod
     def download_file(self, key: str, path: Path) -> None:
-        """Copy an object to a local file."""
+        """Copy an object to a local file (NotFound when there is none)."""
 
     @abstractmethod
     def delete_prefix(self, prefix: str) -> None:
@@ -214,7 +214,10 @@ class LocalStore(Store):
             os.replace(tmp, target)
 
     def download_file(self, key: str, path: Path) -> None:
-        shutil.copyfile(self.path(key), path)
+        try:
+            shutil.copyfile(self.path(key), path)
+        except (FileNotFoundError, IsADirectoryError) as exc:
+            raise NotFound(f"no object at {self.uri(key)}") from exc
 
     def delete_prefix(self, prefix: str) -> None:
         shutil.rmtree(self.path(prefix), ignore_errors=True)
@@ -311,7 +314,10 @@ class S3Store(Store):
         self.client.upload_file(str(path), self.bucket, self._full(key))
 
     def download_file(self, key: str, path: Path) -> None:
-        self.client.download_file(self.bucket, self._full(key), str(path))
+        self._call(
+            lambda Bucket, **kw: self.client.download_file(Bucket, kw["Key"], str(path)),
+            Key=self._full(key),
+        )
 
     def delete_prefix(self, prefix: str) -> None:
         for key in self.list(prefix):

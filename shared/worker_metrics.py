@@ -19,7 +19,7 @@ REGISTRY = CollectorRegistry()
 #: from a second to half a day: a data-prep of a small file to a long training
 STAGE_BUCKETS = (1, 5, 15, 60, 300, 900, 1800, 3600, 7200, 14400, 43200)
 WAIT_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 14400)
-OUTCOMES = ("succeeded", "failed", "cancelled", "retried", "interrupted")
+OUTCOMES = ("succeeded", "failed", "cancelled", "retried", "interrupted", "redone")
 
 STAGE_SECONDS = Histogram(
     "termtune_stage_duration_seconds",
@@ -88,6 +88,8 @@ def outcome_of(event: Any) -> str:
         return "failed"
     if kind == "JobCancelled":
         return "cancelled"
+    if kind == "JobRetried":
+        return "redone"  # an earlier stage's output was corrupt: that stage runs again
     return "succeeded"
 
 

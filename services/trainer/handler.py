@@ -20,7 +20,7 @@ from services.trainer.callbacks import PLAN_FILE
 from services.trainer.checkpoints import CheckpointStore
 from services.trainer.fit import TrainJob, fit
 from shared import planner, tracking
-from shared.artifacts import read_split
+from shared.artifacts import file_digests, read_split
 from shared.basemodel import resolve_base_model
 from shared.errors import Cancelled, Interrupted, ModelError
 from shared.messages import ModelTrained, TrainModel
@@ -101,6 +101,7 @@ def _train(command: TrainModel, ctx: StageContext) -> dict[str, Any]:
         "resumed_from_step": int(resume.name.split("-")[1]) if resume else None,
         "processes": job.processes,
         "adapter": ctx.store.uri(f"{prefix}/adapter"),
+        "adapter_sha256": file_digests(folder / "adapter"),  # what its readers check
         "log": ctx.store.uri(f"{prefix}/log.json"),
         "plan": job_plan,
         "base_model": spec.base_model,

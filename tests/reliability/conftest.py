@@ -121,6 +121,7 @@ def _report():
 SCENARIO_ORDER = [
     "kill -9 a trainer at a random step",
     "a corrupt checkpoint, then kill -9 the trainer",
+    "a corrupt dataset shard, manifest or adapter in the store",
     "SIGTERM a trainer",
     "restart the broker with messages in flight",
     "crash the publisher between the import call and recording it",

@@ -232,6 +232,93 @@ def test_corrupt_checkpoint_then_kill_9(scenario, stack, tiny_model):
     outcome.verdict()
 
 
+def _damage(path, rng: random.Random) -> str:
+    """Empty a file, cut it in half or flip one byte in its middle; which it was."""
+    data = bytearray(path.read_bytes())
+    how = rng.choice(["emptied", "cut in half", "one byte flipped"])
+    if how == "emptied":
+        data = bytearray()
+    elif how == "cut in half":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return how
+
+
+def _completed(outcome, client, job, label: str, fault: str, since: float) -> list | None:
+    """The job's events once it succeeded (counted, timed from the fault), else None."""
+    if not outcome.check(
+        job["status"] == "succeeded", f"{job['id']} ({label}): {job['status']} {job['error']}"
+    ):
+        return None
+    outcome.count("completed")
+    outcome.time(f"{fault} to job ended", time.monotonic() - since)
+    return client.events(job["id"])
+
+
+#: what a scenario run damages: (stage that wrote it, service that reads it next, the file)
+STORED_OUTPUTS = {
+    "dataset shard": ("prepare", "trainer", lambda d: sorted(d.glob("prepare/train-*"))[0]),
+    "dataset manifest": ("prepare", "trainer", lambda d: d / "prepare" / "manifest.json"),
+    "adapter": ("train", "evaluator", lambda d: d / "train/adapter/adapter_model.safetensors"),
+    "training manifest": ("train", "evaluator", lambda d: d / "train" / "manifest.json"),
+}
+
+
+def test_a_corrupt_stored_output_is_made_again(scenario, stack, tiny_model):
+    """Issue 19: a damaged dataset shard or manifest failed the job, and a retry failed the
+    same way (the damaged stage counted as done); an adapter cut short named no file."""
+    outcome = scenario(
+        "a corrupt dataset shard, manifest or adapter in the store",
+        full=8,
+        ci=4,
+        must_hold="the job completes on its own: the stage that wrote the damaged file runs "
+        "again once (a JobRetried naming the file), the damaged manifest kept aside; every "
+        "other stage's outcome recorded once",
+    )
+    launcher, client, tmp = stack
+    rng = random.Random(19)
+    for n in range(outcome.size):
+        what = list(STORED_OUTPUTS)[n % len(STORED_OUTPUTS)]
+        wrote, reader, file_of = STORED_OUTPUTS[what]
+        launcher.processes[reader].send_signal(signal.SIGSTOP)  # the next reader waits
+        try:
+            job_id = client.submit(spec_dict(tiny_model, name=f"damaged-{n}"))["id"]
+            folder = tmp / "var" / "store" / "jobs" / job_id
+            deadline = time.monotonic() + 600
+            while not (folder / wrote / "manifest.json").exists():
+                assert time.monotonic() < deadline, f"{job_id}: {wrote} did not finish"
+                time.sleep(0.1)
+            path = file_of(folder)
+            how = _damage(path, rng)
+        finally:
+            launcher.processes[reader].send_signal(signal.SIGCONT)
+        damaged = time.monotonic()
+        job = _wait(client, job_id)
+        outcome.count(f"{what}: {how}")
+        events = _completed(outcome, client, job, f"{what}, {how}", "damage", damaged)
+        if events is None:
+            continue
+        redone = [e for e in events if e["type"] == "JobRetried"]
+        outcome.check(
+            len(redone) == 1 and redone[0]["stage"] == wrote,
+            f"{job_id} ({what}): redone {[(e['stage'], e.get('reason')) for e in redone]}",
+        )
+        outcome.check(
+            bool(redone) and path.name in (redone[0].get("reason") or ""),
+            f"{job_id} ({what}): the reason does not name {path.name}: {redone}",
+        )
+        kept = list((folder / wrote).glob("manifest.corrupt-*.json"))
+        outcome.check(len(kept) == 1, f"{job_id}: the set-aside manifests are {kept}")
+        once = ["ModelEvaluated", "ModelPublished"]
+        once += ["DatasetPrepared"] if wrote == "train" else ["ModelTrained"]
+        for kind in once:
+            count = sum(e["type"] == kind for e in events)
+            outcome.check(count == 1, f"{job_id} ({what}): {kind} recorded {count} times")
+    outcome.verdict()
+
+
 def test_sigterm_a_trainer(scenario, stack, tiny_model):
     outcome = scenario(
         "SIGTERM a trainer",
@@ -613,11 +700,9 @@ def test_kill_9_any_stage_worker_mid_command(scenario, stack, tiny_model):
             continue
         outcome.count("killed")
         outcome.count(f"killed during {stage}")
-        if not outcome.check(job["status"] == "succeeded", f"{job_id}: {job['status']}"):
+        events = _completed(outcome, client, job, stage, "kill", killed)
+        if events is None:
             continue
-        outcome.count("completed")
-        outcome.time("kill to job ended", time.monotonic() - killed)
-        events = client.events(job_id)
         for kind in ("DatasetPrepared", "ModelTrained", "ModelEvaluated", "ModelPublished"):
             n = sum(e["type"] == kind for e in events)
             outcome.check(n == 1, f"{job_id}: {kind} recorded {n} times")

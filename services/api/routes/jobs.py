@@ -38,7 +38,6 @@ from shared.messages import (
     PrepareDataset,
     dump_message,
 )
-from shared.pipeline import resume_command
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -138,13 +137,7 @@ def retry_job(job_id: str, jobs: JobsDep) -> JobView:
             status.HTTP_409_CONFLICT,
             f"job {job_id!r} is {summary['status']}; only failed or cancelled jobs are retried",
         )
-    manifests = {
-        stage: jobs.store.uri(jobs.manifest_key(job_id, stage))
-        if jobs.manifest(job_id, stage) is not None
-        else None
-        for stage in STAGES
-    }
-    command = resume_command(job_id, jobs.spec_uri(job_id), manifests)
+    command = jobs.resume_command(job_id)
     retried = JobRetried(job_id=job_id, stage=STAGE_OF_COMMAND[command.type])
     jobs.record(retried, send=[command])
     return JobView.model_validate(jobs.summary(job_id))

@@ -254,14 +254,16 @@ def test_mismatched_tokenizer_is_named(trained_job):
 
 def test_missing_adapter_is_a_clear_error(trained_job):
     from shared.artifacts import adapter_dir
+    from shared.errors import CorruptOutput
 
     ctx = trained_job["ctx"]
-    with pytest.raises(ModelError, match="trained adapter is missing"):
+    with pytest.raises(CorruptOutput, match="trained adapter is missing") as raised:
         adapter_dir(
             ctx.store,
             {"adapter": ctx.store.uri("jobs/nope/train/adapter")},
             cache_dir=ctx.settings.cache_dir,
         )
+    assert raised.value.stage == "train"  # the stage that runs again
 
 
 def test_html_escapes_model_output():

@@ -228,6 +228,10 @@ def test_progress_reports_throughput_and_memory(trained_job):
 @pytest.fixture
 def prepared_two_ranks(ctx, tiny_model):
     """Like ``prepared``, for two gloo processes: one epoch, checkpoints every 2 steps."""
+    return _two_ranks(ctx, tiny_model, epochs=1)
+
+
+def _two_ranks(ctx, tiny_model, *, epochs):
     from services.dataprep.handler import handle as prepare
     from shared.messages import PrepareDataset, TrainModel
     from tests.factories import make_spec
@@ -237,7 +241,7 @@ def prepared_two_ranks(ctx, tiny_model):
         "checkpoint_every_steps": 2,
         "data_parallel": 2,
         "max_steps": -1,
-        "epochs": 1,
+        "epochs": epochs,
     }
     spec = make_spec(tiny_model, training=training)
     cmd = PrepareDataset(job_id="job-2", spec_uri=ctx.jobs.create("job-2", spec))
@@ -260,11 +264,14 @@ def test_two_processes_train_data_parallel_on_gloo(ctx, prepared_two_ranks):
     assert any(k.endswith("adapter_model.safetensors") for k in keys)
 
 
-def test_data_parallel_shutdown_checkpoints_and_resumes_to_the_same_step(ctx, prepared_two_ranks):
+def test_data_parallel_shutdown_checkpoints_and_resumes_to_the_same_step(ctx, tiny_model):
     from shared.errors import Interrupted
 
+    # Four epochs: the stop, relayed through a file, lands long before the last step even
+    # when the ranks run fast (with one epoch's 11 steps it sometimes came after them).
+    prepared_two_ranks = _two_ranks(ctx, tiny_model, epochs=4)
     rows = ctx.manifest_at(prepared_two_ranks.dataset_manifest)["counts"]["train"]
-    total = math.ceil(rows / 16)
+    total = 4 * math.ceil(rows / 16)
     # The worker relays the stop to the ranks through a file it checks twice a second.
     with pytest.raises(Interrupted, match=r"checkpoint stored at step \d+") as stopped:
         _run(ctx, prepared_two_ranks, _progress_hook(ctx, 1, ctx.stop.set))

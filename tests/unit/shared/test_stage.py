@@ -72,3 +72,71 @@ def test_a_stopping_worker_hands_a_busy_stage_back_at_its_next_report(ctx):
     with pytest.raises(Interrupted, match="publish stopped: the worker is shutting down"):
         run_stage(command, publish, ctx)
     assert ctx.jobs.summary("job-1")["status"] == "running"  # not failed: it goes back
+
+
+class _Bus:
+    def __init__(self):
+        self.sent = []
+
+    def publish(self, message, headers=None):
+        self.sent.append(message)
+
+
+def test_a_corrupt_earlier_output_runs_that_stage_again_once(ctx):
+    """Issue 19: a damaged stored output failed the job, and a retry failed the same way:
+    the stage that wrote it counted as done. Now that stage runs again, once."""
+    from shared.errors import CorruptOutput
+    from shared.jobspec import JobSpec
+    from shared.messages import EvaluateModel
+    from shared.outbox import relay_once
+    from shared.stage import run_stage
+
+    uri = ctx.jobs.create("job-1", JobSpec(name="job"))
+    manifests = {s: ctx.jobs.write_manifest("job-1", s, {"of": s}) for s in ("prepare", "train")}
+    cached = ctx.settings.cache_dir / "artifacts" / "jobs/job-1/train/adapter/weights"
+    cached.parent.mkdir(parents=True)
+    cached.write_text("this machine's copy")
+    command = EvaluateModel(
+        job_id="job-1",
+        spec_uri=uri,
+        dataset_manifest=manifests["prepare"],
+        training_manifest=manifests["train"],
+    )
+
+    def evaluate(command, ctx):
+        raise CorruptOutput("adapter_model.safetensors does not match its SHA-256", stage="train")
+
+    event = run_stage(command, evaluate, ctx, dispatch=True)
+    assert event.type == "JobRetried" and event.stage == "train"
+    assert event.reason == "adapter_model.safetensors does not match its SHA-256"
+    assert ctx.jobs.manifest("job-1", "train") is None  # the stage is not done any more
+    assert ctx.jobs.manifest("job-1", "prepare") == {"of": "prepare"}
+    [kept] = [k for k in ctx.store.list("jobs/job-1/train") if "corrupt" in k]
+    assert ctx.store.get_json(kept) == {"of": "train"}  # kept for a look
+    assert not cached.exists()  # the next reader fetches the new output
+    job = ctx.jobs.summary("job-1")
+    assert (job["status"], job["retries"], job["error"]) == ("queued", 1, None)
+    bus = _Bus()
+    relay_once(ctx.jobs, bus)
+    [train] = bus.sent
+    assert train.type == "TrainModel" and train.dataset_manifest == manifests["prepare"]
+    # Found corrupt a second time: the job fails, set aside again; a retry starts there.
+    ctx.jobs.write_manifest("job-1", "train", {"of": "train, again"})
+    failed = run_stage(command, evaluate, ctx, dispatch=True)
+    assert failed.type == "StageFailed" and failed.permanent
+    assert "found corrupt before: not redone again; a retry runs it again" in failed.error
+    assert ctx.jobs.summary("job-1")["status"] == "failed"
+    assert ctx.jobs.resume_command("job-1").type == "TrainModel"
+
+
+def test_an_unreadable_manifest_is_set_aside_and_the_stage_counts_as_not_done(ctx):
+    from shared.jobspec import JobSpec
+
+    ctx.jobs.create("job-1", JobSpec(name="job"))
+    ctx.jobs.write_manifest("job-1", "prepare", {"rows": 3})
+    key = ctx.jobs.manifest_key("job-1", "prepare")
+    ctx.store.put_bytes(key, b'{"rows"')  # cut short
+    assert ctx.jobs.manifest("job-1", "prepare") is None
+    [kept] = [k for k in ctx.store.list("jobs/job-1/prepare") if "corrupt" in k]
+    assert ctx.store.get_bytes(kept) == b'{"rows"'
+    assert ctx.jobs.resume_command("job-1").type == "PrepareDataset"

@@ -39,9 +39,11 @@ def test_put_get_list(store):
     assert store.exists("jobs/b/spec.json") and not store.exists("jobs/c/spec.json")
 
 
-def test_missing_object_is_not_found(store):
+def test_missing_object_is_not_found(store, tmp_path):
     with pytest.raises(NotFound, match="no object at"):
         store.get_bytes("jobs/none/spec.json")
+    with pytest.raises(NotFound, match="no object at"):  # a FileNotFoundError, a 404 before
+        store.download_file("jobs/none/train-00000.parquet", tmp_path / "shard")
 
 
 def test_first_writer_wins(store):
