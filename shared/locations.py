@@ -3,7 +3,8 @@
 Checked before anything is opened or downloaded. A local path is resolved with its symbolic
 links followed, so a link inside an allowed folder that points outside is refused; S3 keys
 with empty, ``.`` or ``..`` parts, control characters or backslashes are refused even though
-S3 would read them literally.
+S3 would read them literally, and so are keys that become such once percent-decoded, once
+or several times.
 """
 
 from __future__ import annotations
@@ -33,10 +34,19 @@ def _odd(text: str) -> bool:
     )
 
 
+def _decodings(key: str) -> list[str]:
+    """The key and each percent-decoding of it in turn (``%252e`` → ``%2e`` → ``.``), to the
+    last that changes it: a server or a later tool may decode it, more than once."""
+    found = [key]
+    while len(found) < 8 and unquote(found[-1]) != found[-1]:
+        found.append(unquote(found[-1]))
+    return found
+
+
 def _bad_key(key: str) -> bool:
-    """Empty parts, dot-only parts or parts starting with "..", odd characters; also once
-    percent-decoded (a server or a later tool may decode it)."""
-    for text in (key, unquote(key)):
+    """Empty parts, dot-only parts or parts starting with "..", odd characters, in the key
+    or any percent-decoding of it."""
+    for text in _decodings(key):
         parts = text.split("/")
         if not text or _odd(text) or any(p.strip(".") == "" or p.startswith("..") for p in parts):
             return True
@@ -96,6 +106,8 @@ def check_source(source: str, *, store_root: str, settings: Settings) -> str:
     if source.startswith("s3://"):
         check_s3(source, store_root=store_root, settings=settings)
         return "store" if source.startswith(store_root + "/") else "s3"
+    if source[:3].lower() == "s3:":  # s3:/bucket/key, S3://...: a typo, not a local folder
+        raise _refuse(source, "is not a plain s3://bucket/key URI")
     if source.startswith("file://"):
         parsed = urlparse(source)
         if parsed.netloc not in ("", "localhost"):

@@ -10,15 +10,18 @@ import signal
 import subprocess
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+import boto3
 import httpx
 import pytest
 
 from services.cli.client import Client
 from services.cli.display import TERMINAL
 from tests.e2e.test_trainer_shutdown import STEPS, _running, _submit, _train_dir, _wait_for_step
-from tests.factories import lease_owner, pinned_database, spec_dict
+from tests.factories import SAMPLE_DATA, lease_owner, pinned_database, spec_dict
+from tests.standins.bedrock import BedrockStandIn
 
 pytestmark = pytest.mark.e2e
 #: credentials planted in every service's environment; they must never show up anywhere
@@ -33,10 +36,41 @@ FAST = {
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, tiny_model, module_database):
-    """One embedded deployment for the module's scenarios: (launcher, client, var dir)."""
+def aws(s3_endpoint):
+    """The AWS code paths on stand-ins (an S3 server, Bedrock's): a bucket datasets may come
+    from, a bucket Bedrock imports from; the services' settings for them."""
+    standin = BedrockStandIn(s3_endpoint)
+    server = standin.start()
+    buckets = {name: f"{name}-{uuid.uuid4().hex[:8]}" for name in ("datasets", "imports")}
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    for bucket in buckets.values():
+        s3.create_bucket(Bucket=bucket)
+    bedrock = {
+        "REGION": "us-east-1",
+        "ROLE_ARN": "arn:aws:iam::123456789012:role/termtune-bedrock-import",
+        "S3_URI": f"s3://{buckets['imports']}/models",
+        "ENDPOINT_URL": standin.url,
+        "RUNTIME_ENDPOINT_URL": standin.url,
+        "S3_ENDPOINT_URL": s3_endpoint,
+        "POLL_SECONDS": "0.05",
+        "POLL_MAX_SECONDS": "0.2",
+        "NOT_READY_WAIT_SECONDS": "0.01",
+    }
+    env = {f"TERMTUNE_BEDROCK_{k}": v for k, v in bedrock.items()}
+    env |= {
+        "TERMTUNE_S3_ENDPOINT_URL": s3_endpoint,
+        "TERMTUNE_ALLOWED_BUCKETS": buckets["datasets"],
+    }
+    yield {"env": env, "standin": standin, "s3": s3, **buckets}
+    server.should_exit = True
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, tiny_model, module_database, aws):
+    """One embedded deployment for the module's scenarios: (launcher, client, var dir). Its
+    AWS credentials are canaries, used against the AWS stand-ins (``aws``)."""
     tmp = tmp_path_factory.mktemp("stack")
-    env = {**FAST, **pinned_database(tmp / "var", module_database)}
+    env = {**FAST, **aws["env"], **pinned_database(tmp / "var", module_database)}
     with _running(tmp, env=env) as (launcher, client):
         yield launcher, client, tmp
 
@@ -463,15 +497,57 @@ def test_load_concurrent_submissions_and_live_event_streams(scenario, stack, tin
     outcome.verdict()
 
 
-def test_secrets_never_appear_in_logs_events_reports_or_errors(scenario, stack, tiny_model):
+def _aws_jobs(client, aws, tiny_model) -> dict[str, str]:
+    """Jobs through the AWS code paths with the canary credentials: a dataset read from S3
+    and a model imported into Bedrock; a missing S3 object; Bedrock refusing access."""
+    aws["s3"].upload_file(str(SAMPLE_DATA), aws["datasets"], "med/terms.jsonl")
+    source = f"s3://{aws['datasets']}/med/terms.jsonl"
+    aws["standin"].fail(
+        "CreateModelImportJob",
+        "AccessDeniedException",
+        "User: arn:aws:iam::123456789012:user/ci is not authorized to perform: "
+        "bedrock:CreateModelImportJob",
+    )
+    jobs = {}
+    for name, dataset in (
+        ("denied", source),
+        ("imported", source),
+        ("missing", f"s3://{aws['datasets']}/med/missing.jsonl"),
+    ):
+        spec = spec_dict(
+            tiny_model,
+            name=f"aws-{name}",
+            dataset={"source": dataset},
+            evaluation={"gate": {"force_publish": True}},
+            publish={"target": "bedrock", "model_name": f"aws-{name}-{uuid.uuid4().hex[:6]}"},
+        )
+        jobs[name] = client.submit(spec)["id"]
+        _wait(client, jobs[name])  # one at a time: the access-denied fault is the first's
+    return jobs
+
+
+def test_secrets_never_appear_in_logs_events_reports_or_errors(scenario, stack, tiny_model, aws):
     outcome = scenario(
         "secrets",
         full=1,
         ci=1,
         must_hold="the API key and AWS credentials never appear in logs, events, reports or "
-        "error bodies",
+        "error bodies, through the AWS code paths too (a dataset read from S3, a model "
+        "imported into Bedrock and invoked, a missing S3 object, Bedrock's access denied)",
     )
     launcher, client, tmp = stack
+    aws_jobs = _aws_jobs(client, aws, tiny_model)
+    ended = {name: client.job(job_id) for name, job_id in aws_jobs.items()}
+    outcome.check(
+        [ended[n]["status"] for n in ("imported", "missing", "denied")]
+        == ["succeeded", "failed", "failed"],
+        f"the AWS jobs ended {[(n, j['status'], j['error']) for n, j in ended.items()]}",
+    )
+    reasons = {n: (j["error"] or {}).get("reason", "") for n, j in ended.items()}
+    outcome.check("missing.jsonl" in reasons["missing"], f"missing: {reasons['missing']}")
+    outcome.check("CreateModelImportJob" in reasons["denied"], f"denied: {reasons['denied']}")
+    imports = aws["standin"].calls_to("CreateModelImportJob")
+    outcome.count("Bedrock import calls made with the canary credentials", len(imports))
     key = (launcher.run_dir / "api_key").read_text().strip()
     secrets = {"API key": key, "AWS access key": CANARY_ACCESS_KEY, "AWS secret": CANARY_SECRET}
     bodies = []
@@ -488,6 +564,10 @@ def test_secrets_never_appear_in_logs_events_reports_or_errors(scenario, stack, 
         bodies.append(json.dumps(failed))
         bodies.append(http.get(f"/v1/jobs/{job_id}/events", headers=auth).text)
         bodies.append(http.get("/metrics", headers=auth).text)
+        for job_id in aws_jobs.values():
+            bodies.append(json.dumps(client.job(job_id)))
+            bodies.append(http.get(f"/v1/jobs/{job_id}/events", headers=auth).text)
+        bodies.append(http.get("/v1/models", headers=auth).text)
     outcome.check(failed["status"] == "failed", f"the failing job {failed['status']}")
     files = [p for p in tmp.rglob("*") if p.is_file() and p.name != "api_key"]
     outcome.count("files read (logs, events, manifests, reports, checkpoints)", len(files))

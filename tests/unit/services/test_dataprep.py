@@ -252,6 +252,9 @@ def test_store_uri_source(ctx, tiny_model):
     [
         ("s3://other-bucket/terms.jsonl", "outside the object store and the allowed buckets"),
         ("s3://allowed/../x.jsonl", "'..' or control-character part in its key"),
+        # found by the fuzzed locations: decoded twice it is ".."; a typo is not a folder
+        ("s3://allowed/%252e%252e/x.jsonl", "'..' or control-character part in its key"),
+        ("s3:/allowed/x.jsonl", "not a plain s3://bucket/key URI"),
     ],
 )
 def test_s3_outside_allowed_buckets_is_refused(ctx, tiny_model, uri, reason):
