@@ -21,7 +21,7 @@ from services.cli.client import Client
 from services.cli.display import TERMINAL
 from tests.e2e.test_trainer_shutdown import STEPS, _running, _submit, _train_dir, _wait_for_step
 from tests.factories import SAMPLE_DATA, lease_owner, pinned_database, spec_dict
-from tests.standins.bedrock import BedrockStandIn
+from tests.standins.bedrock import BedrockStandIn, settings_for
 
 pytestmark = pytest.mark.e2e
 #: credentials planted in every service's environment; they must never show up anywhere
@@ -45,18 +45,8 @@ def aws(s3_endpoint):
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     for bucket in buckets.values():
         s3.create_bucket(Bucket=bucket)
-    bedrock = {
-        "REGION": "us-east-1",
-        "ROLE_ARN": "arn:aws:iam::123456789012:role/termtune-bedrock-import",
-        "S3_URI": f"s3://{buckets['imports']}/models",
-        "ENDPOINT_URL": standin.url,
-        "RUNTIME_ENDPOINT_URL": standin.url,
-        "S3_ENDPOINT_URL": s3_endpoint,
-        "POLL_SECONDS": "0.05",
-        "POLL_MAX_SECONDS": "0.2",
-        "NOT_READY_WAIT_SECONDS": "0.01",
-    }
-    env = {f"TERMTUNE_BEDROCK_{k}": v for k, v in bedrock.items()}
+    role = "arn:aws:iam::123456789012:role/termtune-bedrock-import"
+    env = settings_for(standin, f"s3://{buckets['imports']}/models", role)
     env |= {
         "TERMTUNE_S3_ENDPOINT_URL": s3_endpoint,
         "TERMTUNE_ALLOWED_BUCKETS": buckets["datasets"],

@@ -32,6 +32,25 @@ ACCOUNT, REGION = "123456789012", "us-east-1"
 REQUIRED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
 
 
+def settings_for(standin: BedrockStandIn, s3_uri: str, role_arn: str) -> dict[str, str]:
+    """The TERMTUNE_BEDROCK_* settings that point termtune at a stand-in (its S3 server,
+    ``s3_uri`` for imports), polling and waiting at test speed."""
+    values = {
+        "REGION": REGION,
+        "ROLE_ARN": role_arn,
+        "S3_URI": s3_uri,
+        "ENDPOINT_URL": standin.url,
+        "RUNTIME_ENDPOINT_URL": standin.url,
+        "S3_ENDPOINT_URL": standin.s3_endpoint,
+        "POLL_SECONDS": "0.05",
+        "POLL_MAX_SECONDS": "0.2",
+        "NOT_READY_WAIT_SECONDS": "0.01",
+        "ROLE_RETRY_MINUTES": "0.05",
+        "QUOTA_WAIT_MINUTES": "0.5",
+    }
+    return {f"TERMTUNE_BEDROCK_{k}": v for k, v in values.items()}
+
+
 def _model(service: str) -> Any:
     return botocore.session.get_session().get_service_model(service)
 

@@ -18,7 +18,7 @@ from shared.errors import BedrockError, PreflightError
 from shared.jobspec import parse_spec
 from shared.messages import PublishModel
 from shared.settings import BedrockSettings
-from tests.standins.bedrock import BedrockStandIn
+from tests.standins.bedrock import BedrockStandIn, settings_for
 
 ROLE = "arn:aws:iam::123456789012:role/termtune-bedrock-import"
 
@@ -40,22 +40,10 @@ def bucket(s3_endpoint):
 
 @pytest.fixture
 def bedrock_env(monkeypatch, s3_endpoint, standin, bucket):
-    env = {
-        "REGION": "us-east-1",
-        "ROLE_ARN": ROLE,
-        "S3_URI": f"s3://{bucket}/models",
-        "ENDPOINT_URL": standin.url,
-        "RUNTIME_ENDPOINT_URL": standin.url,
-        "S3_ENDPOINT_URL": s3_endpoint,
-        "POLL_SECONDS": "0.05",
-        "POLL_MAX_SECONDS": "0.2",
-        "NOT_READY_WAIT_SECONDS": "0.01",
-        "ROLE_RETRY_MINUTES": "0.05",
-        "QUOTA_WAIT_MINUTES": "0.5",
-    }
+    env = settings_for(standin, f"s3://{bucket}/models", ROLE)
     for key, value in env.items():
-        monkeypatch.setenv(f"TERMTUNE_BEDROCK_{key}", value)
-    return env
+        monkeypatch.setenv(key, value)
+    return {k.removeprefix("TERMTUNE_BEDROCK_"): v for k, v in env.items()}
 
 
 def _bedrock_job(published, job_id: str):
