@@ -162,3 +162,16 @@ def api_settings(ctx: StageContext, key: str) -> ApiSettings:
         api_key=key,
         exchange=f"t{uuid.uuid4().hex[:8]}",
     )
+
+
+#: what the reliability scenarios run with, so a killed worker's stage is taken over in
+#: seconds (the defaults: 60 and 15)
+FAST_LEASE = {"TERMTUNE_LEASE_SECONDS": "4", "TERMTUNE_RECONCILE_SECONDS": "1"}
+
+
+def lease_settings(env: dict[str, str]) -> str:
+    """The lease and reconcile settings a reliability scenario ran with (its recovery times
+    depend on them), beside their defaults."""
+    lease = env.get("TERMTUNE_LEASE_SECONDS", "60 (the default)")
+    reconcile = env.get("TERMTUNE_RECONCILE_SECONDS", "15 (the default)")
+    return f"TERMTUNE_LEASE_SECONDS={lease}, TERMTUNE_RECONCILE_SECONDS={reconcile}"

@@ -28,6 +28,7 @@ class Outcome:
     name: str
     must_hold: str
     size: int
+    settings: str = ""
     counts: dict[str, int] = field(default_factory=dict)
     times: dict[str, list[float]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
@@ -57,12 +58,15 @@ _OUTCOMES: list[Outcome] = []
 
 @pytest.fixture
 def scenario():
-    """Start a scenario: ``scenario(name, full=, ci=, must_hold=)`` → its Outcome."""
+    """Start a scenario: ``scenario(name, full=, ci=, must_hold=, settings=)`` → its
+    Outcome (``settings``: those its times depend on, stated on the page)."""
     started = time.monotonic()
     made: list[Outcome] = []
 
-    def start(name: str, *, full: int, ci: int, must_hold: str) -> Outcome:
-        outcome = Outcome(name=name, must_hold=must_hold, size=full if FULL else ci)
+    def start(name: str, *, full: int, ci: int, must_hold: str, settings: str = "") -> Outcome:
+        outcome = Outcome(
+            name=name, must_hold=must_hold, size=full if FULL else ci, settings=settings
+        )
         made.append(outcome)
         return outcome
 
@@ -100,6 +104,7 @@ def render(outcomes: list[Outcome], machine: list[str], mode: str) -> str:
         page.append(f"| {o.name} | {o.size} | {o.must_hold} | {held} | {o.seconds:.0f} s |")
     for o in outcomes:
         page += ["", f"## {o.name}", "", f"Must hold: {o.must_hold}. Size {o.size}.", ""]
+        page += [f"Settings: {o.settings}.", ""] if o.settings else []
         page += [f"- {key}: {value}" for key, value in sorted(o.counts.items())]
         page += [f"- {key}: {_percentiles(v)}" for key, v in sorted(o.times.items()) if v]
         page += [f"- failure: {failure}" for failure in o.failures[:20]]
@@ -120,6 +125,7 @@ def _report():
 
 SCENARIO_ORDER = [
     "kill -9 a trainer at a random step",
+    "kill -9 a trainer at a random step, default lease",
     "a corrupt checkpoint, then kill -9 the trainer",
     "a corrupt dataset shard, manifest or adapter in the store",
     "SIGTERM a trainer",

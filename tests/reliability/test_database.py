@@ -10,10 +10,10 @@ import pytest
 from services.cli.display import TERMINAL
 from shared.jobs import OUTCOMES
 from tests.e2e.test_trainer_shutdown import _running
-from tests.factories import spec_dict
+from tests.factories import FAST_LEASE, lease_settings, spec_dict
 
 pytestmark = pytest.mark.e2e
-FAST = {"TERMTUNE_LEASE_SECONDS": "4", "TERMTUNE_RECONCILE_SECONDS": "1"}
+FAST = FAST_LEASE
 DOWN_SECONDS = 5.0
 
 
@@ -34,6 +34,7 @@ def test_database_restart_with_jobs_in_flight(scenario, postgres, tmp_path, tiny
         ci=3,
         must_hold="every job succeeds; each stage's outcome recorded once; events numbered "
         "without gaps; the API answers 503 while down, never a half-recorded job",
+        settings=lease_settings(FAST),
     )
     url = postgres.fresh_database()
     env = {**FAST, "TERMTUNE_DATABASE_URL": url}

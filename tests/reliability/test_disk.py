@@ -12,7 +12,7 @@ import pytest
 
 from services.cli.display import TERMINAL
 from tests.e2e.test_trainer_shutdown import _running
-from tests.factories import spec_dict
+from tests.factories import FAST_LEASE, lease_settings, spec_dict
 
 pytestmark = pytest.mark.e2e
 STAGES = ("prepare", "train", "evaluate", "publish")
@@ -75,10 +75,10 @@ def test_a_full_disk_mid_job(scenario, small_disk, tmp_path, tiny_model):
         must_hold="the job completes once space is freed, or fails naming the full disk and "
         "completes on retry; no half-written object or empty message is left; every "
         "service stays up",
+        settings=lease_settings(FAST_LEASE),
     )
     env = {
-        "TERMTUNE_LEASE_SECONDS": "4",
-        "TERMTUNE_RECONCILE_SECONDS": "1",
+        **FAST_LEASE,
         "TERMTUNE_DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.db'}",  # not on the disk
     }
     with _running(tmp_path, env=env) as (launcher, client):
