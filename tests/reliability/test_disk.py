@@ -3,6 +3,7 @@ real tmpfs of its own, filled to the last 64 KB while a job runs, at each stage 
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import time
@@ -37,12 +38,23 @@ def small_disk(tmp_path):
 
 
 def _fill(folder: Path, *, leave: int) -> Path:
-    """A ballast file that leaves ``leave`` bytes free on ``folder``'s filesystem."""
+    """A ballast file that leaves ``leave`` bytes free on ``folder``'s filesystem. The stage
+    writes meanwhile: when it took some of the space measured, measure again (a full run
+    failed here once, between the measure and the allocation)."""
     ballast = folder / "ballast"
-    free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
     with open(ballast, "wb") as f:
-        os.posix_fallocate(f.fileno(), 0, max(1, free - leave))  # real blocks, not a hole
-    return ballast
+        for _ in range(100):
+            stat = os.statvfs(folder)
+            have = os.fstat(f.fileno()).st_blocks * 512
+            size = max(1, have + stat.f_bavail * stat.f_frsize - leave)
+            try:
+                os.posix_fallocate(f.fileno(), 0, size)  # real blocks, not a hole
+                return ballast
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                time.sleep(0.01)
+    raise AssertionError(f"could not fill {folder}: the services kept writing")
 
 
 def _wait_for(launcher, client, job_id: str, done, timeout: float) -> dict:

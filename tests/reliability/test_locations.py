@@ -50,9 +50,10 @@ OTHER_BUCKETS = [
 
 
 def _inside_names(rng: random.Random) -> str:
-    return rng.choice(["terms", "a/b/terms", "2026/q1/terms", "x-y_z.v1"]) + rng.choice(
-        [".jsonl", ".csv", ".parquet"]
-    )
+    """A plain dataset name, one of thousands (so a full run's locations are distinct)."""
+    folder = rng.choice(["", "a/b/", "2026/q1/", "team-x/", "v1.2/data/"])
+    stem = rng.choice(["terms", "x-y_z.v1", "glossary", "med_terms"]) + str(rng.randint(0, 99))
+    return folder + stem + rng.choice([".jsonl", ".csv", ".parquet"])
 
 
 def _s3_cases(rng: random.Random) -> list[tuple[str, bool]]:
@@ -83,7 +84,7 @@ def _s3_cases(rng: random.Random) -> list[tuple[str, bool]]:
 
 
 def _local_cases(rng: random.Random, allowed: Path, outside: Path) -> list[tuple[str, bool]]:
-    name = rng.choice(["terms.jsonl", "sub/terms.csv", "sub/deeper/t.parquet"])
+    name = rng.choice(["", "sub/", "sub/deeper/"]) + _inside_names(rng).rsplit("/", 1)[-1]
     esc, odd = rng.choice(ESCAPES), rng.choice(ODD)
     up = "/".join([".."] * rng.randint(1, 6))
     return [
