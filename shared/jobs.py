@@ -83,6 +83,18 @@ def _outgoing(send: Iterable[Message | Outgoing | None]) -> list[Outgoing]:
     return [m if isinstance(m, tuple) else (m, {}) for m in send if m is not None]
 
 
+def read_manifest(store: Store, key: str) -> dict[str, Any]:
+    """A stage's manifest: NotFound when there is none, ValueError when it is not a JSON
+    object (cut short, emptied, damaged)."""
+    try:
+        found = store.get_json(key)
+    except ValueError as exc:
+        raise ValueError(f"it is not JSON ({exc})") from exc
+    if not isinstance(found, dict):
+        raise ValueError("it is not a JSON object")
+    return found
+
+
 class JobRecords:
     """Reads and writes job records: the ledger for state, the store for artifacts."""
 
@@ -442,18 +454,13 @@ class JobRecords:
     def manifest(self, job_id: str, stage: Stage) -> dict[str, Any] | None:
         """A stage's manifest, or None while the stage is not done. An unreadable one is set
         aside (``set_aside``) and is None too: the stage runs again."""
-        key = self.manifest_key(job_id, stage)
         try:
-            found = self.store.get_json(key)
+            return read_manifest(self.store, self.manifest_key(job_id, stage))
         except NotFound:
             return None
-        except ValueError as exc:  # cut short, emptied, not JSON
-            self.set_aside(job_id, stage, f"its manifest is not JSON ({exc})")
+        except ValueError as exc:  # cut short, emptied, not a JSON object
+            self.set_aside(job_id, stage, str(exc))
             return None
-        if not isinstance(found, dict):
-            self.set_aside(job_id, stage, "its manifest is not a JSON object")
-            return None
-        return found
 
     def resume_command(self, job_id: str) -> Command:
         """The command that resumes the job at the first stage without a readable manifest."""

@@ -26,7 +26,7 @@ from shared.errors import (
     NotFound,
     PermanentError,
 )
-from shared.jobs import JobRecords
+from shared.jobs import JobRecords, read_manifest
 from shared.jobspec import JobSpec, parse_spec
 from shared.messages import (
     STAGE_OF_COMMAND,
@@ -86,16 +86,10 @@ class StageContext:
         key = self.store.key_of(uri)
         stage = key.rsplit("/", 2)[-2]
         try:
-            found = self.store.get_json(key)
-        except NotFound as exc:
-            raise CorruptOutput(f"the {stage} stage's manifest {uri} is gone", stage=stage) from exc
-        except ValueError as exc:
-            raise CorruptOutput(
-                f"the {stage} stage's manifest {uri} is not JSON ({exc})", stage=stage
-            ) from exc
-        if not isinstance(found, dict):
-            raise CorruptOutput(f"the {stage} stage's manifest {uri} is not an object", stage=stage)
-        return found
+            return read_manifest(self.store, key)
+        except (NotFound, ValueError) as exc:
+            why = "it is gone" if isinstance(exc, NotFound) else str(exc)
+            raise CorruptOutput(f"the {stage} stage's manifest {uri}: {why}", stage=stage) from exc
 
     def scratch(self, command: Command, name: str) -> Path:
         """An empty local working folder for one stage of one job."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ import pyarrow.parquet as pq
 from services.dataprep import prepare, quality, sources
 from services.dataprep.quality import SideTokens
 from services.dataprep.sample import RowLimit
-from shared.artifacts import dropped_rows
+from shared.artifacts import dropped_rows, sha256_of
 from shared.basemodel import resolve_base_model
 from shared.errors import ModelError
 from shared.jobspec import JobSpec
@@ -232,9 +231,8 @@ class _ShardWriter:
         pq.write_table(table, path)
         key = f"{self.prefix}/{path.name}"
         self.store.upload_file(path, key)
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
         self.shards[split].append(
-            {"uri": self.store.uri(key), "rows": table.num_rows, "sha256": digest}
+            {"uri": self.store.uri(key), "rows": table.num_rows, "sha256": sha256_of(path)}
         )
         path.unlink()
 
