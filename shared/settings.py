@@ -14,14 +14,17 @@ import secrets
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
     """Environment-driven settings of any termtune process."""
 
-    model_config = SettingsConfigDict(env_prefix="TERMTUNE_", extra="ignore")
+    # Errors name the variable, never its value (it may be a password).
+    model_config = SettingsConfigDict(
+        env_prefix="TERMTUNE_", extra="ignore", hide_input_in_errors=True
+    )
 
     environment: Literal["development", "production"] = Field(
         "development", description="production refuses development shortcuts."
@@ -38,6 +41,13 @@ class Settings(BaseSettings):
         None,
         repr=False,
         description="Password put into database_url (kept apart so it can come from a secret).",
+    )
+    database_password_secret: str | None = Field(
+        None,
+        description="AWS Secrets Manager secret (ARN or name) holding the database password: "
+        "a JSON object's 'password' (RDS's managed secret) or the whole text. Read when a "
+        "connection opens and again when the database refuses it, so a rotated password is "
+        "taken up without a restart. Set this or database_password, not both.",
     )
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO...).")
     allowed_buckets: Annotated[list[str], NoDecode] = Field(
@@ -122,6 +132,14 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _one_password_source(self) -> Settings:
+        if self.database_password and self.database_password_secret:
+            raise ValueError(
+                "set TERMTUNE_DATABASE_PASSWORD or TERMTUNE_DATABASE_PASSWORD_SECRET, not both"
+            )
+        return self
 
     def model_post_init(self, __context: object) -> None:
         """Resolve relative folders once, so every process agrees on them."""

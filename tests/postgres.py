@@ -35,16 +35,24 @@ def _free_port() -> int:
 class PostgresServer:
     """One PostgreSQL server; ``url(db)`` reaches a database on it as superuser ``termtune``."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, password: str | None = None) -> None:
+        """``password``: the superuser's, and every TCP connection must give its role's
+        (as on RDS); without it the server trusts every connection."""
         self.root, self.data, self.port = root, root / "data", _free_port()
+        self.password = password
         # PostgreSQL refuses to run as root: as root, it runs as the postgres account.
         self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
         root.mkdir(parents=True, exist_ok=True)
         if self.as_user:
             shutil.chown(root, "postgres")
-        self._run(
-            _bin("initdb"), "-D", str(self.data), "-U", "termtune", "--auth=trust", "-E", "UTF8"
-        )
+        auth = ["--auth=trust"]
+        if password is not None:
+            pwfile = root / "pwfile"
+            pwfile.write_text(password + "\n")
+            if self.as_user:
+                shutil.chown(pwfile, "postgres")
+            auth = ["--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"]
+        self._run(_bin("initdb"), "-D", str(self.data), "-U", "termtune", *auth, "-E", "UTF8")
 
     def _run(self, *args: str) -> None:
         subprocess.run([*self.as_user, *args], check=True, capture_output=True, timeout=120)
@@ -72,7 +80,8 @@ class PostgresServer:
 
     def url(self, database: str = "postgres") -> str:
         """SQLAlchemy URL of a database here."""
-        return f"postgresql+psycopg://termtune@127.0.0.1:{self.port}/{database}"
+        user = f"termtune:{self.password}" if self.password is not None else "termtune"
+        return f"postgresql+psycopg://{user}@127.0.0.1:{self.port}/{database}"
 
     def fresh_database(self) -> str:
         """A new empty database; its URL."""

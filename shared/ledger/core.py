@@ -17,6 +17,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from shared.ledger import migrate
 from shared.ledger.engine import create_ledger_engine, database_url, now_expr, unavailable_as_error
+from shared.ledger.secret import SecretPassword
 from shared.settings import Settings
 
 _engines: dict[str, Ledger] = {}
@@ -26,9 +27,17 @@ _lock = threading.Lock()
 class Ledger:
     """A migrated ledger database."""
 
-    def __init__(self, url: str, password: str | None = None, *, upgrade: bool = True) -> None:
+    def __init__(
+        self,
+        url: str,
+        password: str | None = None,
+        *,
+        upgrade: bool = True,
+        password_secret: str | None = None,
+    ) -> None:
         self.url = database_url(url, password)
-        self.engine: Engine = create_ledger_engine(self.url)
+        self.secret = SecretPassword(password_secret) if password_secret else None
+        self.engine: Engine = create_ledger_engine(self.url, self.secret)
         self.now = now_expr(self.engine)
         self._migrated = not upgrade
         self._migrating = threading.Lock()
@@ -76,11 +85,13 @@ class Ledger:
 
 def open_ledger(settings: Settings) -> Ledger:
     """The process's ledger for the settings' database (one engine per URL, migrated once)."""
-    key = f"{settings.database_url}|{settings.database_password or ''}"
+    password, secret = settings.database_password, settings.database_password_secret
+    key = f"{settings.database_url}|{password or ''}|{secret or ''}"
     with _lock:
         ledger = _engines.get(key)
         if ledger is None:
-            ledger = _engines[key] = Ledger(settings.database_url, settings.database_password)
+            ledger = Ledger(settings.database_url, password, password_secret=secret)
+            _engines[key] = ledger
         return ledger
 
 

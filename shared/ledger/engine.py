@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
 from shared.errors import LedgerUnavailable
+from shared.ledger.secret import SecretPassword
 
 BUSY_TIMEOUT_MS = 30_000
 
@@ -40,10 +41,11 @@ def database_url(url: str, password: str | None = None) -> URL:
     return parsed.set(password=password) if password else parsed
 
 
-def create_ledger_engine(url: URL) -> Engine:
-    """An engine for the ledger; SQLite gets WAL, a busy timeout and explicit transactions."""
+def create_ledger_engine(url: URL, secret: SecretPassword | None = None) -> Engine:
+    """An engine for the ledger; SQLite gets WAL, a busy timeout and explicit transactions.
+    With ``secret``, each new PostgreSQL connection signs in with the password it holds."""
     if url.get_backend_name() != "sqlite":
-        return sa.create_engine(
+        engine = sa.create_engine(
             url,
             pool_pre_ping=True,  # a database restart drops pooled connections
             pool_size=5,
@@ -52,6 +54,9 @@ def create_ledger_engine(url: URL) -> Engine:
             # the C locale) psycopg would return bytes for text, and SQLAlchemy fail at once.
             connect_args={"connect_timeout": 10, "client_encoding": "utf8"},
         )
+        if secret is not None:
+            _sign_in_with(engine, secret)
+        return engine
     if url.database and url.database != ":memory:":
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
     engine = sa.create_engine(
@@ -74,6 +79,23 @@ def create_ledger_engine(url: URL) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
     return engine
+
+
+def _sign_in_with(engine: Engine, secret: SecretPassword) -> None:
+    """Open each connection with the secret's password; when the database refuses it, read
+    the secret again and, if the password changed (a rotation), try once more."""
+
+    @sa.event.listens_for(engine, "do_connect")
+    def _connect(dialect: Any, _record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
+        cparams["password"] = secret.current()
+        try:
+            return dialect.connect(*cargs, **cparams)
+        except dialect.loaded_dbapi.OperationalError:
+            rotated = secret.refreshed()
+            if rotated is None:
+                raise
+            cparams["password"] = rotated
+            return dialect.connect(*cargs, **cparams)
 
 
 def _wal(cursor: Any) -> None:

@@ -181,12 +181,14 @@ def test_bedrock_import_role_trusts_only_this_accounts_import_jobs(resources):
 def test_containers_log_to_cloudwatch_and_read_secrets_from_secrets_manager(resources, service):
     _, container = _container(resources, service)
     assert container["LogConfiguration"]["LogDriver"] == "awslogs"
-    names = {e["Name"] for e in container["Environment"]}
-    assert "TERMTUNE_API_KEY" not in names and not any("SECRET" in n for n in names)
-    assert "TERMTUNE_DATABASE_PASSWORD" not in names
-    assert {"TERMTUNE_BROKER_URL", "TERMTUNE_STORE_URL", "TERMTUNE_DATABASE_URL"} <= names
+    env = {e["Name"]: e["Value"] for e in container["Environment"]}
+    assert "TERMTUNE_API_KEY" not in env and "TERMTUNE_DATABASE_PASSWORD" not in env
+    # A *_SECRET variable names a secret (its ARN), never holds one.
+    for name in (n for n in env if "SECRET" in n):
+        assert name.endswith("_SECRET") and "Fn::GetAtt" in env[name], name
+    assert {"TERMTUNE_BROKER_URL", "TERMTUNE_STORE_URL", "TERMTUNE_DATABASE_URL"} <= env.keys()
     api_key = {"Name": "TERMTUNE_API_KEY", "ValueFrom": {"Ref": "ApiKeySecret"}}
-    assert (api_key in container["Secrets"]) == (service == "api")
+    assert (api_key in container.get("Secrets", [])) == (service == "api")
 
 
 def test_database_is_private_encrypted_and_kept(resources):
@@ -232,7 +234,11 @@ def test_database_admits_only_the_tasks_on_5432(resources):
 
 
 @pytest.mark.parametrize("service", SERVICES)
-def test_every_task_gets_the_database_url_and_its_password_secret(resources, service):
+def test_every_task_gets_the_database_url_and_reads_its_password_when_connecting(
+    resources, service
+):
+    """The password RDS rotates is read by the task (at each new connection), not injected
+    at its start: an injected one is refused by every connection after the first rotation."""
     task, container = _container(resources, service)
     db = resources["Database"]["Properties"]
     env = {e["Name"]: e["Value"] for e in container["Environment"]}
@@ -240,25 +246,35 @@ def test_every_task_gets_the_database_url_and_its_password_secret(resources, ser
         "Fn::Sub": f"postgresql+psycopg://{db['MasterUsername']}"
         "@${Database.Endpoint.Address}:${Database.Endpoint.Port}/" + db["DBName"]
     }
-    assert {
-        "Name": "TERMTUNE_DATABASE_PASSWORD",
-        "ValueFrom": {"Fn::Sub": "${Database.MasterUserSecret.SecretArn}:password::"},
-    } in container["Secrets"]
-    # ECS reads secrets with the execution role; it may read this one (and the task role not).
-    role = task["ExecutionRoleArn"]["Fn::GetAtt"][0]
+    secret = {"Fn::GetAtt": ["Database", "MasterUserSecret.SecretArn"]}
+    assert env["TERMTUNE_DATABASE_PASSWORD_SECRET"] == secret
+    assert not [s for s in container.get("Secrets", []) if "DATABASE" in s["Name"]]
+    # The task role may read that secret and decrypt it through Secrets Manager only ...
+    role = task["TaskRoleArn"]["Fn::GetAtt"][0]
+    policies = [
+        p
+        for p in _of_type(resources, "AWS::IAM::ManagedPolicy").values()
+        if {"Ref": role} in p["Properties"]["Roles"]
+    ]
+    statements = [s for p in policies for s in p["Properties"]["PolicyDocument"]["Statement"]]
+    reads = [s for s in statements if "secretsmanager:GetSecretValue" in _as_list(s["Action"])]
+    assert [r for s in reads for r in _as_list(s["Resource"])] == [secret]
+    decrypt = [s for s in statements if "kms:Decrypt" in _as_list(s["Action"])]
+    assert decrypt and all("kms:ViaService" in s["Condition"]["StringEquals"] for s in decrypt)
+    # ... and no other secret; the execution role no longer reads the database's.
+    assert not any(
+        a.startswith("secretsmanager:")
+        for s in _statements(resources[role])
+        for a in _as_list(s["Action"])
+    )
+    execution = resources[task["ExecutionRoleArn"]["Fn::GetAtt"][0]]
     readable = [
         r
-        for s in _statements(resources[role])
+        for s in _statements(execution)
         if "secretsmanager:GetSecretValue" in _as_list(s["Action"])
         for r in _as_list(s["Resource"])
     ]
-    assert {"Fn::GetAtt": ["Database", "MasterUserSecret.SecretArn"]} in readable
-    task_role = resources[task["TaskRoleArn"]["Fn::GetAtt"][0]]
-    assert not any(
-        a.startswith("secretsmanager:")
-        for s in _statements(task_role)
-        for a in _as_list(s["Action"])
-    )
+    assert secret not in readable
 
 
 def test_load_balancer_reaches_the_tasks_by_security_group_not_address(resources):
