@@ -421,3 +421,110 @@ def test_mlflow_tracking_is_refused_without_a_server_and_reached_over_https():
     pattern = parameters["MlflowTrackingUri"]["AllowedPattern"]
     assert re.fullmatch(pattern, "") and re.fullmatch(pattern, "https://mlflow.example.com")
     assert not re.fullmatch(pattern, "http://mlflow:5000")  # the tasks' egress is 443 only
+
+
+WORKERS = ("dataprep", "trainer", "evaluator", "publisher")
+
+
+def _dockerfile(service):
+    return (TEMPLATE.parents[2] / f"services/{service}/Dockerfile").read_text()
+
+
+@pytest.mark.parametrize("service", WORKERS)
+def test_every_worker_reads_the_base_model_from_one_shared_cache(resources, service):
+    """Issue 20: each stage downloaded the base model from the hub (three times a job)."""
+    task, container = _container(resources, service)
+    (volume,) = task["Volumes"]
+    efs = volume["EFSVolumeConfiguration"]
+    assert efs["FilesystemId"] == {"Ref": "ModelCache"}
+    assert efs["TransitEncryption"] == "ENABLED"
+    assert efs["AuthorizationConfig"] == {
+        "AccessPointId": {"Ref": "ModelCacheAccessPoint"},
+        "IAM": "ENABLED",
+    }
+    (mount,) = container["MountPoints"]
+    assert mount["SourceVolume"] == volume["Name"]
+    hf_home = _dockerfile(service).split("HF_HOME=", 1)[1].split()[0]
+    assert mount["ContainerPath"] == hf_home  # the cache the libraries use, not a folder beside
+    # The task role may mount and write it, through the access point only.
+    policy = resources["ModelCacheClient"]["Properties"]
+    assert {"Ref": task["TaskRoleArn"]["Fn::GetAtt"][0]} in policy["Roles"]
+    (grant,) = policy["PolicyDocument"]["Statement"]
+    assert set(grant["Action"]) == {
+        "elasticfilesystem:ClientMount",
+        "elasticfilesystem:ClientWrite",
+    }
+    assert grant["Condition"]["StringEquals"] == {
+        "elasticfilesystem:AccessPointArn": {"Fn::GetAtt": ["ModelCacheAccessPoint", "Arn"]}
+    }
+    service_name = f"{service.capitalize()}Service"
+    assert {"ModelCacheMountTargetA", "ModelCacheMountTargetB"} <= set(
+        resources[service_name]["DependsOn"]
+    )
+
+
+def test_the_model_cache_belongs_to_the_services_user_and_is_reached_from_the_tasks_only(
+    resources,
+):
+    uid = _dockerfile("trainer").split("--uid ", 1)[1].split()[0]
+    point = resources["ModelCacheAccessPoint"]["Properties"]
+    assert point["PosixUser"] == {"Uid": uid, "Gid": uid}
+    assert point["RootDirectory"]["CreationInfo"]["OwnerUid"] == uid
+    fs = resources["ModelCache"]["Properties"]
+    assert fs["Encrypted"] is True and "KmsKeyId" in fs
+    denies = {s["Sid"]: s for s in fs["FileSystemPolicy"]["Statement"] if s["Effect"] == "Deny"}
+    assert denies["TlsOnly"]["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+    assert denies["OnlyThroughTheAccessPoint"]["Condition"] == {
+        "Null": {"elasticfilesystem:AccessPointArn": "true"}
+    }
+    ingress = resources["ModelCacheSecurityGroup"]["Properties"]["SecurityGroupIngress"]
+    assert [(r["FromPort"], r["ToPort"], r["SourceSecurityGroupId"]) for r in ingress] == [
+        (2049, 2049, {"Ref": "TaskSecurityGroup"})
+    ]
+    egress = resources["TaskEgressToModelCache"]["Properties"]
+    assert egress["GroupId"] == {"Ref": "TaskSecurityGroup"}
+    assert egress["DestinationSecurityGroupId"] == {"Ref": "ModelCacheSecurityGroup"}
+    assert (egress["FromPort"], egress["ToPort"]) == (2049, 2049)
+
+
+def _evaluate(node, params, conditions):
+    """The few intrinsics the mount targets' subnets and conditions use."""
+    if isinstance(node, (str, int)):
+        return node
+    if isinstance(node, list):
+        return [_evaluate(n, params, conditions) for n in node]
+    ((name, args),) = node.items()
+    if name == "Ref":
+        return params[args]
+    if name == "Condition":
+        return _evaluate(conditions[args], params, conditions)
+    values = _evaluate(args, params, conditions)
+    if name == "Fn::Join":
+        return values[0].join(values[1])
+    if name == "Fn::Split":
+        return values[1].split(values[0])
+    if name == "Fn::Select":
+        return values[1][int(values[0])]
+    if name == "Fn::Equals":
+        return values[0] == values[1]
+    if name == "Fn::Not":
+        return not values[0]
+    raise AssertionError(f"not evaluated here: {name}")
+
+
+@pytest.mark.parametrize("count", [2, 3, 4])
+def test_the_model_cache_has_a_mount_target_in_every_private_subnet(resources, count):
+    """ECS mounts EFS through the mount target in the task's zone: one per subnet given."""
+    conditions = yaml.safe_load(TEMPLATE.read_text())["Conditions"]
+    subnets = [f"subnet-{i}" for i in range(count)]
+    params = {"PrivateSubnetIds": subnets}
+    reached = []
+    for name, target in _of_type(resources, "AWS::EFS::MountTarget").items():
+        condition = target.get("Condition")
+        if condition and not _evaluate(conditions[condition], params, conditions):
+            continue
+        props = target["Properties"]
+        assert props["FileSystemId"] == {"Ref": "ModelCache"}, name
+        assert props["SecurityGroups"] == [{"Ref": "ModelCacheSecurityGroup"}], name
+        reached.append(_evaluate(props["SubnetId"], params, conditions))
+    assert sorted(reached) == subnets
