@@ -376,6 +376,28 @@ def test_fused_layers_compute_the_same_model(tiny_model):
     assert after.loss.item() == pytest.approx(before.loss.item(), abs=1e-5)
 
 
+def _live_job(ctx, tiny_model, name, backend):
+    """A prepared 12-step job logging every step, tracked by ``backend``, whose curves are
+    sent every 0.2 s; its training command."""
+    from services.dataprep.handler import handle as prepare
+    from shared.messages import PrepareDataset, TrainModel
+    from tests.factories import make_spec
+
+    spec = make_spec(
+        tiny_model,
+        name=name,
+        dataset={"validation_size": 0.2},
+        tracking={"backend": backend},
+        training={"max_steps": 12, "logging_steps": 1, "checkpoint_every_steps": 1000},
+    )
+    ctx.settings = ctx.settings.model_copy(update={"tracking_live_seconds": 0.2})
+    job_id = f"job-{name}"
+    cmd = PrepareDataset(job_id=job_id, spec_uri=ctx.jobs.create(job_id, spec))
+    return TrainModel(
+        job_id=job_id, spec_uri=cmd.spec_uri, dataset_manifest=prepare(cmd, ctx).manifest
+    )
+
+
 def test_the_curves_reach_the_mlflow_run_while_it_trains(ctx, tiny_model, mlflow_server):
     """Issue 23: the curves reached MLflow only when the stage ended. Here training is held
     at step 8 until the server has steps 1-7; at the end each step is there once."""
@@ -383,25 +405,10 @@ def test_the_curves_reach_the_mlflow_run_while_it_trains(ctx, tiny_model, mlflow
 
     from mlflow import MlflowClient
 
-    from services.dataprep.handler import handle as prepare
-    from shared.messages import PrepareDataset, TrainModel
     from shared.tracking import mlflow_run
-    from tests.factories import make_spec
 
-    spec = make_spec(
-        tiny_model,
-        name="live",
-        dataset={"validation_size": 0.2},
-        tracking={"backend": "mlflow"},
-        training={"max_steps": 12, "logging_steps": 1, "checkpoint_every_steps": 1000},
-    )
-    ctx.settings = ctx.settings.model_copy(
-        update={"mlflow_tracking_uri": mlflow_server.uri, "tracking_live_seconds": 0.2}
-    )
-    cmd = PrepareDataset(job_id="job-live", spec_uri=ctx.jobs.create("job-live", spec))
-    train = TrainModel(
-        job_id="job-live", spec_uri=cmd.spec_uri, dataset_manifest=prepare(cmd, ctx).manifest
-    )
+    ctx.settings = ctx.settings.model_copy(update={"mlflow_tracking_uri": mlflow_server.uri})
+    train = _live_job(ctx, tiny_model, "live", "mlflow")
     client = MlflowClient(mlflow_server.uri)
 
     def loss_steps():
@@ -431,3 +438,45 @@ def test_the_curves_reach_the_mlflow_run_while_it_trains(ctx, tiny_model, mlflow
     sent = {m.step: m.value for m in client.get_metric_history(run_id, "train/loss")}
     assert sent == pytest.approx(losses)
     assert len(client.get_metric_history(run_id, "train/examples_per_s")) == 12
+
+
+def test_the_curves_reach_the_tensorboard_files_while_it_trains(ctx, tiny_model, monkeypatch):
+    """Issue 23: TensorBoard's files reached the store only when the stage ended. Here
+    training is held at step 8 until the stored files, read with TensorBoard's own reader,
+    have steps 1-7; at the end each step is there once."""
+    import time
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from shared.tracking.tensorboard_run import TensorBoardRun
+
+    monkeypatch.setattr(TensorBoardRun, "ROTATE_EVERY_S", 0.0)
+    train = _live_job(ctx, tiny_model, "live-tb", "tensorboard")
+    stored = ctx.store.path("jobs/job-live-tb/tracking/tensorboard")
+
+    def loss_steps():
+        if not stored.exists():
+            return []
+        events = EventAccumulator(str(stored), size_guidance={"scalars": 0})
+        events.Reload()
+        tags = events.Tags()["scalars"]
+        return [e.step for e in events.Scalars("train/loss")] if "train/loss" in tags else []
+
+    held = []
+
+    def hook(data, *, force=False):
+        if data.get("step") == 8 and "phase" not in data and not held:
+            deadline = time.monotonic() + 30
+            while not set(range(1, 8)) <= set(loss_steps()) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            held.append(loss_steps())
+
+    _run(ctx, train, hook)
+    assert set(range(1, 8)) <= set(held[0]) and max(held[0]) <= 8  # stored while training
+    assert loss_steps() == list(range(1, 13))  # each step once, in order, over several files
+    assert len(list(stored.iterdir())) >= 2
+    log = ctx.store.get_json(ctx.store.key_of(ctx.jobs.manifest("job-live-tb", "train")["log"]))
+    events = EventAccumulator(str(stored), size_guidance={"scalars": 0})
+    events.Reload()
+    losses = {e["step"]: e["loss"] for e in log if "loss" in e}
+    assert {e.step: e.value for e in events.Scalars("train/loss")} == pytest.approx(losses)

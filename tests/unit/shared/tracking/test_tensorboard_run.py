@@ -63,3 +63,60 @@ def test_the_spec_names_the_backend_and_nothing_else_accepts_it(tmp_path):
     )
     with pytest.raises(SpecError, match="tracking.backend"):
         make_spec(tmp_path, tracking={"backend": "wandb"})
+
+
+def test_curves_reach_the_store_while_the_stage_runs_and_a_resumed_attempt_knows_them(
+    tmp_path, monkeypatch
+):
+    from shared.tracking.tensorboard_run import TensorBoardRun
+
+    store = LocalStore(tmp_path / "store")
+    prefix = "jobs/tb-2/tracking/tensorboard"
+    monkeypatch.setattr(TensorBoardRun, "ROTATE_EVERY_S", 0.0)
+    first = TensorBoardRun(store, prefix, tmp_path / "attempt-1", "train")
+    first.log_metrics([("train/loss", 3.0, 1), ("train/loss", 2.0, 2)])
+    first.sync()  # mid-stage: the points so far are in the store, readable
+    assert [(e.step, e.value) for e in _read(store.path(prefix)).Scalars("train/loss")] == [
+        (1, 3.0),
+        (2, 2.0),
+    ]
+    first.sync()  # nothing new: no empty file
+    first.log_metrics([("train/loss", 1.5, 3)])
+    first.sync()
+    assert len(store.list(prefix)) == 2
+    first.log_metrics([("train/loss", 1.2, 4)])  # written, never synced: the attempt dies
+
+    # The resumed attempt (another process) asks what the run holds: steps 1-3, not 4.
+    again = TensorBoardRun(store, prefix, tmp_path / "attempt-2", "train")
+    assert again.logged({"train/loss", "train/lr"}) == {("train/loss", s) for s in (1, 2, 3)}
+    again.log_metrics([("train/loss", 1.1, 4), ("train/loss", 1.0, 5)])
+    again.finish_stage()
+    events = _read(store.path(prefix))
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5]
+
+
+def test_files_are_not_cut_more_often_than_every_rotate_every_s(tmp_path):
+    from shared.tracking.tensorboard_run import TensorBoardRun
+
+    store = LocalStore(tmp_path / "store")
+    run = TensorBoardRun(store, "p", tmp_path / "w", "train")
+    assert run.ROTATE_EVERY_S == 60.0
+    run.log_metrics([("train/loss", 1.0, 1)])
+    run.sync()  # opened less than 60 s ago: the point waits in the open file
+    assert store.list("p") == []
+    run.finish_stage()
+    assert len(store.list("p")) == 1
+
+
+def test_a_file_cut_short_yields_its_whole_records(tmp_path):
+    from shared.tracking.tensorboard_run import TensorBoardRun, scalars
+
+    store = LocalStore(tmp_path / "store")
+    run = TensorBoardRun(store, "p", tmp_path / "w", "train")
+    run.log_metrics([("train/loss", float(s), s) for s in range(1, 6)])
+    run.finish_stage()
+    (key,) = store.list("p")
+    data = store.get_bytes(key)
+    assert [step for tag, step in scalars(data) if tag == "train/loss"] == [1, 2, 3, 4, 5]
+    cut = [step for tag, step in scalars(data[:-7]) if tag == "train/loss"]
+    assert cut == [1, 2, 3, 4]
