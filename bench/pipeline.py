@@ -9,9 +9,10 @@ hop between stages (a result recorded → the next stage started: bus message, w
 reading the spec and manifests from the store). Orchestration overhead = the hops' share of
 the job's wall time (goal: under 5%). Then the training stage's throughput as a job sees it
 (train rows x epochs over the stage's wall time: model load, checkpoints, progress events
-and the lease included) against the trainer alone on the same prepared split, spec and plan
-in this process (``services.trainer.train`` only; goal: the job within 15%). Prints
-figures; nothing here is a test.
+and the lease included) against the trainer alone on the same prepared splits, spec and
+plan in this process (``services.trainer.train`` only, with the validation passes the spec
+asks for, as the job's stage has them; goal: the job within 15%). Prints figures; nothing
+here is a test.
 """
 
 from __future__ import annotations
@@ -154,7 +155,8 @@ def trained_examples(launcher: Any, job_id: str, spec: dict[str, Any]) -> float:
 
 
 def trainer_alone(launcher: Any, job_id: str, spec: dict[str, Any]) -> float:
-    """examples/s of services.trainer.train on the job's prepared split, spec and plan."""
+    """examples/s of services.trainer.train on the job's prepared splits (train, and the
+    validation split its passes use), spec and plan."""
     import torch
 
     from services.trainer import lora, train
@@ -169,14 +171,19 @@ def trainer_alone(launcher: Any, job_id: str, spec: dict[str, Any]) -> float:
     manifest = jobs.manifest(job_id, "train")
     plan = Plan(**{**manifest["plan"], "notes": tuple(manifest["plan"]["notes"])})
     training = parse_spec(spec).training
-    table = read_split(jobs.store, dataset, "train", cache_dir=launcher.var_dir / "bench-cache")
+    cache = launcher.var_dir / "bench-cache"
+    table = read_split(jobs.store, dataset, "train", cache_dir=cache)
+    # The same work as the job's stage: its validation passes too, where the spec has them.
+    validation = None
+    if dataset["counts"].get("validation"):
+        validation = read_split(jobs.store, dataset, "validation", cache_dir=cache)
     torch.manual_seed(training.seed)
     model = lora.build_model(spec["base_model"], training, plan)
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
         summary = train.train(
-            model, load_tokenizer(spec["base_model"]), table, spec=training, plan=plan,
-            output_dir=Path(out), callbacks=[],
+            model, load_tokenizer(spec["base_model"]), table, eval_table=validation,
+            spec=training, plan=plan, output_dir=Path(out), callbacks=[],
         )  # fmt: skip
         seconds = time.perf_counter() - start
     return summary["steps"] * plan.batch_size * plan.gradient_accumulation_steps / seconds

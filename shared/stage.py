@@ -229,18 +229,19 @@ def _redo(command: Command, ctx: StageContext, exc: CorruptOutput, dispatch: boo
     retry starts at that stage."""
     jobs, job_id, stage = ctx.jobs, command.job_id, exc.stage
     redone = [e for _, e in jobs.events_after(job_id) if isinstance(e, JobRetried) and e.reason]
-    jobs.set_aside(job_id, stage, str(exc))  # type: ignore[arg-type]
+    kept = jobs.set_aside(job_id, stage, str(exc))  # type: ignore[arg-type]
+    where = f"; its manifest kept as {jobs.store.uri(kept)}" if kept else ""
     prefix = jobs.stage_prefix(job_id, stage)  # type: ignore[arg-type]
     shutil.rmtree(ctx.settings.cache_dir / "artifacts" / prefix, ignore_errors=True)
     if any(e.stage == stage for e in redone) or not dispatch:
         again = "found corrupt before: not redone again" if redone else "set aside"
-        exc.args = (f"{exc} (the {stage} stage's output {again}; a retry runs it again)",)
+        exc.args = (f"{exc} (the {stage} stage's output {again}{where}; a retry runs it again)",)
         return _failed(command, ctx, exc, 1, dispatch)
     resumed = jobs.resume_command(job_id)
     retried = JobRetried(
         job_id=job_id,
         stage=STAGE_OF_COMMAND[resumed.type],  # type: ignore[attr-defined]
-        reason=str(exc),
+        reason=f"{exc}{where}",
     )
     log.warning("%s: %s; the %s stage runs again", job_id, exc, retried.stage)
     jobs.record(retried, send=[resumed])

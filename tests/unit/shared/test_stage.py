@@ -108,11 +108,14 @@ def test_a_corrupt_earlier_output_runs_that_stage_again_once(ctx):
 
     event = run_stage(command, evaluate, ctx, dispatch=True)
     assert event.type == "JobRetried" and event.stage == "train"
-    assert event.reason == "adapter_model.safetensors does not match its SHA-256"
     assert ctx.jobs.manifest("job-1", "train") is None  # the stage is not done any more
     assert ctx.jobs.manifest("job-1", "prepare") == {"of": "prepare"}
     [kept] = [k for k in ctx.store.list("jobs/job-1/train") if "corrupt" in k]
-    assert ctx.store.get_json(kept) == {"of": "train"}  # kept for a look
+    assert ctx.store.get_json(kept) == {"of": "train"}  # kept for a look, and the job says where
+    assert event.reason == (
+        "adapter_model.safetensors does not match its SHA-256; "
+        f"its manifest kept as {ctx.store.uri(kept)}"
+    )
     assert not cached.exists()  # the next reader fetches the new output
     job = ctx.jobs.summary("job-1")
     assert (job["status"], job["retries"], job["error"]) == ("queued", 1, None)
@@ -124,7 +127,8 @@ def test_a_corrupt_earlier_output_runs_that_stage_again_once(ctx):
     ctx.jobs.write_manifest("job-1", "train", {"of": "train, again"})
     failed = run_stage(command, evaluate, ctx, dispatch=True)
     assert failed.type == "StageFailed" and failed.permanent
-    assert "found corrupt before: not redone again; a retry runs it again" in failed.error
+    assert "found corrupt before: not redone again; its manifest kept as " in failed.error
+    assert failed.error.endswith("; a retry runs it again)")
     assert ctx.jobs.summary("job-1")["status"] == "failed"
     assert ctx.jobs.resume_command("job-1").type == "TrainModel"
 
