@@ -22,12 +22,13 @@ MIN_REFRESH_S = 10.0
 
 
 def _client_for(secret_id: str) -> Any:
-    """A Secrets Manager client in the secret's region (from its ARN; else the default)."""
+    """A Secrets Manager client in the secret's region (from its ARN; else the default), from
+    a session of its own (boto3's default session is not for several threads at once)."""
     import boto3
 
     parts = secret_id.split(":")
     region = parts[3] if secret_id.startswith("arn:") and len(parts) > 3 else None
-    return boto3.client("secretsmanager", region_name=region or None)
+    return boto3.session.Session().client("secretsmanager", region_name=region or None)
 
 
 def password_from(secret_id: str, secret_string: str | None) -> str:

@@ -175,3 +175,12 @@ def test_both_password_settings_are_refused_without_echoing_them():
     with pytest.raises(ValueError, match="not both") as info:
         Settings(database_password="hunter2", database_password_secret="arn:secret")
     assert "hunter2" not in str(info.value)
+
+
+def test_the_secret_is_read_in_its_own_region(monkeypatch):
+    from shared.ledger.secret import _client_for
+
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    arn = "arn:aws:secretsmanager:eu-central-1:123456789012:secret:rds!db-x-AbCdEf"
+    assert _client_for(arn).meta.region_name == "eu-central-1"
+    assert _client_for("termtune/db-password").meta.region_name == "us-east-1"
