@@ -139,7 +139,7 @@ def sft_trainer(
             pad_token_id=tokenizer.pad_token_id,
             pad_to_multiple_of=8 if plan.device == "cuda" else None,
         )
-    trainer = SFTTrainer(
+    trainer = _grouped(SFTTrainer)(
         model=model,
         args=config,
         train_dataset=to_dataset(train_table),
@@ -150,3 +150,26 @@ def sft_trainer(
     )
     trainer.data_collator = CountingCollator(trainer.data_collator)
     return trainer
+
+
+def _grouped(sft_trainer: type) -> type:
+    """SFTTrainer whose length grouping draws its order from the seed and the epoch (see
+    services.trainer.batches: a resumed run keeps the order of the run it continues)."""
+    from services.trainer.batches import EpochOf, LengthGroupedBySeed
+
+    class GroupedSFTTrainer(sft_trainer):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.current: LengthGroupedBySeed | None = None
+            self.add_callback(EpochOf(self))
+
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            if self.args.train_sampling_strategy != "group_by_length":
+                return super()._get_train_sampler(train_dataset)
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            lengths = [len(ids) for ids in dataset["input_ids"]]
+            batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            self.current = LengthGroupedBySeed(batch, lengths, self.args.seed)
+            return self.current
+
+    return GroupedSFTTrainer

@@ -480,3 +480,77 @@ def test_the_curves_reach_the_tensorboard_files_while_it_trains(ctx, tiny_model,
     events.Reload()
     losses = {e["step"]: e["loss"] for e in log if "loss" in e}
     assert {e.step: e.value for e in events.Scalars("train/loss")} == pytest.approx(losses)
+
+
+class _Recording:
+    """A trainer's collator that also keeps each batch's rows (as sorted token tuples)."""
+
+    def __init__(self, collate, seen):
+        self.collate, self.seen = collate, seen
+
+    def __call__(self, features):
+        self.seen.append(sorted(tuple(f["input_ids"]) for f in features))
+        return self.collate(features)
+
+    def __getattr__(self, name):
+        return getattr(self.collate, name)
+
+
+@pytest.mark.parametrize("family", ["t5", "qwen3"])
+def test_a_run_resumed_after_the_first_epoch_trains_on_the_same_rows(
+    ctx, tiny_model, tiny_qwen, family, monkeypatch
+):
+    """Length-grouped orders came from torch's global generator: a run resumed in the
+    middle of epoch 2 drew another order than the run it continued, training on some rows
+    of that epoch twice and on others not at all (seq2seq and decoder-only alike)."""
+    from services.dataprep.handler import handle as prepare
+    from services.trainer import train as train_module
+    from services.trainer.handler import handle
+    from shared.messages import PrepareDataset, TrainModel
+    from tests.factories import make_spec
+
+    seen = []
+    build = train_module._trainer
+
+    def recording(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        trainer.data_collator = _Recording(trainer.data_collator, seen)
+        return trainer
+
+    monkeypatch.setattr(train_module, "_trainer", recording)
+
+    def job(job_id):
+        spec = make_spec(
+            tiny_model if family == "t5" else tiny_qwen,
+            training={
+                "batch_size": 32, "gradient_accumulation_steps": 1, "epochs": 3,
+                "max_steps": -1, "checkpoint_every_steps": 8, "logging_steps": 1,
+            },
+        )  # fmt: skip
+        cmd = PrepareDataset(job_id=job_id, spec_uri=ctx.jobs.create(job_id, spec))
+        event = prepare(cmd, ctx)
+        return TrainModel(job_id=job_id, spec_uri=cmd.spec_uri, dataset_manifest=event.manifest)
+
+    ctx.progress = lambda data, *, force=False: None
+    handle(job("whole"), ctx)
+    whole, per_epoch = list(seen), len(seen) // 3
+    assert per_epoch < 8  # the checkpoint at step 8 is in the second epoch
+    seen.clear()
+
+    def crash(data, *, force=False):
+        if data.get("step") == 10 and "phase" not in data and data.get("loss") is not None:
+            raise RuntimeError("simulated crash")
+
+    ctx.progress = crash
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        handle(job("cut"), ctx)
+    seen.clear()
+    ctx.progress = lambda data, *, force=False: None
+    handle(job("cut"), ctx)
+    assert ctx.jobs.manifest("cut", "train")["resumed_from_step"] == 8
+    assert seen == whole[8:]
+    # Each epoch is a new order (drawn from the seed and the epoch), each row once in it.
+    epochs = [whole[e * per_epoch : (e + 1) * per_epoch] for e in range(3)]
+    assert epochs[0] != epochs[1] != epochs[2]
+    rows = [sorted(r for batch in epoch for r in batch) for epoch in epochs]
+    assert rows[0] == rows[1] == rows[2]

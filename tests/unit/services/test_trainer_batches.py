@@ -75,13 +75,21 @@ def test_the_collator_counts_real_tokens_and_padded_positions(tiny_model):
 
 def test_batches_stay_whole_when_cut_every_batch_rows_and_change_order_each_epoch():
     """The DataLoader cuts the sampler's order every ``batch`` rows: only the last piece
-    may be short, every piece is one planned batch, the longest comes first."""
+    may be short, every piece is one planned batch, the longest comes first; each epoch has
+    its own order, drawn from the seed and the epoch alone."""
     torch.manual_seed(0)
     sources = [int(x) for x in torch.randint(3, 20, (1003,))]
     targets = [int(x) for x in torch.randint(3, 300, (1003,))]
-    sampler = TwoSidedSampler(16, sources, targets)
-    first, second = list(sampler), list(sampler)
+    sampler = TwoSidedSampler(16, sources, targets, seed=42)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    second = list(sampler)
     assert sorted(first) == list(range(1003)) and first != second
+    # The order is the seed's and the epoch's: torch's global generator does not move it.
+    torch.manual_seed(7)
+    sampler.set_epoch(0)
+    assert list(sampler) == first
+    assert list(TwoSidedSampler(16, sources, targets, seed=43)) != first
     pieces = [first[i : i + 16] for i in range(0, 1003, 16)]
     assert [len(p) for p in pieces[:-1]] == [16] * (len(pieces) - 1) and len(pieces[-1]) == 11
     spread = [max(targets[i] for i in p) - min(targets[i] for i in p) for p in pieces[:-1]]
@@ -90,3 +98,9 @@ def test_batches_stay_whole_when_cut_every_batch_rows_and_change_order_each_epoc
     assert tokens[0] == max(tokens[:-1])
     order = [max(targets[i] for i in p) for p in pieces[1:-1]]
     assert order != sorted(order) and order != sorted(order, reverse=True)  # not a curriculum
+
+
+def test_a_trainer_states_fractional_epoch_names_the_epoch_it_is_in():
+    from services.trainer.batches import epoch_index
+
+    assert [epoch_index(e) for e in (0.0, 0.5, 1.0, 1.4, 2.9999999, 3.0)] == [0, 0, 1, 1, 3, 3]
