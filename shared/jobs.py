@@ -379,6 +379,22 @@ class JobRecords:
         found = self._since_retry(job_id, t.events.c.type == OUTCOMES[stage])
         return found[0] if found else None
 
+    def finished(self, job_id: str, stage: str) -> bool:
+        """Whether the stage's success is recorded since the last retry and since the stage
+        was last sent again (a ``JobRetried`` of it: a corrupt output is made again). A
+        manifest alone is not: a worker that died between writing it and recording the
+        event left the stage unfinished, and its command must be sent again."""
+        ev = t.events.c
+        done = False
+        for event in self._since_retry(
+            job_id, ev.type.in_([OUTCOMES[stage], "JobRetried"])
+        ):  # oldest first
+            if event.type == OUTCOMES[stage]:  # type: ignore[union-attr]
+                done = True
+            elif getattr(event, "stage", None) == stage:
+                done = False
+        return done
+
     def cancelled(self, job_id: str) -> bool:
         """Whether the job was recorded as cancelled (since the last retry)."""
         return bool(self._since_retry(job_id, t.events.c.type == "JobCancelled"))

@@ -4,7 +4,8 @@ The test suite runs every scenario at a reduced size. ``make reliability`` runs 
 size (``TERMTUNE_RELIABILITY_SIZE=full``) and writes ``docs/reliability.md``
 (``TERMTUNE_RELIABILITY_REPORT``) from the counts and times measured, with the machine and
 the date. Each scenario records what it saw in an :class:`Outcome`; a failed "must hold"
-is a failed test and a "no" in the report.
+is a failed test and a "no" in the report, and so is a scenario that stopped on an error
+(a job that never ended, say) before its verdict.
 """
 
 from __future__ import annotations
@@ -54,10 +55,20 @@ class Outcome:
 
 
 _OUTCOMES: list[Outcome] = []
+_STOPPED = pytest.StashKey[str]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> object:
+    """Keep on the test what stopped its scenario (the error of a failed call)."""
+    report = yield
+    if call.when == "call" and call.excinfo is not None:
+        item.stash[_STOPPED] = f"{call.excinfo.typename}: {call.excinfo.value}".splitlines()[0]
+    return report
 
 
 @pytest.fixture
-def scenario():
+def scenario(request: pytest.FixtureRequest):
     """Start a scenario: ``scenario(name, full=, ci=, must_hold=, settings=)`` → its
     Outcome (``settings``: those its times depend on, stated on the page)."""
     started = time.monotonic()
@@ -71,8 +82,11 @@ def scenario():
         return outcome
 
     yield start
+    stopped = request.node.stash.get(_STOPPED, None)
     for outcome in made:
         outcome.seconds = time.monotonic() - started
+        if stopped and not outcome.failures:  # an error before the verdict: not held
+            outcome.failures.append(f"stopped before its verdict: {stopped[:300]}")
         _OUTCOMES.append(outcome)
 
 

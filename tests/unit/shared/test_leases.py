@@ -154,14 +154,52 @@ def test_reconciler_resends_an_expired_command_once(jobs, bus):
     assert [e.type for e in jobs.events("job-1")] == ["StageProgress"]
 
 
+def _trained(jobs):
+    """What a trainer stores and records when the stage succeeds."""
+    from shared.messages import ModelTrained
+
+    uri = jobs.write_manifest("job-1", "train", {"steps": 6})
+    jobs.record(ModelTrained(job_id="job-1", manifest=uri, train_loss=1.0, steps=6))
+
+
 def test_reconciler_drops_leases_of_finished_stages(jobs, bus):
     command = TrainModel(job_id="job-1", spec_uri="file:///s", dataset_manifest="file:///m")
     assert _lease(jobs, "w", command={"body": dump_message(command), "attempt": 1}).acquire()
-    jobs.write_manifest("job-1", "train", {"steps": 6})
+    _trained(jobs)  # the worker died after recording the success, before releasing
     _expire(jobs)
     assert reconcile_once(jobs) == []
     assert _row(jobs) is None
     assert relay_once(jobs, bus) == 0 and _queued(bus) is None
+
+
+def test_a_stage_whose_manifest_is_stored_but_whose_success_is_not_is_sent_again(jobs, bus):
+    """Found by the full-size reliability run (2026-12-05): data-prep killed between
+    writing its manifest and recording DatasetPrepared. The reconciler took the manifest
+    for the stage's end and dropped the lease: the job stayed running for good."""
+    command = TrainModel(job_id="job-1", spec_uri="file:///s", dataset_manifest="file:///m")
+    assert _lease(jobs, "w", command={"body": dump_message(command), "attempt": 1}).acquire()
+    jobs.write_manifest("job-1", "train", {"steps": 6})  # ... and then kill -9
+    _expire(jobs)
+    assert reconcile_once(jobs) == ["job-1"]
+    assert relay_once(jobs, bus) == 1 and parse_message(_queued(bus).payload) == command
+
+
+def test_a_stage_sent_again_to_remake_a_corrupt_output_is_not_finished(jobs, bus):
+    """After a JobRetried of the stage (its output found corrupt), the success recorded
+    before it does not count: a worker dying in the new run is recovered."""
+    from shared.messages import JobRetried
+
+    _trained(jobs)
+    assert jobs.finished("job-1", "train")
+    jobs.record(JobRetried(job_id="job-1", stage="train", reason="adapter corrupt"))
+    assert not jobs.finished("job-1", "train")
+    command = TrainModel(job_id="job-1", spec_uri="file:///s", dataset_manifest="file:///m")
+    assert _lease(jobs, "w", command={"body": dump_message(command), "attempt": 2}).acquire()
+    jobs.write_manifest("job-1", "train", {"steps": 6, "again": True})
+    _expire(jobs)
+    assert reconcile_once(jobs) == ["job-1"]
+    _trained(jobs)
+    assert jobs.finished("job-1", "train")
 
 
 def test_a_corrupt_lease_is_quarantined_and_the_others_are_still_reconciled(jobs, bus):
