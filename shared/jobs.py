@@ -380,20 +380,11 @@ class JobRecords:
         return found[0] if found else None
 
     def finished(self, job_id: str, stage: str) -> bool:
-        """Whether the stage's success is recorded since the last retry and since the stage
-        was last sent again (a ``JobRetried`` of it: a corrupt output is made again). A
-        manifest alone is not: a worker that died between writing it and recording the
-        event left the stage unfinished, and its command must be sent again."""
-        ev = t.events.c
-        done = False
-        for event in self._since_retry(
-            job_id, ev.type.in_([OUTCOMES[stage], "JobRetried"])
-        ):  # oldest first
-            if event.type == OUTCOMES[stage]:  # type: ignore[union-attr]
-                done = True
-            elif getattr(event, "stage", None) == stage:
-                done = False
-        return done
+        """Whether the stage's success is recorded since the job last resumed (a user's
+        retry, or a ``JobRetried`` that makes a corrupt output again). A manifest alone is
+        not: a worker that died between writing it and recording the event left the stage
+        unfinished, and its command must be sent again."""
+        return self.outcome(job_id, stage) is not None
 
     def cancelled(self, job_id: str) -> bool:
         """Whether the job was recorded as cancelled (since the last retry)."""
