@@ -58,15 +58,24 @@ class EpochSeeded:
 
 
 class EpochOf(TrainerCallback):
-    """Tells a trainer's sampler the epoch that begins (a resumed run begins in the
+    """Tells a trainer's current sampler the epoch that begins (a resumed run begins in the
     checkpoint's, e.g. 1.4 -> epoch 1)."""
 
-    def __init__(self, sampler: Any) -> None:
-        self.sampler = sampler
+    def __init__(self, trainer: SeededSampling) -> None:
+        self.trainer = trainer
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.sampler.current is not None:
-            self.sampler.current.set_epoch(epoch_index(state.epoch or 0.0))
+        if self.trainer.current is not None:
+            self.trainer.current.set_epoch(epoch_index(state.epoch or 0.0))
+
+
+class SeededSampling:
+    """A Trainer mixin: the ``EpochSeeded`` sampler it made (``current``), told each epoch."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.current: EpochSeeded | None = None
+        self.add_callback(EpochOf(self))  # type: ignore[attr-defined]
 
 
 def epoch_index(epoch: float) -> int:
@@ -165,7 +174,7 @@ class CountingCollator:
         return share
 
 
-class GroupedTrainer(Seq2SeqTrainer):
+class GroupedTrainer(SeededSampling, Seq2SeqTrainer):
     """Seq2SeqTrainer whose length grouping sorts by target then source length, and whose
     evaluation batches are not counted as training padding."""
 
@@ -174,8 +183,6 @@ class GroupedTrainer(Seq2SeqTrainer):
     ) -> None:
         super().__init__(*args, **kwargs)
         self.lengths = lengths
-        self.current: EpochSeeded | None = None
-        self.add_callback(EpochOf(self))
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         if self.args.train_sampling_strategy != "group_by_length" or self.lengths is None:

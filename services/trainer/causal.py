@@ -155,14 +155,9 @@ def sft_trainer(
 def _grouped(sft_trainer: type) -> type:
     """SFTTrainer whose length grouping draws its order from the seed and the epoch (see
     services.trainer.batches: a resumed run keeps the order of the run it continues)."""
-    from services.trainer.batches import EpochOf, LengthGroupedBySeed
+    from services.trainer.batches import LengthGroupedBySeed, SeededSampling
 
-    class GroupedSFTTrainer(sft_trainer):  # type: ignore[misc, valid-type]
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.current: LengthGroupedBySeed | None = None
-            self.add_callback(EpochOf(self))
-
+    class GroupedSFTTrainer(SeededSampling, sft_trainer):  # type: ignore[misc, valid-type]
         def _get_train_sampler(self, train_dataset: Any = None) -> Any:
             if self.args.train_sampling_strategy != "group_by_length":
                 return super()._get_train_sampler(train_dataset)
