@@ -50,6 +50,15 @@ TORCH_CPU = "torch==2.13.0+cpu"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 COMPOSE_FILES = ("docker-compose.yml", "deploy/compose.cpu.yml", str(HERE / "compose.standins.yml"))
+#: the label every termtune image and builder stage carries (its Dockerfiles set it)
+OWN_LABEL = "org.opencontainers.image.vendor=termtune"
+#: the wheelhouse's port when free: the build args name its URL, and the classic builder
+#: reuses a layer only when they are the same, so a fixed URL lets a rebuild reuse the
+#: unchanged dependency layers instead of leaving a second copy of each image behind
+WHEELHOUSE_PORT = 47913
+#: what the engine's disk needs free before the six images are built cold and the stack run
+#: (measured on 2026-12-05: the disk's use rose 9.9 GB at its peak, the images 8.5 GB of it)
+BUILD_NEEDS_GB = 12
 
 
 class EngineError(RuntimeError):
@@ -153,10 +162,14 @@ def fill_wheelhouse(folder: Path) -> Path:
 
 
 @contextmanager
-def serve(folder: Path) -> Iterator[str]:
-    """The folder over HTTP on loopback (pip's find-links); its URL."""
+def serve(folder: Path, port: int = WHEELHOUSE_PORT) -> Iterator[str]:
+    """The folder over HTTP on loopback (pip's find-links), on ``port`` or, when that is
+    taken, a free one; its URL."""
     handler = functools.partial(_QuietHandler, directory=str(folder))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    try:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+    except OSError:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -169,6 +182,43 @@ def serve(folder: Path) -> Iterator[str]:
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib name
         pass
+
+
+def reclaim() -> None:
+    """Remove what earlier builds of termtune's images left on the engine: the images no tag
+    names any more (each rebuilt image's previous build, the builder stages) and the classic
+    builder's stopped containers (a RUN that failed, on a full disk say, leaves its own).
+    Only termtune's (OWN_LABEL); a compose project's stopped containers are left alone."""
+    listed = run(
+        ["docker", "ps", "-a", "--filter", f"label={OWN_LABEL}", "--filter", "status=exited"]
+        + [
+            "--filter",
+            "status=created",
+            "--format",
+            '{{.ID}} {{.Label "com.docker.compose.project"}}',
+        ],
+        timeout=120,
+    ).stdout.split("\n")
+    leftovers = [line.split()[0] for line in listed if len(line.split()) == 1]
+    if leftovers:
+        run(["docker", "rm", *leftovers], timeout=600)
+    run(["docker", "image", "prune", "-f", "--filter", f"label={OWN_LABEL}"], timeout=1800)
+
+
+def disk_problem(need_gb: float = BUILD_NEEDS_GB) -> str | None:
+    """Why the engine's disk cannot take a cold build (None: it can, or the engine's data
+    is not on this machine to measure)."""
+    root = Path(run(["docker", "info", "-f", "{{.DockerRootDir}}"], timeout=60).stdout.strip())
+    if not root.is_dir():
+        return None
+    free_gb = shutil.disk_usage(root).free / 1e9
+    if free_gb >= need_gb:
+        return None
+    return (
+        f"the Docker engine's disk ({root}) has {free_gb:.1f} GB free; building termtune's "
+        f"images and running the stack needs about {need_gb:.0f} GB. What termtune's earlier "
+        "builds left is already removed; `docker system df` shows what else holds the disk"
+    )
 
 
 def build_args(wheelhouse_url: str) -> list[str]:

@@ -52,6 +52,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     problem = engine.engine_problem()
     if problem:
         pytest.fail(f"make test-compose needs a Docker engine: {problem}")
+    engine.reclaim()
+    problem = engine.disk_problem()
+    if problem:
+        pytest.fail(f"make test-compose: {problem}")
     folder = tmp_path_factory.mktemp("compose")
     key = secrets.token_urlsafe(24)
     port = 8000  # the README's command names the default port
@@ -98,6 +102,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     finally:
         print(json.dumps(FIGURES, indent=2))
         compose("down", "-v", "--remove-orphans", check=False, timeout=600)
+        engine.reclaim()  # this build's superseded images: repeated runs do not fill the disk
 
 
 @pytest.fixture(autouse=True)
