@@ -386,6 +386,12 @@ class JobRecords:
         unfinished, and its command must be sent again."""
         return self.outcome(job_id, stage) is not None
 
+    def failure(self, job_id: str) -> Message | None:
+        """The job's recorded failure since it last resumed (a ``StageFailed`` of any stage),
+        if it failed: nothing of it runs again until a retry."""
+        found = self._since_retry(job_id, t.events.c.type == "StageFailed")
+        return found[-1] if found else None
+
     def cancelled(self, job_id: str) -> bool:
         """Whether the job was recorded as cancelled (since the last retry)."""
         return bool(self._since_retry(job_id, t.events.c.type == "JobCancelled"))

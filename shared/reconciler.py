@@ -36,10 +36,16 @@ def reconcile_once(jobs: JobRecords) -> list[str]:
 
 def _reconcile(jobs: JobRecords, lease: ExpiredLease) -> bool:
     """Re-send one expired lease's command (True), or drop the lease of a stage that ended
-    (its success recorded) or of a job being cancelled. A stage whose manifest is stored
-    but whose success is not (its worker died in between) is sent again: the handler finds
-    the manifest, does no work twice and records the success."""
-    stale = jobs.finished(lease.job_id, lease.stage) or jobs.cancel_requested(lease.job_id)
+    (its success recorded), of a job that failed or of a job being cancelled. A stage whose
+    manifest is stored but whose success is not (its worker died in between) is sent again:
+    the handler finds the manifest, does no work twice and records the success. A worker
+    that died after recording the job's failure leaves it failed: only a retry runs it."""
+    job_id = lease.job_id
+    stale = (
+        jobs.finished(job_id, lease.stage)
+        or jobs.failure(job_id) is not None
+        or jobs.cancel_requested(job_id)
+    )
     with jobs.ledger.write() as conn:
         if stale:
             delete_lease(conn, lease)  # the stage ended; the lease is stale

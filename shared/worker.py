@@ -168,6 +168,15 @@ class Worker:
         if done is not None:
             self._delivered_again(command, done)
             return
+        failed = self.ctx.jobs.failure(command.job_id)
+        if failed is not None:
+            log.info(
+                "%s failed at %s (%s); this delivery is not run: a retry starts it again",
+                command.job_id,
+                failed.stage,  # type: ignore[attr-defined]
+                failed.error_type,  # type: ignore[attr-defined]
+            )
+            return
         deaths = self.ctx.jobs.deaths(command.job_id, stage)
         if deaths >= self.settings.max_attempts:
             event: Event | None = self._give_up(command, stage, deaths)

@@ -172,6 +172,30 @@ def test_reconciler_drops_leases_of_finished_stages(jobs, bus):
     assert relay_once(jobs, bus) == 0 and _queued(bus) is None
 
 
+def test_a_worker_that_died_after_recording_the_jobs_failure_leaves_it_failed(jobs, bus):
+    """A worker killed after recording StageFailed, before releasing its lease: its command
+    was sent again and the failed job ran again though nobody retried it. Only a retry runs
+    it now."""
+    from shared.messages import JobRetried, StageFailed
+
+    command = TrainModel(job_id="job-1", spec_uri="file:///s", dataset_manifest="file:///m")
+    held = {"body": dump_message(command), "attempt": 3}
+    assert _lease(jobs, "w", command=held).acquire()
+    jobs.record(
+        StageFailed(job_id="job-1", stage="train", error="CUDA out of memory", error_type="OOM")
+    )  # ... and then kill -9, the lease still held
+    _expire(jobs)
+    assert reconcile_once(jobs) == []
+    assert _row(jobs) is None
+    assert relay_once(jobs, bus) == 0 and _queued(bus) is None
+    assert jobs.summary("job-1")["status"] == "failed"
+    # A retry resumes the job: a worker lost from then on is recovered again.
+    jobs.record(JobRetried(job_id="job-1", stage="train"))
+    assert _lease(jobs, "w2", command={"body": dump_message(command), "attempt": 1}).acquire()
+    _expire(jobs)
+    assert reconcile_once(jobs) == ["job-1"]
+
+
 def test_a_stage_whose_manifest_is_stored_but_whose_success_is_not_is_sent_again(jobs, bus):
     """Found by the full-size reliability run (2026-12-05): data-prep killed between
     writing its manifest and recording DatasetPrepared. The reconciler took the manifest

@@ -13,6 +13,7 @@ from shared.messages import (
     DatasetPrepared,
     JobRetried,
     PrepareDataset,
+    StageFailed,
     StageProgress,
     StageStarted,
     parse_message,
@@ -381,3 +382,28 @@ def test_a_stage_delivered_again_after_its_success_is_not_run_or_recorded_again(
     jobs.record(StageStarted(job_id="job-1", stage="train", worker="w", attempt=1))
     worker.on_message(cmd.model_dump(mode="json"), _Delivery({}, "cmd.PrepareDataset"))
     assert _drain(bus, bus.queues["trainer"], timeout=0.3) == []
+
+
+def test_a_command_delivered_after_its_job_failed_is_not_run_until_a_retry(env):
+    """At-least-once delivery (SQS, or a lease re-sent) may bring a command back after its
+    job failed: it is acked and not run, recorded or dead-lettered. A retry runs it."""
+    settings, store, jobs, bus, cmd = env
+    failed = StageFailed(job_id="job-1", stage="prepare", error="x", error_type="DatasetError")
+    jobs.record(failed)
+    called = []
+
+    def handler(command, ctx):
+        called.append(command)
+        return DatasetPrepared(job_id=command.job_id, manifest="file:///m", counts={"train": 3})
+
+    worker = Worker("dataprep", handler, settings=settings, bus=bus, store=store)
+    delivery = _Delivery({}, "cmd.PrepareDataset")
+    worker.on_message(cmd.model_dump(mode="json"), delivery)
+    assert called == [] and delivery.acked
+    assert _types(jobs) == ["StageFailed"]
+    assert jobs.summary("job-1")["status"] == "failed"
+    assert _drain(bus, bus.dead_queue, timeout=0.3) == []
+    jobs.record(JobRetried(job_id="job-1", stage="prepare"))
+    worker.on_message(cmd.model_dump(mode="json"), _Delivery({}, "cmd.PrepareDataset"))
+    assert called == [cmd]
+    assert _types(jobs)[-1] == "DatasetPrepared"
