@@ -43,7 +43,9 @@ RECIPES: dict[str, dict[str, Any]] = {
         "path": "termtune", "training": {"batch_size": 1, "gradient_accumulation_steps": 2},
         "lrs": [1e-3, 3e-3, 1e-2],
     },
-    "termtune default (auto plan)": {"path": "termtune", "training": {}, "lrs": [3e-2, 1e-1, 3e-1]},
+    "termtune default (auto plan)": {
+        "path": "termtune", "training": {}, "lrs": [1e-2, 3e-2, 1e-1, 3e-1],
+    },
 }  # fmt: skip
 MAX_SOURCE, MAX_TARGET = 128, 512
 
