@@ -531,13 +531,17 @@ class PublishSpec(_Section):
 class TrackingSpec(_Section):
     """Experiment tracking: one run a job, from training to the registered model."""
 
-    backend: Literal["none", "mlflow", "tensorboard"] | None = Field(
+    backend: Literal["none", "mlflow", "tensorboard", "wandb"] | None = Field(
         None,
         description='"mlflow": the job\'s parameters, training curves, evaluation (metrics '
         "with intervals, samples, the HTML page) and a registered model version per export "
         "go to the deployment's MLflow server (TERMTUNE_MLFLOW_TRACKING_URI). "
         '"tensorboard": the parameters, curves and evaluation scalars as TensorBoard event '
-        'files in the store (jobs/<id>/tracking/tensorboard/). "none": '
+        'files in the store (jobs/<id>/tracking/tensorboard/). "wandb": the same as '
+        "MLflow in a Weights & Biases run (the job id), written by W&B's client: its files in "
+        "the store (jobs/<id>/tracking/wandb/, for wandb beta sync) and, with "
+        "TERMTUNE_WANDB_MODE=online, on the W&B server; the export a model artifact. "
+        '"none": '
         "termtune's own record only. Unset: the deployment's TERMTUNE_TRACKING, fixed when "
         "the job is submitted.",
     )
@@ -546,12 +550,15 @@ class TrackingSpec(_Section):
         min_length=1,
         max_length=200,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._/-]*$",
-        description="MLflow experiment of the run (default: termtune/<job name>).",
+        description="MLflow experiment of the run (default: termtune/<job name>); W&B: the "
+        "run's group (default: the job name).",
     )
     register_model: bool = Field(
         True,
         description="Register the exported model in MLflow's model registry (a version under "
-        "the published model name, tagged with the job id, digest and Bedrock ARN).",
+        "the published model name, tagged with the job id, digest and Bedrock ARN); W&B: a "
+        "model artifact of that name with the same metadata (online: linked into the "
+        "registry).",
     )
 
 

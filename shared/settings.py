@@ -97,7 +97,7 @@ class Settings(BaseSettings):
         description="A stage service's Prometheus metrics port (0: none; the API serves "
         "/metrics on its own port).",
     )
-    tracking: Literal["none", "mlflow", "tensorboard"] = Field(
+    tracking: Literal["none", "mlflow", "tensorboard", "wandb"] = Field(
         "none", description="Experiment tracking of jobs whose spec leaves tracking.backend unset."
     )
     tracking_live_seconds: float = Field(
@@ -116,6 +116,22 @@ class Settings(BaseSettings):
         None,
         description="Base of the run links the web page and CLI show (default: the tracking "
         "URI when it is http(s)).",
+    )
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline",
+        description="W&B runs (tracking.backend: wandb): offline writes each stage's run files "
+        "to the store (jobs/<id>/tracking/wandb/, for wandb beta sync); online also streams "
+        "them to the W&B server of the client's WANDB_API_KEY and WANDB_BASE_URL.",
+    )
+    wandb_project: str = Field(
+        "termtune",
+        min_length=1,
+        max_length=128,
+        pattern=r"^[^/\\#?%:]+$",
+        description="W&B project of the jobs' runs.",
+    )
+    wandb_entity: str | None = Field(
+        None, description="W&B entity (user or team) of the runs (default: the key's own)."
     )
     sqs_region: str | None = Field(None, description="SQS region (default: AWS_DEFAULT_REGION).")
     sqs_visibility_seconds: int = Field(

@@ -210,16 +210,25 @@ def summary(client: Client, job: dict[str, Any]) -> None:
         console.print(f"exported model folder: {shown}")
         registered = result["publish"].get("registered_model")
         if registered:
-            console.print(
-                f"registered model: {registered['name']} version {registered['version']}",
-                markup=False,
-            )
+            console.print(f"registered model: {registered_line(registered)}", markup=False)
+
+
+def registered_line(registered: dict[str, Any]) -> str:
+    """The export's registry entry: an MLflow version, or a W&B artifact by its alias."""
+    if registered.get("version") is None:
+        return f"{registered['name']} (W&B model artifact, alias {registered['alias']})"
+    return f"{registered['name']} version {registered['version']}"
 
 
 def tracking_line(run: dict[str, Any]) -> str:
-    """Where the job's tracked run is: an MLflow run and its link, or TensorBoard's files."""
+    """Where the job's tracked run is: an MLflow or W&B run and its link, or the files of
+    one (TensorBoard's, W&B's offline run)."""
     if run.get("backend") == "tensorboard":
         return f"tensorboard logs: {run['location']}"
+    if run.get("backend") == "wandb" and not run.get("url"):
+        return (
+            f"wandb run {run['run_id']} (offline): {run['location']} (wandb beta sync uploads it)"
+        )
     return f"{run['backend']} run {run['run_id']}" + (f": {run['url']}" if run.get("url") else "")
 
 

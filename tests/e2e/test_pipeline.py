@@ -1,5 +1,6 @@
 """The services as separate processes, started by the same launcher as `make run`."""
 
+import json
 import socket
 from pathlib import Path
 
@@ -238,8 +239,10 @@ def test_a_decoder_only_job_runs_end_to_end_and_answers_chat_as_evaluated(
 
     launcher, client = services
     model = build_tiny_causal(family, tmp_path / family, data_file=SAMPLE_DATA)
-    job = _run_job(launcher, client, spec_dict(model, name=f"e2e-{family}"))
+    spec = spec_dict(model, name=f"e2e-{family}", tracking={"backend": "wandb"})
+    job = _run_job(launcher, client, spec)
     assert job["status"] == "succeeded", job
+    _check_the_wandb_run(launcher, job)
     assert job["result"]["train"]["steps"] == 6
     entry = client.model(f"e2e-{family}")
     assert entry["chat"] is True and entry["job_id"] == job["id"]
@@ -249,3 +252,26 @@ def test_a_decoder_only_job_runs_end_to_end_and_answers_chat_as_evaluated(
     assert reply["choices"][0]["message"]["content"] == sample["tuned"]
     workers = {job["stages"][s]["worker"] for s in job["stages"]}
     assert len(workers) == 4
+
+
+def _check_the_wandb_run(launcher, job):
+    """Three processes' parts of one W&B run (offline: W&B's client wrote them), read back
+    from the store: the curves, the evaluation, the export's model artifact."""
+    from shared.tracking.wandb_run import history, records, summary
+
+    ref = job["result"]["train"]["tracking"]
+    folder = launcher.var_dir / "store" / "jobs" / job["id"] / "tracking" / "wandb"
+    assert ref["location"] == folder.as_uri() and ref["run_id"] == job["id"]
+    parts = [p.read_bytes() for p in sorted(folder.glob("*/run-*.wandb"))]
+    assert [p.name.rsplit("-", 1)[1] for p in sorted(folder.iterdir())] == [
+        "train",
+        "evaluate",
+        "publish",
+    ]
+    train, evaluate, publish = parts
+    assert [h["train/step"] for h in history(train) if "train/loss" in h] == [2, 4, 6]
+    assert "eval/rougeL/tuned" in summary(evaluate)
+    (model,) = [r.artifact for r in records(publish) if r.HasField("artifact")]
+    assert model.name == job["model_name"] and model.type == "model"
+    assert json.loads(model.metadata)["termtune.job_id"] == job["id"]
+    assert summary(publish)["termtune.status"] == "FINISHED"

@@ -414,7 +414,7 @@ def test_mlflow_tracking_is_refused_without_a_server_and_reached_over_https():
 
     template = yaml.safe_load(TEMPLATE.read_text())
     parameters, rule = template["Parameters"], template["Rules"]["MlflowNeedsAServer"]
-    assert parameters["Tracking"]["AllowedValues"] == ["none", "mlflow"]
+    assert parameters["Tracking"]["AllowedValues"] == ["none", "mlflow", "tensorboard", "wandb"]
     assert rule["RuleCondition"] == {"Fn::Equals": [{"Ref": "Tracking"}, "mlflow"]}
     [assertion] = rule["Assertions"]
     assert assertion["Assert"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": "MlflowTrackingUri"}, ""]}]}

@@ -59,3 +59,17 @@ def test_the_summary_says_where_the_tracked_run_is():
     assert display.tracking_line({**mlflow, "url": None}) == "mlflow run abc"
     board = {"backend": "tensorboard", "location": "file:///var/store/jobs/j/tracking/tb"}
     assert display.tracking_line(board) == "tensorboard logs: file:///var/store/jobs/j/tracking/tb"
+    wandb = {"backend": "wandb", "run_id": "j", "location": "s3://b/jobs/j/tracking/wandb"}
+    assert display.tracking_line({**wandb, "url": None}) == (
+        "wandb run j (offline): s3://b/jobs/j/tracking/wandb (wandb beta sync uploads it)"
+    )
+    assert display.tracking_line({**wandb, "url": "https://wandb.ai/t/p/runs/j"}) == (
+        "wandb run j: https://wandb.ai/t/p/runs/j"
+    )
+
+
+def test_the_summary_names_the_registered_model_by_version_or_alias():
+    assert display.registered_line({"name": "m", "version": "3"}) == "m version 3"
+    assert display.registered_line({"name": "m", "version": None, "alias": "j"}) == (
+        "m (W&B model artifact, alias j)"
+    )

@@ -62,7 +62,7 @@ def test_the_spec_names_the_backend_and_nothing_else_accepts_it(tmp_path):
         "tensorboard"
     )
     with pytest.raises(SpecError, match="tracking.backend"):
-        make_spec(tmp_path, tracking={"backend": "wandb"})
+        make_spec(tmp_path, tracking={"backend": "comet"})
 
 
 def test_curves_reach_the_store_while_the_stage_runs_and_a_resumed_attempt_knows_them(
