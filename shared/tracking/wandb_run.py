@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import struct
@@ -36,6 +37,8 @@ from shared.jobs import job_prefix
 from shared.settings import Settings
 from shared.store import Store
 from shared.tracking.base import TrackedRun, flatten
+
+log = logging.getLogger(__name__)
 
 PREFIX = "tracking/wandb"
 #: the training curves' x axis (an optimizer step)
@@ -262,9 +265,27 @@ class WandbRun(TrackedRun):
         try:
             self._log_model()
         finally:
-            with self._lock, _calls("finishing the stage's part of the run"):
-                self.run.finish(exit_code=exit_code)
-            self._store_folder()
+            try:
+                with self._lock, _calls("finishing the stage's part of the run"):
+                    self.run.finish(exit_code=exit_code)
+            finally:  # what the client wrote is stored even when W&B's server refused it
+                self._written()
+                self._store_folder()
+
+    def _written(self, timeout: float = 30.0) -> None:
+        """Wait until W&B's service has written the part's records out: ``run.finish()``
+        returns before the service closes the file, whose last block (the exit record in
+        it) comes on closing. Done when the exit record is there and the file has stopped
+        growing; after ``timeout`` what is there is stored, with a warning."""
+        path = next(self.run_dir.glob("*.wandb"), None)
+        deadline, seen = time.monotonic() + timeout, -1
+        while path is not None and time.monotonic() < deadline:
+            size = path.stat().st_size
+            if size == seen and _closed(path.read_bytes()):
+                return
+            seen = size
+            time.sleep(0.05)
+        log.warning("W&B run %s: %s not complete after %.0f s", self.job_id, path, timeout)
 
     def _store_folder(self) -> None:
         """The stage's run folder (records and files; not the client's debug logs)."""
@@ -376,6 +397,14 @@ def records(data: bytes) -> Iterator[Any]:
             continue
         body, parts = (parts + body if kind == _LAST else body), b""
         yield Record.FromString(body)
+
+
+def _closed(data: bytes) -> bool:
+    """The file holds its exit record (written when the client's service closes it)."""
+    try:
+        return any(record.HasField("exit") for record in records(data))
+    except ValueError:  # not even its header yet
+        return False
 
 
 def history(data: bytes) -> Iterator[dict[str, Any]]:
