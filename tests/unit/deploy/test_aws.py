@@ -43,6 +43,14 @@ def _as_list(value):
     return value if isinstance(value, list) else [value]
 
 
+def _secrets(container):
+    """The container's secrets, those of every branch of a condition included."""
+    value = container.get("Secrets", [])
+    if isinstance(value, dict) and "Fn::If" in value:
+        return [s for branch in value["Fn::If"][1:] if isinstance(branch, list) for s in branch]
+    return value
+
+
 def _container(resources, service):
     task = resources[f"{service.capitalize()}Task"]["Properties"]
     return task, task["ContainerDefinitions"][0]
@@ -188,7 +196,7 @@ def test_containers_log_to_cloudwatch_and_read_secrets_from_secrets_manager(reso
         assert name.endswith("_SECRET") and "Fn::GetAtt" in env[name], name
     assert {"TERMTUNE_BROKER_URL", "TERMTUNE_STORE_URL", "TERMTUNE_DATABASE_URL"} <= env.keys()
     api_key = {"Name": "TERMTUNE_API_KEY", "ValueFrom": {"Ref": "ApiKeySecret"}}
-    assert (api_key in container.get("Secrets", [])) == (service == "api")
+    assert (api_key in _secrets(container)) == (service == "api")
 
 
 def test_database_is_private_encrypted_and_kept(resources):
@@ -248,7 +256,7 @@ def test_every_task_gets_the_database_url_and_reads_its_password_when_connecting
     }
     secret = {"Fn::GetAtt": ["Database", "MasterUserSecret.SecretArn"]}
     assert env["TERMTUNE_DATABASE_PASSWORD_SECRET"] == secret
-    assert not [s for s in container.get("Secrets", []) if "DATABASE" in s["Name"]]
+    assert not [s for s in _secrets(container) if "DATABASE" in s["Name"]]
     # The task role may read that secret and decrypt it through Secrets Manager only ...
     role = task["TaskRoleArn"]["Fn::GetAtt"][0]
     policies = [
@@ -528,3 +536,43 @@ def test_the_model_cache_has_a_mount_target_in_every_private_subnet(resources, c
         assert props["SecurityGroups"] == [{"Ref": "ModelCacheSecurityGroup"}], name
         reached.append(_evaluate(props["SubnetId"], params, conditions))
     assert sorted(reached) == subnets
+
+
+def test_w_and_b_runs_stream_online_only_with_the_stacks_key(resources):
+    """tracking.backend wandb: offline (files in the bucket) unless the stack is given a
+    secret with a W&B key, which the three stages that log get at start, and the execution
+    role may read."""
+    import re
+
+    template = yaml.safe_load(TEMPLATE.read_text())
+    parameter = template["Parameters"]["WandbApiKeySecretArn"]
+    assert parameter["Default"] == ""
+    arn = "arn:aws:secretsmanager:us-east-1:123456789012:secret:wandb-key-AbCdEf"
+    assert re.fullmatch(parameter["AllowedPattern"], arn)
+    assert not re.fullmatch(parameter["AllowedPattern"], "my-wandb-key")
+    assert template["Conditions"]["WandbOnline"] == {
+        "Fn::Not": [{"Fn::Equals": [{"Ref": "WandbApiKeySecretArn"}, ""]}]
+    }
+    online = {"Fn::If": ["WandbOnline", "online", "offline"]}
+    key = {"Name": "WANDB_API_KEY", "ValueFrom": {"Ref": "WandbApiKeySecretArn"}}
+    for service in SERVICES:
+        task, container = _container(resources, service)
+        env = {e["Name"]: e["Value"] for e in container["Environment"]}
+        if service in ("trainer", "evaluator", "publisher"):
+            assert env["TERMTUNE_WANDB_MODE"] == online
+            assert container["Secrets"] == {
+                "Fn::If": ["WandbOnline", [key], {"Ref": "AWS::NoValue"}]
+            }
+        else:
+            assert "TERMTUNE_WANDB_MODE" not in env
+            assert "WANDB_API_KEY" not in str(_secrets(container))
+        execution = resources[task["ExecutionRoleArn"]["Fn::GetAtt"][0]]
+        readable = [
+            r
+            for s in _statements(execution)
+            if "secretsmanager:GetSecretValue" in _as_list(s["Action"])
+            for r in _as_list(s["Resource"])
+        ]
+        assert {
+            "Fn::If": ["WandbOnline", {"Ref": "WandbApiKeySecretArn"}, {"Ref": "AWS::NoValue"}]
+        } in readable
