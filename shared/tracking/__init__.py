@@ -78,14 +78,14 @@ def attach(
     ref: dict[str, Any] | None, settings: Settings, *, store: Store, folder: Path, stage: str
 ) -> TrackedRun | None:
     """The run the trainer opened, from its reference in the training manifest."""
-    chosen = (ref or {}).get("backend")
+    ref = ref or {}
+    chosen = ref.get("backend")
     if chosen == "mlflow":
-        return mlflow_run.attach_run(ref, settings)  # type: ignore[arg-type]
+        return mlflow_run.attach_run(ref, settings)
     if chosen == "tensorboard":
-        prefix = store.key_of(ref["location"])  # type: ignore[index]
+        prefix = store.key_of(ref["location"])
         return tensorboard_run.TensorBoardRun(store, prefix, folder, stage)
     if chosen == "wandb":
-        ref = ref or {}
         return wandb_run.attach_run(ref, settings, store=store, folder=folder, stage=stage)
     return None
 

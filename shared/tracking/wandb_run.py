@@ -278,8 +278,10 @@ class WandbRun(TrackedRun):
         it) comes on closing. Done when the exit record is there and the file has stopped
         growing; after ``timeout`` what is there is stored, with a warning."""
         path = next(self.run_dir.glob("*.wandb"), None)
+        if path is None:  # the client wrote nothing: nothing to wait for
+            return
         deadline, seen = time.monotonic() + timeout, -1
-        while path is not None and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
             size = path.stat().st_size
             if size == seen and _closed(path.read_bytes()):
                 return
