@@ -1,6 +1,6 @@
 """Training a decoder-only model: batches packed into rows vs padded ones.
 
-    python -m bench.packing [--repeats 2] [--epochs 3] [--families llama,mixtral]
+    python -m bench.packing [--repeats 3] [--epochs 3] [--families llama,mixtral]
 
 On a tiny offline model of each family (``termtune build-tiny-model --family``) over a real
 glossary (``../shared/data/symptom_ontology.jsonl``: 424 terms, definitions from a few
@@ -13,15 +13,15 @@ code path (trl's SFTTrainer, the auto plan's batch) in a fresh process:
 - padded, length-grouped (``training.packing: off`` with the default ``group_by_length``):
   the strongest padded alternative, as little padding as batching by length gives;
 - packed (``training.packing: auto``, on here): each batch's examples packed into rows
-  of L x L / mean tokens, attention kept within each example by its restarting position
-  ids (``services.trainer.causal.bins``).
+  of the width that costs least by the model's shape, attention kept within each example
+  by its restarting position ids (``services.trainer.causal.bins``).
 
 Each way first tries each learning rate of the grid once and keeps the one with the lowest
-held-out loss (the answer's tokens on the test split, the evaluator's code), then repeats at
-that rate. Prints examples/s, real tokens/s, the padded share of the positions computed and
-the held-out loss, medians over the repeats (rates by the training loop's own clock, the
-trainer's set-up left out); goal: packed at least 1.5x the padded
-examples/s.
+held-out loss (the answer's tokens on the test split, the evaluator's code); then the three
+ways take turns at their rates, ``--repeats`` rounds. Prints examples/s, real tokens/s, the
+padded share of the positions computed and the held-out loss, medians over the rounds
+(rates by the training loop's own clock, the trainer's set-up left out); goal: packed at
+least 1.5x the padded examples/s.
 """
 
 from __future__ import annotations
@@ -124,24 +124,45 @@ def bench_family(family: str, repeats: int, epochs: float) -> dict[str, dict[str
         counts = prepared["manifest"]["counts"]
         data = GLOSSARY.name if GLOSSARY.exists() else "the sample data"
         print(f"tiny {family} on {data}: {counts['train']} train / {counts['test']} test "
-              f"rows, {epochs:g} epoch(s), {repeats} run(s) at each way's best rate, CPU",
-              flush=True)  # fmt: skip
-        medians = {}
-        for mode in MODES:
-            tried = {lr: _child(model, prepared, mode, lr, epochs) for lr in LRS}
-            for lr, r in tried.items():
-                print(f"  {mode} at lr {lr:g}: held-out loss {r['heldout_loss']:.4f}, "
-                      f"{r['seconds']:.1f}s", flush=True)  # fmt: skip
-            best = min(tried, key=lambda lr: tried[lr]["heldout_loss"])
-            runs = [tried[best]] + [
-                _child(model, prepared, mode, best, epochs) for _ in range(1, repeats)
-            ]
-            medians[mode] = {
-                **{k: statistics.median(r[k] for r in runs) for k in
-                   ("examples_per_s", "tokens_per_s", "padding_waste", "heldout_loss")},
-                "batch": runs[0]["batch"], "packing": runs[0]["packing"], "lr": best,
-            }  # fmt: skip
-    return medians
+              f"rows, {epochs:g} epoch(s), {repeats} timed round(s) at each way's best rate, "
+              "CPU", flush=True)  # fmt: skip
+        best = {mode: _best_rate(model, prepared, mode, epochs) for mode in MODES}
+        runs = _rounds(model, prepared, best, repeats, epochs)
+    return {
+        mode: {
+            **{
+                k: statistics.median(r[k] for r in done)
+                for k in ("examples_per_s", "tokens_per_s", "padding_waste", "heldout_loss")
+            },
+            "batch": done[0]["batch"],
+            "packing": done[0]["packing"],
+            "lr": best[mode],
+        }
+        for mode, done in runs.items()
+    }
+
+
+def _best_rate(model: Path, prepared: dict[str, Any], mode: str, epochs: float) -> float:
+    """The grid's learning rate with the lowest held-out loss for one way."""
+    tried = {lr: _child(model, prepared, mode, lr, epochs) for lr in LRS}
+    for lr, r in tried.items():
+        print(f"  {mode} at lr {lr:g}: held-out loss {r['heldout_loss']:.4f}, "
+              f"{r['seconds']:.1f}s", flush=True)  # fmt: skip
+    return min(tried, key=lambda lr: tried[lr]["heldout_loss"])
+
+
+def _rounds(
+    model: Path, prepared: dict[str, Any], best: dict[str, float], repeats: int, epochs: float
+) -> dict[str, list[dict[str, Any]]]:
+    """The timed runs, taking turns (one of each way a round): a slower spell of the
+    machine falls on every way alike rather than on whichever ran then."""
+    runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
+    for round_ in range(1, repeats + 1):
+        for mode, lr in best.items():
+            runs[mode].append(_child(model, prepared, mode, lr, epochs))
+        times = ", ".join(f"{mode} {done[-1]['seconds']:.1f}s" for mode, done in runs.items())
+        print(f"  round {round_}: {times}", flush=True)
+    return runs
 
 
 def _print(family: str, medians: dict[str, dict[str, Any]]) -> None:
@@ -162,7 +183,7 @@ def _print(family: str, medians: dict[str, dict[str, Any]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--families", default="llama,mixtral")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)

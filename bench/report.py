@@ -19,10 +19,12 @@ from pathlib import Path
 #: (module, arguments, time limit in seconds, title, what it measures)
 BENCHES = [
     ("bench.training", [], 1800, "Training: our recipe vs the notebook's",
-     "Same tiny model, data and machine; each recipe in a fresh process; medians of 3."),
+     "Same tiny model, data and machine; each recipe in a fresh process; medians of 3; then "
+     "termtune's default for as many epochs as batch 1's time allows."),
     ("bench.packing", [], 1800, "Training a decoder-only model: packed vs padded batches",
      "Tiny Llama- and Mixtral-shaped models on a real long-tail glossary, through the "
-     "trainer's code path; each way at its own best learning rate; medians of 2."),
+     "trainer's code path; each way at its own best learning rate; medians of 3 rounds in "
+     "which the ways take turns."),
     ("bench.kernels", [], 1200, "Operator calls per optimizer step",
      "flan-t5-large's shape at batch 1, LoRA r=64 on every linear layer, one optimizer step "
      "through the trainer's code path, counted by torch's profiler; the notebook's recipe, "

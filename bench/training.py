@@ -20,12 +20,18 @@ Each recipe first tries each learning rate of its grid once and keeps the one wi
 lowest held-out loss, then repeats at that rate. Prints examples/s, real (non-padding)
 tokens/s, peak RSS and the held-out loss (masked, on the test split, the same code for
 all), medians over the repeats.
+
+Then the same at equal training time: termtune's default trained for as many epochs as fit
+in the time batch 1 took for its epochs (each rate of ``MATCHED_LRS`` once, the best kept),
+its held-out loss beside batch 1's: what the default's speed buys when a team spends the
+time it would have spent at batch 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import statistics
 import tempfile
@@ -48,6 +54,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
 }  # fmt: skip
 MAX_SOURCE, MAX_TARGET = 128, 512
+BATCH_1, DEFAULT = list(RECIPES)[1:3]
+MATCHED_LRS = (3e-3, 1e-2, 3e-2)  # more epochs, more updates: lower rates than at 3 epochs
 
 
 def _prepared(work: Path) -> tuple[Path, dict[str, Any]]:
@@ -206,7 +214,37 @@ def main() -> None:
                 )
                 print(f"  run {n + 1} {name} at lr {best:g}: {results[name][-1]['seconds']:.1f}s",
                       flush=True)  # fmt: skip
+        matched = _time_matched(model, prepared, results, args.epochs)
         _print(results)
+        _print_matched(results, matched, args.epochs)
+
+
+def _time_matched(
+    model: Path, prepared: dict[str, Any], results: dict[str, list[dict[str, Any]]], epochs: float
+) -> dict[str, Any]:
+    """The default trained for as many epochs as fit in batch 1's time, at the best rate."""
+    seconds = {n: statistics.median(r["seconds"] for r in results[n]) for n in (BATCH_1, DEFAULT)}
+    matched = max(epochs, float(math.floor(epochs * seconds[BATCH_1] / seconds[DEFAULT])))
+    tried = {lr: _child(model, prepared, DEFAULT, lr, matched) for lr in MATCHED_LRS}
+    for lr, r in tried.items():
+        print(f"  {DEFAULT}, {matched:g} epochs, at lr {lr:g}: held-out loss "
+              f"{r['heldout_loss']:.4f}, {r['seconds']:.1f}s", flush=True)  # fmt: skip
+    best = min(tried, key=lambda lr: tried[lr]["heldout_loss"])
+    return {**tried[best], "lr": best, "epochs": matched}
+
+
+def _print_matched(
+    results: dict[str, list[dict[str, Any]]], matched: dict[str, Any], epochs: float
+) -> None:
+    batch_1 = {k: statistics.median(r[k] for r in results[BATCH_1]) for k in ("seconds",
+               "heldout_loss")}  # fmt: skip
+    verdict = "lower" if matched["heldout_loss"] < batch_1["heldout_loss"] else "not lower"
+    print(
+        f"at equal training time: termtune default, {matched['epochs']:g} epochs in "
+        f"{matched['seconds']:.1f}s (lr {matched['lr']:g}): held-out loss "
+        f"{matched['heldout_loss']:.4f} vs {batch_1['heldout_loss']:.4f} at batch 1, "
+        f"{epochs:g} epochs in {batch_1['seconds']:.1f}s ({verdict})"
+    )
 
 
 def _print(results: dict[str, list[dict[str, Any]]]) -> None:

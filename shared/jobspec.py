@@ -288,10 +288,11 @@ class TrainingSpec(_Section):
     packing: Literal["auto", "on", "off"] = Field(
         "auto",
         description="Decoder-only models: each batch's examples packed, longest first, into "
-        "rows of L x L / mean tokens (L: its longest example), padding only at the rows' "
-        "ends, attention kept within each example (by position ids) and costing no more than "
-        'the padded batch\'s. "auto": on where the installed transformers keeps packed '
-        "examples apart (5.x). Encoder-decoder models pad their batches either way.",
+        "rows of the width that costs least by the model's shape (the weights' work a "
+        "position, attention's a row's width squared), padding only at the rows' ends, "
+        "attention kept within each example (by position ids) and costing no more than the "
+        'padded batch\'s. "auto": on where the installed transformers keeps packed examples '
+        "apart (5.x). Encoder-decoder models pad their batches either way.",
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
     logging_steps: int = Field(10, ge=1, description="Optimizer steps between loss records.")

@@ -38,6 +38,7 @@ class Plan:
     memory_gib: float | None = None  # the device memory the plan was sized for
     kind: str = "seq2seq"  # the base model's kind (shared.families): which trainer runs
     packing: bool = False  # decoder-only: examples packed into rows (kept apart by positions)
+    row_attention: float = 0.0  # packing: attention's work per position of row width (shape)
 
     @property
     def dtype(self) -> Any:
@@ -148,6 +149,7 @@ def resolve(
         memory_gib=round(memory / trainplan.GIB, 1),
         kind=shape.kind,
         packing=packing,
+        row_attention=round(shape.attention_per_width(), 8) if packing else 0.0,
     )
 
 
@@ -234,8 +236,9 @@ def _packing(spec: TrainingSpec, kind: str, notes: list[str]) -> bool:
         notes.append("packing auto -> off (this transformers would let packed examples mix)")
         return False
     notes.append(
-        "packing -> on (each batch's examples packed into rows, attention kept within each "
-        "example and costing no more than the padded batch's)"
+        "packing -> on (each batch's examples packed into rows of the width that costs least "
+        "by the model's shape, attention kept within each example and costing no more than "
+        "the padded batch's)"
     )
     return True
 

@@ -57,6 +57,7 @@ class ModelShape:
     encoder_matmul_parameters: int = 0  # weights a source token is multiplied by
     decoder_matmul_parameters: int = 0  # ...and a target token (the LM head included)
     kind: str = "seq2seq"  # or "causal": one stack reads the prompt and the answer
+    attention_width: int = 0  # query heads x head width, where it is not d_model
 
     def training_flops(self, source_tokens: float, target_tokens: float) -> float:
         """FLOPs to train on one example with the base frozen: forward 2 and backward 2
@@ -68,6 +69,15 @@ class ModelShape:
             self.encoder_matmul_parameters * source_tokens
             + self.decoder_matmul_parameters * target_tokens
         )
+
+    def attention_per_width(self) -> float:
+        """A causal stack's attention work a position, per position of its row's width
+        (scores and the values they weigh: 2 x the attention width a layer), relative to
+        the weights' work a position: what packing examples into wider rows costs."""
+        if self.kind != "causal" or not self.decoder_matmul_parameters:
+            return 0.0
+        width = self.attention_width or self.d_model
+        return 2 * self.decoder_layers * width / self.decoder_matmul_parameters
 
     def adapter_parameters(self, r: int) -> int:
         """Trainable parameters of a rank-r LoRA adapter on every adapted Linear layer."""
@@ -332,6 +342,7 @@ def _causal_shape(model: object, config: object, linears: list, head: object) ->
         d_model=int(config.hidden_size),  # type: ignore[attr-defined]
         d_ff=experts.ffn_width(config),
         heads=int(config.num_attention_heads),  # type: ignore[attr-defined]
+        attention_width=int(config.num_attention_heads) * _head_width(config),  # type: ignore[attr-defined]
         encoder_layers=0,
         decoder_layers=int(config.num_hidden_layers),  # type: ignore[attr-defined]
         vocab=int(config.vocab_size),  # type: ignore[attr-defined]
@@ -341,6 +352,13 @@ def _causal_shape(model: object, config: object, linears: list, head: object) ->
         decoder_matmul_parameters=stack + experts.active_weights,
         kind="causal",
     )
+
+
+def _head_width(config: object) -> int:
+    """An attention head's width: ``head_dim`` where the config sets it (Qwen3: wider than
+    hidden_size / heads), else hidden_size / heads."""
+    width = getattr(config, "head_dim", None)
+    return int(width or config.hidden_size // config.num_attention_heads)  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,14 @@ one) and the answer's (ending with EOS). Here they become one sequence with a co
 mask, and trl's trainer computes the loss on the answer's tokens only (the prompt's are
 labelled -100 from the mask): the model learns to answer, not to repeat questions.
 With ``training.packing`` (on by default where transformers supports it) a batch's examples
-are packed, longest first, into rows (``bins``: L x L / mean tokens wide, L the longest),
-each example with position ids that start at 0: transformers builds a block-diagonal causal
-mask from them (with ``use_cache=False``, which trl passes), so no example attends to
-another. Bounding the rows keeps attention's cost at most the padded batch's (one row of the
-whole batch would cost its square); what padding is left fills the rows' ends. Otherwise
-batches are padded and grouped by length. The collator counts the padding either way.
+are packed, longest first, into rows (``bins``), each example with position ids that start
+at 0: transformers builds a block-diagonal causal mask from them (with ``use_cache=False``,
+which trl passes), so no example attends to another. The rows' width is the one that costs
+least by the model's shape: wider rows leave less padding at their ends, but attention's
+work grows with a row's width (the kernels compute the whole square, the mask's blocks
+included), which matters in a narrow model and hardly in a wide one; attention never costs
+more than the padded batch's. Otherwise batches are padded and grouped by length. The
+collator counts the padding either way.
 """
 
 from __future__ import annotations
@@ -58,13 +60,13 @@ class PackingCollator:
     """A batch's examples packed into rows (``bins``), position ids restarting at each
     example, with trl's labels (the answer's)."""
 
-    def __init__(self, pad_token_id: int) -> None:
-        self.pad_token_id = pad_token_id
+    def __init__(self, pad_token_id: int, row_attention: float = 0.0) -> None:
+        self.pad_token_id, self.row_attention = pad_token_id, row_attention
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
-        rows = bins(sorted(features, key=lambda f: -len(f["input_ids"])))
+        rows = bins(sorted(features, key=lambda f: -len(f["input_ids"])), self.row_attention)
         width = max(sum(len(f["input_ids"]) for f in row) for row in rows)
         ids, labels, positions = [], [], []
         for row in rows:
@@ -86,14 +88,41 @@ class PackingCollator:
         }
 
 
-def bins(features: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """First fit of examples, longest first, into rows of L x L / mean tokens (L: the
-    longest; never under L): rows that width hold the batch in about as many positions as
-    it has tokens, and their attention (a row's cost grows with its square, so the batch's
-    with its tokens x the width) costs no more than the padded batch's (its examples x L^2).
+def bins(features: list[dict[str, Any]], attention: float = 0.0) -> list[list[dict[str, Any]]]:
+    """Examples, longest first, packed first-fit into rows of the width that costs least.
+
+    R rows W wide cost R x W x (1 + ``attention`` x W): the weights' work a position, and
+    attention's, which grows with the row's width (``Plan.row_attention``, from the model's
+    shape). Widths from L (the longest: rows no wider than padding's) up by tenths to the
+    whole batch in one row; those whose attention (R x W^2) would pass the padded batch's
+    (n x L^2) are not taken. With ``attention`` 0, the fewest positions.
     """
     sizes = [len(f["input_ids"]) for f in features]
-    capacity = max(sizes[0], sizes[0] * sizes[0] * len(sizes) // sum(sizes))
+    ceiling = len(sizes) * sizes[0] ** 2
+    best: tuple[float, list[list[dict[str, Any]]]] | None = None
+    for capacity in _widths(sizes[0], sum(sizes)):
+        rows, width = _first_fit(features, sizes, capacity)
+        if len(rows) * width * width > ceiling:
+            continue
+        cost = len(rows) * width * (1 + attention * width)
+        if best is None or cost < best[0]:
+            best = (cost, rows)
+    assert best is not None  # the longest's width always passes
+    return best[1]
+
+
+def _widths(longest: int, total: int) -> list[int]:
+    """Row widths to try: the longest example's, up by tenths, and the whole batch's."""
+    widths = [longest]
+    while widths[-1] < total:
+        widths.append(min(total, max(widths[-1] + 1, widths[-1] * 11 // 10)))
+    return widths
+
+
+def _first_fit(
+    features: list[dict[str, Any]], sizes: list[int], capacity: int
+) -> tuple[list[list[dict[str, Any]]], int]:
+    """Each example into the first row with room for it: the rows and the widest's tokens."""
     rows: list[list[dict[str, Any]]] = []
     room: list[int] = []
     for f, size in zip(features, sizes, strict=True):
@@ -104,7 +133,7 @@ def bins(features: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
         else:
             rows[slot].append(f)
             room[slot] -= size
-    return rows
+    return rows, capacity - min(room)
 
 
 def sft_trainer(
@@ -133,7 +162,7 @@ def sft_trainer(
         dataset_num_proc=None,
         train_sampling_strategy="group_by_length" if spec.group_by_length else "random",
     )
-    collator: Any = PackingCollator(tokenizer.pad_token_id)
+    collator: Any = PackingCollator(tokenizer.pad_token_id, plan.row_attention)
     if not plan.packing:
         collator = DataCollatorForLanguageModeling(
             pad_token_id=tokenizer.pad_token_id,

@@ -110,27 +110,72 @@ def test_a_mixture_of_experts_token_is_charged_only_its_experts(tmp_path):
     assert shape.d_ff == 2 * model.config.intermediate_size  # a token's two experts' widths
 
 
-def test_packing_fills_rows_whose_attention_costs_no_more_than_padding():
-    sizes = [120, 90, 60, 40, 30, 20, 12, 8]  # a glossary's long tail, longest first
-    rows = causal.bins([{"input_ids": [0] * n} for n in sizes])
-    widths = [sum(len(f["input_ids"]) for f in row) for row in rows]
-    capacity = 120 * 120 * len(sizes) // sum(sizes)  # L x L / mean
-    assert capacity == 303  # 40 no longer fits beside 120 + 90 + 60; 30 does
-    assert [[len(f["input_ids"]) for f in row] for row in rows] == [
-        [120, 90, 60, 30],
-        [40, 20, 12, 8],
-    ]
-    assert max(widths) <= capacity
-    assert len(rows) * max(widths) < len(sizes) * 120  # fewer positions than padding
-    assert sum(w * w for w in widths) <= len(sizes) * 120 * 120  # attention within padding's
+def _lengths(rows):
+    return [[len(f["input_ids"]) for f in row] for row in rows]
+
+
+def test_packing_takes_the_row_width_that_costs_least_by_the_models_shape():
+    features = [{"input_ids": [0] * n} for n in (100, 60, 60, 60, 20)]  # longest first
+    # Attention cheap beside the weights (a wide model): the fewest positions. Rows 120 wide
+    # hold the batch in 360 positions for 300 tokens; 100 wide take 400, one row of 300
+    # would cost more attention (300^2) than padding does (5 x 100^2), as would 160 (2 rows).
+    assert _lengths(causal.bins(features, 0.0)) == [[100, 20], [60, 60], [60]]
+    assert _lengths(causal.bins(features, 0.01)) == [[100, 20], [60, 60], [60]]
+    # Attention dear (a narrow model): 400 positions 100 wide cost less than 360 at 120.
+    assert _lengths(causal.bins(features, 0.1)) == [[100], [60, 20], [60], [60]]
+
+
+@pytest.mark.parametrize("attention", [0.0, 1e-3, 0.1])
+def test_packed_rows_never_cost_more_than_padding(attention):
+    import random
+
+    draw = random.Random(0)
+    for _ in range(200):
+        sizes = sorted((draw.randint(1, 300) for _ in range(draw.randint(1, 40))), reverse=True)
+        rows = causal.bins([{"input_ids": [0] * n} for n in sizes], attention)
+        widths = [sum(len(f["input_ids"]) for f in row) for row in rows]
+        assert sorted(n for row in _lengths(rows) for n in row) == sorted(sizes)  # each once
+        width, longest, n = max(widths), sizes[0], len(sizes)
+        assert len(rows) * width <= n * longest  # no more positions than padding
+        assert len(rows) * width * width <= n * longest * longest  # nor attention
+
+
+def test_the_plan_weighs_attention_by_the_models_shape(tmp_path):
+    base = build_tiny_causal("llama", tmp_path / "m", data_file=SAMPLE_DATA, hidden=64)
+    shape = model_shape(str(base))
+    # two layers x scores and values x 64 wide, per weight a position passes through
+    assert shape.attention_per_width() == 2 * 2 * 64 / shape.decoder_matmul_parameters
+    rows = planner.Rows(count=100, source_tokens=32, target_tokens=64)
+    packed = planner.resolve(TrainingSpec(), shape, rows)
+    assert packed.packing and packed.row_attention == round(shape.attention_per_width(), 8)
+    assert planner.resolve(TrainingSpec(packing="off"), shape, rows).row_attention == 0.0
+
+
+def test_attention_is_as_wide_as_its_query_heads_where_head_dim_is_set():
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from shared.trainplan import shape_from
+
+    config = Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                         vocab_size=100)  # fmt: skip
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    shape = shape_from(model, config)
+    assert shape.attention_width == 4 * 32  # Qwen3's heads are wider than hidden / heads
+    assert shape.attention_per_width() == 2 * 2 * 128 / shape.decoder_matmul_parameters
+
+
+def test_packed_examples_restart_their_positions_and_keep_their_labels():
     collate = causal.PackingCollator(pad_token_id=0)
     batch = collate(
         [{"input_ids": [5] * n, "labels": [-100] * (n - 2) + [7, 8]} for n in (6, 3, 2)]
     )
-    # 6 x 6 x 3 / 11 = 9 wide: the 3 joins the 6, the 2 starts a row padded to 9
-    assert batch["input_ids"].tolist() == [[5] * 9, [5, 5] + [0] * 7]
-    assert batch["position_ids"].tolist() == [[*range(6), *range(3)], list(range(9))]
-    assert batch["labels"].tolist() == [[-100] * 4 + [7, 8, -100, 7, 8], [7, 8] + [-100] * 7]
+    # rows 6 wide: the 6 alone, the 3 and the 2 together, padded by one
+    assert batch["input_ids"].tolist() == [[5] * 6, [5] * 5 + [0]]
+    assert batch["position_ids"].tolist() == [list(range(6)), [0, 1, 2, 0, 1, 2]]
+    assert batch["labels"].tolist() == [[-100] * 4 + [7, 8], [-100, 7, 8, 7, 8, -100]]
 
 
 def test_causal_rows_become_one_sequence_with_the_answer_masked_in():
@@ -158,8 +203,8 @@ def test_every_decoder_only_family_termtune_trains_prepares_and_trains(family, t
 
 
 def test_packed_batches_keep_each_example_apart(trained_qwen, tiny_qwen, tmp_path):
-    """A packed batch (rows of L x L / mean tokens, position ids restarting per example) has
-    the loss of the same examples padded: no example attends to another."""
+    """A packed batch (rows of the width that costs least, position ids restarting per
+    example) has the loss of the same examples padded: no example attends to another."""
     from shared.modeling import load_tokenizer
 
     ctx = trained_qwen["ctx"]
@@ -190,8 +235,8 @@ def test_packed_batches_keep_each_example_apart(trained_qwen, tiny_qwen, tmp_pat
                 losses["mixed"] = float(model(**inputs, use_cache=True).loss)
         batches[packing] = batch
     packed, sizes = batches["on"], sorted(len(f["input_ids"]) for f in features)
-    width = sizes[-1] * sizes[-1] * 6 // sum(sizes)  # L x L / mean
-    assert packed["input_ids"].shape[0] < 6 and packed["input_ids"].shape[1] <= width
+    count, width = packed["input_ids"].shape
+    assert count < 6 and count * width * width <= 6 * sizes[-1] ** 2  # attention within padding's
     assert packed["input_ids"].numel() < 6 * sizes[-1]  # fewer positions than padded
     assert "attention_mask" not in packed
     starts = (packed["position_ids"] == 0).sum().item()
@@ -200,6 +245,6 @@ def test_packed_batches_keep_each_example_apart(trained_qwen, tiny_qwen, tmp_pat
     assert trainer.data_collator.waste()["all"] > 0  # the padded one padded
     # equal to float rounding; letting the examples see each other moves it (1e-4 here)
     assert abs(losses["on"] - losses["off"]) < 1e-5 < abs(losses["mixed"] - losses["off"])
-    assert "packing -> on (each batch's examples packed into rows, attention" in " ".join(
+    assert "packing -> on (each batch's examples packed into rows of the width" in " ".join(
         planner.resolve(TrainingSpec(), shape, rows, dev="cpu").notes
     )
