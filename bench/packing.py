@@ -12,9 +12,10 @@ code path (trl's SFTTrainer, the auto plan's batch) in a fresh process:
 - padded, random order: every batch padded to its longest row, as a plain SFT loop does;
 - padded, length-grouped (``training.packing: off`` with the default ``group_by_length``):
   the strongest padded alternative, as little padding as batching by length gives;
-- packed (``training.packing: auto``, on here): each batch's examples packed into rows
-  of the width that costs least by the model's shape, attention kept within each example
-  by its restarting position ids (``services.trainer.causal.bins``).
+- packed (``training.packing: auto``, on here): batches drawn in random order (mixed
+  lengths pack tighter), each one's examples packed into rows of the width that costs
+  least by the model's shape, attention kept within each example by its restarting
+  position ids (``services.trainer.causal.bins``).
 
 Each way first tries each learning rate of the grid once and keeps the one with the lowest
 held-out loss (the answer's tokens on the test split, the evaluator's code); then the three

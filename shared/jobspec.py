@@ -271,7 +271,11 @@ class TrainingSpec(_Section):
         description="Examples per optimizer update over every process, kept by the "
         "accumulation when batch_size is auto.",
     )
-    group_by_length: bool = Field(True, description="Batch examples of similar length.")
+    group_by_length: bool = Field(
+        True,
+        description="Batch examples of similar length (padded batches: packed ones are "
+        "drawn at random, as mixed lengths pack with less padding).",
+    )
     attention: Literal["auto", "sdpa", "eager"] = Field(
         "auto", description='Attention kernels: "auto" is torch\'s SDPA.'
     )

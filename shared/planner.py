@@ -39,6 +39,7 @@ class Plan:
     kind: str = "seq2seq"  # the base model's kind (shared.families): which trainer runs
     packing: bool = False  # decoder-only: examples packed into rows (kept apart by positions)
     row_attention: float = 0.0  # packing: attention's work per position of row width (shape)
+    group_by_length: bool = True  # batches of alike lengths (not when packing: rows want a mix)
 
     @property
     def dtype(self) -> Any:
@@ -135,6 +136,7 @@ def resolve(
         notes.append("fused layers: torch's gelu(tanh) and rms_norm in place of T5's")
     compile_model = _compile(spec, dev, quantization, notes)
     packing = _packing(spec, shape.kind, notes)
+    grouped = _grouped(spec, packing, notes)
     return Plan(
         device=dev,
         precision=precision,
@@ -150,6 +152,7 @@ def resolve(
         kind=shape.kind,
         packing=packing,
         row_attention=round(shape.attention_per_width(), 8) if packing else 0.0,
+        group_by_length=grouped,
     )
 
 
@@ -241,6 +244,16 @@ def _packing(spec: TrainingSpec, kind: str, notes: list[str]) -> bool:
         "the padded batch's)"
     )
     return True
+
+
+def _grouped(spec: TrainingSpec, packing: bool, notes: list[str]) -> bool:
+    if spec.group_by_length and packing:
+        notes.append(
+            "group by length -> off (packing: batches of mixed lengths fill rows with less "
+            "padding than batches of alike ones)"
+        )
+        return False
+    return spec.group_by_length
 
 
 def _compile(spec: TrainingSpec, dev: str, quantization: str, notes: list[str]) -> bool:

@@ -11,8 +11,10 @@ which trl passes), so no example attends to another. The rows' width is the one 
 least by the model's shape: wider rows leave less padding at their ends, but attention's
 work grows with a row's width (the kernels compute the whole square, the mask's blocks
 included), which matters in a narrow model and hardly in a wide one; attention never costs
-more than the padded batch's. Otherwise batches are padded and grouped by length. The
-collator counts the padding either way.
+more than the padded batch's. Packed batches are drawn in random order (short and long
+examples in one batch share rows; batches of alike lengths leave more padding at the rows'
+ends). Otherwise batches are padded and grouped by length. The collator counts the padding
+either way.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from typing import Any
 import pyarrow as pa
 
 from services.trainer.lora import Plan
-from shared.jobspec import TrainingSpec
 
 
 def to_dataset(table: pa.Table) -> Any:
@@ -141,7 +142,6 @@ def sft_trainer(
     tokenizer: Any,
     splits: tuple[pa.Table, pa.Table | None],
     *,
-    spec: TrainingSpec,
     plan: Plan,
     arguments: dict[str, Any],
     callbacks: list[Any],
@@ -160,7 +160,7 @@ def sft_trainer(
         max_length=None,  # data-prep cut every row to the kept lengths already
         padding_free=False,  # trl's joins a whole batch into one row: ours packs rows
         dataset_num_proc=None,
-        train_sampling_strategy="group_by_length" if spec.group_by_length else "random",
+        train_sampling_strategy="group_by_length" if plan.group_by_length else "random",
     )
     collator: Any = PackingCollator(tokenizer.pad_token_id, plan.row_attention)
     if not plan.packing:

@@ -163,7 +163,7 @@ def _trainer(
     if plan.kind == "causal":
         trainer = causal.sft_trainer(
             model, tokenizer, (train_table, eval_table),
-            spec=spec, plan=plan, arguments=arguments, callbacks=callbacks,
+            plan=plan, arguments=arguments, callbacks=callbacks,
         )  # fmt: skip
         trainer.remove_callback(PrinterCallback)
         return trainer
@@ -177,14 +177,14 @@ def _trainer(
         model=model,
         args=Seq2SeqTrainingArguments(
             **arguments,
-            train_sampling_strategy="group_by_length" if spec.group_by_length else "random",
+            train_sampling_strategy="group_by_length" if plan.group_by_length else "random",
         ),
         train_dataset=to_dataset(train_table),
         eval_dataset=to_dataset(eval_table) if eval_table is not None else None,
         data_collator=CountingCollator(collator),
         processing_class=tokenizer,
         callbacks=callbacks,
-        lengths=side_lengths(train_table) if spec.group_by_length else None,
+        lengths=side_lengths(train_table) if plan.group_by_length else None,
     )
     trainer.remove_callback(PrinterCallback)  # progress goes to events, not stdout
     return trainer

@@ -4,6 +4,7 @@ decoder-only model."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -140,7 +141,7 @@ def test_packed_rows_never_cost_more_than_padding(attention):
         assert len(rows) * width * width <= n * longest * longest  # nor attention
 
 
-def test_the_plan_weighs_attention_by_the_models_shape(tmp_path):
+def test_the_plan_for_packing_weighs_attention_and_mixes_lengths(tmp_path):
     base = build_tiny_causal("llama", tmp_path / "m", data_file=SAMPLE_DATA, hidden=64)
     shape = model_shape(str(base))
     # two layers x scores and values x 64 wide, per weight a position passes through
@@ -148,7 +149,13 @@ def test_the_plan_weighs_attention_by_the_models_shape(tmp_path):
     rows = planner.Rows(count=100, source_tokens=32, target_tokens=64)
     packed = planner.resolve(TrainingSpec(), shape, rows)
     assert packed.packing and packed.row_attention == round(shape.attention_per_width(), 8)
-    assert planner.resolve(TrainingSpec(packing="off"), shape, rows).row_attention == 0.0
+    assert not packed.group_by_length and "group by length -> off (packing" in str(packed.notes)
+    padded = planner.resolve(TrainingSpec(packing="off"), shape, rows)
+    assert padded.row_attention == 0.0 and padded.group_by_length
+    # a checkpoint's plan from before either field resumes as it ran: grouped, by positions
+    stored = {k: v for k, v in dataclasses.asdict(packed).items()
+              if k not in ("row_attention", "group_by_length")}  # fmt: skip
+    assert lora.Plan(**stored).group_by_length and lora.Plan(**stored).row_attention == 0.0
 
 
 def test_attention_is_as_wide_as_its_query_heads_where_head_dim_is_set():
