@@ -1,5 +1,7 @@
 """Benchmarks: each prints figures; none runs in the test suite."""
 
+from collections.abc import Callable
+
 
 def percentile(values: list[float], q: float) -> float:
     """The value at quantile ``q`` (0..1) of ``values`` (nearest rank)."""
@@ -22,3 +24,18 @@ def child_run(
         check=True, capture_output=True, text=True,
     ).stdout  # fmt: skip
     return json.loads(out.strip().splitlines()[-1])
+
+
+def in_turns(
+    run: Callable[[str, float], dict], rates: dict[str, float], repeats: int
+) -> dict[str, list[dict]]:
+    """``repeats`` rounds of one run of each way at its learning rate, taking turns: a
+    slower spell of the machine (its speed drifts by 15% over minutes) falls on every way
+    alike rather than on whichever ran then."""
+    runs: dict[str, list[dict]] = {way: [] for way in rates}
+    for round_ in range(1, repeats + 1):
+        for way, lr in rates.items():
+            runs[way].append({**run(way, lr), "lr": lr})
+        times = ", ".join(f"{way} {done[-1]['seconds']:.1f}s" for way, done in runs.items())
+        print(f"  round {round_}: {times}", flush=True)
+    return runs

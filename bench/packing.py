@@ -34,7 +34,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench import child_run
+from bench import child_run, in_turns
 from bench.training import _splits
 
 MODES: dict[str, dict[str, Any]] = {
@@ -128,7 +128,7 @@ def bench_family(family: str, repeats: int, epochs: float) -> dict[str, dict[str
               f"rows, {epochs:g} epoch(s), {repeats} timed round(s) at each way's best rate, "
               "CPU", flush=True)  # fmt: skip
         best = {mode: _best_rate(model, prepared, mode, epochs) for mode in MODES}
-        runs = _rounds(model, prepared, best, repeats, epochs)
+        runs = in_turns(lambda mode, lr: _child(model, prepared, mode, lr, epochs), best, repeats)
     return {
         mode: {
             **{
@@ -150,20 +150,6 @@ def _best_rate(model: Path, prepared: dict[str, Any], mode: str, epochs: float) 
         print(f"  {mode} at lr {lr:g}: held-out loss {r['heldout_loss']:.4f}, "
               f"{r['seconds']:.1f}s", flush=True)  # fmt: skip
     return min(tried, key=lambda lr: tried[lr]["heldout_loss"])
-
-
-def _rounds(
-    model: Path, prepared: dict[str, Any], best: dict[str, float], repeats: int, epochs: float
-) -> dict[str, list[dict[str, Any]]]:
-    """The timed runs, taking turns (one of each way a round): a slower spell of the
-    machine falls on every way alike rather than on whichever ran then."""
-    runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
-    for round_ in range(1, repeats + 1):
-        for mode, lr in best.items():
-            runs[mode].append(_child(model, prepared, mode, lr, epochs))
-        times = ", ".join(f"{mode} {done[-1]['seconds']:.1f}s" for mode, done in runs.items())
-        print(f"  round {round_}: {times}", flush=True)
-    return runs
 
 
 def _print(family: str, medians: dict[str, dict[str, Any]]) -> None:

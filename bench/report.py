@@ -19,7 +19,8 @@ from pathlib import Path
 #: (module, arguments, time limit in seconds, title, what it measures)
 BENCHES = [
     ("bench.training", [], 1800, "Training: our recipe vs the notebook's",
-     "Same tiny model, data and machine; each recipe in a fresh process; medians of 3; then "
+     "Same tiny model, data and machine; each recipe in a fresh process; medians of 3 rounds "
+     "in which the recipes take turns; then "
      "termtune's default for as many epochs as batch 1's time allows."),
     ("bench.packing", [], 1800, "Training a decoder-only model: packed vs padded batches",
      "Tiny Llama- and Mixtral-shaped models on a real long-tail glossary, through the "

@@ -17,9 +17,9 @@ max_length), each run in a fresh process:
   (the effective batch of 32 in one step).
 
 Each recipe first tries each learning rate of its grid once and keeps the one with the
-lowest held-out loss, then repeats at that rate. Prints examples/s, real (non-padding)
-tokens/s, peak RSS and the held-out loss (masked, on the test split, the same code for
-all), medians over the repeats.
+lowest held-out loss; then the recipes take turns at their rates, ``--repeats`` rounds.
+Prints examples/s, real (non-padding) tokens/s, peak RSS and the held-out loss (masked, on
+the test split, the same code for all), medians over the rounds.
 
 Then the same at equal training time: termtune's default trained for as many epochs as fit
 in the time batch 1 took for its epochs (each rate of ``MATCHED_LRS`` once, the best kept),
@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import child_run
+from bench import child_run, in_turns
 
 RECIPES: dict[str, dict[str, Any]] = {
     "notebook as written (pad to 512, pad-id labels, 1x2)": {
@@ -183,7 +183,7 @@ def _child(model: Path, prepared: dict[str, Any], name: str, lr: float, epochs: 
 
 
 def main() -> None:
-    """Tune each recipe's learning rate, repeat at the best, print the medians."""
+    """Tune each recipe's learning rate, time them in turns at the best, print the medians."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=float, default=3.0)
@@ -198,22 +198,19 @@ def main() -> None:
         counts = prepared["manifest"]["counts"]
         print(
             f"tiny T5, {counts['train']} train / {counts['test']} test rows, "
-            f"{args.epochs:g} epoch(s), {args.repeats} repeats at each recipe's best rate, CPU"
+            f"{args.epochs:g} epoch(s), {args.repeats} timed round(s) at each recipe's best "
+            "rate, CPU"
         )
-        results: dict[str, list[dict[str, Any]]] = {}
+        best = {}
         for name, recipe in RECIPES.items():
             tried = {lr: _child(model, prepared, name, lr, args.epochs) for lr in recipe["lrs"]}
             for lr, r in tried.items():
                 print(f"  {name} at lr {lr:g}: held-out loss {r['heldout_loss']:.4f}, "
                       f"{r['seconds']:.1f}s", flush=True)  # fmt: skip
-            best = min(tried, key=lambda lr: tried[lr]["heldout_loss"])
-            results[name] = [{**tried[best], "lr": best}]
-            for n in range(1, args.repeats):
-                results[name].append(
-                    {**_child(model, prepared, name, best, args.epochs), "lr": best}
-                )
-                print(f"  run {n + 1} {name} at lr {best:g}: {results[name][-1]['seconds']:.1f}s",
-                      flush=True)  # fmt: skip
+            best[name] = min(tried, key=lambda lr: tried[lr]["heldout_loss"])
+        results = in_turns(
+            lambda name, lr: _child(model, prepared, name, lr, args.epochs), best, args.repeats
+        )
         matched = _time_matched(model, prepared, results, args.epochs)
         _print(results)
         _print_matched(results, matched, args.epochs)
