@@ -26,6 +26,18 @@ def child_run(
     return json.loads(out.strip().splitlines()[-1])
 
 
+def best_rate(
+    run: Callable[[float], dict], rates: tuple[float, ...] | list[float], label: str
+) -> tuple[float, dict]:
+    """Each learning rate once: the one with the lowest held-out loss, and its run."""
+    tried = {lr: run(lr) for lr in rates}
+    for lr, r in tried.items():
+        print(f"  {label} at lr {lr:g}: held-out loss {r['heldout_loss']:.4f}, "
+              f"{r['seconds']:.1f}s", flush=True)  # fmt: skip
+    best = min(tried, key=lambda lr: tried[lr]["heldout_loss"])
+    return best, tried[best]
+
+
 def in_turns(
     run: Callable[[str, float], dict], rates: dict[str, float], repeats: int
 ) -> dict[str, list[dict]]:

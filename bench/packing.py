@@ -34,7 +34,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench import child_run, in_turns
+from bench import best_rate, child_run, in_turns
 from bench.training import _splits
 
 MODES: dict[str, dict[str, Any]] = {
@@ -127,7 +127,10 @@ def bench_family(family: str, repeats: int, epochs: float) -> dict[str, dict[str
         print(f"tiny {family} on {data}: {counts['train']} train / {counts['test']} test "
               f"rows, {epochs:g} epoch(s), {repeats} timed round(s) at each way's best rate, "
               "CPU", flush=True)  # fmt: skip
-        best = {mode: _best_rate(model, prepared, mode, epochs) for mode in MODES}
+        best = {}
+        for mode in MODES:
+            run = lambda lr, mode=mode: _child(model, prepared, mode, lr, epochs)  # noqa: E731
+            best[mode] = best_rate(run, LRS, mode)[0]
         runs = in_turns(lambda mode, lr: _child(model, prepared, mode, lr, epochs), best, repeats)
     return {
         mode: {
@@ -141,15 +144,6 @@ def bench_family(family: str, repeats: int, epochs: float) -> dict[str, dict[str
         }
         for mode, done in runs.items()
     }
-
-
-def _best_rate(model: Path, prepared: dict[str, Any], mode: str, epochs: float) -> float:
-    """The grid's learning rate with the lowest held-out loss for one way."""
-    tried = {lr: _child(model, prepared, mode, lr, epochs) for lr in LRS}
-    for lr, r in tried.items():
-        print(f"  {mode} at lr {lr:g}: held-out loss {r['heldout_loss']:.4f}, "
-              f"{r['seconds']:.1f}s", flush=True)  # fmt: skip
-    return min(tried, key=lambda lr: tried[lr]["heldout_loss"])
 
 
 def _print(family: str, medians: dict[str, dict[str, Any]]) -> None:

@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import child_run, in_turns
+from bench import best_rate, child_run, in_turns
 
 RECIPES: dict[str, dict[str, Any]] = {
     "notebook as written (pad to 512, pad-id labels, 1x2)": {
@@ -203,11 +203,8 @@ def main() -> None:
         )
         best = {}
         for name, recipe in RECIPES.items():
-            tried = {lr: _child(model, prepared, name, lr, args.epochs) for lr in recipe["lrs"]}
-            for lr, r in tried.items():
-                print(f"  {name} at lr {lr:g}: held-out loss {r['heldout_loss']:.4f}, "
-                      f"{r['seconds']:.1f}s", flush=True)  # fmt: skip
-            best[name] = min(tried, key=lambda lr: tried[lr]["heldout_loss"])
+            run = lambda lr, name=name: _child(model, prepared, name, lr, args.epochs)  # noqa: E731
+            best[name] = best_rate(run, recipe["lrs"], name)[0]
         results = in_turns(
             lambda name, lr: _child(model, prepared, name, lr, args.epochs), best, args.repeats
         )
@@ -222,12 +219,9 @@ def _time_matched(
     """The default trained for as many epochs as fit in batch 1's time, at the best rate."""
     seconds = {n: statistics.median(r["seconds"] for r in results[n]) for n in (BATCH_1, DEFAULT)}
     matched = max(epochs, float(math.floor(epochs * seconds[BATCH_1] / seconds[DEFAULT])))
-    tried = {lr: _child(model, prepared, DEFAULT, lr, matched) for lr in MATCHED_LRS}
-    for lr, r in tried.items():
-        print(f"  {DEFAULT}, {matched:g} epochs, at lr {lr:g}: held-out loss "
-              f"{r['heldout_loss']:.4f}, {r['seconds']:.1f}s", flush=True)  # fmt: skip
-    best = min(tried, key=lambda lr: tried[lr]["heldout_loss"])
-    return {**tried[best], "lr": best, "epochs": matched}
+    run = lambda lr: _child(model, prepared, DEFAULT, lr, matched)  # noqa: E731
+    best, done = best_rate(run, MATCHED_LRS, f"{DEFAULT}, {matched:g} epochs,")
+    return {**done, "lr": best, "epochs": matched}
 
 
 def _print_matched(
