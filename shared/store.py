@@ -330,13 +330,41 @@ def open_store(settings: Settings) -> Store:
     if parsed.scheme == "file":
         return LocalStore(Path(unquote(parsed.path)))
     if parsed.scheme == "s3":
-        import boto3
-
-        client = boto3.client("s3", endpoint_url=settings.s3_endpoint_url)
-        return S3Store(parsed.netloc, parsed.path, client=client)
+        return S3Store(parsed.netloc, parsed.path, client=s3_client(settings))
     raise StoreLocationError(
         f"TERMTUNE_STORE_URL must be file:///path or s3://bucket/prefix, got {settings.store_url!r}"
     )
+
+
+def s3_client(settings: Settings) -> Any:
+    """A boto3 S3 client for the store's server, signing with the key in
+    ``settings.s3_credentials_file`` when one is set (read anew for each client, so a key
+    s3-init replaced is taken up), else with boto3's own chain."""
+    import boto3
+
+    key = _file_key(settings.s3_credentials_file) if settings.s3_credentials_file else {}
+    return boto3.client("s3", endpoint_url=settings.s3_endpoint_url, **key)
+
+
+def _file_key(path: Path) -> dict[str, str]:
+    """The 'default' profile's key in a shared-credentials file, as boto3.client's arguments."""
+    from botocore.configloader import raw_config_parse
+    from botocore.exceptions import BotoCoreError
+
+    where = f"TERMTUNE_S3_CREDENTIALS_FILE: {path}"
+    if not path.is_file():
+        raise StoreUnavailable(f"{where}: no such file (compose's s3-init writes it)")
+    if not os.access(path, os.R_OK):  # configparser would skip it without a word
+        raise StoreUnavailable(f"{where}: not readable by uid {os.getuid()}")
+    try:
+        profile = raw_config_parse(str(path), parse_subsections=False).get("default", {})
+    except BotoCoreError as exc:  # not an INI file
+        raise StoreUnavailable(f"{where}: {exc}") from exc
+    names = ("aws_access_key_id", "aws_secret_access_key")
+    missing = [name for name in names if not profile.get(name)]
+    if missing:
+        raise StoreUnavailable(f"{where}: profile 'default' has no {' or '.join(missing)}")
+    return {name: profile[name] for name in names}
 
 
 def _disk_error(exc: OSError, path: Path) -> Exception:

@@ -31,7 +31,7 @@ from shared.errors import DatasetError, NotFound
 from shared.jobspec import DatasetSpec
 from shared.locations import check_local, check_source
 from shared.settings import Settings
-from shared.store import Store
+from shared.store import Store, s3_client
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 BATCH_ROWS = 2048
@@ -367,16 +367,13 @@ def _store_file(uri: str, *, store: Store, settings: Settings) -> Path:
 def _s3_file(uri: str, *, store: Store, settings: Settings) -> Path:
     parsed = urlparse(uri)  # check_source allowed the bucket and the key
     bucket, key = parsed.netloc, parsed.path.lstrip("/")
-    import boto3
     from botocore.exceptions import ClientError
 
     digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
     path = settings.cache_dir / "sources" / digest / Path(key).name
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        boto3.client("s3", endpoint_url=settings.s3_endpoint_url).download_file(
-            bucket, key, str(path)
-        )
+        s3_client(settings).download_file(bucket, key, str(path))
     except ClientError as exc:
         raise DatasetError(f"dataset.source: cannot read {uri}: {exc}") from exc
     return path

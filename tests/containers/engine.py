@@ -43,10 +43,14 @@ STANDINS = {
     "termtune-standin/aws-cli:1": "aws-cli",
     "termtune-standin/prometheus:2.42": "prometheus",
 }
+#: the label a stand-in image carries: its folder's digest (a changed stand-in is rebuilt)
+STANDIN_LABEL = "termtune.standin.digest"
 LOCKS = sorted((ROOT / "deploy/docker/requirements").glob("*.lock"))
 #: what the stand-ins and the app's build backend install besides the locks
 EXTRA_WHEELS = ["moto[server,s3]==5.2.5", "awscli==1.46.3", "setuptools>=68"]
 TORCH_CPU = "torch==2.13.0+cpu"
+#: the GPU trainer's torch: PyPI's wheel (CUDA 13.0), which brings its nvidia-* wheels
+TORCH_CUDA = "torch==2.13.0"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 COMPOSE_FILES = ("docker-compose.yml", "deploy/compose.cpu.yml", str(HERE / "compose.standins.yml"))
@@ -161,6 +165,26 @@ def fill_wheelhouse(folder: Path) -> Path:
     return folder
 
 
+def fill_cuda_wheelhouse(folder: Path) -> Path:
+    """What the GPU trainer image installs: PyPI's torch with its CUDA wheels, the trainer's
+    lock and the build backend, apart from the CPU wheelhouse (there ``torch==2.13.0`` would
+    pick ``2.13.0+cpu``, the higher local version). About 3 GB, downloaded once."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = folder / ".filled-for"
+    lock = ROOT / "deploy/docker/requirements/trainer.lock"
+    wanted = hashlib.sha256(lock.read_bytes() + TORCH_CUDA.encode()).hexdigest()
+    if stamp.exists() and stamp.read_text() == wanted:
+        return folder
+    pip = [sys.executable, "-m", "pip", "download", "-q", "-d", str(folder)]
+    # PyPI's index only: no pip configuration (a machine's find-links may hold a CPU build).
+    pypi = {"PIP_CONFIG_FILE": os.devnull, "PIP_FIND_LINKS": "", "PIP_EXTRA_INDEX_URL": ""}
+    run([*pip, TORCH_CUDA, "--index-url", "https://pypi.org/simple"], env=pypi, timeout=3600)
+    run([*pip, "--no-deps", "--require-hashes", "-r", str(lock)], timeout=1800)
+    run([*pip, "setuptools>=68"], timeout=600)
+    stamp.write_text(wanted)
+    return folder
+
+
 @contextmanager
 def serve(folder: Path, port: int = WHEELHOUSE_PORT) -> Iterator[str]:
     """The folder over HTTP on loopback (pip's find-links), on ``port`` or, when that is
@@ -236,27 +260,61 @@ def docker_build(tag: str, context: Path, *args: str) -> float:
     return time.monotonic() - started
 
 
-def build_standins(wheelhouse_url: str) -> None:
-    """The stand-in images that are missing (Python first: the others build on it)."""
+def build_standins(wheelhouse_url: str, only: Sequence[str] = tuple(STANDINS)) -> None:
+    """The stand-in images (``only`` these) that are missing or older than their folder
+    (Python first: the others build on it, and are rebuilt with it)."""
     build_debian()
     for image, folder in STANDINS.items():
-        if not image_exists(image):
-            docker_build(image, HERE / "standins" / folder, *build_args(wheelhouse_url))
+        if image not in only:
+            continue
+        context = HERE / "standins" / folder
+        digest = standin_digest(context)
+        if image_label(image, STANDIN_LABEL) != digest:
+            label = f"{STANDIN_LABEL}={digest}"
+            docker_build(image, context, "--label", label, *build_args(wheelhouse_url))
+
+
+def standin_digest(context: Path) -> str:
+    """A hash of a stand-in's folder and the Python stand-in's, which the others build on."""
+    digest = hashlib.sha256()
+    for folder in dict.fromkeys([HERE / "standins" / STANDINS[PYTHON_IMAGE], context]):
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            digest.update(path.relative_to(HERE).as_posix().encode() + b"\0")
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def image_label(name: str, label: str) -> str | None:
+    """The image's value of ``label``; None when there is no such image or label."""
+    done = run(
+        ["docker", "image", "inspect", "-f", f'{{{{index .Config.Labels "{label}"}}}}', name],
+        check=False,
+        timeout=60,
+    )
+    value = done.stdout.strip()
+    return value if done.returncode == 0 and value not in ("", "<no value>") else None
 
 
 class Compose:
     """``docker compose`` over the real docker-compose.yml, the CPU override and the
-    stand-ins' override, as one project with its own env file."""
+    stand-ins' override (or the ``files`` given), as one project with its own env file."""
 
-    def __init__(self, project: str, env_file: Path, variables: dict[str, str]) -> None:
+    def __init__(
+        self,
+        project: str,
+        env_file: Path,
+        variables: dict[str, str],
+        files: Sequence[str] = COMPOSE_FILES,
+    ) -> None:
         self.project = project
+        self.files = files
         self.env_file = env_file
         self.env = {"DOCKER_BUILDKIT": "0", "TERMTUNE_ENV_FILE": str(env_file), **variables}
 
     def __call__(
         self, *args: str, timeout: float = 1800, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
-        files = [a for f in COMPOSE_FILES for a in ("-f", f)]
+        files = [a for f in self.files for a in ("-f", f)]
         return run(
             [
                 "docker",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import socket
 import subprocess
@@ -75,6 +76,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         "TERMTUNE_TRACKING": "mlflow",
         "TERMTUNE_MLFLOW_PORT": str(_free_port()),
         "TERMTUNE_PROMETHEUS_PORT": str(_free_port()),
+        # A bucket datasets may come from: s3-init lets the services' key read it.
+        "TERMTUNE_ALLOWED_BUCKETS": f"datasets-{secrets.token_hex(4)}",
     }
     env_file.write_text("".join(f"{k}={v}\n" for k, v in variables.items()))
     wheelhouse = engine.fill_wheelhouse(engine.CACHE / "wheelhouse")
@@ -98,6 +101,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             "folder": folder,
             "mlflow": f"http://127.0.0.1:{variables['TERMTUNE_MLFLOW_PORT']}",
             "prometheus": f"http://127.0.0.1:{variables['TERMTUNE_PROMETHEUS_PORT']}",
+            "s3": f"http://127.0.0.1:{variables['TERMTUNE_S3_PORT']}",
+            "s3_admin": ("termtune", variables["S3_SECRET_KEY"]),  # S3_ACCESS_KEY's default
+            "datasets_bucket": variables["TERMTUNE_ALLOWED_BUCKETS"],
         }
     finally:
         print(json.dumps(FIGURES, indent=2))
@@ -291,6 +297,63 @@ def test_two_trainers_train_two_jobs_at_once(stack):
         assert_trained_at_once(http, ids)  # two trainer containers, two jobs at once
     # Prometheus found the second trainer by DNS: two trainer targets, both up.
     _scraped(stack, {"dataprep": 1, "trainer": 2, "evaluator": 1, "publisher": 1, "api": 1})
+
+
+def _s3(stack, service: str, key: tuple[str, str]) -> Any:
+    import boto3
+
+    return boto3.client(
+        service,
+        endpoint_url=stack["s3"],
+        region_name="us-east-1",
+        aws_access_key_id=key[0],
+        aws_secret_access_key=key[1],
+    )
+
+
+def _denied(call, *args, **kwargs) -> None:
+    from botocore.exceptions import ClientError
+
+    with pytest.raises(ClientError) as caught:
+        call(*args, **kwargs)
+    assert caught.value.response["Error"]["Code"] in ("AccessDenied", "403"), caught.value
+
+
+def test_the_services_key_reaches_their_bucket_and_nothing_else(stack):
+    """s3-init's key (the one the jobs above ran on) reads and writes the bucket's objects,
+    reads the allowed datasets bucket, and nothing else; the admin's secret is in no service;
+    s3-init run again keeps the key."""
+    compose = stack["compose"]
+    path = "/run/termtune-s3/credentials"
+    written = compose("exec", "-T", "api", "cat", path).stdout
+    app = tuple(re.findall(r"^aws_(?:access_key_id|secret_access_key) = (\S+)$", written, re.M))
+    assert len(app) == 2 and app[0] != stack["s3_admin"][0], written
+    admin_s3, app_s3 = _s3(stack, "s3", stack["s3_admin"]), _s3(stack, "s3", app)
+    other = f"other-{secrets.token_hex(4)}"
+    admin_s3.create_bucket(Bucket=other)
+    admin_s3.put_object(Bucket=other, Key="private.txt", Body=b"not the app's")
+    listed = app_s3.list_objects_v2(Bucket="termtune", Prefix="termtune/jobs/")
+    assert listed["KeyCount"] > 0  # the jobs above wrote there with this key
+    app_s3.put_object(Bucket="termtune", Key="termtune/probe.txt", Body=b"ok")
+    app_s3.delete_object(Bucket="termtune", Key="termtune/probe.txt")
+    datasets = stack["datasets_bucket"]
+    admin_s3.create_bucket(Bucket=datasets)
+    admin_s3.put_object(Bucket=datasets, Key="terms.jsonl", Body=b'{"term": "x"}\n')
+    assert app_s3.get_object(Bucket=datasets, Key="terms.jsonl")["Body"].read()
+    assert app_s3.list_objects_v2(Bucket=datasets)["KeyCount"] == 1
+    _denied(app_s3.put_object, Bucket=datasets, Key="x.txt", Body=b"x")  # read-only
+    _denied(app_s3.get_object, Bucket=other, Key="private.txt")
+    _denied(app_s3.put_object, Bucket=other, Key="x.txt", Body=b"x")
+    _denied(app_s3.list_objects_v2, Bucket=other)
+    _denied(app_s3.create_bucket, Bucket=f"made-{secrets.token_hex(4)}")
+    _denied(app_s3.delete_bucket, Bucket="termtune")
+    _denied(_s3(stack, "iam", app).list_users)
+    for name in ("api", "dataprep", "trainer", "evaluator", "publisher", "mlflow"):
+        env = compose("exec", "-T", name, "env").stdout
+        assert stack["s3_admin"][1] not in env, f"{name} has the S3 admin's secret"
+    again = compose("run", "--rm", "-T", "s3-init", timeout=300)
+    assert "keeps its key" in again.stdout + again.stderr, again
+    assert compose("exec", "-T", "api", "cat", path).stdout == written
 
 
 def test_compose_down_removes_every_container(stack):

@@ -4,6 +4,8 @@ translated for one machine:
 
 - service hostnames (``rabbitmq``, ``s3``, ``postgres``) → the loopback servers the test
   started (the database: a fresh one on the tests' PostgreSQL server);
+- the s3-credentials volume (``/run/termtune-s3``, where s3-init writes the app's key) → a
+  folder with the key the test gives;
 - container paths (``/home/termtune/...``) → a temporary folder per service instance;
 - the API's container port and ``0.0.0.0`` → a free loopback port; each worker's metrics
   port (9100 in every container) → a free port of its own;
@@ -79,9 +81,10 @@ class ServiceProcess:
 
 
 def service_processes(
-    variables: dict[str, str], *, amqp: str, s3: str, database: str
+    variables: dict[str, str], *, amqp: str, s3: str, database: str, s3_key: Path
 ) -> dict[str, Any]:
-    """Command and environment of each termtune service in docker-compose.yml."""
+    """Command and environment of each termtune service in docker-compose.yml; ``s3_key``:
+    the shared-credentials file s3-init would have written."""
     compose = yaml.safe_load(interpolate((ROOT / "docker-compose.yml").read_text(), variables))
     out = {}
     for name in WORKERS:
@@ -95,6 +98,7 @@ def service_processes(
             k: v.replace("rabbitmq:5672", amqp)
             .replace("http://s3:8333", s3)
             .replace("postgres:5432/termtune", database)
+            .replace("/run/termtune-s3/credentials", str(s3_key))
             for k, v in env.items()
         }
         out[name] = ServiceProcess(name, service.get("command") or cmd, env)

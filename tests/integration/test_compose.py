@@ -38,8 +38,10 @@ def stack(rabbitmq, s3_endpoint, postgres, tmp_path_factory):
         "TERMTUNE_API_KEY": API_KEY,
         "TERMTUNE_API_PORT": "8000",
     }
+    key = tmp_path_factory.mktemp("s3-credentials") / "credentials"  # as s3-init writes it
+    key.write_text("[default]\naws_access_key_id = test\naws_secret_access_key = test\n")
     services = compose.service_processes(
-        variables, amqp=rabbitmq, s3=s3_endpoint, database=database
+        variables, amqp=rabbitmq, s3=s3_endpoint, database=database, s3_key=key
     )
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     s3.create_bucket(Bucket="termtune-it")  # what compose's s3-init does

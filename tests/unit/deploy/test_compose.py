@@ -110,11 +110,29 @@ def test_s3_server_is_maintained_pinned_and_published_on_loopback(services):
     assert ["127.0.0.1", str(endpoint.port), str(endpoint.port)] in published  # the S3 API
     assert len(published) == 2 and all(p[0] == "127.0.0.1" for p in published)  # + console
     assert f"http://127.0.0.1:{endpoint.port}/" in " ".join(s3["healthcheck"]["test"])
-    # The server's identity is the one every service signs with.
-    env = services["api"]["environment"]
-    assert s3["environment"]["AWS_ACCESS_KEY_ID"] == env["AWS_ACCESS_KEY_ID"]
-    assert s3["environment"]["AWS_SECRET_ACCESS_KEY"] == env["AWS_SECRET_ACCESS_KEY"]
-    assert env["AWS_SECRET_ACCESS_KEY"].startswith("${S3_SECRET_KEY:?")
+    # The admin identity comes from .env; s3-init may change identities through the IAM API.
+    assert s3["environment"]["AWS_SECRET_ACCESS_KEY"].startswith("${S3_SECRET_KEY:?")
+    assert "-s3.iam.readOnly=false" in s3["command"]
+
+
+@pytest.mark.parametrize("name", [*SERVICES, "mlflow"])
+def test_services_sign_with_the_apps_key_not_the_admins(services, name):
+    """s3-init writes the app's key into a volume the services mount read-only; the admin's
+    secret, which env_file would bring with the rest of .env, is blanked."""
+    service, init = services[name], services["s3-init"]
+    env = service["environment"]
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(env)
+    [written] = [v for v in init["volumes"] if v.startswith("s3-credentials:")]
+    folder = written.split(":")[1]
+    assert f"s3-credentials:{folder}:ro" in service["volumes"]
+    variable = "AWS_SHARED_CREDENTIALS_FILE" if name == "mlflow" else "TERMTUNE_S3_CREDENTIALS_FILE"
+    assert env[variable] == f"{folder}/credentials"
+    if "env_file" in service:
+        assert env["S3_SECRET_KEY"] == ""
+    # The buckets datasets may come from, as the services read them from .env: the key may
+    # read those too.
+    assert init["environment"]["TERMTUNE_ALLOWED_BUCKETS"] == "${TERMTUNE_ALLOWED_BUCKETS:-}"
+    assert "TERMTUNE_ALLOWED_BUCKETS" in (ROOT / "deploy/s3/init.sh").read_text()
 
 
 def test_s3_data_lives_in_a_named_volume(compose):
@@ -126,8 +144,11 @@ def test_s3_data_lives_in_a_named_volume(compose):
 def test_the_bucket_exists_before_a_service_starts(services, name):
     init = services["s3-init"]
     assert init["depends_on"] == {"s3": {"condition": "service_healthy"}}
-    script = " ".join(init["command"])
-    assert "create-bucket" in script and '"$${TERMTUNE_BUCKET}"' in script
+    [mount] = [v for v in init["volumes"] if v.endswith(":ro")]
+    source, target, _ = mount.split(":")
+    assert init["entrypoint"] == ["/bin/sh", target]
+    script = (ROOT / source).read_text()
+    assert 'create-bucket --bucket "$TERMTUNE_BUCKET"' in script
     env = services[name]["environment"]
     assert init["environment"]["AWS_ENDPOINT_URL"] == env["TERMTUNE_S3_ENDPOINT_URL"]
     assert env["TERMTUNE_STORE_URL"].startswith(f"s3://{init['environment']['TERMTUNE_BUCKET']}/")
@@ -192,7 +213,7 @@ def test_mlflow_keeps_runs_in_the_stack_database_and_artifacts_in_its_bucket(ser
     assert env["MLFLOW_ARTIFACTS_DESTINATION"] == f"s3://{bucket}/mlflow"
     stage = services[name]["environment"]
     assert env["MLFLOW_S3_ENDPOINT_URL"] == stage["TERMTUNE_S3_ENDPOINT_URL"]
-    assert env["AWS_SECRET_ACCESS_KEY"] == stage["AWS_SECRET_ACCESS_KEY"]
+    assert env["AWS_SHARED_CREDENTIALS_FILE"] == stage["TERMTUNE_S3_CREDENTIALS_FILE"]
     assert mlflow["depends_on"] == {
         "postgres": {"condition": "service_healthy"},
         "s3-init": {"condition": "service_completed_successfully"},

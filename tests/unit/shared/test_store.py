@@ -1,8 +1,8 @@
 import pytest
 
-from shared.errors import NotFound, StoreLocationError
+from shared.errors import NotFound, StoreLocationError, StoreUnavailable
 from shared.settings import Settings
-from shared.store import LocalStore, S3Store, open_store
+from shared.store import LocalStore, S3Store, open_store, s3_client
 
 
 @pytest.fixture
@@ -141,3 +141,55 @@ def test_a_full_disk_leaves_no_temporary_file_and_says_so(tmp_path, monkeypatch)
     with pytest.raises(StoreUnavailable):
         store.put_bytes_if_absent("jobs/a/spec.json", b"{}")
     assert [p.name for p in (tmp_path / "store").rglob("*") if p.is_file()] == []
+
+
+def _signer(client) -> list[str]:
+    """The key ids the client's requests are signed with (from their Authorization header)."""
+    seen: list[str] = []
+
+    def record(request, **_):
+        seen.append(request.headers["Authorization"].decode().split("Credential=")[1][:8])
+
+    client.meta.events.register("before-send.s3", record)
+    return seen
+
+
+def test_the_store_signs_with_the_key_in_its_credentials_file(s3, s3_endpoint, tmp_path):
+    key = tmp_path / "credentials"
+    key.write_text("[default]\naws_access_key_id = AKIAAPP1\naws_secret_access_key = s\n")
+    settings = Settings(
+        var_dir=tmp_path,
+        store_url="s3://termtune-test/prefix",
+        s3_endpoint_url=s3_endpoint,
+        s3_credentials_file=key,
+    )
+    store = open_store(settings)
+    seen = _signer(store.client)
+    assert store.list("anything") == []
+    assert seen == ["AKIAAPP1"]
+    # A key s3-init replaced is taken up by the next client.
+    key.write_text("[default]\naws_access_key_id = AKIAAPP2\naws_secret_access_key = s\n")
+    client = s3_client(settings)
+    seen = _signer(client)
+    client.list_objects_v2(Bucket="termtune-test")
+    assert seen == ["AKIAAPP2"]
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        (None, "no such file"),
+        ("[default]\naws_access_key_id = AKIAAPP1\n", "has no aws_secret_access_key"),
+        ("[other]\naws_access_key_id = a\naws_secret_access_key = b\n", "has no aws_access_key"),
+        ("not an ini file\n", "Unable to parse"),
+    ],
+)
+def test_a_missing_or_incomplete_credentials_file_is_named(tmp_path, text, says):
+    key = tmp_path / "credentials"
+    if text is not None:
+        key.write_text(text)
+    settings = Settings(var_dir=tmp_path, store_url="s3://b/p", s3_credentials_file=key)
+    with pytest.raises(StoreUnavailable) as caught:
+        open_store(settings)
+    assert f"TERMTUNE_S3_CREDENTIALS_FILE: {key}" in str(caught.value)
+    assert says in str(caught.value)
