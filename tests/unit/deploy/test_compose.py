@@ -135,6 +135,30 @@ def test_services_sign_with_the_apps_key_not_the_admins(services, name):
     assert "TERMTUNE_ALLOWED_BUCKETS" in (ROOT / "deploy/s3/init.sh").read_text()
 
 
+#: the policy actions SeaweedFS's IAM API maps to its own (weed/iam/helpers.go,
+#: baseS3ActionMap, at 4.44): PutUserPolicy refuses the whole policy for any other action,
+#: such as AWS's s3:ListBucketMultipartUploads (SeaweedFS names it ListMultipartUploads).
+SEAWEEDFS_ACTIONS = {
+    "DeleteObject", "PutObject", "GetObject", "DeleteObjectVersion", "GetObjectVersion",
+    "PutObjectAcl", "GetObjectAcl", "GetBucketPolicy", "ListBucket", "ListBucketVersions",
+    "ListAllMyBuckets", "GetBucketLocation", "GetBucketVersioning", "CreateMultipartUpload",
+    "UploadPart", "CompleteMultipartUpload", "AbortMultipartUpload", "ListMultipartUploads",
+    "ListParts", "GetObjectRetention", "GetObjectLegalHold",
+}  # fmt: skip
+
+
+def test_the_apps_policy_names_only_actions_seaweedfs_maps():
+    """s3-init's policy: what the store calls (objects, listing, multipart), every action one
+    SeaweedFS's IAM API and AWS both know, none that creates or deletes a bucket."""
+    script = (ROOT / "deploy/s3/init.sh").read_text()
+    actions = set(re.findall(r'\\"s3:(\w+)\\"', script))
+    assert actions == {
+        "ListBucket", "GetBucketLocation", "GetObject", "PutObject", "DeleteObject",
+        "AbortMultipartUpload",
+    }  # fmt: skip
+    assert actions <= SEAWEEDFS_ACTIONS
+
+
 def test_s3_data_lives_in_a_named_volume(compose):
     volume = compose["services"]["s3"]["volumes"][0].split(":")
     assert volume[0] in compose["volumes"] and volume[1] == "/data"
