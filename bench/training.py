@@ -25,6 +25,10 @@ Then the same at equal training time: termtune's default trained for as many epo
 in the time batch 1 took for its epochs (each rate of ``MATCHED_LRS`` once, the best kept),
 its held-out loss beside batch 1's: what the default's speed buys when a team spends the
 time it would have spent at batch 1.
+
+Last, the default's plan at smaller effective batches (``SWEEP``), each at the best rate of
+``MATCHED_LRS`` for the same epochs: how the held-out loss at equal epochs follows the
+number of optimizer updates, and what each batch costs in examples/s (one run each).
 """
 
 from __future__ import annotations
@@ -56,6 +60,13 @@ RECIPES: dict[str, dict[str, Any]] = {
 MAX_SOURCE, MAX_TARGET = 128, 512
 BATCH_1, DEFAULT = list(RECIPES)[1:3]
 MATCHED_LRS = (3e-3, 1e-2, 3e-2)  # more epochs, more updates: lower rates than at 3 epochs
+#: the default's plan (batch auto) at these effective batches: loss against updates
+SWEEP = {
+    f"termtune default at effective batch {n}": {
+        "path": "termtune", "training": {"effective_batch_size": n}, "lrs": list(MATCHED_LRS),
+    }
+    for n in (2, 4, 8, 16)
+}  # fmt: skip
 
 
 def _prepared(work: Path) -> tuple[Path, dict[str, Any]]:
@@ -122,7 +133,7 @@ def run_one(model_dir: str, prepared: str, name: str, lr: float, epochs: float) 
     from shared.jobspec import TrainingSpec
     from shared.trainplan import model_shape
 
-    recipe = RECIPES[name]
+    recipe = {**RECIPES, **SWEEP}[name]
     info = json.loads(prepared)
     train_table, test_table = _splits(info["var"], info["manifest"])
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -157,6 +168,10 @@ def run_one(model_dir: str, prepared: str, name: str, lr: float, epochs: float) 
         "heldout_loss": sum(nll) / sum(tokens),
         "seconds": seconds,
         "batch": f"{plan.batch_size}x{plan.gradient_accumulation_steps}",
+        "updates": math.ceil(
+            math.ceil(train_table.num_rows / plan.batch_size) / plan.gradient_accumulation_steps
+        )
+        * epochs,
     }
 
 
@@ -209,8 +224,17 @@ def main() -> None:
             lambda name, lr: _child(model, prepared, name, lr, args.epochs), best, args.repeats
         )
         matched = _time_matched(model, prepared, results, args.epochs)
+        sweep = {
+            name: best_rate(
+                lambda lr, name=name: _child(model, prepared, name, lr, args.epochs),
+                recipe["lrs"],
+                name,
+            )
+            for name, recipe in SWEEP.items()
+        }
         _print(results)
         _print_matched(results, matched, args.epochs)
+        _print_sweep(results, sweep, args.epochs)
 
 
 def _time_matched(
@@ -236,6 +260,28 @@ def _print_matched(
         f"{matched['heldout_loss']:.4f} vs {batch_1['heldout_loss']:.4f} at batch 1, "
         f"{epochs:g} epochs in {batch_1['seconds']:.1f}s ({verdict})"
     )
+
+
+def _print_sweep(
+    results: dict[str, list[dict[str, Any]]],
+    sweep: dict[str, tuple[float, dict[str, Any]]],
+    epochs: float,
+) -> None:
+    """The default's plan by effective batch, at equal epochs, beside the medians above."""
+    notebook = statistics.median(r["examples_per_s"] for r in results[next(iter(RECIPES))])
+    rows = [
+        (name, runs[0]["lr"], {**runs[0], "examples_per_s": statistics.median(
+            r["examples_per_s"] for r in runs)})
+        for name, runs in ((n, results[n]) for n in (BATCH_1, DEFAULT))
+    ]  # fmt: skip
+    rows += [(name, lr, run) for name, (lr, run) in sweep.items()]
+    print(f"at equal epochs ({epochs:g}), by effective batch (medians above; the sweep's one run):")
+    for name, lr, run in sorted(rows, key=lambda row: -row[2]["updates"]):
+        print(
+            f"  {name:48} {run['batch']:>5} {run['updates']:5.0f} updates, lr {lr:g}: held-out "
+            f"loss {run['heldout_loss']:.4f}, {run['examples_per_s']:.1f} examples/s "
+            f"({run['examples_per_s'] / notebook:.2f}x the notebook)"
+        )
 
 
 def _print(results: dict[str, list[dict[str, Any]]]) -> None:
