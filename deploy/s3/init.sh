@@ -44,9 +44,10 @@ done
 for key in $keys; do
   [ "$key" = None ] || aws iam delete-access-key --user-name "$APP_USER" --access-key-id "$key"
 done
-# shellcheck disable=SC2046 # two words: the key's id and its secret
-set -- $(aws iam create-access-key --user-name "$APP_USER" \
+created=$(aws iam create-access-key --user-name "$APP_USER" \
   --query 'AccessKey.[AccessKeyId,SecretAccessKey]' --output text)
+# shellcheck disable=SC2086 # two words: the key's id and its secret
+set -- $created
 umask 077
 printf '[default]\naws_access_key_id = %s\naws_secret_access_key = %s\n' "$1" "$2" >"$CREDENTIALS.new"
 chown 10001:10001 "$CREDENTIALS.new"
