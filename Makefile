@@ -11,6 +11,9 @@ CMI_VENV ?= .venv-cmi
 MLFLOW_VENV ?= .venv-mlflow
 LINT_VENV ?= .venv-lint
 CMI_TRANSFORMERS ?= 4.51.3
+# GPT-OSS came after 4.51.3: its exports are loaded in the first release that has the class
+CMI_GPT_OSS_VENV ?= .venv-cmi-gpt-oss
+CMI_GPT_OSS_TRANSFORMERS ?= 4.55.0
 
 .PHONY: install tracking-server lock engine test-compose test-cuda-image compat brokers browsers database lint-deploy run test test-unit test-e2e lint format up down clean docs bench reliability
 
@@ -82,13 +85,20 @@ lock:
 	  { echo "a lock holds torch or a CUDA package: add it to LOCK_NO_EMIT"; exit 1; }
 
 # An isolated environment with the transformers version AWS documents for Custom Model
-# Import: the tests load every export there (tests/unit/services/test_publisher.py).
-compat: $(CMI_VENV)/.installed
+# Import: the tests load every export there (tests/unit/services/test_publisher.py); and one
+# with the first transformers that has GPT-OSS, which 4.51.3 predates.
+compat: $(CMI_VENV)/.installed $(CMI_GPT_OSS_VENV)/.installed
 
 $(CMI_VENV)/.installed:
 	test -x $(CMI_VENV)/bin/python || python3 -m venv $(CMI_VENV)
 	$(call install_torch,$(CMI_VENV)/bin/python -m pip)
 	$(CMI_VENV)/bin/python -m pip install -q "transformers==$(CMI_TRANSFORMERS)" sentencepiece
+	touch $@
+
+$(CMI_GPT_OSS_VENV)/.installed:
+	test -x $(CMI_GPT_OSS_VENV)/bin/python || python3 -m venv $(CMI_GPT_OSS_VENV)
+	$(call install_torch,$(CMI_GPT_OSS_VENV)/bin/python -m pip)
+	$(CMI_GPT_OSS_VENV)/bin/python -m pip install -q "transformers==$(CMI_GPT_OSS_TRANSFORMERS)"
 	touch $@
 
 # MLflow's tracking server in an environment of its own (its hashed lock): the tests start

@@ -98,6 +98,11 @@ class ModelEntry(BaseModel):
         description="Trained on prompts in its chat template: ask it with chat messages "
         "(OpenAI chat completions), as it was evaluated.",
     )
+    family: str | None = Field(
+        None,
+        description="Its family's model_type (shared.families): which request shapes Bedrock "
+        "serves it in (GPT-OSS: OpenAI's completion and chat completions only).",
+    )
 
 
 class ModelList(BaseModel):

@@ -131,7 +131,7 @@ def base_model_family(base_model: str, *, store: Store, cache_dir: Path) -> fami
     """The family of ``base_model`` where its config.json can be read without downloading
     the model (a folder, an upload, the hub's local cache); None where it cannot (a hub id
     not cached here: the stages check it when they load it). ModelError for a model of a
-    family Bedrock does not import or termtune does not train."""
+    family Bedrock does not import."""
     where = f"base_model {base_model!r}"
     folder = Path(base_model_config(base_model, store=store, cache_dir=cache_dir))
     if (folder / "config.json").is_file():
@@ -140,8 +140,7 @@ def base_model_family(base_model: str, *, store: Store, cache_dir: Path) -> fami
         config = _cached_hub_config(base_model)
         if config is None:
             return None
-    family = families.folder_family(config.parent, where=where)
-    return families.check_trainable(family, where=where)
+    return families.folder_family(config.parent, where=where)
 
 
 def _cached_hub_config(base_model: str) -> Path | None:

@@ -2,8 +2,10 @@
 
 A base model's ``model_type`` (config.json) names its family; the family decides what
 Bedrock imports (the one architecture class it accepts), which kind of model it is
-(encoder-decoder or decoder-only) and what termtune can do with it today. The table is the
-one source for the submission check, the loaders and the publisher's preflight.
+(encoder-decoder or decoder-only), the shapes Bedrock serves its imports in and the
+transformers release an export must load in. termtune trains, evaluates and exports every
+family in the table; its tests build a tiny model of each. The table is the one source for
+the submission check, the loaders, the publisher's preflight and the served shapes.
 """
 
 from __future__ import annotations
@@ -26,12 +28,27 @@ class Family:
     label: str  # how people name it
     kind: Kind
     architecture: str  # the one architectures entry Bedrock imports for it
-    trained: bool = True  # termtune trains it (its tests build, train and export one)
     regions: tuple[str, ...] | None = None  # None: every region CMI runs in
-    untrained_why: str = ""  # what stands in the way, for a family termtune does not train
     #: (the name transformers 4.51.3 reads, the one transformers 5 writes) for each config
     #: setting 5 renamed: an export writes both, or Bedrock's 4.51.3 reads its default
     renamed: tuple[tuple[str, str], ...] = ()
+    #: Bedrock serves its own completion shape (prompt, max_gen_len -> generation) for the
+    #: family's imports; GPT-OSS imports answer only OpenAI's completion and chat shapes
+    bedrock_completion: bool = True
+    #: the family answers in a chat format only its chat template writes (GPT-OSS's harmony
+    #: channels): its jobs train in the template, and what it serves is the final channel
+    chat_only: bool = False
+    #: the transformers release its exports are loaded in before upload: 4.51.3, the one AWS
+    #: documents for imports, where it has the family; else the first release that has it
+    load_check: str = "4.51.3"
+    #: transformers runs its attention through torch's SDPA (GPT-OSS's attention sinks: no)
+    sdpa: bool = True
+    #: transformers keeps examples packed in one row apart (by restarting position ids) in
+    #: this family's attention; in GPT-OSS's eager attention with sinks they mix
+    packs: bool = True
+    #: parameters an ``all-linear`` adapter also adapts, where peft does not find them (its
+    #: Mixtral and Qwen MoE mappings do; GPT-OSS's fused experts and routers are no Linear)
+    lora_parameters: tuple[str, ...] = ()
 
 
 FAMILIES: dict[str, Family] = {
@@ -49,13 +66,11 @@ FAMILIES: dict[str, Family] = {
         ),
         Family("gpt_bigcode", "GPTBigCode", "causal", "GPTBigCodeForCausalLM"),
         Family(
-            "gpt_oss", "GPT-OSS", "causal", "GptOssForCausalLM", trained=False,
-            regions=("us-east-1",),
-            untrained_why=(
-                "its released weights keep the experts in MXFP4, and transformers 4.51.3 "
-                "(the version AWS documents for imports, which every export is tested "
-                "against) has no GPT-OSS class, so an export could not be checked before "
-                "upload"
+            "gpt_oss", "GPT-OSS", "causal", "GptOssForCausalLM", regions=("us-east-1",),
+            bedrock_completion=False, chat_only=True, load_check="4.55.0", sdpa=False,
+            packs=False,
+            lora_parameters=(
+                "mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.router.weight",
             ),
         ),
     )
@@ -83,17 +98,14 @@ def family_of(config: Any, *, where: str) -> Family:
     return family
 
 
-def check_trainable(family: Family, *, where: str) -> Family:
-    """The family, when termtune trains it; ModelError saying why not and naming those it
-    trains otherwise."""
-    if not family.trained:
-        trained = [f.label for f in FAMILIES.values() if f.trained]
+def check_prompting(family: Family, chat_template: str, *, where: str) -> None:
+    """ModelError when a job would train ``family`` outside the chat format it answers in
+    (``chat_template`` is the spec's dataset.chat_template)."""
+    if family.chat_only and chat_template != "auto":
         raise ModelError(
-            f"{where} is a {family.label} model: Bedrock imports it, but termtune does not "
-            f"train that family yet ({family.untrained_why}); name a model of one it "
-            f"trains: {', '.join(trained)}"
+            f"{where} is a {family.label} model, which answers only in the format its chat "
+            f"template writes, and dataset.chat_template is {chat_template}: set it to auto"
         )
-    return family
 
 
 def folder_family(folder: Path, *, where: str) -> Family:

@@ -44,7 +44,7 @@ def load_tokenizer(base_model: str) -> Any:
 
 def load_seq2seq(base_model: str, **kwargs: Any) -> Any:
     """A seq2seq language model from a hub id or folder, refusing a model of a family
-    Bedrock does not import or termtune does not train (shared.families)."""
+    Bedrock does not import (shared.families)."""
     return _load_kind(base_model, "seq2seq", **kwargs)
 
 
@@ -62,11 +62,11 @@ _KIND_WORDS = {"seq2seq": "an encoder-decoder", "causal": "decoder-only"}
 
 
 def _load_kind(base_model: str, kind: str | None, **kwargs: Any) -> Any:
-    """The model, when its family is trained here and of ``kind`` (None: either)."""
+    """The model, when its family is one Bedrock imports and of ``kind`` (None: either)."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     where = f"base_model {base_model!r}"
-    family = families.check_trainable(model_family(base_model), where=where)
+    family = model_family(base_model)
     if kind is not None and family.kind != kind:
         raise ModelError(f"{where} is a {family.label} model, not {_KIND_WORDS[kind]}")
     auto = AutoModelForCausalLM if family.kind == "causal" else AutoModelForSeq2SeqLM
@@ -91,7 +91,17 @@ def _load(
     kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
     if attention is not None:
         kwargs["attn_implementation"] = attention
-    if quantization_config is not None:
+    if prequantized(base_model) == "mxfp4":
+        if quantization_config is not None:
+            raise ModelError(MXFP4_REQUANTIZED.format(base_model=base_model))
+        from transformers import Mxfp4Config
+
+        # the released experts are 4-bit MXFP4, which trains nowhere and exports nowhere:
+        # loaded as plain weights of the dtype asked for, on any device
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+    elif quantization_config is not None:
         kwargs.update(quantization_config=quantization_config, device_map=device_map or "auto")
     elif device_map is not None:
         kwargs["device_map"] = device_map
@@ -99,6 +109,29 @@ def _load(
         return auto.from_pretrained(base_model, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(_load_hint(base_model, "weights", exc)) from exc
+
+
+MXFP4_REQUANTIZED = (
+    "base_model {base_model!r} keeps its experts in MXFP4 (GPT-OSS's release): it trains as "
+    "plain bf16 weights, which bitsandbytes cannot quantize again; set training.quantization "
+    "to none or auto"
+)
+
+
+def prequantized(base_model: str) -> str | None:
+    """The quantization a checkpoint's config says its weights are stored in (GPT-OSS's
+    ``mxfp4``), or None for plain weights."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(base_model)
+    except (OSError, ValueError):  # loading the weights says why, in termtune's words
+        return None
+    found = getattr(config, "quantization_config", None)
+    if found is None:
+        return None
+    method = found.get("quant_method") if isinstance(found, dict) else found.quant_method
+    return str(getattr(method, "value", method))
 
 
 def model_family(base_model: str) -> families.Family:

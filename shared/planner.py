@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any
 
-from shared import trainplan
+from shared import families, trainplan
 from shared.errors import SpecError
 from shared.jobspec import TrainingSpec
 from shared.modeling import device as current_device
@@ -102,7 +102,7 @@ def resolve(
     memory = memory_bytes if memory_bytes is not None else device_memory(dev)
     quantization = _quantization(spec, shape, rows, dev, memory, precision, processes, notes)
     dtype_bytes = 2 if precision == "bf16" else 4
-    attention = "sdpa" if spec.attention == "auto" else spec.attention
+    attention = _attention(spec, shape.model_type, notes)
     per_example = trainplan.example_bytes(
         shape,
         rows.source_tokens,
@@ -135,7 +135,7 @@ def resolve(
     if spec.fused_layers and shape.kind == "seq2seq":
         notes.append("fused layers: torch's gelu(tanh) and rms_norm in place of T5's")
     compile_model = _compile(spec, dev, quantization, notes)
-    packing = _packing(spec, shape.kind, notes)
+    packing = _packing(spec, shape.kind, shape.model_type, notes)
     grouped = _grouped(spec, packing, notes)
     return Plan(
         device=dev,
@@ -185,6 +185,19 @@ def _quantization(
     processes: int,
     notes: list[str],
 ) -> str:
+    if shape.prequantized:  # GPT-OSS's MXFP4 experts load as plain weights (shared.modeling)
+        if spec.quantization in ("4bit", "8bit"):
+            raise SpecError(
+                f"training.quantization {spec.quantization}: the base model keeps its experts "
+                f"in {shape.prequantized.upper()}, which trains only as plain "
+                f"{precision} weights that bitsandbytes cannot quantize again; set none or auto"
+            )
+        if spec.quantization == "auto":
+            notes.append(
+                f"quantization auto -> none (the {shape.prequantized.upper()} experts load "
+                f"as {precision} weights)"
+            )
+        return "none"
     if spec.quantization != "auto":
         return spec.quantization
     if dev != "cuda":
@@ -210,6 +223,21 @@ def _quantization(
     return choice
 
 
+def _attention(spec: TrainingSpec, model_type: str, notes: list[str]) -> str:
+    """SDPA where transformers has it for the family, else eager."""
+    family = families.FAMILIES.get(model_type)
+    if family is None or family.sdpa:
+        return "sdpa" if spec.attention == "auto" else spec.attention
+    if spec.attention == "sdpa":
+        raise SpecError(
+            f"training.attention sdpa: transformers has no SDPA attention for {family.label} "
+            "models; set eager or auto"
+        )
+    if spec.attention == "auto":
+        notes.append(f"attention auto -> eager (transformers has no SDPA for {family.label})")
+    return "eager"
+
+
 def _optimizer(spec: TrainingSpec, notes: list[str]) -> str:
     if spec.optimizer != "auto":
         return spec.optimizer
@@ -227,8 +255,18 @@ def packed_masks_supported() -> bool:
     return True
 
 
-def _packing(spec: TrainingSpec, kind: str, notes: list[str]) -> bool:
+def _packing(spec: TrainingSpec, kind: str, model_type: str, notes: list[str]) -> bool:
     if kind != "causal" or spec.packing == "off":
+        return False
+    family = families.FAMILIES.get(model_type)
+    if family is not None and not family.packs:
+        if spec.packing == "on":
+            raise SpecError(
+                f"training.packing: on would let packed examples mix in {family.label} "
+                "models' attention (transformers keeps them apart only in other families); "
+                "set it to auto or off"
+            )
+        notes.append(f"packing auto -> off (packed examples would mix in {family.label})")
         return False
     if not packed_masks_supported():
         if spec.packing == "on":

@@ -9,6 +9,10 @@ end-of-sequence token appended, so the model learns to stop. The rendered prompt
 what a served model is given (Bedrock applies the same template for chat completions), so
 training, evaluation and serving see the same tokens.
 
+A harmony model (GPT-OSS, shared.harmony) is taught its answer in the final channel: the
+target starts with the channel's header, which its template writes before an assistant's
+message, and it trains in its chat template only (nothing else writes its format).
+
 A cut to a length limit keeps each side's tail: T5's EOS, a decoder-only target's EOS and
 the chat template's opening of the assistant's turn, without which the model would be asked
 something other than it was taught.
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.families import Kind
+from shared.harmony import FINAL_HEAD, is_harmony
 
 _PROBE = "\x00probe\x00"  # content no prompt holds, to find the template around a message
 
@@ -32,6 +37,7 @@ class Prompting:
     chat_template: bool  # decoder-only: prompts wrapped in the tokenizer's chat template
     source_tail: int  # tokens a cut keeps at the end of a prompt
     target_tail: int  # ...and of a target
+    harmony: bool = False  # answers written in GPT-OSS's final channel (shared.harmony)
 
     @classmethod
     def of(cls, tokenizer: Any, kind: Kind, choice: str = "auto") -> Prompting:
@@ -42,7 +48,16 @@ class Prompting:
         if tokenizer.eos_token_id is None:
             raise ValueError("a decoder-only model's tokenizer needs an eos_token to stop on")
         chat = choice == "auto" and bool(getattr(tokenizer, "chat_template", None))
-        return cls(kind, chat, source_tail=_template_tail(tokenizer) if chat else 0, target_tail=1)
+        harmony = is_harmony(tokenizer)
+        if harmony and not chat:
+            why = "dataset.chat_template is none" if choice != "auto" else "it has none"
+            raise ValueError(
+                "the model answers in GPT-OSS's harmony format, which only its chat template "
+                f"writes, and {why}: set dataset.chat_template to auto and use a tokenizer "
+                "with its template"
+            )
+        tail = _template_tail(tokenizer) if chat else 0
+        return cls(kind, chat, source_tail=tail, target_tail=1, harmony=harmony)
 
     def text(self, tokenizer: Any, prompt: str) -> str:
         """The prompt as the model is given it (what Bedrock renders from a chat message)."""
@@ -64,7 +79,8 @@ class Prompting:
         if self.kind == "seq2seq":
             return tokenizer(text_target=targets, verbose=False)["input_ids"]
         ids = tokenizer(targets, add_special_tokens=False, verbose=False)["input_ids"]
-        return [x + [tokenizer.eos_token_id] for x in ids]
+        head = tokenizer(FINAL_HEAD, add_special_tokens=False)["input_ids"] if self.harmony else []
+        return [head + x + [tokenizer.eos_token_id] for x in ids]
 
     def record(self) -> dict[str, Any]:
         """What the manifest keeps, for the stages after data-prep."""
@@ -73,6 +89,7 @@ class Prompting:
             "chat_template": self.chat_template,
             "source_tail": self.source_tail,
             "target_tail": self.target_tail,
+            "harmony": self.harmony,
         }
 
     @classmethod
@@ -82,6 +99,7 @@ class Prompting:
             chat_template=bool(record["chat_template"]),
             source_tail=int(record["source_tail"]),
             target_tail=int(record["target_tail"]),
+            harmony=bool(record.get("harmony", False)),  # absent before GPT-OSS: no
         )
 
 

@@ -25,8 +25,11 @@ all of them (unquantized under QLoRA: bitsandbytes takes only ``nn.Linear`` laye
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+
+from shared import families
 
 GIB = 2**30
 #: share of the device's free memory a plan may fill (the rest: allocator fragmentation)
@@ -58,6 +61,7 @@ class ModelShape:
     decoder_matmul_parameters: int = 0  # ...and a target token (the LM head included)
     kind: str = "seq2seq"  # or "causal": one stack reads the prompt and the answer
     attention_width: int = 0  # query heads x head width, where it is not d_model
+    prequantized: str = ""  # how the checkpoint stores its weights (GPT-OSS: "mxfp4")
 
     def training_flops(self, source_tokens: float, target_tokens: float) -> float:
         """FLOPs to train on one example with the base frozen: forward 2 and backward 2
@@ -290,7 +294,11 @@ def model_shape(base_model: str) -> ModelShape:
     with init_empty_weights():
         model = auto.from_config(config)
     model.tie_weights()  # on the meta device the shared embeddings are not tied yet
-    return shape_from(model, config)
+    shape = shape_from(model, config)
+    stored = getattr(config, "quantization_config", None)  # built without it: plain weights
+    if isinstance(stored, dict) and stored.get("quant_method"):
+        shape = dataclasses.replace(shape, prequantized=str(stored["quant_method"]))
+    return shape
 
 
 def shape_from(model: object, config: object) -> ModelShape:
@@ -377,9 +385,14 @@ class Experts:
         if not count:
             return cls(0, 0, 0, 0)
         dims = 0
+        # peft gives a gate/up projection it fused from two (Mixtral's, Qwen MoE's) twice
+        # the rank; one released fused (GPT-OSS's, named in lora_parameters) once
+        family = families.FAMILIES.get(str(getattr(config, "model_type", "")))
+        fused_by_peft = not (family and family.lora_parameters)
         for name, p in model.named_parameters():  # type: ignore[attr-defined]
-            if p.dim() == 3:  # peft gives a fused gate/up projection twice the rank
-                dims += p.shape[0] * (p.shape[1] + p.shape[2]) * (2 if "gate_up" in name else 1)
+            if p.dim() == 3:
+                twice = fused_by_peft and "gate_up" in name
+                dims += p.shape[0] * (p.shape[1] + p.shape[2]) * (2 if twice else 1)
         for m in model.modules():  # type: ignore[attr-defined]
             if type(m).__name__.endswith("Router"):
                 dims += sum(m.weight.shape)

@@ -23,6 +23,7 @@ from services.api.shapes import (
 )
 from shared import bedrock
 from shared.errors import ModelError
+from shared.harmony import reply_text
 from shared.jobs import JobRecords
 from shared.prompting import pad_id, padded
 from shared.settings import BedrockSettings, Settings
@@ -201,7 +202,7 @@ def _answer(
     tokens = tokens[: max_new or len(tokens)]
     finished = bool(tokens) and tokens[-1] in stops
     return Answer(
-        text=tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+        text=reply_text(tokenizer, tokens),
         prompt_tokens=prompt_tokens,
         generated_tokens=len(tokens),
         stop_reason="stop" if finished else "length",

@@ -23,6 +23,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.bedrock import generation_of
+from shared.errors import ModelError
+from shared.families import FAMILIES
 
 MAX_PROMPT_CHARS = 20_000
 
@@ -151,6 +153,18 @@ class Answer:
     prompt_tokens: int
     generated_tokens: int
     stop_reason: Literal["stop", "length"]
+
+
+def check_served(request: AnyRequest, model_type: str | None, name: str) -> None:
+    """ModelError when Bedrock does not serve the model's family in the request's shape
+    (GPT-OSS imports answer OpenAI's shapes only), here and in Bedrock alike."""
+    family = FAMILIES.get(str(model_type))
+    if family is not None and not family.bedrock_completion and isinstance(request, InvokeRequest):
+        raise ModelError(
+            f"model {name!r} is a {family.label} model, which Bedrock serves only in OpenAI's "
+            "completion (prompt, max_tokens) and chat completions (messages) shapes: send "
+            "max_tokens in place of max_gen_len, or chat messages"
+        )
 
 
 def ask_of(request: AnyRequest) -> Ask:

@@ -4,8 +4,9 @@ Each is a randomly initialised two-layer model whose config has its family's sha
 query attention, the family's rope settings, tied or untied embeddings as its small
 releases have them; four experts, two a token, for the mixture-of-experts families; one
 key/value head and learned positions for GPTBigCode) and whose tokenizer has the family's
-kind (byte-level BPE for Llama 3, Qwen and GPTBigCode, SentencePiece-style BPE for Mistral
-and Mixtral), special tokens and chat template, trained on the shipped data. No hub is
+kind (byte-level BPE for Llama 3, Qwen, GPTBigCode and GPT-OSS, SentencePiece-style BPE for
+Mistral and Mixtral), special tokens and chat template, trained on the shipped data. GPT-OSS's
+experts are stored in MXFP4, as its releases are. No hub is
 asked: tests and the embedded examples load them through the same ``from_pretrained`` path
 as the real models.
 """
@@ -35,6 +36,20 @@ MISTRAL_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
     "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+#: GPT-OSS's harmony format, as its released template writes it for these messages (a system
+#: message naming the channels first; the answer in the final channel) without the date it adds
+HARMONY_TEMPLATE = (
+    "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
+    "Knowledge cutoff: 2024-06\n\nReasoning: medium\n\n# Valid channels: analysis, "
+    "commentary, final. Channel must be included for every message.<|end|>"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|start|>assistant<|channel|>final<|message|>' + message['content'] }}"
+    "{{ '<|return|>' if loop.last else '<|end|>' }}"
+    "{% else %}{{ '<|start|>' + ('developer' if message['role'] == 'system' else message['role'])"
+    " + '<|message|>' + message['content'] + '<|end|>' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start|>assistant' }}{% endif %}"
 )
 STARCHAT_TEMPLATE = (  # StarChat's, the chat-tuned GPTBigCode models'
     "{% for message in messages %}"
@@ -75,6 +90,12 @@ STARCHAT = Vocabulary(
     ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
     bos=None, eos="<|end|>", pad=None, chat_template=STARCHAT_TEMPLATE,
 )  # fmt: skip
+HARMONY = Vocabulary(  # o200k_harmony's special tokens; its eos ends the final answer
+    "byte-level", "PreTrainedTokenizerFast",
+    ("<|endoftext|>", "<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>",
+     "<|call|>", "<|constrain|>"),
+    bos=None, eos="<|return|>", pad="<|endoftext|>", chat_template=HARMONY_TEMPLATE,
+)  # fmt: skip
 VOCABULARIES = {
     "llama": LLAMA3,
     "qwen2": QWEN,
@@ -83,6 +104,7 @@ VOCABULARIES = {
     "mistral": MISTRAL,
     "mixtral": MISTRAL,
     "gpt_bigcode": STARCHAT,
+    "gpt_oss": HARMONY,
 }
 FAMILIES = tuple(VOCABULARIES)
 
@@ -139,6 +161,19 @@ def config_for(family: str, tokenizer: Any, *, hidden: int) -> Any:
         "num_key_value_heads": 2,  # grouped-query attention, as every current release
     }
     long_rope = {"max_position_embeddings": 32768, "rope_theta": 1000000.0}
+    if family == "gpt_oss":  # gpt-oss-20b: sliding and full attention by turns, yarn rope,
+        # attention sinks and biases, experts fused with a bias each, untied
+        return transformers.GptOssConfig(
+            **ids, **{**shape, "intermediate_size": hidden}, head_dim=hidden // 4,
+            num_local_experts=4, num_experts_per_tok=2, sliding_window=128,
+            layer_types=["sliding_attention", "full_attention"], max_position_embeddings=131072,
+            rope_parameters={
+                "rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                "truncate": False, "original_max_position_embeddings": 4096,
+                "rope_theta": 150000.0,
+            },
+            tie_word_embeddings=False,
+        )  # fmt: skip
     experts = {"num_experts_per_tok": 2}  # of four, as Mixtral takes 2 of 8
     if family == "llama":  # Llama 3.2's small models: tied embeddings, llama3 rope scaling
         rope = {
@@ -191,4 +226,71 @@ def build_tiny_causal(
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    if family == "gpt_oss":  # released with its experts in MXFP4
+        store_experts_mxfp4(out_dir)
     return out_dir
+
+
+#: the values a 4-bit E2M1 code stands for, by code (the sign is the top bit)
+FP4_VALUES = (
+    0.0,
+    0.5,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    4.0,
+    6.0,
+    -0.0,
+    -0.5,
+    -1.0,
+    -1.5,
+    -2.0,
+    -3.0,
+    -4.0,
+    -6.0,
+)
+MXFP4_BLOCK = 32  # values sharing one power-of-two scale
+
+
+def to_mxfp4(weight: Any) -> tuple[Any, Any]:
+    """An ``(experts, in, out)`` expert weight as GPT-OSS's release stores it: for each
+    expert and output, blocks of 32 inputs as 4-bit codes two a byte (the lower nibble
+    first), ``(experts, out, in / 32, 16)``, and each block's E8M0 scale (2^(s - 127)),
+    ``(experts, out, in / 32)``; each value the nearest code after scaling its block's
+    largest to at most 6."""
+    import torch
+
+    rows = weight.transpose(1, 2).float()  # (experts, out, in)
+    blocks = rows.reshape(*rows.shape[:2], -1, MXFP4_BLOCK)
+    peak = blocks.abs().amax(-1, keepdim=True).clamp_min(2.0**-126)
+    exponent = torch.ceil(torch.log2(peak / 6.0)).clamp(-127, 127)
+    values = torch.tensor(FP4_VALUES)
+    scaled = blocks / torch.exp2(exponent)
+    codes = (scaled[..., None] - values).abs().argmin(-1).to(torch.uint8)
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return packed, (exponent[..., 0] + 127).to(torch.uint8)
+
+
+def store_experts_mxfp4(folder: Path) -> None:
+    """Rewrite a saved GPT-OSS model's expert weights in MXFP4 and say so in its config,
+    as openai/gpt-oss-20b is released (transformers loads it dequantized where it cannot
+    run MXFP4 kernels, and termtune always so: shared.modeling)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    weights = load_file(path)
+    for name in [n for n in weights if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        weights[f"{name}_blocks"], weights[f"{name}_scales"] = to_mxfp4(weights.pop(name))
+    save_file(weights, path, metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
+            "lm_head",
+        ],
+    }  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

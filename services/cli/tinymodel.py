@@ -15,7 +15,8 @@ SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # T5's ids 0, 1, 2
 #: the families `termtune build-tiny-model --family` builds (services.cli.tinycausal: the
 #: decoder-only ones)
 TINY_FAMILIES = (
-    "t5", "llama", "qwen2", "qwen3", "qwen3_moe", "mistral", "mixtral", "gpt_bigcode"
+    "t5", "llama", "qwen2", "qwen3", "qwen3_moe", "mistral", "mixtral", "gpt_bigcode",
+    "gpt_oss",
 )  # fmt: skip
 
 

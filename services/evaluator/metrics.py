@@ -10,6 +10,7 @@ import pyarrow.compute as pc
 import torch
 
 from services.evaluator.scoring import RowScores, score_rows
+from shared.harmony import reply_text
 from shared.jobspec import DecodingSpec, EvaluationSpec
 from shared.prompting import pad_id, padded
 
@@ -142,7 +143,7 @@ def generate(
         )
         if causal:  # the answer only: a decoder-only model's output starts with the prompt
             generated = generated[:, batch["input_ids"].shape[1] :]
-        return [o.strip() for o in tokenizer.batch_decode(generated, skip_special_tokens=True)]
+        return [reply_text(tokenizer, row) for row in generated.tolist()]
 
     order = longest_first(table, "input_ids")
     outputs: list[str] = []

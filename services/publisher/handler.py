@@ -113,6 +113,7 @@ def _publish(command: PublishModel, ctx: StageContext) -> dict[str, Any]:
         "decoding": spec.decoding.model_dump(),
         # trained on chat-templated prompts: served through chat completions
         "chat": bool(dataset.get("prompting", {}).get("chat_template")),
+        "family": checks["model_type"],  # which shapes Bedrock serves it in
     }
     if spec.publish.target == "bedrock":
         imported = target.to_bedrock(

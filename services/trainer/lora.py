@@ -8,6 +8,7 @@ import torch
 
 from services.trainer import kernels
 from services.trainer.ranks import local_rank
+from shared import families
 from shared.jobspec import TrainingSpec
 from shared.modeling import load_causal, load_seq2seq
 from shared.planner import Plan
@@ -58,5 +59,14 @@ def build_model(base_model: str, spec: TrainingSpec, plan: Plan) -> Any:
         lora_alpha=spec.lora.alpha,
         lora_dropout=spec.lora.dropout,
         target_modules=spec.lora.target_modules,
+        target_parameters=_target_parameters(model, spec.lora.target_modules),
     )
     return get_peft_model(model, lora)
+
+
+def _target_parameters(model: Any, target_modules: Any) -> list[str] | None:
+    """What ``all-linear`` also adapts in this family (fused experts peft does not map)."""
+    family = families.FAMILIES.get(str(getattr(model.config, "model_type", "")))
+    if target_modules != "all-linear" or family is None or not family.lora_parameters:
+        return None
+    return list(family.lora_parameters)

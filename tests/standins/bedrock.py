@@ -284,6 +284,11 @@ class BedrockStandIn:
                 auto.from_pretrained(folder),
             )
         tokenizer, lm = self._loaded[arn]
+        harmony = lm.config.model_type == "gpt_oss"
+        if harmony and "max_gen_len" in body:  # AWS: GPT-OSS imports take OpenAI's shapes
+            raise ApiError(
+                "ValidationException", "GPT-OSS models take OpenAI-compatible requests", RUNTIME
+            )
         if "messages" in body:
             if not tokenizer.chat_template:
                 raise ApiError("ValidationException", "the model has no chat template", RUNTIME)
@@ -297,7 +302,12 @@ class BedrockStandIn:
         with torch.no_grad():
             output = lm.generate(**inputs, max_new_tokens=limit, do_sample=False)[0]
         start = 1 if lm.config.is_encoder_decoder else inputs["input_ids"].shape[1]
-        answer = tokenizer.decode(output[start:], skip_special_tokens=True).strip()
+        if harmony:  # what an OpenAI-compatible server returns: the final channel's text
+            raw = tokenizer.decode(output[start:], skip_special_tokens=False)
+            final = raw.split("<|channel|>final<|message|>")[1:]
+            answer = re.split(r"<\|(?:return|end|call)\|>", final[-1])[0].strip() if final else ""
+        else:
+            answer = tokenizer.decode(output[start:], skip_special_tokens=True).strip()
         counts = {"prompt": int(inputs["input_ids"].shape[1]), "answer": len(output) - start}
         if "max_gen_len" in body or ("prompt" in body and "max_tokens" not in body):
             return {

@@ -21,7 +21,7 @@ from fastapi.responses import HTMLResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from services.api.deps import JobsDep, SettingsDep
-from shared import tracking
+from shared import families, tracking
 from shared.api_models import EventPage, EventView, JobPage, JobStatus, JobView
 from shared.basemodel import base_model_family
 from shared.errors import Conflict, ModelError, NotFound, SpecError, StoreLocationError
@@ -51,8 +51,15 @@ def submit_job(jobs: JobsDep, settings: SettingsDep, spec: dict[str, Any] = Body
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
     try:  # refused now rather than after data-prep starts; the stages check again
         check_source(parsed.dataset.source, store_root=jobs.store.root_uri, settings=settings)
-        # an upload must be finished; a model whose config is at hand, of a family we train
-        base_model_family(parsed.base_model, store=jobs.store, cache_dir=settings.cache_dir)
+        # an upload must be finished; a model whose config is at hand, of a family Bedrock
+        # imports, trained in the format it answers in
+        family = base_model_family(
+            parsed.base_model, store=jobs.store, cache_dir=settings.cache_dir
+        )
+        if family is not None:
+            families.check_prompting(
+                family, parsed.dataset.chat_template, where=f"base_model {parsed.base_model!r}"
+            )
         parsed = tracking.resolve(parsed, settings)  # the deployment's default, fixed now
     except (StoreLocationError, SpecError, ModelError) as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, status
 
 from services.api.deps import BedrockDep, JobsDep, ModelsDep
-from services.api.shapes import AnyRequest, AnyResponse
+from services.api.shapes import AnyRequest, AnyResponse, check_served
 from shared.api_models import ImportedModelList, ModelDeleted, ModelEntry, ModelList
 from shared.errors import ModelError, NotFound
 
@@ -41,9 +41,10 @@ def invoke_model(
     completion, OpenAI completion, OpenAI chat completions; the answer comes in the
     request's): served here (local) or through bedrock-runtime (bedrock)."""
     entry = _entry(jobs, name)
-    if entry.get("target") == "bedrock":
-        return imported.invoke(entry, request)
     try:
+        check_served(request, entry.get("family"), name)
+        if entry.get("target") == "bedrock":
+            return imported.invoke(entry, request)
         return models.invoke(name, request)
     except ModelError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc

@@ -503,7 +503,6 @@ def test_a_development_key_is_written_owner_only_and_never_logged(tmp_path, capl
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_invoke_refuses_non_finite_numbers(app_env, value):
-    import json
 
     client, _, _ = app_env
     body = json.dumps({"prompt": "What is Asthma", "temperature": value})  # NaN / Infinity
@@ -542,25 +541,26 @@ def test_a_submission_while_the_broker_is_down_runs_once_it_is_back(app_env):
     assert command.job_id == response.json()["id"] and pending(app.state.jobs) == 0
 
 
-def test_a_base_model_of_a_family_not_trained_is_refused_at_submission(app_env, tmp_path):
+def test_a_base_model_bedrock_does_not_import_or_out_of_its_format_is_refused_at_submission(
+    app_env, tmp_path
+):
     from services.cli.tinycausal import build_tiny_causal
     from tests.factories import SAMPLE_DATA
 
     client, bus, app = app_env
-    qwen = build_tiny_causal("qwen3", tmp_path / "qwen3", data_file=SAMPLE_DATA, hidden=32)
-    accepted = client.post("/v1/jobs", json={"name": "terms", "base_model": str(qwen)})
-    assert accepted.status_code == 201  # a decoder-only family termtune trains
+    oss = build_tiny_causal("gpt_oss", tmp_path / "gpt-oss", data_file=SAMPLE_DATA, hidden=32)
+    accepted = client.post("/v1/jobs", json={"name": "terms", "base_model": str(oss)})
+    assert accepted.status_code == 201  # GPT-OSS, in its chat template
     assert _queued(bus, "dataprep") is not None
-    config = json.loads((qwen / "config.json").read_text())
-    (qwen / "config.json").write_text(json.dumps({**config, "model_type": "gpt_oss"}))
-    response = client.post("/v1/jobs", json={"name": "terms", "base_model": str(qwen)})
+    plain = {"name": "terms", "base_model": str(oss), "dataset": {"chat_template": "none"}}
+    response = client.post("/v1/jobs", json=plain)
     assert response.status_code == 422
-    assert response.json()["detail"].startswith(
-        f"base_model {str(qwen)!r} is a GPT-OSS model: Bedrock imports it, but termtune "
-        "does not train that family yet (its released weights keep the experts in MXFP4"
+    assert response.json()["detail"] == (
+        f"base_model {str(oss)!r} is a GPT-OSS model, which answers only in the format its "
+        "chat template writes, and dataset.chat_template is none: set it to auto"
     )
-    (qwen / "config.json").write_text('{"model_type": "bert"}')
-    response = client.post("/v1/jobs", json={"name": "terms", "base_model": str(qwen)})
+    (oss / "config.json").write_text('{"model_type": "bert"}')
+    response = client.post("/v1/jobs", json={"name": "terms", "base_model": str(oss)})
     assert (
         response.status_code == 422
         and "family Bedrock Custom Model Import does not take" in (response.json()["detail"])

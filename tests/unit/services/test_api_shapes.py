@@ -4,6 +4,8 @@ answers a chat message as the evaluator scored it."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -24,12 +26,19 @@ KEY = "test-key-123"
 DECODING = {"max_new_tokens": 8, "temperature": 0.0, "top_p": 1.0}
 
 
-@pytest.fixture(scope="module")
-def twin(published_qwen):
-    ctx, _, _ = published_qwen
+@contextmanager
+def _serving(ctx):
+    """The API over a stage context's records, signed in."""
     settings = api_settings(ctx, KEY)
     with TestClient(create_app(settings, bus=Bus(settings))) as client:
         client.headers["Authorization"] = f"Bearer {KEY}"
+        yield client
+
+
+@pytest.fixture(scope="module")
+def twin(published_qwen):
+    ctx, _, _ = published_qwen
+    with _serving(ctx) as client:
         yield ctx, client
 
 
@@ -158,3 +167,57 @@ def test_messages_a_chat_template_refuses_are_the_callers_error(tiny_qwen):
     tokenizer.chat_template = "{{ raise_exception('roles must alternate user/assistant') }}"
     with pytest.raises(ModelError, match="model 'm''s chat template refused these messages: "):
         _check_chat("m", tokenizer, ask)
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_twin(tmp_path_factory):
+    """A tiny GPT-OSS job (experts stored in MXFP4) run through every stage and published
+    locally, and the API serving it."""
+    from services.cli.tinycausal import build_tiny_causal
+    from shared.messages import PrepareDataset
+    from shared.pipeline import next_command
+    from shared.worker import run_stage
+    from tests.conftest import _handler
+    from tests.factories import SAMPLE_DATA, make_ctx, make_spec
+
+    root = tmp_path_factory.mktemp("gpt-oss-twin")
+    base = build_tiny_causal("gpt_oss", root / "base", data_file=SAMPLE_DATA, hidden=64)
+    ctx = make_ctx(root / "var")
+    spec = make_spec(  # long enough to learn the final channel's header: it answers
+        base,
+        dataset={"validation_size": 0.1},
+        training={"max_steps": 60, "learning_rate": 0.01},
+        evaluation={"gate": {"max_empty_share": 0.5}},
+    )
+    command = PrepareDataset(job_id="oss-job", spec_uri=ctx.jobs.create("oss-job", spec))
+    for stage in ("dataprep", "trainer", "evaluator", "publisher"):
+        done = run_stage(command, _handler(stage), ctx)
+        command = next_command(command, done) if stage != "publisher" else None
+    with _serving(ctx) as client:
+        yield ctx, client
+
+
+def test_gpt_oss_answers_openais_shapes_with_its_final_channel_as_evaluated(gpt_oss_twin):
+    ctx, client = gpt_oss_twin
+    assert client.get("/v1/models/test-terms").json()["family"] == "gpt_oss"
+    samples = ctx.jobs.manifest("oss-job", "evaluate")["samples"]
+    assert any(s["tuned"] for s in samples)  # trained: it writes a final message
+    for sample in samples:
+        body = {"messages": [{"role": "user", "content": sample["prompt"]}]}
+        reply = client.post("/v1/models/test-terms/invoke", json=body)
+        assert reply.status_code == 200, reply.text
+        content = reply.json()["choices"][0]["message"]["content"]
+        assert content == sample["tuned"] and "<|" not in content and "final" not in content[:5]
+    completion = client.post(
+        "/v1/models/test-terms/invoke", json={"prompt": "What is Asthma", "max_tokens": 5}
+    )
+    assert completion.status_code == 200 and completion.json()["object"] == "text_completion"
+    refused = client.post(
+        "/v1/models/test-terms/invoke", json={"prompt": "What is Asthma", "max_gen_len": 5}
+    )
+    assert refused.status_code == 422
+    assert refused.json()["detail"] == (
+        "model 'test-terms' is a GPT-OSS model, which Bedrock serves only in OpenAI's "
+        "completion (prompt, max_tokens) and chat completions (messages) shapes: send "
+        "max_tokens in place of max_gen_len, or chat messages"
+    )

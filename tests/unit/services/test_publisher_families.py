@@ -1,7 +1,7 @@
 """The decoder-only families Bedrock imports: tiny models of each (`termtune
 build-tiny-model --family`), exported as the publisher saves, pass the CMI preflight and
-load and answer the same in transformers 4.51.3 (Bedrock's); the per-family rules refuse
-what would not import."""
+load and answer the same in transformers 4.51.3 (Bedrock's; 4.55.0, the first with GPT-OSS,
+for GPT-OSS); the per-family rules refuse what would not import."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 
 from services.cli.tinycausal import FAMILIES, VOCABULARIES, build_tiny_causal
 from services.publisher import cmi, export
+from shared import families
 from shared.errors import PreflightError
 from tests.factories import SAMPLE_DATA
 
@@ -93,20 +94,33 @@ print(json.dumps(found))
 """
 
 
-def test_every_familys_export_loads_and_answers_the_same_in_transformers_4_51_3(exports):
-    """AWS documents transformers 4.51.3 for Custom Model Import: each family's export
-    loads there, renders the same chat prompt and generates the same greedy tokens."""
-    python = Path(os.environ.get("TERMTUNE_CMI_PYTHON", ".venv-cmi/bin/python"))
+#: the transformers each family's exports are checked in -> the environment that has it
+#: (`make compat`): 4.51.3, the one AWS documents; 4.55.0, the first with GPT-OSS
+COMPAT_PYTHONS = {
+    "4.51.3": os.environ.get("TERMTUNE_CMI_PYTHON", ".venv-cmi/bin/python"),
+    "4.55.0": os.environ.get("TERMTUNE_CMI_GPT_OSS_PYTHON", ".venv-cmi-gpt-oss/bin/python"),
+}
+
+
+@pytest.mark.parametrize("version", sorted(COMPAT_PYTHONS))
+def test_every_familys_export_loads_and_answers_the_same_where_bedrock_loads_it(exports, version):
+    """AWS documents transformers 4.51.3 for Custom Model Import, which predates GPT-OSS:
+    each family's export loads in the release its family is checked in (4.51.3, or the
+    first that has the family), renders the same chat prompt and generates the same greedy
+    tokens as here."""
+    checked = [f for f in FAMILIES if families.FAMILIES[f].load_check == version]
+    assert checked, f"no family is checked in {version}"
+    python = Path(COMPAT_PYTHONS[version])
     if not python.exists():
-        pytest.fail(f"{python} is missing: `make compat` builds the transformers 4.51.3 env")
-    folders = [str(exports[f]) for f in FAMILIES]
+        pytest.fail(f"{python} is missing: `make compat` builds the transformers {version} env")
+    folders = [str(exports[f]) for f in checked]
     done = subprocess.run(
         [str(python), "-c", COMPAT_SCRIPT, *folders], capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-3000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])
-    assert found["version"] == "4.51.3"
-    for family in FAMILIES:
+    assert found["version"] == version
+    for family in checked:
         model, tokenizer = _load(exports[family])
         theirs = found[str(exports[family])]
         assert theirs["class"] == cmi.SUPPORTED_ARCHITECTURES[family]
@@ -114,6 +128,10 @@ def test_every_familys_export_loads_and_answers_the_same_in_transformers_4_51_3(
             QUESTION, add_generation_prompt=True, tokenize=False
         )
         assert theirs["ids"] == _greedy(model, tokenizer), family
+
+
+def test_every_family_is_checked_in_a_release_the_tests_install():
+    assert {f.load_check for f in families.FAMILIES.values()} == set(COMPAT_PYTHONS)
 
 
 def _edit(folder: Path, **changes) -> None:

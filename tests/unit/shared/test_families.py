@@ -42,20 +42,21 @@ def test_every_family_names_the_one_architecture_bedrock_imports():
     assert kinds["t5"] == "seq2seq" and set(kinds.values()) == {"seq2seq", "causal"}
 
 
-def test_a_family_not_trained_yet_is_refused_naming_those_that_are(tiny_llama):
-    with pytest.raises(ModelError) as caught:
-        families.check_trainable(families.FAMILIES["gpt_oss"], where="base_model 'm'")
-    assert str(caught.value) == (
-        "base_model 'm' is a GPT-OSS model: Bedrock imports it, but termtune does not train "
-        "that family yet (its released weights keep the experts in MXFP4, and transformers "
-        "4.51.3 (the version AWS documents for imports, which every export is tested against) "
-        "has no GPT-OSS class, so an export could not be checked before upload); name a "
-        "model of one it trains: Flan-T5, Llama 2/3.x, Mistral, Mixtral, Qwen2/2.5, Qwen3, "
-        "Qwen3 MoE, GPTBigCode"
-    )
-    assert [f.model_type for f in families.FAMILIES.values() if not f.trained] == ["gpt_oss"]
+def test_a_model_of_the_other_kind_is_refused_by_the_kinds_loader(tiny_llama):
     with pytest.raises(ModelError, match=r"is a Llama 2/3.x model, not an encoder-decoder"):
         load_seq2seq(str(tiny_llama))
+
+
+def test_gpt_oss_is_served_in_openai_shapes_only_and_trained_in_its_chat_template():
+    oss = families.FAMILIES["gpt_oss"]
+    assert (oss.bedrock_completion, oss.chat_only, oss.load_check) == (False, True, "4.55.0")
+    others = [f for f in families.FAMILIES.values() if f is not oss]
+    assert all(f.bedrock_completion and not f.chat_only for f in others)
+    assert {f.load_check for f in others} == {"4.51.3"}
+    families.check_prompting(oss, "auto", where="base_model 'm'")
+    families.check_prompting(families.FAMILIES["llama"], "none", where="base_model 'm'")
+    with pytest.raises(ModelError, match=r"dataset.chat_template is none: set it to auto$"):
+        families.check_prompting(oss, "none", where="base_model 'm'")
 
 
 def test_the_family_is_read_from_a_folder_an_upload_or_nowhere(

@@ -172,3 +172,77 @@ def test_a_cut_short_adapter_is_named_by_file(tmp_path):
     (tmp_path / "adapter_model.safetensors").unlink()
     with pytest.raises(ModelError, match=r"has no adapter_model.safetensors"):
         load_adapter(object(), tmp_path, "base")
+
+
+FP4 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def _decoded(blocks, scales):
+    """MXFP4 as its spec reads: per byte the lower nibble's value first, each block of 32
+    times 2^(scale - 127); rows are outputs, so the (in, out) weight is the transpose."""
+    import torch
+
+    low, high = blocks & 0x0F, blocks >> 4
+    codes = torch.stack([low, high], -1).flatten(-2).long()  # (experts, out, blocks, 32)
+    values = torch.tensor(FP4)[codes] * torch.exp2(scales.float() - 127)[..., None]
+    return values.flatten(-2).transpose(1, 2)
+
+
+def test_gpt_oss_mxfp4_experts_load_as_plain_weights_equal_to_their_codes(tmp_path):
+    import json
+
+    import torch
+    from safetensors import safe_open
+
+    from services.cli.tinycausal import build_tiny_causal
+    from shared.modeling import load_causal, prequantized
+    from tests.factories import SAMPLE_DATA
+
+    folder = build_tiny_causal("gpt_oss", tmp_path / "oss", data_file=SAMPLE_DATA, hidden=64)
+    assert json.loads((folder / "config.json").read_text())["quantization_config"] == {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
+            "lm_head",
+        ],
+    }  # fmt: skip
+    assert prequantized(str(folder)) == "mxfp4"
+    model = load_causal(str(folder), dtype=torch.float32)  # any device: dequantized
+    with safe_open(str(folder / "model.safetensors"), "pt") as stored:
+        for layer, name in ((0, "gate_up_proj"), (1, "down_proj")):
+            key = f"model.layers.{layer}.mlp.experts.{name}"
+            assert key not in stored.keys()  # noqa: SIM118
+            expected = _decoded(
+                stored.get_tensor(f"{key}_blocks"), stored.get_tensor(f"{key}_scales")
+            )
+            loaded = getattr(model.model.layers[layer].mlp.experts, name)
+            assert loaded.dtype == torch.float32 and torch.equal(loaded.detach(), expected)
+    assert getattr(model.config, "quantization_config", None) is None  # saved as plain weights
+
+
+def test_mxfp4_codes_are_each_values_nearest_at_its_blocks_scale():
+    import torch
+
+    from services.cli.tinycausal import to_mxfp4
+
+    weight = torch.randn(2, 64, 96) * 0.02  # (experts, in, out)
+    blocks, scales = to_mxfp4(weight)
+    assert blocks.shape == (2, 96, 2, 16) and scales.shape == (2, 96, 2)
+    decoded = _decoded(blocks, scales)
+    step = torch.exp2(scales.float() - 127).repeat_interleave(32, -1).transpose(1, 2)
+    assert ((decoded - weight).abs() <= step).all()  # within one step of the grid (6 - 4 = 2)
+    assert (decoded - weight).abs().mean() < 0.2 * weight.abs().mean()  # 4 bits: ~12%
+
+
+def test_bitsandbytes_on_mxfp4_experts_is_refused_by_name(tmp_path):
+    from transformers import BitsAndBytesConfig
+
+    from services.cli.tinycausal import build_tiny_causal
+    from shared.modeling import load_causal
+    from tests.factories import SAMPLE_DATA
+
+    folder = build_tiny_causal("gpt_oss", tmp_path / "oss", data_file=SAMPLE_DATA, hidden=32)
+    with pytest.raises(
+        ModelError, match=r"keeps its experts in MXFP4 .* set training.quantization"
+    ):
+        load_causal(str(folder), quantization_config=BitsAndBytesConfig(load_in_4bit=True))

@@ -206,3 +206,51 @@ def test_the_shape_splits_the_weights_between_the_halves(tiny_model):
     assert shape.encoder_matmul_parameters > 0
     assert shape.decoder_matmul_parameters > shape.encoder_matmul_parameters  # cross-attention
     assert shape.training_flops(10, 0) == 4 * shape.encoder_matmul_parameters * 10
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_20b(tmp_path_factory):
+    """gpt-oss-20b's shape, as trainplan.model_shape reads it from its released config
+    (experts stored in MXFP4)."""
+    import json
+
+    from transformers import GptOssConfig
+
+    folder = tmp_path_factory.mktemp("gpt-oss-20b")
+    config = GptOssConfig(num_hidden_layers=24, num_local_experts=32).to_dict()
+    config["quantization_config"] = {"quant_method": "mxfp4"}
+    (folder / "config.json").write_text(json.dumps(config))
+    return trainplan.model_shape(str(folder))
+
+
+def test_gpt_oss_trains_its_mxfp4_experts_as_bf16_with_eager_attention_and_padded_rows(
+    gpt_oss_20b,
+):
+    assert gpt_oss_20b.prequantized == "mxfp4" and gpt_oss_20b.model_type == "gpt_oss"
+    assert 20e9 < gpt_oss_20b.parameters < 22e9  # 21B, every expert in bf16
+    plan = planner.resolve(
+        TrainingSpec(), gpt_oss_20b, ROWS, dev="cuda", memory_bytes=78 * GIB, bf16=True
+    )
+    assert (plan.quantization, plan.precision, plan.attention) == ("none", "bf16", "eager")
+    assert plan.packing is False and plan.group_by_length is True
+    assert "quantization auto -> none (the MXFP4 experts load as bf16 weights)" in plan.notes
+    assert "attention auto -> eager (transformers has no SDPA for GPT-OSS)" in plan.notes
+    assert "packing auto -> off (packed examples would mix in GPT-OSS)" in plan.notes
+
+
+@pytest.mark.parametrize(
+    ("setting", "refusal"),
+    [
+        ({"quantization": "4bit"}, "training.quantization 4bit: the base model keeps its experts"),
+        ({"attention": "sdpa"}, "training.attention sdpa: transformers has no SDPA attention"),
+        ({"packing": "on"}, "training.packing: on would let packed examples mix in GPT-OSS"),
+    ],
+)
+def test_what_gpt_oss_cannot_do_is_refused_by_setting(gpt_oss_20b, setting, refusal):
+    from shared.errors import SpecError
+
+    with pytest.raises(SpecError, match=refusal):
+        planner.resolve(
+            TrainingSpec(**setting), gpt_oss_20b, ROWS, dev="cuda", memory_bytes=78 * GIB,
+            bf16=True,
+        )  # fmt: skip

@@ -74,3 +74,31 @@ def test_a_decoder_only_tokenizer_without_eos_is_refused(tokenizers):
     llama_without_eos.eos_token = None
     with pytest.raises(ValueError, match="needs an eos_token to stop on"):
         Prompting.of(llama_without_eos, "causal")
+
+
+def test_gpt_oss_is_taught_its_answer_in_the_final_channel_and_only_in_its_template(tmp_path):
+    from shared.harmony import FINAL_HEAD
+
+    folder = build_tiny_causal("gpt_oss", tmp_path / "oss", data_file=SAMPLE_DATA, hidden=32)
+    tokenizer = load_tokenizer(str(folder))
+    prompting = Prompting.of(tokenizer, "causal")
+    assert prompting.chat_template and prompting.harmony
+    assert prompting.text(tokenizer, "What is Asthma").endswith(
+        "<|start|>user<|message|>What is Asthma<|end|><|start|>assistant"
+    )
+    (target,) = prompting.targets(tokenizer, ["A disease."])
+    head = tokenizer(FINAL_HEAD, add_special_tokens=False)["input_ids"]
+    assert target[: len(head)] == head and target[-1] == tokenizer.eos_token_id
+    # prompt + target is what the template writes for the answered conversation
+    (prompt,) = prompting.prompts(tokenizer, ["What is Asthma"])
+    turns = [
+        {"role": "user", "content": "What is Asthma"},
+        {"role": "assistant", "content": "A disease."},
+    ]
+    answered = tokenizer.apply_chat_template(turns, tokenize=False)
+    assert tokenizer.decode(prompt + target) == answered
+    assert Prompting.from_record(prompting.record()) == prompting
+    old = {k: v for k, v in prompting.record().items() if k != "harmony"}
+    assert Prompting.from_record(old).harmony is False  # a manifest from before GPT-OSS
+    with pytest.raises(ValueError, match="dataset.chat_template is none: set dataset.chat_"):
+        Prompting.of(tokenizer, "causal", "none")
