@@ -232,7 +232,8 @@ class TrainingSpec(_Section):
     quantization: Literal["auto", "none", "4bit", "8bit"] = Field(
         "auto",
         description='"auto": bf16 LoRA when the weights and the planned batch fit in the '
-        "GPU's memory, else nf4 4-bit (QLoRA); none on CPU. Recipe notebook: 4bit on CUDA.",
+        "GPU's memory, else nf4 4-bit (QLoRA); none on CPU. Recipe notebook: 4bit on CUDA. "
+        "A model stored in MXFP4 (GPT-OSS) trains as plain weights: none (4bit/8bit refused).",
     )
     precision: Literal["auto", "bf16", "fp32", "fp16"] = Field(
         "auto",
@@ -277,7 +278,9 @@ class TrainingSpec(_Section):
         "drawn at random, as mixed lengths pack with less padding).",
     )
     attention: Literal["auto", "sdpa", "eager"] = Field(
-        "auto", description='Attention kernels: "auto" is torch\'s SDPA.'
+        "auto",
+        description='Attention kernels: "auto" is torch\'s SDPA, eager where transformers '
+        "has no SDPA for the family (GPT-OSS).",
     )
     fused_layers: bool = Field(
         True,
@@ -296,7 +299,8 @@ class TrainingSpec(_Section):
         "position, attention's a row's width squared), padding only at the rows' ends, "
         "attention kept within each example (by position ids) and costing no more than the "
         'padded batch\'s. "auto": on where the installed transformers keeps packed examples '
-        "apart (5.x). Encoder-decoder models pad their batches either way.",
+        "apart (5.x), off for GPT-OSS (its attention would mix them). Encoder-decoder "
+        "models pad their batches either way.",
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
     logging_steps: int = Field(10, ge=1, description="Optimizer steps between loss records.")

@@ -111,6 +111,30 @@ def published_qwen(trained_qwen: dict) -> tuple:
 
 
 @pytest.fixture(scope="session")
+def published_gpt_oss(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """A tiny GPT-OSS job (its experts stored in MXFP4, as released) through every stage,
+    published locally: (ctx, the EvaluateModel command, ModelEvaluated). It trains long
+    enough to learn the final channel's header, so it answers (the gate checks)."""
+    from services.cli.tinycausal import build_tiny_causal
+
+    root = tmp_path_factory.mktemp("gpt-oss")
+    base = build_tiny_causal("gpt_oss", root / "base", data_file=SAMPLE_DATA, hidden=64)
+    ctx = make_ctx(root / "var")
+    spec = make_spec(
+        base,
+        dataset={"validation_size": 0.1},
+        training={"max_steps": 60, "learning_rate": 0.01},
+        evaluation={"gate": {"max_empty_share": 0.5}},
+    )
+    prepare = PrepareDataset(job_id="oss-job", spec_uri=ctx.jobs.create("oss-job", spec))
+    train = next_command(prepare, run_stage(prepare, _handler("dataprep"), ctx))
+    evaluate = next_command(train, run_stage(train, _handler("trainer"), ctx))
+    evaluated = run_stage(evaluate, _handler("evaluator"), ctx)
+    run_stage(next_command(evaluate, evaluated), _handler("publisher"), ctx)
+    return ctx, evaluate, evaluated
+
+
+@pytest.fixture(scope="session")
 def published(trained_job) -> tuple:
     """The trained job evaluated and published: (ctx, PublishModel, ModelPublished)."""
     ctx, cmd = trained_job["ctx"], trained_job["evaluate"]

@@ -38,7 +38,9 @@ MISTRAL_TEMPLATE = (
     "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
 )
 #: GPT-OSS's harmony format, as its released template writes it for these messages (a system
-#: message naming the channels first; the answer in the final channel) without the date it adds
+#: message naming the channels first, a system message's text as the developer's
+#: instructions, a trained answer in the final channel ending with <|return|>), without the
+#: date and tools it adds
 HARMONY_TEMPLATE = (
     "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
     "Knowledge cutoff: 2024-06\n\nReasoning: medium\n\n# Valid channels: analysis, "
@@ -47,8 +49,10 @@ HARMONY_TEMPLATE = (
     "{% if message['role'] == 'assistant' %}"
     "{{ '<|start|>assistant<|channel|>final<|message|>' + message['content'] }}"
     "{{ '<|return|>' if loop.last else '<|end|>' }}"
-    "{% else %}{{ '<|start|>' + ('developer' if message['role'] == 'system' else message['role'])"
-    " + '<|message|>' + message['content'] + '<|end|>' }}{% endif %}{% endfor %}"
+    "{% elif message['role'] == 'system' %}"
+    "{{ '<|start|>developer<|message|># Instructions\\n\\n' + message['content'] + '<|end|>' }}"
+    "{% else %}{{ '<|start|>' + message['role'] + '<|message|>' + message['content'] + '<|end|>' }}"
+    "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start|>assistant' }}{% endif %}"
 )
 STARCHAT_TEMPLATE = (  # StarChat's, the chat-tuned GPTBigCode models'

@@ -170,29 +170,8 @@ def test_messages_a_chat_template_refuses_are_the_callers_error(tiny_qwen):
 
 
 @pytest.fixture(scope="module")
-def gpt_oss_twin(tmp_path_factory):
-    """A tiny GPT-OSS job (experts stored in MXFP4) run through every stage and published
-    locally, and the API serving it."""
-    from services.cli.tinycausal import build_tiny_causal
-    from shared.messages import PrepareDataset
-    from shared.pipeline import next_command
-    from shared.worker import run_stage
-    from tests.conftest import _handler
-    from tests.factories import SAMPLE_DATA, make_ctx, make_spec
-
-    root = tmp_path_factory.mktemp("gpt-oss-twin")
-    base = build_tiny_causal("gpt_oss", root / "base", data_file=SAMPLE_DATA, hidden=64)
-    ctx = make_ctx(root / "var")
-    spec = make_spec(  # long enough to learn the final channel's header: it answers
-        base,
-        dataset={"validation_size": 0.1},
-        training={"max_steps": 60, "learning_rate": 0.01},
-        evaluation={"gate": {"max_empty_share": 0.5}},
-    )
-    command = PrepareDataset(job_id="oss-job", spec_uri=ctx.jobs.create("oss-job", spec))
-    for stage in ("dataprep", "trainer", "evaluator", "publisher"):
-        done = run_stage(command, _handler(stage), ctx)
-        command = next_command(command, done) if stage != "publisher" else None
+def gpt_oss_twin(published_gpt_oss):
+    ctx, _, _ = published_gpt_oss
     with _serving(ctx) as client:
         yield ctx, client
 

@@ -355,3 +355,51 @@ def test_a_chat_tuned_model_is_smoke_tested_with_a_chat_message(
     assert ctx.jobs.model(f"qwen-{job_id}")["chat"] is True
     (invoke,) = standin.calls_to("InvokeModel")
     assert invoke["modelId"] == manifest["bedrock"]["imported_model_arn"]
+
+
+def test_gpt_oss_goes_to_bedrock_in_us_east_1_and_is_asked_in_openai_shapes(
+    published_gpt_oss, bedrock_env, standin
+):
+    """GPT-OSS's export imports (us-east-1), its smoke test is a chat message answered with
+    the final channel as the evaluator scored it, and the control plane asks Bedrock in
+    OpenAI's shapes only: a Bedrock completion request is refused before any call."""
+    from fastapi.testclient import TestClient
+
+    from services.api.main import create_app
+    from shared.bus import Bus
+    from tests.factories import api_settings
+
+    ctx, evaluate, evaluated = published_gpt_oss
+    job_id = _job_id()
+    data = ctx.spec(evaluate).model_dump(mode="json")
+    data["publish"] = {"target": "bedrock", "model_name": f"oss-{job_id}"}
+    handle(
+        PublishModel(
+            job_id=job_id,
+            spec_uri=ctx.jobs.create(job_id, parse_spec(data)),
+            dataset_manifest=evaluate.dataset_manifest,
+            training_manifest=evaluate.training_manifest,
+            evaluation_manifest=evaluated.manifest,
+        ),
+        ctx,
+    )
+    manifest = ctx.jobs.manifest(job_id, "publish")
+    assert manifest["preflight"]["model_type"] == "gpt_oss"
+    smoke = manifest["bedrock"]["smoke_test"]
+    prompt = smoke["messages"][0]["content"]
+    samples = ctx.jobs.manifest("oss-job", "evaluate")["samples"]
+    assert smoke["generation"] == next(s["tuned"] for s in samples if s["prompt"] == prompt)
+    assert smoke["generation"] and "<|" not in smoke["generation"]
+    name = f"oss-{job_id}"
+    settings = api_settings(ctx, "k")
+    with TestClient(create_app(settings, bus=Bus(settings))) as client:
+        client.headers["Authorization"] = "Bearer k"
+        asked = client.post(f"/v1/models/{name}/invoke", json={"prompt": prompt, "max_tokens": 8})
+        assert asked.status_code == 200, asked.text
+        assert asked.json()["object"] == "text_completion"
+        calls = len(standin.calls_to("InvokeModel"))
+        refused = client.post(
+            f"/v1/models/{name}/invoke", json={"prompt": prompt, "max_gen_len": 8}
+        )
+        assert refused.status_code == 422 and "only in OpenAI's" in refused.json()["detail"]
+        assert len(standin.calls_to("InvokeModel")) == calls  # refused here, not by Bedrock
