@@ -39,6 +39,7 @@ def test_prompts_are_chat_turns_and_targets_end_with_eos(ctx, tiny_qwen):
         "chat_template": True,
         "source_tail": prompting.source_tail,
         "target_tail": 1,
+        "harmony": False,  # Qwen's chat format: no channels
     }
     opening = tokenizer("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
     opening = opening["input_ids"]
