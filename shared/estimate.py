@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared import planner
-from shared.errors import SpecError
+from shared.errors import OutOfMemory, SpecError
 from shared.jobspec import JobSpec
 from shared.trainplan import GIB, ModelShape
 
@@ -73,15 +73,18 @@ def estimate(
     stats = dataset.get("tokens", {}).get("train", {})
     tokens_per_row = sum(stats.get(side, {}).get("mean", 0.0) for side in ("source", "target"))
     processes = gpus if t.data_parallel == "auto" else min(t.data_parallel, gpus)
-    plan = planner.resolve(
-        t,
-        shape,
-        planner.Rows.from_manifest(dataset),
-        processes=processes,
-        dev="cuda",
-        memory_bytes=A10G_FREE_BYTES,
-        bf16=True,
-    )
+    try:
+        plan = planner.resolve(
+            t,
+            shape,
+            planner.Rows.from_manifest(dataset),
+            processes=processes,
+            dev="cuda",
+            memory_bytes=A10G_FREE_BYTES,
+            bf16=True,
+        )
+    except OutOfMemory as exc:  # every g5 GPU is an A10G: no g5 instance trains it
+        raise SpecError(f"instance_type {instance_type!r} (A10G GPUs, 24 GB each): {exc}") from exc
     parameters = shape.parameters
     per_step = plan.batch_size * plan.gradient_accumulation_steps * processes
     steps_per_epoch = math.ceil(rows / per_step)

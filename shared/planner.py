@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from shared import families, trainplan
-from shared.errors import SpecError
+from shared.errors import OutOfMemory, SpecError
 from shared.jobspec import TrainingSpec
 from shared.modeling import device as current_device
 
@@ -114,6 +114,8 @@ def resolve(
     fixed = trainplan.weight_bytes(shape, quantization, dtype_bytes) + trainplan.adapter_bytes(
         shape, spec.lora.r
     )
+    if dev == "cuda":
+        _check_weights_fit(fixed, memory, quantization, precision, shape)
     fits = trainplan.fitting_batch(memory, fixed, per_example) if dev == "cuda" else None
     batch = trainplan.plan_batch(
         wanted_batch=None if spec.batch_size == "auto" else spec.batch_size,
@@ -221,6 +223,25 @@ def _quantization(
     )
     notes.append(f"quantization auto -> {choice}: {why}")
     return choice
+
+
+def _check_weights_fit(
+    fixed: int, memory: int, quantization: str, precision: str, shape: trainplan.ModelShape
+) -> None:
+    """OutOfMemory, before anything loads, when the weights and the adapter alone exceed the
+    GPU's free memory (gpt-oss-20b's 42 GB of bf16 on a 24 GB A10G): no batch can fit."""
+    if fixed <= memory:
+        return
+    stored = f"{quantization} weights" if quantization != "none" else f"{precision} weights"
+    lower = (
+        "set training.quantization to 4bit, or use a GPU with more memory"
+        if quantization != "4bit" and not shape.prequantized
+        else "use a GPU with more memory"
+    )
+    raise OutOfMemory(
+        f"the base model's {stored} and the adapter need {fixed / trainplan.GIB:.1f} GiB, "
+        f"more than this GPU's {memory / trainplan.GIB:.1f} GiB free: {lower}"
+    )
 
 
 def _attention(spec: TrainingSpec, model_type: str, notes: list[str]) -> str:

@@ -254,3 +254,15 @@ def test_what_gpt_oss_cannot_do_is_refused_by_setting(gpt_oss_20b, setting, refu
             TrainingSpec(**setting), gpt_oss_20b, ROWS, dev="cuda", memory_bytes=78 * GIB,
             bf16=True,
         )  # fmt: skip
+
+
+def test_weights_that_alone_exceed_the_gpu_are_refused_before_loading(gpt_oss_20b):
+    with pytest.raises(OutOfMemory) as caught:
+        planner.resolve(TrainingSpec(), gpt_oss_20b, ROWS, dev="cuda", memory_bytes=A10G, bf16=True)
+    assert str(caught.value) == (  # 39 GiB of bf16 weights; r=64 on every expert, 11 more
+        "the base model's bf16 weights and the adapter need 50.0 GiB, more than this GPU's "
+        "22.0 GiB free: use a GPU with more memory"
+    )
+    spec = TrainingSpec(quantization="none")
+    with pytest.raises(OutOfMemory, match="set training.quantization to 4bit, or use a GPU"):
+        planner.resolve(spec, T5_LARGE, ROWS, dev="cuda", memory_bytes=1 * GIB, bf16=True)
