@@ -127,11 +127,17 @@ def prequantized(base_model: str) -> str | None:
         config = AutoConfig.from_pretrained(base_model)
     except (OSError, ValueError):  # loading the weights says why, in termtune's words
         return None
+    return stored_quantization(config)
+
+
+def stored_quantization(config: Any) -> str | None:
+    """The ``quant_method`` of a loaded config's ``quantization_config`` (a mapping or a
+    transformers quantization config), or None."""
     found = getattr(config, "quantization_config", None)
     if found is None:
         return None
     method = found.get("quant_method") if isinstance(found, dict) else found.quant_method
-    return str(getattr(method, "value", method))
+    return str(getattr(method, "value", method)) if method else None
 
 
 def model_family(base_model: str) -> families.Family:

@@ -30,6 +30,7 @@ import math
 from dataclasses import dataclass
 
 from shared import families
+from shared.modeling import stored_quantization
 
 GIB = 2**30
 #: share of the device's free memory a plan may fill (the rest: allocator fragmentation)
@@ -294,11 +295,8 @@ def model_shape(base_model: str) -> ModelShape:
     with init_empty_weights():
         model = auto.from_config(config)
     model.tie_weights()  # on the meta device the shared embeddings are not tied yet
-    shape = shape_from(model, config)
-    stored = getattr(config, "quantization_config", None)  # built without it: plain weights
-    if isinstance(stored, dict) and stored.get("quant_method"):
-        shape = dataclasses.replace(shape, prequantized=str(stored["quant_method"]))
-    return shape
+    stored = stored_quantization(config)  # built without it: plain weights
+    return dataclasses.replace(shape_from(model, config), prequantized=stored or "")
 
 
 def shape_from(model: object, config: object) -> ModelShape:

@@ -59,6 +59,19 @@ def make_spec(model_dir: Path, **overrides: Any) -> JobSpec:
     return parse_spec(spec_dict(model_dir, **overrides))
 
 
+def tiny_tokenizers(root: Path, families: tuple[str, ...]) -> dict[str, Any]:
+    """family -> the tokenizer of a tiny decoder-only model of it, built under ``root``."""
+    from services.cli.tinycausal import build_tiny_causal
+    from shared.modeling import load_tokenizer
+
+    return {
+        family: load_tokenizer(
+            str(build_tiny_causal(family, root / family, data_file=SAMPLE_DATA, hidden=32))
+        )
+        for family in families
+    }
+
+
 def make_ctx(var_dir: Path, database_url: str | None = None) -> StageContext:
     """A stage context on a local store under a temporary folder (and the test's database,
     or ``database_url``)."""

@@ -5,21 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from services.cli.tinycausal import build_tiny_causal
 from shared import harmony
-from shared.modeling import load_tokenizer
-from tests.factories import SAMPLE_DATA
+from tests.factories import tiny_tokenizers
 
 
 @pytest.fixture(scope="module")
 def tokenizers(tmp_path_factory):
-    root = tmp_path_factory.mktemp("harmony")
-    return {
-        family: load_tokenizer(
-            str(build_tiny_causal(family, root / family, data_file=SAMPLE_DATA, hidden=32))
-        )
-        for family in ("gpt_oss", "llama")
-    }
+    return tiny_tokenizers(tmp_path_factory.mktemp("harmony"), ("gpt_oss", "llama"))
 
 
 @pytest.mark.parametrize(

@@ -8,18 +8,12 @@ import pytest
 from services.cli.tinycausal import build_tiny_causal
 from shared.modeling import load_tokenizer
 from shared.prompting import Prompting, cut
-from tests.factories import SAMPLE_DATA
+from tests.factories import SAMPLE_DATA, tiny_tokenizers
 
 
 @pytest.fixture(scope="module")
 def tokenizers(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prompting")
-    return {
-        family: load_tokenizer(
-            str(build_tiny_causal(family, root / family, data_file=SAMPLE_DATA, hidden=32))
-        )
-        for family in ("llama", "qwen3", "mistral")
-    }
+    return tiny_tokenizers(tmp_path_factory.mktemp("prompting"), ("llama", "qwen3", "mistral"))
 
 
 def test_t5_keeps_its_format_each_side_ending_with_eos(tiny_model):
