@@ -48,6 +48,14 @@ def check_tokenizer(tokenizer: Any, dataset: dict[str, Any], spec: JobSpec) -> N
         )
 
 
+def base_on_device(base_model: str) -> Any:
+    """The base model in bf16 on the GPU, loaded straight there shard by shard (the host's
+    memory never holds it whole), or in fp32 on the CPU."""
+    if device() == "cuda":
+        return load_model(base_model, dtype=torch.bfloat16, device_map="cuda")
+    return load_model(base_model, dtype=torch.float32)
+
+
 def _evaluate(command: EvaluateModel, ctx: StageContext) -> dict[str, Any]:
     spec = ctx.spec(command)
     evaluation = spec.evaluation
@@ -62,8 +70,7 @@ def _evaluate(command: EvaluateModel, ctx: StageContext) -> dict[str, Any]:
     )
     tokenizer = load_tokenizer(base_model)
     check_tokenizer(tokenizer, dataset, spec)
-    dtype = torch.bfloat16 if device() == "cuda" else torch.float32
-    model = load_model(base_model, dtype=dtype).to(device())
+    model = base_on_device(base_model)
     run = dict(
         tokenizer=tokenizer,
         table=table,

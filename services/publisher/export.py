@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,15 +13,46 @@ import torch
 from shared import families
 from shared.errors import ModelError
 from shared.jobspec import DecodingSpec
-from shared.modeling import load_adapter, load_model, load_tokenizer
+from shared.modeling import device, load_adapter, load_model, load_tokenizer
+from shared.planner import device_memory
+from shared.trainplan import GIB, model_shape
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 MERGE_TOLERANCE = 1e-3
+#: share of the GPU's free memory the fp32 weights may take (the rest: the adapter, the
+#: probe rows' activations, the allocator)
+GPU_SHARE = 0.8
 
 
-def merge(base_model: str, adapter: Path, probe_ids: list[list[int]]) -> tuple[Any, float]:
-    """The merged fp32 model and the largest logit gap between it and base+adapter."""
-    base = load_model(base_model, dtype=torch.float32)  # never the quantized copy
+@dataclass(frozen=True)
+class MergePlan:
+    """Where the merge runs, and why (recorded in the publish manifest)."""
+
+    device: str
+    reason: str
+
+
+def merge_plan(base_model: str) -> MergePlan:
+    """On the GPU when the base's fp32 weights fit in its free memory (loaded straight
+    there, shard by shard), else on the CPU in the host's memory."""
+    if device() != "cuda":
+        return MergePlan("cpu", "no GPU")
+    need = model_shape(base_model).parameters * 4
+    free = device_memory("cuda")
+    sizes = f"fp32 weights {need / GIB:.1f} GiB, GPU free {free / GIB:.1f} GiB"
+    if need > free * GPU_SHARE:
+        return MergePlan("cpu", f"{sizes}: more than {GPU_SHARE:.0%} of it, merged in host memory")
+    return MergePlan("cuda", sizes)
+
+
+def merge(
+    base_model: str, adapter: Path, probe_ids: list[list[int]], *, on: str = "cpu"
+) -> tuple[Any, float]:
+    """The merged fp32 model (on device ``on``) and the largest logit gap between it and
+    base+adapter."""
+    base = load_model(  # never the quantized copy
+        base_model, dtype=torch.float32, device_map=on if on != "cpu" else None
+    )
     model = load_adapter(base, adapter, base_model)
     model.eval()
     before = _logits(model, probe_ids)
@@ -39,12 +71,13 @@ def _logits(model: Any, probe_ids: list[list[int]]) -> torch.Tensor:
     if not probe_ids:
         return torch.zeros(0)
     width = max(len(ids) for ids in probe_ids)
-    ids = torch.tensor([x + [0] * (width - len(x)) for x in probe_ids])
-    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in probe_ids])
+    on = model.device
+    ids = torch.tensor([x + [0] * (width - len(x)) for x in probe_ids], device=on)
+    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in probe_ids], device=on)
     if not model.config.is_encoder_decoder:  # every position's next-token logits
-        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    start = torch.full((len(probe_ids), 1), model.config.decoder_start_token_id)
-    return model(input_ids=ids, attention_mask=mask, decoder_input_ids=start).logits
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits.cpu()
+    start = torch.full((len(probe_ids), 1), model.config.decoder_start_token_id, device=on)
+    return model(input_ids=ids, attention_mask=mask, decoder_input_ids=start).logits.cpu()
 
 
 def save(model: Any, base_model: str, out_dir: Path, *, dtype: str) -> list[str]:

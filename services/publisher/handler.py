@@ -58,11 +58,14 @@ def _publish(command: PublishModel, ctx: StageContext) -> dict[str, Any]:
         ctx.store, dataset, "test", cache_dir=ctx.settings.cache_dir, max_rows=PROBE_ROWS
     )
     adapter = adapter_dir(ctx.store, training, cache_dir=ctx.settings.cache_dir)
-    ctx.progress({"phase": "merging"}, force=True)
     base_model = resolve_base_model(
         spec.base_model, store=ctx.store, cache_dir=ctx.settings.cache_dir
     )
-    merged, gap = export.merge(base_model, adapter, probes.column("input_ids").to_pylist())
+    plan = export.merge_plan(base_model)
+    ctx.progress({"phase": "merging", "device": plan.device}, force=True)
+    merged, gap = export.merge(
+        base_model, adapter, probes.column("input_ids").to_pylist(), on=plan.device
+    )
     export.apply_decoding(merged, spec.decoding)
     folder = ctx.scratch(command, "publish") / "model"
     tokenizer_files = export.save(merged, base_model, folder, dtype=spec.publish.dtype)
@@ -96,6 +99,7 @@ def _publish(command: PublishModel, ctx: StageContext) -> dict[str, Any]:
         "digest": digest,
         "files": files,
         "merge_max_logit_gap": gap,
+        "merge": {"device": plan.device, "reason": plan.reason},
         "merge_tolerance": export.MERGE_TOLERANCE,
         "preflight": checks,
         "versions": versions(),

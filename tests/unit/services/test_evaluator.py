@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from services.evaluator import html_report, scoring
 from services.evaluator.handler import check_tokenizer, data_section, handle
@@ -450,3 +451,23 @@ def test_evaluation_batch_auto_is_sixteen_on_cpu(tiny_model):
     table = pa.table({"input_ids": [[5, 6, 1]]})
     assert metrics.batch_size(EvaluationSpec(), model, table, DecodingSpec()) == metrics.CPU_BATCH
     assert metrics.batch_size(EvaluationSpec(batch_size=3), model, table, DecodingSpec()) == 3
+
+
+def test_the_base_loads_in_bf16_straight_onto_the_gpu(tiny_model, monkeypatch):
+    from services.evaluator import handler as evaluator
+
+    asked = []
+    load = evaluator.load_model
+
+    def load_on_cpu(base_model, **kwargs):  # no GPU here: recorded, then loaded on the CPU
+        asked.append(kwargs)
+        return load(base_model, **{**kwargs, "device_map": None})
+
+    monkeypatch.setattr(evaluator, "load_model", load_on_cpu)
+    assert evaluator.base_on_device(str(tiny_model)).dtype == torch.float32
+    monkeypatch.setattr(evaluator, "device", lambda: "cuda")
+    assert evaluator.base_on_device(str(tiny_model)).dtype == torch.bfloat16
+    assert asked == [
+        {"dtype": torch.float32},
+        {"dtype": torch.bfloat16, "device_map": "cuda"},
+    ]

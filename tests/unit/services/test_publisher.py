@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 
 from services.publisher import cmi, export
 from services.publisher.handler import handle
+from shared.artifacts import adapter_dir
 from shared.errors import PreflightError, SpecError
 from shared.jobspec import DEFAULT_NOTICE, JobSpec, parse_spec
 
@@ -17,6 +18,7 @@ def test_publishes_merged_model_and_registers_it(published):
     assert event.model_name == "test-terms" and event.target == "local"
     manifest = ctx.jobs.manifest(publish.job_id, "publish")
     assert manifest["merge_max_logit_gap"] < export.MERGE_TOLERANCE
+    assert manifest["merge"] == {"device": "cpu", "reason": "no GPU"}
     assert manifest["preflight"]["dtypes"] == ["BF16"]
     folder = ctx.store.path(ctx.store.key_of(event.location))
     names = {p.name for p in folder.iterdir()}
@@ -30,6 +32,35 @@ def test_publishes_merged_model_and_registers_it(published):
     assert not any(n.startswith("adapter_") for n in names)
     entry = ctx.jobs.model("test-terms")
     assert entry["location"] == event.location and entry["job_id"] == publish.job_id
+
+
+def test_merge_runs_on_the_gpu_when_the_fp32_weights_fit_its_free_memory(tiny_model, monkeypatch):
+    monkeypatch.setattr(export, "device", lambda: "cuda")
+    need = export.model_shape(str(tiny_model)).parameters * 4
+    monkeypatch.setattr(export, "device_memory", lambda dev: int(need / export.GPU_SHARE) + 1)
+    plan = export.merge_plan(str(tiny_model))
+    assert plan.device == "cuda" and plan.reason.startswith("fp32 weights 0.0 GiB, GPU free")
+    monkeypatch.setattr(export, "device_memory", lambda dev: need)  # over 80% of it
+    plan = export.merge_plan(str(tiny_model))
+    assert plan.device == "cpu"
+    assert plan.reason.endswith(": more than 80% of it, merged in host memory")
+
+
+def test_merge_loads_the_base_straight_onto_its_device(published, monkeypatch):
+    ctx, publish, _ = published
+    training = ctx.manifest_at(publish.training_manifest)
+    adapter = adapter_dir(ctx.store, training, cache_dir=ctx.settings.cache_dir)
+    asked = {}
+    load = export.load_model
+
+    def load_on_cpu(base_model, **kwargs):  # no GPU here: recorded, then loaded on the CPU
+        asked.update(kwargs)
+        return load(base_model, **{**kwargs, "device_map": None})
+
+    monkeypatch.setattr(export, "load_model", load_on_cpu)
+    _, gap = export.merge(ctx.spec(publish).base_model, adapter, [[5, 6, 7], [8]], on="cuda")
+    assert asked["device_map"] == "cuda" and asked["dtype"] == export.torch.float32
+    assert 0 < gap < export.MERGE_TOLERANCE  # the probe rows' logits compared
 
 
 def test_exported_model_loads_and_generates(published):
