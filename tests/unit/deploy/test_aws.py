@@ -178,6 +178,21 @@ def test_roles_are_least_privilege(resources):
     }
 
 
+def test_every_role_that_writes_the_store_may_abort_its_multipart_uploads(resources):
+    """boto3's transfers upload large files in parts and abort a failed upload; without
+    s3:AbortMultipartUpload (which s3:PutObject does not grant) the parts stay, and are
+    billed, until the bucket's lifecycle rule removes them."""
+    writers = {
+        name: statement
+        for name, role in _of_type(resources, "AWS::IAM::Role").items()
+        for statement in _statements(role)
+        if statement["Effect"] == "Allow" and "s3:PutObject" in _as_list(statement["Action"])
+    }
+    assert set(writers) == {f"{s.capitalize()}TaskRole" for s in SERVICES}
+    for name, statement in writers.items():
+        assert "s3:AbortMultipartUpload" in _as_list(statement["Action"]), name
+
+
 def test_bedrock_import_role_trusts_only_this_accounts_import_jobs(resources):
     trust = resources["BedrockImportRole"]["Properties"]["AssumeRolePolicyDocument"]["Statement"]
     assert trust[0]["Principal"] == {"Service": "bedrock.amazonaws.com"}
