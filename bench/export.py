@@ -48,8 +48,9 @@ def merge_and_save(work: Path) -> tuple[float, float, int]:
     )
     model.save_pretrained(work / "adapter")
     probes = [[5, 6, 7, 8, 1], [9, 10, 11, 1]]
-    merge_s = _median_time(lambda: export.merge(str(base), work / "adapter", probes))
-    merged, _ = export.merge(str(base), work / "adapter", probes)
+    plan = export.merge_plan(str(base), "bfloat16")
+    merge_s = _median_time(lambda: export.merge(str(base), work / "adapter", probes, plan=plan))
+    merged, _ = export.merge(str(base), work / "adapter", probes, plan=plan)
 
     def save() -> None:
         shutil.rmtree(work / "out", ignore_errors=True)

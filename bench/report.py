@@ -203,11 +203,15 @@ def _sections(lines: list[str]) -> tuple[list[str], dict[str, list[str]]]:
 def merge(old: str, new: list[str]) -> list[str]:
     """The old page with the sections ``new`` ran replaced (or added) and its header (the
     machine and date of this run) on top; sections only the old page has are kept and
-    marked with the date they were measured on. Sections come in ``BENCHES`` order, each
+    marked with the date and machine they were measured on. Sections come in ``BENCHES`` order, each
     ending with a blank line."""
     old_head, old_sections = _sections(old.splitlines())
     new_head, new_sections = _sections(new)
     date = next((line for line in old_head if line.startswith("- Date: ")), "")
+    measured_on = date.removeprefix("- Date: ")
+    on = next((line for line in old_head if line.startswith("- Machine: ")), "")
+    if on:  # the page may be refreshed on another machine than the one that measured these
+        measured_on += f", on {on.removeprefix('- Machine: ')}"
     merged: dict[str, list[str]] = {}
     for title, lines in old_sections.items():
         if title in new_sections:
@@ -218,7 +222,7 @@ def merge(old: str, new: list[str]) -> list[str]:
             merged[title] = [
                 lines[0],
                 "",
-                f"(from an earlier run: {date.removeprefix('- Date: ')})",
+                f"(from an earlier run: {measured_on})",
             ]
             merged[title] += lines[1:]
     merged |= new_sections

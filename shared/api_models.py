@@ -133,6 +133,91 @@ class ImportedModelList(BaseModel):
     data: list[ImportedModel]
 
 
+class EstimateDataset(BaseModel):
+    """The prepared train split the estimate rests on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    train_rows: int
+    tokens_per_row: float
+
+
+class EstimatePlan(BaseModel):
+    """The plan the trainer would make on the instance's GPU (shared.planner)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    quantization: str
+    precision: str
+    batch_size: int
+    gradient_accumulation_steps: int
+    token_budget: int | None
+    gpu_memory_gib: float | None
+    notes: list[str]
+
+
+class EstimateTraining(BaseModel):
+    """Optimizer steps, tokens, time and cost, with what they rest on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    optimizer_steps: int
+    examples_per_step: int
+    tokens: int
+    tokens_per_s: int
+    hours: float
+    cost_usd: float
+    price_per_hour_usd: float
+    basis: str
+
+
+class Capacities(BaseModel):
+    """Where a stage would load the base model on each EvaluatorPublisherCapacity, or what
+    does not fit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    Fargate: str  # noqa: N815 - the stack parameter's value
+    Gpu: str  # noqa: N815 - the stack parameter's value
+
+
+class EstimateStages(BaseModel):
+    """The evaluator's and the publisher's placement on the stack's capacities."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    evaluate: Capacities
+    publish: Capacities
+    basis: str
+
+
+class EstimateBedrock(BaseModel):
+    """Bedrock's cost per active hour of the imported model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    custom_model_units: int
+    cost_per_active_hour_usd: float
+    weights_gb_bf16: float
+    basis: str
+
+
+class Estimate(BaseModel):
+    """Training time and cost on a g5 instance, where the later stages fit, and Bedrock's
+    cost; every figure with its basis."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    instance_type: str
+    gpus: int
+    processes: int
+    dataset: EstimateDataset
+    plan: EstimatePlan
+    training: EstimateTraining
+    stages: EstimateStages
+    bedrock: EstimateBedrock
+
+
 class Health(BaseModel):
     """A liveness or readiness answer."""
 

@@ -40,6 +40,13 @@ A10G_FREE_BYTES = 22 * GIB  # of its 24 GB, what a process finds free (22.5 GiB 
 #: (about 7% at batch 32 in bf16); not measured on an A10G
 DEFAULT_MFU = {"4bit": 0.07, "8bit": 0.05, "none": 0.10}
 CMU_PARAMS = 3_000_000_000  # assumed parameters per Custom Model Unit (Bedrock assigns it)
+#: the ECS stack's evaluator and publisher tasks (deploy/aws/termtune.yaml), MiB: on Fargate
+#: the evaluator's and the publisher's PublisherMemory choices; with
+#: EvaluatorPublisherCapacity=Gpu one A10G each and this much host memory
+EVALUATOR_FARGATE_MIB = 16384
+PUBLISHER_MEMORY_MIB = (16384, 20480, 24576, 28672, 30720)
+GPU_TASK_MIB = 14336
+RUNTIME_BYTES = int(1.5 * GIB)  # assumed: what Python, torch and the worker take of a task
 
 
 @dataclass(frozen=True)
@@ -130,6 +137,7 @@ def estimate(
                 "evaluation and publishing"
             ),
         },
+        "stages": stages(spec, shape),
         "bedrock": {
             "custom_model_units": units,
             "cost_per_active_hour_usd": round(units * prices.cmu_price_per_minute * 60, 2),
@@ -141,6 +149,57 @@ def estimate(
             ),
         },
     }
+
+
+def stages(spec: JobSpec, shape: ModelShape) -> dict[str, Any]:
+    """Where the evaluator and the publisher would load the base model on each of the
+    stack's capacities (EvaluatorPublisherCapacity), by the rules the stages apply."""
+    gpu = {"cuda": A10G_FREE_BYTES, "cpu": _task(GPU_TASK_MIB)}
+    dtype = spec.publish.dtype
+    evaluation = planner.evaluation_options
+    return {
+        "evaluate": {
+            "Fargate": _fit(shape, evaluation(False), {"cpu": _task(EVALUATOR_FARGATE_MIB)}),
+            "Gpu": _fit(shape, evaluation(True), gpu),
+        },
+        "publish": {
+            "Fargate": _publisher_on_fargate(shape, dtype),
+            "Gpu": _fit(shape, planner.merge_options(True, dtype), gpu),
+        },
+        "basis": (
+            f"the stack's tasks: on Fargate the evaluator's {EVALUATOR_FARGATE_MIB} MiB and "
+            f"the publisher's PublisherMemory; on Gpu one A10G ({A10G_FREE_BYTES / GIB:g} GiB "
+            f"free) and a {GPU_TASK_MIB} MiB task; each task less an assumed "
+            f"{RUNTIME_BYTES / GIB:g} GiB for the runtime; the weights must fit in "
+            f"{planner.WEIGHTS_SHARE:.0%} of the free memory; the publisher merges in "
+            f"publish.dtype ({dtype})"
+        ),
+    }
+
+
+def _task(mib: int) -> int:
+    return mib * 2**20 - RUNTIME_BYTES
+
+
+def _fit(shape: ModelShape, options: list[tuple[str, str]], free: dict[str, int]) -> str:
+    placement, passed_over = planner.first_fit(shape.parameters, options, free)
+    if placement is None:
+        return f"does not fit: {'; '.join(passed_over)}"
+    return placement.reason
+
+
+def _publisher_on_fargate(shape: ModelShape, dtype: str) -> str:
+    """The smallest PublisherMemory whose task holds the merge."""
+    options = planner.merge_options(False, dtype)
+    for mib in PUBLISHER_MEMORY_MIB:
+        placement, _ = planner.first_fit(shape.parameters, options, {"cpu": _task(mib)})
+        if placement is not None:
+            return f"PublisherMemory {mib}: {placement.reason}"
+    largest = _fit(shape, options, {"cpu": _task(PUBLISHER_MEMORY_MIB[-1])})
+    hint = "the Gpu capacity or a smaller model"
+    if dtype != "bfloat16":
+        hint += ", or publish.dtype bfloat16 (half the memory)"
+    return f"PublisherMemory {PUBLISHER_MEMORY_MIB[-1]} {largest}; {hint}"
 
 
 def _charged(shape: ModelShape, sides: list[float]) -> str:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from shared import families, trainplan
-from shared.errors import OutOfMemory, SpecError
+from shared.errors import ModelError, OutOfMemory, SpecError
 from shared.jobspec import TrainingSpec
 from shared.modeling import device as current_device
 
@@ -74,14 +75,131 @@ class Rows:
 
 
 def device_memory(dev: str) -> int:
-    """Free memory of the device training runs on (CUDA), or available RAM (CPU)."""
+    """Free memory of the device training runs on (CUDA), or the host memory this process
+    may still take (CPU: ``host_memory``)."""
     if dev == "cuda":
         import torch
 
         free, _ = torch.cuda.mem_get_info()
         return int(free)
-    pages = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return int(pages)
+    return host_memory()
+
+
+#: share of a device's free memory the weights may take when a stage loads them whole
+#: (the rest: the adapter, activations, the allocator; on the host a shard's copy at save)
+WEIGHTS_SHARE = 0.8
+_SHORT = {"float32": "fp32", "bfloat16": "bf16"}
+_WHERE = {"cuda": "GPU", "cpu": "host"}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a stage loads the base model's weights, in which dtype, and why."""
+
+    device: str
+    dtype: str  # "float32" or "bfloat16"
+    reason: str
+
+    def record(self) -> dict[str, str]:
+        return {"device": self.device, "dtype": self.dtype, "reason": self.reason}
+
+
+def evaluation_options(gpu: bool) -> list[tuple[str, str]]:
+    """Where the evaluator may load the base model, best first: bf16 on the GPU (loaded
+    straight there, shard by shard), else fp32 on the host, else bf16 there."""
+    return [*([("cuda", "bfloat16")] if gpu else []), ("cpu", "float32"), ("cpu", "bfloat16")]
+
+
+def merge_options(gpu: bool, export_dtype: str) -> list[tuple[str, str]]:
+    """Where the publisher may merge: in the export's dtype (for a bf16 export, merging in
+    fp32 and casting rounds the weights the same way, in twice the memory), on the GPU,
+    else on the host."""
+    return [(dev, export_dtype) for dev in (["cuda", "cpu"] if gpu else ["cpu"])]
+
+
+def place_weights(
+    parameters: int, options: list[tuple[str, str]], *, what: str, advice: str
+) -> Placement:
+    """``first_fit`` on this machine; ModelError naming every option passed over, before
+    anything is loaded (a task past its memory limit is killed, and its message delivered
+    again)."""
+    placement, passed_over = first_fit(parameters, options)
+    if placement is None:
+        raise ModelError(f"{what} fits nowhere: {'; '.join(passed_over)}; {advice}")
+    return placement
+
+
+def first_fit(
+    parameters: int, options: list[tuple[str, str]], free: dict[str, int] | None = None
+) -> tuple[Placement | None, list[str]]:
+    """The first (device, dtype) option whose weights fit in ``WEIGHTS_SHARE`` of that
+    device's free memory (this machine's, or ``free``'s by device), and the options passed
+    over, each with its size."""
+    passed_over = [] if any(dev == "cuda" for dev, _ in options) else ["no GPU"]
+    free = dict(free or {})
+    for dev, dtype in options:
+        if dev not in free:
+            free[dev] = device_memory(dev)
+        need = parameters * (4 if dtype == "float32" else 2)
+        size = f"{_SHORT[dtype]} weights {need / trainplan.GIB:.1f} GiB"
+        gib = free[dev] / trainplan.GIB
+        if need <= free[dev] * WEIGHTS_SHARE:
+            reason = f"{size} in {_WHERE[dev]} memory ({gib:.1f} GiB free)"
+            return Placement(dev, dtype, "; ".join([reason, *passed_over])), passed_over
+        passed_over.append(
+            f"{size} over {WEIGHTS_SHARE:.0%} of the {_WHERE[dev]}'s {gib:.1f} GiB free"
+        )
+    return None, passed_over
+
+
+def host_memory(proc: Path = Path("/proc"), cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """Host memory this process may still take: the kernel's MemAvailable (free memory and
+    the page cache it can reclaim; MemFree alone leaves the cache out), capped by the
+    container's memory limit less its working set (cgroup v2, else v1: a container sees the
+    host's meminfo, not its own limit, and is killed at the limit)."""
+    available = _meminfo_available(proc / "meminfo")
+    headroom = _cgroup_headroom(cgroup)
+    return min(available, headroom) if headroom is not None else available
+
+
+def _meminfo_available(path: Path) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def _cgroup_headroom(root: Path) -> int | None:
+    """The cgroup's limit less its usage net of inactive file cache (the working set, as
+    docker stats counts it); None without a limit."""
+    for limit, usage, stat, inactive in (
+        ("memory.max", "memory.current", "memory.stat", "inactive_file"),
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat",
+         "total_inactive_file"),
+    ):  # fmt: skip
+        try:
+            cap = (root / limit).read_text().strip()
+            used = int((root / usage).read_text().strip())
+            if cap == "max" or int(cap) >= 1 << 60:  # v1 writes "no limit" as a huge number
+                return None
+        except (OSError, ValueError):
+            continue
+        return max(0, int(cap) - used + _stat(root / stat, inactive))
+    return None
+
+
+def _stat(path: Path, key: str) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def resolve(

@@ -77,6 +77,17 @@ def _handler(service: str):  # noqa: ANN202
 
 
 @pytest.fixture(scope="session")
+def llama_7b(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Llama 2 7B's config alone (trainplan.model_shape reads the shape from it)."""
+    from transformers import LlamaConfig
+
+    folder = tmp_path_factory.mktemp("llama-7b")
+    config = LlamaConfig(num_hidden_layers=32, hidden_size=4096, intermediate_size=11008)
+    config.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Qwen3-shaped decoder-only model with its tokenizer and chat template."""
     from services.cli.tinycausal import build_tiny_causal

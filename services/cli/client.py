@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from shared.api_models import (
     DatasetUpload,
+    Estimate,
     EventPage,
     JobPage,
     JobView,
@@ -144,7 +145,7 @@ class Client:
     ) -> dict[str, Any]:
         """Training time and cost of a prepared job on an instance type; Bedrock's cost."""
         body = {"job_id": job_id, "instance_type": instance_type, "spec": spec}
-        return self._call("POST", "/v1/estimate", json=body)
+        return _as(Estimate, self._call("POST", "/v1/estimate", json=body))
 
     def retry(self, job_id: str) -> dict[str, Any]:
         """Resume a failed or cancelled job from its first unfinished stage."""

@@ -200,7 +200,8 @@ def summary(client: Client, job: dict[str, Any]) -> None:
         timing = result["evaluate"]["timing"]
         console.print(
             f"evaluation: base {timing['base_s']:.1f} s + tuned {timing['tuned_s']:.1f} s on "
-            f"{timing['device']}, batches of {timing['batch_size']} by length"
+            f"{timing['device']} ({timing.get('dtype', 'float32')}), batches of "
+            f"{timing['batch_size']} by length"
         )
     if "evaluate" in result:
         print_report(client.report(job["id"]))

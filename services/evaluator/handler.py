@@ -15,9 +15,14 @@ from shared.errors import ModelError, NotFound
 from shared.jobspec import JobSpec
 from shared.messages import EvaluateModel, ModelEvaluated
 from shared.modeling import device, load_adapter, load_model, load_tokenizer, versions
+from shared.planner import Placement, evaluation_options, place_weights
 from shared.stage import StageContext
+from shared.trainplan import model_shape
 
 SAMPLE_ROWS = 12
+EVALUATION_ADVICE = (
+    "give the evaluator more memory or a GPU (the ECS stack: EvaluatorPublisherCapacity=Gpu)"
+)
 
 
 def handle(command: EvaluateModel, ctx: StageContext) -> ModelEvaluated:
@@ -48,12 +53,20 @@ def check_tokenizer(tokenizer: Any, dataset: dict[str, Any], spec: JobSpec) -> N
         )
 
 
-def base_on_device(base_model: str) -> Any:
+def base_on_device(base_model: str) -> tuple[Any, Placement]:
     """The base model in bf16 on the GPU, loaded straight there shard by shard (the host's
-    memory never holds it whole), or in fp32 on the CPU."""
-    if device() == "cuda":
-        return load_model(base_model, dtype=torch.bfloat16, device_map="cuda")
-    return load_model(base_model, dtype=torch.float32)
+    memory never holds it whole), else in fp32 on the CPU, else in bf16 there: the first
+    whose weights fit; ModelError, before loading, when none does."""
+    placement = place_weights(
+        model_shape(base_model).parameters,
+        evaluation_options(device() == "cuda"),
+        what=f"the evaluation of {base_model}",
+        advice=EVALUATION_ADVICE,
+    )
+    dtype = torch.bfloat16 if placement.dtype == "bfloat16" else torch.float32
+    if placement.device == "cuda":
+        return load_model(base_model, dtype=dtype, device_map="cuda"), placement
+    return load_model(base_model, dtype=dtype), placement
 
 
 def _evaluate(command: EvaluateModel, ctx: StageContext) -> dict[str, Any]:
@@ -70,7 +83,7 @@ def _evaluate(command: EvaluateModel, ctx: StageContext) -> dict[str, Any]:
     )
     tokenizer = load_tokenizer(base_model)
     check_tokenizer(tokenizer, dataset, spec)
-    model = base_on_device(base_model)
+    model, placement = base_on_device(base_model)
     run = dict(
         tokenizer=tokenizer,
         table=table,
@@ -84,7 +97,9 @@ def _evaluate(command: EvaluateModel, ctx: StageContext) -> dict[str, Any]:
     tuned_model = load_adapter(model, adapter, spec.base_model)
     tuned_rows, tuned_out = metrics.run_model(tuned_model, label="tuned", **run)
     timing = {
-        "device": device(),
+        "device": placement.device,
+        "dtype": placement.dtype,
+        "placement": placement.reason,
         "batch_size": metrics.batch_size(evaluation, model, table, spec.decoding),
         "base_s": round(base_s, 2),
         "tuned_s": round(time.perf_counter() - started - base_s, 2),

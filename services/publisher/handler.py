@@ -61,10 +61,10 @@ def _publish(command: PublishModel, ctx: StageContext) -> dict[str, Any]:
     base_model = resolve_base_model(
         spec.base_model, store=ctx.store, cache_dir=ctx.settings.cache_dir
     )
-    plan = export.merge_plan(base_model)
-    ctx.progress({"phase": "merging", "device": plan.device}, force=True)
-    merged, gap = export.merge(
-        base_model, adapter, probes.column("input_ids").to_pylist(), on=plan.device
+    plan = export.merge_plan(base_model, spec.publish.dtype)
+    ctx.progress({"phase": "merging", "device": plan.device, "dtype": plan.dtype}, force=True)
+    merged, check = export.merge(
+        base_model, adapter, probes.column("input_ids").to_pylist(), plan=plan
     )
     export.apply_decoding(merged, spec.decoding)
     folder = ctx.scratch(command, "publish") / "model"
@@ -75,8 +75,7 @@ def _publish(command: PublishModel, ctx: StageContext) -> dict[str, Any]:
             dataset,
             training,
             evaluation,
-            merge_gap=gap,
-            tolerance=export.MERGE_TOLERANCE,
+            merge_check=check.describe(),
             model_type=merged.config.model_type,
         )  # fmt: skip
     )
@@ -98,9 +97,7 @@ def _publish(command: PublishModel, ctx: StageContext) -> dict[str, Any]:
         "location": location,
         "digest": digest,
         "files": files,
-        "merge_max_logit_gap": gap,
-        "merge": {"device": plan.device, "reason": plan.reason},
-        "merge_tolerance": export.MERGE_TOLERANCE,
+        "merge": {**plan.record(), "check": check.record()},
         "preflight": checks,
         "versions": versions(),
     }

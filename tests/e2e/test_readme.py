@@ -267,6 +267,9 @@ def test_the_readme_using_it_commands_work_as_written(workdir, bedrock, s3_endpo
                 estimate = json.loads(out)
                 assert estimate["instance_type"] == "g5.12xlarge", estimate
                 assert estimate["training"]["optimizer_steps"] > 0, estimate
+                # the tiny model fits every capacity: the default PublisherMemory holds it
+                publish = estimate["stages"]["publish"]
+                assert publish["Fargate"].startswith("PublisherMemory 16384: bf16 "), publish
             elif command == "models":
                 assert re.search(r"^medical-terms\tlocal\t", out, re.MULTILINE), out
             elif command == "invoke":
@@ -307,7 +310,8 @@ def test_the_readme_run_command_runs_the_job_on_a_fresh_machine(workdir):
     assert re.search(r"publish\s+succeeded", out), out[-3000:]
     assert "quality gate: passed" in out  # the example passes the default gate's rules
     # the evaluation's timing reaches the summary through the job's result
-    assert re.search(r"evaluation: base [\d.]+ s \+ tuned [\d.]+ s on cpu", out), out[-3000:]
+    timing = r"evaluation: base [\d.]+ s \+ tuned [\d.]+ s on cpu \(float32\), batches of \d+ "
+    assert re.search(timing + "by length", out), out[-3000:]
     assert re.search(r"invoke 'medical-terms': '[^']+'\s+-> '[^']+", out), out[-3000:]
     assert not (workdir / "var" / "run" / "pids.json").exists()  # every service stopped
 

@@ -8,6 +8,7 @@ from fastapi import APIRouter, HTTPException, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.api.deps import JobsDep, SettingsDep
+from shared.api_models import Estimate
 from shared.basemodel import base_model_config
 from shared.errors import NotFound, SpecError
 from shared.estimate import G5_INSTANCES, Prices, estimate
@@ -31,7 +32,7 @@ class EstimateRequest(BaseModel):
 
 
 @router.post("/estimate")
-def estimate_job(request: EstimateRequest, jobs: JobsDep, settings: SettingsDep) -> dict[str, Any]:
+def estimate_job(request: EstimateRequest, jobs: JobsDep, settings: SettingsDep) -> Estimate:
     """Estimate from the prepared dataset's token counts; every figure names its basis."""
     try:
         spec = jobs.spec(request.job_id)
@@ -53,7 +54,7 @@ def estimate_job(request: EstimateRequest, jobs: JobsDep, settings: SettingsDep)
             },
             cmu_price_per_minute=BedrockSettings().cmu_price_per_minute,
         )
-        return estimate(
+        result = estimate(
             spec,
             dataset,
             instance_type=request.instance_type,
@@ -64,3 +65,4 @@ def estimate_job(request: EstimateRequest, jobs: JobsDep, settings: SettingsDep)
         )
     except SpecError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
+    return Estimate.model_validate(result)

@@ -591,3 +591,49 @@ def test_w_and_b_runs_stream_online_only_with_the_stacks_key(resources):
         assert {
             "Fn::If": ["WandbOnline", {"Ref": "WandbApiKeySecretArn"}, {"Ref": "AWS::NoValue"}]
         } in readable
+
+
+def test_the_fargate_publisher_has_the_memory_to_merge_an_8b_model_in_bf16(
+    resources, tmp_path, monkeypatch
+):
+    """PublisherMemory: valid Fargate sizes for its 4 vCPU; the largest merges Llama 3 8B in
+    bf16 on the host (less what the estimate assumes the runtime takes); the default refuses
+    it before loading, naming the setting."""
+    from transformers import LlamaConfig
+
+    from services.publisher import export
+    from shared import estimate, planner
+    from shared.errors import ModelError
+
+    parameter = yaml.safe_load(TEMPLATE.read_text())["Parameters"]["PublisherMemory"]
+    task = resources["PublisherTask"]["Properties"]
+    assert task["Cpu"]["Fn::If"][2] == "4096"
+    assert task["Memory"] == {"Fn::If": ["StagesOnGpu", "14336", {"Ref": "PublisherMemory"}]}
+    sizes = parameter["AllowedValues"]
+    assert parameter["Default"] == min(sizes) == 16384 and max(sizes) == 30720
+    assert all(size % 1024 == 0 for size in sizes)  # Fargate: 8-30 GB in 1 GB steps at 4 vCPU
+    LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_key_value_heads=8,
+    ).save_pretrained(tmp_path)  # fmt: skip
+    monkeypatch.setattr(export, "device", lambda: "cpu")
+    for mib, fits in ((max(sizes), True), (parameter["Default"], False)):
+        free = mib * 2**20 - estimate.RUNTIME_BYTES  # as the estimate counts a task
+        monkeypatch.setattr(planner, "device_memory", lambda dev, free=free: free)
+        if fits:
+            assert export.merge_plan(str(tmp_path), "bfloat16").dtype == "bfloat16"
+        else:
+            with pytest.raises(ModelError, match="the ECS stack: PublisherMemory"):
+                export.merge_plan(str(tmp_path), "bfloat16")
+
+
+def test_the_estimate_knows_the_stacks_evaluator_and_publisher_memory(resources):
+    """shared.estimate's figures for the stages' tasks are the template's."""
+    from shared import estimate
+
+    parameter = yaml.safe_load(TEMPLATE.read_text())["Parameters"]["PublisherMemory"]
+    assert tuple(parameter["AllowedValues"]) == estimate.PUBLISHER_MEMORY_MIB
+    evaluator = resources["EvaluatorTask"]["Properties"]["Memory"]["Fn::If"]
+    publisher = resources["PublisherTask"]["Properties"]["Memory"]["Fn::If"]
+    assert evaluator[1:] == [str(estimate.GPU_TASK_MIB), str(estimate.EVALUATOR_FARGATE_MIB)]
+    assert publisher[1] == str(estimate.GPU_TASK_MIB)

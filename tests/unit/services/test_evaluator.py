@@ -4,8 +4,10 @@ import torch
 
 from services.evaluator import html_report, scoring
 from services.evaluator.handler import check_tokenizer, data_section, handle
+from shared import planner
 from shared.errors import ModelError, SpecError
 from shared.jobspec import GateSpec, parse_spec
+from shared.trainplan import GIB
 
 
 def _rows(predictions, references, nll=None, tokens=None):
@@ -464,10 +466,54 @@ def test_the_base_loads_in_bf16_straight_onto_the_gpu(tiny_model, monkeypatch):
         return load(base_model, **{**kwargs, "device_map": None})
 
     monkeypatch.setattr(evaluator, "load_model", load_on_cpu)
-    assert evaluator.base_on_device(str(tiny_model)).dtype == torch.float32
+    model, placement = evaluator.base_on_device(str(tiny_model))
+    assert model.dtype == torch.float32 and (placement.device, placement.dtype) == (
+        "cpu",
+        "float32",
+    )
     monkeypatch.setattr(evaluator, "device", lambda: "cuda")
-    assert evaluator.base_on_device(str(tiny_model)).dtype == torch.bfloat16
+    monkeypatch.setattr(planner, "device_memory", lambda dev: 20 * GIB)
+    model, placement = evaluator.base_on_device(str(tiny_model))
+    assert model.dtype == torch.bfloat16 and placement.device == "cuda"
     assert asked == [
         {"dtype": torch.float32},
         {"dtype": torch.bfloat16, "device_map": "cuda"},
     ]
+
+
+def test_a_7b_base_that_fits_neither_the_gpu_nor_the_host_is_refused_before_loading(
+    llama_7b, monkeypatch
+):
+    from services.evaluator import handler as evaluator
+
+    monkeypatch.setattr(evaluator, "load_model", _must_not_load)
+    monkeypatch.setattr(evaluator, "device", lambda: "cuda")
+    free = {"cuda": 10 * GIB, "cpu": 14 * GIB}  # a 12 GB GPU, a 16 GB task
+    monkeypatch.setattr(planner, "device_memory", lambda dev: free[dev])
+    with pytest.raises(ModelError) as refused:
+        evaluator.base_on_device(llama_7b)
+    assert str(refused.value) == (
+        f"the evaluation of {llama_7b} fits nowhere: "
+        "bf16 weights 12.6 GiB over 80% of the GPU's 10.0 GiB free; "
+        "fp32 weights 25.1 GiB over 80% of the host's 14.0 GiB free; "
+        "bf16 weights 12.6 GiB over 80% of the host's 14.0 GiB free; "
+        "give the evaluator more memory or a GPU (the ECS stack: EvaluatorPublisherCapacity=Gpu)"
+    )
+
+
+def test_a_base_too_big_for_fp32_in_host_memory_is_evaluated_in_bf16(llama_7b, monkeypatch):
+    from services.evaluator import handler as evaluator
+
+    loaded = []
+    monkeypatch.setattr(evaluator, "load_model", lambda base, **kwargs: loaded.append(kwargs))
+    monkeypatch.setattr(evaluator, "device", lambda: "cpu")
+    monkeypatch.setattr(planner, "device_memory", lambda dev: 28 * GIB)
+    _, placement = evaluator.base_on_device(llama_7b)
+    assert loaded == [{"dtype": torch.bfloat16}] and placement.reason == (
+        "bf16 weights 12.6 GiB in host memory (28.0 GiB free); no GPU; "
+        "fp32 weights 25.1 GiB over 80% of the host's 28.0 GiB free"
+    )
+
+
+def _must_not_load(*args, **kwargs):
+    raise AssertionError("loaded a model that does not fit")

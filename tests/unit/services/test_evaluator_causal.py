@@ -85,7 +85,7 @@ def test_a_decoder_only_job_evaluates_and_publishes_an_importable_model(publishe
     folder = ctx.store.path(ctx.store.key_of(event.location))
     manifest = ctx.jobs.manifest("qwen-job", "publish")
     assert manifest["preflight"]["model_type"] == "qwen3"
-    assert manifest["merge_max_logit_gap"] < 1e-3
+    assert manifest["merge"]["check"]["effect_share"] < 0.1  # bf16 keeps the adapter (limit 0.25)
     card = (folder / "README.md").read_text()
     assert "pipeline_tag: text-generation" in card and "- qwen3" in card
     config = json.loads((folder / "config.json").read_text())

@@ -62,7 +62,7 @@ def test_each_family_trains_evaluates_and_publishes(family, tmp_path):
     run_stage(next_command(evaluate, evaluated), _handler("publisher"), ctx)
     published = ctx.jobs.manifest(job, "publish")
     assert published["preflight"]["model_type"] == family
-    assert published["merge_max_logit_gap"] < 1e-3
+    assert published["merge"]["check"]["effect_share"] < 0.1  # bf16 keeps the adapter (limit 0.25)
     folder = ctx.store.path(ctx.store.key_of(published["location"]))
     architecture, legacy = FAMILIES[family]
     assert json.loads((folder / "config.json").read_text())["architectures"] == [architecture]

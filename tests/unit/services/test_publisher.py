@@ -8,17 +8,24 @@ from safetensors.torch import save_file
 
 from services.publisher import cmi, export
 from services.publisher.handler import handle
+from shared import planner
 from shared.artifacts import adapter_dir
-from shared.errors import PreflightError, SpecError
+from shared.errors import ModelError, PreflightError, SpecError
 from shared.jobspec import DEFAULT_NOTICE, JobSpec, parse_spec
+from shared.trainplan import GIB
 
 
 def test_publishes_merged_model_and_registers_it(published):
     ctx, publish, event = published
     assert event.model_name == "test-terms" and event.target == "local"
     manifest = ctx.jobs.manifest(publish.job_id, "publish")
-    assert manifest["merge_max_logit_gap"] < export.MERGE_TOLERANCE
-    assert manifest["merge"] == {"device": "cpu", "reason": "no GPU"}
+    merge = manifest["merge"]
+    assert merge["device"] == "cpu" and merge["dtype"] == "bfloat16"  # the export's dtype
+    assert re.fullmatch(r"bf16 weights 0\.0 GiB in host memory \([\d.]+ GiB free\); no GPU",
+                        merge["reason"])  # fmt: skip
+    # bf16: judged by the share of the adapter's effect that bf16's rounding costs
+    assert 0 < merge["check"]["effect_share"] < merge["check"]["limit"] == export.BF16_EFFECT_SHARE
+    assert merge["check"]["adapter_effect"] > merge["check"]["max_logit_gap"] > 0
     assert manifest["preflight"]["dtypes"] == ["BF16"]
     folder = ctx.store.path(ctx.store.key_of(event.location))
     names = {p.name for p in folder.iterdir()}
@@ -30,26 +37,79 @@ def test_publishes_merged_model_and_registers_it(published):
         "generation_config.json",
     } <= names
     assert not any(n.startswith("adapter_") for n in names)
+    share = f"{merge['check']['effect_share']:.1%}"
+    assert (
+        f"Merge check: the merged bf16 weights reproduce base+adapter's logits to within "
+        f"{share} of the adapter's effect (root mean square; limit 25%), largest gap "
+    ) in (folder / "README.md").read_text()
     entry = ctx.jobs.model("test-terms")
     assert entry["location"] == event.location and entry["job_id"] == publish.job_id
 
 
-def test_merge_runs_on_the_gpu_when_the_fp32_weights_fit_its_free_memory(tiny_model, monkeypatch):
-    monkeypatch.setattr(export, "device", lambda: "cuda")
-    need = export.model_shape(str(tiny_model)).parameters * 4
-    monkeypatch.setattr(export, "device_memory", lambda dev: int(need / export.GPU_SHARE) + 1)
-    plan = export.merge_plan(str(tiny_model))
-    assert plan.device == "cuda" and plan.reason.startswith("fp32 weights 0.0 GiB, GPU free")
-    monkeypatch.setattr(export, "device_memory", lambda dev: need)  # over 80% of it
-    plan = export.merge_plan(str(tiny_model))
-    assert plan.device == "cpu"
-    assert plan.reason.endswith(": more than 80% of it, merged in host memory")
+def _memory(monkeypatch, *, gpu_gib=None, host_gib=64.0):
+    monkeypatch.setattr(export, "device", lambda: "cuda" if gpu_gib is not None else "cpu")
+    free = {"cuda": gpu_gib, "cpu": host_gib}
+    monkeypatch.setattr(planner, "device_memory", lambda dev: int(free[dev] * GIB))
+
+
+def test_a_7b_merge_runs_in_bf16_on_an_a10g_and_falls_back_to_the_host(llama_7b, monkeypatch):
+    _memory(monkeypatch, gpu_gib=22.0, host_gib=14.0)  # g5: 24 GB A10G, a 14 GiB task
+    plan = export.merge_plan(llama_7b, "bfloat16")
+    assert (plan.device, plan.dtype) == ("cuda", "bfloat16")
+    assert plan.reason == "bf16 weights 12.6 GiB in GPU memory (22.0 GiB free)"
+    _memory(monkeypatch, gpu_gib=10.0, host_gib=28.0)  # a 12 GB GPU, a 30 GB task
+    plan = export.merge_plan(llama_7b, "bfloat16")
+    assert (plan.device, plan.dtype) == ("cpu", "bfloat16")
+    assert plan.reason == (
+        "bf16 weights 12.6 GiB in host memory (28.0 GiB free); "
+        "bf16 weights 12.6 GiB over 80% of the GPU's 10.0 GiB free"
+    )
+    _memory(monkeypatch, host_gib=60.0)
+    plan = export.merge_plan(llama_7b, "float32")  # an fp32 export merges in fp32
+    assert (plan.device, plan.dtype) == ("cpu", "float32") and plan.reason.endswith("; no GPU")
+
+
+ADVICE = (
+    "give the publisher more memory or a GPU "
+    "(the ECS stack: PublisherMemory, or EvaluatorPublisherCapacity=Gpu)"
+)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "gpu_gib", "host_gib", "size", "advice"),
+    [
+        ("bfloat16", 10.0, 15.0, "bf16 weights 12.6 GiB", ADVICE),
+        # bf16 would fit both, but the export is fp32
+        ("float32", 22.0, 28.0, "fp32 weights 25.1 GiB",
+         ADVICE + ", or publish.dtype bfloat16 (half the memory)"),
+    ],
+)  # fmt: skip
+def test_a_merge_that_fits_nowhere_is_refused_before_loading_with_what_to_change(
+    llama_7b, monkeypatch, dtype, gpu_gib, host_gib, size, advice
+):
+    _memory(monkeypatch, gpu_gib=gpu_gib, host_gib=host_gib)
+    with pytest.raises(ModelError) as refused:
+        export.merge_plan(llama_7b, dtype)
+    assert str(refused.value) == (
+        f"the merge of {llama_7b} fits nowhere: "
+        f"{size} over 80% of the GPU's {gpu_gib} GiB free; "
+        f"{size} over 80% of the host's {host_gib} GiB free; {advice}"
+    )
+
+
+def _adapter(published):
+    ctx, publish, _ = published
+    training = ctx.manifest_at(publish.training_manifest)
+    return ctx.spec(publish).base_model, adapter_dir(
+        ctx.store, training, cache_dir=ctx.settings.cache_dir
+    )
+
+
+PROBES = [[5, 6, 7], [8], [40, 41, 42, 43, 44]]
 
 
 def test_merge_loads_the_base_straight_onto_its_device(published, monkeypatch):
-    ctx, publish, _ = published
-    training = ctx.manifest_at(publish.training_manifest)
-    adapter = adapter_dir(ctx.store, training, cache_dir=ctx.settings.cache_dir)
+    base_model, adapter = _adapter(published)
     asked = {}
     load = export.load_model
 
@@ -58,9 +118,58 @@ def test_merge_loads_the_base_straight_onto_its_device(published, monkeypatch):
         return load(base_model, **{**kwargs, "device_map": None})
 
     monkeypatch.setattr(export, "load_model", load_on_cpu)
-    _, gap = export.merge(ctx.spec(publish).base_model, adapter, [[5, 6, 7], [8]], on="cuda")
+    plan = export.Placement("cuda", "float32", "")
+    merged, check = export.merge(base_model, adapter, PROBES, plan=plan)
     assert asked["device_map"] == "cuda" and asked["dtype"] == export.torch.float32
-    assert 0 < gap < export.MERGE_TOLERANCE  # the probe rows' logits compared
+    assert 0 < check.max_logit_gap < export.MERGE_TOLERANCE  # the probe rows' logits compared
+    assert check.passed and merged.dtype == export.torch.float32
+
+
+def test_a_bf16_merge_gives_bf16_weights_that_keep_the_adapters_effect(published):
+    base_model, adapter = _adapter(published)
+    plan = export.Placement("cpu", "bfloat16", "")
+    merged, check = export.merge(base_model, adapter, PROBES, plan=plan)
+    assert merged.dtype == export.torch.bfloat16
+    assert check.max_logit_gap > export.MERGE_TOLERANCE  # bf16 rounding shows in the logits
+    assert 0 < check.effect_share < export.BF16_EFFECT_SHARE and check.passed
+    assert check.describe().startswith("the merged bf16 weights reproduce base+adapter's")
+
+
+def test_an_adapter_that_changes_nothing_merges_to_the_base_exactly_in_bf16(tiny_model, tmp_path):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    from shared.modeling import load_model
+
+    fresh = get_peft_model(  # lora_B starts at zero: no effect on any logit
+        load_model(str(tiny_model)),
+        LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=8, target_modules="all-linear"),
+    )
+    fresh.save_pretrained(tmp_path / "adapter")
+    plan = export.Placement("cpu", "bfloat16", "")
+    _, check = export.merge(str(tiny_model), tmp_path / "adapter", PROBES, plan=plan)
+    assert check.adapter_effect == check.max_logit_gap == check.effect_share == 0.0
+
+
+@pytest.mark.parametrize(("dtype", "share"), [("float32", 0.01), ("bfloat16", 0.6)])
+def test_a_merge_that_loses_part_of_the_adapter_is_refused(published, monkeypatch, dtype, share):
+    from peft import LoraModel
+
+    base_model, adapter = _adapter(published)
+    merge_and_unload = LoraModel.merge_and_unload
+
+    def lossy(model, **kwargs):  # the adapter's update cut by `share` in the merge
+        for name, weights in model.named_parameters():
+            if "lora_B" in name:
+                weights.data *= 1 - share
+        return merge_and_unload(model, **kwargs)
+
+    monkeypatch.setattr(LoraModel, "merge_and_unload", lossy)
+    plan = export.Placement("cpu", dtype, "")
+    with pytest.raises(ModelError, match=f"merge check failed: the merged {_SHORT[dtype]} "):
+        export.merge(base_model, adapter, PROBES, plan=plan)
+
+
+_SHORT = {"float32": "fp32", "bfloat16": "bf16"}
 
 
 def test_exported_model_loads_and_generates(published):

@@ -40,3 +40,48 @@ def test_gpt_oss_20b_is_refused_on_every_g5_naming_the_sizes(tmp_path):
         "and the adapter need 50.0 GiB, more than this GPU's 22.0 GiB free: use a GPU with "
         "more memory"
     )
+
+
+def _stages(base_model: str, **publish):
+    spec = parse_spec({"name": "terms", "base_model": base_model, "publish": publish})
+    result = estimate(
+        spec,
+        DATASET,
+        instance_type="g5.xlarge",
+        shape=model_shape(base_model),
+        prices=Prices(G5_INSTANCES, 0.0785),
+    )
+    return result["stages"]
+
+
+def test_the_estimate_says_where_a_7b_models_evaluation_and_merge_fit_on_the_stack(llama_7b):
+    stages = _stages(llama_7b)
+    assert stages["evaluate"] == {
+        "Fargate": "does not fit: no GPU; "
+        "fp32 weights 25.1 GiB over 80% of the host's 14.5 GiB free; "
+        "bf16 weights 12.6 GiB over 80% of the host's 14.5 GiB free",
+        "Gpu": "bf16 weights 12.6 GiB in GPU memory (22.0 GiB free)",
+    }
+    assert stages["publish"] == {  # the smallest PublisherMemory that holds its bf16 merge
+        "Fargate": "PublisherMemory 20480: bf16 weights 12.6 GiB in host memory "
+        "(18.5 GiB free); no GPU",
+        "Gpu": "bf16 weights 12.6 GiB in GPU memory (22.0 GiB free)",
+    }
+    assert "an assumed 1.5 GiB for the runtime" in stages["basis"]
+
+
+def test_an_fp32_export_of_a_7b_model_fits_no_fargate_publisher(llama_7b):
+    stages = _stages(llama_7b, dtype="float32")
+    assert stages["publish"] == {
+        "Fargate": "PublisherMemory 30720 does not fit: no GPU; "
+        "fp32 weights 25.1 GiB over 80% of the host's 28.5 GiB free; "
+        "the Gpu capacity or a smaller model, or publish.dtype bfloat16 (half the memory)",
+        "Gpu": "does not fit: fp32 weights 25.1 GiB over 80% of the GPU's 22.0 GiB free; "
+        "fp32 weights 25.1 GiB over 80% of the host's 12.5 GiB free",
+    }
+
+
+def test_a_small_model_fits_every_capacity_at_the_default_memory(tiny_model):
+    stages = _stages(str(tiny_model))
+    assert stages["evaluate"]["Fargate"].startswith("fp32 weights 0.0 GiB in host memory")
+    assert stages["publish"]["Fargate"].startswith("PublisherMemory 16384: bf16 weights")

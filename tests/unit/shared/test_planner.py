@@ -266,3 +266,46 @@ def test_weights_that_alone_exceed_the_gpu_are_refused_before_loading(gpt_oss_20
     spec = TrainingSpec(quantization="none")
     with pytest.raises(OutOfMemory, match="set training.quantization to 4bit, or use a GPU"):
         planner.resolve(spec, T5_LARGE, ROWS, dev="cuda", memory_bytes=1 * GIB, bf16=True)
+
+
+def _host(root, meminfo_kib, **files):
+    (root / "proc").mkdir(parents=True)
+    (root / "proc/meminfo").write_text(
+        f"MemTotal:       24000000 kB\nMemFree:         1000000 kB\n"
+        f"MemAvailable:   {meminfo_kib} kB\n"
+    )
+    for name, text in files.items():
+        path = root / "cgroup" / name.replace("__", "/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return planner.host_memory(root / "proc", root / "cgroup")
+
+
+def test_host_memory_counts_the_page_cache_the_kernel_can_reclaim(tmp_path):
+    # MemFree is 1 GB; MemAvailable (free plus reclaimable cache) is what a load can take
+    assert _host(tmp_path, 20_000_000) == 20_000_000 * 1024
+
+
+def test_host_memory_is_capped_by_the_containers_cgroup_v2_limit(tmp_path):
+    stat = "anon 4000000000\ninactive_file 1000000000\nactive_file 500000000\n"
+    got = _host(tmp_path, 20_000_000, **{
+        "memory.max": "16000000000\n", "memory.current": "6000000000\n", "memory.stat": stat,
+    })  # fmt: skip
+    assert got == 16_000_000_000 - (6_000_000_000 - 1_000_000_000)  # limit less working set
+
+
+def test_host_memory_reads_cgroup_v1_and_ignores_an_unlimited_cgroup(tmp_path):
+    v1 = _host(tmp_path / "v1", 20_000_000, **{
+        "memory__memory.limit_in_bytes": "8000000000\n",
+        "memory__memory.usage_in_bytes": "3000000000\n",
+        "memory__memory.stat": "total_inactive_file 500000000\n",
+    })  # fmt: skip
+    assert v1 == 8_000_000_000 - 2_500_000_000
+    unlimited_v1 = _host(tmp_path / "u1", 20_000_000, **{
+        "memory__memory.limit_in_bytes": str(2**63 - 4096),
+        "memory__memory.usage_in_bytes": "3000000000",
+    })  # fmt: skip
+    unlimited_v2 = _host(tmp_path / "u2", 20_000_000, **{
+        "memory.max": "max\n", "memory.current": "3000000000\n",
+    })  # fmt: skip
+    assert unlimited_v1 == unlimited_v2 == 20_000_000 * 1024
