@@ -29,6 +29,10 @@ time it would have spent at batch 1.
 Last, the default's plan at smaller effective batches (``SWEEP``), each at the best rate of
 ``MATCHED_LRS`` for the same epochs: how the held-out loss at equal epochs follows the
 number of optimizer updates, and what each batch costs in examples/s (one run each).
+
+And LoRA+ (``training.lora.loraplus_lr_ratio``, off by default): batch 1 and the default
+with the B matrices at ``LORAPLUS_RATIO`` times the rate, each at the best rate of its own
+grid, beside the same recipe's plain LoRA.
 """
 
 from __future__ import annotations
@@ -66,6 +70,17 @@ SWEEP = {
         "path": "termtune", "training": {"effective_batch_size": n}, "lrs": list(MATCHED_LRS),
     }
     for n in (2, 4, 8, 16)
+}  # fmt: skip
+#: LoRA+ (peft's create_loraplus_optimizer, ``training.lora.loraplus_lr_ratio``): batch 1 and
+#: the default with the B matrices at 16x the rate, each over a grid 3-10x lower than plain's
+LORAPLUS_RATIO = 16.0
+LORAPLUS = {
+    f"{name}, LoRA+ {LORAPLUS_RATIO:g}": {
+        "path": "termtune",
+        "training": {**RECIPES[name]["training"], "lora": {"loraplus_lr_ratio": LORAPLUS_RATIO}},
+        "lrs": lrs,
+    }
+    for name, lrs in ((BATCH_1, [3e-4, 1e-3, 3e-3]), (DEFAULT, [1e-3, 3e-3, 1e-2]))
 }  # fmt: skip
 
 
@@ -133,7 +148,7 @@ def run_one(model_dir: str, prepared: str, name: str, lr: float, epochs: float) 
     from shared.jobspec import TrainingSpec
     from shared.trainplan import model_shape
 
-    recipe = {**RECIPES, **SWEEP}[name]
+    recipe = {**RECIPES, **SWEEP, **LORAPLUS}[name]
     info = json.loads(prepared)
     train_table, test_table = _splits(info["var"], info["manifest"])
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -224,17 +239,24 @@ def main() -> None:
             lambda name, lr: _child(model, prepared, name, lr, args.epochs), best, args.repeats
         )
         matched = _time_matched(model, prepared, results, args.epochs)
-        sweep = {
-            name: best_rate(
-                lambda lr, name=name: _child(model, prepared, name, lr, args.epochs),
-                recipe["lrs"],
-                name,
-            )
-            for name, recipe in SWEEP.items()
-        }
+        sweep = _best_each(model, prepared, SWEEP, args.epochs)
+        plus = _best_each(model, prepared, LORAPLUS, args.epochs)
         _print(results)
         _print_matched(results, matched, args.epochs)
         _print_sweep(results, sweep, args.epochs)
+        _print_loraplus(results, plus)
+
+
+def _best_each(
+    model: Path, prepared: dict[str, Any], recipes: dict[str, dict[str, Any]], epochs: float
+) -> dict[str, tuple[float, dict[str, Any]]]:
+    """Each recipe at each rate of its grid once: its best rate and that run."""
+    return {
+        name: best_rate(
+            lambda lr, name=name: _child(model, prepared, name, lr, epochs), recipe["lrs"], name
+        )
+        for name, recipe in recipes.items()
+    }
 
 
 def _time_matched(
@@ -281,6 +303,19 @@ def _print_sweep(
             f"  {name:48} {run['batch']:>5} {run['updates']:5.0f} updates, lr {lr:g}: held-out "
             f"loss {run['heldout_loss']:.4f}, {run['examples_per_s']:.1f} examples/s "
             f"({run['examples_per_s'] / notebook:.2f}x the notebook)"
+        )
+
+
+def _print_loraplus(
+    results: dict[str, list[dict[str, Any]]], plus: dict[str, tuple[float, dict[str, Any]]]
+) -> None:
+    """Each LoRA+ run at its best rate beside the same recipe's plain LoRA (medians above)."""
+    print(f"LoRA+ (B matrices at {LORAPLUS_RATIO:g}x the rate), at equal epochs:")
+    for (name, (lr, run)), plain in zip(plus.items(), (BATCH_1, DEFAULT), strict=True):
+        loss = statistics.median(r["heldout_loss"] for r in results[plain])
+        print(
+            f"  {name:48} lr {lr:g}: held-out loss {run['heldout_loss']:.4f} vs {loss:.4f} "
+            f"plain (lr {results[plain][0]['lr']:g}), {run['examples_per_s']:.1f} examples/s"
         )
 
 

@@ -204,6 +204,14 @@ class LoraSpec(_Section):
     target_modules: (
         Literal["all-linear"] | Annotated[list[ModuleName], Field(min_length=1, max_length=64)]
     ) = Field("all-linear", description='"all-linear" or a list of module names (e.g. ["q", "v"]).')
+    loraplus_lr_ratio: float = Field(
+        1.0,
+        ge=1.0,
+        le=1024.0,
+        description="LoRA+ (peft's create_loraplus_optimizer): the B matrices learn at this "
+        "multiple of the learning rate, the A matrices at it; 1 is plain LoRA. Retune the "
+        'learning rate with it (lower; README, "LoRA+").',
+    )
 
 
 #: recipe "notebook": the original notebook's settings where the spec leaves them out

@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from services.trainer import causal, ranks
+from services.trainer import causal, optim, ranks
 from services.trainer.batches import CountingCollator, GroupedTrainer, side_lengths
 from services.trainer.lora import Plan
 from shared.errors import OutOfMemory
@@ -151,7 +151,7 @@ def _trainer(
     output_dir: Path,
     callbacks: list[Any],
 ) -> Any:
-    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Seq2SeqTrainingArguments
+    from transformers import PrinterCallback
 
     arguments = training_arguments(
         spec,
@@ -160,20 +160,31 @@ def _trainer(
         evaluate=eval_table is not None,
         eval_steps=validation_every(spec, plan, train_table.num_rows),
     )
-    if plan.kind == "causal":
-        trainer = causal.sft_trainer(
-            model, tokenizer, (train_table, eval_table),
-            plan=plan, arguments=arguments, callbacks=callbacks,
-        )  # fmt: skip
-        trainer.remove_callback(PrinterCallback)
-        return trainer
+    make = causal.sft_trainer if plan.kind == "causal" else _seq2seq_trainer
+    trainer = make(
+        model, tokenizer, (train_table, eval_table),
+        plan=plan, arguments=arguments, callbacks=callbacks,
+    )  # fmt: skip
+    trainer.remove_callback(PrinterCallback)  # progress goes to events, not stdout
+    optim.use_loraplus(trainer, spec.lora.loraplus_lr_ratio)
+    return trainer
+
+
+def _seq2seq_trainer(
+    model: Any, tokenizer: Any, splits: Any, *, plan: Plan, arguments: dict, callbacks: list
+) -> Any:
+    """transformers' Seq2SeqTrainer (grouped by both sides' lengths) over the token columns
+    of the train (and validation) split, as ``causal.sft_trainer`` for trl's."""
+    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainingArguments
+
     collator = DataCollatorForSeq2Seq(
         tokenizer,
         model=model,
         label_pad_token_id=-100,
         pad_to_multiple_of=8 if plan.device == "cuda" else None,
     )
-    trainer = GroupedTrainer(
+    train_table, eval_table = splits
+    return GroupedTrainer(
         model=model,
         args=Seq2SeqTrainingArguments(
             **arguments,
@@ -186,8 +197,6 @@ def _trainer(
         callbacks=callbacks,
         lengths=side_lengths(train_table) if plan.group_by_length else None,
     )
-    trainer.remove_callback(PrinterCallback)  # progress goes to events, not stdout
-    return trainer
 
 
 def _compile_failure(exc: BaseException) -> bool:

@@ -554,3 +554,68 @@ def test_a_run_resumed_after_the_first_epoch_trains_on_the_same_rows(
     assert epochs[0] != epochs[1] != epochs[2]
     rows = [sorted(r for batch in epoch for r in batch) for epoch in epochs]
     assert rows[0] == rows[1] == rows[2]
+
+
+def _loraplus_run(tiny_model, out, ratio, resume_from=None, stop_at=None):
+    """Train a fresh adapter at LoRA+ ``ratio`` for 3 optimizer steps (or until ``stop_at``,
+    a checkpoint every 2); the optimizer's groups as the first step found them, the model."""
+    import pyarrow as pa
+    from transformers import AutoTokenizer, TrainerCallback
+
+    from services.trainer import train
+    from shared.trainplan import model_shape
+
+    class Groups(TrainerCallback):
+        def __init__(self):
+            self.groups = []
+
+        def on_step_begin(self, args, state, control, optimizer=None, **_):
+            if not self.groups:
+                self.groups = [(g["lr"], list(g["params"])) for g in optimizer.param_groups]
+
+        def on_step_end(self, args, state, control, **_):
+            control.should_training_stop = state.global_step == stop_at
+
+    spec = TrainingSpec.model_validate(
+        {"batch_size": 2, "gradient_accumulation_steps": 1, "max_steps": 3,
+         "learning_rate": 0.01, "lr_scheduler": "constant", "checkpoint_every_steps": 2,
+         "lora": {"loraplus_lr_ratio": ratio}}
+    )  # fmt: skip
+    plan = planner.resolve(spec, model_shape(str(tiny_model)), planner.Rows(8, 6, 5), dev="cpu")
+    torch.manual_seed(0)
+    model = lora.build_model(str(tiny_model), spec, plan)
+    gen = torch.Generator().manual_seed(0)
+    table = pa.table(
+        {
+            "input_ids": [torch.randint(3, 100, (6,), generator=gen).tolist() for _ in range(8)],
+            "labels": [torch.randint(3, 100, (5,), generator=gen).tolist() for _ in range(8)],
+        }
+    )
+    groups = Groups()
+    train.train(
+        model, AutoTokenizer.from_pretrained(tiny_model), table, spec=spec, plan=plan,
+        output_dir=out, callbacks=[groups], resume_from=resume_from,
+    )  # fmt: skip
+    return groups.groups, model
+
+
+def _lrs(groups, model, kind):
+    """The learning rates of the groups holding ``kind``'s (lora_A, lora_B) parameters."""
+    ids = {id(p) for n, p in model.named_parameters() if f"{kind}." in n and p.requires_grad}
+    assert ids
+    return sorted({lr for lr, params in groups for p in params if id(p) in ids})
+
+
+def test_loraplus_trains_the_b_matrices_at_the_ratio_and_resumes(tiny_model, tmp_path):
+    groups, model = _loraplus_run(tiny_model, tmp_path / "plus", 16.0, stop_at=2)
+    assert _lrs(groups, model, "lora_A") == [0.01]
+    assert _lrs(groups, model, "lora_B") == [pytest.approx(0.16)]
+    assert all(  # B starts at zero: it learned
+        p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B." in n
+    )
+    # its checkpoint holds the groups, and a run resumed from it restores them
+    checkpoint = tmp_path / "plus" / "checkpoint-2"
+    groups, model = _loraplus_run(tiny_model, tmp_path / "plus", 16.0, resume_from=checkpoint)
+    assert _lrs(groups, model, "lora_B") == [pytest.approx(0.16)]
+    plain, model = _loraplus_run(tiny_model, tmp_path / "plain", 1.0, stop_at=1)
+    assert _lrs(plain, model, "lora_A") == _lrs(plain, model, "lora_B") == [0.01]

@@ -255,3 +255,30 @@ def test_packed_batches_keep_each_example_apart(trained_qwen, tiny_qwen, tmp_pat
     assert "packing -> on (each batch's examples packed into rows of the width" in " ".join(
         planner.resolve(TrainingSpec(), shape, rows, dev="cpu").notes
     )
+
+
+def test_loraplus_reaches_trls_trainer(trained_qwen, tiny_qwen, tmp_path):
+    """The B matrices of a decoder-only adapter (trl's SFTTrainer) train at the ratio too."""
+    from transformers import TrainerCallback
+
+    from shared.modeling import load_tokenizer
+
+    class Groups(TrainerCallback):
+        def on_step_begin(self, args, state, control, optimizer=None, **_):
+            self.groups = [(g["lr"], {id(p) for p in g["params"]}) for g in optimizer.param_groups]
+
+    ctx = trained_qwen["ctx"]
+    dataset = ctx.jobs.manifest("qwen-job", "prepare")
+    table = read_split(ctx.store, dataset, "train", cache_dir=ctx.settings.cache_dir)
+    spec = TrainingSpec(max_steps=1, learning_rate=0.01, lora={"loraplus_lr_ratio": 8.0})
+    plan = planner.resolve(spec, model_shape(str(tiny_qwen)), planner.Rows(6, 8, 8), dev="cpu")
+    model = lora.build_model(str(tiny_qwen), spec, plan)
+    groups = Groups()
+    summary = train.train(
+        model, load_tokenizer(str(tiny_qwen)), table, spec=spec, plan=plan,
+        output_dir=tmp_path, callbacks=[groups],
+    )  # fmt: skip
+    assert summary["steps"] == 1
+    for kind, lr in (("lora_A.", 0.01), ("lora_B.", 0.08)):
+        ids = {id(p) for n, p in model.named_parameters() if kind in n and p.requires_grad}
+        assert ids and sorted({r for r, held in groups.groups if held & ids}) == [pytest.approx(lr)]

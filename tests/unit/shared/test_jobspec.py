@@ -21,6 +21,7 @@ def test_defaults_are_the_notebooks_task_with_termtunes_recipe():
     assert (spec.dataset.max_rows, spec.dataset.sample) == (None, "random")
     lora = spec.training.lora
     assert (lora.r, lora.alpha, lora.dropout, lora.target_modules) == (64, 16, 0.0, "all-linear")
+    assert lora.loraplus_lr_ratio == 1.0  # plain LoRA unless asked
     assert spec.training.recipe == "termtune"
     assert (spec.training.batch_size, spec.training.gradient_accumulation_steps) == ("auto", "auto")
     assert spec.training.effective_batch_size == 32
@@ -64,6 +65,11 @@ def test_unknown_field_is_named():
 def test_bad_value_is_named():
     with pytest.raises(SpecError, match=r"field 'dataset.test_size'"):
         parse_spec({"name": "x1", "dataset": {"test_size": 1.5}})
+
+
+def test_a_loraplus_ratio_under_1_is_named():
+    with pytest.raises(SpecError, match=r"field 'training.lora.loraplus_lr_ratio'"):
+        parse_spec({"name": "x1", "training": {"lora": {"loraplus_lr_ratio": 0.5}}})
 
 
 def test_bad_name_is_named():
