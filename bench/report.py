@@ -203,8 +203,8 @@ def _sections(lines: list[str]) -> tuple[list[str], dict[str, list[str]]]:
 def merge(old: str, new: list[str]) -> list[str]:
     """The old page with the sections ``new`` ran replaced (or added) and its header (the
     machine and date of this run) on top; sections only the old page has are kept and
-    marked with the date and machine they were measured on. Sections come in ``BENCHES`` order, each
-    ending with a blank line."""
+    marked with the date and machine they were measured on. Sections come in ``BENCHES``
+    order, each ending with a blank line."""
     old_head, old_sections = _sections(old.splitlines())
     new_head, new_sections = _sections(new)
     date = next((line for line in old_head if line.startswith("- Date: ")), "")

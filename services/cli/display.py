@@ -172,6 +172,16 @@ def dataset_lines(prepared: dict[str, Any]) -> list[str]:
     return lines
 
 
+def evaluation_line(timing: dict[str, Any]) -> str:
+    """The evaluation's time, device and batches (the dtype where the report records it:
+    reports from before 2026-12-06 do not)."""
+    dtype = f" ({timing['dtype']})" if timing.get("dtype") else ""
+    return (
+        f"evaluation: base {timing['base_s']:.1f} s + tuned {timing['tuned_s']:.1f} s on "
+        f"{timing['device']}{dtype}, batches of {timing['batch_size']} by length"
+    )
+
+
 def summary(client: Client, job: dict[str, Any]) -> None:
     """Counts, training loss, evaluation, export folder of a finished job."""
     result = job["result"]
@@ -197,12 +207,7 @@ def summary(client: Client, job: dict[str, Any]) -> None:
     if run:
         console.print(tracking_line(run), markup=False, soft_wrap=True)
     if "evaluate" in result and result["evaluate"].get("timing"):
-        timing = result["evaluate"]["timing"]
-        console.print(
-            f"evaluation: base {timing['base_s']:.1f} s + tuned {timing['tuned_s']:.1f} s on "
-            f"{timing['device']} ({timing.get('dtype', 'float32')}), batches of "
-            f"{timing['batch_size']} by length"
-        )
+        console.print(evaluation_line(result["evaluate"]["timing"]))
     if "evaluate" in result:
         print_report(client.report(job["id"]))
     if "publish" in result:

@@ -191,3 +191,14 @@ def test_help_lists_the_exit_statuses(capsys):
     out = capsys.readouterr().out
     for code in ("0 ", "1 ", "2 ", "3 ", "130"):
         assert f"\n  {code}" in out
+
+
+def test_the_evaluation_line_names_the_dtype_only_where_the_report_records_it():
+    from services.cli.display import evaluation_line
+
+    timing = {"base_s": 1.25, "tuned_s": 2.0, "device": "cuda", "batch_size": 16}
+    assert evaluation_line({**timing, "dtype": "bfloat16"}) == (
+        "evaluation: base 1.2 s + tuned 2.0 s on cuda (bfloat16), batches of 16 by length"
+    )
+    # an older report (no dtype): no guess
+    assert evaluation_line(timing).startswith("evaluation: base 1.2 s + tuned 2.0 s on cuda,")
