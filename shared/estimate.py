@@ -41,10 +41,9 @@ A10G_FREE_BYTES = 22 * GIB  # of its 24 GB, what a process finds free (22.5 GiB 
 DEFAULT_MFU = {"4bit": 0.07, "8bit": 0.05, "none": 0.10}
 CMU_PARAMS = 3_000_000_000  # assumed parameters per Custom Model Unit (Bedrock assigns it)
 #: the ECS stack's evaluator and publisher tasks (deploy/aws/termtune.yaml), MiB: on Fargate
-#: the evaluator's and the publisher's PublisherMemory choices; with
-#: EvaluatorPublisherCapacity=Gpu one A10G each and this much host memory
-EVALUATOR_FARGATE_MIB = 16384
-PUBLISHER_MEMORY_MIB = (16384, 20480, 24576, 28672, 30720)
+#: the StageMemory choices; with EvaluatorPublisherCapacity=Gpu one A10G each and this much
+#: host memory
+STAGE_MEMORY_MIB = (16384, 20480, 24576, 28672, 30720)
 GPU_TASK_MIB = 14336
 RUNTIME_BYTES = int(1.5 * GIB)  # assumed: what Python, torch and the worker take of a task
 
@@ -159,17 +158,17 @@ def stages(spec: JobSpec, shape: ModelShape) -> dict[str, Any]:
     evaluation = planner.evaluation_options
     return {
         "evaluate": {
-            "Fargate": _fit(shape, evaluation(False), {"cpu": _task(EVALUATOR_FARGATE_MIB)}),
+            "Fargate": _on_fargate(shape, evaluation(False), "the Gpu capacity or a smaller model"),
             "Gpu": _fit(shape, evaluation(True), gpu),
         },
         "publish": {
-            "Fargate": _publisher_on_fargate(shape, dtype),
+            "Fargate": _on_fargate(shape, planner.merge_options(False, dtype), _merge_hint(dtype)),
             "Gpu": _fit(shape, planner.merge_options(True, dtype), gpu),
         },
         "basis": (
-            f"the stack's tasks: on Fargate the evaluator's {EVALUATOR_FARGATE_MIB} MiB and "
-            f"the publisher's PublisherMemory; on Gpu one A10G ({A10G_FREE_BYTES / GIB:g} GiB "
-            f"free) and a {GPU_TASK_MIB} MiB task; each task less an assumed "
+            f"the stack's tasks: on Fargate StageMemory MiB (the smallest value that holds "
+            f"the stage); on Gpu one A10G ({A10G_FREE_BYTES / GIB:g} GiB free) and a "
+            f"{GPU_TASK_MIB} MiB task; each task less an assumed "
             f"{RUNTIME_BYTES / GIB:g} GiB for the runtime; the weights must fit in "
             f"{planner.WEIGHTS_SHARE:.0%} of the free memory; the publisher merges in "
             f"publish.dtype ({dtype})"
@@ -188,18 +187,22 @@ def _fit(shape: ModelShape, options: list[tuple[str, str]], free: dict[str, int]
     return placement.reason
 
 
-def _publisher_on_fargate(shape: ModelShape, dtype: str) -> str:
-    """The smallest PublisherMemory whose task holds the merge."""
-    options = planner.merge_options(False, dtype)
-    for mib in PUBLISHER_MEMORY_MIB:
+def _on_fargate(shape: ModelShape, options: list[tuple[str, str]], hint: str) -> str:
+    """The smallest StageMemory whose Fargate task holds the stage, or why the largest
+    does not and what to change."""
+    for mib in STAGE_MEMORY_MIB:
         placement, _ = planner.first_fit(shape.parameters, options, {"cpu": _task(mib)})
         if placement is not None:
-            return f"PublisherMemory {mib}: {placement.reason}"
-    largest = _fit(shape, options, {"cpu": _task(PUBLISHER_MEMORY_MIB[-1])})
+            return f"StageMemory {mib}: {placement.reason}"
+    largest = _fit(shape, options, {"cpu": _task(STAGE_MEMORY_MIB[-1])})
+    return f"StageMemory {STAGE_MEMORY_MIB[-1]} {largest}; {hint}"
+
+
+def _merge_hint(dtype: str) -> str:
     hint = "the Gpu capacity or a smaller model"
     if dtype != "bfloat16":
         hint += ", or publish.dtype bfloat16 (half the memory)"
-    return f"PublisherMemory {PUBLISHER_MEMORY_MIB[-1]} {largest}; {hint}"
+    return hint
 
 
 def _charged(shape: ModelShape, sides: list[float]) -> str:

@@ -86,7 +86,8 @@ def device_memory(dev: str) -> int:
 
 
 #: share of a device's free memory the weights may take when a stage loads them whole
-#: (the rest: the adapter, activations, the allocator; on the host a shard's copy at save)
+#: (the rest: the adapter, activations, the allocator; safetensors writes each shard from
+#: the tensors' own memory, without a copy)
 WEIGHTS_SHARE = 0.8
 _SHORT = {"float32": "fp32", "bfloat16": "bf16"}
 _WHERE = {"cuda": "GPU", "cpu": "host"}
@@ -112,9 +113,19 @@ def evaluation_options(gpu: bool) -> list[tuple[str, str]]:
 
 def merge_options(gpu: bool, export_dtype: str) -> list[tuple[str, str]]:
     """Where the publisher may merge: in the export's dtype (for a bf16 export, merging in
-    fp32 and casting rounds the weights the same way, in twice the memory), on the GPU,
-    else on the host."""
+    fp32 and casting would take twice the memory and differ by at most one bf16 step), on
+    the GPU, else on the host."""
     return [(dev, export_dtype) for dev in (["cuda", "cpu"] if gpu else ["cpu"])]
+
+
+def advice(stage: str, gpu: bool) -> str:
+    """What to change when a stage's weights fit nowhere on this machine."""
+    if gpu:
+        return f"run the {stage} on a GPU with more memory, or choose a smaller base model"
+    return (
+        f"give the {stage} more memory or a GPU (the ECS stack: StageMemory, or "
+        "EvaluatorPublisherCapacity=Gpu)"
+    )
 
 
 def place_weights(
@@ -174,20 +185,26 @@ def _meminfo_available(path: Path) -> int:
 
 def _cgroup_headroom(root: Path) -> int | None:
     """The cgroup's limit less its usage net of inactive file cache (the working set, as
-    docker stats counts it); None without a limit."""
-    for limit, usage, stat, inactive in (
-        ("memory.max", "memory.current", "memory.stat", "inactive_file"),
+    docker stats counts it); None without a limit. Under v1 the limit is also the one a
+    parent cgroup sets (``hierarchical_memory_limit``); under v2 a container sees only its
+    own cgroup, so its runtime must set the limit there (the ECS template does)."""
+    for limit, usage, stat, inactive, inherited in (
+        ("memory.max", "memory.current", "memory.stat", "inactive_file", None),
         ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat",
-         "total_inactive_file"),
+         "total_inactive_file", "hierarchical_memory_limit"),
     ):  # fmt: skip
         try:
             cap = (root / limit).read_text().strip()
             used = int((root / usage).read_text().strip())
-            if cap == "max" or int(cap) >= 1 << 60:  # v1 writes "no limit" as a huge number
-                return None
+            caps = [] if cap == "max" else [int(cap)]
         except (OSError, ValueError):
             continue
-        return max(0, int(cap) - used + _stat(root / stat, inactive))
+        if inherited and (parent := _stat(root / stat, inherited)):
+            caps.append(parent)
+        caps = [c for c in caps if c < 1 << 60]  # v1 writes "no limit" as a huge number
+        if not caps:
+            return None
+        return max(0, min(caps) - used + _stat(root / stat, inactive))
     return None
 
 

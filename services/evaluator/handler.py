@@ -15,14 +15,11 @@ from shared.errors import ModelError, NotFound
 from shared.jobspec import JobSpec
 from shared.messages import EvaluateModel, ModelEvaluated
 from shared.modeling import device, load_adapter, load_model, load_tokenizer, versions
-from shared.planner import Placement, evaluation_options, place_weights
+from shared.planner import Placement, advice, evaluation_options, place_weights
 from shared.stage import StageContext
 from shared.trainplan import model_shape
 
 SAMPLE_ROWS = 12
-EVALUATION_ADVICE = (
-    "give the evaluator more memory or a GPU (the ECS stack: EvaluatorPublisherCapacity=Gpu)"
-)
 
 
 def handle(command: EvaluateModel, ctx: StageContext) -> ModelEvaluated:
@@ -57,11 +54,12 @@ def base_on_device(base_model: str) -> tuple[Any, Placement]:
     """The base model in bf16 on the GPU, loaded straight there shard by shard (the host's
     memory never holds it whole), else in fp32 on the CPU, else in bf16 there: the first
     whose weights fit; ModelError, before loading, when none does."""
+    gpu = device() == "cuda"
     placement = place_weights(
         model_shape(base_model).parameters,
-        evaluation_options(device() == "cuda"),
+        evaluation_options(gpu),
         what=f"the evaluation of {base_model}",
-        advice=EVALUATION_ADVICE,
+        advice=advice("evaluator", gpu),
     )
     dtype = torch.bfloat16 if placement.dtype == "bfloat16" else torch.float32
     if placement.device == "cuda":

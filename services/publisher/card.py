@@ -64,7 +64,8 @@ def model_card(
                 "LoRA r / alpha / dropout": f"{t.lora.r} / {t.lora.alpha} / {t.lora.dropout}",
                 "LoRA targets": t.lora.target_modules,
                 "quantization / precision": f"{plan['quantization']} / {plan['precision']}",
-                "learning rate / schedule": f"{t.learning_rate} / {t.lr_scheduler}",
+                "learning rate / schedule": f"{t.learning_rate} / {t.lr_scheduler}"
+                + _loraplus(t.lora.loraplus_lr_ratio),
                 "batch size x accumulation x processes": f"{plan.get('batch_size', '?')} x "
                 f"{plan.get('gradient_accumulation_steps', '?')} x {training.get('processes', 1)}",
                 "recipe / optimizer / attention": f"{t.recipe} / {plan.get('optimizer')} / "
@@ -134,6 +135,10 @@ def front_matter(
             }
         ]
     return front
+
+
+def _loraplus(ratio: float) -> str:
+    return "" if ratio == 1 else f" (LoRA+: the B matrices at {ratio:g}x)"
 
 
 def _tokens(dataset: dict[str, Any]) -> str:

@@ -14,7 +14,7 @@ from shared import families
 from shared.errors import ModelError
 from shared.jobspec import DecodingSpec
 from shared.modeling import device, load_adapter, load_model, load_tokenizer
-from shared.planner import Placement, merge_options, place_weights
+from shared.planner import Placement, advice, merge_options, place_weights
 from shared.trainplan import model_shape
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -68,29 +68,24 @@ class MergeCheck:
         }
 
 
-MERGE_ADVICE = (
-    "give the publisher more memory or a GPU (the ECS stack: PublisherMemory, or "
-    "EvaluatorPublisherCapacity=Gpu)"
-)
-
-
 def merge_plan(base_model: str, export_dtype: str) -> Placement:
     """The merge in the export's dtype, on the GPU where the weights fit in its free memory,
     else in the host's (``shared.planner.merge_options``); ModelError, before anything is
     loaded, when neither fits."""
+    gpu = device() == "cuda"
     return place_weights(
         model_shape(base_model).parameters,
-        merge_options(device() == "cuda", export_dtype),
+        merge_options(gpu, export_dtype),
         what=f"the merge of {base_model}",
-        advice=merge_advice(export_dtype),
+        advice=merge_advice(export_dtype, gpu),
     )
 
 
-def merge_advice(export_dtype: str) -> str:
+def merge_advice(export_dtype: str, gpu: bool) -> str:
     """What to change when the merge fits nowhere."""
     if export_dtype == "bfloat16":
-        return MERGE_ADVICE
-    return MERGE_ADVICE + ", or publish.dtype bfloat16 (half the memory)"
+        return advice("publisher", gpu)
+    return advice("publisher", gpu) + ", or publish.dtype bfloat16 (half the memory)"
 
 
 def merge(
@@ -117,7 +112,10 @@ def merge(
         effect_share=_share(gap, effect),
     )
     if not check.passed:
-        raise ModelError(f"merge check failed: {check.describe()}")
+        hint = (
+            "; publish.dtype float32 merges and checks in fp32" if plan.dtype != "float32" else ""
+        )
+        raise ModelError(f"merge check failed: {check.describe()}{hint}")
     return merged, check
 
 

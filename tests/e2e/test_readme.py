@@ -267,9 +267,9 @@ def test_the_readme_using_it_commands_work_as_written(workdir, bedrock, s3_endpo
                 estimate = json.loads(out)
                 assert estimate["instance_type"] == "g5.12xlarge", estimate
                 assert estimate["training"]["optimizer_steps"] > 0, estimate
-                # the tiny model fits every capacity: the default PublisherMemory holds it
+                # the tiny model fits every capacity: the default StageMemory holds it
                 publish = estimate["stages"]["publish"]
-                assert publish["Fargate"].startswith("PublisherMemory 16384: bf16 "), publish
+                assert publish["Fargate"].startswith("StageMemory 16384: bf16 "), publish
             elif command == "models":
                 assert re.search(r"^medical-terms\tlocal\t", out, re.MULTILINE), out
             elif command == "invoke":

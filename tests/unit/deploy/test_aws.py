@@ -593,22 +593,25 @@ def test_w_and_b_runs_stream_online_only_with_the_stacks_key(resources):
         } in readable
 
 
-def test_the_fargate_publisher_has_the_memory_to_merge_an_8b_model_in_bf16(
+def test_the_fargate_stages_have_the_memory_to_load_an_8b_model_in_bf16(
     resources, tmp_path, monkeypatch
 ):
-    """PublisherMemory: valid Fargate sizes for its 4 vCPU; the largest merges Llama 3 8B in
-    bf16 on the host (less what the estimate assumes the runtime takes); the default refuses
-    it before loading, naming the setting."""
+    """StageMemory: valid Fargate sizes for the evaluator's and the publisher's 4 vCPU; the
+    largest evaluates Llama 3 8B and merges it in bf16 on the host (less what the estimate
+    assumes the runtime takes); the default refuses both before loading, naming the
+    setting."""
     from transformers import LlamaConfig
 
+    from services.evaluator import handler as evaluator
     from services.publisher import export
     from shared import estimate, planner
     from shared.errors import ModelError
 
-    parameter = yaml.safe_load(TEMPLATE.read_text())["Parameters"]["PublisherMemory"]
-    task = resources["PublisherTask"]["Properties"]
-    assert task["Cpu"]["Fn::If"][2] == "4096"
-    assert task["Memory"] == {"Fn::If": ["StagesOnGpu", "14336", {"Ref": "PublisherMemory"}]}
+    parameter = yaml.safe_load(TEMPLATE.read_text())["Parameters"]["StageMemory"]
+    for name in ("EvaluatorTask", "PublisherTask"):
+        task = resources[name]["Properties"]
+        assert task["Cpu"]["Fn::If"][2] == "4096"
+        assert task["Memory"] == {"Fn::If": ["StagesOnGpu", "14336", {"Ref": "StageMemory"}]}
     sizes = parameter["AllowedValues"]
     assert parameter["Default"] == min(sizes) == 16384 and max(sizes) == 30720
     assert all(size % 1024 == 0 for size in sizes)  # Fargate: 8-30 GB in 1 GB steps at 4 vCPU
@@ -617,23 +620,46 @@ def test_the_fargate_publisher_has_the_memory_to_merge_an_8b_model_in_bf16(
         num_key_value_heads=8,
     ).save_pretrained(tmp_path)  # fmt: skip
     monkeypatch.setattr(export, "device", lambda: "cpu")
+    monkeypatch.setattr(evaluator, "device", lambda: "cpu")
+    monkeypatch.setattr(evaluator, "load_model", lambda *a, **k: "loaded")
     for mib, fits in ((max(sizes), True), (parameter["Default"], False)):
         free = mib * 2**20 - estimate.RUNTIME_BYTES  # as the estimate counts a task
         monkeypatch.setattr(planner, "device_memory", lambda dev, free=free: free)
         if fits:
             assert export.merge_plan(str(tmp_path), "bfloat16").dtype == "bfloat16"
+            assert evaluator.base_on_device(str(tmp_path))[1].dtype == "bfloat16"
         else:
-            with pytest.raises(ModelError, match="the ECS stack: PublisherMemory"):
-                export.merge_plan(str(tmp_path), "bfloat16")
+            for refused in (
+                lambda: export.merge_plan(str(tmp_path), "bfloat16"),
+                lambda: evaluator.base_on_device(str(tmp_path)),
+            ):
+                with pytest.raises(ModelError, match="the ECS stack: StageMemory"):
+                    refused()
+
+
+def test_the_stages_containers_see_their_tasks_memory_limit(resources):
+    """On EC2 the agent limits the task's cgroup and the container sees only its own: each
+    container that places a model by the memory it sees carries the task's limit itself."""
+    for name in ("EvaluatorTask", "PublisherTask", "TrainerTask"):
+        task = resources[name]["Properties"]
+        (container,) = task["ContainerDefinitions"]
+        limit = container["Memory"]
+        if isinstance(task["Memory"], dict):  # by capacity: the same choice, the same values
+            branches = task["Memory"]["Fn::If"]
+            assert limit["Fn::If"][0] == branches[0]
+            assert [str(v) if not isinstance(v, dict) else v for v in limit["Fn::If"][1:]] == (
+                branches[1:]
+            )
+        else:
+            assert str(limit) == task["Memory"], name
 
 
 def test_the_estimate_knows_the_stacks_evaluator_and_publisher_memory(resources):
     """shared.estimate's figures for the stages' tasks are the template's."""
     from shared import estimate
 
-    parameter = yaml.safe_load(TEMPLATE.read_text())["Parameters"]["PublisherMemory"]
-    assert tuple(parameter["AllowedValues"]) == estimate.PUBLISHER_MEMORY_MIB
-    evaluator = resources["EvaluatorTask"]["Properties"]["Memory"]["Fn::If"]
-    publisher = resources["PublisherTask"]["Properties"]["Memory"]["Fn::If"]
-    assert evaluator[1:] == [str(estimate.GPU_TASK_MIB), str(estimate.EVALUATOR_FARGATE_MIB)]
-    assert publisher[1] == str(estimate.GPU_TASK_MIB)
+    parameter = yaml.safe_load(TEMPLATE.read_text())["Parameters"]["StageMemory"]
+    assert tuple(parameter["AllowedValues"]) == estimate.STAGE_MEMORY_MIB
+    for name in ("EvaluatorTask", "PublisherTask"):
+        memory = resources[name]["Properties"]["Memory"]["Fn::If"]
+        assert memory[1:] == [str(estimate.GPU_TASK_MIB), {"Ref": "StageMemory"}]

@@ -481,23 +481,30 @@ def test_the_base_loads_in_bf16_straight_onto_the_gpu(tiny_model, monkeypatch):
     ]
 
 
+@pytest.mark.parametrize(
+    ("dev", "gpu", "advice"),
+    [
+        ("cuda", "bf16 weights 12.6 GiB over 80% of the GPU's 10.0 GiB free; ",
+         "run the evaluator on a GPU with more memory, or choose a smaller base model"),
+        ("cpu", "no GPU; ", "give the evaluator more memory or a GPU "
+         "(the ECS stack: StageMemory, or EvaluatorPublisherCapacity=Gpu)"),
+    ],
+)  # fmt: skip
 def test_a_7b_base_that_fits_neither_the_gpu_nor_the_host_is_refused_before_loading(
-    llama_7b, monkeypatch
+    llama_7b, monkeypatch, dev, gpu, advice
 ):
     from services.evaluator import handler as evaluator
 
     monkeypatch.setattr(evaluator, "load_model", _must_not_load)
-    monkeypatch.setattr(evaluator, "device", lambda: "cuda")
+    monkeypatch.setattr(evaluator, "device", lambda: dev)
     free = {"cuda": 10 * GIB, "cpu": 14 * GIB}  # a 12 GB GPU, a 16 GB task
     monkeypatch.setattr(planner, "device_memory", lambda dev: free[dev])
     with pytest.raises(ModelError) as refused:
         evaluator.base_on_device(llama_7b)
     assert str(refused.value) == (
-        f"the evaluation of {llama_7b} fits nowhere: "
-        "bf16 weights 12.6 GiB over 80% of the GPU's 10.0 GiB free; "
+        f"the evaluation of {llama_7b} fits nowhere: {gpu}"
         "fp32 weights 25.1 GiB over 80% of the host's 14.0 GiB free; "
-        "bf16 weights 12.6 GiB over 80% of the host's 14.0 GiB free; "
-        "give the evaluator more memory or a GPU (the ECS stack: EvaluatorPublisherCapacity=Gpu)"
+        f"bf16 weights 12.6 GiB over 80% of the host's 14.0 GiB free; {advice}"
     )
 
 

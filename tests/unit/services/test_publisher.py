@@ -69,19 +69,21 @@ def test_a_7b_merge_runs_in_bf16_on_an_a10g_and_falls_back_to_the_host(llama_7b,
     assert (plan.device, plan.dtype) == ("cpu", "float32") and plan.reason.endswith("; no GPU")
 
 
-ADVICE = (
+ON_GPU = "run the publisher on a GPU with more memory, or choose a smaller base model"
+ON_HOST = (
     "give the publisher more memory or a GPU "
-    "(the ECS stack: PublisherMemory, or EvaluatorPublisherCapacity=Gpu)"
+    "(the ECS stack: StageMemory, or EvaluatorPublisherCapacity=Gpu)"
 )
 
 
 @pytest.mark.parametrize(
     ("dtype", "gpu_gib", "host_gib", "size", "advice"),
     [
-        ("bfloat16", 10.0, 15.0, "bf16 weights 12.6 GiB", ADVICE),
+        ("bfloat16", 10.0, 15.0, "bf16 weights 12.6 GiB", ON_GPU),
+        ("bfloat16", None, 15.0, "bf16 weights 12.6 GiB", ON_HOST),
         # bf16 would fit both, but the export is fp32
         ("float32", 22.0, 28.0, "fp32 weights 25.1 GiB",
-         ADVICE + ", or publish.dtype bfloat16 (half the memory)"),
+         ON_GPU + ", or publish.dtype bfloat16 (half the memory)"),
     ],
 )  # fmt: skip
 def test_a_merge_that_fits_nowhere_is_refused_before_loading_with_what_to_change(
@@ -90,9 +92,9 @@ def test_a_merge_that_fits_nowhere_is_refused_before_loading_with_what_to_change
     _memory(monkeypatch, gpu_gib=gpu_gib, host_gib=host_gib)
     with pytest.raises(ModelError) as refused:
         export.merge_plan(llama_7b, dtype)
+    gpu = "no GPU" if gpu_gib is None else f"{size} over 80% of the GPU's {gpu_gib} GiB free"
     assert str(refused.value) == (
-        f"the merge of {llama_7b} fits nowhere: "
-        f"{size} over 80% of the GPU's {gpu_gib} GiB free; "
+        f"the merge of {llama_7b} fits nowhere: {gpu}; "
         f"{size} over 80% of the host's {host_gib} GiB free; {advice}"
     )
 
@@ -165,8 +167,11 @@ def test_a_merge_that_loses_part_of_the_adapter_is_refused(published, monkeypatc
 
     monkeypatch.setattr(LoraModel, "merge_and_unload", lossy)
     plan = export.Placement("cpu", dtype, "")
-    with pytest.raises(ModelError, match=f"merge check failed: the merged {_SHORT[dtype]} "):
+    with pytest.raises(ModelError, match=f"merge check failed: the merged {_SHORT[dtype]} ") as e:
         export.merge(base_model, adapter, PROBES, plan=plan)
+    # a bf16 merge that fails says how to merge and check in fp32 instead
+    fp32_hint = "; publish.dtype float32 merges and checks in fp32"
+    assert str(e.value).endswith(fp32_hint) == (dtype == "bfloat16"), e.value
 
 
 _SHORT = {"float32": "fp32", "bfloat16": "bf16"}
@@ -516,6 +521,24 @@ def test_the_registry_keeps_a_name_for_its_first_job(ctx):
     assert ctx.jobs.model("terms")["location"] == "file:///a2"
     ctx.jobs.register_model("terms", {"job_id": "b", "location": "file:///b"}, overwrite=True)
     assert ctx.jobs.model("terms")["job_id"] == "b"
+
+
+@pytest.mark.parametrize(
+    ("ratio", "row"),
+    [(1, "| 0.001 / linear |"), (16, "| 0.001 / linear (LoRA+: the B matrices at 16x) |")],
+)
+def test_the_card_says_when_the_b_matrices_trained_at_a_loraplus_multiple(ratio, row):
+    from services.publisher.card import model_card
+
+    spec = parse_spec({
+        "name": "terms",
+        "training": {"learning_rate": 1e-3, "lr_scheduler": "linear",
+                     "lora": {"loraplus_lr_ratio": ratio}},
+    })  # fmt: skip
+    training = {"plan": {"quantization": "none", "precision": "fp32"}, "steps": 3,
+                "train_loss": 1.0}  # fmt: skip
+    card = model_card(spec, {}, training, {"metrics": {}}, merge_check="ok")
+    assert f"| learning rate / schedule {row}" in card
 
 
 def test_the_cards_notice_license_tags_and_hub_dataset_come_from_the_spec():

@@ -64,6 +64,34 @@ def test_nf4_double_quant_config_matches_the_notebook():
     assert config.bnb_4bit_compute_dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize(
+    ("device", "quantization", "device_map"),
+    [("cuda", "none", {"": 1}), ("cuda", "4bit", {"": 1}), ("cpu", "none", None),
+     ("cpu", "4bit", {"": "cpu"})],
+)  # fmt: skip
+def test_the_base_loads_straight_onto_its_ranks_gpu_quantized_or_not(
+    tiny_model, monkeypatch, device, quantization, device_map
+):
+    """On CUDA the weights go shard by shard to the rank's GPU, bf16 as well as nf4: the
+    host never holds them whole (a trainer task's memory is smaller than a 7B model's)."""
+    seen = {}
+
+    class Loaded(Exception):
+        pass
+
+    def load(base_model, **kwargs):
+        seen.update(kwargs)
+        raise Loaded
+
+    monkeypatch.setattr(lora, "load_seq2seq", load)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    precision = "bf16" if device == "cuda" else "fp32"
+    plan = lora.Plan(device=device, precision=precision, quantization=quantization)
+    with pytest.raises(Loaded):
+        lora.build_model(str(tiny_model), TrainingSpec(), plan)
+    assert seen["device_map"] == device_map
+
+
 def test_lora_wraps_all_linear_layers(tiny_model):
     plan = planner.resolve(TrainingSpec(), T5_LARGE, ROWS, dev="cpu")
     model = lora.build_model(str(tiny_model), TrainingSpec(), plan)
@@ -572,6 +600,8 @@ def _loraplus_run(tiny_model, out, ratio, resume_from=None, stop_at=None):
         def on_step_begin(self, args, state, control, optimizer=None, **_):
             if not self.groups:
                 self.groups = [(g["lr"], list(g["params"])) for g in optimizer.param_groups]
+                moments = getattr(optimizer, "optimizer", optimizer).state.values()
+                self.steps = sorted({int(m["step"]) for m in moments})
 
         def on_step_end(self, args, state, control, **_):
             control.should_training_stop = state.global_step == stop_at
@@ -596,7 +626,7 @@ def _loraplus_run(tiny_model, out, ratio, resume_from=None, stop_at=None):
         model, AutoTokenizer.from_pretrained(tiny_model), table, spec=spec, plan=plan,
         output_dir=out, callbacks=[groups], resume_from=resume_from,
     )  # fmt: skip
-    return groups.groups, model
+    return groups.groups, model, groups.steps
 
 
 def _lrs(groups, model, kind):
@@ -607,15 +637,20 @@ def _lrs(groups, model, kind):
 
 
 def test_loraplus_trains_the_b_matrices_at_the_ratio_and_resumes(tiny_model, tmp_path):
-    groups, model = _loraplus_run(tiny_model, tmp_path / "plus", 16.0, stop_at=2)
+    groups, model, steps = _loraplus_run(tiny_model, tmp_path / "plus", 16.0, stop_at=2)
+    assert steps == []  # a fresh optimizer: no moments yet
     assert _lrs(groups, model, "lora_A") == [0.01]
     assert _lrs(groups, model, "lora_B") == [pytest.approx(0.16)]
     assert all(  # B starts at zero: it learned
         p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B." in n
     )
-    # its checkpoint holds the groups, and a run resumed from it restores them
+    # its checkpoint holds the groups and their moments, and a run resumed from it restores
+    # both: the rates, and every parameter's state two steps in
     checkpoint = tmp_path / "plus" / "checkpoint-2"
-    groups, model = _loraplus_run(tiny_model, tmp_path / "plus", 16.0, resume_from=checkpoint)
+    groups, model, steps = _loraplus_run(
+        tiny_model, tmp_path / "plus", 16.0, resume_from=checkpoint
+    )
     assert _lrs(groups, model, "lora_B") == [pytest.approx(0.16)]
-    plain, model = _loraplus_run(tiny_model, tmp_path / "plain", 1.0, stop_at=1)
+    assert steps == [2]
+    plain, model, _ = _loraplus_run(tiny_model, tmp_path / "plain", 1.0, stop_at=1)
     assert _lrs(plain, model, "lora_A") == _lrs(plain, model, "lora_B") == [0.01]

@@ -309,3 +309,20 @@ def test_host_memory_reads_cgroup_v1_and_ignores_an_unlimited_cgroup(tmp_path):
         "memory.max": "max\n", "memory.current": "3000000000\n",
     })  # fmt: skip
     assert unlimited_v1 == unlimited_v2 == 20_000_000 * 1024
+
+
+def test_host_memory_under_cgroup_v1_takes_a_parent_cgroups_limit(tmp_path):
+    # ECS on EC2 limits the task's cgroup; the container's own reads unlimited
+    got = _host(tmp_path, 20_000_000, **{
+        "memory__memory.limit_in_bytes": str(2**63 - 4096),
+        "memory__memory.usage_in_bytes": "3000000000\n",
+        "memory__memory.stat": "hierarchical_memory_limit 14000000000\n"
+        "total_inactive_file 500000000\n",
+    })  # fmt: skip
+    assert got == 14_000_000_000 - 2_500_000_000
+    unlimited = _host(tmp_path / "u", 20_000_000, **{
+        "memory__memory.limit_in_bytes": str(2**63 - 4096),
+        "memory__memory.usage_in_bytes": "3000000000\n",
+        "memory__memory.stat": f"hierarchical_memory_limit {2**63 - 4096}\n",
+    })  # fmt: skip
+    assert unlimited == 20_000_000 * 1024
