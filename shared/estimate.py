@@ -156,14 +156,21 @@ def stages(spec: JobSpec, shape: ModelShape) -> dict[str, Any]:
     gpu = {"cuda": A10G_FREE_BYTES, "cpu": _task(GPU_TASK_MIB)}
     dtype = spec.publish.dtype
     evaluation = planner.evaluation_options
+    on_gpu = {
+        "evaluate": _fit(shape, evaluation(True), gpu),
+        "publish": _fit(shape, planner.merge_options(True, dtype), gpu),
+    }
+    hints = {stage: _hint(fits.startswith("does not fit")) for stage, fits in on_gpu.items()}
+    if dtype != "bfloat16":
+        hints["publish"] += ", or publish.dtype bfloat16 (half the memory)"
     return {
         "evaluate": {
-            "Fargate": _on_fargate(shape, evaluation(False), "the Gpu capacity or a smaller model"),
-            "Gpu": _fit(shape, evaluation(True), gpu),
+            "Fargate": _on_fargate(shape, evaluation(False), hints["evaluate"]),
+            "Gpu": on_gpu["evaluate"],
         },
         "publish": {
-            "Fargate": _on_fargate(shape, planner.merge_options(False, dtype), _merge_hint(dtype)),
-            "Gpu": _fit(shape, planner.merge_options(True, dtype), gpu),
+            "Fargate": _on_fargate(shape, planner.merge_options(False, dtype), hints["publish"]),
+            "Gpu": on_gpu["publish"],
         },
         "basis": (
             f"the stack's tasks: on Fargate StageMemory MiB (the smallest value that holds "
@@ -198,11 +205,11 @@ def _on_fargate(shape: ModelShape, options: list[tuple[str, str]], hint: str) ->
     return f"StageMemory {STAGE_MEMORY_MIB[-1]} {largest}; {hint}"
 
 
-def _merge_hint(dtype: str) -> str:
-    hint = "the Gpu capacity or a smaller model"
-    if dtype != "bfloat16":
-        hint += ", or publish.dtype bfloat16 (half the memory)"
-    return hint
+def _hint(gpu_too_small: bool) -> str:
+    """What holds a stage that the largest Fargate task does not."""
+    if gpu_too_small:  # every g5 GPU is an A10G
+        return "a smaller model (the Gpu capacity's A10G does not hold it either)"
+    return "the Gpu capacity or a smaller model"
 
 
 def _charged(shape: ModelShape, sides: list[float]) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 import pyarrow as pa
 from transformers import set_seed
 
-from services.trainer import callbacks, lora, probe, train
+from services.trainer import callbacks, lora, probe, ranks, train
 from services.trainer.checkpoints import CheckpointStore
 from shared import planner
 from shared.jobspec import TrainingSpec
@@ -65,6 +65,7 @@ def fit(
     # The adapter's initial weights come from the global generator: seeded, the same job
     # trains the same model in any process (a worker that trained another job before too).
     set_seed(spec.seed)
+    ranks.join(plan.device)
     model = lora.build_model(job.base_model, spec, plan)
     plan = _probed(job, model, plan)
     with callbacks.PolledStop(should_stop, immediate=immediate_stop) as polled:

@@ -7,6 +7,7 @@ stop request or a timed checkpoint seen by one rank is shared with all before ac
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -20,6 +21,22 @@ def local_rank() -> int:
 def world_size() -> int:
     """How many training processes torchrun started (1 outside torchrun)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+#: the Trainer's default ddp_timeout, for a group started before the Trainer starts one
+GROUP_TIMEOUT = timedelta(seconds=1800)
+
+
+def join(device: str) -> None:
+    """Before anything touches the GPU: this rank's GPU as the current one (the probe's
+    memory counters and every allocation without a device go there, not to GPU 0), and
+    under torchrun the process group, so the ranks agree on the probed batch before the
+    Trainer starts (accelerate takes over a group it finds). A no-op on the CPU."""
+    if device != "cuda":
+        return
+    torch.cuda.set_device(local_rank())
+    if world_size() > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl", timeout=GROUP_TIMEOUT)
 
 
 def distributed() -> bool:

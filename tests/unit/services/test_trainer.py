@@ -92,6 +92,54 @@ def test_the_base_loads_straight_onto_its_ranks_gpu_quantized_or_not(
     assert seen["device_map"] == device_map
 
 
+@pytest.mark.parametrize(
+    ("device", "world", "calls"),
+    [("cuda", "2", ["set_device 1", "init nccl 1800"]), ("cuda", "1", ["set_device 1"]),
+     ("cpu", "2", [])],
+)  # fmt: skip
+def test_a_rank_takes_its_gpu_and_joins_its_group_before_the_probe(
+    monkeypatch, device, world, calls
+):
+    """Rank 1's probe reads its own GPU's counters, not GPU 0's, and agrees with the other
+    ranks on the batch through a live group (the Trainer starts one only later)."""
+    from services.trainer import ranks
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: seen.append(f"set_device {i}"))
+    monkeypatch.setattr(ranks.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(
+        ranks.dist,
+        "init_process_group",
+        lambda backend, timeout: seen.append(f"init {backend} {timeout.seconds}"),
+    )
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", world)
+    ranks.join(device)
+    assert seen == calls
+
+
+def test_fit_joins_before_it_loads_the_model(monkeypatch, tmp_path):
+    from services.trainer import fit, ranks
+
+    order = []
+
+    class Loaded(Exception):
+        pass
+
+    def build_model(*_):
+        order.append("load")
+        raise Loaded
+
+    monkeypatch.setattr(ranks, "join", lambda device: order.append(f"join {device}"))
+    monkeypatch.setattr(fit.lora, "build_model", build_model)
+    monkeypatch.setattr(fit, "load_tokenizer", lambda _: None)
+    plan = {"device": "cuda", "precision": "bf16", "quantization": "none"}
+    job = fit.TrainJob("m", {}, plan, str(tmp_path), "ck", 1.0)
+    with pytest.raises(Loaded):
+        fit.fit(job, None, None, store=None, report=None, should_stop=lambda: None)
+    assert order == ["join cuda", "load"]
+
+
 def test_lora_wraps_all_linear_layers(tiny_model):
     plan = planner.resolve(TrainingSpec(), T5_LARGE, ROWS, dev="cpu")
     model = lora.build_model(str(tiny_model), TrainingSpec(), plan)

@@ -74,7 +74,8 @@ def test_an_fp32_export_of_a_7b_model_fits_no_fargate_publisher(llama_7b):
     assert stages["publish"] == {
         "Fargate": "StageMemory 30720 does not fit: no GPU; "
         "fp32 weights 25.1 GiB over 80% of the host's 28.5 GiB free; "
-        "the Gpu capacity or a smaller model, or publish.dtype bfloat16 (half the memory)",
+        "a smaller model (the Gpu capacity's A10G does not hold it either), "
+        "or publish.dtype bfloat16 (half the memory)",
         "Gpu": "does not fit: fp32 weights 25.1 GiB over 80% of the GPU's 22.0 GiB free; "
         "fp32 weights 25.1 GiB over 80% of the host's 12.5 GiB free",
     }
@@ -88,7 +89,8 @@ def test_a_model_too_big_for_any_stage_memory_says_what_to_change(tmp_path):
     ).save_pretrained(tmp_path)  # fmt: skip
     evaluate = _stages(str(tmp_path))["evaluate"]["Fargate"]
     assert evaluate.startswith("StageMemory 30720 does not fit: no GPU; fp32 weights "), evaluate
-    assert evaluate.endswith("; the Gpu capacity or a smaller model"), evaluate
+    # nor does the Gpu capacity's A10G, so the estimate does not send it there
+    assert evaluate.endswith("; a smaller model (the Gpu capacity's A10G does not hold it either)")
 
 
 def test_a_small_model_fits_every_capacity_at_the_default_memory(tiny_model):
