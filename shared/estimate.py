@@ -162,7 +162,7 @@ def stages(spec: JobSpec, shape: ModelShape) -> dict[str, Any]:
     }
     hints = {stage: _hint(fits.startswith("does not fit")) for stage, fits in on_gpu.items()}
     if dtype != "bfloat16":
-        hints["publish"] += ", or publish.dtype bfloat16 (half the memory)"
+        hints["publish"] += planner.HALVE_WITH_BF16
     return {
         "evaluate": {
             "Fargate": _on_fargate(shape, evaluation(False), hints["evaluate"]),

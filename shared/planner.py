@@ -118,6 +118,10 @@ def merge_options(gpu: bool, export_dtype: str) -> list[tuple[str, str]]:
     return [(dev, export_dtype) for dev in (["cuda", "cpu"] if gpu else ["cpu"])]
 
 
+#: what an fp32 export may change when its weights fit nowhere
+HALVE_WITH_BF16 = ", or publish.dtype bfloat16 (half the memory)"
+
+
 def advice(stage: str, gpu: bool) -> str:
     """What to change when a stage's weights fit nowhere on this machine."""
     if gpu:

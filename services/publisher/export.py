@@ -14,7 +14,7 @@ from shared import families
 from shared.errors import ModelError
 from shared.jobspec import DecodingSpec
 from shared.modeling import device, load_adapter, load_model, load_tokenizer
-from shared.planner import Placement, advice, merge_options, place_weights
+from shared.planner import HALVE_WITH_BF16, Placement, advice, merge_options, place_weights
 from shared.trainplan import model_shape
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -83,9 +83,7 @@ def merge_plan(base_model: str, export_dtype: str) -> Placement:
 
 def merge_advice(export_dtype: str, gpu: bool) -> str:
     """What to change when the merge fits nowhere."""
-    if export_dtype == "bfloat16":
-        return advice("publisher", gpu)
-    return advice("publisher", gpu) + ", or publish.dtype bfloat16 (half the memory)"
+    return advice("publisher", gpu) + (HALVE_WITH_BF16 if export_dtype != "bfloat16" else "")
 
 
 def merge(
