@@ -7,10 +7,13 @@ A randomly initialised model of flan-t5-large's shape (24 + 24 layers, 16 heads,
 no accumulation, trained through the trainer's own code path (``services.trainer.train``)
 on CPU; one optimizer step (the third) profiled with torch's profiler. Counted: the aten
 operators called from Python, the autograd engine and the optimizer (top level: the calls
-that each launch kernels on a GPU), and of those the ones that compute (views and metadata
-ops such as ``t``, ``reshape`` or ``detach`` launch nothing). The counts do not depend on
-the width or the lengths (``--width`` only makes the run quicker); the time a step takes
-does. Prints figures; nothing here is a test.
+that each launch kernels on a GPU), and of those the ones that compute (views, allocations
+and metadata ops such as ``t``, ``reshape``, ``empty`` or ``detach`` launch nothing). Then
+termtune's recipe without and with the fused LoRA update on the same model in bf16 with
+fp32 adapters under autocast, as the CUDA plan trains (CPU autocast here), where peft's
+forward also copies each layer's input to fp32 and back. The counts do not depend on the
+width or the lengths (``--width`` only makes the run quicker); the time a step takes does.
+Prints figures; nothing here is a test.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ VIEW_OPS = {
     "aten::detach_", "aten::_unsafe_view", "aten::unflatten", "aten::flatten",
     "aten::resolve_conj", "aten::resolve_neg", "aten::contiguous", "aten::to",
     "aten::view_as", "aten::split", "aten::chunk", "aten::unbind", "aten::_reshape_alias",
+    "aten::empty", "aten::new_empty", "aten::empty_like", "aten::empty_strided",
 }  # fmt: skip
 VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("notebook recipe (eager attention, LoRA dropout 0.1, AdamW for-loop)", {"recipe": "notebook"}),
@@ -36,8 +40,15 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("+ no LoRA dropout", {"recipe": "notebook", "attention": "sdpa", "lora": {"dropout": 0.0}}),
     ("+ fused AdamW", {"recipe": "notebook", "attention": "sdpa", "lora": {"dropout": 0.0},
                        "optimizer": "adamw_torch_fused"}),
-    ("termtune default (+ torch's gelu(tanh) and rms_norm)", {"recipe": "termtune"}),
+    ("+ torch's gelu(tanh) and rms_norm", {"recipe": "termtune", "fused_lora": False}),
+    ("termtune default (+ LoRA's update in one autograd node)", {"recipe": "termtune"}),
 ]  # fmt: skip
+#: the same model in bf16 (adapters in fp32, as peft keeps them), trained under autocast as
+#: the CUDA plan trains it (CPU autocast here): peft's LoRA forward against the fused one
+BF16_VARIANTS: list[tuple[str, dict[str, Any]]] = [
+    ("termtune, peft's LoRA forward", {"recipe": "termtune", "fused_lora": False}),
+    ("termtune default (LoRA's update in one autograd node)", {"recipe": "termtune"}),
+]
 
 
 def build_model(folder: Path, width: int) -> Path:
@@ -99,11 +110,17 @@ def count_ops(events: Any) -> dict[str, int]:
 def computes(event: Any) -> bool:
     """Whether an op runs a kernel: not a view op, or one that copied (``to`` a new dtype,
     ``reshape`` or ``contiguous`` of a strided tensor)."""
-    return event.name not in VIEW_OPS or any(map(computes, event.cpu_children))
+    children = [c for c in event.cpu_children if c.name.startswith("aten::")]
+    return event.name not in VIEW_OPS or any(map(computes, children))
 
 
-def run_variant(model_dir: Path, overrides: dict[str, Any], source: int, target: int) -> dict:
-    """One variant through services.trainer.train; its counts and the profiled step's time."""
+def run_variant(
+    model_dir: Path, overrides: dict[str, Any], source: int, target: int, bf16: bool = False
+) -> dict:
+    """One variant through services.trainer.train; its counts and the profiled step's time.
+    ``bf16``: the weights in bf16 under autocast, as on CUDA."""
+    import dataclasses
+
     import pyarrow as pa
     import torch
     from transformers import AutoTokenizer
@@ -119,6 +136,8 @@ def run_variant(model_dir: Path, overrides: dict[str, Any], source: int, target:
     )  # fmt: skip
     rows = planner.Rows(4, source, target)
     plan = planner.resolve(spec, model_shape(str(model_dir)), rows, dev="cpu")
+    if bf16:
+        plan = dataclasses.replace(plan, precision="bf16")
     torch.manual_seed(0)
     model = lora.build_model(str(model_dir), spec, plan)
     gen = torch.Generator().manual_seed(0)
@@ -142,6 +161,34 @@ def run_variant(model_dir: Path, overrides: dict[str, Any], source: int, target:
     return {**count.counts, "plan": plan}
 
 
+def measure(model_dir: Path, variants: list, args: Any, bf16: bool = False) -> list:
+    """Each variant's counts, printed as they come."""
+    rows = []
+    for label, overrides in variants:
+        result = run_variant(model_dir, overrides, args.source, args.target, bf16=bf16)
+        plan = result["plan"]
+        print(
+            f"  {label}: {result['calls']:,} calls, {result['compute']:,} computing, "
+            f"step {result['seconds']:.2f} s ({plan.attention}, {plan.optimizer}, "
+            f"{plan.precision})",
+            flush=True,
+        )
+        rows.append((label, result))
+    return rows
+
+
+def table(title: str, rows: list) -> None:
+    """Each row against the first."""
+    base = rows[0][1]
+    print(title)
+    print(f"{'variant':<70} {'calls':>7} {'vs 1st':>6} {'compute':>8} {'vs 1st':>6} {'step s':>7}")
+    for label, r in rows:
+        print(
+            f"{label:<70} {r['calls']:>7,} {base['calls'] / r['calls']:>5.2f}x "
+            f"{r['compute']:>8,} {base['compute'] / r['compute']:>5.2f}x {r['seconds']:>7.2f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--width", type=int, default=1024, help="d_model (1024: flan-t5-large)")
@@ -151,24 +198,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-kernels-") as tmp:
         print(f"building flan-t5-large's shape at width {args.width}...", flush=True)
         model_dir = build_model(Path(tmp), args.width)
-        rows = []
-        for label, overrides in VARIANTS:
-            result = run_variant(model_dir, overrides, args.source, args.target)
-            plan = result["plan"]
-            print(
-                f"  {label}: {result['calls']:,} calls, {result['compute']:,} computing, "
-                f"step {result['seconds']:.2f} s ({plan.attention}, {plan.optimizer})",
-                flush=True,
-            )
-            rows.append((label, result))
-    base = rows[0][1]
-    print(f"batch 1, {args.source} + {args.target} tokens, one optimizer step, CPU")
-    print(f"{'variant':<70} {'calls':>7} {'vs nb':>6} {'compute':>8} {'vs nb':>6} {'step s':>7}")
-    for label, r in rows:
-        print(
-            f"{label:<70} {r['calls']:>7,} {base['calls'] / r['calls']:>5.2f}x "
-            f"{r['compute']:>8,} {base['compute'] / r['compute']:>5.2f}x {r['seconds']:>7.2f}"
-        )
+        rows = measure(model_dir, VARIANTS, args)
+        half = measure(model_dir, BF16_VARIANTS, args, bf16=True)
+    shape = f"batch 1, {args.source} + {args.target} tokens, one optimizer step, CPU"
+    table(f"{shape}, fp32 (the CPU plan)", rows)
+    table(f"{shape}, bf16 weights and fp32 adapters under autocast (the CUDA plan)", half)
 
 
 if __name__ == "__main__":

@@ -223,6 +223,7 @@ NOTEBOOK_RECIPE: dict[str, Any] = {
     "attention": "eager",
     "compile": "off",
     "fused_layers": False,
+    "fused_lora": False,
 }
 NOTEBOOK_LORA: dict[str, Any] = {"dropout": 0.1}
 
@@ -294,6 +295,14 @@ class TrainingSpec(_Section):
         True,
         description="Train with torch's fused gelu(tanh) and rms_norm in place of T5's "
         "written-out gelu_new and RMS norm (the same arithmetic, fewer kernels).",
+    )
+    fused_lora: bool = Field(
+        True,
+        description="Compute each adapted linear layer's LoRA update as one autograd node "
+        "(two matrix products forward, four backward, in the base layer's dtype) in place of "
+        "peft's chain of modules, which also copies the input to the adapter's fp32 and back "
+        "on bf16 models. Plain LoRA only: dropout, DoRA, LoRA bias or several active "
+        "adapters take peft's own forward.",
     )
     compile: Literal["auto", "on", "off"] = Field(
         "auto",

@@ -275,6 +275,8 @@ def resolve(
     optimizer = _optimizer(spec, notes)
     if spec.fused_layers and shape.kind == "seq2seq":
         notes.append("fused layers: torch's gelu(tanh) and rms_norm in place of T5's")
+    if spec.fused_lora:
+        notes.append(_fused_lora_note(spec))
     compile_model = _compile(spec, dev, quantization, notes)
     packing = _packing(spec, shape.kind, shape.model_type, notes)
     grouped = _grouped(spec, packing, notes)
@@ -295,6 +297,12 @@ def resolve(
         row_attention=round(shape.attention_per_width(), 8) if packing else 0.0,
         group_by_length=grouped,
     )
+
+
+def _fused_lora_note(spec: TrainingSpec) -> str:
+    if spec.lora.dropout > 0:
+        return "fused LoRA: off, peft's forward (LoRA dropout is not plain LoRA)"
+    return "fused LoRA: each adapted layer's update in one autograd node"
 
 
 def _bf16(dev: str) -> bool:

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from services.trainer import kernels
+from services.trainer import fused_lora, kernels
 from services.trainer.ranks import local_rank
 from shared import families
 from shared.jobspec import TrainingSpec
@@ -59,7 +59,10 @@ def build_model(base_model: str, spec: TrainingSpec, plan: Plan) -> Any:
         target_modules=spec.lora.target_modules,
         target_parameters=_target_parameters(model, spec.lora.target_modules),
     )
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    if spec.fused_lora:
+        fused_lora.fuse_lora(model)
+    return model
 
 
 def _device_map(plan: Plan, *, quantized: bool) -> Any:

@@ -102,6 +102,7 @@ def test_recipe_notebook_is_exactly_the_old_defaults():
     spec = TrainingSpec(recipe="notebook")
     assert (spec.batch_size, spec.gradient_accumulation_steps, spec.learning_rate) == (1, 2, 2e-4)
     assert (spec.optimizer, spec.attention, spec.compile) == ("adamw_torch", "eager", "off")
+    assert not spec.fused_layers and not spec.fused_lora  # peft's own LoRA forward
     assert (spec.lora.r, spec.lora.alpha, spec.lora.dropout) == (64, 16, 0.1)
     cuda = planner.resolve(spec, T5_LARGE, ROWS, dev="cuda", memory_bytes=80 * GIB, bf16=True)
     assert (cuda.quantization, cuda.precision, cuda.batch_size) == ("4bit", "bf16", 1)

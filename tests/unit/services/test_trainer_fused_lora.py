@@ -1,0 +1,172 @@
+"""The fused LoRA update: peft's arithmetic, its gradients, and peft's forward where not plain."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, TaskType, get_peft_model
+from peft.tuners.lora.layer import Linear as LoraLinear
+
+from services.trainer import lora
+from services.trainer.fused_lora import FusedLoraLinear, LoraUpdate, fuse_lora
+from shared import planner
+from shared.jobspec import TrainingSpec
+from shared.trainplan import model_shape
+
+IDS = torch.tensor([[5, 6, 7, 1], [8, 9, 1, 0]])
+LABELS = torch.tensor([[4, 5, 1], [6, 1, -100]])
+
+
+def test_the_hand_written_backward_is_the_gradient():
+    torch.manual_seed(0)
+    for rows in ((2, 3), (6,)):
+        args = [
+            torch.randn(*rows, 5, dtype=torch.double, requires_grad=True),  # the base output
+            torch.randn(*rows, 4, dtype=torch.double, requires_grad=True),  # the input
+            torch.randn(2, 4, dtype=torch.double, requires_grad=True),  # A
+            torch.randn(5, 2, dtype=torch.double, requires_grad=True),  # B
+        ]
+        assert torch.autograd.gradcheck(lambda r, x, a, b: LoraUpdate.apply(r, x, a, b, 0.7), args)
+
+
+def test_the_output_may_be_changed_in_place():
+    result, x = torch.randn(2, 3, 5, requires_grad=True), torch.randn(2, 3, 4)
+    a, b = torch.randn(2, 4, requires_grad=True), torch.randn(5, 2, requires_grad=True)
+    out = LoraUpdate.apply(result * 1, x, a, b, 0.5)
+    out.mul_(2).sum().backward()  # a view of an intermediate would refuse this
+    assert a.grad is not None and torch.count_nonzero(a.grad) > 0
+
+
+def _peft(model, **config):
+    """``model`` under a fresh LoRA adapter whose B matrices are not zero (at peft's zero
+    init, A's gradient is zero and a wrong one would pass)."""
+    torch.manual_seed(0)
+    kw = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear", **config}
+    peft_model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, **kw))
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    return peft_model
+
+
+def _loss_and_grads(model):
+    model.zero_grad()
+    loss = model(input_ids=IDS, labels=LABELS).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+def test_fused_layers_train_peft_s_arithmetic(tiny_model):
+    from transformers import AutoModelForSeq2SeqLM
+
+    plain = _peft(AutoModelForSeq2SeqLM.from_pretrained(tiny_model))
+    fused = copy.deepcopy(plain)
+    count = fuse_lora(fused)
+    assert count == sum(isinstance(m, LoraLinear) for m in plain.modules()) > 0
+    assert all(type(m) is FusedLoraLinear for m in fused.modules() if isinstance(m, LoraLinear))
+    loss, grads = _loss_and_grads(plain)
+    fused_loss, fused_grads = _loss_and_grads(fused)
+    assert fused_loss.item() == pytest.approx(loss.item(), abs=1e-6)
+    assert grads.keys() == fused_grads.keys() and len(grads) == 2 * count
+    for name, grad in grads.items():
+        assert torch.count_nonzero(grad) > 0, name
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    # the adapter's weights, names and export are peft's own
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+    merged = fused.merge_and_unload()
+    assert not any(isinstance(m, LoraLinear) for m in merged.modules())
+
+
+def test_a_bf16_model_computes_in_bf16_and_keeps_fp32_adapter_gradients(tiny_model):
+    from transformers import AutoModelForSeq2SeqLM
+
+    base = AutoModelForSeq2SeqLM.from_pretrained(tiny_model, dtype=torch.bfloat16)
+    plain = _peft(base)  # peft keeps a bf16 model's adapter weights in fp32
+    fused = copy.deepcopy(plain)
+    fuse_lora(fused)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as the Trainer trains bf16
+        loss, grads = _loss_and_grads(plain)
+        fused_loss, fused_grads = _loss_and_grads(fused)
+    assert fused_loss.item() == pytest.approx(loss.item(), rel=2e-2)
+    for name, grad in fused_grads.items():
+        assert grad.dtype == torch.float32, name
+        cosine = torch.nn.functional.cosine_similarity(grad.flatten(), grads[name].flatten(), 0)
+        assert cosine > 0.99, name
+
+
+@pytest.mark.parametrize(
+    "case", ["dropout", "merged", "disabled", "two adapters", "per-example adapters"]
+)
+def test_what_is_not_plain_lora_takes_peft_s_forward(tiny_model, case):
+    from transformers import AutoModelForSeq2SeqLM
+
+    plain = _peft(AutoModelForSeq2SeqLM.from_pretrained(tiny_model), lora_dropout=0.0)
+    if case == "dropout":
+        plain = _peft(AutoModelForSeq2SeqLM.from_pretrained(tiny_model), lora_dropout=0.5)
+    if case in ("two adapters", "per-example adapters"):
+        plain.add_adapter("other", LoraConfig(r=2, target_modules="all-linear"))
+        plain.base_model.set_adapter(["default", "other"])
+    plain.eval()
+    fused = copy.deepcopy(plain)
+    fuse_lora(fused)
+    if case == "merged":
+        plain.merge_adapter(), fused.merge_adapter()
+    kwargs = {"adapter_names": ["default", "other"]} if case == "per-example adapters" else {}
+    calls = []
+    real = LoraUpdate.apply
+    LoraUpdate.apply = lambda *a: calls.append(1) or real(*a)
+    try:
+        with torch.no_grad():
+            if case == "disabled":
+                with plain.disable_adapter():
+                    want = plain(input_ids=IDS, labels=LABELS, **kwargs).logits
+                with fused.disable_adapter():
+                    got = fused(input_ids=IDS, labels=LABELS, **kwargs).logits
+            else:
+                want = plain(input_ids=IDS, labels=LABELS, **kwargs).logits
+                got = fused(input_ids=IDS, labels=LABELS, **kwargs).logits
+    finally:
+        LoraUpdate.apply = real
+    assert calls == []
+    torch.testing.assert_close(got, want)
+
+
+def test_the_spec_chooses_the_forward(tiny_model):
+    shape = model_shape(str(tiny_model))
+    rows = planner.Rows(8, 16, 16)
+    cases = (({}, True), ({"fused_lora": False}, False), ({"recipe": "notebook"}, False))
+    for settings, fused in cases:
+        spec = TrainingSpec.model_validate(settings)
+        plan = planner.resolve(spec, shape, rows, dev="cpu")
+        model = lora.build_model(str(tiny_model), spec, plan)
+        layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+        assert layers and all((type(m) is FusedLoraLinear) == fused for m in layers), settings
+        note = [n for n in plan.notes if n.startswith("fused LoRA")]
+        on = "fused LoRA: each adapted layer's update in one autograd node"
+        assert note == ([on] if fused else [])
+
+
+def test_lora_dropout_turns_the_fusion_off_in_the_plan(tiny_model):
+    spec = TrainingSpec.model_validate({"lora": {"dropout": 0.1}})
+    plan = planner.resolve(spec, model_shape(str(tiny_model)), planner.Rows(8, 16, 16), dev="cpu")
+    assert "fused LoRA: off, peft's forward (LoRA dropout is not plain LoRA)" in plan.notes
+
+
+def test_torch_compile_traces_the_fused_layers_whole(tiny_model):
+    """What the trainer compiles on CUDA: the fused model as one graph (aot_eager: dynamo's
+    and autograd's tracing without code generation), the same loss and gradients."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    model = _peft(AutoModelForSeq2SeqLM.from_pretrained(tiny_model))
+    loss, grads = _loss_and_grads(model)
+    assert fuse_lora(model) > 0
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    compiled_loss, compiled_grads = _loss_and_grads(compiled)
+    assert compiled_loss.item() == pytest.approx(loss.item(), abs=1e-6)
+    for name, grad in grads.items():
+        got = compiled_grads[f"_orig_mod.{name}"]
+        torch.testing.assert_close(got, grad, rtol=1e-4, atol=1e-6, msg=name)
