@@ -130,6 +130,8 @@ MODES: tuple[tuple[str, dict[str, Any]], ...] = (
      {"recipe": "notebook", "quantization": "none", "batch_size": 32,
       "gradient_accumulation_steps": 1}),
     ("auto plan, compile off (what torch.compile gives)", {"compile": "off"}),
+    ("auto plan, compile off, peft's LoRA forward (what the fused update gives eagerly)",
+     {"compile": "off", "fused_lora": False}),
 )  # fmt: skip
 #: the decoder-only modes (--family llama): packing is what differs from T5's path
 CAUSAL_MODES: tuple[tuple[str, dict[str, Any]], ...] = (

@@ -246,8 +246,9 @@ class TrainingSpec(_Section):
     )
     precision: Literal["auto", "bf16", "fp32", "fp16"] = Field(
         "auto",
-        description='"auto": bf16 on GPUs that support it, else fp32. fp16 is refused '
-        "for T5 (its activations overflow).",
+        description='"auto": bf16 on GPUs that support it, else fp32. fp16 trains in mixed '
+        "precision (fp32 weights, fp16 autocast, loss scaling); it is refused for T5 (its "
+        "activations overflow).",
     )
     optimizer: Literal["auto"] | Optimizer = Field(
         "auto",
@@ -301,8 +302,8 @@ class TrainingSpec(_Section):
         description="Compute each adapted linear layer's LoRA update as one autograd node "
         "(two matrix products forward, four backward, in the base layer's dtype) in place of "
         "peft's chain of modules, which also copies the input to the adapter's fp32 and back "
-        "on bf16 models. Plain LoRA only: dropout, DoRA, LoRA bias or several active "
-        "adapters take peft's own forward.",
+        "on bf16 models. Plain LoRA only: dropout, DoRA, LoRA bias, several active "
+        "adapters or bitsandbytes' quantized layers take peft's own forward.",
     )
     compile: Literal["auto", "on", "off"] = Field(
         "auto",

@@ -276,7 +276,7 @@ def resolve(
     if spec.fused_layers and shape.kind == "seq2seq":
         notes.append("fused layers: torch's gelu(tanh) and rms_norm in place of T5's")
     if spec.fused_lora:
-        notes.append(_fused_lora_note(spec))
+        notes.append(_fused_lora_note(spec, quantization))
     compile_model = _compile(spec, dev, quantization, notes)
     packing = _packing(spec, shape.kind, shape.model_type, notes)
     grouped = _grouped(spec, packing, notes)
@@ -299,9 +299,14 @@ def resolve(
     )
 
 
-def _fused_lora_note(spec: TrainingSpec) -> str:
+def _fused_lora_note(spec: TrainingSpec, quantization: str) -> str:
     if spec.lora.dropout > 0:
         return "fused LoRA: off, peft's forward (LoRA dropout is not plain LoRA)"
+    if quantization != "none":
+        return (
+            "fused LoRA: only in the layers left unquantized (the quantized ones take "
+            "peft's bitsandbytes forward)"
+        )
     return "fused LoRA: each adapted layer's update in one autograd node"
 
 
@@ -316,6 +321,11 @@ def _precision(spec: TrainingSpec, model_type: str, dev: str, bf16: bool, notes:
         raise SpecError(
             "training.precision: fp16 is refused for T5 models: their activations "
             "overflow fp16's range and the loss becomes NaN; use bf16 or fp32"
+        )
+    if spec.precision == "fp16" and dev != "cuda":
+        raise SpecError(
+            f"training.precision: fp16 needs a CUDA GPU (on {dev} mixed precision would "
+            "train in fp32 unannounced); use fp32 or auto"
         )
     if spec.precision != "auto":
         return spec.precision

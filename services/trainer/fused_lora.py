@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.tuners.lora.layer import LoraLayer
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 class LoraUpdate(torch.autograd.Function):
@@ -38,16 +40,19 @@ class LoraUpdate(torch.autograd.Function):
         dtype = result.dtype
         x2 = _as(x, dtype).reshape(-1, x.shape[-1])
         a, b = _as(weight_a, dtype), _as(weight_b, dtype)
-        h = nn.functional.linear(x2, a)
         out = result.new_empty(result.shape)  # not a view: callers may change it in place
         rows = result.reshape(-1, result.shape[-1])
-        torch.addmm(rows, h, b.t(), alpha=scaling, out=out.view(rows.shape))
+        # every product in result's dtype: autocast would recast linear but not addmm(out=)
+        with torch.autocast(result.device.type, enabled=False):
+            h = nn.functional.linear(x2, a)
+            torch.addmm(rows, h, b.t(), alpha=scaling, out=out.view(rows.shape))
         ctx.save_for_backward(x2, h, a, b)
         ctx.scaling = scaling
         ctx.x_shape = x.shape
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x2, h, a, b = ctx.saved_tensors
         scaling = ctx.scaling
@@ -102,11 +107,13 @@ class FusedLoraLinear(LoraLinear):
         return name if plain else None
 
 
-def fuse_lora(model: nn.Module) -> int:
-    """Give every peft ``lora.Linear`` in ``model`` the fused forward; how many."""
-    count = 0
+def fuse_lora(model: nn.Module) -> tuple[int, int]:
+    """Give every peft ``lora.Linear`` in ``model`` the fused forward; how many it gave it, of
+    how many adapted layers (bitsandbytes' quantized layers keep peft's own classes)."""
+    fused = adapted = 0
     for module in model.modules():
+        adapted += isinstance(module, LoraLayer)
         if type(module) is LoraLinear:
             module.__class__ = FusedLoraLinear
-            count += 1
-    return count
+            fused += 1
+    return fused, adapted

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -13,6 +14,8 @@ from shared.jobspec import TrainingSpec
 from shared.modeling import load_causal, load_seq2seq
 from shared.planner import Plan
 
+log = logging.getLogger(__name__)
+
 
 def quantization_config(plan: Plan) -> Any:
     """bitsandbytes settings: nf4 with double quantization (the notebook's), or 8-bit."""
@@ -22,7 +25,7 @@ def quantization_config(plan: Plan) -> Any:
 
     if plan.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    compute = torch.bfloat16 if plan.precision == "bf16" else torch.float32
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.precision, torch.float32)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -61,7 +64,8 @@ def build_model(base_model: str, spec: TrainingSpec, plan: Plan) -> Any:
     )
     model = get_peft_model(model, lora)
     if spec.fused_lora:
-        fused_lora.fuse_lora(model)
+        fused, adapted = fused_lora.fuse_lora(model)
+        log.info("fused LoRA update in %d of %d adapted layers", fused, adapted)
     return model
 
 

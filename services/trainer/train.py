@@ -80,6 +80,7 @@ def training_arguments(
         report_to="none",
         seed=spec.seed,
         bf16=plan.precision == "bf16",
+        fp16=plan.precision == "fp16",  # mixed: fp32 weights, fp16 autocast, loss scaling
         use_cpu=plan.device == "cpu",
         dataloader_num_workers=0,
         ddp_backend=("nccl" if plan.device == "cuda" else "gloo")

@@ -282,3 +282,20 @@ def test_loraplus_reaches_trls_trainer(trained_qwen, tiny_qwen, tmp_path):
     for kind, lr in (("lora_A.", 0.01), ("lora_B.", 0.08)):
         ids = {id(p) for n, p in model.named_parameters() if kind in n and p.requires_grad}
         assert ids and sorted({r for r, held in groups.groups if held & ids}) == [pytest.approx(lr)]
+
+
+def test_fp16_reaches_the_trainer_and_needs_cuda(tiny_qwen, tmp_path):
+    """``training.precision: fp16`` is the Trainer's mixed precision (fp32 weights, fp16
+    autocast): on CUDA only, as the CPU would train in fp32 unannounced."""
+    from shared.errors import SpecError
+
+    spec = TrainingSpec(precision="fp16")
+    shape, rows = model_shape(str(tiny_qwen)), planner.Rows(6, 8, 8)
+    with pytest.raises(SpecError, match="training.precision: fp16 needs a CUDA GPU"):
+        planner.resolve(spec, shape, rows, dev="cpu")
+    plan = planner.resolve(spec, shape, rows, dev="cuda", memory_bytes=24 << 30, bf16=True)
+    assert plan.precision == "fp16" and plan.dtype == torch.float32  # fp32 master weights
+    arguments = train.training_arguments(spec, plan, tmp_path)
+    assert arguments["fp16"] and not arguments["bf16"]
+    nf4 = lora.quantization_config(dataclasses.replace(plan, quantization="4bit"))
+    assert nf4.bnb_4bit_compute_dtype == torch.float16

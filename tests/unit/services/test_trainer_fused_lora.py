@@ -64,8 +64,8 @@ def test_fused_layers_train_peft_s_arithmetic(tiny_model):
 
     plain = _peft(AutoModelForSeq2SeqLM.from_pretrained(tiny_model))
     fused = copy.deepcopy(plain)
-    count = fuse_lora(fused)
-    assert count == sum(isinstance(m, LoraLinear) for m in plain.modules()) > 0
+    count, adapted = fuse_lora(fused)
+    assert count == adapted == sum(isinstance(m, LoraLinear) for m in plain.modules()) > 0
     assert all(type(m) is FusedLoraLinear for m in fused.modules() if isinstance(m, LoraLinear))
     loss, grads = _loss_and_grads(plain)
     fused_loss, fused_grads = _loss_and_grads(fused)
@@ -95,19 +95,28 @@ def test_a_bf16_model_computes_in_bf16_and_keeps_fp32_adapter_gradients(tiny_mod
         assert grad.dtype == torch.float32, name
         cosine = torch.nn.functional.cosine_similarity(grad.flatten(), grads[name].flatten(), 0)
         assert cosine > 0.99, name
+        assert grad.norm() / grads[name].norm() == pytest.approx(1, abs=0.03), name
+
+
+NOT_PLAIN = {
+    "dropout": {"lora_dropout": 0.5},
+    "DoRA": {"use_dora": True},
+    "LoRA bias": {"lora_bias": True},
+}
 
 
 @pytest.mark.parametrize(
-    "case", ["dropout", "merged", "disabled", "two adapters", "per-example adapters"]
+    "case", [*NOT_PLAIN, "merged", "disabled", "two adapters", "per-example adapters"]
 )
-def test_what_is_not_plain_lora_takes_peft_s_forward(tiny_model, case):
+def test_what_is_not_plain_lora_takes_peft_s_forward(tiny_model, case, monkeypatch):
     from transformers import AutoModelForSeq2SeqLM
 
-    plain = _peft(AutoModelForSeq2SeqLM.from_pretrained(tiny_model), lora_dropout=0.0)
-    if case == "dropout":
-        plain = _peft(AutoModelForSeq2SeqLM.from_pretrained(tiny_model), lora_dropout=0.5)
+    plain = _peft(AutoModelForSeq2SeqLM.from_pretrained(tiny_model), **NOT_PLAIN.get(case, {}))
     if case in ("two adapters", "per-example adapters"):
         plain.add_adapter("other", LoraConfig(r=2, target_modules="all-linear"))
+        for name, param in plain.named_parameters():
+            if "lora_B.other" in name:
+                torch.nn.init.normal_(param, std=0.02)
         plain.base_model.set_adapter(["default", "other"])
     plain.eval()
     fused = copy.deepcopy(plain)
@@ -117,19 +126,16 @@ def test_what_is_not_plain_lora_takes_peft_s_forward(tiny_model, case):
     kwargs = {"adapter_names": ["default", "other"]} if case == "per-example adapters" else {}
     calls = []
     real = LoraUpdate.apply
-    LoraUpdate.apply = lambda *a: calls.append(1) or real(*a)
-    try:
-        with torch.no_grad():
-            if case == "disabled":
-                with plain.disable_adapter():
-                    want = plain(input_ids=IDS, labels=LABELS, **kwargs).logits
-                with fused.disable_adapter():
-                    got = fused(input_ids=IDS, labels=LABELS, **kwargs).logits
-            else:
+    monkeypatch.setattr(LoraUpdate, "apply", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        if case == "disabled":
+            with plain.disable_adapter():
                 want = plain(input_ids=IDS, labels=LABELS, **kwargs).logits
+            with fused.disable_adapter():
                 got = fused(input_ids=IDS, labels=LABELS, **kwargs).logits
-    finally:
-        LoraUpdate.apply = real
+        else:
+            want = plain(input_ids=IDS, labels=LABELS, **kwargs).logits
+            got = fused(input_ids=IDS, labels=LABELS, **kwargs).logits
     assert calls == []
     torch.testing.assert_close(got, want)
 
@@ -149,10 +155,18 @@ def test_the_spec_chooses_the_forward(tiny_model):
         assert note == ([on] if fused else [])
 
 
-def test_lora_dropout_turns_the_fusion_off_in_the_plan(tiny_model):
+def test_the_plan_says_where_the_fusion_applies(tiny_model):
+    shape, rows = model_shape(str(tiny_model)), planner.Rows(8, 16, 16)
     spec = TrainingSpec.model_validate({"lora": {"dropout": 0.1}})
-    plan = planner.resolve(spec, model_shape(str(tiny_model)), planner.Rows(8, 16, 16), dev="cpu")
+    plan = planner.resolve(spec, shape, rows, dev="cpu")
     assert "fused LoRA: off, peft's forward (LoRA dropout is not plain LoRA)" in plan.notes
+    nf4 = TrainingSpec.model_validate({"quantization": "4bit"})
+    plan = planner.resolve(nf4, shape, rows, dev="cuda", memory_bytes=24 << 30, bf16=True)
+    assert plan.quantization == "4bit"
+    assert (
+        "fused LoRA: only in the layers left unquantized (the quantized ones take peft's "
+        "bitsandbytes forward)"
+    ) in plan.notes
 
 
 def test_torch_compile_traces_the_fused_layers_whole(tiny_model):
@@ -162,7 +176,7 @@ def test_torch_compile_traces_the_fused_layers_whole(tiny_model):
 
     model = _peft(AutoModelForSeq2SeqLM.from_pretrained(tiny_model))
     loss, grads = _loss_and_grads(model)
-    assert fuse_lora(model) > 0
+    assert fuse_lora(model)[0] > 0
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     compiled_loss, compiled_grads = _loss_and_grads(compiled)
