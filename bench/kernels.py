@@ -8,10 +8,12 @@ no accumulation, trained through the trainer's own code path (``services.trainer
 on CPU; one optimizer step (the third) profiled with torch's profiler. Counted: the aten
 operators called from Python, the autograd engine and the optimizer (top level: the calls
 that each launch kernels on a GPU), and of those the ones that compute (views, allocations
-and metadata ops such as ``t``, ``reshape``, ``empty`` or ``detach`` launch nothing). Then
-termtune's recipe without and with the fused LoRA update on the same model in bf16 with
-fp32 adapters under autocast, as the CUDA plan trains (CPU autocast here), where peft's
-forward also copies each layer's input to fp32 and back. The counts do not depend on the
+and metadata ops such as ``t``, ``reshape``, ``empty`` or ``detach`` launch nothing). Every
+row clips the gradients as the trainer does (``services.trainer.clipping``: torch's
+``clip_grad_norm_`` makes a call per gradient, 864 here). Then termtune's recipe without
+and with the fused adapted layers on the same model in bf16 with fp32 adapters under
+autocast, as the CUDA plan trains (CPU autocast here), where peft's forward also copies each
+layer's input to fp32 and back. The counts do not depend on the
 width or the lengths (``--width`` only makes the run quicker); the time a step takes does.
 Prints figures; nothing here is a test.
 """
@@ -41,13 +43,13 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("+ fused AdamW", {"recipe": "notebook", "attention": "sdpa", "lora": {"dropout": 0.0},
                        "optimizer": "adamw_torch_fused"}),
     ("+ torch's gelu(tanh) and rms_norm", {"recipe": "termtune", "fused_lora": False}),
-    ("termtune default (+ LoRA's update in one autograd node)", {"recipe": "termtune"}),
+    ("termtune default (+ each adapted layer in one autograd node)", {"recipe": "termtune"}),
 ]  # fmt: skip
 #: the same model in bf16 (adapters in fp32, as peft keeps them), trained under autocast as
 #: the CUDA plan trains it (CPU autocast here): peft's LoRA forward against the fused one
 BF16_VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("termtune, peft's LoRA forward", {"recipe": "termtune", "fused_lora": False}),
-    ("termtune default (LoRA's update in one autograd node)", {"recipe": "termtune"}),
+    ("termtune default (each adapted layer in one autograd node)", {"recipe": "termtune"}),
 ]
 
 

@@ -30,8 +30,9 @@ BENCHES = [
     ("bench.kernels", [], 1200, "Operator calls per optimizer step",
      "flan-t5-large's shape at batch 1, LoRA r=64 on every linear layer, one optimizer step "
      "through the trainer's code path, counted by torch's profiler; the notebook's recipe, "
-     "then each change termtune's default makes; then the fused LoRA update on the model in "
-     "bf16 under autocast, as the CUDA plan trains it."),
+     "then each change termtune's default makes (every row clips as the trainer does: no "
+     "call per gradient); then the fused adapted layers on the model in bf16 under autocast, "
+     "as the CUDA plan trains it."),
     ("bench.validation", [], 900, "Validation by its own clock",
      "The example job's training stage, validating at every logging step vs the default auto."),
     ("bench.dataprep", [], 1200, "Data-prep vs bare tokenization",

@@ -299,11 +299,12 @@ class TrainingSpec(_Section):
     )
     fused_lora: bool = Field(
         True,
-        description="Compute each adapted linear layer's LoRA update as one autograd node "
-        "(two matrix products forward, four backward, in the base layer's dtype) in place of "
-        "peft's chain of modules, which also copies the input to the adapter's fp32 and back "
-        "on bf16 models. Plain LoRA only: dropout, DoRA, LoRA bias, several active "
-        "adapters or bitsandbytes' quantized layers take peft's own forward.",
+        description="Compute each adapted linear layer (its frozen base and its LoRA update) "
+        "as one autograd node (three matrix products forward, five backward, in the compute "
+        "dtype) in place of peft's chain of modules, which also copies the input to the "
+        "adapter's fp32 and back on bf16 models. Plain LoRA over a plain nn.Linear only: "
+        "dropout, DoRA, LoRA bias, several active adapters, hooked base layers or "
+        "bitsandbytes' quantized layers take peft's own forward.",
     )
     compile: Literal["auto", "on", "off"] = Field(
         "auto",

@@ -188,3 +188,17 @@ def lease_settings(env: dict[str, str]) -> str:
     lease = env.get("TERMTUNE_LEASE_SECONDS", "60 (the default)")
     reconcile = env.get("TERMTUNE_RECONCILE_SECONDS", "15 (the default)")
     return f"TERMTUNE_LEASE_SECONDS={lease}, TERMTUNE_RECONCILE_SECONDS={reconcile}"
+
+
+def token_rows(rows: int, source: int, target: int) -> Any:
+    """A pyarrow table of ``rows`` random token rows (seeded), ``source`` and ``target`` long,
+    as data-prep stores a split."""
+    import pyarrow as pa
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+
+    def draw(n: int) -> list[list[int]]:
+        return [torch.randint(3, 100, (n,), generator=gen).tolist() for _ in range(rows)]
+
+    return pa.table({"input_ids": draw(source), "labels": draw(target)})

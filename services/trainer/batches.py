@@ -30,6 +30,8 @@ import torch
 from transformers import Seq2SeqTrainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from services.trainer.clipping import OneDeviceClipping
+
 MEGABATCH = 50  # batches sorted together by target length (transformers' figure)
 CHUNKS = (1, 2, 3, 4)  # batches sorted together by source length: the one that pads least
 
@@ -174,7 +176,7 @@ class CountingCollator:
         return share
 
 
-class GroupedTrainer(SeededSampling, Seq2SeqTrainer):
+class GroupedTrainer(SeededSampling, OneDeviceClipping, Seq2SeqTrainer):
     """Seq2SeqTrainer whose length grouping sorts by target then source length, and whose
     evaluation batches are not counted as training padding."""
 

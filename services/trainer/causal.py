@@ -185,8 +185,9 @@ def _grouped(sft_trainer: type) -> type:
     """SFTTrainer whose length grouping draws its order from the seed and the epoch (see
     services.trainer.batches: a resumed run keeps the order of the run it continues)."""
     from services.trainer.batches import LengthGroupedBySeed, SeededSampling
+    from services.trainer.clipping import OneDeviceClipping
 
-    class GroupedSFTTrainer(SeededSampling, sft_trainer):  # type: ignore[misc, valid-type]
+    class GroupedSFTTrainer(SeededSampling, OneDeviceClipping, sft_trainer):  # type: ignore[misc, valid-type]
         def _get_train_sampler(self, train_dataset: Any = None) -> Any:
             if self.args.train_sampling_strategy != "group_by_length":
                 return super()._get_train_sampler(train_dataset)

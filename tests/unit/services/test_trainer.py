@@ -635,11 +635,11 @@ def test_a_run_resumed_after_the_first_epoch_trains_on_the_same_rows(
 def _loraplus_run(tiny_model, out, ratio, resume_from=None, stop_at=None):
     """Train a fresh adapter at LoRA+ ``ratio`` for 3 optimizer steps (or until ``stop_at``,
     a checkpoint every 2); the optimizer's groups as the first step found them, the model."""
-    import pyarrow as pa
     from transformers import AutoTokenizer, TrainerCallback
 
     from services.trainer import train
     from shared.trainplan import model_shape
+    from tests.factories import token_rows
 
     class Groups(TrainerCallback):
         def __init__(self):
@@ -662,13 +662,7 @@ def _loraplus_run(tiny_model, out, ratio, resume_from=None, stop_at=None):
     plan = planner.resolve(spec, model_shape(str(tiny_model)), planner.Rows(8, 6, 5), dev="cpu")
     torch.manual_seed(0)
     model = lora.build_model(str(tiny_model), spec, plan)
-    gen = torch.Generator().manual_seed(0)
-    table = pa.table(
-        {
-            "input_ids": [torch.randint(3, 100, (6,), generator=gen).tolist() for _ in range(8)],
-            "labels": [torch.randint(3, 100, (5,), generator=gen).tolist() for _ in range(8)],
-        }
-    )
+    table = token_rows(8, 6, 5)
     groups = Groups()
     train.train(
         model, AutoTokenizer.from_pretrained(tiny_model), table, spec=spec, plan=plan,

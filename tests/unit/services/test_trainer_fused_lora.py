@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from peft import LoraConfig, TaskType, get_peft_model
 from peft.tuners.lora.layer import Linear as LoraLinear
 
 from services.trainer import lora
-from services.trainer.fused_lora import FusedLoraLinear, LoraUpdate, fuse_lora
+from services.trainer.fused_lora import AdaptedLinear, FusedLoraLinear, fuse_lora
 from shared import planner
 from shared.jobspec import TrainingSpec
 from shared.trainplan import model_shape
@@ -21,21 +22,31 @@ LABELS = torch.tensor([[4, 5, 1], [6, 1, -100]])
 
 def test_the_hand_written_backward_is_the_gradient():
     torch.manual_seed(0)
-    for rows in ((2, 3), (6,)):
+    for rows, bias in (((2, 3), None), ((6,), torch.randn(5, dtype=torch.double))):
+        weight = torch.randn(5, 4, dtype=torch.double)  # frozen, as every fused base is
         args = [
-            torch.randn(*rows, 5, dtype=torch.double, requires_grad=True),  # the base output
             torch.randn(*rows, 4, dtype=torch.double, requires_grad=True),  # the input
             torch.randn(2, 4, dtype=torch.double, requires_grad=True),  # A
             torch.randn(5, 2, dtype=torch.double, requires_grad=True),  # B
         ]
-        assert torch.autograd.gradcheck(lambda r, x, a, b: LoraUpdate.apply(r, x, a, b, 0.7), args)
+
+        def fused(x, a, b, weight=weight, bias=bias):
+            return AdaptedLinear.apply(x, weight, bias, a, b, 0.7, torch.double)
+
+        assert torch.autograd.gradcheck(fused, args)
+        x, a, b = args
+        want = torch.nn.functional.linear(x, weight, bias) + 0.7 * (x @ a.T) @ b.T
+        torch.testing.assert_close(fused(*args), want)
 
 
-def test_the_output_may_be_changed_in_place():
-    result, x = torch.randn(2, 3, 5, requires_grad=True), torch.randn(2, 3, 4)
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_output_may_be_changed_in_place(bias):
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    weight, b0 = torch.randn(5, 4), torch.randn(5) if bias else None
     a, b = torch.randn(2, 4, requires_grad=True), torch.randn(5, 2, requires_grad=True)
-    out = LoraUpdate.apply(result * 1, x, a, b, 0.5)
-    out.mul_(2).sum().backward()  # a view of an intermediate would refuse this
+    out = AdaptedLinear.apply(x, weight, b0, a, b, 0.5, torch.float32)
+    assert out._base is None  # a view made inside a custom Function refuses in-place changes
+    out.mul_(2).sum().backward()
     assert a.grad is not None and torch.count_nonzero(a.grad) > 0
 
 
@@ -125,8 +136,8 @@ def test_what_is_not_plain_lora_takes_peft_s_forward(tiny_model, case, monkeypat
         plain.merge_adapter(), fused.merge_adapter()
     kwargs = {"adapter_names": ["default", "other"]} if case == "per-example adapters" else {}
     calls = []
-    real = LoraUpdate.apply
-    monkeypatch.setattr(LoraUpdate, "apply", lambda *a: calls.append(1) or real(*a))
+    real = AdaptedLinear.apply
+    monkeypatch.setattr(AdaptedLinear, "apply", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
         if case == "disabled":
             with plain.disable_adapter():
@@ -138,6 +149,91 @@ def test_what_is_not_plain_lora_takes_peft_s_forward(tiny_model, case, monkeypat
             got = fused(input_ids=IDS, labels=LABELS, **kwargs).logits
     assert calls == []
     torch.testing.assert_close(got, want)
+
+
+class TwoLayers(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(4, 6), torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+def _two_layers():
+    torch.manual_seed(0)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["up", "down"])
+    model = get_peft_model(TwoLayers(), config)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    return model
+
+
+def _count_fused(monkeypatch) -> list:
+    calls: list = []
+    real = AdaptedLinear.apply
+    monkeypatch.setattr(AdaptedLinear, "apply", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def _out_and_grads(model, x):
+    model.zero_grad()
+    out = model(x)
+    out.square().sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), grads
+
+
+def test_base_layers_with_a_bias_are_fused(monkeypatch):
+    plain = _two_layers()
+    fused = copy.deepcopy(plain)
+    assert fuse_lora(fused) == (2, 2)
+    calls = _count_fused(monkeypatch)
+    x = torch.randn(3, 5, 4)
+    want, grads = _out_and_grads(plain, x)
+    got, fused_grads = _out_and_grads(fused, x)
+    assert len(calls) == 2 and len(grads) == 4
+    torch.testing.assert_close(got, want)
+    for name, grad in grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, msg=name)
+
+
+UNUSUAL_BASES = {
+    "a hook on the base layer": lambda base: base.register_forward_hook(lambda m, i, o: o * 2),
+    "a trainable base layer": lambda base: base.weight.requires_grad_(True),
+    "a trainable bias": lambda base: base.bias.requires_grad_(True),
+    "a patched forward (accelerate's hooks)": lambda base: setattr(
+        base, "forward", functools.partial(torch.nn.Linear.forward, base)
+    ),
+}
+
+
+@pytest.mark.parametrize("case", UNUSUAL_BASES)
+def test_an_unusual_base_layer_takes_peft_s_forward(monkeypatch, case):
+    plain = _two_layers()
+    fused = copy.deepcopy(plain)
+    fuse_lora(fused)
+    for model in (plain, fused):
+        UNUSUAL_BASES[case](model.base_model.model.up.base_layer)
+    calls = _count_fused(monkeypatch)
+    x = torch.randn(3, 5, 4)
+    want, grads = _out_and_grads(plain, x)
+    got, fused_grads = _out_and_grads(fused, x)
+    assert len(calls) == 1  # the other layer, untouched, is fused
+    torch.testing.assert_close(got, want)
+    assert fused_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, msg=name)
+
+
+def test_an_input_in_another_dtype_fails_as_peft_s_forward_does(monkeypatch):
+    fused = _two_layers()
+    fuse_lora(fused)
+    calls = _count_fused(monkeypatch)
+    with pytest.raises(RuntimeError, match="dtype"):
+        fused(torch.randn(3, 4, dtype=torch.double))
+    assert calls == []
 
 
 def test_the_spec_chooses_the_forward(tiny_model):
@@ -184,3 +280,22 @@ def test_torch_compile_traces_the_fused_layers_whole(tiny_model):
     for name, grad in grads.items():
         got = compiled_grads[f"_orig_mod.{name}"]
         torch.testing.assert_close(got, grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_torch_compile_traces_them_under_autocast_too(tiny_model):
+    """As the CUDA plan trains: a bf16 model under autocast, compiled whole, the eager loss."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    model = _peft(AutoModelForSeq2SeqLM.from_pretrained(tiny_model, dtype=torch.bfloat16))
+    fuse_lora(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = _loss_and_grads(model)
+        compiled_loss, compiled_grads = _loss_and_grads(compiled)
+    assert compiled_loss.item() == pytest.approx(loss.item(), rel=1e-2)
+    for name, grad in grads.items():
+        cosine = torch.nn.functional.cosine_similarity(
+            compiled_grads[f"_orig_mod.{name}"].flatten(), grad.flatten(), 0
+        )
+        assert cosine > 0.99, name
