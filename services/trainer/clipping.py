@@ -19,12 +19,13 @@ from accelerate.utils import DistributedType
 WHOLE = (DistributedType.NO, DistributedType.MULTI_GPU)
 
 
+@torch.no_grad()
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
     """Scale the gradients of ``params`` (one device, one dtype) so their total 2-norm is at
     most ``max_norm``; the norm before clipping."""
     grads = [p.grad for p in params]
     total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total
 
 

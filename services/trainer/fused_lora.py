@@ -26,6 +26,7 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.nn.modules import module as module_hooks
 
 
 class AdaptedLinear(torch.autograd.Function):
@@ -54,7 +55,9 @@ class AdaptedLinear(torch.autograd.Function):
             out.view(-1, out.shape[-1]).addmm_(h, b.t(), alpha=scaling)
             if bias is not None:
                 out.add_(_as(bias, dtype))
-        ctx.save_for_backward(x2, h, w, a, b)
+        # W serves only the input's gradient (kept where one is asked: under autocast a
+        # cast copy of an fp32 weight)
+        ctx.save_for_backward(x2, h, w if ctx.needs_input_grad[0] else None, a, b)
         ctx.scaling = scaling
         ctx.x_shape = x.shape
         return out
@@ -69,7 +72,7 @@ class AdaptedLinear(torch.autograd.Function):
         needs = ctx.needs_input_grad
         grad_x = grad_a = grad_b = None
         if needs[0]:  # the base's gradient and the adapter's in one addmm
-            grad_x = torch.addmm(torch.mm(g, w), g_h, a, alpha=scaling).view(ctx.x_shape)
+            grad_x = torch.mm(g, w).addmm_(g_h, a, alpha=scaling).view(ctx.x_shape)
         if needs[3]:
             grad_a = torch.addmm(a, g_h.t(), x2, beta=0, alpha=scaling)
         if needs[4]:
@@ -112,6 +115,8 @@ class FusedLoraLinear(PeftLoraLinear):
         name = active[0]
         plain = (
             name not in self.lora_variant
+            and _unhooked(self.lora_A[name])
+            and _unhooked(self.lora_B[name])
             and isinstance(self.lora_dropout[name], nn.Identity)
             and self.lora_A[name].bias is None
             and self.lora_B[name].bias is None
@@ -119,12 +124,15 @@ class FusedLoraLinear(PeftLoraLinear):
         return name if plain else None
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype | None:
-        """The dtype the base layer would compute in: autocast's where it is on, else the
-        weight's; None where the input's differs (the base layer's own error, unfused)."""
+        """The dtype the base layer would compute in: autocast's where it is on (autocast
+        leaves float64 alone), else the weight's; None where the input's differs (the base
+        layer's own error, unfused) or either is float64."""
+        weight = self.base_layer.weight
+        if torch.float64 in (x.dtype, weight.dtype):
+            return None
         device = x.device.type
         if torch.is_autocast_enabled(device):
             return torch.get_autocast_dtype(device)
-        weight = self.base_layer.weight
         return weight.dtype if x.dtype == weight.dtype else None
 
 
@@ -134,8 +142,24 @@ def _plain(base: nn.Module) -> bool:
         type(base) is nn.Linear
         and not base.weight.requires_grad
         and (base.bias is None or not base.bias.requires_grad)
-        and not (base._forward_hooks or base._forward_pre_hooks or "forward" in vars(base))
+        and _unhooked(base)
     )
+
+
+def _unhooked(module: nn.Module) -> bool:
+    """No hook of its own or global one, and no patched forward (accelerate's device hooks
+    patch it): the fused path computes the module without calling it."""
+    hooks = (
+        module._forward_hooks,
+        module._forward_pre_hooks,
+        module._backward_hooks,
+        module._backward_pre_hooks,
+        module_hooks._global_forward_hooks,
+        module_hooks._global_forward_pre_hooks,
+        module_hooks._global_backward_hooks,
+        module_hooks._global_backward_pre_hooks,
+    )
+    return not any(hooks) and "forward" not in vars(module)
 
 
 def fuse_lora(model: nn.Module) -> tuple[int, int]:

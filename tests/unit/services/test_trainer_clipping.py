@@ -43,12 +43,14 @@ class TrainerOwn:
 
 class Clipping(OneDeviceClipping, TrainerOwn):
     def __init__(self, kind=DistributedType.NO):
-        self.unscaled = 0
+        self.unscaled, self.params = 0, []
         self.accelerator = SimpleNamespace(distributed_type=kind, unscale_gradients=self._unscale)
         self.args = SimpleNamespace(max_grad_norm=1.0)
 
-    def _unscale(self):
+    def _unscale(self):  # as fp16's grad scaler: the gradients divided by the loss scale
         self.unscaled += 1
+        for p in self.params:
+            p.grad /= 4
 
 
 def _model(params):
@@ -60,9 +62,13 @@ def _model(params):
 
 def test_one_group_is_clipped_here_after_the_loss_scale_is_undone():
     trainer = Clipping(DistributedType.MULTI_GPU)
-    norm = trainer._clip_grad_norm(_model(_params(scale=3.0)))
-    assert isinstance(norm, torch.Tensor) and norm.item() > 1.0
+    trainer.params = _params(scale=3.0)
+    scaled = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.params]))
+    norm = trainer._clip_grad_norm(_model(trainer.params))
     assert trainer.unscaled == 1
+    torch.testing.assert_close(norm, scaled / 4)  # the norm of the unscaled gradients
+    clipped = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.params]))
+    assert norm.item() > 1.0 and clipped.item() == pytest.approx(1.0, rel=1e-4)
 
 
 @pytest.mark.parametrize("case", ["two dtypes", "FSDP", "DeepSpeed", "no gradients"])

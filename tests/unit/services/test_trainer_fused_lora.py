@@ -199,25 +199,33 @@ def test_base_layers_with_a_bias_are_fused(monkeypatch):
         torch.testing.assert_close(fused_grads[name], grad, msg=name)
 
 
-UNUSUAL_BASES = {
-    "a hook on the base layer": lambda base: base.register_forward_hook(lambda m, i, o: o * 2),
-    "a trainable base layer": lambda base: base.weight.requires_grad_(True),
-    "a trainable bias": lambda base: base.bias.requires_grad_(True),
-    "a patched forward (accelerate's hooks)": lambda base: setattr(
-        base, "forward", functools.partial(torch.nn.Linear.forward, base)
+UNUSUAL_LAYERS = {
+    "a hook on the base layer": lambda layer: layer.base_layer.register_forward_hook(
+        lambda m, i, o: o * 2
+    ),
+    "a backward hook on the base layer": lambda layer: layer.base_layer.register_full_backward_hook(
+        lambda m, gi, go: (gi[0] * 3,)
+    ),
+    "a hook on lora_A": lambda layer: layer.lora_A["default"].register_forward_hook(
+        lambda m, i, o: o * 2
+    ),
+    "a trainable base layer": lambda layer: layer.base_layer.weight.requires_grad_(True),
+    "a trainable bias": lambda layer: layer.base_layer.bias.requires_grad_(True),
+    "a patched forward (accelerate's hooks)": lambda layer: setattr(
+        layer.base_layer, "forward", functools.partial(torch.nn.Linear.forward, layer.base_layer)
     ),
 }
 
 
-@pytest.mark.parametrize("case", UNUSUAL_BASES)
-def test_an_unusual_base_layer_takes_peft_s_forward(monkeypatch, case):
+@pytest.mark.parametrize("case", UNUSUAL_LAYERS)
+def test_an_unusual_layer_takes_peft_s_forward(monkeypatch, case):
     plain = _two_layers()
     fused = copy.deepcopy(plain)
     fuse_lora(fused)
     for model in (plain, fused):
-        UNUSUAL_BASES[case](model.base_model.model.up.base_layer)
+        UNUSUAL_LAYERS[case](model.base_model.model.up)
     calls = _count_fused(monkeypatch)
-    x = torch.randn(3, 5, 4)
+    x = torch.randn(3, 5, 4, requires_grad=True)
     want, grads = _out_and_grads(plain, x)
     got, fused_grads = _out_and_grads(fused, x)
     assert len(calls) == 1  # the other layer, untouched, is fused
@@ -227,12 +235,31 @@ def test_an_unusual_base_layer_takes_peft_s_forward(monkeypatch, case):
         torch.testing.assert_close(fused_grads[name], grad, msg=name)
 
 
+def test_a_global_module_hook_stops_the_fusion(monkeypatch):
+    fused = _two_layers()
+    fuse_lora(fused)
+    calls = _count_fused(monkeypatch)
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: seen.append(type(m).__name__)
+    )
+    try:
+        fused(torch.randn(3, 4))
+    finally:
+        handle.remove()
+    assert calls == [] and "Linear" in seen  # the hook saw the base layers run
+
+
 def test_an_input_in_another_dtype_fails_as_peft_s_forward_does(monkeypatch):
     fused = _two_layers()
     fuse_lora(fused)
     calls = _count_fused(monkeypatch)
     with pytest.raises(RuntimeError, match="dtype"):
         fused(torch.randn(3, 4, dtype=torch.double))
+    assert calls == []
+    fused.double()  # autocast leaves float64 alone, and so does the fusion
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused(torch.randn(3, 4, dtype=torch.double)).dtype == torch.float64
     assert calls == []
 
 
