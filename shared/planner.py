@@ -307,7 +307,7 @@ def _fused_lora_note(spec: TrainingSpec, quantization: str) -> str:
             "fused LoRA: only in the layers left unquantized (the quantized ones take "
             "peft's bitsandbytes forward)"
         )
-    return "fused LoRA: each adapted layer's update in one autograd node"
+    return "fused LoRA: each adapted layer, base and update, in one autograd node"
 
 
 def _bf16(dev: str) -> bool:

@@ -274,7 +274,7 @@ def test_the_spec_chooses_the_forward(tiny_model):
         layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
         assert layers and all((type(m) is FusedLoraLinear) == fused for m in layers), settings
         note = [n for n in plan.notes if n.startswith("fused LoRA")]
-        on = "fused LoRA: each adapted layer's update in one autograd node"
+        on = "fused LoRA: each adapted layer, base and update, in one autograd node"
         assert note == ([on] if fused else [])
 
 
