@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from accelerate.utils import DistributedType
 
-#: where the Trainer's gradients are whole, plain tensors (not FSDP's, DeepSpeed's or XLA's)
-WHOLE = (DistributedType.NO, DistributedType.MULTI_GPU)
+#: where the Trainer's gradients are whole, plain tensors (one device, or DDP on GPUs or
+#: CPUs; not FSDP's, DeepSpeed's or XLA's)
+WHOLE = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
 
 
 @torch.no_grad()

@@ -60,8 +60,9 @@ def _model(params):
     return model
 
 
-def test_one_group_is_clipped_here_after_the_loss_scale_is_undone():
-    trainer = Clipping(DistributedType.MULTI_GPU)
+@pytest.mark.parametrize("kind", clipping.WHOLE)  # one device, DDP on GPUs or on CPUs
+def test_one_group_is_clipped_here_after_the_loss_scale_is_undone(kind):
+    trainer = Clipping(kind)
     trainer.params = _params(scale=3.0)
     scaled = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.params]))
     norm = trainer._clip_grad_norm(_model(trainer.params))
