@@ -8,12 +8,13 @@ with its own autograd node; in backward the input's two gradients (the base's an
 adapter's) are computed apart and summed. :class:`AdaptedLinear` computes
 ``x Wᵀ + b + s·(x Aᵀ) Bᵀ`` in one node in the compute dtype (autocast's, where it is on):
 three matrix products forward (the scale and the add folded into the last, ``addmm_``) and
-five backward (the input's two gradients summed by ``addmm``), saving what peft's path
+five backward (the input's two gradients summed by ``addmm_``), saving what peft's path
 saves (the input, the rank-r activation and the weights).
 
 Only plain LoRA over a plain frozen ``nn.Linear`` takes this path: one active adapter, no
 dropout, no DoRA or other variant, no LoRA bias, not merged, not disabled, no per-example
-adapters, no hooks on the base layer; anything else runs peft's own forward. The weights,
+adapters, no hooks on the layers it computes (nor global ones), not float64; anything else
+runs peft's own forward. The weights,
 their names and the saved adapter are peft's, unchanged.
 """
 
@@ -90,7 +91,7 @@ class FusedLoraLinear(PeftLoraLinear):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter = self._plain_adapter(args, kwargs)
-        dtype = self._compute_dtype(x)
+        dtype = None if adapter is None else self._compute_dtype(x)
         if adapter is None or dtype is None:
             return super().forward(x, *args, **kwargs)
         base = self.base_layer

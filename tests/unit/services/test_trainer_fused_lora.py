@@ -135,9 +135,7 @@ def test_what_is_not_plain_lora_takes_peft_s_forward(tiny_model, case, monkeypat
     if case == "merged":
         plain.merge_adapter(), fused.merge_adapter()
     kwargs = {"adapter_names": ["default", "other"]} if case == "per-example adapters" else {}
-    calls = []
-    real = AdaptedLinear.apply
-    monkeypatch.setattr(AdaptedLinear, "apply", lambda *a: calls.append(1) or real(*a))
+    calls = _count_fused(monkeypatch)
     with torch.no_grad():
         if case == "disabled":
             with plain.disable_adapter():
