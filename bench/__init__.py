@@ -10,17 +10,17 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def child_run(
-    module: str, model: object, prepared: dict, name: str, lr: float, epochs: float
+    module: str, model: object, prepared: dict, name: str, lr: float, epochs: float, *more: object
 ) -> dict:
-    """One training run in a fresh process (``python -m module --child ...``): the figures
-    it prints as its last line."""
+    """One training run in a fresh process (``python -m module --child ...``, ``more`` after
+    the epochs): the figures it prints as its last line."""
     import json
     import subprocess
     import sys
 
     out = subprocess.run(
         [sys.executable, "-m", module, "--child", str(model), json.dumps(prepared), name,
-         repr(lr), str(epochs)],
+         repr(lr), str(epochs), *map(str, more)],
         check=True, capture_output=True, text=True,
     ).stdout  # fmt: skip
     return json.loads(out.strip().splitlines()[-1])
@@ -39,15 +39,19 @@ def best_rate(
 
 
 def in_turns(
-    run: Callable[[str, float], dict], rates: dict[str, float], repeats: int
+    run: Callable[[str, float, int], dict], rates: dict[str, float], repeats: int
 ) -> dict[str, list[dict]]:
     """``repeats`` rounds of one run of each way at its learning rate, taking turns: a
     slower spell of the machine (its speed drifts by 15% over minutes) falls on every way
-    alike rather than on whichever ran then."""
+    alike rather than on whichever ran then. ``run`` gets the round's index (0, 1, ...),
+    which a way may take as its seed."""
     runs: dict[str, list[dict]] = {way: [] for way in rates}
-    for round_ in range(1, repeats + 1):
+    for round_ in range(repeats):
         for way, lr in rates.items():
-            runs[way].append({**run(way, lr), "lr": lr})
-        times = ", ".join(f"{way} {done[-1]['seconds']:.1f}s" for way, done in runs.items())
-        print(f"  round {round_}: {times}", flush=True)
+            runs[way].append({**run(way, lr, round_), "lr": lr})
+        times = ", ".join(
+            f"{way} {done[-1]['seconds']:.1f}s (loss {done[-1]['heldout_loss']:.4f})"
+            for way, done in runs.items()
+        )
+        print(f"  round {round_ + 1}: {times}", flush=True)
     return runs

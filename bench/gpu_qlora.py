@@ -164,7 +164,7 @@ def run(
     cuda = plan.device == "cuda"
     if cuda and spec.batch_size == "auto":
         plan = probe.on_device(
-            model, plan, rows, effective_batch=spec.effective_batch_size, processes=1
+            model, plan, rows, effective_batch=plan.effective_batch_size, processes=1
         )
     per_step = plan.batch_size * plan.gradient_accumulation_steps
     gen = torch.Generator().manual_seed(0)

@@ -131,7 +131,9 @@ def bench_family(family: str, repeats: int, epochs: float) -> dict[str, dict[str
         for mode in MODES:
             run = lambda lr, mode=mode: _child(model, prepared, mode, lr, epochs)  # noqa: E731
             best[mode] = best_rate(run, LRS, mode)[0]
-        runs = in_turns(lambda mode, lr: _child(model, prepared, mode, lr, epochs), best, repeats)
+        runs = in_turns(
+            lambda mode, lr, _round: _child(model, prepared, mode, lr, epochs), best, repeats
+        )
     return {
         mode: {
             **{

@@ -13,26 +13,29 @@ max_length), each run in a fresh process:
 - termtune at the notebook's batch (1 x 2), through the trainer's own code path
   (``services.trainer.train``: dynamic padding, -100 labels, two-sided length grouping,
   fused layers and AdamW, SDPA, no LoRA dropout);
-- termtune's default: the same code path under the plan ``batch_size: auto`` makes here
-  (the effective batch of 32 in one step).
+- termtune's default: the same code path under the plan ``batch_size: auto`` and
+  ``effective_batch_size: auto`` make here (176 rows x 3 epochs: 5 examples an update, so
+  the run makes at least 100 updates, in one step each).
 
-Each recipe first tries each learning rate of its grid once and keeps the one with the
-lowest held-out loss; then the recipes take turns at their rates, ``--repeats`` rounds.
-Prints examples/s, real (non-padding) tokens/s, peak RSS and the held-out loss (masked, on
-the test split, the same code for all), medians over the rounds.
+Each recipe first tries each learning rate of its grid once (seed 0) and keeps the one with
+the lowest held-out loss; then the recipes take turns at their rates, ``--repeats`` rounds,
+round k at seed k - 1 (the LoRA init, the data order, dropout). Prints examples/s, real
+(non-padding) tokens/s, peak RSS and the held-out loss (masked, on the test split, the same
+code for all), medians over the rounds: the loss's over seeds, not one seed's draw.
 
 Then the same at equal training time: termtune's default trained for as many epochs as fit
-in the time batch 1 took for its epochs (each rate of ``MATCHED_LRS`` once, the best kept),
-its held-out loss beside batch 1's: what the default's speed buys when a team spends the
-time it would have spent at batch 1.
+in the time batch 1 took for its epochs (each rate of ``MATCHED_LRS`` once, the best then
+over as many seeds as the rounds, its median), its held-out loss beside batch 1's: what the
+default's speed buys when a team spends the time it would have spent at batch 1.
 
-Last, the default's plan at smaller effective batches (``SWEEP``), each at the best rate of
-``MATCHED_LRS`` for the same epochs: how the held-out loss at equal epochs follows the
-number of optimizer updates, and what each batch costs in examples/s (one run each).
+Last, the default's plan at set effective batches (``SWEEP``; 32 was the default before
+``auto``), each at the best rate of ``MATCHED_LRS`` for the same epochs: how the held-out
+loss at equal epochs follows the number of optimizer updates, and what each batch costs in
+examples/s (one run each, seed 0).
 
 And LoRA+ (``training.lora.loraplus_lr_ratio``, off by default): batch 1 and the default
 with the B matrices at ``LORAPLUS_RATIO`` times the rate, each at the best rate of its own
-grid, beside the same recipe's plain LoRA.
+grid (seed 0), then over as many seeds as the rounds, beside the same recipe's plain LoRA.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "lrs": [1e-3, 3e-3, 1e-2],
     },
     "termtune default (auto plan)": {
-        "path": "termtune", "training": {}, "lrs": [1e-2, 3e-2, 1e-1, 3e-1],
+        "path": "termtune", "training": {}, "lrs": [3e-3, 1e-2, 3e-2, 1e-1],
     },
 }  # fmt: skip
 MAX_SOURCE, MAX_TARGET = 128, 512
@@ -69,7 +72,7 @@ SWEEP = {
     f"termtune default at effective batch {n}": {
         "path": "termtune", "training": {"effective_batch_size": n}, "lrs": list(MATCHED_LRS),
     }
-    for n in (2, 4, 8, 16)
+    for n in (2, 4, 8, 16, 32)
 }  # fmt: skip
 #: LoRA+ (peft's create_loraplus_optimizer, ``training.lora.loraplus_lr_ratio``): batch 1 and
 #: the default with the B matrices at 16x the rate, each over a grid 3-10x lower than plain's
@@ -80,7 +83,7 @@ LORAPLUS = {
         "training": {**RECIPES[name]["training"], "lora": {"loraplus_lr_ratio": LORAPLUS_RATIO}},
         "lrs": lrs,
     }
-    for name, lrs in ((BATCH_1, [3e-4, 1e-3, 3e-3]), (DEFAULT, [1e-3, 3e-3, 1e-2]))
+    for name, lrs in ((BATCH_1, [3e-4, 1e-3, 3e-3]), (DEFAULT, [3e-4, 1e-3, 3e-3]))
 }  # fmt: skip
 
 
@@ -137,8 +140,10 @@ def _notebook_dataset(table: Any, tokenizer: Any) -> Any:
     return ds.map(preprocess, batched=True, remove_columns=["prompt", "target"])
 
 
-def run_one(model_dir: str, prepared: str, name: str, lr: float, epochs: float) -> dict[str, float]:
-    """Train one recipe at one learning rate in this process; its figures."""
+def run_one(
+    model_dir: str, prepared: str, name: str, lr: float, epochs: float, seed: int = 0
+) -> dict[str, float]:
+    """Train one recipe at one learning rate and seed in this process; its figures."""
     import torch
     from transformers import AutoTokenizer
 
@@ -153,12 +158,12 @@ def run_one(model_dir: str, prepared: str, name: str, lr: float, epochs: float) 
     train_table, test_table = _splits(info["var"], info["manifest"])
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     spec = TrainingSpec.model_validate(
-        {**recipe["training"], "learning_rate": lr, "epochs": epochs, "seed": 0,
+        {**recipe["training"], "learning_rate": lr, "epochs": epochs, "seed": seed,
          "checkpoint_every_steps": 10**6, "logging_steps": 10**6}
     )  # fmt: skip
     rows = planner.Rows.from_manifest(info["manifest"])
     plan = planner.resolve(spec, model_shape(model_dir), rows)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = lora.build_model(model_dir, spec, plan)
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
@@ -198,7 +203,7 @@ def _train_as_the_notebook(model: Any, tokenizer: Any, table: Any, spec: Any, ou
         output_dir=str(out), per_device_train_batch_size=spec.batch_size,
         gradient_accumulation_steps=spec.gradient_accumulation_steps,
         num_train_epochs=spec.epochs, learning_rate=spec.learning_rate, optim=spec.optimizer,
-        save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
+        save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=spec.seed,
     )  # fmt: skip
     Seq2SeqTrainer(
         model=model,
@@ -208,8 +213,10 @@ def _train_as_the_notebook(model: Any, tokenizer: Any, table: Any, spec: Any, ou
     ).train()
 
 
-def _child(model: Path, prepared: dict[str, Any], name: str, lr: float, epochs: float) -> dict:
-    return child_run("bench.training", model, prepared, name, lr, epochs)
+def _child(
+    model: Path, prepared: dict[str, Any], name: str, lr: float, epochs: float, seed: int = 0
+) -> dict:
+    return child_run("bench.training", model, prepared, name, lr, epochs, seed)
 
 
 def main() -> None:
@@ -217,11 +224,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=float, default=3.0)
-    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        model, prepared, name, lr, epochs = args.child
-        print(json.dumps(run_one(model, prepared, name, float(lr), float(epochs))))
+        model, prepared, name, lr, epochs, seed = args.child
+        print(json.dumps(run_one(model, prepared, name, float(lr), float(epochs), int(seed))))
         return
     with tempfile.TemporaryDirectory() as tmp:
         model, prepared = _prepared(Path(tmp))
@@ -229,18 +236,23 @@ def main() -> None:
         print(
             f"tiny T5, {counts['train']} train / {counts['test']} test rows, "
             f"{args.epochs:g} epoch(s), {args.repeats} timed round(s) at each recipe's best "
-            "rate, CPU"
+            "rate (round k at seed k - 1), CPU"
         )
         best = {}
         for name, recipe in RECIPES.items():
             run = lambda lr, name=name: _child(model, prepared, name, lr, args.epochs)  # noqa: E731
             best[name] = best_rate(run, recipe["lrs"], name)[0]
         results = in_turns(
-            lambda name, lr: _child(model, prepared, name, lr, args.epochs), best, args.repeats
+            lambda name, lr, seed: _child(model, prepared, name, lr, args.epochs, seed),
+            best,
+            args.repeats,
         )
-        matched = _time_matched(model, prepared, results, args.epochs)
+        matched = _time_matched(model, prepared, results, args.epochs, args.repeats)
         sweep = _best_each(model, prepared, SWEEP, args.epochs)
-        plus = _best_each(model, prepared, LORAPLUS, args.epochs)
+        plus = {
+            name: (lr, _over_seeds(model, prepared, name, lr, args.epochs, args.repeats, run))
+            for name, (lr, run) in _best_each(model, prepared, LORAPLUS, args.epochs).items()
+        }
         _print(results)
         _print_matched(results, matched, args.epochs)
         _print_sweep(results, sweep, args.epochs)
@@ -260,14 +272,40 @@ def _best_each(
 
 
 def _time_matched(
-    model: Path, prepared: dict[str, Any], results: dict[str, list[dict[str, Any]]], epochs: float
+    model: Path,
+    prepared: dict[str, Any],
+    results: dict[str, list[dict[str, Any]]],
+    epochs: float,
+    seeds: int,
 ) -> dict[str, Any]:
-    """The default trained for as many epochs as fit in batch 1's time, at the best rate."""
+    """The default trained for as many epochs as fit in batch 1's time: the best rate at
+    seed 0, then the median over ``seeds`` seeds at that rate."""
     seconds = {n: statistics.median(r["seconds"] for r in results[n]) for n in (BATCH_1, DEFAULT)}
     matched = max(epochs, float(math.floor(epochs * seconds[BATCH_1] / seconds[DEFAULT])))
     run = lambda lr: _child(model, prepared, DEFAULT, lr, matched)  # noqa: E731
-    best, done = best_rate(run, MATCHED_LRS, f"{DEFAULT}, {matched:g} epochs,")
-    return {**done, "lr": best, "epochs": matched}
+    best, first = best_rate(run, MATCHED_LRS, f"{DEFAULT}, {matched:g} epochs,")
+    return {
+        **_over_seeds(model, prepared, DEFAULT, best, matched, seeds, first),
+        "lr": best, "epochs": matched,
+    }  # fmt: skip
+
+
+def _over_seeds(
+    model: Path,
+    prepared: dict[str, Any],
+    name: str,
+    lr: float,
+    epochs: float,
+    seeds: int,
+    first: dict[str, Any],
+) -> dict[str, Any]:
+    """Seed 0's run (``first``) and seeds 1 to ``seeds`` - 1 at the same rate: medians."""
+    done = [first] + [_child(model, prepared, name, lr, epochs, s) for s in range(1, seeds)]
+    return {
+        **{k: statistics.median(r[k] for r in done)
+           for k in ("seconds", "heldout_loss", "examples_per_s")},
+        "batch": first["batch"], "seeds": len(done),
+    }  # fmt: skip
 
 
 def _print_matched(
@@ -278,7 +316,8 @@ def _print_matched(
     verdict = "lower" if matched["heldout_loss"] < batch_1["heldout_loss"] else "not lower"
     print(
         f"at equal training time: termtune default, {matched['epochs']:g} epochs in "
-        f"{matched['seconds']:.1f}s (lr {matched['lr']:g}): held-out loss "
+        f"{matched['seconds']:.1f}s ({matched['batch']}, lr {matched['lr']:g}, median of "
+        f"{matched['seeds']} seeds): held-out loss "
         f"{matched['heldout_loss']:.4f} vs {batch_1['heldout_loss']:.4f} at batch 1, "
         f"{epochs:g} epochs in {batch_1['seconds']:.1f}s ({verdict})"
     )
@@ -297,7 +336,10 @@ def _print_sweep(
         for name, runs in ((n, results[n]) for n in (BATCH_1, DEFAULT))
     ]  # fmt: skip
     rows += [(name, lr, run) for name, (lr, run) in sweep.items()]
-    print(f"at equal epochs ({epochs:g}), by effective batch (medians above; the sweep's one run):")
+    print(
+        f"at equal epochs ({epochs:g}), by effective batch (the loss at seed 0; examples/s: the "
+        "rounds' median above, the sweep's one run):"
+    )
     for name, lr, run in sorted(rows, key=lambda row: -row[2]["updates"]):
         print(
             f"  {name:48} {run['batch']:>5} {run['updates']:5.0f} updates, lr {lr:g}: held-out "
@@ -309,8 +351,11 @@ def _print_sweep(
 def _print_loraplus(
     results: dict[str, list[dict[str, Any]]], plus: dict[str, tuple[float, dict[str, Any]]]
 ) -> None:
-    """Each LoRA+ run at its best rate beside the same recipe's plain LoRA (medians above)."""
-    print(f"LoRA+ (B matrices at {LORAPLUS_RATIO:g}x the rate), at equal epochs:")
+    """LoRA+ at its best rate beside the same recipe's plain LoRA, medians over seeds."""
+    print(
+        f"LoRA+ (B matrices at {LORAPLUS_RATIO:g}x the rate), at equal epochs, medians over "
+        "the same seeds:"
+    )
     for (name, (lr, run)), plain in zip(plus.items(), (BATCH_1, DEFAULT), strict=True):
         loss = statistics.median(r["heldout_loss"] for r in results[plain])
         print(

@@ -275,12 +275,12 @@ class TrainingSpec(_Section):
         "auto",
         description='Steps per update. "auto": as many as make up effective_batch_size.',
     )
-    effective_batch_size: int = Field(
-        32,
-        ge=1,
-        le=65536,
+    effective_batch_size: Literal["auto"] | Annotated[int, Field(ge=1, le=65536)] = Field(
+        "auto",
         description="Examples per optimizer update over every process, kept by the "
-        "accumulation when batch_size is auto.",
+        'accumulation when batch_size is auto. "auto": 32, or fewer where the run (train '
+        "rows x epochs) would then make fewer than 100 updates: as many as make 100 (a "
+        "few hundred rows learn far more from 100 updates than from a dozen).",
     )
     group_by_length: bool = Field(
         True,

@@ -37,6 +37,9 @@ class Plan:
     compile: bool = False
     token_budget: int | None = None  # the per-device batch x the longest rows' tokens
     memory_gib: float | None = None  # the device memory the plan was sized for
+    #: examples an optimizer update over every process that the batch and accumulation keep
+    #: (0: a plan stored before this field: batch x accumulation x processes)
+    effective_batch_size: int = 0
     kind: str = "seq2seq"  # the base model's kind (shared.families): which trainer runs
     packing: bool = False  # decoder-only: examples packed into rows (kept apart by positions)
     row_attention: float = 0.0  # packing: attention's work per position of row width (shape)
@@ -239,7 +242,10 @@ def resolve(
     notes: list[str] = []
     precision = _precision(spec, shape.model_type, dev, _bf16(dev) if bf16 is None else bf16, notes)
     memory = memory_bytes if memory_bytes is not None else device_memory(dev)
-    quantization = _quantization(spec, shape, rows, dev, memory, precision, processes, notes)
+    effective = _effective_batch(spec, rows, processes, notes)
+    quantization = _quantization(
+        spec, shape, rows, dev, memory, precision, -(-effective // processes), notes
+    )
     dtype_bytes = 2 if precision == "bf16" else 4
     attention = _attention(spec, shape.model_type, notes)
     per_example = trainplan.example_bytes(
@@ -261,7 +267,7 @@ def resolve(
         wanted_accumulation=None
         if spec.gradient_accumulation_steps == "auto"
         else spec.gradient_accumulation_steps,
-        effective_batch=spec.effective_batch_size,
+        effective_batch=effective,
         processes=processes,
         fits=fits,
         example_bytes=per_example,
@@ -287,6 +293,7 @@ def resolve(
         notes=tuple(notes),
         batch_size=batch.batch_size,
         gradient_accumulation_steps=batch.gradient_accumulation_steps,
+        effective_batch_size=effective,
         optimizer=optimizer,
         attention=attention,
         compile=compile_model,
@@ -334,6 +341,25 @@ def _precision(spec: TrainingSpec, model_type: str, dev: str, bf16: bool, notes:
     return precision
 
 
+def _effective_batch(spec: TrainingSpec, rows: Rows, processes: int, notes: list[str]) -> int:
+    """The effective batch the plan keeps: the spec's batch x accumulation where it sets both,
+    else its effective batch or "auto"'s by the run's length (``trainplan``)."""
+    if spec.batch_size != "auto" and spec.gradient_accumulation_steps != "auto":
+        return spec.batch_size * spec.gradient_accumulation_steps * processes
+    if spec.effective_batch_size != "auto":
+        return spec.effective_batch_size
+    if spec.max_steps > 0 or rows.count <= 0:
+        why = "max_steps sets the updates" if spec.max_steps > 0 else "the train rows unknown"
+        notes.append(f"effective batch auto -> {trainplan.AUTO_EFFECTIVE_BATCH} ({why})")
+        return trainplan.AUTO_EFFECTIVE_BATCH
+    effective, why = trainplan.auto_effective_batch(rows.count * spec.epochs, processes)
+    notes.append(
+        f"effective batch auto -> {effective}: {rows.count:,} train rows x {spec.epochs:g} "
+        f"epoch(s) = {why}"
+    )
+    return effective
+
+
 def _quantization(
     spec: TrainingSpec,
     shape: trainplan.ModelShape,
@@ -341,9 +367,11 @@ def _quantization(
     dev: str,
     memory: int,
     precision: str,
-    processes: int,
+    share: int,
     notes: list[str],
 ) -> str:
+    """Quantization "auto": bf16 LoRA where the weights and ``share`` (the effective batch's
+    share a device) fit, else nf4."""
     if shape.prequantized:  # GPT-OSS's MXFP4 experts load as plain weights (shared.modeling)
         if spec.quantization in ("4bit", "8bit"):
             raise SpecError(
@@ -366,9 +394,7 @@ def _quantization(
         why = "the notebook's recipe" if spec.recipe == "notebook" else f"{precision} compute"
         notes.append(f"quantization auto -> 4bit ({why})")
         return "4bit"
-    wanted = (
-        spec.batch_size if spec.batch_size != "auto" else -(-spec.effective_batch_size // processes)
-    )
+    wanted = spec.batch_size if spec.batch_size != "auto" else share
     choice, why = trainplan.choose_quantization(
         shape,
         available_bytes=memory,

@@ -80,7 +80,8 @@ def _probed(job: TrainJob, model: Any, plan: lora.Plan) -> lora.Plan:
         model,
         plan,
         planner.Rows(**job.rows),
-        effective_batch=job.spec.effective_batch_size,
+        effective_batch=plan.effective_batch_size
+        or plan.batch_size * plan.gradient_accumulation_steps * job.processes,
         processes=job.processes,
     )
 

@@ -178,6 +178,8 @@ def _seq2seq_trainer(
     of the train (and validation) split, as ``causal.sft_trainer`` for trl's."""
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainingArguments
 
+    from services.trainer.loss import token_loss
+
     collator = DataCollatorForSeq2Seq(
         tokenizer,
         model=model,
@@ -196,6 +198,7 @@ def _seq2seq_trainer(
         data_collator=CountingCollator(collator),
         processing_class=tokenizer,
         callbacks=callbacks,
+        compute_loss_func=token_loss,
         lengths=side_lengths(train_table) if plan.group_by_length else None,
     )
 

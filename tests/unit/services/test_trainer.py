@@ -140,6 +140,29 @@ def test_fit_joins_before_it_loads_the_model(monkeypatch, tmp_path):
     assert order == ["join cuda", "load"]
 
 
+@pytest.mark.parametrize(("stored", "kept"), [(20, 20), (0, 16)])
+def test_the_probe_keeps_the_plans_effective_batch_or_a_stored_plans_product(
+    monkeypatch, tmp_path, stored, kept
+):
+    """A plan stored before effective_batch_size (0) keeps batch x accumulation x ranks."""
+    from services.trainer import fit
+
+    asked = []
+    monkeypatch.setattr(
+        fit.probe,
+        "on_device",
+        lambda model, plan, rows, *, effective_batch, processes: (
+            asked.append((effective_batch, processes)) or plan
+        ),
+    )
+    plan = {"device": "cuda", "precision": "bf16", "quantization": "none", "batch_size": 4,
+            "gradient_accumulation_steps": 2, "effective_batch_size": stored}  # fmt: skip
+    rows = {"count": 176, "source_tokens": 40, "target_tokens": 128}
+    job = fit.TrainJob("m", {}, plan, str(tmp_path), "ck", 1.0, processes=2, rows=rows)
+    assert fit._probed(job, None, job.resolved) == job.resolved
+    assert asked == [(kept, 2)]
+
+
 def test_lora_wraps_all_linear_layers(tiny_model):
     plan = planner.resolve(TrainingSpec(), T5_LARGE, ROWS, dev="cpu")
     model = lora.build_model(str(tiny_model), TrainingSpec(), plan)

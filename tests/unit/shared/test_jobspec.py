@@ -24,7 +24,7 @@ def test_defaults_are_the_notebooks_task_with_termtunes_recipe():
     assert lora.loraplus_lr_ratio == 1.0  # plain LoRA unless asked
     assert spec.training.recipe == "termtune"
     assert (spec.training.batch_size, spec.training.gradient_accumulation_steps) == ("auto", "auto")
-    assert spec.training.effective_batch_size == 32
+    assert spec.training.effective_batch_size == "auto"
     assert spec.training.epochs == 1
     assert spec.training.quantization == "auto"
     notebook = JobSpec(name="medical-terms", training={"recipe": "notebook"}).training

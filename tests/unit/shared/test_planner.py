@@ -98,6 +98,55 @@ def test_a_batch_from_the_spec_gets_the_accumulation_that_keeps_the_effective_ba
     assert (plan.batch_size, plan.gradient_accumulation_steps) == (8, 3)
 
 
+def test_auto_effective_batch_leaves_a_short_run_a_hundred_updates():
+    """176 rows x 3 epochs (bench.training's run) would make 17 updates at 32: auto takes 5."""
+    small = planner.Rows(count=176, source_tokens=40, target_tokens=128)
+    plan = planner.resolve(
+        TrainingSpec(epochs=3), T5_LARGE, small, dev="cpu", memory_bytes=24 * GIB
+    )
+    assert (plan.batch_size, plan.gradient_accumulation_steps) == (5, 1)
+    assert plan.effective_batch_size == 5
+    assert (
+        "effective batch auto -> 5: 176 train rows x 3 epoch(s) = 528 examples make 106 "
+        "updates at 5 (at least 100 wanted; 32 would make 17)"
+    ) in plan.notes
+    cuda = planner.resolve(
+        TrainingSpec(epochs=3), T5_LARGE, small, dev="cuda", memory_bytes=A10G, bf16=True
+    )
+    assert (cuda.batch_size, cuda.gradient_accumulation_steps) == (5, 1)
+    two = planner.resolve(
+        TrainingSpec(epochs=0.5), T5_LARGE, small, dev="cpu", memory_bytes=24 * GIB, processes=2
+    )  # 88 examples: fewer than 100 updates can be had, one example a process
+    assert (two.effective_batch_size, two.batch_size, two.gradient_accumulation_steps) == (2, 1, 1)
+
+
+def test_auto_effective_batch_is_32_on_a_long_run_a_fixed_one_or_unknown_rows():
+    cpu = {"dev": "cpu", "memory_bytes": 24 * GIB}
+    long = planner.resolve(TrainingSpec(), T5_LARGE, ROWS, **cpu)  # 4,800 rows x 1 epoch
+    assert (long.effective_batch_size, long.batch_size) == (32, 32)
+    assert any(n.endswith("= 4,800 examples make 150 updates at 32") for n in long.notes)
+    edge = planner.Rows(count=3200, source_tokens=128, target_tokens=256)
+    assert planner.resolve(TrainingSpec(), T5_LARGE, edge, **cpu).effective_batch_size == 32
+    below = planner.Rows(count=3199, source_tokens=128, target_tokens=256)
+    assert planner.resolve(TrainingSpec(), T5_LARGE, below, **cpu).effective_batch_size == 31
+    fixed = planner.resolve(TrainingSpec(max_steps=10), T5_LARGE, edge, **cpu)
+    assert "effective batch auto -> 32 (max_steps sets the updates)" in fixed.notes
+    unknown = planner.resolve(TrainingSpec(), T5_LARGE, planner.Rows(0, 128, 256), **cpu)
+    assert "effective batch auto -> 32 (the train rows unknown)" in unknown.notes
+
+
+def test_an_effective_batch_the_spec_sets_or_a_set_batch_and_accumulation_are_kept():
+    cpu = {"dev": "cpu", "memory_bytes": 24 * GIB}
+    small = planner.Rows(count=176, source_tokens=40, target_tokens=128)
+    asked = planner.resolve(TrainingSpec(effective_batch_size=32), T5_LARGE, small, **cpu)
+    assert (asked.batch_size, asked.effective_batch_size) == (32, 32)
+    both = TrainingSpec(batch_size=1, gradient_accumulation_steps=2)
+    plan = planner.resolve(both, T5_LARGE, small, **cpu, processes=2)
+    assert (plan.batch_size, plan.gradient_accumulation_steps) == (1, 2)
+    assert plan.effective_batch_size == 4
+    assert not any(n.startswith("effective batch") for n in plan.notes)
+
+
 def test_recipe_notebook_is_exactly_the_old_defaults():
     spec = TrainingSpec(recipe="notebook")
     assert (spec.batch_size, spec.gradient_accumulation_steps, spec.learning_rate) == (1, 2, 2e-4)
