@@ -18,12 +18,12 @@ from pathlib import Path
 
 #: (module, arguments, time limit in seconds, title, what it measures)
 BENCHES = [
-    ("bench.training", [], 1800, "Training: our recipe vs the notebook's",
-     "Same tiny model, data and machine; each recipe in a fresh process; medians of 3 rounds "
-     "in which the recipes take turns, round k at seed k - 1 (the held-out loss's median is "
-     "over seeds); then termtune's default for as many epochs as batch 1's time allows "
-     "(median of 3 seeds); then the default's plan at set effective batches (32: the "
-     "default before effective_batch_size auto), at equal epochs."),
+    ("bench.training", [], 2700, "Training: our recipe vs the notebook's",
+     "Same tiny model, data and machine; each recipe in a fresh process at the best rate of "
+     "its grid; medians of 3 rounds in which the recipes take turns, round k at seed k - 1 "
+     "(the held-out loss's median is over seeds); then termtune's default for as many epochs "
+     "as batch 1's time allows (median of 3 seeds); then the default's plan at set effective "
+     "batches (32: the default before effective_batch_size auto), at equal epochs."),
     ("bench.packing", [], 1800, "Training a decoder-only model: packed vs padded batches",
      "Tiny Llama- and Mixtral-shaped models on a real long-tail glossary, through the "
      "trainer's code path; each way at its own best learning rate; medians of 3 rounds in "

@@ -14,12 +14,14 @@ max_length), each run in a fresh process:
   (``services.trainer.train``: dynamic padding, -100 labels, two-sided length grouping,
   fused layers and AdamW, SDPA, no LoRA dropout);
 - termtune's default: the same code path under the plan ``batch_size: auto`` and
-  ``effective_batch_size: auto`` make here (176 rows x 3 epochs: 5 examples an update, so
-  the run makes at least 100 updates, in one step each).
+  ``effective_batch_size: auto`` make here (176 rows x 3 epochs: 2 examples an update, so
+  the run makes at least 250 updates, in one step each: batch 1's updates, twice the
+  examples a step).
 
 Each recipe first tries each learning rate of its grid once (seed 0) and keeps the one with
-the lowest held-out loss; then the recipes take turns at their rates, ``--repeats`` rounds,
-round k at seed k - 1 (the LoRA init, the data order, dropout). Prints examples/s, real
+the lowest held-out loss (grids in steps of 1.4-2x, the two termtune recipes on the same
+one); then the recipes take turns at their rates, ``--repeats`` rounds, round k at seed
+k - 1 (the LoRA init, the data order, dropout). Prints examples/s, real
 (non-padding) tokens/s, peak RSS and the held-out loss (masked, on the test split, the same
 code for all), medians over the rounds: the loss's over seeds, not one seed's draw.
 
@@ -29,9 +31,9 @@ over as many seeds as the rounds, its median), its held-out loss beside batch 1'
 default's speed buys when a team spends the time it would have spent at batch 1.
 
 Last, the default's plan at set effective batches (``SWEEP``; 32 was the default before
-``auto``), each at the best rate of ``MATCHED_LRS`` for the same epochs: how the held-out
-loss at equal epochs follows the number of optimizer updates, and what each batch costs in
-examples/s (one run each, seed 0).
+``auto``, 1 makes twice batch 1's updates), each at the best rate of ``MATCHED_LRS`` for the
+same epochs: how the held-out loss at equal epochs follows the number of optimizer updates,
+and what each batch costs in examples/s (one run each, seed 0).
 
 And LoRA+ (``training.lora.loraplus_lr_ratio``, off by default): batch 1 and the default
 with the B matrices at ``LORAPLUS_RATIO`` times the rate, each at the best rate of its own
@@ -54,25 +56,27 @@ from bench import best_rate, child_run, in_turns
 
 RECIPES: dict[str, dict[str, Any]] = {
     "notebook as written (pad to 512, pad-id labels, 1x2)": {
-        "path": "notebook", "training": {"recipe": "notebook"}, "lrs": [1e-3, 3e-3, 1e-2],
+        "path": "notebook", "training": {"recipe": "notebook"},
+        "lrs": [1e-3, 2e-3, 3e-3, 5e-3, 1e-2],
     },
     "termtune at batch 1 (1x2)": {
         "path": "termtune", "training": {"batch_size": 1, "gradient_accumulation_steps": 2},
-        "lrs": [1e-3, 3e-3, 1e-2],
+        "lrs": [2e-3, 3e-3, 5e-3, 7e-3, 1e-2],
     },
     "termtune default (auto plan)": {
-        "path": "termtune", "training": {}, "lrs": [3e-3, 1e-2, 3e-2, 1e-1],
+        "path": "termtune", "training": {}, "lrs": [2e-3, 3e-3, 5e-3, 7e-3, 1e-2],
     },
 }  # fmt: skip
 MAX_SOURCE, MAX_TARGET = 128, 512
 BATCH_1, DEFAULT = list(RECIPES)[1:3]
-MATCHED_LRS = (3e-3, 1e-2, 3e-2)  # more epochs, more updates: lower rates than at 3 epochs
+#: the sweep's and the equal-time run's rates: larger batches, fewer updates, higher rates
+MATCHED_LRS = (3e-3, 5e-3, 7e-3, 1e-2, 2e-2, 3e-2)
 #: the default's plan (batch auto) at these effective batches: loss against updates
 SWEEP = {
     f"termtune default at effective batch {n}": {
         "path": "termtune", "training": {"effective_batch_size": n}, "lrs": list(MATCHED_LRS),
     }
-    for n in (2, 4, 8, 16, 32)
+    for n in (1, 4, 8, 16, 32)
 }  # fmt: skip
 #: LoRA+ (peft's create_loraplus_optimizer, ``training.lora.loraplus_lr_ratio``): batch 1 and
 #: the default with the B matrices at 16x the rate, each over a grid 3-10x lower than plain's

@@ -279,8 +279,8 @@ class TrainingSpec(_Section):
         "auto",
         description="Examples per optimizer update over every process, kept by the "
         'accumulation when batch_size is auto. "auto": 32, or fewer where the run (train '
-        "rows x epochs) would then make fewer than 100 updates: as many as make 100 (a "
-        "few hundred rows learn far more from 100 updates than from a dozen).",
+        "rows x epochs) would then make fewer than 250 updates: as many as make 250 (at "
+        "equal epochs a few hundred rows learn less the fewer the updates).",
     )
     group_by_length: bool = Field(
         True,

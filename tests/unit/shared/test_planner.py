@@ -25,7 +25,7 @@ T5_LARGE = trainplan.ModelShape(
     decoder_matmul_parameters=441_843_712,
 )
 #: the GPU record's rows: 128 source and 256 target tokens
-ROWS = planner.Rows(count=4800, source_tokens=128, target_tokens=256)
+ROWS = planner.Rows(count=9600, source_tokens=128, target_tokens=256)
 A10G = 22 * GIB
 
 
@@ -98,37 +98,39 @@ def test_a_batch_from_the_spec_gets_the_accumulation_that_keeps_the_effective_ba
     assert (plan.batch_size, plan.gradient_accumulation_steps) == (8, 3)
 
 
-def test_auto_effective_batch_leaves_a_short_run_a_hundred_updates():
-    """176 rows x 3 epochs (bench.training's run) would make 17 updates at 32: auto takes 5."""
+def test_auto_effective_batch_leaves_a_short_run_250_updates():
+    """176 rows x 3 epochs (bench.training's run) would make 17 updates at 32: auto takes 2."""
     small = planner.Rows(count=176, source_tokens=40, target_tokens=128)
     plan = planner.resolve(
         TrainingSpec(epochs=3), T5_LARGE, small, dev="cpu", memory_bytes=24 * GIB
     )
-    assert (plan.batch_size, plan.gradient_accumulation_steps) == (5, 1)
-    assert plan.effective_batch_size == 5
+    assert (plan.batch_size, plan.gradient_accumulation_steps) == (2, 1)
+    assert plan.effective_batch_size == 2
     assert (
-        "effective batch auto -> 5: 176 train rows x 3 epoch(s) = 528 examples make 106 "
-        "updates at 5 (at least 100 wanted; 32 would make 17)"
+        "effective batch auto -> 2: 176 train rows x 3 epoch(s) = 528 examples make 264 "
+        "updates at 2 (at least 250 wanted; 32 would make 17)"
     ) in plan.notes
     cuda = planner.resolve(
-        TrainingSpec(epochs=3), T5_LARGE, small, dev="cuda", memory_bytes=A10G, bf16=True
-    )
-    assert (cuda.batch_size, cuda.gradient_accumulation_steps) == (5, 1)
+        TrainingSpec(epochs=10), T5_LARGE, small, dev="cuda", memory_bytes=A10G, bf16=True
+    )  # 1,760 examples: 7 an update
+    assert (cuda.batch_size, cuda.gradient_accumulation_steps) == (7, 1)
     two = planner.resolve(
-        TrainingSpec(epochs=0.5), T5_LARGE, small, dev="cpu", memory_bytes=24 * GIB, processes=2
-    )  # 88 examples: fewer than 100 updates can be had, one example a process
+        TrainingSpec(epochs=1), T5_LARGE, small, dev="cpu", memory_bytes=24 * GIB, processes=2
+    )  # 176 examples: fewer than 250 updates can be had, one example a process
     assert (two.effective_batch_size, two.batch_size, two.gradient_accumulation_steps) == (2, 1, 1)
 
 
 def test_auto_effective_batch_is_32_on_a_long_run_a_fixed_one_or_unknown_rows():
     cpu = {"dev": "cpu", "memory_bytes": 24 * GIB}
-    long = planner.resolve(TrainingSpec(), T5_LARGE, ROWS, **cpu)  # 4,800 rows x 1 epoch
+    long = planner.resolve(TrainingSpec(), T5_LARGE, ROWS, **cpu)  # 9,600 rows x 1 epoch
     assert (long.effective_batch_size, long.batch_size) == (32, 32)
-    assert any(n.endswith("= 4,800 examples make 150 updates at 32") for n in long.notes)
-    edge = planner.Rows(count=3200, source_tokens=128, target_tokens=256)
+    assert any(n.endswith("= 9,600 examples make 300 updates at 32") for n in long.notes)
+    edge = planner.Rows(count=8000, source_tokens=128, target_tokens=256)
     assert planner.resolve(TrainingSpec(), T5_LARGE, edge, **cpu).effective_batch_size == 32
-    below = planner.Rows(count=3199, source_tokens=128, target_tokens=256)
+    below = planner.Rows(count=7999, source_tokens=128, target_tokens=256)
     assert planner.resolve(TrainingSpec(), T5_LARGE, below, **cpu).effective_batch_size == 31
+    half = planner.Rows(count=4800, source_tokens=128, target_tokens=256)
+    assert planner.resolve(TrainingSpec(), T5_LARGE, half, **cpu).effective_batch_size == 19
     fixed = planner.resolve(TrainingSpec(max_steps=10), T5_LARGE, edge, **cpu)
     assert "effective batch auto -> 32 (max_steps sets the updates)" in fixed.notes
     unknown = planner.resolve(TrainingSpec(), T5_LARGE, planner.Rows(0, 128, 256), **cpu)
