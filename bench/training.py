@@ -79,7 +79,7 @@ SWEEP = {
     for n in (1, 4, 8, 16, 32)
 }  # fmt: skip
 #: LoRA+ (peft's create_loraplus_optimizer, ``training.lora.loraplus_lr_ratio``): batch 1 and
-#: the default with the B matrices at 16x the rate, each over a grid 3-10x lower than plain's
+#: the default with the B matrices at 16x the rate, each over a grid 2-10x lower than plain's
 LORAPLUS_RATIO = 16.0
 LORAPLUS = {
     f"{name}, LoRA+ {LORAPLUS_RATIO:g}": {
