@@ -1,4 +1,5 @@
-"""Benchmarks: each prints figures; none runs in the test suite."""
+"""Benchmarks: each prints figures. The test suite runs them only at the smoke size
+(``TERMTUNE_BENCH_SIZE=smoke make bench``), to know they run; no test reads a figure."""
 
 from collections.abc import Callable
 
@@ -27,10 +28,14 @@ def child_run(
 
 
 def best_rate(
-    run: Callable[[float], dict], rates: tuple[float, ...] | list[float], label: str
+    run: Callable[[float], dict],
+    rates: tuple[float, ...] | list[float],
+    label: str,
+    grid: int | None = None,
 ) -> tuple[float, dict]:
-    """Each learning rate once: the one with the lowest held-out loss, and its run."""
-    tried = {lr: run(lr) for lr in rates}
+    """Each learning rate once (the first ``grid`` of them: a smoke run's 1): the one with
+    the lowest held-out loss, and its run."""
+    tried = {lr: run(lr) for lr in rates[:grid]}
     for lr, r in tried.items():
         print(f"  {label} at lr {lr:g}: held-out loss {r['heldout_loss']:.4f}, "
               f"{r['seconds']:.1f}s", flush=True)  # fmt: skip

@@ -41,6 +41,9 @@ from shared.messages import (
 from shared.store import LocalStore
 
 SPEC = JobSpec(name="bench")
+STAGES = 4
+#: the fewest events a finished job has: submitted, then each stage started and done
+FEWEST_EVENTS = 1 + 2 * STAGES
 CHUNK = 2_000  # jobs inserted per statement batch
 
 
@@ -55,7 +58,8 @@ def _history(job_id: str, events: int) -> list[dict[str, Any]]:
         )),
     ]  # fmt: skip
     out = [JobSubmitted(job_id=job_id, spec_uri="file:///s", name="bench")]
-    progress = events - 1 - 2 * len(stages)
+    assert len(stages) == STAGES and events >= FEWEST_EVENTS, events
+    progress = events - FEWEST_EVENTS
     for n, (stage, outcome) in enumerate(stages):
         out.append(StageStarted(job_id=job_id, stage=stage, worker="w"))
         steps = progress if stage == "train" else 0
@@ -95,7 +99,7 @@ def fill(ledger: Ledger, start: int, stop: int, events: int) -> None:
                 "created_at": now + n, "updated_at": now + n, "spec": json.dumps(spec),
                 "spec_uri": "file:///s",
                 "view": (failed_text if bad else view_text).replace("JOBID", job_id),
-                "last_seq": events, "retry_seq": 0, "cancel_requested": False,
+                "last_seq": len(bodies), "retry_seq": 0, "cancel_requested": False,
             })  # fmt: skip
             evs += [
                 {"job_id": job_id, "seq": k + 1, "type": template[k]["type"],
@@ -182,6 +186,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=200)
     parser.add_argument("--backends", default="sqlite,postgresql")
     args = parser.parse_args()
+    if args.events < FEWEST_EVENTS:
+        parser.error(f"--events {args.events}: a finished job has at least {FEWEST_EVENTS}")
     sizes = [int(s) for s in args.sizes.split(",")]
     results: dict[tuple[str, int], dict[str, tuple]] = {}
     for backend in args.backends.split(","):

@@ -118,7 +118,9 @@ def _child(model: Path, prepared: dict[str, Any], name: str, lr: float, epochs: 
     return child_run("bench.packing", model, prepared, name, lr, epochs)
 
 
-def bench_family(family: str, repeats: int, epochs: float) -> dict[str, dict[str, Any]]:
+def bench_family(
+    family: str, repeats: int, epochs: float, grid: int | None = None
+) -> dict[str, dict[str, Any]]:
     """Each way's medians at its best rate, for a tiny model of ``family``."""
     with tempfile.TemporaryDirectory() as tmp:
         model, prepared = _prepared(Path(tmp), family)
@@ -130,7 +132,7 @@ def bench_family(family: str, repeats: int, epochs: float) -> dict[str, dict[str
         best = {}
         for mode in MODES:
             run = lambda lr, mode=mode: _child(model, prepared, mode, lr, epochs)  # noqa: E731
-            best[mode] = best_rate(run, LRS, mode)[0]
+            best[mode] = best_rate(run, LRS, mode, grid)[0]
         runs = in_turns(
             lambda mode, lr, _round: _child(model, prepared, mode, lr, epochs), best, repeats
         )
@@ -169,13 +171,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--families", default="llama,mixtral")
+    parser.add_argument("--grid", type=int, help="only the grid's first N rates (smoke: 1)")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         model, prepared, mode, lr, epochs = args.child
         print(json.dumps(run_one(model, prepared, mode, float(lr), float(epochs))))
         return
-    results = {f: bench_family(f, args.repeats, args.epochs) for f in args.families.split(",")}
+    results = {
+        f: bench_family(f, args.repeats, args.epochs, args.grid) for f in args.families.split(",")
+    }
     for family, medians in results.items():
         _print(family, medians)
 

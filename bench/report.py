@@ -1,6 +1,11 @@
 """``make bench``: every benchmark, each in its own process with a time limit, its output
 streamed as it runs, then ``docs/benchmarks.md`` written from what they printed, with the
-machine described. Nothing in it is typed by hand: rerun it to refresh the page.
+machine described. Nothing in it is typed by hand: rerun it to refresh the page. It exits 1
+when a benchmark failed or ran past its limit (the page says which, with its error).
+
+``TERMTUNE_BENCH_SIZE=smoke make bench`` runs every benchmark, the GPU script's ``--smoke``
+included, at a size that shows only that it runs (a test does, on every CI run), and writes
+``var/bench-smoke.md``: its figures mean nothing and never reach ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -9,8 +14,11 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from datetime import UTC, datetime
 from importlib import metadata
@@ -57,6 +65,23 @@ GPU = (
     "GPU: flan-t5-large-shaped QLoRA and bf16 LoRA",
     "Randomly initialised model with flan-t5-large's shape; tokens/s, peak memory, MFU.",
 )
+
+
+#: each benchmark's arguments under ``TERMTUNE_BENCH_SIZE=smoke``: small enough that the
+#: whole of ``make bench`` takes minutes; nothing they print is a figure
+SMOKE = {
+    "bench.training": ["--repeats", "1", "--epochs", "0.4", "--grid", "1"],
+    "bench.packing": ["--repeats", "1", "--epochs", "0.4", "--grid", "1"],
+    "bench.kernels": ["--width", "64", "--source", "8", "--target", "16"],
+    "bench.validation": ["--epochs", "0.5"],
+    "bench.dataprep": ["--rows", "200", "--repeats", "1"],
+    "bench.pipeline": ["--jobs", "1", "--steps", "2"],
+    "bench.export": ["--mb", "4"],
+    "bench.inference": ["--requests", "4", "--concurrency", "2"],
+    "bench.ledger": ["--sizes", "50,100", "--events", "12", "--repeat", "5"],
+    "bench.gpu_qlora": ["--smoke"],
+}
+SIZES = ("full", "smoke")
 
 
 #: where ``python -m bench.gpu_qlora --out`` left its figures from a GPU machine
@@ -171,24 +196,40 @@ def machine() -> list[str]:
 
 
 def run(module: str, args: list[str], limit: int) -> tuple[str, float, bool]:
-    """Run one benchmark, echoing its output; (output, seconds, finished in time)."""
+    """Run one benchmark, echoing its output; (output, seconds, finished in time). One that
+    outlives ``limit`` is killed with every process it started; the output of one that
+    failed or was killed ends with the last lines of its standard error."""
     start = time.monotonic()
     lines: list[str] = []
-    proc = subprocess.Popen(
-        [sys.executable, "-m", module, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        print(f"  {line}", end="", flush=True)
-        lines.append(line.rstrip())
-        if time.monotonic() - start > limit:
-            proc.kill()
-            return "\n".join(lines), time.monotonic() - start, False
-    proc.wait()
-    return "\n".join(lines), time.monotonic() - start, proc.returncode == 0
+    with tempfile.TemporaryFile("w+") as errors:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            stdout=subprocess.PIPE,
+            stderr=errors,
+            text=True,
+            start_new_session=True,  # its group: the children it started die with it
+        )
+        timer = threading.Timer(limit, os.killpg, (proc.pid, signal.SIGKILL))
+        timer.start()
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                print(f"  {line}", end="", flush=True)
+                lines.append(line.rstrip())
+            proc.wait()
+        except BaseException:  # Ctrl-C: its own session does not get the terminal's signal
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+        finally:
+            timer.cancel()
+        seconds = time.monotonic() - start
+        if proc.returncode == 0:
+            return "\n".join(lines), seconds, True
+        errors.seek(0)
+        tail = [line.rstrip() for line in errors.read().splitlines() if line.strip()][-15:]
+    why = f"killed at its limit of {limit} s" if seconds >= limit else f"exit {proc.returncode}"
+    print(f"  {module} FAILED ({why}); its last error lines:", *tail, sep="\n  ", flush=True)
+    return "\n".join([*lines, f"FAILED ({why}):", *tail]), seconds, False
 
 
 def _sections(lines: list[str]) -> tuple[list[str], dict[str, list[str]]]:
@@ -237,41 +278,64 @@ def merge(old: str, new: list[str]) -> list[str]:
     return page
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
-    parser.add_argument("--only", nargs="*", help="module names to run (default: all)")
-    args = parser.parse_args()
+def bench_size() -> str:
+    """``TERMTUNE_BENCH_SIZE``: full (the default) or smoke."""
+    size = os.environ.get("TERMTUNE_BENCH_SIZE", "full")
+    if size not in SIZES:
+        raise SystemExit(f"TERMTUNE_BENCH_SIZE={size!r}: expected one of {', '.join(SIZES)}")
+    return size
+
+
+def planned(size: str, only: list[str] | None) -> list[tuple[str, list[str], int, str, str]]:
+    """The benchmarks to run, with their arguments at ``size``: the GPU script where CUDA is
+    present, and on any machine in a smoke run (its ``--smoke`` runs on CPU)."""
     benches = list(BENCHES)
     try:
         import torch
 
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() or size == "smoke":
             benches.append(GPU)
     except ImportError:
         pass
-    if args.only:
-        benches = [b for b in benches if b[0] in args.only]
-    page = [
-        "# Benchmarks",
-        "",
-        "Written by `make bench` (`bench/report.py`) from what it measured.",
-        "",
-    ]
+    if size == "smoke":
+        benches = [(m, SMOKE[m], limit, title, what) for m, _, limit, title, what in benches]
+    return [b for b in benches if not only or b[0] in only]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, help="default: docs/benchmarks.md (smoke: var/)")
+    parser.add_argument("--only", nargs="*", help="module names to run (default: all)")
+    args = parser.parse_args()
+    size = bench_size()
+    out = args.out or Path("var/bench-smoke.md" if size == "smoke" else "docs/benchmarks.md")
+    benches = planned(size, args.only)
+    written = (
+        "Written by `TERMTUNE_BENCH_SIZE=smoke make bench`: every benchmark at a size that "
+        "shows only that it runs. No figure here means anything."
+        if size == "smoke"
+        else "Written by `make bench` (`bench/report.py`) from what it measured."
+    )
+    page = ["# Benchmarks", "", written, ""]
     page += machine() + [""]
+    failed = []
     for module, bench_args, limit, title, what in benches:
         print(f"== {title} ({module}, limit {limit} s)", flush=True)
         output, seconds, ok = run(module, bench_args, limit)
         status = f"{seconds:.0f} s" if ok else f"stopped or failed after {seconds:.0f} s"
-        page += [f"## {title}", "", f"{what} `python -m {module}` ({status}):", "", "```"]
+        command = " ".join([f"python -m {module}", *bench_args])
+        page += [f"## {title}", "", f"{what} `{command}` ({status}):", "", "```"]
         page += [line for line in output.splitlines() if line.strip()] + ["```", ""]
-    if GPU not in benches:
+        failed += [] if ok else [module]
+    if GPU[0] not in {b[0] for b in benches}:
         page += recorded_gpu(RECORDED_GPU)
-    if args.only and args.out.exists():  # the other sections stay as the last run left them
-        page = merge(args.out.read_text(), page)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(page))
-    print(f"wrote {args.out}")
+    if args.only and out.exists():  # the other sections stay as the last run left them
+        page = merge(out.read_text(), page)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(page))
+    print(f"wrote {out}")
+    if failed:
+        raise SystemExit(f"failed or stopped at their limit: {', '.join(failed)} (see {out})")
 
 
 if __name__ == "__main__":

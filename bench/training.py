@@ -1,7 +1,7 @@
 """Training: the notebook's recipe as written beside termtune's, each at its own best
 learning rate, on the same model and data.
 
-    python -m bench.training [--repeats 3] [--epochs 3]
+    python -m bench.training [--repeats 3] [--epochs 3] [--grid N]
 
 Three recipes train LoRA (r=64, alpha=16, all linear layers) on the tiny offline T5 over the
 shipped sample data's train split (prepared with targets up to 512 tokens, the notebook's
@@ -228,6 +228,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=float, default=3.0)
+    parser.add_argument("--grid", type=int, help="only each grid's first N rates (smoke: 1)")
     parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -245,17 +246,18 @@ def main() -> None:
         best = {}
         for name, recipe in RECIPES.items():
             run = lambda lr, name=name: _child(model, prepared, name, lr, args.epochs)  # noqa: E731
-            best[name] = best_rate(run, recipe["lrs"], name)[0]
+            best[name] = best_rate(run, recipe["lrs"], name, args.grid)[0]
         results = in_turns(
             lambda name, lr, seed: _child(model, prepared, name, lr, args.epochs, seed),
             best,
             args.repeats,
         )
-        matched = _time_matched(model, prepared, results, args.epochs, args.repeats)
-        sweep = _best_each(model, prepared, SWEEP, args.epochs)
+        matched = _time_matched(model, prepared, results, args.epochs, args.repeats, args.grid)
+        sweep = _best_each(model, prepared, SWEEP, args.epochs, args.grid)
+        tuned = _best_each(model, prepared, LORAPLUS, args.epochs, args.grid)
         plus = {
             name: (lr, _over_seeds(model, prepared, name, lr, args.epochs, args.repeats, run))
-            for name, (lr, run) in _best_each(model, prepared, LORAPLUS, args.epochs).items()
+            for name, (lr, run) in tuned.items()
         }
         _print(results)
         _print_matched(results, matched, args.epochs)
@@ -264,12 +266,19 @@ def main() -> None:
 
 
 def _best_each(
-    model: Path, prepared: dict[str, Any], recipes: dict[str, dict[str, Any]], epochs: float
+    model: Path,
+    prepared: dict[str, Any],
+    recipes: dict[str, dict[str, Any]],
+    epochs: float,
+    grid: int | None = None,
 ) -> dict[str, tuple[float, dict[str, Any]]]:
     """Each recipe at each rate of its grid once: its best rate and that run."""
     return {
         name: best_rate(
-            lambda lr, name=name: _child(model, prepared, name, lr, epochs), recipe["lrs"], name
+            lambda lr, name=name: _child(model, prepared, name, lr, epochs),
+            recipe["lrs"],
+            name,
+            grid,
         )
         for name, recipe in recipes.items()
     }
@@ -281,13 +290,14 @@ def _time_matched(
     results: dict[str, list[dict[str, Any]]],
     epochs: float,
     seeds: int,
+    grid: int | None = None,
 ) -> dict[str, Any]:
     """The default trained for as many epochs as fit in batch 1's time: the best rate at
     seed 0, then the median over ``seeds`` seeds at that rate."""
     seconds = {n: statistics.median(r["seconds"] for r in results[n]) for n in (BATCH_1, DEFAULT)}
     matched = max(epochs, float(math.floor(epochs * seconds[BATCH_1] / seconds[DEFAULT])))
     run = lambda lr: _child(model, prepared, DEFAULT, lr, matched)  # noqa: E731
-    best, first = best_rate(run, MATCHED_LRS, f"{DEFAULT}, {matched:g} epochs,")
+    best, first = best_rate(run, MATCHED_LRS, f"{DEFAULT}, {matched:g} epochs,", grid)
     return {
         **_over_seeds(model, prepared, DEFAULT, best, matched, seeds, first),
         "lr": best, "epochs": matched,

@@ -4,12 +4,14 @@
 model, the shipped data, ``examples/medical-terms.yaml`` with its validation split), run
 in-process through the trainer's own handler twice: validating at every logging step (what
 termtune did before ``training.validation_every_steps`` existed) and with the default,
-``auto`` (about 10 passes a run). Prints passes, validation seconds and their share of the
+``auto`` (about 10 passes a run); ``--epochs`` overrides the example's (a smoke run's
+fraction). Prints passes, validation seconds and their share of the
 training time, from the train manifest. Goal: under 10% with ``auto``. Nothing here is a test.
 """
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,12 +29,17 @@ EXAMPLE = ROOT / "examples" / "medical-terms.yaml"
 SAMPLE_DATA = ROOT / "data" / "medical_terms.jsonl"
 
 
-def train_once(work: Path, model: Path, every: int | str) -> dict[str, Any]:
-    """The example's training stage with validation every ``every`` steps; its manifest."""
+def train_once(
+    work: Path, model: Path, every: int | str, epochs: float | None = None
+) -> dict[str, Any]:
+    """The example's training stage with validation every ``every`` steps (for ``epochs``,
+    default the example's); its manifest."""
     raw = yaml.safe_load(EXAMPLE.read_text())
     raw["base_model"] = str(model)
     raw["dataset"]["source"] = str(SAMPLE_DATA)
     raw["training"]["validation_every_steps"] = every
+    if epochs is not None:
+        raw["training"]["epochs"] = epochs
     spec = parse_spec(raw, source=str(EXAMPLE))
     settings = Settings(var_dir=work / f"var-{every}")
     job_id, _ = run_local("prepare", spec, settings=settings)
@@ -42,6 +49,9 @@ def train_once(work: Path, model: Path, every: int | str) -> dict[str, Any]:
 
 def main() -> None:
     """Print one line per setting."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--epochs", type=float, help="default: the example's")
+    args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-validation-") as tmp:
         work = Path(tmp)
         model = ensure_tiny_t5(work / "tiny-flan-t5", data_file=SAMPLE_DATA)
@@ -52,7 +62,7 @@ def main() -> None:
             (f"every logging step ({logging_steps}), as before", logging_steps),
             ("auto (the default)", "auto"),
         ):
-            manifest = train_once(work, model, every)
+            manifest = train_once(work, model, every, args.epochs)
             v = manifest["validation"]
             print(
                 f"| {label} | {v['passes']} | {v['seconds']:.1f} | {manifest['runtime_s']:.1f} "

@@ -202,3 +202,20 @@ def token_rows(rows: int, source: int, target: int) -> Any:
         return [torch.randint(3, 100, (n,), generator=gen).tolist() for _ in range(rows)]
 
     return pa.table({"input_ids": draw(source), "labels": draw(target)})
+
+
+def linked_checkout(work: Path, names: tuple[str, ...], copied: tuple[str, ...] = ()) -> Path:
+    """A fresh checkout's view of the repository in ``work``: ``names`` linked, ``copied``
+    copied (what a command may write to), no var/; its .venv must be up to date (`make`
+    would otherwise reinstall it)."""
+    import shutil
+    import subprocess
+
+    work.mkdir()
+    for name in names:
+        (work / name).symlink_to(ROOT / name)
+    for name in copied:
+        shutil.copytree(ROOT / name, work / name)
+    stale = subprocess.run(["make", "-q", ".venv/.installed"], cwd=work, capture_output=True)
+    assert stale.returncode == 0, "the .venv is older than pyproject.toml: run `make install`"
+    return work

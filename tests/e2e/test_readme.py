@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from tests.e2e.test_pipeline import _free_port
+from tests.factories import linked_checkout
 from tests.standins.bedrock import ACCOUNT, REGION, BedrockStandIn
 
 pytestmark = pytest.mark.e2e
@@ -168,13 +169,7 @@ def _retry_spec(work: Path) -> str:
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     """A fresh checkout's view of the repository: its files linked, no var/."""
-    work = tmp_path / "termtune"
-    work.mkdir()
-    for name in LINKED:
-        (work / name).symlink_to(ROOT / name)
-    stale = subprocess.run(["make", "-q", ".venv/.installed"], cwd=work, capture_output=True)
-    assert stale.returncode == 0, "the .venv is older than pyproject.toml: run `make install`"
-    return work
+    return linked_checkout(tmp_path / "termtune", LINKED)
 
 
 @pytest.fixture

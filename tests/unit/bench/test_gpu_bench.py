@@ -4,6 +4,9 @@ import json
 import subprocess
 import sys
 
+import pytest
+import torch
+
 from tests.factories import ROOT
 
 
@@ -38,3 +41,26 @@ def test_the_gpu_benchmark_runs_a_decoder_only_shape_on_cpu():
     assert head["family"] == "llama" and head["steps"] == 8
     assert mode["mode"] == "auto plan (termtune default: packed)"
     assert mode["examples_per_s"] > 0 and mode["flops_per_example"] > 0
+
+
+def test_the_recording_command_refuses_a_machine_without_a_gpu_and_keeps_the_record():
+    """`python -m bench.gpu_qlora --out bench/results/gpu_qlora.jsonl`, as the README gives it
+    for a lent GPU, run here: without CUDA it says so and leaves the record as it was."""
+    command = "python -m bench.gpu_qlora --out bench/results/gpu_qlora.jsonl"
+    assert f"`{command}`" in (ROOT / "README.md").read_text(encoding="utf-8")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the command would record it (a GPU session runs it)")
+    record = ROOT / "bench" / "results" / "gpu_qlora.jsonl"
+    before = record.read_bytes()
+    done = subprocess.run(
+        command.replace("python", sys.executable, 1).split(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        "bench.gpu_qlora needs a CUDA GPU (or --smoke, on CPU)"
+    )
+    assert record.read_bytes() == before

@@ -1,0 +1,95 @@
+"""The README's make targets that CI does not run itself, as the README gives them.
+
+`TERMTUNE_BENCH_SIZE=smoke make bench`: every benchmark runs through the code it measures and
+prints its summary. The figures are not read (a smoke run's mean nothing); what fails here is
+a benchmark that no longer runs. `make docs`: the generated documents rewritten from the spec.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bench.report import BENCHES, GPU, SMOKE
+from tests.factories import ROOT, linked_checkout
+
+pytestmark = pytest.mark.e2e
+LINKED = (".venv", "Makefile", "pyproject.toml", "deploy", "bench", "data", "examples",
+          "services", "shared", "tests")  # fmt: skip
+#: each benchmark's last summary line, or the line its figures end on
+SUMMARIES = {
+    "bench.training": "x the notebook's examples/s (goal >= 6x)",
+    "bench.packing": "x the examples/s of padded, length-grouped (goal >= ",
+    "bench.kernels": "(the CUDA plan)",
+    "bench.validation": "| auto (the default) |",
+    "bench.dataprep": "peak RSS, 4x dataset",
+    "bench.pipeline": "examples/s for the trainer alone",
+    "bench.export": "x the copy's rate)",
+    "bench.inference": "with batching:",
+    "bench.ledger": "slowest read p95",
+    "bench.gpu_qlora": '"mode": "auto plan (termtune default)"',
+}
+
+
+def _sections(page: str) -> dict[str, str]:
+    return {part.split("\n", 1)[0]: part.split("\n", 1)[1] for part in page.split("\n## ")[1:]}
+
+
+def _digest(folder: Path) -> str:
+    return hashlib.sha256(
+        b"".join(p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file())
+    ).hexdigest()
+
+
+@pytest.mark.timeout(1800)
+def test_make_bench_runs_every_benchmark_at_the_smoke_size(tmp_path):
+    command = "TERMTUNE_BENCH_SIZE=smoke make bench"
+    assert f"`{command}`" in (ROOT / "README.md").read_text(encoding="utf-8")
+    work = linked_checkout(tmp_path / "termtune", LINKED, copied=("docs",))
+    docs = _digest(work / "docs")
+    done = subprocess.run(
+        ["bash", "-c", command],
+        cwd=work,
+        env={k: v for k, v in os.environ.items() if k != "TERMTUNE_BENCH_SIZE"},
+        capture_output=True,
+        text=True,
+        timeout=1700,
+    )
+    print(done.stdout[-20000:], done.stderr[-5000:])
+    assert done.returncode == 0, done.stderr[-3000:]
+    page = (work / "var" / "bench-smoke.md").read_text()
+    assert "No figure here means anything" in page.split("\n## ", 1)[0]
+    sections = _sections(page)
+    assert [title for title in sections] == [b[3] for b in (*BENCHES, GPU)]
+    for module, _, _, title, _ in (*BENCHES, GPU):
+        body = sections[title]
+        status = re.search(rf"`python -m {re.escape(module)} (.*?)` \((\d+) s\):", body)
+        assert status, f"{module} did not finish:\n{body[-2000:]}"
+        assert status.group(1) == " ".join(SMOKE[module])
+        assert SUMMARIES[module] in body, f"{module} printed no summary:\n{body[-2000:]}"
+    assert _digest(work / "docs") == docs, "a smoke run wrote to docs/"
+
+
+def test_every_benchmark_has_a_smoke_size():
+    assert set(SMOKE) == {b[0] for b in (*BENCHES, GPU)} == set(SUMMARIES)
+
+
+def test_make_docs_regenerates_the_spec_reference_and_the_schema(tmp_path):
+    assert "`make docs`" in (ROOT / "README.md").read_text(encoding="utf-8")
+    work = linked_checkout(tmp_path / "termtune", LINKED, copied=("docs",))
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    start, end = "<!-- spec-reference:start (make docs) -->", "<!-- spec-reference:end -->"
+    before, rest = readme.split(start)
+    stale = before + start + "\n| `name` | stale |\n" + end + rest.split(end, 1)[1]
+    (work / "README.md").write_text(stale, encoding="utf-8")
+    (work / "docs" / "job-spec.schema.json").write_text("{}\n")
+    done = subprocess.run(["bash", "-c", "make docs"], cwd=work, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (work / "README.md").read_text(encoding="utf-8") == readme
+    schema = (work / "docs" / "job-spec.schema.json").read_text()
+    assert schema == (ROOT / "docs" / "job-spec.schema.json").read_text()
