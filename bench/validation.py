@@ -41,7 +41,10 @@ def train_once(
     if epochs is not None:
         raw["training"]["epochs"] = epochs
     spec = parse_spec(raw, source=str(EXAMPLE))
-    settings = Settings(var_dir=work / f"var-{every}")
+    var = work / f"var-{every}"
+    # each run a ledger of its own, whatever TERMTUNE_DATABASE_URL the shell exports: both
+    # runs are the same job, and a shared ledger refuses the second's different spec
+    settings = Settings(var_dir=var, database_url=f"sqlite:///{var / 'termtune.db'}")
     job_id, _ = run_local("prepare", spec, settings=settings)
     run_local("train", spec, job_id=job_id, settings=settings)
     return open_records(settings).manifest(job_id, "train") or {}
