@@ -66,7 +66,7 @@ def test_make_bench_exits_1_naming_what_failed_and_still_writes_the_page(
 def test_the_smoke_size_runs_every_benchmark_small_and_writes_under_var(monkeypatch):
     monkeypatch.setenv("TERMTUNE_BENCH_SIZE", "smoke")
     planned = report.planned(report.bench_size(), None)
-    assert [b[0] for b in planned] == [b[0] for b in (*BENCHES, report.GPU)]  # GPU: --smoke
+    assert [b[0] for b in planned] == [b[0] for b in BENCHES]  # GPU: the recorded figures
     assert all(args == report.SMOKE[module] for module, args, *_ in planned)
     monkeypatch.setenv("TERMTUNE_BENCH_SIZE", "huge")
     with pytest.raises(SystemExit, match="TERMTUNE_BENCH_SIZE='huge': expected one of full, smoke"):
