@@ -5,8 +5,8 @@ model, the shipped data, ``examples/medical-terms.yaml`` with its validation spl
 in-process through the trainer's own handler twice: validating at every logging step (what
 termtune did before ``training.validation_every_steps`` existed) and with the default,
 ``auto`` (about 10 passes a run); ``--epochs`` overrides the example's (a smoke run's
-fraction). Prints passes, validation seconds and their share of the
-training time, from the train manifest. Goal: under 10% with ``auto``. Nothing here is a test.
+fraction). Prints passes, validation seconds and their share of the training time, from the
+train manifest. Goal: under 10% with ``auto``. No test reads these figures.
 """
 
 from __future__ import annotations

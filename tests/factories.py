@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import uuid
 from pathlib import Path
 from typing import Any
@@ -208,9 +210,6 @@ def linked_checkout(work: Path, names: tuple[str, ...], copied: tuple[str, ...] 
     """A fresh checkout's view of the repository in ``work``: ``names`` linked, ``copied``
     copied (what a command may write to), no var/; its .venv must be up to date (`make`
     would otherwise reinstall it)."""
-    import shutil
-    import subprocess
-
     work.mkdir()
     for name in names:
         (work / name).symlink_to(ROOT / name)
