@@ -121,7 +121,8 @@ test: install compat tracking-server brokers browsers database
 test-unit: install compat tracking-server
 	$(VENV)/bin/pytest tests/unit
 
-test-e2e: install tracking-server brokers browsers database
+# compat: tests/e2e/test_make_targets.py runs `make test-unit`, which needs it
+test-e2e: install compat tracking-server brokers browsers database
 	TERMTUNE_TEST_DATABASE=postgresql $(VENV)/bin/pytest tests/e2e
 
 # The real containers (tests/containers): every image built from its Dockerfile, the whole

@@ -3,6 +3,11 @@
 `TERMTUNE_BENCH_SIZE=smoke make bench`: every benchmark runs through the code it measures and
 prints its summary. The figures are not read (a smoke run's mean nothing); what fails here is
 a benchmark that no longer runs. `make docs`: the generated documents rewritten from the spec.
+`make test-unit`, `make test-e2e`, `make reliability`: each collects its folder's every test
+(``PYTEST_ADDOPTS=--collect-only``: running them is `make test`'s job, and the full-size
+scenarios take an hour). `make format`: a messy file comes back fixed and formatted. And
+every make target the README names is run as written by one of these, by CI's script or
+by a test that names it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ from tests.factories import ROOT, linked_checkout
 pytestmark = pytest.mark.e2e
 LINKED = (".venv", "Makefile", "pyproject.toml", "deploy", "bench", "data", "examples",
           "services", "shared", "tests")  # fmt: skip
+#: the environments `make test-unit` and `make test-e2e` check are installed (`make compat`,
+#: `make tracking-server`)
+VENVS = (".venv-cmi", ".venv-cmi-gpt-oss", ".venv-mlflow")
 #: each benchmark's last summary line, or the line its figures end on
 SUMMARIES = {
     "bench.training": "x the notebook's examples/s (goal >= 6x)",
@@ -94,3 +102,61 @@ def test_make_docs_regenerates_the_spec_reference_and_the_schema(tmp_path):
     assert (work / "README.md").read_text(encoding="utf-8") == readme
     schema = (work / "docs" / "job-spec.schema.json").read_text()
     assert schema == (ROOT / "docs" / "job-spec.schema.json").read_text()
+
+
+@pytest.mark.parametrize(
+    ("command", "folder"),
+    [
+        ("make test-unit", "tests/unit"),
+        ("make test-e2e", "tests/e2e"),
+        ("make reliability", "tests/reliability"),
+    ],
+)
+def test_a_test_target_collects_every_test_of_its_folder(tmp_path, command, folder):
+    assert f"`{command}`" in (ROOT / "README.md").read_text(encoding="utf-8")
+    missing = [v for v in VENVS if not (ROOT / v / ".installed").exists()]
+    assert not missing, f"{missing} not installed: run `make compat tracking-server`"
+    work = linked_checkout(tmp_path / "termtune", LINKED + VENVS, copied=("docs",))
+    docs = _digest(work / "docs")
+    environment = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
+    done = subprocess.run(
+        ["bash", "-c", command],
+        cwd=work,
+        env={**environment, "PYTEST_ADDOPTS": "--collect-only -q"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # node ids, or "path: count" lines under the target's own -q
+    collected = re.findall(r"^(tests/\S+?\.py)(?:::|: \d+$)", done.stdout, re.MULTILINE)
+    files = {str(p.relative_to(ROOT)) for p in (ROOT / folder).rglob("test_*.py")}
+    assert set(collected) == files
+    assert _digest(work / "docs") == docs, f"{command} wrote to docs/ without running a test"
+
+
+def test_make_format_fixes_and_formats_a_messy_file(tmp_path):
+    assert "`make format`" in (ROOT / "README.md").read_text(encoding="utf-8")
+    work = linked_checkout(tmp_path / "termtune", (".venv", "Makefile", "pyproject.toml", "deploy"))
+    messy = work / "scratch" / "messy.py"
+    messy.parent.mkdir()
+    messy.write_text("import sys, os\nfrom pathlib import Path\ndef f( x ):\n"
+                     "    return Path(x) if x else  None\n")  # fmt: skip
+    done = subprocess.run(["bash", "-c", "make format"], cwd=work, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (
+        messy.read_text()
+        == "from pathlib import Path\n\n\ndef f(x):\n    return Path(x) if x else None\n"
+    )
+
+
+def test_every_make_target_the_readme_names_is_run_as_written():
+    """By CI's script (a line of its own) or by a test that gives the command as a string
+    (`make bench` at full size, an hour of benchmarks, only as its smoke size)."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"`(?:[A-Z_]+=\S+ )?make ([a-z][a-z0-9-]*)", readme))
+    ci = (ROOT / ".ci" / "run").read_text()
+    tests = "\n".join(p.read_text() for p in (ROOT / "tests").rglob("test_*.py"))
+    by_ci = {t for t in named if re.search(rf"^\s*(?:if )?make {t}(?:;|$)", ci, re.MULTILINE)}
+    by_tests = {t for t in named if re.search(rf"[\"'](?:[A-Z_]+=\S+ )?make {t}[\"']", tests)}
+    assert named - by_ci - by_tests == set()

@@ -5,7 +5,9 @@ size (``TERMTUNE_RELIABILITY_SIZE=full``) and writes ``docs/reliability.md``
 (``TERMTUNE_RELIABILITY_REPORT``) from the counts and times measured, with the machine and
 the date. Each scenario records what it saw in an :class:`Outcome`; a failed "must hold"
 is a failed test and a "no" in the report, and so is a scenario that stopped on an error
-(a job that never ended, say) before its verdict.
+(a job that never ended, say) before its verdict. A run that leaves any test out (``-k``,
+a stop at the first failure, Ctrl-C) writes ``var/reliability-partial.md`` instead: the
+page always comes from a whole run.
 """
 
 from __future__ import annotations
@@ -125,16 +127,46 @@ def render(outcomes: list[Outcome], machine: list[str], mode: str) -> str:
     return "\n".join(page) + "\n"
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _report():
-    """Write the page after the session, when asked to."""
-    yield
-    if REPORT and _OUTCOMES:
-        from bench.report import machine
+#: where a run that did not run every scenario writes its page instead of the report
+PARTIAL = Path("var/reliability-partial.md")
+_SELECTED: list[str] = []
+_FINISHED: set[str] = set()
 
-        order = {name: n for n, name in enumerate(SCENARIO_ORDER)}
-        outcomes = sorted(_OUTCOMES, key=lambda o: order.get(o.name, len(order)))
-        Path(REPORT).write_text(render(outcomes, machine(), "full" if FULL else "ci"))
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    _SELECTED[:] = [item.nodeid for item in session.items]
+
+
+def pytest_runtest_logfinish(nodeid: str) -> None:
+    _FINISHED.add(nodeid)
+
+
+def unfinished(deselected: int) -> list[str]:
+    """Why this run's page is not the whole report: tests left out (deselected, or not run
+    after a stop or an interrupt); empty when every selected test ran to its end."""
+    why = [f"{deselected} test(s) deselected"] if deselected else []
+    left = [nodeid for nodeid in _SELECTED if nodeid not in _FINISHED]
+    return why + ([f"{len(left)} test(s) not run, e.g. {left[0]}"] if left else [])
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Write the page after the session, when asked to: to the report when every scenario
+    ran, else to var/ (a partial run never replaces the whole run's page)."""
+    if not (REPORT and _OUTCOMES):
+        return
+    from bench.report import machine
+
+    order = {name: n for n, name in enumerate(SCENARIO_ORDER)}
+    outcomes = sorted(_OUTCOMES, key=lambda o: order.get(o.name, len(order)))
+    left = unfinished(len(terminalreporter.stats.get("deselected", [])))
+    target = PARTIAL if left else Path(REPORT)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(render(outcomes, machine(), "full" if FULL else "ci"))
+    if left:
+        kept = f"{REPORT} kept: not every scenario ran ({'; '.join(left)})"
+        terminalreporter.write_line(f"{kept}; this run's page: {target}")
+    else:
+        terminalreporter.write_line(f"reliability page written: {target}")
 
 
 SCENARIO_ORDER = [
