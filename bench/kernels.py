@@ -205,6 +205,53 @@ def main() -> None:
     shape = f"batch 1, {args.source} + {args.target} tokens, one optimizer step, CPU"
     table(f"{shape}, fp32 (the CPU plan)", rows)
     table(f"{shape}, bf16 weights and fp32 adapters under autocast (the CUDA plan)", half)
+    print(logits_share())
+
+
+def logits_share() -> str:
+    """What a fused linear cross-entropy (liger-kernel's) would save: the logits' share of
+    what an example keeps for the backward pass, by the planner's memory model, in bf16."""
+    from accelerate import init_empty_weights
+    from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+
+    from shared.trainplan import shape_from
+
+    t5 = T5Config(
+        vocab_size=32128, d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_heads=16,
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+    )  # fmt: skip
+    llama = LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8,
+    )  # fmt: skip
+    parts = []
+    for name, config, cls, tokens in (
+        ("flan-t5-large", t5, T5ForConditionalGeneration, (128, 256)),
+        ("Llama-3-8B", llama, LlamaForCausalLM, (64, 256)),
+    ):
+        with init_empty_weights():
+            shape = shape_from(cls(config), config)
+        plain, checkpointed = (_logits_share(shape, tokens, c) for c in (False, True))
+        parts.append(
+            f"{name}'s shape, {tokens[0]} + {tokens[1]} tokens: {plain:.0%} "
+            f"({checkpointed:.0%} with gradient checkpointing)"
+        )
+    return (
+        "the logits' share of what an example keeps for the backward pass (memory model, "
+        "bf16): " + "; ".join(parts)
+    )
+
+
+def _logits_share(shape: Any, tokens: tuple[int, int], checkpointing: bool) -> float:
+    import dataclasses
+
+    from shared.trainplan import example_bytes
+
+    kept = [
+        example_bytes(s, *tokens, dtype_bytes=2, gradient_checkpointing=checkpointing)
+        for s in (shape, dataclasses.replace(shape, vocab=0))
+    ]
+    return 1 - kept[1] / kept[0]
 
 
 if __name__ == "__main__":

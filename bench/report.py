@@ -42,7 +42,14 @@ BENCHES = [
      "through the trainer's code path, counted by torch's profiler; the notebook's recipe, "
      "then each change termtune's default makes (every row clips as the trainer does: no "
      "call per gradient); then the fused adapted layers on the model in bf16 under autocast, "
-     "as the CUDA plan trains it."),
+     "as the CUDA plan trains it. Not among the rows: liger-kernel. Its kernels are Triton's, "
+     "so they run on CUDA only and cannot be counted here, and it patches no T5. What it "
+     "would fuse in T5's layers (the RMS norm, the gated gelu) is one torch op each here "
+     "already and fused further by torch.compile in the CUDA plan. Its fused linear "
+     "cross-entropy, which never holds the logits, is a question of memory, not launches: "
+     "the last line gives the logits' share of an example's activations by the planner's "
+     "memory model, what it would free for a larger batch. That is for a GPU session to "
+     "measure."),
     ("bench.validation", [], 900, "Validation by its own clock",
      "The example job's training stage, validating at every logging step vs the default auto."),
     ("bench.dataprep", [], 1200, "Data-prep vs bare tokenization",

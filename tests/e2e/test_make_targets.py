@@ -33,7 +33,7 @@ VENVS = (".venv-cmi", ".venv-cmi-gpt-oss", ".venv-mlflow")
 SUMMARIES = {
     "bench.training": "x the notebook's examples/s (goal >= 6x)",
     "bench.packing": "x the examples/s of padded, length-grouped (goal >= ",
-    "bench.kernels": "(the CUDA plan)",
+    "bench.kernels": "% with gradient checkpointing)",
     "bench.validation": "| auto (the default) |",
     "bench.dataprep": "peak RSS, 4x dataset",
     "bench.pipeline": "examples/s for the trainer alone",
