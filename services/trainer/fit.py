@@ -130,5 +130,5 @@ def _fit(
         model.save_pretrained(output / "adapter")
     summary["stop_reason"] = stop.reason
     summary["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    summary["plan"] = dataclasses.asdict(plan)
+    summary["plan"] = dataclasses.asdict(summary["plan"])  # as trained (compile may have failed)
     return summary

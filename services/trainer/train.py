@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import torch
 
-from services.trainer import causal, optim, ranks
+from services.trainer import causal, compiling, optim, ranks
 from services.trainer.batches import CountingCollator, GroupedTrainer, side_lengths
 from services.trainer.lora import Plan
 from shared.errors import OutOfMemory
@@ -105,7 +104,10 @@ def train(
 ) -> dict[str, Any]:
     """Train the adapter in place (resuming from a checkpoint); a summary and the log.
 
-    torch.compile failing (at the first step) falls back to training without it, logged.
+    torch.compile failing (at the first step, or at a recompile later) falls back to training
+    without it, logged and noted in the plan the summary and the checkpoints carry. The run
+    starts again where nothing compiled touched it: its newest local checkpoint, else the
+    checkpoint it resumed from, else the adapter's weights as they were before the first step.
     """
 
     def build(plan: Plan) -> Any:
@@ -115,16 +117,20 @@ def train(
     trainer = build(plan)
     finished = finished_state(resume_from)
     if finished is not None:
-        return _restore_finished(trainer, finished, resume_from)
+        return _restore_finished(trainer, finished, resume_from, plan)
     checkpoint = str(resume_from) if resume_from else None
+    before = compiling.adapter_weights(model) if plan.compile and checkpoint is None else None
     try:
         try:
             result = trainer.train(resume_from_checkpoint=checkpoint)
         except Exception as exc:
-            if not (plan.compile and _compile_failure(exc)):
+            if not (plan.compile and compiling.failed(exc)):
                 raise
-            log.warning("torch.compile failed, training without it: %s", str(exc)[:300])
-            trainer = build(replace(plan, compile=False))
+            plan = compiling.without(plan, exc)
+            log.warning("%s", plan.notes[-1])
+            compiling.replan(callbacks, plan)
+            checkpoint = compiling.restart_point(output_dir, checkpoint, model, before)
+            trainer = build(plan)
             result = trainer.train(resume_from_checkpoint=checkpoint)
     except torch.OutOfMemoryError as exc:
         raise OutOfMemory(out_of_memory_message(spec, plan, exc)) from exc
@@ -139,6 +145,7 @@ def train(
         "validation": validation_summary(trainer.state.log_history, runtime),
         "log_history": trainer.state.log_history,
         "is_main": trainer.is_world_process_zero(),
+        "plan": plan,  # as trained: without compile after a fallback
     }
 
 
@@ -203,15 +210,6 @@ def _seq2seq_trainer(
     )
 
 
-def _compile_failure(exc: BaseException) -> bool:
-    """Whether an error came from torch.compile (dynamo or inductor), not from training."""
-    while exc is not None:
-        if type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
 def validation_summary(log_history: list[dict[str, Any]], runtime_s: float) -> dict[str, Any]:
     """Validation passes of a run, their time and its share of the training time."""
     passes = [e for e in log_history if "eval_loss" in e]
@@ -240,7 +238,7 @@ def finished_state(checkpoint: Path | None) -> Any:
     return state if state.max_steps > 0 and state.global_step >= state.max_steps else None
 
 
-def _restore_finished(trainer: Any, state: Any, checkpoint: Path) -> dict[str, Any]:
+def _restore_finished(trainer: Any, state: Any, checkpoint: Path, plan: Plan) -> dict[str, Any]:
     """The adapter weights of a finished checkpoint loaded in place; the run's summary."""
     from peft import load_peft_weights, set_peft_model_state_dict
 
@@ -257,6 +255,7 @@ def _restore_finished(trainer: Any, state: Any, checkpoint: Path) -> dict[str, A
         "validation": validation_summary(state.log_history, 0.0),
         "log_history": state.log_history,
         "is_main": trainer.is_world_process_zero(),
+        "plan": plan,
     }
 
 

@@ -1,0 +1,154 @@
+"""torch.compile in the trainer (``training.compile: on``, the CUDA plan's default): a real
+compile on this machine (inductor generating C++), and the fallback when compiling fails at
+the first step or at a recompile later: the run ends as one trained without compile would,
+and its plan says why."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from services.trainer import lora, train
+from services.trainer.callbacks import PLAN_FILE, StoreCheckpoints
+from services.trainer.checkpoints import CheckpointStore
+from shared import planner
+from shared.jobspec import TrainingSpec
+from shared.store import LocalStore
+
+STEPS = 4
+
+
+class FlakyCompiler:
+    """inductor's compile_fx stand-in: the graph run as traced (no code generated), until
+    ``failing`` is set; then a failure, as inductor's own errors are raised."""
+
+    def __init__(self, failing: bool = False) -> None:
+        self.failing, self.calls = failing, 0
+
+    def __call__(self, graph, example_inputs, **_):
+        self.calls += 1
+        if self.failing:
+            raise RuntimeError("inductor could not lower aten.fake_op")
+        return graph.forward
+
+
+def _run(tiny_model, tmp_path, name, *, compile_on, checkpoint_every=1000, extra=()):
+    """A fresh adapter (seed 0) trained STEPS steps; the summary, its final weights and its
+    first."""
+    from transformers import AutoTokenizer
+
+    from shared.trainplan import model_shape
+    from tests.factories import token_rows
+
+    spec = TrainingSpec.model_validate(
+        {"batch_size": 2, "gradient_accumulation_steps": 1, "max_steps": STEPS,
+         "learning_rate": 0.01, "lr_scheduler": "constant", "logging_steps": 1,
+         "checkpoint_every_steps": checkpoint_every, "compile": "on" if compile_on else "off"}
+    )  # fmt: skip
+    plan = planner.resolve(spec, model_shape(str(tiny_model)), planner.Rows(8, 6, 5), dev="cpu")
+    assert plan.compile is compile_on
+    torch.manual_seed(0)
+    model = lora.build_model(str(tiny_model), spec, plan)
+    stored = StoreCheckpoints(
+        CheckpointStore(LocalStore(tmp_path / f"{name}-store"), "ck"),
+        every_minutes=1e9, stored=lambda step: None, plan=asdict(plan),
+    )  # fmt: skip
+    first = _weights(model)
+    torch._dynamo.reset()
+    summary = train.train(
+        model, AutoTokenizer.from_pretrained(tiny_model), token_rows(8, 6, 5), spec=spec,
+        plan=plan, output_dir=tmp_path / name, callbacks=[stored, *extra],
+    )  # fmt: skip
+    return summary, _weights(model), first
+
+
+def _weights(model):
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def _assert_same(weights, expected, **tolerance):
+    assert weights.keys() == expected.keys()
+    for key, value in weights.items():
+        torch.testing.assert_close(
+            value, expected[key], msg=lambda m, k=key: f"{k}: {m}", **tolerance
+        )
+
+
+def test_a_compiled_run_trains_as_the_eager_one_does(tiny_model, tmp_path):
+    """inductor's real code generation (C++ on this machine, Triton on a GPU), through the
+    trainer's path: fused adapted layers, fused AdamW, the token-count loss. Its dropout
+    masks are drawn as eager draws them here (``fallback_random``): with inductor's own
+    generator they differ, and so does the loss, by dropout's noise (7.51 against 7.81)."""
+    import torch._inductor.config as inductor
+
+    eager, expected, first = _run(tiny_model, tmp_path, "eager", compile_on=False)
+    with inductor.patch(fallback_random=True):
+        compiled, weights, _ = _run(tiny_model, tmp_path, "compiled", compile_on=True)
+    assert compiled["plan"].compile, compiled["plan"].notes  # no fallback
+    assert compiled["steps"] == eager["steps"] == STEPS
+    assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-4)
+    # Adam's steps are the rate's size wherever a gradient is not ~0, so a rounding
+    # difference can flip a weight's step: the updates are compared whole
+    moved = torch.cat([(expected[k] - first[k]).flatten() for k in first])
+    apart = torch.cat([(weights[k] - expected[k]).flatten() for k in first])
+    assert apart.norm() < 1e-3 * moved.norm()
+
+
+class Recompile(TrainerCallback):
+    """After step ``at``, a recompile (as new shapes or a failed guard bring), which fails;
+    the steps begun, in order."""
+
+    def __init__(self, compiler: FlakyCompiler, at: int | None) -> None:
+        self.compiler, self.at, self.begun = compiler, at, []
+
+    def on_step_begin(self, args, state, control, **_):
+        self.begun.append(state.global_step)
+
+    def on_step_end(self, args, state, control, **_):
+        if state.global_step == self.at:
+            self.compiler.failing = True
+            torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    ("fail_at", "checkpoint_every", "restart"),
+    [(None, 1000, 0), (2, 1000, 0), (2, 2, 2)],
+)
+def test_a_compile_failure_falls_back_to_the_run_without_compile(
+    tiny_model, tmp_path, monkeypatch, caplog, fail_at, checkpoint_every, restart
+):
+    """At the first step (``fail_at`` None) or at a recompile after step ``fail_at``: the
+    run starts again from its newest checkpoint (``restart``), else from the adapter's first
+    weights, and ends with the weights of a run that never compiled; the plan it reports and
+    the checkpoints it stores after the fallback say compile is off, and why."""
+    import torch._inductor.compile_fx as compile_fx
+
+    flaky = FlakyCompiler(failing=fail_at is None)
+    monkeypatch.setattr(compile_fx, "compile_fx", flaky)
+    recompile = Recompile(flaky, fail_at)
+    every = {"checkpoint_every": checkpoint_every}
+    _, expected, _ = _run(tiny_model, tmp_path, "eager", compile_on=False, **every)
+    with caplog.at_level(logging.WARNING, logger="services.trainer.train"):
+        summary, weights, _ = _run(
+            tiny_model, tmp_path, "flaky", compile_on=True, extra=(recompile,), **every
+        )
+    assert recompile.begun == [*range((fail_at or 0) + 1), *range(restart, STEPS)]
+    assert flaky.calls >= 1 + (fail_at is not None)
+    note = "compile on -> off: torch.compile failed, training without it (RuntimeError: "
+    reason = "inductor could not lower aten.fake_op)"
+    assert not summary["plan"].compile
+    assert summary["plan"].notes[-1] == note + reason
+    logged = [r.getMessage() for r in caplog.records if r.name == "services.trainer.train"]
+    assert logged == [note + reason]
+    assert summary["steps"] == STEPS
+    _assert_same(weights, expected, rtol=1e-5, atol=1e-7)
+    if checkpoint_every <= STEPS:  # stored after the fallback: the plan it trained under
+        plan = json.loads((tmp_path / "flaky" / f"checkpoint-{STEPS}" / PLAN_FILE).read_text())
+        assert (plan["compile"], plan["notes"][-1]) == (False, note + reason)
