@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from services.trainer import lora, train
+from services.trainer import compiling, lora, train
 from services.trainer.callbacks import PLAN_FILE, StoreCheckpoints
 from services.trainer.checkpoints import CheckpointStore
 from shared import planner
@@ -58,19 +58,13 @@ def _run(tiny_model, tmp_path, name, *, compile_on, checkpoint_every=1000, extra
         CheckpointStore(LocalStore(tmp_path / f"{name}-store"), "ck"),
         every_minutes=1e9, stored=lambda step: None, plan=asdict(plan),
     )  # fmt: skip
-    first = _weights(model)
+    first = compiling.adapter_weights(model)
     torch._dynamo.reset()
     summary = train.train(
         model, AutoTokenizer.from_pretrained(tiny_model), token_rows(8, 6, 5), spec=spec,
         plan=plan, output_dir=tmp_path / name, callbacks=[stored, *extra],
     )  # fmt: skip
-    return summary, _weights(model), first
-
-
-def _weights(model):
-    from peft import get_peft_model_state_dict
-
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    return summary, compiling.adapter_weights(model), first
 
 
 def _assert_same(weights, expected, **tolerance):
