@@ -3,6 +3,7 @@ starts again without it (nothing compiled may have touched the weights it starts
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,19 @@ def replan(callbacks: list[Any], plan: Plan) -> None:
     for callback in callbacks:
         if isinstance(callback, StoreCheckpoints) and callback.plan is not None:
             callback.plan = asdict(plan)
+
+
+def backward_with_forward(on: bool) -> AbstractContextManager[Any]:
+    """With compile on, each graph's backward compiled with its forward, not at its first
+    ``backward()``. AOTAutograd compiles a backward lazily, outside dynamo's backend call, so
+    a failure there surfaces as the backend's bare error (a plain ``RuntimeError`` says
+    nothing of compile) after a forward already ran; compiled with the forward, it is
+    dynamo's ``BackendCompilerFailed``, before the step, as ``failed`` knows it."""
+    if not on:
+        return nullcontext()
+    import torch._functorch.config as functorch
+
+    return functorch.patch(force_non_lazy_backward_lowering=True)
 
 
 def failed(exc: BaseException) -> bool:

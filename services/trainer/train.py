@@ -122,7 +122,8 @@ def train(
     before = compiling.adapter_weights(model) if plan.compile and checkpoint is None else None
     try:
         try:
-            result = trainer.train(resume_from_checkpoint=checkpoint)
+            with compiling.backward_with_forward(plan.compile):
+                result = trainer.train(resume_from_checkpoint=checkpoint)
         except Exception as exc:
             if not (plan.compile and compiling.failed(exc)):
                 raise

@@ -24,17 +24,31 @@ STEPS = 4
 
 
 class FlakyCompiler:
-    """inductor's compile_fx stand-in: the graph run as traced (no code generated), until
-    ``failing`` is set; then a failure, as inductor's own errors are raised."""
+    """inductor's compile_fx stand-in: AOTAutograd's forward and backward graphs run as
+    traced (no code generated), until ``failing`` is set; then compiling ``part``'s graph
+    fails, as inductor's own errors are raised. AOTAutograd compiles a backward at its first
+    ``backward()`` unless the trainer asks for it with the forward."""
 
-    def __init__(self, failing: bool = False) -> None:
-        self.failing, self.calls = failing, 0
+    def __init__(self, failing: bool = False, part: str = "forward") -> None:
+        self.failing, self.part, self.calls = failing, part, 0
 
     def __call__(self, graph, example_inputs, **_):
+        from torch._dynamo.backends.common import aot_autograd
+
         self.calls += 1
-        if self.failing:
-            raise RuntimeError("inductor could not lower aten.fake_op")
-        return graph.forward
+        compilers = {"fw_compiler": self._compiler("forward")}
+        compilers["bw_compiler"] = self._compiler("backward")
+        return aot_autograd(**compilers)(graph, example_inputs)
+
+    def _compiler(self, part: str):
+        from functorch.compile import make_boxed_func
+
+        def compile(graph, example_inputs):
+            if self.failing and part == self.part:
+                raise RuntimeError("inductor could not lower aten.fake_op")
+            return make_boxed_func(graph.forward)
+
+        return compile
 
 
 def _run(tiny_model, tmp_path, name, *, compile_on, checkpoint_every=1000, extra=()):
@@ -112,19 +126,25 @@ class Recompile(TrainerCallback):
 
 
 @pytest.mark.parametrize(
-    ("fail_at", "checkpoint_every", "restart"),
-    [(None, 1000, 0), (2, 1000, 0), (2, 2, 2)],
+    ("part", "fail_at", "checkpoint_every", "restart"),
+    [
+        ("forward", None, 1000, 0),
+        ("forward", 2, 1000, 0),
+        ("forward", 2, 2, 2),
+        ("backward", None, 1000, 0),  # a recompile's compiles its backward as the first's
+    ],
 )
 def test_a_compile_failure_falls_back_to_the_run_without_compile(
-    tiny_model, tmp_path, monkeypatch, caplog, fail_at, checkpoint_every, restart
+    tiny_model, tmp_path, monkeypatch, caplog, part, fail_at, checkpoint_every, restart
 ):
-    """At the first step (``fail_at`` None) or at a recompile after step ``fail_at``: the
-    run starts again from its newest checkpoint (``restart``), else from the adapter's first
-    weights, and ends with the weights of a run that never compiled; the plan it reports and
-    the checkpoints it stores after the fallback say compile is off, and why."""
+    """Compiling the forward or the backward graph failing, at the first step (``fail_at``
+    None) or at a recompile after step ``fail_at``: the run starts again from its newest
+    checkpoint (``restart``), else from the adapter's first weights, and ends with the
+    weights of a run that never compiled; the plan it reports and the checkpoints it stores
+    after the fallback say compile is off, and why."""
     import torch._inductor.compile_fx as compile_fx
 
-    flaky = FlakyCompiler(failing=fail_at is None)
+    flaky = FlakyCompiler(failing=fail_at is None, part=part)
     monkeypatch.setattr(compile_fx, "compile_fx", flaky)
     recompile = Recompile(flaky, fail_at)
     every = {"checkpoint_every": checkpoint_every}
