@@ -7,7 +7,8 @@ glossary (``../shared/data/symptom_ontology.jsonl``: 424 terms, definitions from
 tokens to 263, the long tail of such data; the shipped ``data/medical_terms.jsonl`` where
 that is absent), prepared by the data-prep stage in the model's chat template with answers
 up to 256 tokens, three ways to batch the same examples, each through the trainer's own
-code path (trl's SFTTrainer, the auto plan's batch) in a fresh process:
+code path (trl's SFTTrainer, the auto plan's micro-batch for an effective batch of 32) in a
+fresh process:
 
 - padded, random order: every batch padded to its longest row, as a plain SFT loop does;
 - padded, length-grouped (``training.packing: off`` with the default ``group_by_length``):
@@ -16,6 +17,12 @@ code path (trl's SFTTrainer, the auto plan's batch) in a fresh process:
   lengths pack tighter), each one's examples packed into rows of the width that costs
   least by the model's shape, attention kept within each example by its restarting
   position ids (``services.trainer.causal.bins``).
+
+The effective batch is 32, as the auto plan takes for a dataset of a few thousand rows or
+more (``wiki_medical_terms``), not the auto plan's for this glossary: 297 training rows over
+3 epochs keep at least 250 updates at 3 rows each, where a batch has too few rows for the way
+it is drawn to matter (on 2026-12-06, at 3 rows: packed 1.11x the examples/s of padded in
+random order and 0.97x of length-grouped, 1.9% of length-grouped positions padding).
 
 Each way first tries each learning rate of the grid once and keeps the one with the lowest
 held-out loss (the answer's tokens on the test split, the evaluator's code); then the three
@@ -43,6 +50,7 @@ MODES: dict[str, dict[str, Any]] = {
     "packed rows": {"packing": "auto"},
 }
 LRS = (1e-3, 3e-3, 1e-2)
+BATCH = 32  # the effective batch (see above)
 MAX_TARGET = 256
 GOAL = 1.5
 GLOSSARY = Path(__file__).parents[2] / "shared" / "data" / "symptom_ontology.jsonl"
@@ -83,7 +91,8 @@ def run_one(model_dir: str, prepared: str, mode: str, lr: float, epochs: float) 
     tokenizer = load_tokenizer(model_dir)
     spec = TrainingSpec.model_validate(
         {**MODES[mode], "learning_rate": lr, "epochs": epochs, "seed": 0,
-         "checkpoint_every_steps": 10**6, "logging_steps": 10**6}
+         "effective_batch_size": BATCH, "checkpoint_every_steps": 10**6,
+         "logging_steps": 10**6}
     )  # fmt: skip
     plan = planner.resolve(
         spec, model_shape(model_dir), planner.Rows.from_manifest(info["manifest"])

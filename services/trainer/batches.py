@@ -28,7 +28,6 @@ import pyarrow as pa
 import pyarrow.compute
 import torch
 from transformers import Seq2SeqTrainer, TrainerCallback
-from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from services.trainer.clipping import OneDeviceClipping
 
@@ -86,19 +85,6 @@ def epoch_index(epoch: float) -> int:
     return math.floor(epoch + 1e-6)
 
 
-class LengthGroupedBySeed(EpochSeeded, LengthGroupedSampler):
-    """transformers' length grouping (decoder-only rows: one length each), drawn from the
-    seed and the epoch."""
-
-    def __init__(self, batch_size: int, lengths: list[int], seed: int) -> None:
-        super().__init__(batch_size, lengths=lengths)
-        self.seed = seed
-
-    def __iter__(self) -> Iterator[int]:
-        self.generator = self.epoch_generator()  # LengthGroupedSampler draws from it
-        return super().__iter__()
-
-
 class TwoSidedSampler(EpochSeeded, torch.utils.data.Sampler[int]):
     """Row order for batches of ``batch`` rows alike in both lengths, the batches in a
     random order but the longest first (an out-of-memory shows at the first step), drawn
@@ -147,6 +133,17 @@ class TwoSidedSampler(EpochSeeded, torch.utils.data.Sampler[int]):
         return len(batch) * (
             max(self.sources[i] for i in batch) + max(self.targets[i] for i in batch)
         )
+
+
+class LengthGroupedBySeed(TwoSidedSampler):
+    """Length grouping for decoder-only rows (one sequence, one length): the two-sided
+    grouping with an empty source side, so megabatches of 50 batches as for seq2seq.
+    transformers' ``LengthGroupedSampler`` makes at least four megabatches, which cuts a
+    glossary into small ones (297 rows at batch 32: 64 rows each) and left 44% of the
+    positions padding; sorted 50 batches at a time, 10%."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int) -> None:
+        super().__init__(batch_size, [0] * len(lengths), lengths, seed)
 
 
 class CountingCollator:

@@ -7,7 +7,12 @@ import pytest
 import torch
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from services.trainer.batches import CountingCollator, TwoSidedSampler, side_lengths
+from services.trainer.batches import (
+    CountingCollator,
+    LengthGroupedBySeed,
+    TwoSidedSampler,
+    side_lengths,
+)
 from tests.unit.services.test_dataprep_truth import SHARED_DATA, needs_glossaries
 
 
@@ -104,3 +109,33 @@ def test_a_trainer_states_fractional_epoch_names_the_epoch_it_is_in():
     from services.trainer.batches import epoch_index
 
     assert [epoch_index(e) for e in (0.0, 0.5, 1.0, 1.4, 2.9999999, 3.0)] == [0, 0, 1, 1, 3, 3]
+
+
+def _one_sided_waste(lengths, order, batch):
+    pieces = [order[i : i + batch] for i in range(0, len(order), batch)]
+    padded = sum(len(p) * max(lengths[i] for i in p) for p in pieces)
+    return 1 - sum(lengths) / padded
+
+
+@needs_glossaries
+@pytest.mark.parametrize(("batch", "share"), [(8, 0.75), (32, 0.4)])  # measured: 0.48, 0.23
+def test_decoder_rows_are_grouped_fifty_batches_at_a_time_not_in_four_megabatches(
+    tiny_model, batch, share
+):
+    """A decoder-only row is the prompt and the answer in one sequence. transformers'
+    sampler makes four megabatches at least: a glossary's 424 rows at batch 32 are sorted
+    in megabatches of 96, which padded 22% of the positions here; sorted 50 batches at a
+    time, 5% (at batch 8, 5.3% and 2.5%). The order is still every row once, the seed's and
+    the epoch's."""
+    from transformers import AutoTokenizer
+
+    table = _glossary_table(AutoTokenizer.from_pretrained(tiny_model), "symptom_ontology.jsonl")
+    lengths = [s + t for s, t in zip(*side_lengths(table), strict=True)]
+    sampler = LengthGroupedBySeed(batch, lengths, seed=0)
+    ours = list(sampler)
+    theirs = list(LengthGroupedSampler(batch, lengths=lengths, generator=sampler.epoch_generator()))
+    assert sorted(ours) == list(range(len(lengths)))
+    ours_waste, theirs_waste = (_one_sided_waste(lengths, o, batch) for o in (ours, theirs))
+    assert ours_waste < 0.08 and ours_waste < theirs_waste * share, (ours_waste, theirs_waste)
+    sampler.set_epoch(1)
+    assert list(sampler) != ours and sorted(sampler) == sorted(ours)
