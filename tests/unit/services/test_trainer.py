@@ -330,7 +330,7 @@ def prepared_two_ranks(ctx, tiny_model):
     return _two_ranks(ctx, tiny_model, epochs=1)
 
 
-def _two_ranks(ctx, tiny_model, *, epochs):
+def _two_ranks(ctx, tiny_model, *, epochs, job_id="job-2", **training):
     from services.dataprep.handler import handle as prepare
     from shared.messages import PrepareDataset, TrainModel
     from tests.factories import make_spec
@@ -341,11 +341,12 @@ def _two_ranks(ctx, tiny_model, *, epochs):
         "data_parallel": 2,
         "max_steps": -1,
         "epochs": epochs,
+        **training,
     }
     spec = make_spec(tiny_model, training=training)
-    cmd = PrepareDataset(job_id="job-2", spec_uri=ctx.jobs.create("job-2", spec))
+    cmd = PrepareDataset(job_id=job_id, spec_uri=ctx.jobs.create(job_id, spec))
     event = prepare(cmd, ctx)
-    return TrainModel(job_id="job-2", spec_uri=cmd.spec_uri, dataset_manifest=event.manifest)
+    return TrainModel(job_id=job_id, spec_uri=cmd.spec_uri, dataset_manifest=event.manifest)
 
 
 def test_two_processes_train_data_parallel_on_gloo(ctx, prepared_two_ranks):

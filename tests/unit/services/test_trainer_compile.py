@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import asdict
 
 import pytest
@@ -166,3 +167,39 @@ def test_a_compile_failure_falls_back_to_the_run_without_compile(
     if checkpoint_every <= STEPS:  # stored after the fallback: the plan it trained under
         plan = json.loads((tmp_path / "flaky" / f"checkpoint-{STEPS}" / PLAN_FILE).read_text())
         assert (plan["compile"], plan["notes"][-1]) == (False, note + reason)
+
+
+SITECUSTOMIZE = """
+import torch._inductor.compile_fx as compile_fx
+
+
+def _failing(graph, example_inputs, **_):
+    raise RuntimeError("inductor could not lower aten.fake_op")
+
+
+compile_fx.compile_fx = _failing
+"""
+
+
+def test_two_ranks_fall_back_together_and_train_as_the_eager_pair_does(
+    ctx, tiny_model, tmp_path, monkeypatch
+):
+    """Under torchrun each rank compiles the same graph, so compiling fails on every rank:
+    each starts again without it, a new trainer over the model the DDP wrapper of the failed
+    one held; the pair ends with the steps and the loss of a pair that never compiled."""
+    from tests.unit.services.test_trainer import _run, _two_ranks
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)  # in each rank's process
+    eager = _run(ctx, _two_ranks(ctx, tiny_model, epochs=1), lambda data, *, force=False: None)
+    expected = ctx.jobs.manifest("job-2", "train")
+    cmd = _two_ranks(ctx, tiny_model, epochs=1, job_id="job-3", compile="on")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    event = _run(ctx, cmd, lambda data, *, force=False: None)
+    manifest = ctx.jobs.manifest("job-3", "train")
+    assert manifest["processes"] == 2 and event.steps == eager.steps
+    note = "compile on -> off: torch.compile failed, training without it (RuntimeError: "
+    assert not manifest["plan"]["compile"]
+    assert manifest["plan"]["notes"][-1] == note + "inductor could not lower aten.fake_op)"
+    assert manifest["train_loss"] == pytest.approx(expected["train_loss"], rel=1e-5)
