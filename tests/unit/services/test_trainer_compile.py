@@ -132,7 +132,7 @@ class Recompile(TrainerCallback):
         ("forward", None, 1000, 0),
         ("forward", 2, 1000, 0),
         ("forward", 2, 2, 2),
-        ("backward", None, 1000, 0),  # a recompile's compiles its backward as the first's
+        ("backward", None, 1000, 0),  # a recompile compiles its backward as the first step does
     ],
 )
 def test_a_compile_failure_falls_back_to_the_run_without_compile(
