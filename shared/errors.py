@@ -132,3 +132,9 @@ class NotFound(TermtuneError, KeyError):
 
 class ProcessFailed(RetryableError):
     """A child process the stage started (a data-parallel training rank) exited abnormally."""
+
+
+class CompileFailed(TermtuneError):
+    """torch.compile failed in one of several data-parallel ranks: the others wait in a
+    collective call it never makes, so the ranks end and start again without compile. The
+    message is the plan's note saying why."""

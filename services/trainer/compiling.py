@@ -11,10 +11,14 @@ from typing import Any
 from services.trainer.lora import Plan
 
 
-def without(plan: Plan, exc: BaseException) -> Plan:
-    """The plan without torch.compile, its notes saying why."""
-    note = f"compile on -> off: torch.compile failed, training without it ({_cause(exc)})"
-    return replace(plan, compile=False, notes=(*plan.notes, note))
+def note(exc: BaseException) -> str:
+    """The plan's note on a compile failure: what failed, one line."""
+    return f"compile on -> off: torch.compile failed, training without it ({_cause(exc)})"
+
+
+def without(plan: Plan, why: str) -> Plan:
+    """The plan without torch.compile, its notes saying why (``note``)."""
+    return replace(plan, compile=False, notes=(*plan.notes, why))
 
 
 def _cause(exc: BaseException) -> str:

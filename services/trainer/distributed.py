@@ -9,7 +9,10 @@ to the ranks through files in a scratch folder:
 - ``stop``: written by the worker with a reason (cancel, shutdown, lost); the ranks agree on
   it at the next optimizer step, store a checkpoint when shutting down, and exit;
 - ``progress.jsonl``: progress records from the first rank, relayed as events;
-- ``result.json``: the first rank's summary, or the error that ended it.
+- ``result.json``: the first rank's summary, or the error that ended it;
+- ``compile-failed``: written by a rank that torch.compile failed (the plan's note). The
+  ranks that compiled wait for it in a collective call, so it ends them all (torchrun stops
+  the others when one fails) and the worker starts them again without compile.
 
 A rank that finds the worker gone stops as if its lease were lost: a job is never trained by
 an orphan beside the worker that picked it up again.
@@ -33,7 +36,7 @@ import torch
 
 from services.trainer.fit import TrainJob, fit
 from shared import errors
-from shared.errors import ProcessFailed, SpecError
+from shared.errors import CompileFailed, ProcessFailed, SpecError
 from shared.jobspec import TrainingSpec
 
 POLL_SECONDS = 0.5
@@ -70,6 +73,7 @@ class _Files:
     stop = property(lambda self: self.folder / "stop")
     progress = property(lambda self: self.folder / "progress.jsonl")
     result = property(lambda self: self.folder / "result.json")
+    compile_failed = property(lambda self: self.folder / "compile-failed")
     log = property(lambda self: self.folder / "ranks.log")
 
     def table(self, split: str) -> Path:
@@ -134,7 +138,10 @@ def launch(
 
 
 def _result(files: _Files, returncode: int) -> dict[str, Any]:
-    """The first rank's summary; its error re-raised; a crash as ProcessFailed."""
+    """The first rank's summary; its error re-raised; a crash as ProcessFailed; any rank's
+    compile failure as CompileFailed (whatever the ranks it left waiting said of it)."""
+    if files.compile_failed.exists():
+        raise CompileFailed(files.compile_failed.read_text())
     if files.result.exists():
         result = json.loads(files.result.read_text())
         if "error" in result:
@@ -231,6 +238,8 @@ def main(launch_path: str) -> None:
             immediate_stop=_rank_should_stop(files, launch_doc["worker_pid"]),
         )
     except Exception as exc:
+        if isinstance(exc, CompileFailed):  # any rank: the others may fail only after it
+            _write_atomic(files.compile_failed, str(exc))
         if first:
             error = {"type": type(exc).__name__, "message": str(exc) or repr(exc)}
             _write_atomic(files.result, json.dumps({"error": error}))

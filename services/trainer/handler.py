@@ -12,21 +12,25 @@ import contextlib
 import dataclasses
 import functools
 import json
+import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
-from services.trainer import distributed, lora
+from services.trainer import compiling, distributed, lora
 from services.trainer.callbacks import PLAN_FILE
 from services.trainer.checkpoints import CheckpointStore
 from services.trainer.fit import TrainJob, fit
 from shared import planner, tracking
 from shared.artifacts import file_digests, read_split
 from shared.basemodel import resolve_base_model
-from shared.errors import Cancelled, Interrupted, ModelError
+from shared.errors import Cancelled, CompileFailed, Interrupted, ModelError
 from shared.messages import ModelTrained, TrainModel
 from shared.modeling import device, versions
 from shared.stage import StageContext
 from shared.trainplan import model_shape
+
+log = logging.getLogger(__name__)
 
 
 def handle(command: TrainModel, ctx: StageContext) -> ModelTrained:
@@ -127,16 +131,20 @@ def _fit(
     """Train here, or under torchrun when the plan has several processes."""
     should_stop = functools.partial(ctx.should_stop, command)
     if job.processes > 1:
-        return distributed.launch(
-            job,
-            table,
-            validation,
+        launch = functools.partial(
+            distributed.launch,
+            train_table=table,
+            eval_table=validation,
             store_url=ctx.settings.store_url,
             s3_endpoint_url=ctx.settings.s3_endpoint_url,
             report=report,
             should_stop=should_stop,
-            folder=folder / "ranks",
         )
+        try:
+            return launch(job, folder=folder / "ranks")
+        except CompileFailed as exc:
+            log.warning("%s; the %d ranks start again", exc, job.processes)
+            return launch(_without_compile(job, str(exc), ctx), folder=folder / "ranks-eager")
     return fit(
         job,
         table,
@@ -191,6 +199,21 @@ def _raise_if_stopped(command: TrainModel, summary: dict[str, Any]) -> None:
         raise Interrupted(f"worker stopping; checkpoint stored at step {steps}")
     if reason == "lost":
         raise Interrupted(f"lease lost at step {steps}; another worker owns the job")
+
+
+def _without_compile(job: TrainJob, why: str, ctx: StageContext) -> TrainJob:
+    """The job again after torch.compile failed in a rank: from its newest stored checkpoint
+    (under that checkpoint's plan), else from the start, without compile."""
+    trainer = Path(job.output_dir) / "trainer"
+    shutil.rmtree(trainer, ignore_errors=True)  # what the ranks left: a save may be cut short
+    resume = CheckpointStore(ctx.store, job.checkpoints_prefix).download_latest(trainer)
+    plan = compiling.without(_resumed_plan(resume) or job.resolved, why)
+    return dataclasses.replace(
+        job,
+        plan=dataclasses.asdict(plan),
+        resume_from=str(resume) if resume else None,
+        rows=None if resume else job.rows,
+    )
 
 
 def _resumed_plan(checkpoint: Path | None) -> lora.Plan | None:

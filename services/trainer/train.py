@@ -14,7 +14,7 @@ import torch
 from services.trainer import causal, compiling, optim, ranks
 from services.trainer.batches import CountingCollator, GroupedTrainer, side_lengths
 from services.trainer.lora import Plan
-from shared.errors import OutOfMemory
+from shared.errors import CompileFailed, OutOfMemory
 from shared.jobspec import TrainingSpec
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,8 @@ def train(
     without it, logged and noted in the plan the summary and the checkpoints carry. The run
     starts again where nothing compiled touched it: its newest local checkpoint, else the
     checkpoint it resumed from, else the adapter's weights as they were before the first step.
+    One of several data-parallel ranks raises CompileFailed instead: the ranks that compiled
+    wait for it in this step's collectives, so all start again (``distributed.launch``).
     """
 
     def build(plan: Plan) -> Any:
@@ -127,7 +129,9 @@ def train(
         except Exception as exc:
             if not (plan.compile and compiling.failed(exc)):
                 raise
-            plan = compiling.without(plan, exc)
+            if ranks.distributed():  # the other ranks wait in this step's collectives
+                raise CompileFailed(compiling.note(exc)) from exc
+            plan = compiling.without(plan, compiling.note(exc))
             log.warning("%s", plan.notes[-1])
             compiling.replan(callbacks, plan)
             checkpoint = compiling.restart_point(output_dir, checkpoint, model, before)

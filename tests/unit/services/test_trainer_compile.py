@@ -170,36 +170,85 @@ def test_a_compile_failure_falls_back_to_the_run_without_compile(
 
 
 SITECUSTOMIZE = """
+import os
+from pathlib import Path
+
+import torch
 import torch._inductor.compile_fx as compile_fx
 
+FAILING = os.environ.get("RANK") in {FAILING}
+STORED = os.environ.get("FAIL_ONCE_STORED")  # fail only once this stored file exists
+state = {"failing": FAILING and not STORED}
 
-def _failing(graph, example_inputs, **_):
-    raise RuntimeError("inductor could not lower aten.fake_op")
+
+def _compile(graph, example_inputs, **_):  # compiled as traced (no code generated), or not
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    if state["failing"]:
+        raise RuntimeError("inductor could not lower aten.fake_op")
+
+    def boxed(graph, _):
+        return make_boxed_func(graph.forward)
+
+    return aot_autograd(fw_compiler=boxed, bw_compiler=boxed)(graph, example_inputs)
 
 
-compile_fx.compile_fx = _failing
+compile_fx.compile_fx = _compile
+
+if FAILING and STORED:
+    from transformers import trainer_callback
+
+    step_end = trainer_callback.CallbackHandler.on_step_end
+
+    def _recompile_once_stored(self, args, trainer_state, control):
+        if not state["failing"] and Path(STORED).exists():
+            state["failing"] = True
+            torch._dynamo.reset()  # a recompile, as a shape only this rank's batches has
+        return step_end(self, args, trainer_state, control)
+
+    trainer_callback.CallbackHandler.on_step_end = _recompile_once_stored
 """
 
 
-def test_two_ranks_fall_back_together_and_train_as_the_eager_pair_does(
-    ctx, tiny_model, tmp_path, monkeypatch
+@pytest.mark.parametrize(
+    ("failing", "later"),
+    [(("0", "1"), False), (("1",), True)],
+    ids=["every-rank-first-step", "one-rank-later"],
+)
+def test_ranks_that_compile_fails_start_again_without_it_and_train_as_the_eager_pair_does(
+    ctx, tiny_model, tmp_path, monkeypatch, failing, later
 ):
-    """Under torchrun each rank compiles the same graph, so compiling fails on every rank:
-    each starts again without it, a new trainer over the model the DDP wrapper of the failed
-    one held; the pair ends with the steps and the loss of a pair that never compiled."""
+    """Under torchrun compiling may fail on every rank (the same graph) or on one (a shape
+    only its batches have), at the first step or after a checkpoint was stored (``later``).
+    The rank it fails ends the run, as the others wait for it in the step's collectives
+    (until the process group's timeout, 30 minutes, were it to start again alone); the
+    worker starts every rank again without compile, from the newest stored checkpoint under
+    its plan, else from the start. The pair ends with the steps and the weights of a pair
+    that never compiled, its plan saying why."""
+    from safetensors.torch import load_file
+
     from tests.unit.services.test_trainer import _run, _two_ranks
 
     site = tmp_path / "site"
     site.mkdir()
-    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)  # in each rank's process
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE.replace("{FAILING}", repr(set(failing))))
     eager = _run(ctx, _two_ranks(ctx, tiny_model, epochs=1), lambda data, *, force=False: None)
     expected = ctx.jobs.manifest("job-2", "train")
     cmd = _two_ranks(ctx, tiny_model, epochs=1, job_id="job-3", compile="on")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    if later:
+        stored = ctx.store.path("jobs/job-3/train/checkpoints/latest.json")
+        monkeypatch.setenv("FAIL_ONCE_STORED", str(stored))
     event = _run(ctx, cmd, lambda data, *, force=False: None)
     manifest = ctx.jobs.manifest("job-3", "train")
     assert manifest["processes"] == 2 and event.steps == eager.steps
     note = "compile on -> off: torch.compile failed, training without it (RuntimeError: "
     assert not manifest["plan"]["compile"]
     assert manifest["plan"]["notes"][-1] == note + "inductor could not lower aten.fake_op)"
-    assert manifest["train_loss"] == pytest.approx(expected["train_loss"], rel=1e-5)
+    assert ("resumed: the checkpoint's plan" in manifest["plan"]["notes"]) is later
+    if not later:  # a resumed run's loss is its own steps' (the Trainer's)
+        assert manifest["train_loss"] == pytest.approx(expected["train_loss"], rel=1e-5)
+    adapters = [ctx.store.path(ctx.store.key_of(m["adapter"])) for m in (manifest, expected)]
+    weights, expected = (load_file(a / "adapter_model.safetensors") for a in adapters)
+    _assert_same(weights, expected, rtol=1e-4, atol=1e-6)
