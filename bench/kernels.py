@@ -1,6 +1,6 @@
 """Operator calls per optimizer step: the notebook's recipe against termtune's, by variant.
 
-    python -m bench.kernels [--width 1024] [--source 32] [--target 64]
+    python -m bench.kernels [--width 1024] [--source 32] [--target 64] [--layers 24]
 
 A randomly initialised model of flan-t5-large's shape (24 + 24 layers, 16 heads, d_model
 1024, gated-GELU d_ff 2816, vocabulary 32128), LoRA r=64 on every linear layer, batch 1 and
@@ -15,6 +15,7 @@ and with the fused adapted layers on the same model in bf16 with fp32 adapters u
 autocast, as the CUDA plan trains (CPU autocast here), where peft's forward also copies each
 layer's input to fp32 and back. The counts do not depend on the
 width or the lengths (``--width`` only makes the run quicker); the time a step takes does.
+``--layers`` (each stack's) changes the counts: fewer only to show the script runs.
 Prints figures; nothing here is a test.
 """
 
@@ -53,7 +54,7 @@ BF16_VARIANTS: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-def build_model(folder: Path, width: int) -> Path:
+def build_model(folder: Path, width: int, layers: int = 24) -> Path:
     """flan-t5-large's shape (scaled in width only) with random weights and a tokenizer."""
     import torch
     from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
@@ -65,7 +66,7 @@ def build_model(folder: Path, width: int) -> Path:
     scale = width / 1024
     config = T5Config(
         vocab_size=32128, d_model=width, d_kv=max(1, round(64 * scale)), d_ff=round(2816 * scale),
-        num_layers=24, num_decoder_layers=24, num_heads=16, feed_forward_proj="gated-gelu",
+        num_layers=layers, num_decoder_layers=layers, num_heads=16, feed_forward_proj="gated-gelu",
         tie_word_embeddings=False, dropout_rate=0.1, decoder_start_token_id=0, pad_token_id=0,
         eos_token_id=1,
     )  # fmt: skip
@@ -196,10 +197,15 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=1024, help="d_model (1024: flan-t5-large)")
     parser.add_argument("--source", type=int, default=32)
     parser.add_argument("--target", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=24, help="each stack's (smoke: 2)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-kernels-") as tmp:
-        print(f"building flan-t5-large's shape at width {args.width}...", flush=True)
-        model_dir = build_model(Path(tmp), args.width)
+        print(
+            f"building flan-t5-large's shape at width {args.width}, {args.layers} + "
+            f"{args.layers} layers...",
+            flush=True,
+        )
+        model_dir = build_model(Path(tmp), args.width, args.layers)
         rows = measure(model_dir, VARIANTS, args)
         half = measure(model_dir, BF16_VARIANTS, args, bf16=True)
     shape = f"batch 1, {args.source} + {args.target} tokens, one optimizer step, CPU"

@@ -81,9 +81,9 @@ GPU = (
 #: each benchmark's arguments under ``TERMTUNE_BENCH_SIZE=smoke``: small enough that the
 #: whole of ``make bench`` takes minutes; nothing they print is a figure
 SMOKE = {
-    "bench.training": ["--repeats", "1", "--epochs", "0.4", "--grid", "1"],
+    "bench.training": ["--repeats", "1", "--epochs", "0.4", "--grid", "1", "--sweep", "1,32"],
     "bench.packing": ["--repeats", "1", "--epochs", "0.4", "--grid", "1", "--families", "llama"],
-    "bench.kernels": ["--width", "64", "--source", "8", "--target", "16"],
+    "bench.kernels": ["--width", "64", "--source", "8", "--target", "16", "--layers", "2"],
     "bench.validation": ["--epochs", "0.5"],
     "bench.dataprep": ["--rows", "200", "--repeats", "1"],
     "bench.pipeline": ["--jobs", "1", "--steps", "2"],

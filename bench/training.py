@@ -229,6 +229,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--grid", type=int, help="only each grid's first N rates (smoke: 1)")
+    parser.add_argument(
+        "--sweep", default="1,4,8,16,32", help="the effective batches swept (smoke: 1,32)"
+    )
     parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -253,7 +256,9 @@ def main() -> None:
             args.repeats,
         )
         matched = _time_matched(model, prepared, results, args.epochs, args.repeats, args.grid)
-        sweep = _best_each(model, prepared, SWEEP, args.epochs, args.grid)
+        swept = {f"termtune default at effective batch {n}" for n in args.sweep.split(",")}
+        chosen = {name: recipe for name, recipe in SWEEP.items() if name in swept}
+        sweep = _best_each(model, prepared, chosen, args.epochs, args.grid)
         tuned = _best_each(model, prepared, LORAPLUS, args.epochs, args.grid)
         plus = {
             name: (lr, _over_seeds(model, prepared, name, lr, args.epochs, args.repeats, run))
