@@ -3,12 +3,15 @@ starts again without it (nothing compiled may have touched the weights it starts
 
 from __future__ import annotations
 
+import logging
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from services.trainer.lora import Plan
+
+log = logging.getLogger(__name__)
 
 
 def note(exc: BaseException) -> str:
@@ -77,6 +80,12 @@ def backward_with_forward(on: bool) -> AbstractContextManager[Any]:
         return nullcontext()
     import torch._functorch.config as functorch
 
+    if not hasattr(functorch, "force_non_lazy_backward_lowering"):  # an internal setting
+        log.warning(
+            "this torch compiles each backward graph at its first backward(): a failure "
+            "compiling one fails the run instead of falling back to training without compile"
+        )
+        return nullcontext()
     return functorch.patch(force_non_lazy_backward_lowering=True)
 
 

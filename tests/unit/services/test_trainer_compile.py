@@ -169,6 +169,28 @@ def test_a_compile_failure_falls_back_to_the_run_without_compile(
         assert (plan["compile"], plan["notes"][-1]) == (False, note + reason)
 
 
+def test_a_torch_without_the_eager_backward_setting_compiles_lazily_and_says_so(
+    monkeypatch, caplog
+):
+    """``force_non_lazy_backward_lowering`` is functorch's internal setting: a torch that
+    drops it still trains compiled (its backward failures then fail the run), and says so."""
+    import torch._functorch
+
+    class Settings:  # a functorch config without the setting
+        def patch(self, **changes):
+            raise AssertionError(f"patched {changes}")
+
+    with compiling.backward_with_forward(True):  # this torch has it
+        import torch._functorch.config as functorch
+
+        assert functorch.force_non_lazy_backward_lowering is True
+    monkeypatch.setattr(torch._functorch, "config", Settings())
+    with caplog.at_level(logging.WARNING, logger="services.trainer.compiling"):
+        with compiling.backward_with_forward(True):
+            pass
+    assert "compiles each backward graph at its first backward()" in caplog.text
+
+
 SITECUSTOMIZE = """
 import os
 from pathlib import Path
