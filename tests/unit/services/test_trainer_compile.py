@@ -185,9 +185,9 @@ def test_a_torch_without_the_eager_backward_setting_compiles_lazily_and_says_so(
 
         assert functorch.force_non_lazy_backward_lowering is True
     monkeypatch.setattr(torch._functorch, "config", Settings())
-    with caplog.at_level(logging.WARNING, logger="services.trainer.compiling"):
-        with compiling.backward_with_forward(True):
-            pass
+    logged = caplog.at_level(logging.WARNING, logger="services.trainer.compiling")
+    with logged, compiling.backward_with_forward(True):
+        pass
     assert "compiles each backward graph at its first backward()" in caplog.text
 
 
