@@ -309,6 +309,10 @@ def planned(size: str, only: list[str] | None) -> list[tuple[str, list[str], int
         pass
     if size == "smoke":
         benches = [(m, SMOKE[m], limit, title, what) for m, _, limit, title, what in benches]
+    unknown = [name for name in only or () if name not in {b[0] for b in [*BENCHES, GPU]}]
+    if unknown:  # before anything runs or the page is written
+        known = ", ".join(b[0] for b in [*BENCHES, GPU])
+        raise SystemExit(f"--only {' '.join(unknown)}: no such benchmark (known: {known})")
     return [b for b in benches if not only or b[0] in only]
 
 

@@ -71,3 +71,19 @@ def test_the_smoke_size_runs_every_benchmark_small_and_writes_under_var(monkeypa
     monkeypatch.setenv("TERMTUNE_BENCH_SIZE", "huge")
     with pytest.raises(SystemExit, match="TERMTUNE_BENCH_SIZE='huge': expected one of full, smoke"):
         report.bench_size()
+
+
+def test_only_with_a_name_no_benchmark_has_stops_before_the_page_is_written(tmp_path, monkeypatch):
+    monkeypatch.delenv("TERMTUNE_BENCH_SIZE", raising=False)
+    monkeypatch.setattr(report, "run", lambda *a: pytest.fail("nothing may run"))
+    page = tmp_path / "page.md"
+    # one comma-joined name, as a shell user may type it: no benchmark is called that
+    argv = ["report", "--out", str(page), "--only", "bench.export,bench.ledger"]
+    monkeypatch.setattr("sys.argv", argv)
+    with pytest.raises(
+        SystemExit,
+        match=r"--only bench.export,bench.ledger: no such benchmark \(known: bench.training, ",
+    ):
+        report.main()
+    assert not page.exists()
+    assert [b[0] for b in report.planned("full", ["bench.ledger"])] == ["bench.ledger"]
