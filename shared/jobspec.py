@@ -586,7 +586,7 @@ class TrackingSpec(_Section):
         description="Register the exported model in MLflow's model registry (a version under "
         "the published model name, tagged with the job id, digest and Bedrock ARN); W&B: a "
         "model artifact of that name with the same metadata (online: linked into the "
-        "registry).",
+        "registry). TensorBoard has no registry: nothing is registered there.",
     )
 
 

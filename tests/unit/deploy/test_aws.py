@@ -139,7 +139,9 @@ def test_every_queue_has_a_dead_letter_queue(resources):
 
 
 def test_buckets_are_private_encrypted_and_versioned(resources):
-    for name, bucket in _of_type(resources, "AWS::S3::Bucket").items():
+    buckets = _of_type(resources, "AWS::S3::Bucket")
+    assert buckets, "the template has no bucket"
+    for name, bucket in buckets.items():
         props = bucket["Properties"]
         assert all(props["PublicAccessBlockConfiguration"].values()), name
         assert props["BucketEncryption"]["ServerSideEncryptionConfiguration"], name

@@ -68,7 +68,10 @@ def test_an_empty_folder_says_what_a_model_folder_holds(tmp_path):
 
 
 def test_a_folder_is_never_refused_before_loading(tmp_path):
-    check_base_model(str(tmp_path))  # a folder goes on to from_pretrained
+    assert check_base_model(str(tmp_path)) is None  # a folder goes on to from_pretrained
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(ModelError, match="is a file"):  # a file there is refused at once
+        check_base_model(str(tmp_path / "weights.bin"))
 
 
 def _hub_unreachable() -> OSError:
