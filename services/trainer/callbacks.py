@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import resource
 import time
 from collections.abc import Callable
@@ -15,6 +16,8 @@ from transformers import TrainerCallback
 from services.trainer import ranks
 from services.trainer.checkpoints import CheckpointStore
 from shared.periodic import Periodic
+
+log = logging.getLogger(__name__)
 
 # Stop reasons by precedence: when ranks see different ones, the strongest wins.
 STOP_REASONS = (None, "cancel", "shutdown", "lost")
@@ -167,7 +170,10 @@ class PolledStop:
         return self.latest
 
     def __enter__(self) -> PolledStop:
-        self.poll()
+        try:  # at once, so a stop asked before the first step is seen there
+            self.poll()
+        except Exception as exc:  # noqa: BLE001 - a hiccup: the timer asks again
+            log.error("%s failed: %s", self.timer.name, exc)
         self.timer.start()
         return self
 

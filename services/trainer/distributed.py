@@ -6,8 +6,14 @@ its own session (a SIGTERM meant for the worker does not reach the ranks directl
 to the ranks through files in a scratch folder:
 
 - ``launch.json``: the TrainJob, the store location and the worker's pid;
-- ``stop``: written by the worker with a reason (cancel, shutdown, lost); the ranks agree on
-  it at the next optimizer step, store a checkpoint when shutting down, and exit;
+- ``stop``: written by the worker with a reason (cancel, shutdown, lost), again when a
+  stronger one comes (a lease lost during a shutdown: no checkpoint for a job another worker
+  owns); the ranks agree on it at the next optimizer step, store a checkpoint when shutting
+  down, and exit. The worker asks for the reason off its loop, as a single process does
+  (``callbacks.PolledStop``): a database hiccup does not end the ranks' run;
+- ``rank-N.pid``: each rank's process id. torchrun starts every rank in its own session, so
+  when the ranks do not stop on their own after a failing worker wrote ``stop``, they are
+  killed by these, not only torchrun;
 - ``progress.jsonl``: progress records from the first rank, relayed as events;
 - ``result.json``: the first rank's summary, or the error that ended it;
 - ``compile-failed``: written by a rank that torch.compile failed (the plan's note). The
@@ -20,9 +26,11 @@ an orphan beside the worker that picked it up again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -34,6 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from services.trainer.callbacks import PolledStop
 from services.trainer.fit import TrainJob, fit
 from shared import errors
 from shared.errors import CompileFailed, ProcessFailed, SpecError
@@ -79,6 +88,23 @@ class _Files:
     def table(self, split: str) -> Path:
         return self.folder / f"{split}.parquet"
 
+    def rank_pid(self, rank: str) -> Path:
+        return self.folder / f"rank-{rank}.pid"
+
+    def rank_pids(self) -> list[int]:
+        """The ranks still running: the process ids they wrote, each checked to be a rank of
+        this launch by its command line (a pid the system gave to another process since is
+        left alone)."""
+        found = (p.read_text().strip() for p in self.folder.glob("rank-*.pid"))
+        return [int(pid) for pid in found if pid.isdigit() and self._is_rank(int(pid))]
+
+    def _is_rank(self, pid: int) -> bool:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return str(self.launch).encode() in argv
+
 
 def launch(
     job: TrainJob,
@@ -107,34 +133,39 @@ def launch(
             }
         )
     )
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={job.processes}",
-        "-m",
-        "services.trainer.distributed",
-        str(files.launch),
-    ]
-    with files.log.open("wb") as log:
+    command = _torchrun(files, job.processes)
+    with files.log.open("wb") as log, PolledStop(should_stop, every=POLL_SECONDS) as polled:
         proc = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
-        relay = _Relay(files.progress, report)
+        relay, told = _Relay(files.progress, report), None
         try:
             while proc.poll() is None:
-                reason = should_stop()
-                if reason is not None and not files.stop.exists():
+                if (reason := polled()) != told:  # the strongest yet (PolledStop keeps it)
                     _write_atomic(files.stop, reason)
+                    told = reason
                 relay.drain()
                 time.sleep(POLL_SECONDS)
         finally:
             if proc.poll() is None:  # the worker itself is failing: take the ranks down
                 _write_atomic(files.stop, "lost")
-                _wait_or_kill(proc)
+                _wait_or_kill(proc, files)
         relay.drain()
     return _result(files, proc.returncode)
+
+
+def _torchrun(files: _Files, processes: int) -> list[str]:
+    """The command that starts the ranks."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={processes}",
+        "-m",
+        "services.trainer.distributed",
+        str(files.launch),
+    ]
 
 
 def _result(files: _Files, returncode: int) -> dict[str, Any]:
@@ -157,16 +188,30 @@ def _result(files: _Files, returncode: int) -> dict[str, Any]:
     )
 
 
-def _wait_or_kill(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:
+def _wait_or_kill(proc: subprocess.Popen[bytes], files: _Files, grace: float = 20.0) -> None:
+    """torchrun and its ranks gone: on their own within ``grace`` seconds of the stop file,
+    else killed, each rank's session with torchrun's (a rank still loading the model or
+    compiling reads no stop file, and would keep its GPU)."""
     try:
         proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
+        for pid in (proc.pid, *files.rank_pids()):
+            _kill_session(pid)
         proc.wait()
 
 
+def _kill_session(pid: int) -> None:
+    """SIGKILL to ``pid``, and to its process group where it leads one (torchrun and, as
+    torchrun starts them, each rank: the compile workers a rank started go with it)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+
+
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # ranks may write one file at once
     tmp.write_text(text)
     tmp.replace(path)
 
@@ -222,7 +267,9 @@ def main(launch_path: str) -> None:
     files = _Files(Path(launch_path).parent)
     launch_doc = json.loads(files.launch.read_text())
     job = TrainJob(**launch_doc["job"])
-    first = int(os.environ.get("RANK", "0")) == 0
+    rank = os.environ.get("RANK", "0")
+    _write_atomic(files.rank_pid(rank), str(os.getpid()))
+    first = rank == "0"
     try:
         settings = Settings(
             store_url=launch_doc["store_url"], s3_endpoint_url=launch_doc["s3_endpoint_url"]

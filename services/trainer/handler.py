@@ -100,9 +100,10 @@ def _train(command: TrainModel, ctx: StageContext) -> dict[str, Any]:
     ctx.store.put_json(f"{prefix}/log.json", log_history)
     summary.pop("stop_reason")
     job_plan = summary.pop("plan", job.plan)  # after the probe (CUDA)
+    resumed_from = summary.pop("resumed_from")  # a relaunch's, when compile failed in a rank
     manifest = {
         **summary,
-        "resumed_from_step": int(resume.name.split("-")[1]) if resume else None,
+        "resumed_from_step": int(Path(resumed_from).name.split("-")[1]) if resumed_from else None,
         "processes": job.processes,
         "adapter": ctx.store.uri(f"{prefix}/adapter"),
         "adapter_sha256": file_digests(folder / "adapter"),  # what its readers check
@@ -141,11 +142,14 @@ def _fit(
             should_stop=should_stop,
         )
         try:
-            return launch(job, folder=folder / "ranks")
+            return {**launch(job, folder=folder / "ranks"), "resumed_from": job.resume_from}
         except CompileFailed as exc:
+            _raise_if_asked_to_stop(command, should_stop(), str(exc))
             log.warning("%s; the %d ranks start again", exc, job.processes)
-            return launch(_without_compile(job, str(exc), ctx), folder=folder / "ranks-eager")
-    return fit(
+            again = _without_compile(job, str(exc), ctx)
+            summary = launch(again, folder=folder / "ranks-eager")
+            return {**summary, "resumed_from": again.resume_from}
+    summary = fit(
         job,
         table,
         validation,
@@ -154,6 +158,7 @@ def _fit(
         should_stop=should_stop,
         immediate_stop=ctx.local_stop,
     )
+    return {**summary, "resumed_from": job.resume_from}
 
 
 def _track(
@@ -201,6 +206,15 @@ def _raise_if_stopped(command: TrainModel, summary: dict[str, Any]) -> None:
         raise Interrupted(f"lease lost at step {steps}; another worker owns the job")
 
 
+def _raise_if_asked_to_stop(command: TrainModel, reason: str | None, failure: str) -> None:
+    """Before the ranks start again without compile: a stop already asked for is obeyed
+    (the job resumes from its stored checkpoint when it comes back)."""
+    if reason == "cancel":
+        raise Cancelled(f"job {command.job_id} cancelled ({failure}; not started again)")
+    if reason is not None:
+        raise Interrupted(f"{reason}: not starting the ranks again after {failure}")
+
+
 def _without_compile(job: TrainJob, why: str, ctx: StageContext) -> TrainJob:
     """The job again after torch.compile failed in a rank: from its newest stored checkpoint
     (under that checkpoint's plan), else from the start, without compile."""
@@ -216,15 +230,18 @@ def _without_compile(job: TrainJob, why: str, ctx: StageContext) -> TrainJob:
     )
 
 
+RESUMED = "resumed: the checkpoint's plan"
+
+
 def _resumed_plan(checkpoint: Path | None) -> lora.Plan | None:
-    """The plan a checkpoint was taken under: a resumed run keeps its batch and data order."""
+    """The plan a checkpoint was taken under: a resumed run keeps its batch and data order
+    (said once in its notes, however often the job was resumed)."""
     saved = checkpoint / PLAN_FILE if checkpoint else None
     if saved is None or not saved.is_file():
         return None
     data = json.loads(saved.read_text())
-    return lora.Plan(
-        **{**data, "notes": (*data.get("notes", ()), "resumed: the checkpoint's plan")}
-    )
+    notes = tuple(note for note in data.get("notes", ()) if note != RESUMED)
+    return lora.Plan(**{**data, "notes": (*notes, RESUMED)})
 
 
 def _tokens_per_example(dataset: dict[str, Any]) -> float:

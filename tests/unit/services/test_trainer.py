@@ -1,5 +1,6 @@
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -400,6 +401,177 @@ def test_ranks_stop_as_lost_when_the_worker_is_gone(tmp_path):
     assert alive() is None
     (files.folder / "stop").write_text("cancel")
     assert alive() == "cancel"
+
+
+def test_data_parallel_training_outlives_a_database_hiccup_in_the_stop_check(
+    ctx, prepared_two_ranks, monkeypatch
+):
+    """The worker asks the database for a cancel off its loop, as one process does: an
+    error there is logged and asked again, not the end of the ranks' run."""
+    from shared.errors import LedgerUnavailable
+
+    asked, cancel_requested = [], ctx.jobs.cancel_requested
+
+    def flaky(job_id):
+        asked.append(job_id)
+        if len(asked) <= 3:
+            raise LedgerUnavailable("the job ledger is unreachable: connection refused")
+        return cancel_requested(job_id)
+
+    monkeypatch.setattr(ctx.jobs, "cancel_requested", flaky)
+    event = _run(ctx, prepared_two_ranks, lambda data, *, force=False: None)
+    assert len(asked) > 3  # asked again after the errors
+    assert event.steps == ctx.jobs.manifest("job-2", "train")["max_steps"]
+
+
+RANKS_READING_STOP = """
+import json, sys, time
+from pathlib import Path
+
+folder = Path(sys.argv[1])
+seen, deadline = [], time.monotonic() + 20
+while time.monotonic() < deadline and seen[-1:] != ["lost"]:
+    stop = folder / "stop"
+    reason = stop.read_text() if stop.exists() else None
+    if reason and seen[-1:] != [reason]:
+        seen.append(reason)
+    time.sleep(0.01)
+(folder / "result.json").write_text(json.dumps({"summary": {"seen": seen}}))
+"""
+
+
+def test_a_stronger_stop_reason_reaches_the_ranks_after_a_weaker_one(tmp_path, monkeypatch):
+    """A shutdown, then the lease lost before the ranks stopped: the ranks must learn of the
+    loss (a shutdown's checkpoint would be stored for a job another worker now owns)."""
+    import sys
+    import time
+
+    import pyarrow as pa
+
+    from services.trainer import distributed
+    from services.trainer.fit import TrainJob
+
+    monkeypatch.setattr(
+        distributed,
+        "_torchrun",
+        lambda files, n: [sys.executable, "-c", RANKS_READING_STOP, str(files.folder)],
+    )
+    started = time.monotonic()
+    job = TrainJob("base", {}, {}, str(tmp_path), "prefix", 1.0, processes=2)
+    summary = distributed.launch(
+        job,
+        pa.table({"input_ids": [[1]]}),
+        None,
+        store_url="file:///nowhere",
+        s3_endpoint_url=None,
+        report=lambda *a, **k: None,
+        should_stop=lambda: "shutdown" if time.monotonic() - started < 1.5 else "lost",
+        folder=tmp_path / "ranks",
+    )
+    assert summary == {"seen": ["shutdown", "lost"]}
+
+
+def test_a_failing_worker_kills_ranks_that_read_no_stop_file(tmp_path):
+    """torchrun starts each rank in its own session: killing torchrun's alone would leave a
+    rank that is still loading (and reads no stop file) holding its GPU. A pid file whose
+    process is not a rank of this launch (the pid reused) is left alone."""
+    import subprocess
+    import sys
+    import time
+
+    from services.trainer.distributed import _Files, _wait_or_kill
+
+    files = _Files(tmp_path / "ranks")
+    rank = (
+        "import os, subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+        '\'import os, sys, time; open(sys.argv[1], "w").write(str(os.getpid())); '
+        "time.sleep(600)', sys.argv[1], sys.argv[2]], start_new_session=True); time.sleep(600)"
+    )
+    torchrun = subprocess.Popen(
+        [sys.executable, "-c", rank, str(files.rank_pid("0")), str(files.launch)],
+        start_new_session=True,
+    )
+    other = subprocess.Popen(["sleep", "600"])
+    files.rank_pid("1").write_text(str(other.pid))
+    try:
+        deadline = time.monotonic() + 30
+        while not files.rank_pids():  # the rank wrote its pid
+            assert time.monotonic() < deadline, "the rank never started"
+            time.sleep(0.05)
+        pid = int(files.rank_pid("0").read_text())
+        assert files.rank_pids() == [pid]
+        _wait_or_kill(torchrun, files, grace=0.5)
+        assert torchrun.returncode == -9
+        while _running(pid):
+            assert time.monotonic() < deadline, f"rank {pid} outlived the kill"
+            time.sleep(0.05)
+        assert other.poll() is None  # not a rank: left alone
+    finally:
+        other.kill()
+        torchrun.kill()
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for its reaper does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_ranks_replacing_one_file_at_once_do_not_trip_on_each_other(tmp_path):
+    """Every rank may write compile-failed at once (the same graph fails everywhere): each
+    writes its own temporary file, so none raises FileNotFoundError in place of its error."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from pathlib import Path; "
+        "from services.trainer.distributed import _write_atomic; "
+        "[_write_atomic(Path(sys.argv[1]), str(i)) for i in range(500)]"
+    )
+    target = tmp_path / "compile-failed"
+    ranks = [subprocess.Popen([sys.executable, "-c", code, str(target)]) for _ in range(2)]
+    assert [rank.wait(timeout=120) for rank in ranks] == [0, 0]
+    assert target.read_text() == "499" and list(tmp_path.iterdir()) == [target]
+
+
+def test_a_plan_resumed_again_and_again_says_so_once(tmp_path):
+    import dataclasses
+    import json
+
+    from services.trainer.callbacks import PLAN_FILE
+    from services.trainer.handler import RESUMED, _resumed_plan
+
+    checkpoint = tmp_path / "checkpoint-4"
+    checkpoint.mkdir()
+    plan = lora.Plan(device="cpu", precision="fp32", quantization="none", notes=("batch 8",))
+    for _ in range(3):  # stored with the next checkpoint, resumed from it
+        (checkpoint / PLAN_FILE).write_text(json.dumps(dataclasses.asdict(plan)))
+        plan = _resumed_plan(checkpoint)
+    assert plan.notes == ("batch 8", RESUMED)
+
+
+def test_a_cancel_asked_when_compile_failed_is_obeyed_before_the_ranks_start_again(
+    ctx, tiny_model, monkeypatch
+):
+    from services.trainer import distributed
+    from shared.errors import Cancelled, CompileFailed
+
+    launched = []
+
+    def compile_fails(job, **_):
+        launched.append(job)
+        raise CompileFailed("compile on -> off: torch.compile failed (RuntimeError: boom)")
+
+    monkeypatch.setattr(distributed, "launch", compile_fails)
+    monkeypatch.setattr(ctx.jobs, "cancel_requested", lambda job_id: bool(launched))
+    cmd = _two_ranks(ctx, tiny_model, epochs=1, job_id="job-3", compile="on")
+    with pytest.raises(Cancelled, match=r"job job-3 cancelled \(compile on -> off: .*boom\); not"):
+        _run(ctx, cmd, lambda data, *, force=False: None)
+    assert len(launched) == 1  # not started again
+    assert ctx.jobs.manifest("job-3", "train") is None
 
 
 def test_a_crash_after_the_last_checkpoint_resumes_without_training_more(ctx, prepared):
