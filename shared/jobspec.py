@@ -57,11 +57,36 @@ class _Section(BaseModel):
 
 
 def template_fields(template: str) -> list[str]:
-    """Names of the ``{field}`` placeholders in a template, in order."""
+    """Names of the ``{field}`` placeholders in a template, in order; SpecError for a
+    placeholder that is not a plain column name (``{}``, ``{0}``, ``{term!x}``,
+    ``{term.upper}``, ``{term:{w}}``), which would fail only once rows are formatted."""
     try:
-        return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+        parts = list(string.Formatter().parse(template))
     except ValueError as exc:
         raise SpecError(f"template {template!r} is not a valid format string: {exc}") from exc
+    names = []
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        whole = (
+            "{"
+            + name
+            + (f"!{conversion}" if conversion else "")
+            + (f":{spec}" if spec else "")
+            + "}"
+        )
+        if not name or name.isdigit() or any(c in name for c in ".["):
+            raise SpecError(
+                f"template {template!r}: placeholder {whole} must name a column, as {{term}} "
+                "does (no position, attribute or index)"
+            )
+        if conversion or "{" in (spec or ""):
+            raise SpecError(
+                f"template {template!r}: placeholder {whole} takes no conversion (!) or "
+                "nested field; write {" + name + "}"
+            )
+        names.append(name)
+    return names
 
 
 TokenLength = Annotated[int, Field(ge=8, le=8192)]

@@ -16,7 +16,7 @@ import glob
 import hashlib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +61,20 @@ class Source:
             yield from self._hub(self.hub)
             return
         for path in self.files:
-            yield from self._file_batches(path)
+            for n, batch in enumerate(self._file_batches(path)):
+                if n == 0 and path != self.files[0]:  # the first file's: before any work
+                    self._check_columns(path, batch)
+                yield batch
+
+    def _check_columns(self, path: Path, batch: Batch) -> None:
+        """A glob's later file without a template column would have its rows dropped as
+        empty, one by one: refused, naming the file."""
+        missing = [name for name in self.needed if name not in batch]
+        if missing:
+            raise DatasetError(
+                f"{path}: no column {', '.join(map(repr, missing))} (columns found: "
+                f"{', '.join(batch)}); every file {self.shown} matches needs the template's"
+            )
 
     def _file_batches(self, path: Path) -> Iterator[Batch]:
         suffix = path.suffix.lower()
@@ -75,8 +88,8 @@ class Source:
                 if kept:
                     yield _columns(kept)
         else:
-            text = [name for name in self.needed if name in self.cast]
-            for batch in _arrow_batches(path, text_columns=text):
+            inferred = [name for name in self.needed if name not in self.cast]
+            for batch in _arrow_batches(path, inferred=inferred):
                 yield self._arrow_typed(path, batch).to_pydict()
 
     def _arrow_typed(self, path: Path | str, batch: pa.RecordBatch | pa.Table) -> Any:
@@ -134,8 +147,8 @@ class Source:
     def _jsonl_row(
         self, path: Path, raw: bytes, *, line_no: int, offset: int
     ) -> dict[str, Any] | None:
-        try:
-            text = raw.decode("utf-8")
+        try:  # a BOM that editors on Windows write opens the first line
+            text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
         except UnicodeDecodeError as exc:
             raise DatasetError(
                 f"{path}: line {line_no}: bytes that are not UTF-8 at byte offset "
@@ -207,12 +220,12 @@ def _columns(rows: list[dict[str, Any]]) -> Batch:
 
 def _first_char(path: Path) -> str:
     with path.open("rb") as fh:
-        return fh.read(64).lstrip()[:1].decode("ascii", errors="replace")
+        return fh.read(64).removeprefix(codecs.BOM_UTF8).lstrip()[:1].decode("ascii", "replace")
 
 
 def _json_array(path: Path) -> list[dict[str, Any]]:
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        rows = json.loads(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError as exc:
         raise DatasetError(f"{path}: bytes that are not UTF-8 at byte offset {exc.start}") from exc
     except json.JSONDecodeError as exc:
@@ -222,24 +235,30 @@ def _json_array(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _arrow_batches(path: Path, *, text_columns: list[str] = ()) -> Iterator[pa.RecordBatch]:
-    """Record batches of a Parquet or CSV file; CSV's text_columns are read as written."""
+def _arrow_batches(path: Path, *, inferred: Collection[str] = ()) -> Iterator[pa.RecordBatch]:
+    """Record batches of a Parquet or CSV file. A CSV's ``inferred`` columns (the template
+    columns not cast to text) get the type their values show, checked as text by the
+    caller; every other column is read as written: pyarrow infers a type from the first
+    block alone, so an unused column empty or numeric for 4 MiB and text later failed the
+    file. Quoted values may hold line breaks, however large the file (pyarrow splits blocks
+    at line breaks unless told)."""
     try:
         if path.suffix.lower() == ".parquet":
             yield from pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS)
             return
-        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-        reader = pacsv.open_csv(
-            path,
-            parse_options=pacsv.ParseOptions(delimiter=delimiter),
-            read_options=pacsv.ReadOptions(block_size=1 << 22),
-            convert_options=pacsv.ConvertOptions(
-                column_types={name: pa.string() for name in text_columns}
-            ),
+        parse = pacsv.ParseOptions(
+            delimiter="\t" if path.suffix.lower() == ".tsv" else ",", newlines_in_values=True
         )
-        yield from reader
-    except pa.ArrowInvalid as exc:
-        bad = first_invalid_utf8(path)
+        read = pacsv.ReadOptions(block_size=1 << 22)
+        with pacsv.open_csv(path, parse_options=parse, read_options=read) as header:
+            names = header.schema.names
+        as_written = {name: pa.string() for name in names if name not in inferred}
+        convert = pacsv.ConvertOptions(column_types=as_written)
+        yield from pacsv.open_csv(
+            path, parse_options=parse, read_options=read, convert_options=convert
+        )
+    except (pa.ArrowInvalid, OSError) as exc:  # a corrupt Parquet page is an OSError
+        bad = None if path.suffix.lower() == ".parquet" else first_invalid_utf8(path)
         if bad is not None:
             raise DatasetError(f"{path}: bytes that are not UTF-8 at byte offset {bad}") from exc
         raise DatasetError(f"{path}: cannot read: {_without_content(exc)}") from exc
@@ -263,12 +282,15 @@ def first_invalid_utf8(path: Path) -> int | None:
     return None
 
 
-def _schema(path: Path, *, text_columns: list[str]) -> dict[str, pa.DataType]:
+def _schema(path: Path, *, inferred: Collection[str]) -> dict[str, pa.DataType]:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        return {f.name: f.type for f in pq.read_schema(path)}
+        try:
+            return {f.name: f.type for f in pq.read_schema(path)}
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DatasetError(f"{path}: not a readable Parquet file: {exc}") from exc
     if suffix in (".csv", ".tsv"):
-        for batch in _arrow_batches(path, text_columns=text_columns):
+        for batch in _arrow_batches(path, inferred=inferred):
             types = {f.name: f.type for f in batch.schema}
             if any(pa.types.is_binary(t) for t in types.values()):  # pyarrow's non-UTF-8 text
                 bad = first_invalid_utf8(path)
@@ -327,7 +349,9 @@ def open_source(spec: DatasetSpec, *, store: Store, settings: Settings) -> Sourc
         cast=frozenset(name for name in needed if spec.casts(name)),
     )
     if files:
-        opened.columns = _schema(files[0], text_columns=sorted(opened.cast))
+        opened.columns = _schema(
+            files[0], inferred=[name for name in needed if name not in opened.cast]
+        )
     return opened
 
 

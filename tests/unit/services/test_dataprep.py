@@ -408,3 +408,86 @@ def test_errors_never_quote_the_files_content(ctx, tiny_model, tmp_path):
         handle(_command(ctx, spec), ctx)
     assert "Expected 2 columns, got 3" in str(caught.value)
     assert "SECRET-LINE" not in str(caught.value)
+
+
+def _read(ctx, tiny_model, source):
+    """Every row the source yields, by column (no tokenizing: the reader alone)."""
+    spec = make_spec(tiny_model, dataset={"source": str(source)})
+    opened = sources.open_source(spec.dataset, store=ctx.store, settings=ctx.settings)
+    rows: dict[str, list] = {}
+    for batch in opened.batches():
+        for name, values in batch.items():
+            rows.setdefault(name, []).extend(values)
+    return rows
+
+
+def test_a_csv_past_one_read_block_keeps_quoted_line_breaks_and_late_text(
+    ctx, tiny_model, tmp_path
+):
+    """pyarrow reads a CSV 4 MiB at a time: without being told, it split blocks inside quoted
+    values that hold line breaks, and typed every column by the first block alone, so an
+    unused column empty or numeric there and text later failed the whole file."""
+    import csv
+
+    path = tmp_path / "glossary.csv"
+    n, late = 2000, 1900  # about 5 MB: the late rows are past the first block
+    with path.open("w", newline="") as handle_:
+        writer = csv.writer(handle_)
+        writer.writerow(["page_title", "page_text", "notes", "code"])
+        for i in range(n):
+            text = f"First line of {i}.\nSecond line: " + "word " * 500
+            writer.writerow(
+                [f"Term {i}", text, "see also x" if i >= late else "", f"A{i}" if i >= late else i]
+            )
+    assert path.stat().st_size > 1 << 22
+    rows = _read(ctx, tiny_model, path)
+    assert len(rows["page_title"]) == n and rows["page_title"][-1] == f"Term {n - 1}"
+    assert rows["page_text"][n - 1].startswith(f"First line of {n - 1}.\nSecond line: word")
+    assert rows["notes"][late] == "see also x" and rows["code"][late] == f"A{late}"
+
+
+def test_unreadable_parquet_files_are_named(ctx, tiny_model, tmp_path):
+    junk = tmp_path / "junk.parquet"
+    junk.write_bytes(b"PAR1xx")
+    spec = make_spec(tiny_model, dataset={"source": str(junk)})
+    with pytest.raises(DatasetError, match=r"junk.parquet: not a readable Parquet file"):
+        handle(_command(ctx, spec), ctx)
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    long_rows = [{"page_title": f"Term {i}", "page_text": "x" * 400} for i in range(50)]
+    for name in ("a", "b"):
+        pq.write_table(
+            pa.Table.from_pylist(long_rows), parts / f"{name}.parquet", compression="none"
+        )
+    data = bytearray((parts / "b.parquet").read_bytes())
+    data[200:3000] = b"\xff" * 2800  # its data pages scribbled over, its footer whole
+    (parts / "b.parquet").write_bytes(bytes(data))
+    spec = make_spec(tiny_model, dataset={"source": str(parts / "*.parquet")})
+    with pytest.raises(DatasetError, match=r"b.parquet: cannot read"):
+        handle(_command(ctx, spec, job_id="job-2"), ctx)
+    assert _nothing_stored(ctx, "job-2")
+
+
+def test_a_byte_order_mark_opens_jsonl_and_json_files_as_editors_write_them(
+    ctx, tiny_model, tmp_path
+):
+    rows = _rows(5)
+    lines = tmp_path / "bom.jsonl"
+    lines.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in rows).encode())
+    array = tmp_path / "bom.json"
+    array.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows).encode())
+    for path in (lines, array):
+        assert _read(ctx, tiny_model, path)["page_title"] == [r["page_title"] for r in rows]
+
+
+def test_a_later_file_of_a_glob_without_a_template_column_is_refused(ctx, tiny_model, tmp_path):
+    """Its rows were dropped one by one as empty, and the job went on without them."""
+    _jsonl(tmp_path / "part-1.jsonl", _rows(6, "A"))
+    _jsonl(tmp_path / "part-2.jsonl", [{"page_title": "B", "text": "renamed"}] * 4)
+    spec = make_spec(tiny_model, dataset={"source": str(tmp_path / "part-*.jsonl")})
+    with pytest.raises(
+        DatasetError,
+        match=r"part-2.jsonl: no column 'page_text' \(columns found: page_title, text\)",
+    ):
+        handle(_command(ctx, spec), ctx)
+    assert _nothing_stored(ctx)

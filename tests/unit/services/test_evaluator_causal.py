@@ -22,16 +22,16 @@ def qwen(tiny_qwen):
 
 
 @pytest.fixture(scope="module")
-def test_rows(trained_qwen):
+def heldout_rows(trained_qwen):
     ctx = trained_qwen["ctx"]
     dataset = ctx.jobs.manifest("qwen-job", "prepare")
     return read_split(ctx.store, dataset, "test", cache_dir=ctx.settings.cache_dir).slice(0, 6)
 
 
-def test_the_reference_loss_is_the_answers_alone(qwen, test_rows):
+def test_the_reference_loss_is_the_answers_alone(qwen, heldout_rows):
     model, tokenizer = qwen
-    nll, tokens = metrics.row_losses(model, tokenizer, test_rows, batch_size=4)
-    for i, row in enumerate(test_rows.to_pylist()):
+    nll, tokens = metrics.row_losses(model, tokenizer, heldout_rows, batch_size=4)
+    for i, row in enumerate(heldout_rows.to_pylist()):
         ids = torch.tensor([row["input_ids"] + row["labels"]])
         with torch.no_grad():
             logits = model(input_ids=ids).logits[0, :-1]
@@ -43,7 +43,7 @@ def test_the_reference_loss_is_the_answers_alone(qwen, test_rows):
         assert math.isclose(nll[i], float(expected), rel_tol=1e-4)
 
 
-def test_batched_answers_are_the_ones_given_one_at_a_time(qwen, test_rows, trained_qwen):
+def test_batched_answers_are_the_ones_given_one_at_a_time(qwen, heldout_rows, trained_qwen):
     from shared.jobspec import DecodingSpec
 
     model, tokenizer = qwen
@@ -51,10 +51,10 @@ def test_batched_answers_are_the_ones_given_one_at_a_time(qwen, test_rows, train
     done = lambda table, size: metrics.generate(  # noqa: E731
         model, tokenizer, table, decoding=decoding, batch_size=size, on_batch=lambda n: None
     )
-    batched = done(test_rows, 6)
-    alone = [done(test_rows.slice(i, 1), 1)[0] for i in range(test_rows.num_rows)]
+    batched = done(heldout_rows, 6)
+    alone = [done(heldout_rows.slice(i, 1), 1)[0] for i in range(heldout_rows.num_rows)]
     assert batched == alone
-    lengths = {len(r) for r in test_rows.column("input_ids").to_pylist()}
+    lengths = {len(r) for r in heldout_rows.column("input_ids").to_pylist()}
     assert len(lengths) > 1  # the batch was padded: on the left, or the answers would differ
 
 

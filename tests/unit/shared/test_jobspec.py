@@ -178,3 +178,21 @@ def test_every_optimizer_and_scheduler_offered_is_one_transformers_knows():
 
     assert set(get_args(Optimizer)) <= {o.value for o in OptimizerNames}
     assert set(get_args(Scheduler)) <= {s.value for s in SchedulerType}
+
+
+@pytest.mark.parametrize(
+    ("template", "says"),
+    [
+        ("What is {} {page_title}", r"placeholder \{\} must name a column"),
+        ("What is {0}", r"placeholder \{0\} must name a column"),
+        ("What is {page_title.upper}", r"placeholder \{page_title.upper\} must name a column"),
+        ("What is {page_title!x}", r"placeholder \{page_title!x\} takes no conversion"),
+        ("What is {page_title:{w}}", r"placeholder \{page_title:\{w\}\} takes no conversion"),
+    ],
+)
+def test_a_placeholder_that_is_not_a_column_is_refused_with_the_spec(template, says):
+    """Each passed validation and failed in data-prep, after the tokenizer had loaded."""
+    with pytest.raises(SpecError, match=r"field 'dataset.prompt_template': .*" + says):
+        parse_spec({"name": "x1", "dataset": {"prompt_template": template}})
+    spec = parse_spec({"name": "x1", "dataset": {"prompt_template": "What is {page_title:>4}"}})
+    assert spec.dataset.template_columns == ["page_title", "page_text"]
