@@ -14,6 +14,7 @@ from __future__ import annotations
 import codecs
 import glob
 import hashlib
+import itertools
 import json
 import re
 from collections.abc import Collection, Iterator
@@ -303,16 +304,19 @@ def _schema(path: Path, *, inferred: Collection[str]) -> dict[str, pa.DataType]:
 
 
 def _jsonl_columns(path: Path) -> dict[str, pa.DataType]:
-    """Columns of the first JSONL row (checked before any work; later rows may add more)."""
+    """Columns of the first batch's JSONL rows, as the first batch read will have them
+    (checked before any work): an exporter that leaves out null keys may leave a column
+    out of the first row alone."""
+    columns: dict[str, pa.DataType] = {}
     with path.open("rb") as fh:
-        for raw in fh:
-            if raw.strip():
-                try:
-                    row = json.loads(raw)
-                except ValueError:
-                    return {}  # reported with its line number when rows are read
-                return {k: pa.string() for k in row} if isinstance(row, dict) else {}
-    return {}
+        for raw in itertools.islice(fh, BATCH_ROWS):
+            try:
+                row = json.loads(raw) if raw.strip() else None
+            except ValueError:
+                continue  # reported with its line number when rows are read
+            if isinstance(row, dict):
+                columns |= dict.fromkeys(row, pa.string())
+    return columns
 
 
 def check_types(source: Source) -> None:

@@ -491,3 +491,12 @@ def test_a_later_file_of_a_glob_without_a_template_column_is_refused(ctx, tiny_m
     ):
         handle(_command(ctx, spec), ctx)
     assert _nothing_stored(ctx)
+
+
+def test_a_jsonl_whose_first_row_leaves_out_a_column_is_read(ctx, tiny_model, tmp_path):
+    """An exporter that drops null keys: the first row has no page_text, the rest do."""
+    rows = [{"page_title": "Empty"}] + _rows(12)
+    spec = make_spec(tiny_model, dataset={"source": str(_jsonl(tmp_path / "sparse.jsonl", rows))})
+    event = handle(_command(ctx, spec), ctx)
+    assert sum(event.counts.values()) == 12
+    assert ctx.jobs.manifest("job-1", "prepare")["cleaning"]["dropped_empty_field"] == 1
