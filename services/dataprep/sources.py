@@ -16,8 +16,10 @@ import glob
 import hashlib
 import itertools
 import json
+import os
 import re
-from collections.abc import Collection, Iterator
+import threading
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -371,25 +373,45 @@ def _local_files(pattern: str, *, shown: str) -> list[Path]:
             raise DatasetError(
                 f"dataset.source: file not found: {shown} (resolved to {path.resolve()})"
             )
-        if path.suffix.lower() not in FILE_SUFFIXES:
-            raise DatasetError(
-                f"dataset.source: {path}: unsupported file type {path.suffix!r}; "
-                f"use one of {', '.join(FILE_SUFFIXES)}"
-            )
-        if path.stat().st_size == 0:
-            raise DatasetError(f"dataset.source: {path} is empty")
+        _check_file(path, shown=str(path))
     return files
+
+
+def _check_file(path: Path, *, shown: str) -> None:
+    """A file of a type data-prep reads, and not empty (``shown``: as the user named it)."""
+    if path.suffix.lower() not in FILE_SUFFIXES:
+        raise DatasetError(
+            f"dataset.source: {shown}: unsupported file type {path.suffix!r}; "
+            f"use one of {', '.join(FILE_SUFFIXES)}"
+        )
+    if path.stat().st_size == 0:
+        raise DatasetError(f"dataset.source: {shown} is empty")
+
+
+def _fetched(path: Path, download: Callable[[Path], None], *, shown: str) -> Path:
+    """``download`` into a temporary name beside ``path``, then renamed: two jobs fetching
+    one source on a host each read a whole copy, never one the other is rewriting."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.part")
+    try:
+        download(part)
+        part.replace(path)
+    finally:
+        part.unlink(missing_ok=True)
+    _check_file(path, shown=shown)
+    return path
 
 
 def _store_file(uri: str, *, store: Store, settings: Settings) -> Path:
     key = store.key_of(uri)
-    path = settings.cache_dir / "sources" / key
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        store.download_file(key, path)
+        return _fetched(
+            settings.cache_dir / "sources" / key,
+            lambda part: store.download_file(key, part),
+            shown=uri,
+        )
     except NotFound as exc:
         raise DatasetError(f"dataset.source: {uri} does not exist") from exc
-    return path
 
 
 def _s3_file(uri: str, *, store: Store, settings: Settings) -> Path:
@@ -398,13 +420,15 @@ def _s3_file(uri: str, *, store: Store, settings: Settings) -> Path:
     from botocore.exceptions import ClientError
 
     digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
-    path = settings.cache_dir / "sources" / digest / Path(key).name
-    path.parent.mkdir(parents=True, exist_ok=True)
+    client = s3_client(settings)
     try:
-        s3_client(settings).download_file(bucket, key, str(path))
+        return _fetched(
+            settings.cache_dir / "sources" / digest / Path(key).name,
+            lambda part: client.download_file(bucket, key, str(part)),
+            shown=uri,
+        )
     except ClientError as exc:
         raise DatasetError(f"dataset.source: cannot read {uri}: {exc}") from exc
-    return path
 
 
 def _hub_batches(spec: DatasetSpec) -> Iterator[pa.Table]:

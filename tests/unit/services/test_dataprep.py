@@ -500,3 +500,18 @@ def test_a_jsonl_whose_first_row_leaves_out_a_column_is_read(ctx, tiny_model, tm
     event = handle(_command(ctx, spec), ctx)
     assert sum(event.counts.values()) == 12
     assert ctx.jobs.manifest("job-1", "prepare")["cleaning"]["dropped_empty_field"] == 1
+
+
+def test_a_stored_source_is_checked_as_a_local_file_is(ctx, tiny_model):
+    """A stored .txt holding JSONL was read as CSV, and the error quoted its first line."""
+    rows = "".join(json.dumps(r) + "\n" for r in _rows(10)).encode()
+    ctx.store.put_bytes("uploads/terms.txt", rows)
+    ctx.store.put_bytes("uploads/empty.jsonl", b"")
+    for key, says in (("terms.txt", "unsupported file type '.txt'"), ("empty.jsonl", "is empty")):
+        uri = ctx.store.uri(f"uploads/{key}")
+        spec = make_spec(tiny_model, dataset={"source": uri})
+        with pytest.raises(DatasetError, match=rf"dataset.source: {uri}:? {says}") as refused:
+            handle(_command(ctx, spec, job_id=f"job-{key[0]}"), ctx)
+        assert "Definition number" not in str(refused.value)
+    cached = list((ctx.settings.cache_dir / "sources").rglob("*"))
+    assert not [p for p in cached if p.name.endswith(".part")]  # renamed into place
