@@ -112,8 +112,17 @@ class Source:
         for a row to skip, DatasetError for one that fails the job."""
         for name in self.needed:
             value = row.get(name)
-            if value is None or isinstance(value, str):
+            if value is None or (isinstance(value, str) and _encodes(value)):
                 continue
+            if isinstance(value, str):  # JSON's "\\ud800" escape: no character at all
+                if self.skip_bad_rows:
+                    self.bad_rows += 1
+                    return False
+                raise DatasetError(
+                    f"{where}: column {name!r} holds a lone UTF-16 surrogate (an escape such as "
+                    "\\ud800 without its pair), not text; fix the data or set "
+                    "dataset.skip_bad_rows: true to skip such rows"
+                )
             kind = JSON_KINDS.get(type(value), type(value).__name__)
             if name in self.cast and kind in ("number", "boolean"):
                 row[name] = json.dumps(value)
@@ -174,6 +183,15 @@ class Source:
         return row if self._typed(row, where=f"{path}: line {line_no}") else None
 
 
+def _encodes(text: str) -> bool:
+    """Whether a string is text UTF-8 can write (JSON may decode to lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _is_text(kind: pa.DataType) -> bool:
     if pa.types.is_dictionary(kind):
         kind = kind.value_type
@@ -207,7 +225,8 @@ def check_arrow_types(
         kind = types.get(name)
         if kind is None or _is_text(kind):
             continue
-        castable = any(check(kind) for check in CASTABLE_TYPES)
+        # a CSV's cast column is read as written, whatever type its values suggest
+        castable = inferred or any(check(kind) for check in CASTABLE_TYPES)
         if castable and name in cast:
             continue
         shown = f"{kind} (inferred from its values)" if inferred else str(kind)

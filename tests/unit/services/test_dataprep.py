@@ -515,3 +515,30 @@ def test_a_stored_source_is_checked_as_a_local_file_is(ctx, tiny_model):
         assert "Definition number" not in str(refused.value)
     cached = list((ctx.settings.cache_dir / "sources").rglob("*"))
     assert not [p for p in cached if p.name.endswith(".part")]  # renamed into place
+
+
+def test_a_lone_surrogate_in_jsonl_is_named_by_line_and_column(ctx, tiny_model, tmp_path):
+    """Valid JSON that decodes to no text: it failed with a raw UnicodeEncodeError."""
+    path = tmp_path / "surrogate.jsonl"
+    rows = [json.dumps(r) for r in _rows(12)]
+    rows[3] = '{"page_title": "gam\\ud800ma", "page_text": "A definition."}'
+    path.write_text("\n".join(rows) + "\n")
+    spec = make_spec(tiny_model, dataset={"source": str(path)})
+    with pytest.raises(DatasetError, match=r"surrogate.jsonl: line 4: column 'page_title' holds"):
+        handle(_command(ctx, spec), ctx)
+    skip = make_spec(tiny_model, dataset={"source": str(path), "skip_bad_rows": True})
+    assert sum(handle(_command(ctx, skip, job_id="job-2"), ctx).counts.values()) == 11
+
+
+def test_a_csv_column_of_dates_is_read_as_written_when_cast_is_asked(ctx, tiny_model, tmp_path):
+    """pyarrow reads a column of dates as date32: for a CSV the error offered no fix,
+    though cast_to_string, which reads the column as written, is one."""
+    rows = [{"page_title": f"2024-01-{i + 1:02d}", "page_text": f"Day {i}."} for i in range(12)]
+    pa.csv.write_csv(pa.Table.from_pylist(rows), tmp_path / "days.csv")
+    spec = make_spec(tiny_model, dataset={"source": str(tmp_path / "days.csv")})
+    with pytest.raises(DatasetError, match=r"'page_title' is date32.*set dataset.cast_to_string"):
+        handle(_command(ctx, spec), ctx)
+    cast = make_spec(
+        tiny_model, dataset={"source": str(tmp_path / "days.csv"), "cast_to_string": True}
+    )
+    assert sum(handle(_command(ctx, cast, job_id="job-2"), ctx).counts.values()) == 12
