@@ -274,6 +274,9 @@ def _arrow_batches(path: Path, *, inferred: Collection[str] = ()) -> Iterator[pa
         read = pacsv.ReadOptions(block_size=1 << 22)
         with pacsv.open_csv(path, parse_options=parse, read_options=read) as header:
             names = header.schema.names
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:  # one would silently stand for the other
+            raise DatasetError(f"{path}: columns named twice in its header: {', '.join(twice)}")
         as_written = {name: pa.string() for name in names if name not in inferred}
         convert = pacsv.ConvertOptions(column_types=as_written)
         yield from pacsv.open_csv(

@@ -542,3 +542,14 @@ def test_a_csv_column_of_dates_is_read_as_written_when_cast_is_asked(ctx, tiny_m
         tiny_model, dataset={"source": str(tmp_path / "days.csv"), "cast_to_string": True}
     )
     assert sum(handle(_command(ctx, cast, job_id="job-2"), ctx).counts.values()) == 12
+
+
+def test_a_csv_header_naming_a_column_twice_is_refused(ctx, tiny_model, tmp_path):
+    """The second column of the name stood for both: prompts came from the wrong one."""
+    path = tmp_path / "twice.csv"
+    path.write_text("page_title,page_title,page_text\n" + "a,b,Some definition.\n" * 12)
+    spec = make_spec(tiny_model, dataset={"source": str(path)})
+    with pytest.raises(
+        DatasetError, match=r"twice.csv: columns named twice in its header: page_title"
+    ):
+        handle(_command(ctx, spec), ctx)
