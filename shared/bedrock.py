@@ -17,8 +17,10 @@ from botocore.exceptions import (
     BotoCoreError,
     ClientError,
     EndpointConnectionError,
+    HTTPClientError,
     NoCredentialsError,
 )
+from botocore.exceptions import ConnectionError as NetworkError
 
 from shared.errors import BedrockError, RetryableError
 from shared.settings import BedrockSettings
@@ -83,10 +85,15 @@ def explain(exc: ClientError | BotoCoreError, operation: str) -> Exception:
             f"{operation}: no AWS credentials (a task role, AWS_* variables, or a profile "
             "named by TERMTUNE_BEDROCK_AWS_PROFILE)"
         )
-    if isinstance(exc, EndpointConnectionError):
-        return BedrockError(
-            f"{operation}: cannot reach Bedrock ({exc}); check TERMTUNE_BEDROCK_REGION "
-            f"(imports run in {', '.join(IMPORT_REGIONS)}) and the network"
+    if isinstance(exc, (NetworkError, HTTPClientError)):  # a later attempt may get through
+        if isinstance(exc, EndpointConnectionError):
+            return RetryableError(
+                f"{operation}: cannot reach Bedrock ({exc}); check TERMTUNE_BEDROCK_REGION "
+                f"(imports run in {', '.join(IMPORT_REGIONS)}) and the network"
+            )
+        return RetryableError(
+            f"{operation}: the connection to Bedrock failed ({exc}); check "
+            "TERMTUNE_BEDROCK_REGION and the network"
         )
     if not isinstance(exc, ClientError):
         return BedrockError(f"{operation}: {exc}")

@@ -247,7 +247,9 @@ class BedrockSettings(BaseSettings):
     poll_max_seconds: float = Field(120.0, gt=0, description="Longest wait between polls.")
     import_timeout_minutes: float = Field(120.0, gt=0, description="Give up on an import after.")
     quota_wait_minutes: float = Field(
-        180.0, gt=0, description="How long to wait for the one-concurrent-import quota."
+        180.0,
+        gt=0,
+        description="How long to wait for the one-concurrent-import quota, and out throttling.",
     )
     role_retry_minutes: float = Field(
         5.0, ge=0, description="How long a freshly created role may be reported invalid."

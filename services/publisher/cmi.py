@@ -8,6 +8,7 @@ uploaded.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections.abc import Iterable
 from pathlib import Path
@@ -361,10 +362,8 @@ def _input_shape(operation: str) -> Any:
 def check_import(
     job_name: str, imported_model_name: str, client_token: str, s3_uri: str, files: list[str]
 ) -> None:
-    """Names and token against CreateModelImportJob's patterns (from botocore's service
-    model), and the S3 keys against the characters the import refuses."""
-    import re
-
+    """Names, token and S3 URI against CreateModelImportJob's patterns and lengths (from
+    botocore's service model), and the S3 keys against the characters the import refuses."""
     members = _input_shape("CreateModelImportJob").members
     for field, value in (
         ("jobName", job_name),
@@ -390,3 +389,21 @@ def check_import(
                 f"S3 key {key!r} holds characters the import refuses ({bad or 'non-ASCII'}); "
                 "no '#', '=', '+' or spaces",
             )
+    _check_s3_uri(s3_uri)
+
+
+def _check_s3_uri(s3_uri: str) -> None:
+    """The import's S3 URI against the S3Uri shape of botocore's service model (the
+    bucket's characters, no empty path segment, its length)."""
+    meta = _input_shape("CreateModelImportJob").members["modelDataSource"]
+    meta = meta.members["s3DataSource"].members["s3Uri"].metadata
+    low, high = meta.get("min", 0), meta.get("max", 10**9)
+    if not low <= len(s3_uri) <= high:
+        raise PreflightError(
+            "s3-key-characters", f"S3 URI {s3_uri!r} must be {low}-{high} characters"
+        )
+    if "pattern" in meta and not re.fullmatch(meta["pattern"], s3_uri):
+        raise PreflightError(
+            "s3-key-characters",
+            f"S3 URI {s3_uri!r} does not match {meta['pattern']} (the import's S3Uri pattern)",
+        )

@@ -3,13 +3,15 @@
 The import's identity (names, S3 location, ``clientRequestToken``) is derived from the job
 and the artifact digest and written to the job's record **before** the create call; a retried
 or duplicated publish reads it back and sends the same token, so Bedrock answers with the
-same import job instead of starting a second one.
+same import job instead of starting a second one. Only an import Bedrock marked Failed is
+replaced, by the next attempt's names and token.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -34,22 +36,36 @@ class ImportRecord:
     client_token: str
     digest: str
     job_arn: str | None = None
+    attempt: int = 1  # a failed import is imported again under the next attempt's names
+
+
+#: the longest jobName and importedModelName CreateModelImportJob takes
+NAME_MAX = 63
 
 
 def plan_import(
-    job_id: str, model_name: str, digest: str, settings: BedrockSettings
+    job_id: str, model_name: str, digest: str, settings: BedrockSettings, *, attempt: int = 1
 ) -> ImportRecord:
-    """Names, location and idempotency token for importing one artifact."""
+    """Names, location and idempotency token for importing one artifact (``attempt``: the
+    how-manyth import of it, after failed ones)."""
     short = digest[:10]
-    name = f"{model_name[:50]}-{short}"
+    suffix = f"-{short}-import" + (f"-{attempt}" if attempt > 1 else "")
+    token = f"{job_id}:{digest}" + (f":{attempt}" if attempt > 1 else "")
     base = settings.s3_uri.rstrip("/")
     return ImportRecord(
-        job_name=f"{name}-import",
-        imported_model_name=name,
+        job_name=_bedrock_name(model_name[: NAME_MAX - len(suffix)] + suffix),
+        imported_model_name=_bedrock_name(f"{model_name[:50]}-{short}"),
         s3_uri=f"{base}/{model_name}/{short}/",
-        client_token=hashlib.sha256(f"{job_id}:{digest}".encode()).hexdigest()[:64],
+        client_token=hashlib.sha256(token.encode()).hexdigest()[:64],
         digest=digest,
+        attempt=attempt,
     )
+
+
+def _bedrock_name(name: str) -> str:
+    """A name without the runs of '-' that importedModelName's pattern refuses (termtune
+    names may hold them)."""
+    return re.sub(r"-{2,}", "-", name)
 
 
 class ImportRecords:
@@ -69,9 +85,19 @@ class ImportRecords:
 
     def set_job_arn(self, record: ImportRecord, job_arn: str) -> ImportRecord:
         """Record the import job Bedrock answered with."""
-        updated = ImportRecord(**{**asdict(record), "job_arn": job_arn})
-        self.store.put_json(self.key, asdict(updated))
-        return updated
+        return self.replace(ImportRecord(**{**asdict(record), "job_arn": job_arn}))
+
+    def replace(self, record: ImportRecord) -> ImportRecord:
+        """Store ``record`` in place of the job's record."""
+        self.store.put_json(self.key, asdict(record))
+        return record
+
+
+#: CreateModelImportJob errors waited out for ``quota_wait_minutes``, and the phase reported
+_QUOTA_WAITS = {
+    "ServiceQuotaExceededException": "waiting for the import quota",
+    "ThrottlingException": "waiting: Bedrock is throttling",
+}
 
 
 @dataclass
@@ -104,8 +130,9 @@ class Importer:
         }
 
     def create(self, record: ImportRecord) -> str:
-        """``create_model_import_job``: waits out the one-import quota, a fresh role and
-        throttling, the waits doubling from ``poll_seconds`` up to ``poll_max_seconds``."""
+        """``create_model_import_job``: waits out the one-import quota and throttling (for
+        ``quota_wait_minutes``) and a fresh role, the waits doubling from ``poll_seconds`` up
+        to ``poll_max_seconds``."""
         start = self.clock()
 
         def call() -> str:
@@ -132,9 +159,9 @@ class Importer:
         """Whether a CreateModelImportJob error is one to wait out now (and say so)."""
         code, message = bedrock.error_code(exc), str(exc)
         elapsed = self.clock() - start
-        if code == "ServiceQuotaExceededException":
+        if code in _QUOTA_WAITS:  # past its minutes, throttling is retried by the queue
             if elapsed < self.settings.quota_wait_minutes * 60:
-                self.report({"phase": "waiting for the import quota", "detail": message})
+                self.report({"phase": _QUOTA_WAITS[code], "detail": message})
                 return True
             return False
         if code == "ValidationException" and "role" in message.lower():
@@ -142,7 +169,7 @@ class Importer:
                 self.report({"phase": "waiting for the role to propagate"})
                 return True
             return False
-        return code == "ThrottlingException"
+        return False
 
     def _refused(self, exc: ClientError | BotoCoreError) -> Exception:
         """The error CreateModelImportJob ended with, naming what to fix."""
@@ -155,6 +182,13 @@ class Importer:
                 f"{message}"
             )
         return bedrock.explain(exc, "CreateModelImportJob")
+
+    def failure(self, job_arn: str) -> str | None:
+        """Bedrock's failureMessage if the import job ``job_arn`` failed, else None."""
+        job = self._call("GetModelImportJob", jobIdentifier=job_arn)
+        if job["status"] != "Failed":
+            return None
+        return str(job.get("failureMessage") or "no failure message")
 
     def wait(self, job_arn: str) -> dict[str, Any]:
         """Poll ``get_model_import_job`` with backoff until Completed; Failed raises."""

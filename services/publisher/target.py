@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -16,17 +15,23 @@ from shared.stage import StageContext
 
 
 def plan(
-    job_id: str, files: list[str], digest: str, *, model_name: str, settings: BedrockSettings
+    job_id: str,
+    files: list[str],
+    digest: str,
+    *,
+    model_name: str,
+    settings: BedrockSettings,
+    attempt: int = 1,
 ) -> ImportRecord:
-    """The import of these files, checked (region, settings, names against the API's
-    patterns, S3 key characters) before anything is uploaded."""
+    """The import of these files (the ``attempt``-th), checked (region, settings, names
+    against the API's patterns, S3 URI and key characters) before anything is uploaded."""
     bedrock.check_region(settings.region)
     if not settings.role_arn or not settings.s3_uri.startswith("s3://"):
         raise BedrockError(
             "publish.target bedrock needs TERMTUNE_BEDROCK_ROLE_ARN (the import service role) "
             "and TERMTUNE_BEDROCK_S3_URI (s3://bucket/prefix for the model files)"
         )
-    planned = plan_import(job_id, model_name, digest, settings)
+    planned = plan_import(job_id, model_name, digest, settings, attempt=attempt)
     cmi.check_import(
         planned.job_name,
         planned.imported_model_name,
@@ -56,12 +61,26 @@ def to_bedrock(
     record = records.claim(planned)
     if record.job_arn is None and record.digest != digest:
         # An earlier attempt exported other bytes and never started an import: replace it.
-        ctx.store.put_json(records.key, dataclasses.asdict(planned))
-        record = planned
+        record = records.replace(planned)
+    importer = Importer(bedrock.control_client(settings), settings, ctx.progress)
+    failure = importer.failure(record.job_arn) if record.job_arn else None
+    if failure is not None:  # it made no model: import again under new names and token
+        attempt = record.attempt + 1
+        ctx.progress(
+            {
+                "phase": f"the earlier import failed ({failure}); importing again",
+                "attempt": attempt,
+            },
+            force=True,
+        )
+        again = plan(
+            job_id, list(files), digest, model_name=model_name, settings=settings, attempt=attempt
+        )
+        record = records.replace(again)
     sent: dict[str, Any] = {"sent": [], "skipped": list(files), "bytes": 0}
     if record.job_arn is None:  # once an import runs, its files stay as they are
         sent = _upload(folder, files, record.s3_uri, settings, ctx)
-    result = Importer(bedrock.control_client(settings), settings, ctx.progress).run(records, record)
+    result = importer.run(records, record)
     ctx.progress({"phase": "smoke test", "model": result["imported_model_arn"]}, force=True)
     answer = bedrock.invoke(
         bedrock.runtime_client(settings),

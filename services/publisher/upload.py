@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from boto3.exceptions import S3UploadFailedError
 from botocore.exceptions import ClientError
 
 from shared.errors import StoreUnavailable
@@ -72,7 +73,7 @@ def upload_folder(
                 Config=config,
                 Callback=progress,
             )
-        except ClientError as exc:
+        except (ClientError, S3UploadFailedError) as exc:  # upload_file raises the latter
             raise StoreUnavailable(f"uploading {name} to s3://{bucket}/{key}: {exc}") from exc
         sent.append(name)
     return {"sent": sent, "skipped": skipped, "bytes": sum(sizes.values())}

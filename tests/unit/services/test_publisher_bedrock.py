@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import threading
 import time
 import uuid
 
 import boto3
 import pytest
+from botocore.exceptions import (
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    ReadTimeoutError,
+)
 
 from services.publisher import cmi, upload
 from services.publisher.handler import handle
 from services.publisher.importer import Importer, ImportRecords, plan_import
 from shared import bedrock
-from shared.errors import BedrockError, PreflightError
+from shared.errors import BedrockError, PreflightError, RetryableError, StoreUnavailable
 from shared.jobspec import parse_spec
 from shared.messages import PublishModel
 from shared.settings import BedrockSettings
@@ -215,7 +224,7 @@ def test_multipart_upload_is_checksummed_and_skipped_when_present(tmp_path, s3_e
 
 
 def test_import_names_follow_the_api_patterns():
-    settings = BedrockSettings(s3_uri="s3://b/models")
+    settings = BedrockSettings(s3_uri="s3://bucket/models")
     record = plan_import("job-1", "medical-terms", "ab" * 32, settings)
     cmi.check_import(
         record.job_name,
@@ -228,6 +237,127 @@ def test_import_names_follow_the_api_patterns():
         cmi.check_import("job", "a.b", "t0ken", "s3://b/m/", [])
     with pytest.raises(PreflightError, match="s3-key-characters"):
         cmi.check_import("job", "model", "t0ken", "s3://b/my models/", [])
+
+
+def test_failed_import_is_imported_again_under_new_names_on_the_next_publish(
+    published, bedrock_env, standin
+):
+    """A user who fixed what made the import fail retries the job: its publish creates a new
+    import job (new jobName and token, same model name) instead of failing on the old one."""
+    standin.fail_imports_with = "Could not read the model files: access denied"
+    ctx, cmd = _bedrock_job(published, _job_id())
+    with pytest.raises(BedrockError, match="failed: Could not read the model files"):
+        handle(cmd, ctx)
+    # a record stored before records had an attempt reads as the first attempt
+    key = f"{ctx.jobs.stage_prefix(cmd.job_id, 'publish')}/import.json"
+    stored = ctx.store.get_json(key)
+    ctx.store.put_json(key, {k: v for k, v in stored.items() if k != "attempt"})
+    standin.fail_imports_with = None
+    handle(cmd, ctx)
+    first, second = standin.calls_to("CreateModelImportJob")
+    assert second["jobName"] == f"{first['jobName']}-2"
+    assert second["clientRequestToken"] != first["clientRequestToken"]
+    assert second["importedModelName"] == first["importedModelName"]
+    imported = ctx.jobs.manifest(cmd.job_id, "publish")["bedrock"]
+    assert imported["job_arn"] != stored["job_arn"] and imported["imported_model_arn"]
+    assert ImportRecords(ctx.store, key).load().attempt == 2
+    handle(cmd, ctx)  # a completed second import is not imported a third time
+    assert len(standin.calls_to("CreateModelImportJob")) == 2
+
+
+def test_import_names_collapse_runs_of_dashes_the_api_refuses():
+    settings = BedrockSettings(s3_uri="s3://bucket/models")
+    digest = "ab" * 32
+    record = plan_import("job-1", "term--glossary", digest, settings)
+    assert record.imported_model_name == f"term-glossary-{digest[:10]}"
+    assert record.job_name == f"term-glossary-{digest[:10]}-import"
+    assert record.client_token == hashlib.sha256(f"job-1:{digest}".encode()).hexdigest()
+    assert record.s3_uri == f"s3://bucket/models/term--glossary/{digest[:10]}/"
+    cmi.check_import(
+        record.job_name, record.imported_model_name, record.client_token, record.s3_uri, []
+    )
+
+
+@pytest.mark.parametrize("attempt", [1, 2, 12])
+def test_import_names_of_every_attempt_fit_the_api(attempt):
+    settings = BedrockSettings(s3_uri="s3://bucket/models")
+    longest = "a" * 46 + "-b"  # the longest model name a job spec allows (48)
+    record = plan_import("job-1", longest, "cd" * 32, settings, attempt=attempt)
+    first = plan_import("job-1", longest, "cd" * 32, settings)
+    assert record.attempt == attempt and record.imported_model_name == first.imported_model_name
+    assert record.job_name.endswith("-import" + (f"-{attempt}" if attempt > 1 else ""))
+    assert (record.client_token == first.client_token) == (attempt == 1)
+    cmi.check_import(
+        record.job_name, record.imported_model_name, record.client_token, record.s3_uri, []
+    )
+
+
+@pytest.mark.parametrize(
+    "s3_uri",
+    [
+        "s3://My-Bucket/models/m/",  # bucket names are lowercase
+        "s3://b/models/m/",  # a bucket name has 3 to 63 characters
+        "s3://bucket//m/",  # an empty path segment
+        "s3://bucket/models/m~1/",  # a character outside the pattern
+    ],
+)
+def test_an_s3_uri_outside_the_api_pattern_is_refused_before_upload(s3_uri):
+    pattern = re.escape("s3://[a-z0-9][-.a-z0-9]{1,61}[a-z0-9](?:/[-!_*'().a-z0-9A-Z]+")
+    with pytest.raises(
+        PreflightError, match=rf"s3-key-characters: S3 URI '{re.escape(s3_uri)}' .*{pattern}"
+    ):
+        cmi.check_import("job", "model", "t0ken", s3_uri, ["config.json"])
+
+
+def test_an_s3_uri_over_the_api_length_is_refused():
+    s3_uri = "s3://bucket/" + "/".join(["a" * 99] * 11) + "/"
+    with pytest.raises(PreflightError, match=r"s3-key-characters: S3 URI 's3://.*1-1024 char"):
+        cmi.check_import("job", "model", "t0ken", s3_uri, [])
+
+
+def test_a_failed_upload_names_the_file_and_key(tmp_path, s3_endpoint):
+    (tmp_path / "config.json").write_text("{}")
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    missing = f"missing-{uuid.uuid4().hex[:8]}"  # upload_file raises S3UploadFailedError
+    with pytest.raises(
+        StoreUnavailable, match=rf"uploading config.json to s3://{missing}/m/1/config.json: "
+    ):
+        upload.upload_folder(
+            s3, tmp_path, missing, "m/1", files=upload.digests(tmp_path), report=lambda p: None
+        )
+
+
+@pytest.mark.parametrize(
+    ("error", "says"),
+    [
+        (EndpointConnectionError(endpoint_url="https://x"), "cannot reach Bedrock"),
+        (ConnectTimeoutError(endpoint_url="https://x"), "the connection to Bedrock failed"),
+        (ReadTimeoutError(endpoint_url="https://x"), "the connection to Bedrock failed"),
+        (ConnectionClosedError(endpoint_url="https://x"), "the connection to Bedrock failed"),
+    ],
+)
+def test_a_network_failure_is_retryable_and_says_what_to_check(error, says):
+    """Through a real boto3 client: the request fails on the wire (a before-send hook)."""
+    from botocore.config import Config
+
+    client = boto3.client(
+        "bedrock-runtime", region_name="us-east-1", config=Config(retries={"max_attempts": 1})
+    )
+
+    def fail(**kwargs):
+        raise error
+
+    client.meta.events.register("before-send.bedrock-runtime.InvokeModel", fail)
+    with pytest.raises(
+        RetryableError, match=rf"InvokeModel: {says} .*check TERMTUNE_BEDROCK_REGION.*network"
+    ):
+        bedrock.invoke(client, "arn:x", {"prompt": "p"}, retries=0, wait_seconds=0)
+
+
+def test_missing_credentials_stay_permanent():
+    explained = bedrock.explain(NoCredentialsError(), "GetModelImportJob")
+    assert isinstance(explained, BedrockError)
+    assert "no AWS credentials" in str(explained)
 
 
 def test_create_request_matches_botocore_service_model():

@@ -62,7 +62,7 @@ def test_a_fresh_role_is_waited_out_with_doubling_waits(clock):
     client = _Bedrock([refused] * 3 + [_error("ThrottlingException", "slow down")])
     assert make(client).create(RECORD) == "arn:job"
     assert slept == [10, 20, 40, 60]  # doubled from poll_seconds, capped at poll_max_seconds
-    assert phases == ["waiting for the role to propagate"] * 3  # throttling waits silently
+    assert phases == ["waiting for the role to propagate"] * 3 + ["waiting: Bedrock is throttling"]
 
 
 def test_a_role_still_refused_after_its_minutes_names_what_to_fix(clock):
@@ -81,6 +81,16 @@ def test_the_import_quota_is_waited_out_for_its_own_minutes(clock):
         make(client).create(RECORD)
     assert sum(slept[:-1]) < 120 <= sum(slept)
     assert set(phases) == {"waiting for the import quota"}
+
+
+def test_throttling_is_waited_out_for_the_quota_minutes_then_left_to_the_queue(clock):
+    make, slept, phases = clock
+    client = _Bedrock([_error("ThrottlingException", "Rate exceeded")] * 50)
+    with pytest.raises(RetryableError, match="CreateModelImportJob: ThrottlingException"):
+        make(client).create(RECORD)
+    assert sum(slept[:-1]) < 120 <= sum(slept)  # quota_wait_minutes=2, not forever
+    assert set(phases) == {"waiting: Bedrock is throttling"}
+    assert client.creates == len(slept) + 1
 
 
 def test_another_error_is_not_retried(clock):
