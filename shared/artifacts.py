@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import random
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,12 @@ def read_split(
     *,
     cache_dir: Path,
     max_rows: int | None = None,
+    seed: int = 0,
 ) -> pa.Table:
     """One split of a prepared dataset, its shards' SHA-256 verified: a cached copy that does
     not match is fetched again; a stored one that does not (or a shard gone) is the prepare
-    stage's corrupt output (``CorruptOutput``: that stage runs again)."""
+    stage's corrupt output (``CorruptOutput``: that stage runs again). ``max_rows`` keeps a
+    uniform sample of that many rows, seeded by ``seed``, in the split's order."""
     if split not in manifest.get("shards", {}):
         raise DatasetError(f"the prepared dataset has no {split!r} split")
     tables = []
@@ -44,7 +47,10 @@ def read_split(
             )
         tables.append(pq.read_table(path))
     table = pa.concat_tables(tables)
-    return table.slice(0, max_rows) if max_rows is not None else table
+    if max_rows is None or table.num_rows <= max_rows:
+        return table
+    # a split keeps its source's order (sorted by domain, say): its head is no sample
+    return table.take(sorted(random.Random(seed).sample(range(table.num_rows), max_rows)))
 
 
 def _fetch(store: Store, key: str, path: Path) -> None:

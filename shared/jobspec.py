@@ -439,9 +439,16 @@ class EvaluationSpec(_Section):
     """How the base and tuned models are compared on the held-out split."""
 
     max_rows: int | None = Field(
-        200, ge=1, description="Cap on test rows for quick runs (None: all); reported."
+        200,
+        ge=1,
+        description="Cap on test rows for quick runs (None: all): a uniform sample of the "
+        "test split, seeded by seed; reported.",
     )
-    seed: Seed = Field(0, description="Seed of sampling (decoding.temperature > 0) and bootstrap.")
+    seed: Seed = Field(
+        0,
+        description="Seed of the max_rows sample, of sampling (decoding.temperature > 0) and "
+        "of the bootstrap.",
+    )
     bootstrap_samples: int = Field(
         1000, ge=100, le=100_000, description="Resamples for the 95% confidence intervals."
     )

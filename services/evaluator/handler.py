@@ -73,7 +73,12 @@ def _evaluate(command: EvaluateModel, ctx: StageContext) -> dict[str, Any]:
     dataset = ctx.manifest_at(command.dataset_manifest)
     training = ctx.manifest_at(command.training_manifest)
     table = read_split(
-        ctx.store, dataset, "test", cache_dir=ctx.settings.cache_dir, max_rows=evaluation.max_rows
+        ctx.store,
+        dataset,
+        "test",
+        cache_dir=ctx.settings.cache_dir,
+        max_rows=evaluation.max_rows,
+        seed=evaluation.seed,
     )
     adapter = adapter_dir(ctx.store, training, cache_dir=ctx.settings.cache_dir)
     base_model = resolve_base_model(

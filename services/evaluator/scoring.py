@@ -35,6 +35,13 @@ METRICS: dict[str, bool | None] = {
 }
 BOOTSTRAP_SAMPLES = 1000
 
+#: scripts written without spaces between words: Thai, Lao, Myanmar, Khmer, kana, Han
+_UNSPACED = re.compile(
+    "[\u0e00-\u0eff\u1000-\u109f\ua9e0-\ua9ff\uaa60-\uaa7f\u1780-\u17ff\u19e0-\u19ff"
+    "\u3040-\u30ff\u31f0-\u31ff\uff66-\uff9f"
+    "\u3005-\u3007\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003ffff]"
+)
+
 
 @dataclass
 class RowScores:
@@ -61,12 +68,52 @@ def normalize(text: str) -> str:
     return " ".join(text.split())
 
 
+def _spaced(text: str) -> str:
+    """The text with each character of a script written without spaces (Han, kana, Thai,
+    Lao, Khmer, Myanmar) set apart by spaces, its combining marks kept with it."""
+    out, apart = [], False
+    for char in text:
+        if unicodedata.category(char)[0] == "M":
+            out.append(char)
+            continue
+        unspaced = _UNSPACED.match(char) is not None
+        out.append(f" {char}" if unspaced or apart else char)
+        apart = unspaced
+    return "".join(out)
+
+
+def words(text: str) -> list[str]:
+    """Lowercased runs of letters, digits and combining marks, in any script; a character of
+    a script written without spaces is a word of its own."""
+    text = _spaced(text.lower())
+    return "".join(c if unicodedata.category(c)[0] in "LNM" else " " for c in text).split()
+
+
+class RougeTokenizer:
+    """rouge_score's tokenizer for any script: ``words``, with the Porter stemming of its
+    default tokenizer on ASCII words (so English scores as rouge_score scores it)."""
+
+    def __init__(self) -> None:
+        from rouge_score.tokenizers import DefaultTokenizer
+
+        self._english = DefaultTokenizer(use_stemmer=True)
+
+    def tokenize(self, text: str) -> list[str]:
+        """The text's words, ASCII ones stemmed."""
+        return [
+            token
+            for word in words(text)
+            for token in (self._english.tokenize(word) if word.isascii() else [word])
+        ]
+
+
 def is_degenerate(text: str) -> bool:
-    """A repetitive output: a word 3+ times in a row, or under half its trigrams distinct."""
-    words = text.lower().split()
-    if re.search(r"\b(\w+)(?:\s+\1\b){2,}", " ".join(words)):
+    """A repetitive output: a word 3+ times in a row, or under half its trigrams distinct
+    (a character of a script written without spaces counts as a word)."""
+    tokens = _spaced(text.lower()).split()
+    if re.search(r"\b(\w+)(?:\s+\1\b){2,}", " ".join(tokens)):
         return True
-    trigrams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
+    trigrams = [tuple(tokens[i : i + 3]) for i in range(len(tokens) - 2)]
     return len(trigrams) >= 4 and len(set(trigrams)) / len(trigrams) < 0.5
 
 
@@ -90,7 +137,7 @@ def score_rows(
     """Every per-row score of one model's predictions."""
     from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=RougeTokenizer())
     pairs = [scorer.score(ref, pred) for pred, ref in zip(predictions, references, strict=True)]
     refs = [references]
     return RowScores(

@@ -26,6 +26,44 @@ def test_rouge_matches_hand_computation():
     assert rows.rouge["rouge2"][0] == pytest.approx(0.8 / 1.4)
 
 
+def test_rouge_of_english_is_rouge_scores_own():
+    from rouge_score import rouge_scorer
+
+    default = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    preds = ["The cats were running!", "an e-mail, isn't it?", "ICD_10 code J45 (asthma)"]
+    refs = ["a cat runs", "E-mails aren't it", "asthma: code J45.9 in ICD-10"]
+    rows = _rows(preds, refs)
+    for i, (pred, ref) in enumerate(zip(preds, refs, strict=True)):
+        expected = default.score(ref, pred)
+        for key in ("rouge1", "rouge2", "rougeL"):
+            assert rows.rouge[key][i] == expected[key].fmeasure
+
+
+def test_words_of_any_script():
+    assert scoring.words("L'électricité statique") == ["l", "électricité", "statique"]
+    assert scoring.words("हिन्दी भाषा") == ["हिन्दी", "भाषा"]  # vowel signs stay in the word
+    assert scoring.words("東京タワー2024年") == ["東", "京", "タ", "ワ", "ー", "2024", "年"]
+    assert scoring.words("กินข้าว") == ["กิ", "น", "ข้", "า", "ว"]
+
+
+def test_rouge_scores_answers_in_any_script():
+    # The defect: rouge_score's tokenizer keeps only [a-z0-9], so these all scored 0.
+    refs = ["Электричество — поток заряженных частиц", "光合成は植物が光から糖を作る過程"]
+    right = _rows(refs, refs)
+    assert right.rouge["rougeL"].tolist() == right.rouge["rouge1"].tolist() == [1.0, 1.0]
+    wrong = _rows(["Магнетизм — поток частиц", "光合成は動物の呼吸"], refs)
+    assert all(0 < score < 1 for score in wrong.rouge["rougeL"])  # below a right answer
+
+
+def test_gate_passes_a_model_that_learned_russian_terms():
+    refs = ["астма: болезнь лёгких", "пневмония: воспаление лёгких", "бронхит: кашель"] * 10
+    base = _rows(["a disease of the lungs"] * 30, refs, nll=[40.0] * 30)  # English, not Russian
+    tuned = _rows(refs, refs, nll=[20.0] * 30)
+    rules = _gate(base, tuned)
+    assert len(rules) == 4 and not _failed(rules)
+    assert rules[0]["values"]["gain"] == pytest.approx(1.0)
+
+
 def test_bleu_and_chrf_are_100_for_identical_text_and_0_for_disjoint():
     same = scoring.aggregate(_rows(["a plain sentence here"], ["a plain sentence here"]))
     assert same["bleu"] == pytest.approx(100.0) and same["chrf"] == pytest.approx(100.0)
@@ -67,6 +105,19 @@ def test_exact_match_ignores_case_punctuation_and_spacing():
     ],
 )
 def test_degenerate_outputs(text, degenerate):
+    assert scoring.is_degenerate(text) is degenerate
+
+
+@pytest.mark.parametrize(
+    "text,degenerate",
+    [
+        ("成本" * 10, True),
+        ("好好好", True),
+        ("成本是生产商品所花费的费用", False),
+        ("東京は日本の首都です", False),
+    ],
+)
+def test_degenerate_outputs_in_scripts_without_spaces(text, degenerate):
     assert scoring.is_degenerate(text) is degenerate
 
 

@@ -51,6 +51,27 @@ def test_a_damaged_stored_shard_is_the_prepare_stages_corrupt_output(tmp_path, d
     assert raised.value.stage == "prepare"
 
 
+def test_max_rows_is_a_seeded_sample_spread_over_the_split(tmp_path):
+    # The defect: the cap took the split's head, e.g. the first domain of a sorted source.
+    store = LocalStore(tmp_path / "store")
+    path = tmp_path / "test-00000.parquet"
+    pq.write_table(pa.table({"target": [f"{i:03d}" for i in range(300)]}), path)
+    key = "jobs/j/prepare/test-00000.parquet"
+    store.upload_file(path, key)
+    manifest = {"shards": {"test": [{"uri": store.uri(key), "sha256": sha256_of(path)}]}}
+
+    def rows(**kwargs):
+        table = read_split(store, manifest, "test", cache_dir=tmp_path / "cache", **kwargs)
+        return [int(t) for t in table.column("target").to_pylist()]
+
+    capped = rows(max_rows=30)
+    assert len(capped) == 30 and capped == sorted(set(capped)) != list(range(30))
+    assert capped == rows(max_rows=30)  # the same rows every run
+    assert {i // 100 for i in capped} == {0, 1, 2}  # from every part of the split
+    assert rows(max_rows=30, seed=1) != capped
+    assert rows(max_rows=300) == rows() == list(range(300))
+
+
 def _adapter(store, tmp_path):
     folder = tmp_path / "adapter"
     folder.mkdir()
