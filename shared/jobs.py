@@ -33,11 +33,12 @@ from shared.jobspec import JobSpec, parse_spec
 from shared.ledger import Ledger, open_ledger
 from shared.ledger import tables as t
 from shared.ledger.core import wall_clock
-from shared.ledger.view import ENDED, JOB_STATUSES, current_stage, fold, new_view
+from shared.ledger.view import ENDED, JOB_STATUSES, current_stage, fold, new_view, user_retry
 from shared.messages import (
     STAGES,
     Command,
     Event,
+    JobCancelled,
     Message,
     Stage,
     dump_message,
@@ -47,7 +48,15 @@ from shared.pipeline import resume_command
 from shared.settings import Settings
 from shared.store import Store, open_store
 
-__all__ = ["ENDED", "JOB_STATUSES", "OUTCOMES", "JobRecords", "new_job_id", "open_records"]
+__all__ = [
+    "ENDED",
+    "JOB_STATUSES",
+    "OUTCOMES",
+    "RETRYABLE",
+    "JobRecords",
+    "new_job_id",
+    "open_records",
+]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -66,6 +75,9 @@ def job_prefix(job_id: str) -> str:
         raise NotFound(f"no job {job_id!r}")
     return f"jobs/{job_id}"
 
+
+#: the statuses of a job that a user may retry
+RETRYABLE = ("failed", "cancelled")
 
 #: the event that records each stage's success
 OUTCOMES = {
@@ -294,7 +306,9 @@ class JobRecords:
             "updated_at": wall_clock(),
         }
         if data["type"] == "JobRetried":
-            values.update(retry_seq=seq, cancel_requested=False)
+            values["retry_seq"] = seq
+            if user_retry(data):  # a redo of a corrupt output keeps a user's cancel
+                values["cancel_requested"] = False
         if data["type"] == "CancelRequested":
             values["cancel_requested"] = True
         insert = t.events.insert().values(
@@ -441,6 +455,44 @@ class JobRecords:
                 self._append(conn, requested)
             if status in ("queued", "paused"):
                 self._append(conn, cancelled)
+        return self.summary(job_id)
+
+    def cancel_abandoned(self, conn: Connection, job_id: str, stage: str) -> bool:
+        """In ``conn``'s transaction: record a job whose stage's worker was lost while it was
+        being cancelled as cancelled at ``stage`` (JobCancelled, also published), as that
+        worker would have; False if it ended meanwhile or its cancel was withdrawn."""
+        row = conn.execute(
+            sa.select(t.jobs.c.status, t.jobs.c.cancel_requested)
+            .where(t.jobs.c.id == job_id)
+            .with_for_update()
+        ).first()
+        if row is None or row.status in ENDED or not row.cancel_requested:
+            return False
+        cancelled = JobCancelled(job_id=job_id, stage=stage)
+        self.append(conn, cancelled, send=[cancelled])
+        return True
+
+    # -- retry ----------------------------------------------------------------------------
+
+    def retry(self, job_id: str, *, retried: Event, send: Sequence = ()) -> dict[str, Any]:
+        """Resume a failed or cancelled job (``retried``, and ``send`` to the outbox) in one
+        transaction that holds the job's row: Conflict if it is neither (a second retry of
+        the same failure finds it queued). The job's view."""
+        with self.ledger.write() as conn:
+            row = conn.execute(
+                sa.select(t.jobs.c.view).where(t.jobs.c.id == job_id).with_for_update()
+            ).first()
+            if row is None:
+                raise NotFound(f"no job {job_id!r}")
+            status = row.view["status"]
+            if status not in RETRYABLE:
+                raise Conflict(
+                    f"job {job_id!r} is {status}; only failed or cancelled jobs are retried"
+                )
+            self._append(conn, retried)
+            self._enqueue(conn, job_id, _outgoing(send))
+        if send:
+            self.outbox_written()
         return self.summary(job_id)
 
     def request_cancel(self, job_id: str) -> bool:

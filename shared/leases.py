@@ -85,12 +85,20 @@ class Lease:
             return True
 
     def renew(self) -> bool:
-        """Extend the lease; False if another worker took it (it expired)."""
+        """Extend the lease; False once it is lost: another worker took it, or the
+        reconciler sent its command again. A lease that expired (a database hiccup longer
+        than its time to live) but whose command was not sent again is still renewed."""
         leases = t.leases.c
         with self.ledger.write() as conn:
             renewed = conn.execute(
                 t.leases.update()
-                .where(self._this(), leases.owner == self.owner, leases.version == self.version)
+                .where(
+                    self._this(),
+                    leases.owner == self.owner,
+                    leases.version == self.version,
+                    # re-sent: the new delivery must find the lease free, this worker stop
+                    leases.redispatched_for.is_(None),
+                )
                 .values(expires_at=self.ledger.now + self.ttl, version=leases.version + 1)
                 .returning(leases.version)
             ).first()
@@ -107,7 +115,8 @@ class Lease:
 
 class LeaseKeeper:
     """Renews a lease every third of its time to live; sets ``lost`` (and stops) when another
-    worker holds it. A renewal that fails (a database hiccup) is tried again next time."""
+    worker holds it or its command was sent again. A renewal that fails (a database hiccup)
+    is tried again next time."""
 
     def __init__(self, lease: Lease) -> None:
         self.lease = lease
@@ -116,7 +125,7 @@ class LeaseKeeper:
 
     def _renew(self) -> None:
         if not self.lease.renew():
-            log.error("lease %s lost to another worker", self.lease.key)
+            log.error("lease %s lost (taken over or its command sent again)", self.lease.key)
             self.lost.set()
             self._timer.stop()
 
@@ -148,15 +157,16 @@ def expired_leases(ledger: Ledger, *, grace: float = 0.0) -> list[ExpiredLease]:
         return [ExpiredLease(*row) for row in conn.execute(query)]
 
 
-def delete_lease(conn: sa.Connection, lease: ExpiredLease) -> None:
-    """Drop a stale lease (its stage ended), if nobody took it meanwhile."""
-    conn.execute(
+def delete_lease(conn: sa.Connection, lease: ExpiredLease) -> bool:
+    """Drop a stale lease (its stage ended): False if it was renewed or taken meanwhile."""
+    done = conn.execute(
         t.leases.delete().where(
             t.leases.c.job_id == lease.job_id,
             t.leases.c.stage == lease.stage,
             t.leases.c.version == lease.version,
         )
     )
+    return done.rowcount == 1
 
 
 def mark_redispatched(conn: sa.Connection, lease: ExpiredLease, ledger: Ledger) -> bool:

@@ -39,17 +39,25 @@ def _reconcile(jobs: JobRecords, lease: ExpiredLease) -> bool:
     (its success recorded), of a job that failed or of a job being cancelled. A stage whose
     manifest is stored but whose success is not (its worker died in between) is sent again:
     the handler finds the manifest, does no work twice and records the success. A worker
-    that died after recording the job's failure leaves it failed: only a retry runs it."""
+    that died after recording the job's failure leaves it failed: only a retry runs it. A
+    job being cancelled whose worker died is recorded as cancelled, as that worker would
+    have done, in the transaction that drops the lease."""
     job_id = lease.job_id
-    stale = (
-        jobs.finished(job_id, lease.stage)
-        or jobs.failure(job_id) is not None
-        or jobs.cancel_requested(job_id)
-    )
+    ended = jobs.finished(job_id, lease.stage) or jobs.failure(job_id) is not None
+    cancelling = not ended and jobs.cancel_requested(job_id)
+    if ended or cancelling:
+        with jobs.ledger.write() as conn:
+            # the stage ended, or was to stop: the lease is stale
+            cancelled = (
+                delete_lease(conn, lease)
+                and cancelling
+                and jobs.cancel_abandoned(conn, job_id, lease.stage)
+            )
+        if cancelled:
+            jobs.outbox_written()
+            log.warning("%s: its worker was lost while it was being cancelled: cancelled", job_id)
+        return False
     with jobs.ledger.write() as conn:
-        if stale:
-            delete_lease(conn, lease)  # the stage ended; the lease is stale
-            return False
         command = parse_message(lease.command["body"])
         attempt = int(lease.command["attempt"]) + 1
         if not mark_redispatched(conn, lease, jobs.ledger):

@@ -116,19 +116,27 @@ class _Progress:
     """Records progress events for one stage, at most one every few seconds; every report is
     also a stopping point for a stage other than training (which stops at an optimizer step,
     checkpointed): once the worker is asked to stop (SIGTERM) it raises Interrupted (the
-    command goes back to the queue), once the job is cancelled (looked up at most once a
+    command goes back to the queue), once its lease is lost Interrupted too (the worker that
+    holds it now runs the stage), once the job is cancelled (looked up at most once a
     second) Cancelled."""
 
     def __init__(
-        self, jobs: JobRecords, command: Command, stop: threading.Event | None = None
+        self,
+        jobs: JobRecords,
+        command: Command,
+        stop: threading.Event | None = None,
+        lease_lost: threading.Event | None = None,
     ) -> None:
         self.jobs, self.command, self.last, self.checked = jobs, command, 0.0, 0.0
         self.stop = stop or threading.Event()
+        self.lease_lost = lease_lost or threading.Event()
         self.stage = STAGE_OF_COMMAND[command.type]  # type: ignore[attr-defined]
 
     def __call__(self, progress: dict[str, Any], *, force: bool = False) -> None:
         now = time.monotonic()
         worker_metrics.observe_progress(self.stage, progress)
+        if self.stage != "train" and self.lease_lost.is_set():
+            raise Interrupted(f"{self.stage} stopped: its lease was lost")
         if self.stage != "train" and self.stop.is_set():
             raise Interrupted(f"{self.stage} stopped: the worker is shutting down")
         if self.stage != "train" and now - self.checked >= CANCEL_CHECK_SECONDS:
@@ -174,7 +182,7 @@ def run_stage(
     jobs.record(
         StageStarted(job_id=command.job_id, stage=stage, worker=ctx.worker, attempt=attempt)
     )
-    ctx.progress = _Progress(jobs, command, ctx.stop)
+    ctx.progress = _Progress(jobs, command, ctx.stop, ctx.lease_lost)
     try:
         if jobs.cancel_requested(command.job_id):
             raise Cancelled(f"job {command.job_id} was cancelled")
@@ -228,7 +236,8 @@ def _redo(command: Command, ctx: StageContext, exc: CorruptOutput, dispatch: boo
     its command sent with a ``JobRetried`` that says why. Otherwise the job fails, and a
     retry starts at that stage."""
     jobs, job_id, stage = ctx.jobs, command.job_id, exc.stage
-    redone = [e for _, e in jobs.events_after(job_id) if isinstance(e, JobRetried) and e.reason]
+    retries = [e for _, e in jobs.events_after(job_id) if isinstance(e, JobRetried)]
+    redone = [e for e in retries if e.reason is not None]  # termtune's own, not a user's
     kept = jobs.set_aside(job_id, stage, str(exc))  # type: ignore[arg-type]
     where = f"; its manifest kept as {jobs.store.uri(kept)}" if kept else ""
     prefix = jobs.stage_prefix(job_id, stage)  # type: ignore[arg-type]

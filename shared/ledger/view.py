@@ -11,7 +11,7 @@ from typing import Any
 
 from shared.messages import ENDED, JOB_STATUSES, STAGES
 
-__all__ = ["ENDED", "JOB_STATUSES", "current_stage", "fold", "new_view"]
+__all__ = ["ENDED", "JOB_STATUSES", "current_stage", "fold", "new_view", "user_retry"]
 _ENVELOPE = ("job_id", "schema_version", "message_id", "created_at", "type", "stage")
 
 
@@ -45,7 +45,9 @@ def fold(view: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         for name in STAGES[STAGES.index(stage) :]:
             stages[name] = {"status": "pending"}
             job["result"].pop(name, None)
-        job.update(status="queued", error=None, cancel_requested=False)
+        job.update(status="queued", error=None)
+        if user_retry(data):  # only a user's retry withdraws a user's cancel
+            job["cancel_requested"] = False
         job["retries"] = job.get("retries", 0) + 1
     else:
         _fold_stage(job, stages, kind, stage, data)
@@ -94,6 +96,12 @@ def _skip_after(stages: dict[str, dict[str, Any]], stage: str) -> None:
     for name in STAGES[STAGES.index(stage) + 1 :]:
         if stages[name]["status"] == "pending":
             stages[name]["status"] = "skipped"
+
+
+def user_retry(data: dict[str, Any]) -> bool:
+    """Whether a dumped ``JobRetried`` is a user's retry, not termtune's own redo of a stage
+    whose output was found corrupt (which gives its ``reason``)."""
+    return data.get("reason") is None
 
 
 def current_stage(view: dict[str, Any]) -> str | None:

@@ -25,7 +25,7 @@ from shared import families, tracking
 from shared.api_models import EventPage, EventView, JobPage, JobStatus, JobView
 from shared.basemodel import base_model_family
 from shared.errors import Conflict, ModelError, NotFound, SpecError, StoreLocationError
-from shared.jobs import ENDED, new_job_id
+from shared.jobs import ENDED, RETRYABLE, new_job_id
 from shared.jobspec import parse_spec
 from shared.locations import check_source
 from shared.messages import (
@@ -40,6 +40,9 @@ from shared.messages import (
 )
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+#: the largest event number a client may page from: events.seq is a 32-bit integer on
+#: PostgreSQL, and a bigger bound parameter fails there (and past 64 bits on SQLite)
+MAX_SEQ = 2**31 - 1
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model_exclude_unset=True)
@@ -139,22 +142,25 @@ def retry_job(job_id: str, jobs: JobsDep) -> JobView:
     """Resume a failed or cancelled job from the first stage it had not finished (training
     resumes from its latest checkpoint)."""
     summary = _or_404(lambda: jobs.summary(job_id))
-    if summary["status"] not in ("failed", "cancelled"):
+    if summary["status"] not in RETRYABLE:  # asked again, under the job's lock, below
         raise HTTPException(
             status.HTTP_409_CONFLICT,
             f"job {job_id!r} is {summary['status']}; only failed or cancelled jobs are retried",
         )
     command = jobs.resume_command(job_id)
     retried = JobRetried(job_id=job_id, stage=STAGE_OF_COMMAND[command.type])
-    jobs.record(retried, send=[command])
-    return JobView.model_validate(jobs.summary(job_id))
+    try:
+        view = jobs.retry(job_id, retried=retried, send=[command])
+    except Conflict as exc:  # another retry (or a change) came first
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+    return JobView.model_validate(view)
 
 
 @router.get("/{job_id}/events")
 def job_events(
     job_id: str,
     jobs: JobsDep,
-    after: int = Query(0, ge=0, description="Only events after this sequence number."),
+    after: int = Query(0, ge=0, le=MAX_SEQ, description="Only events after this sequence number."),
     limit: int = Query(10_000, ge=1, le=10_000),
 ) -> EventPage:
     """A job's events, oldest first, numbered 1, 2, 3... (``after`` pages on)."""
@@ -177,9 +183,12 @@ async def job_event_stream(
     job_id: Annotated[str, Depends(_existing_job)],
     jobs: JobsDep,
     last_event_id: int | None = Header(
-        None, ge=0, description="Resume after this event (sent by browsers on reconnect)."
+        None,
+        ge=0,
+        le=MAX_SEQ,
+        description="Resume after this event (sent by browsers on reconnect).",
     ),
-    after: int = Query(0, ge=0, description="Start after this sequence number."),
+    after: int = Query(0, ge=0, le=MAX_SEQ, description="Start after this sequence number."),
     poll: float = 1.0,
 ) -> AsyncIterator[ServerSentEvent]:
     """A job's events live as Server-Sent Events (``id`` = sequence number), then an

@@ -605,3 +605,63 @@ def test_estimate_charges_a_decoder_only_model_every_token_through_the_whole_sta
         in (answer["training"]["basis"])
     )
     assert "encoder" not in answer["training"]["basis"]
+
+
+def test_event_numbers_past_the_databases_integers_are_refused_naming_the_parameter(app_env):
+    """``after=10**30`` was a 500 (SQLite's OverflowError; PostgreSQL's 32-bit event numbers
+    from 2**31 on), in the stream's ``after`` and ``Last-Event-ID`` too."""
+    client, _, _ = app_env
+    job = client.post("/v1/jobs", json={"name": "terms"}).json()
+    events = f"/v1/jobs/{job['id']}/events"
+    for huge in [str(10**30), str(2**31)]:
+        _refused_naming_the_parameter(client, events, huge)
+    last = client.get(events, params={"after": 2**31 - 1}).json()
+    assert last["data"] == [] and last["last_seq"] == 2**31 - 1
+
+
+def _refused_naming_the_parameter(client, events, huge):
+    for path, params, headers, where in [
+        (events, {"after": huge}, {}, ["query", "after"]),
+        (f"{events}/stream", {"after": huge}, {}, ["query", "after"]),
+        (f"{events}/stream", {}, {"Last-Event-ID": huge}, ["header", "last-event-id"]),
+    ]:
+        response = client.get(path, params=params, headers=headers)
+        assert response.status_code == 422, (path, response.text)
+        assert [e["loc"] for e in response.json()["detail"]] == [where]
+
+
+def test_two_retries_at_once_resume_the_job_once(app_env, monkeypatch):
+    """The retry's status check read outside the transaction that recorded it: two retries
+    at once both passed it (two JobRetried, two commands)."""
+    import threading
+
+    from shared.messages import StageFailed
+
+    client, bus, app = app_env
+    jobs = app.state.jobs
+    job = client.post("/v1/jobs", json={"name": "retry"}).json()
+    _queued(bus, "dataprep")
+    jobs.record(StageFailed(job_id=job["id"], stage="prepare", error="x", error_type="X"))
+    both_checked = threading.Barrier(2, timeout=10)
+    resume = jobs.resume_command
+
+    def resume_command(job_id):  # both requests have read the job as failed by now
+        both_checked.wait()
+        return resume(job_id)
+
+    monkeypatch.setattr(jobs, "resume_command", resume_command)
+    codes = []
+
+    def retry():
+        codes.append(client.post(f"/v1/jobs/{job['id']}/retry").status_code)
+
+    threads = [threading.Thread(target=retry) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(codes) == [202, 409]
+    assert [e.type for e in jobs.events(job["id"])].count("JobRetried") == 1
+    assert _queued(bus, "dataprep") is not None and _queued(bus, "dataprep", wait=0.5) is None
+    monkeypatch.undo()
+    assert client.post(f"/v1/jobs/{job['id']}/retry").status_code == 409  # queued now

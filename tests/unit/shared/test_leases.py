@@ -243,3 +243,80 @@ def test_a_corrupt_lease_is_quarantined_and_the_others_are_still_reconciled(jobs
     failed = jobs.summary("job-1")
     assert failed["status"] == "failed" and failed["error"]["type"] == "CorruptRecord"
     assert reconcile_once(jobs) == []  # set aside: not tried again
+
+
+def test_a_lease_whose_command_was_sent_again_is_not_renewed_and_the_new_delivery_takes_it(
+    jobs, bus
+):
+    """A database hiccup longer than the lease: the reconciler re-sent the command, then
+    the old worker's renewal succeeded, the new delivery was dropped as held by a live
+    worker, and once the old worker died the job stayed running for good (the re-sent lease
+    is never looked at again). Now the old worker learns it lost the lease."""
+    command = TrainModel(job_id="job-1", spec_uri="file:///s", dataset_manifest="file:///m")
+    old = _lease(jobs, "old", command={"body": dump_message(command), "attempt": 1})
+    assert old.acquire()
+    _expire(jobs)  # ... the database was away longer than the lease
+    assert reconcile_once(jobs) == ["job-1"]
+    assert old.renew() is False
+    new = _lease(jobs, "new", command={"body": dump_message(command), "attempt": 2})
+    assert new.acquire() is True
+    assert (_row(jobs).owner, _row(jobs).redispatched_for) == ("new", None)
+    assert old.renew() is False
+
+
+def test_an_expired_lease_whose_command_was_not_sent_again_is_still_renewed(jobs):
+    """A hiccup past the lease's expiry that the reconciler did not act on costs nothing."""
+    command = TrainModel(job_id="job-1", spec_uri="file:///s", dataset_manifest="file:///m")
+    lease = _lease(jobs, "a", command={"body": dump_message(command), "attempt": 1})
+    assert lease.acquire()
+    _expire(jobs)
+    assert lease.renew() is True
+    assert reconcile_once(jobs) == []  # renewed: nothing to re-send
+
+
+def test_keeper_reports_a_lease_whose_command_was_sent_again(jobs):
+    lease = _lease(jobs, "a", ttl=0.6)
+    assert lease.acquire()
+    with LeaseKeeper(lease) as keeper:
+        with jobs.ledger.write() as conn:  # what the reconciler marks when it re-sends
+            conn.execute(t.leases.update().values(redispatched_for=jobs.ledger.now))
+        assert keeper.lost.wait(2.0)
+
+
+def test_a_cancelled_job_whose_worker_died_is_recorded_cancelled(jobs, bus):
+    """A cancel asked of a running job whose worker then died: the lease was dropped and
+    nothing recorded, so the job stayed running for good (a second cancel did nothing, a
+    retry refused a running job). Now the reconciler records the cancellation."""
+    from shared.messages import CancelRequested, JobCancelled, StageStarted
+
+    command = TrainModel(job_id="job-1", spec_uri="file:///s", dataset_manifest="file:///m")
+    assert _lease(jobs, "w", command={"body": dump_message(command), "attempt": 1}).acquire()
+    jobs.record(StageStarted(job_id="job-1", stage="train", worker="w"))
+    jobs.cancel(
+        "job-1",
+        requested=CancelRequested(job_id="job-1"),
+        cancelled=JobCancelled(job_id="job-1", stage="train"),
+    )  # ... and the worker is killed before it sees the request
+    assert jobs.summary("job-1")["status"] == "running"
+    _expire(jobs)
+    assert reconcile_once(jobs) == []  # not sent again
+    assert _row(jobs) is None
+    job = jobs.summary("job-1")
+    assert job["status"] == "cancelled" and job["stages"]["train"]["status"] == "cancelled"
+    assert [e.type for e in jobs.events("job-1")][-1] == "JobCancelled"
+    # published as a worker's cancellation is; no command
+    assert relay_once(jobs, bus) == 1 and _queued(bus) is None
+
+
+def test_a_lease_dropped_after_its_worker_recorded_the_cancellation_records_nothing(jobs):
+    from shared.messages import CancelRequested, JobCancelled, StageStarted
+
+    command = TrainModel(job_id="job-1", spec_uri="file:///s", dataset_manifest="file:///m")
+    assert _lease(jobs, "w", command={"body": dump_message(command), "attempt": 1}).acquire()
+    jobs.record(StageStarted(job_id="job-1", stage="train", worker="w"))
+    jobs.record(CancelRequested(job_id="job-1"))
+    jobs.record(JobCancelled(job_id="job-1", stage="train"))  # ... then killed, lease held
+    before = len(jobs.events("job-1"))
+    _expire(jobs)
+    assert reconcile_once(jobs) == []
+    assert _row(jobs) is None and len(jobs.events("job-1")) == before

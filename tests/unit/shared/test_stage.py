@@ -86,22 +86,13 @@ def test_a_corrupt_earlier_output_runs_that_stage_again_once(ctx):
     """Issue 19: a damaged stored output failed the job, and a retry failed the same way:
     the stage that wrote it counted as done. Now that stage runs again, once."""
     from shared.errors import CorruptOutput
-    from shared.jobspec import JobSpec
-    from shared.messages import EvaluateModel
     from shared.outbox import relay_once
     from shared.stage import run_stage
 
-    uri = ctx.jobs.create("job-1", JobSpec(name="job"))
-    manifests = {s: ctx.jobs.write_manifest("job-1", s, {"of": s}) for s in ("prepare", "train")}
+    command = _evaluation_of_a_trained_job(ctx)
     cached = ctx.settings.cache_dir / "artifacts" / "jobs/job-1/train/adapter/weights"
     cached.parent.mkdir(parents=True)
     cached.write_text("this machine's copy")
-    command = EvaluateModel(
-        job_id="job-1",
-        spec_uri=uri,
-        dataset_manifest=manifests["prepare"],
-        training_manifest=manifests["train"],
-    )
 
     def evaluate(command, ctx):
         raise CorruptOutput("adapter_model.safetensors does not match its SHA-256", stage="train")
@@ -122,7 +113,7 @@ def test_a_corrupt_earlier_output_runs_that_stage_again_once(ctx):
     bus = _Bus()
     relay_once(ctx.jobs, bus)
     [train] = bus.sent
-    assert train.type == "TrainModel" and train.dataset_manifest == manifests["prepare"]
+    assert train.type == "TrainModel" and train.dataset_manifest == command.dataset_manifest
     # Found corrupt a second time: the job fails, set aside again; a retry starts there.
     ctx.jobs.write_manifest("job-1", "train", {"of": "train, again"})
     failed = run_stage(command, evaluate, ctx, dispatch=True)
@@ -144,3 +135,69 @@ def test_an_unreadable_manifest_is_set_aside_and_the_stage_counts_as_not_done(ct
     [kept] = [k for k in ctx.store.list("jobs/job-1/prepare") if "corrupt" in k]
     assert ctx.store.get_bytes(kept) == b'{"rows"'
     assert ctx.jobs.resume_command("job-1").type == "PrepareDataset"
+
+
+def test_a_stage_whose_lease_is_lost_stops_at_its_next_progress_report(ctx):
+    """Evaluation and publishing ran on to the end after their lease was lost (taken over,
+    or the command sent again), beside the worker that now holds it."""
+    import pytest
+
+    from shared.errors import Interrupted
+    from shared.jobspec import JobSpec
+    from shared.messages import EvaluateModel
+    from shared.stage import run_stage
+
+    uri = ctx.jobs.create("job-1", JobSpec(name="job"))
+    command = EvaluateModel(
+        job_id="job-1", spec_uri=uri, dataset_manifest="file:///d", training_manifest="file:///t"
+    )
+
+    def evaluate(command, ctx):
+        for batch in range(100):
+            if batch == 2:
+                ctx.lease_lost.set()  # what the lease keeper sets
+            ctx.progress({"phase": "generating", "rows_done": batch})
+        raise AssertionError("not stopped")
+
+    with pytest.raises(Interrupted, match="evaluate stopped: its lease was lost"):
+        run_stage(command, evaluate, ctx)
+    assert ctx.jobs.summary("job-1")["status"] == "running"  # the new holder runs it
+
+
+def test_a_cancel_asked_before_a_corrupt_output_is_redone_still_ends_the_job(ctx):
+    """The JobRetried of a redo cleared the user's cancel: the job ran on as if never
+    cancelled. Now the stage sent again stops at once and the job ends as cancelled."""
+    from shared.errors import CorruptOutput
+    from shared.outbox import relay_once
+    from shared.stage import run_stage
+
+    command = _evaluation_of_a_trained_job(ctx)
+
+    def evaluate(command, ctx):
+        ctx.jobs.request_cancel("job-1")  # a user's cancel, while the stage reads its inputs
+        raise CorruptOutput("adapter_model.safetensors does not match its SHA-256", stage="train")
+
+    assert run_stage(command, evaluate, ctx, dispatch=True).type == "JobRetried"
+    assert ctx.jobs.cancel_requested("job-1")
+    bus = _Bus()
+    relay_once(ctx.jobs, bus)
+    train = next(m for m in bus.sent if m.type == "TrainModel")
+    ran = []
+    event = run_stage(train, lambda c, x: ran.append(c), ctx, dispatch=True)
+    assert event.type == "JobCancelled" and ran == []
+    assert ctx.jobs.summary("job-1")["status"] == "cancelled"
+
+
+def _evaluation_of_a_trained_job(ctx):
+    """job-1 with prepare and train manifests stored, and the command that evaluates it."""
+    from shared.jobspec import JobSpec
+    from shared.messages import EvaluateModel
+
+    uri = ctx.jobs.create("job-1", JobSpec(name="job"))
+    manifests = {s: ctx.jobs.write_manifest("job-1", s, {"of": s}) for s in ("prepare", "train")}
+    return EvaluateModel(
+        job_id="job-1",
+        spec_uri=uri,
+        dataset_manifest=manifests["prepare"],
+        training_manifest=manifests["train"],
+    )

@@ -407,3 +407,45 @@ def test_a_command_delivered_after_its_job_failed_is_not_run_until_a_retry(env):
     worker.on_message(cmd.model_dump(mode="json"), _Delivery({}, "cmd.PrepareDataset"))
     assert called == [cmd]
     assert _types(jobs)[-1] == "DatasetPrepared"
+
+
+def test_a_worker_whose_command_was_sent_again_during_a_hiccup_stops_and_the_new_one_runs(env):
+    """A database hiccup longer than the lease: the reconciler sent the command again, the
+    old worker's renewal then succeeded and the new delivery was dropped as held by a live
+    worker (the job stuck running once the old one died). Now the old worker's renewal
+    fails, its stage stops at its next report, and the new delivery takes the lease."""
+    from shared.ledger import tables as t
+    from shared.reconciler import reconcile_once
+
+    settings, store, jobs, bus, cmd = env
+    settings = settings.model_copy(update={"lease_seconds": 0.6})
+
+    def resent():  # the lease expired while the database was away; the reconciler acts
+        while reconcile_once(jobs) != ["job-1"]:
+            with jobs.ledger.write() as conn:
+                conn.execute(t.leases.update().values(expires_at=jobs.ledger.now - 1))
+
+    reports = []
+
+    def prepare(command, ctx):
+        resent()
+        for n in range(100):
+            reports.append(n)
+            ctx.progress({"phase": "tokenizing", "rows_done": n})
+            time.sleep(0.05)
+        raise AssertionError("not stopped")
+
+    old = Worker("dataprep", prepare, settings=settings, bus=bus, store=store, leased=True)
+    old.ctx.worker = "old"
+    old.on_message(cmd.model_dump(mode="json"), _Delivery({}, "cmd.PrepareDataset"))
+    assert old.ctx.lease_lost.is_set() and len(reports) < 40
+    assert "StageFailed" not in _types(jobs)
+    [again] = _drain(bus, bus.queues["dataprep"])
+    assert again.headers[ATTEMPT_HEADER] == 2
+    done = DatasetPrepared(job_id="job-1", manifest="file:///m", counts={"train": 3})
+    new = Worker(
+        "dataprep", lambda c, x: done, settings=settings, bus=bus, store=store, leased=True
+    )
+    new.ctx.worker = "new"
+    new.on_message(again.payload, _Delivery(again.headers, "cmd.PrepareDataset"))
+    assert jobs.summary("job-1")["stages"]["prepare"]["status"] == "succeeded"

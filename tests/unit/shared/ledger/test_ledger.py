@@ -373,3 +373,49 @@ def test_migration_0002_counts_the_jobs_already_there(backend, tmp_path):
     jobs = JobRecords(LocalStore(tmp_path / "store"), ledger)
     assert jobs.counts() == {"failed": 2, "succeeded": 1}
     ledger.dispose()
+
+
+def test_only_a_users_retry_withdraws_a_cancel_request(jobs):
+    """Every JobRetried cleared the cancel flag, the one a stage records when it finds an
+    earlier stage's output corrupt too: a user's cancel was dropped and the job ran on."""
+    from shared.messages import JobRetried
+
+    job_id, _ = _job(jobs)
+    assert jobs.request_cancel(job_id)
+    jobs.record(JobRetried(job_id=job_id, stage="prepare", reason="its manifest is gone"))
+    assert jobs.cancel_requested(job_id) and jobs.summary(job_id)["cancel_requested"]
+    jobs.record(JobRetried(job_id=job_id, stage="prepare"))  # a user's
+    assert not jobs.cancel_requested(job_id) and not jobs.summary(job_id)["cancel_requested"]
+
+
+def test_concurrent_retries_of_a_failed_job_resume_it_once(jobs):
+    """The API read the status, then recorded the retry in another transaction: two retries
+    at once both resumed the job (two JobRetried, two commands)."""
+    from shared.messages import JobRetried
+
+    job_id, _ = _job(jobs)
+    jobs.record(StageFailed(job_id=job_id, stage="prepare", error="x", error_type="X"))
+    start, results = threading.Barrier(4), []
+
+    def retry():
+        start.wait()
+        try:
+            jobs.retry(
+                job_id,
+                retried=JobRetried(job_id=job_id, stage="prepare"),
+                send=[PrepareDataset(job_id=job_id, spec_uri="file:///s")],
+            )
+            results.append("retried")
+        except Conflict as exc:
+            results.append(str(exc))
+
+    threads = [threading.Thread(target=retry) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results)[-1] == "retried" and results.count("retried") == 1, results
+    assert all("only failed or cancelled jobs are retried" in r for r in results if r != "retried")
+    assert [e.type for e in jobs.events(job_id)].count("JobRetried") == 1
+    with jobs.ledger.read() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(t.outbox)).scalar() == 1

@@ -100,3 +100,19 @@ def test_fold_leaves_the_view_it_was_given_alone_and_tracks_the_current_stage():
     started = fold(start, dump_message(StageStarted(job_id="j", stage="prepare", worker="w")))
     assert start["stages"]["prepare"] == {"status": "pending"}
     assert current_stage(started) == "prepare"
+
+
+def test_only_a_users_retry_withdraws_a_cancel_request():
+    """A stage that found an earlier stage's output corrupt records a JobRetried of its
+    own: a user's cancel asked before it still stands."""
+    from shared.messages import CancelRequested, JobRetried
+
+    asked = [
+        DatasetPrepared(job_id="j", manifest="m", counts={"train": 7, "test": 3}),
+        CancelRequested(job_id="j"),
+        JobRetried(job_id="j", stage="prepare", reason="the prepare stage's manifest: gone"),
+    ]
+    job = summarize("j", SPEC, asked)
+    assert job["cancel_requested"] is True and job["status"] == "queued"
+    job = summarize("j", SPEC, [*asked, JobRetried(job_id="j", stage="prepare")])
+    assert job["cancel_requested"] is False
