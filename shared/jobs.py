@@ -607,10 +607,14 @@ class JobRecords:
             raise NotFound(f"no published model {name!r}")
         return found
 
-    def delete_model(self, name: str) -> None:
-        """Forget a published model (its job's artifacts stay)."""
+    def delete_model(self, name: str, *, job_id: str) -> bool:
+        """Forget a published model (its job's artifacts stay) if ``job_id`` still holds the
+        name: False when another job's publish registered it meanwhile (that one stays)."""
         with self.ledger.write() as conn:
-            conn.execute(t.models.delete().where(t.models.c.name == name))
+            gone = conn.execute(
+                t.models.delete().where(t.models.c.name == name, t.models.c.job_id == job_id)
+            )
+        return gone.rowcount == 1
 
     def models(self) -> list[dict[str, Any]]:
         """Every published model, by name."""

@@ -56,7 +56,12 @@ def delete_model(name: str, jobs: JobsDep, models: ModelsDep, imported: BedrockD
     entry = _entry(jobs, name)
     deleted_arn = imported.delete(entry) if entry.get("target") == "bedrock" else None
     models.forget(name)
-    jobs.delete_model(name)
+    if not jobs.delete_model(name, job_id=str(entry.get("job_id", ""))):
+        raise HTTPException(  # what was deleted in Bedrock was the entry read above
+            status.HTTP_409_CONFLICT,
+            f"model {name!r} was published again by another job while being deleted: "
+            f"the new one stays (deleted: the earlier job {entry.get('job_id')!r}'s)",
+        )
     return ModelDeleted(deleted=name, imported_model_arn=deleted_arn)
 
 

@@ -665,3 +665,24 @@ def test_two_retries_at_once_resume_the_job_once(app_env, monkeypatch):
     assert _queued(bus, "dataprep") is not None and _queued(bus, "dataprep", wait=0.5) is None
     monkeypatch.undo()
     assert client.post(f"/v1/jobs/{job['id']}/retry").status_code == 409  # queued now
+
+
+def test_deleting_a_model_leaves_the_entry_another_job_published_meanwhile(app_env):
+    """The delete reads the entry, deletes its Bedrock import, then forgets the name: an
+    overwrite publish in between was forgotten with it, and its import orphaned."""
+    client, _, app = app_env
+    jobs = app.state.jobs
+    first = {"name": "terms", "job_id": "a", "target": "bedrock", "location": "file:///a",
+             "bedrock": {"imported_model_arn": "arn:a"}}  # fmt: skip
+    jobs.register_model("terms", first)
+
+    class Imported:  # Bedrock deletes job a's import; job b publishes the name meanwhile
+        def delete(self, entry):
+            second = {**first, "job_id": "b", "bedrock": {"imported_model_arn": "arn:b"}}
+            jobs.register_model("terms", second, overwrite=True)
+            return entry["bedrock"]["imported_model_arn"]
+
+    app.state.bedrock = Imported()
+    deleted = client.delete("/v1/models/terms")
+    assert deleted.status_code == 409 and "the new one stays" in deleted.json()["detail"]
+    assert client.get("/v1/models/terms").json()["job_id"] == "b"

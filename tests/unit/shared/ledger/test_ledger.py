@@ -196,7 +196,10 @@ def test_published_models_keep_their_first_owner(jobs):
         "terms", {"name": "terms", "job_id": "b", "location": "file:///b"}, overwrite=True
     )
     assert jobs.model("terms")["job_id"] == "b" and len(jobs.models()) == 1
-    jobs.delete_model("terms")
+    # a delete of job a's entry, read before b's publish replaced it, leaves b's alone
+    assert not jobs.delete_model("terms", job_id="a")
+    assert jobs.model("terms")["job_id"] == "b"
+    assert jobs.delete_model("terms", job_id="b")
     with pytest.raises(NotFound):
         jobs.model("terms")
 
