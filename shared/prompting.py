@@ -130,6 +130,16 @@ def cut(ids: list[int], limit: int, *, tail: int) -> list[int]:
     return ids[: limit - tail] + ids[len(ids) - tail :] if tail else ids[:limit]
 
 
+def stop_ids(eos: int | list[int] | None, tokenizer: Any) -> list[int]:
+    """The tokens that end an answer: a generation config's EOS ids (``eos``) and the
+    tokenizer's EOS, which training ends every answer with (``targets``). Evaluation, the
+    export's generation_config.json (what Bedrock stops on) and the local twin use these."""
+    found = set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
+    if tokenizer.eos_token_id is not None:
+        found.add(tokenizer.eos_token_id)
+    return sorted(found)
+
+
 def pad_id(tokenizer: Any) -> int:
     """The padding id (a tokenizer without one, as Llama 3's, pads with EOS: masked out)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

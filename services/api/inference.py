@@ -25,7 +25,7 @@ from shared import bedrock
 from shared.errors import ModelError
 from shared.harmony import reply_text
 from shared.jobs import JobRecords
-from shared.prompting import pad_id, padded
+from shared.prompting import pad_id, padded, stop_ids
 from shared.settings import BedrockSettings, Settings
 
 #: the length cap of models whose generation_config.json carries none (older exports)
@@ -178,9 +178,7 @@ def _prompt_ids(tokenizer: Any, ask: Ask, *, causal: bool) -> list[int]:
 
 def _stop_ids(config: Any, tokenizer: Any) -> set[int]:
     """The tokens that end an answer: the generation config's EOS ids and the tokenizer's."""
-    ids = config.eos_token_id
-    found = set(ids) if isinstance(ids, list) else ({ids} if ids is not None else set())
-    return found | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+    return set(stop_ids(config.eos_token_id, tokenizer))
 
 
 def _batch_key(config: Any) -> Any:

@@ -12,7 +12,7 @@ import torch
 from services.evaluator.scoring import RowScores, score_rows
 from shared.harmony import reply_text
 from shared.jobspec import DecodingSpec, EvaluationSpec
-from shared.prompting import pad_id, padded
+from shared.prompting import pad_id, padded, stop_ids
 
 Progress = Callable[..., None]
 
@@ -134,12 +134,16 @@ def generate(
     model.eval()
 
     causal = not model.config.is_encoder_decoder
+    stops = stop_ids(model.generation_config.eos_token_id, tokenizer)
 
     def run(chunk: pa.Table) -> list[str]:
         ids = chunk.column("input_ids").to_pylist()
         batch = padded(ids, pad_id(tokenizer), left=causal).to(model.device)
         generated = model.generate(
-            **batch, pad_token_id=pad_id(tokenizer), **decoding.generate_kwargs()
+            **batch,
+            pad_token_id=pad_id(tokenizer),
+            eos_token_id=stops,  # as served: the trained EOS, whatever the config lists
+            **decoding.generate_kwargs(),
         )
         if causal:  # the answer only: a decoder-only model's output starts with the prompt
             generated = generated[:, batch["input_ids"].shape[1] :]

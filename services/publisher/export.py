@@ -15,6 +15,7 @@ from shared.errors import ModelError
 from shared.jobspec import DecodingSpec
 from shared.modeling import device, load_adapter, load_model, load_tokenizer
 from shared.planner import HALVE_WITH_BF16, Placement, advice, merge_options, place_weights
+from shared.prompting import stop_ids
 from shared.trainplan import model_shape
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -220,10 +221,14 @@ def make_tokenizer_config_portable(path: Path) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def apply_decoding(model: Any, decoding: DecodingSpec) -> None:
+def apply_decoding(model: Any, decoding: DecodingSpec, tokenizer: Any) -> None:
     """Make the spec's decoding the model's own: saved as generation_config.json, it is what
-    the local twin serves and what the evaluator generated with."""
+    the local twin serves and what the evaluator generated with; its EOS ids include the
+    tokenizer's, which training ended every answer with (a base whose config lists others
+    would otherwise run on past its answers on Bedrock)."""
     config = model.generation_config
     config.update(**decoding.generation_config())
+    stops = stop_ids(config.eos_token_id, tokenizer)
+    config.eos_token_id = stops[0] if len(stops) == 1 else stops
     if decoding.temperature == 0:  # greedy or beam: no sampling setting left from the base
         config.update(temperature=None, top_p=None, top_k=None)

@@ -15,7 +15,7 @@ from shared.artifacts import adapter_dir, read_split
 from shared.basemodel import resolve_base_model
 from shared.errors import NotFound, SpecError
 from shared.messages import ModelPublished, PublishModel
-from shared.modeling import versions
+from shared.modeling import load_tokenizer, versions
 from shared.settings import BedrockSettings
 from shared.stage import StageContext
 from shared.uploads import folder_digest
@@ -66,7 +66,7 @@ def _publish(command: PublishModel, ctx: StageContext) -> dict[str, Any]:
     merged, check = export.merge(
         base_model, adapter, probes.column("input_ids").to_pylist(), plan=plan
     )
-    export.apply_decoding(merged, spec.decoding)
+    export.apply_decoding(merged, spec.decoding, load_tokenizer(base_model))
     folder = ctx.scratch(command, "publish") / "model"
     tokenizer_files = export.save(merged, base_model, folder, dtype=spec.publish.dtype)
     (folder / "README.md").write_text(

@@ -575,3 +575,32 @@ def test_a_base_too_big_for_fp32_in_host_memory_is_evaluated_in_bf16(llama_7b, m
 
 def _must_not_load(*args, **kwargs):
     raise AssertionError("loaded a model that does not fit")
+
+
+def test_generation_stops_at_the_tokenizers_eos_as_serving_does(tiny_model):
+    """Training ends every answer with the tokenizer's EOS; the local twin and the export's
+    generation_config stop there. A base whose generation config lists other EOS ids had
+    the evaluator run on past it, scoring text the served model never writes."""
+    import pyarrow as pa
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from services.evaluator import metrics
+    from shared.jobspec import DecodingSpec
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForSeq2SeqLM.from_pretrained(tiny_model).eval()
+    model.generation_config.eos_token_id = None  # the config's EOS: none
+    ids = tokenizer(["What is Gout?"])["input_ids"]
+    full = model.generate(torch.tensor(ids), max_new_tokens=8)[0].tolist()
+    stop = full[3]  # the tokenizer's EOS: a token the model writes third
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(stop)
+    expected = metrics.reply_text(tokenizer, full[: full.index(stop, 1) + 1])
+    answer = metrics.generate(
+        model,
+        tokenizer,
+        pa.table({"input_ids": ids}),
+        decoding=DecodingSpec(max_new_tokens=8),
+        batch_size=1,
+        on_batch=lambda n: None,
+    )
+    assert answer == [expected] and expected != metrics.reply_text(tokenizer, full)

@@ -581,3 +581,20 @@ def test_the_cards_notice_license_tags_and_hub_dataset_come_from_the_spec():
 def test_a_bad_card_setting_is_refused_naming_the_field(card, field):
     with pytest.raises(SpecError, match=re.escape(field)):
         parse_spec({"name": "terms", "publish": {"card": card}})
+
+
+def test_the_export_stops_at_the_eos_training_ended_answers_with(tiny_model):
+    """A base whose generation config lists other EOS ids than its tokenizer's would have the
+    imported model run on past every answer on Bedrock, which stops on the config's."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from services.publisher.export import apply_decoding
+    from shared.jobspec import DecodingSpec
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForSeq2SeqLM.from_pretrained(tiny_model)
+    apply_decoding(model, DecodingSpec(), tokenizer)
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id  # already there
+    model.generation_config.eos_token_id = [7, 5]
+    apply_decoding(model, DecodingSpec(), tokenizer)
+    assert model.generation_config.eos_token_id == sorted([5, 7, tokenizer.eos_token_id])
