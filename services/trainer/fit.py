@@ -83,6 +83,7 @@ def _probed(job: TrainJob, model: Any, plan: lora.Plan) -> lora.Plan:
         effective_batch=plan.effective_batch_size
         or plan.batch_size * plan.gradient_accumulation_steps * job.processes,
         processes=job.processes,
+        keep_accumulation=job.spec.gradient_accumulation_steps != "auto",
     )
 
 

@@ -22,7 +22,9 @@ log = logging.getLogger(__name__)
 
 
 def step(model: Any, rows: Rows, batch: int) -> int:
-    """One forward and backward pass on random ids of the longest rows; peak bytes."""
+    """One forward and backward pass on random ids of the longest rows, in training mode as
+    the run's steps are (gradient checkpointing works, dropout keeps its masks: a model
+    loaded for training is in eval mode but for its adapter); peak bytes."""
     vocab = model.config.vocab_size
     dev = next(p.device for p in model.parameters())
     torch.cuda.reset_peak_memory_stats()
@@ -33,14 +35,25 @@ def step(model: Any, rows: Rows, batch: int) -> int:
         ids = torch.randint(2, vocab, (batch, rows.longest), device=dev)
         labels = ids.clone()
         labels[:, : rows.source_tokens] = -100
+    mode = model.training
+    model.train()
     try:
         model(input_ids=ids, labels=labels, use_cache=False).loss.backward()
     finally:
         model.zero_grad(set_to_none=True)
+        model.train(mode)
     return torch.cuda.max_memory_allocated()
 
 
-def on_device(model: Any, plan: Plan, rows: Rows, *, effective_batch: int, processes: int) -> Plan:
+def on_device(
+    model: Any,
+    plan: Plan,
+    rows: Rows,
+    *,
+    effective_batch: int,
+    processes: int,
+    keep_accumulation: bool = False,
+) -> Plan:
     """The plan checked on the CUDA device the model is on (its batch halved as needed)."""
     adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return fit_batch(
@@ -51,6 +64,7 @@ def on_device(model: Any, plan: Plan, rows: Rows, *, effective_batch: int, proce
         total_bytes=torch.cuda.mem_get_info()[1],
         optimizer_bytes=adapter * 8,  # AdamW's two fp32 moments
         clear=torch.cuda.empty_cache,
+        keep_accumulation=keep_accumulation,
     )
 
 
@@ -63,9 +77,12 @@ def fit_batch(
     total_bytes: int,
     optimizer_bytes: int,
     clear: Callable[[], None] = lambda: None,
+    keep_accumulation: bool = False,
 ) -> Plan:
     """The plan with the largest batch, at most the planned one, whose probe step fits
-    (its peak and the optimizer's moments within the device's usable share)."""
+    (its peak and the optimizer's moments within the device's usable share); the
+    accumulation then keeps ``effective_batch``, or stays as it is where the spec set it
+    (``keep_accumulation``: recomputed, a spec's accumulation of 1 became 11)."""
     batch = plan.batch_size
     limit = int(total_bytes * trainplan.MEMORY_FRACTION)
     while True:
@@ -90,4 +107,6 @@ def fit_batch(
     if batch == plan.batch_size:
         return plan
     note = f"probe on the longest rows: batch {plan.batch_size} did not fit, {batch} does"
+    if keep_accumulation:
+        effective_batch = batch * plan.gradient_accumulation_steps * processes
     return backed_off(plan, batch, effective_batch, processes, note)

@@ -61,7 +61,7 @@ def training_arguments(
         per_device_train_batch_size=plan.batch_size,
         gradient_accumulation_steps=plan.gradient_accumulation_steps,
         num_train_epochs=spec.epochs,
-        max_steps=spec.max_steps,
+        max_steps=spec.max_steps if spec.max_steps > 0 else -1,  # 0: epochs, as planned
         learning_rate=spec.learning_rate,
         lr_scheduler_type=spec.lr_scheduler,
         warmup_steps=spec.warmup_ratio,

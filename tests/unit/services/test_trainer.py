@@ -152,7 +152,7 @@ def test_the_probe_keeps_the_plans_effective_batch_or_a_stored_plans_product(
     monkeypatch.setattr(
         fit.probe,
         "on_device",
-        lambda model, plan, rows, *, effective_batch, processes: (
+        lambda model, plan, rows, *, effective_batch, processes, **_: (
             asked.append((effective_batch, processes)) or plan
         ),
     )
@@ -893,3 +893,16 @@ def test_loraplus_trains_the_b_matrices_at_the_ratio_and_resumes(tiny_model, tmp
     assert steps == [2]
     plain, model, _ = _loraplus_run(tiny_model, tmp_path / "plain", 1.0, stop_at=1)
     assert _lrs(plain, model, "lora_A") == _lrs(plain, model, "lora_B") == [0.01]
+
+
+def test_max_steps_0_trains_the_epochs_as_the_plan_counts_them(tmp_path):
+    """The spec takes 0 and the planner reads it as "use epochs"; transformers reads only
+    -1 so: it trained one step at learning rate 0 and published an untrained adapter."""
+    from services.trainer import train
+
+    spec = TrainingSpec(max_steps=0, epochs=2)
+    plan = planner.resolve(spec, T5_LARGE, ROWS, dev="cpu")
+    assert train.training_arguments(spec, plan, tmp_path)["max_steps"] == -1
+    assert train.planned_steps(spec, plan, 176) == train.planned_steps(
+        TrainingSpec(epochs=2), plan, 176
+    )

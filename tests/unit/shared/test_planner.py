@@ -51,6 +51,31 @@ def test_the_memory_model_matches_the_h200_record():
     assert nf4 < bf16 / 2
 
 
+def test_the_4bit_memory_model_counts_the_weights_left_unquantized_as_peft_keeps_them(
+    tiny_model,
+):
+    """peft's prepare_model_for_kbit_training casts every bf16 weight bitsandbytes leaves
+    unquantized (embeddings, norms, the LM head) to fp32: the model counted them at 2 bytes."""
+    import dataclasses
+
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForSeq2SeqLM
+
+    shape = trainplan.model_shape(str(tiny_model))
+    model = AutoModelForSeq2SeqLM.from_pretrained(tiny_model, dtype=torch.bfloat16)
+    head = model.get_output_embeddings()
+    quantized = {
+        id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head
+    }
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    kept = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in quantized)
+    linears_only = dataclasses.replace(shape, parameters=shape.linear_parameters)
+    counted = trainplan.weight_bytes(shape, "4bit", 2) - trainplan.weight_bytes(
+        linears_only, "4bit", 2
+    )
+    assert counted == kept
+
+
 def test_on_an_a10g_flan_t5_large_trains_in_bf16_with_the_effective_batch_kept():
     plan = planner.resolve(TrainingSpec(), T5_LARGE, ROWS, dev="cuda", memory_bytes=A10G, bf16=True)
     assert (plan.quantization, plan.precision) == ("none", "bf16")
@@ -194,6 +219,34 @@ def test_the_probe_halves_the_batch_until_it_fits():
     assert probed.batch_size * probed.gradient_accumulation_steps >= 32
     assert probed.token_budget == probed.batch_size * ROWS.longest
     assert "did not fit" in probed.notes[-1]
+
+
+def test_the_probe_keeps_an_accumulation_the_spec_set():
+    """batch_size auto with gradient_accumulation_steps 1: halving the batch recomputed the
+    accumulation for the auto effective batch (6 x 1 became 3 x 11)."""
+    spec = TrainingSpec(gradient_accumulation_steps=1)
+    plan = planner.resolve(spec, T5_LARGE, ROWS, dev="cuda", memory_bytes=A10G, bf16=True)
+    assert plan.gradient_accumulation_steps == 1 and plan.batch_size > 2
+    run, _ = _oom_above(plan.batch_size - 1)
+    probed = probe.fit_batch(
+        plan, run=run, effective_batch=plan.effective_batch_size, processes=1,
+        total_bytes=80 * GIB, optimizer_bytes=0, keep_accumulation=True,
+    )  # fmt: skip
+    assert probed.batch_size < plan.batch_size and probed.gradient_accumulation_steps == 1
+
+
+def test_the_probe_runs_its_step_in_training_mode(tiny_model, monkeypatch):
+    """A model loaded for training is in eval mode but for its adapter: the probe measured
+    a step without gradient checkpointing or dropout masks, unlike the run's."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 0)
+    model = AutoModelForSeq2SeqLM.from_pretrained(tiny_model).eval()
+    modes = []
+    model.encoder.block[0].register_forward_hook(lambda m, i, o: modes.append(m.training))
+    probe.step(model, planner.Rows(count=1, source_tokens=8, target_tokens=8), 2)
+    assert modes == [True] and not model.training  # and back as it was
 
 
 def test_the_probe_keeps_a_batch_that_fits_and_counts_the_optimizer():
