@@ -288,7 +288,7 @@ class TrainingSpec(_Section):
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Share of steps to warm up.")
     epochs: float = Field(1.0, gt=0.0, le=1000.0, description="Passes over the train split.")
     max_steps: int = Field(
-        -1, ge=-1, le=10_000_000, description="Optimizer steps; -1 means use epochs."
+        -1, ge=-1, le=10_000_000, description="Optimizer steps; -1 (or 0) means use epochs."
     )
     batch_size: Literal["auto"] | Annotated[int, Field(ge=1, le=4096)] = Field(
         "auto",
@@ -722,6 +722,12 @@ def load_spec(path: str | Path) -> JobSpec:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise SpecError(f"job spec file not found: {path}") from exc
+    except IsADirectoryError as exc:
+        raise SpecError(f"{path} is a folder: name the job spec file (.yaml) in it") from exc
+    except UnicodeDecodeError as exc:
+        raise SpecError(
+            f"{path}: not UTF-8 text (byte {exc.start}): save the job spec as UTF-8"
+        ) from exc
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML: {exc}") from exc
     return parse_spec(data, source=str(path))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,13 @@ from shared.api_models import (
     ModelManifest,
     ModelUpload,
 )
-from shared.errors import NotFound, SpecError, TermtuneError
+from shared.errors import NotFound, RetryableError, SpecError, TermtuneError
 from shared.uploads import file_sha256, folder_digest, model_files, upload_name
 
-STREAM_RECONNECTS = 5
+#: answers of a proxy or of a control plane whose database is down: a later try may succeed
+TRANSIENT_STATUSES = frozenset({502, 503, 504})
+#: how long the control plane may fail in a row before a wait or a stream gives up
+RETRY_PATIENCE_S = 300.0
 JOB_PAGE_MAX = 200  # the API's largest page of jobs
 #: the answer to an upload comes once the server has copied the file into the store
 UPLOAD_TIMEOUT = httpx.Timeout(120.0, read=1800.0)
@@ -40,6 +44,36 @@ def default_url() -> str:
 
 class ApiError(TermtuneError):
     """The control plane answered with an error."""
+
+
+class ApiUnavailable(ApiError, RetryableError):
+    """The control plane could not be reached, or answered 502, 503 or 504."""
+
+
+class Backoff:
+    """Waits between tries after transient failures: 0.5 s doubling to 10 s, for at most
+    ``patience`` seconds of failures in a row (``reset`` after a success)."""
+
+    def __init__(self, patience: float = RETRY_PATIENCE_S) -> None:
+        self.patience = patience
+        self.reset()
+
+    def reset(self) -> None:
+        """A try succeeded: the next failure starts a new count."""
+        self.since: float | None = None
+        self.delay = 0.5
+
+    def failed(self, exc: Exception, what: str) -> None:
+        """Sleep before the next try; an ``ApiError`` once failures have lasted ``patience``."""
+        now = time.monotonic()
+        self.since = now if self.since is None else self.since
+        if now - self.since >= self.patience:
+            raise ApiError(
+                f"gave up {what}: the control plane failed for {self.patience:.0f} s in a row "
+                f"({exc})"
+            ) from exc
+        time.sleep(self.delay)
+        self.delay = min(self.delay * 2, 10.0)
 
 
 class Client:
@@ -57,17 +91,18 @@ class Client:
         try:
             response = self.http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise ApiError(
+            raise ApiUnavailable(
                 f"cannot reach the control plane at {self.http.base_url}: {exc} "
                 "(is `termtune up` running? set TERMTUNE_API_URL)"
             ) from exc
-        if response.status_code == 404:
-            raise NotFound(_detail(response))
-        if response.status_code == 422:
-            raise SpecError(_detail(response))
-        if response.status_code >= 400:
-            raise ApiError(f"HTTP {response.status_code}: {_detail(response)}")
-        return response.json()
+        _raise_for_status(response)
+        try:
+            return response.json()
+        except ValueError as exc:  # a wrong TERMTUNE_API_URL: some other web server
+            raise ApiError(
+                f"{response.request.url} answered HTTP {response.status_code} with a body that "
+                "is not JSON: not the termtune API's answer (set TERMTUNE_API_URL)"
+            ) from exc
 
     def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
         """Submit a job spec; the new job."""
@@ -109,9 +144,11 @@ class Client:
 
     def stream_events(self, job_id: str) -> Iterator[dict[str, Any]]:
         """A job's events as they happen (Server-Sent Events), until the job ends; a broken
-        stream is resumed after the last event seen (``Last-Event-ID``)."""
+        stream, or a 502/503, is resumed after the last event seen (``Last-Event-ID``), with
+        a growing wait between tries that starts again after each event received."""
         last: str | None = None
-        for attempt in range(STREAM_RECONNECTS + 1):
+        backoff = Backoff()
+        while True:
             headers = {"Last-Event-ID": last} if last else {}
             try:
                 with self.http.stream(
@@ -120,21 +157,18 @@ class Client:
                     headers=headers,
                     timeout=httpx.Timeout(30.0, read=None),
                 ) as response:
-                    if response.status_code >= 400:
-                        response.read()
-                        error = NotFound if response.status_code == 404 else ApiError
-                        raise error(_detail(response))
+                    _check_stream(response)
                     for line in response.iter_lines():
                         if line.startswith("id: "):
                             last = line[len("id: ") :]
+                            backoff.reset()
                         elif line.startswith("event: end"):
                             return
                         elif line.startswith("data: ") and line != "data: {}":
                             yield json.loads(line[len("data: ") :])
-                    return
-            except httpx.TransportError as exc:
-                if attempt == STREAM_RECONNECTS:
-                    raise ApiError(f"event stream from {self.http.base_url} broke: {exc}") from exc
+                raise ApiUnavailable("the stream ended before the job did")
+            except (httpx.TransportError, ApiUnavailable) as exc:
+                backoff.failed(exc, f"following job {job_id}'s events from {self.http.base_url}")
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         """Ask a job to stop."""
@@ -220,6 +254,31 @@ def _as(model: type[BaseModel], data: Any) -> Any:
     """The response read through the API's own model (a drifted server fails here, naming
     the field), as plain data with only the fields the server sent."""
     return model.model_validate(data).model_dump(mode="json", exclude_unset=True)
+
+
+def _raise_for_status(response: httpx.Response) -> None:
+    """The error an answer of 400 or more means (its body read)."""
+    code = response.status_code
+    if code == 404:
+        raise NotFound(_detail(response))
+    if code == 422:
+        raise SpecError(_detail(response))
+    if code in TRANSIENT_STATUSES:
+        raise ApiUnavailable(f"HTTP {code}: {_detail(response)}")
+    if code >= 400:
+        raise ApiError(f"HTTP {code}: {_detail(response)}")
+
+
+def _check_stream(response: httpx.Response) -> None:
+    """The error an event stream's answer means: its status, or a body that is no stream."""
+    if response.status_code >= 400:
+        response.read()
+        _raise_for_status(response)
+    if not response.headers.get("content-type", "").startswith("text/event-stream"):
+        raise ApiError(
+            f"{response.request.url} answered with no event stream: not the termtune API's "
+            "answer (set TERMTUNE_API_URL)"
+        )
 
 
 def _detail(response: httpx.Response) -> str:

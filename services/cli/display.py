@@ -7,9 +7,10 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from services.cli.client import Client
+from services.cli.client import ApiUnavailable, Backoff, Client
 from shared.messages import ENDED, STAGES
 
 TERMINAL = ENDED
@@ -41,29 +42,54 @@ def follow(
     client: Client,
     job_id: str,
     *,
-    timeout: float = 3600.0,
+    timeout: float | None = None,
     poll: float = 1.0,
     bars: bool | None = None,
 ) -> dict[str, Any]:
     """Show each stage's progress until the job ends (live bars on a terminal, lines in a
-    log); the job's last summary."""
+    log), or ``timeout`` seconds have passed (``TimeoutError``); the job's last summary.
+    The control plane restarting or its database down is waited out (see ``Backoff``)."""
     bars = console.is_terminal if bars is None else bars
     watch = _follow_bars if bars else _follow_lines
-    return watch(client, job_id, deadline=time.monotonic() + timeout, poll=poll)
+    return watch(_Poll(client, job_id, timeout=timeout), poll=poll)
 
 
-def _ended(job: dict[str, Any], job_id: str, deadline: float, timeout_hint: str) -> bool:
-    if job["status"] in TERMINAL:
-        return True
-    if time.monotonic() > deadline:
-        raise TimeoutError(f"job {job_id} still {job['status']} after {timeout_hint}")
-    return False
+class _Poll:
+    """Asks for a job's summary, again after transient failures, until it ends."""
+
+    def __init__(self, client: Client, job_id: str, *, timeout: float | None) -> None:
+        self.client, self.job_id, self.timeout = client, job_id, timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.backoff = Backoff()
+
+    def job(self) -> dict[str, Any]:
+        """The job's summary, once the control plane answers."""
+        while True:
+            try:
+                job = self.client.job(self.job_id)
+            except ApiUnavailable as exc:
+                if self.backoff.since is None:
+                    console.print(f"{exc}; asking again", style="yellow", markup=False)
+                self.backoff.failed(exc, f"waiting for job {self.job_id}")
+                continue
+            self.backoff.reset()
+            return job
+
+    def ended(self, job: dict[str, Any]) -> bool:
+        """Whether the job has ended; ``TimeoutError`` past the deadline."""
+        if job["status"] in TERMINAL:
+            return True
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise TimeoutError(
+                f"job {self.job_id} still {job['status']} after --timeout {self.timeout:g} s"
+            )
+        return False
 
 
-def _follow_lines(client: Client, job_id: str, *, deadline: float, poll: float) -> dict[str, Any]:
+def _follow_lines(polled: _Poll, *, poll: float) -> dict[str, Any]:
     seen: dict[str, Any] = {}
     while True:
-        job = client.job(job_id)
+        job = polled.job()
         for stage in STAGES:
             view = job["stages"][stage]
             state = (view["status"], view.get("progress"))
@@ -75,13 +101,13 @@ def _follow_lines(client: Client, job_id: str, *, deadline: float, poll: float) 
                 console.print(_progress_line(stage, view["progress"]), markup=False)
             if before[0] != view["status"]:
                 console.print(
-                    f"[bold]{stage:>9}[/bold] {view['status']}"
-                    + (f": {view['error']}" if view.get("error") else "")
+                    f"[bold]{stage:>9}[/bold] {escape(view['status'])}"
+                    + (f": {escape(view['error'])}" if view.get("error") else "")
                 )
             if not ended and view.get("progress") and state[1] != before[1]:
                 console.print(_progress_line(stage, view["progress"]), markup=False)
             seen[stage] = state
-        if _ended(job, job_id, deadline, "the timeout"):
+        if polled.ended(job):
             return job
         time.sleep(poll)
 
@@ -109,24 +135,24 @@ def _bar_state(view: dict[str, Any]) -> tuple[float | None, float, str]:
     return total, completed, info
 
 
-def _follow_bars(client: Client, job_id: str, *, deadline: float, poll: float) -> dict[str, Any]:
+def _follow_bars(polled: _Poll, *, poll: float) -> dict[str, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     columns = (
         TextColumn("[bold]{task.fields[stage]:>9}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
+        TextColumn("{task.fields[info]}", markup=False),  # the server's text, as it is
     )
     with Progress(*columns, console=console) as bars:
         tasks = {s: bars.add_task("", total=None, stage=s, info="pending") for s in STAGES}
         while True:
-            job = client.job(job_id)
+            job = polled.job()
             for stage in STAGES:
                 total, completed, info = _bar_state(job["stages"][stage])
                 bars.update(tasks[stage], total=total, completed=completed, info=info)
             bars.refresh()  # once per poll: each state the control plane reported is drawn
-            if _ended(job, job_id, deadline, "the timeout"):
+            if polled.ended(job):
                 return job
             time.sleep(poll)
 
@@ -141,7 +167,7 @@ def evaluation_table(report: dict[str, Any]) -> Table:
         m = report["metrics"][name]
         low, high = m["ci95"]
         table.add_row(
-            name,
+            escape(name),
             f"{m['base']:.4f}",
             f"{m['tuned']:.4f}",
             f"{m['delta']:+.4f}",
@@ -185,12 +211,15 @@ def evaluation_line(timing: dict[str, Any]) -> str:
 def summary(client: Client, job: dict[str, Any]) -> None:
     """Counts, training loss, evaluation, export folder of a finished job."""
     result = job["result"]
-    console.rule(f"job {job['id']}: {job['status']}")
+    console.rule(escape(f"job {job['id']}: {job['status']}"))
     if job.get("error"):
-        console.print(f"[red]failed in {job['error']['stage']}:[/red] {job['error']['reason']}")
+        error = job["error"]
+        console.print(f"[red]failed in {escape(error['stage'])}:[/red] {escape(error['reason'])}")
     if "prepare" in result:
         counts = result["prepare"]["counts"]
-        console.print("dataset: " + ", ".join(f"{k} {v} rows" for k, v in counts.items()))
+        console.print(
+            "dataset: " + ", ".join(f"{k} {v} rows" for k, v in counts.items()), markup=False
+        )
         for line in dataset_lines(result["prepare"]):
             style = "yellow" if line.startswith("  warning:") else None
             console.print(line, style=style, markup=False, soft_wrap=True)
@@ -201,19 +230,20 @@ def summary(client: Client, job: dict[str, Any]) -> None:
             f"training: {train['steps']} optimizer steps, mean train loss "
             f"{train['train_loss']:.4f}"
             + (f", {train['runtime_s']:.1f} s" if train.get("runtime_s") else "")
-            + (f", {waste:.0%} of batch positions padding" if waste is not None else "")
+            + (f", {waste:.0%} of batch positions padding" if waste is not None else ""),
+            markup=False,
         )
     run = result.get("train", {}).get("tracking")
     if run:
         console.print(tracking_line(run), markup=False, soft_wrap=True)
     if "evaluate" in result and result["evaluate"].get("timing"):
-        console.print(evaluation_line(result["evaluate"]["timing"]))
+        console.print(evaluation_line(result["evaluate"]["timing"]), markup=False)
     if "evaluate" in result:
         print_report(client.report(job["id"]))
     if "publish" in result:
         location = result["publish"]["location"]
         shown = unquote(urlparse(location).path) if location.startswith("file://") else location
-        console.print(f"exported model folder: {shown}")
+        console.print(f"exported model folder: {shown}", markup=False)
         registered = result["publish"].get("registered_model")
         if registered:
             console.print(f"registered model: {registered_line(registered)}", markup=False)
@@ -268,4 +298,6 @@ def invoked(client: Any, model: str, prompt: str) -> None:
         reply = client.invoke(model, prompt)
         text, tokens = reply["generation"], reply["generation_token_count"]
         reason = reply["stop_reason"]
-    console.print(f"invoke {model!r}: {prompt!r}\n  -> {text!r} ({tokens} tokens, {reason})")
+    console.print(
+        f"invoke {model!r}: {prompt!r}\n  -> {text!r} ({tokens} tokens, {reason})", markup=False
+    )

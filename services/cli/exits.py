@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import Any
 
 
 class Exit(IntEnum):
@@ -28,3 +29,8 @@ MEANINGS = {
 def epilog() -> str:
     """The exit statuses as ``--help`` lists them."""
     return "exit statuses:\n" + "\n".join(f"  {int(c):<4} {MEANINGS[c]}" for c in Exit)
+
+
+def job_exit(job: dict[str, Any]) -> Exit:
+    """OK for a job that succeeded, JOB_NOT_SUCCEEDED for one that failed or was cancelled."""
+    return Exit.OK if job["status"] == "succeeded" else Exit.JOB_NOT_SUCCEEDED

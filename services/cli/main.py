@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from services.cli.exits import Exit
+from services.cli.exits import Exit, job_exit
 from services.cli.tinymodel import TINY_FAMILIES
 from shared.errors import SpecError, TermtuneError
 from shared.jobspec import JobSpec, load_spec
@@ -77,7 +77,17 @@ def _parser() -> argparse.ArgumentParser:
     json_flag.add_argument(
         "--json", action="store_true", help="the API's objects as JSON, for scripts"
     )
-    run = sub.add_parser("run", help="start the services, run a job end to end, stop")
+    timeout_flag = argparse.ArgumentParser(add_help=False)
+    timeout_flag.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="stop waiting after this long (exit 1; default: wait until the job ends)",
+    )
+    run = sub.add_parser(
+        "run", help="start the services, run a job end to end, stop", parents=[timeout_flag]
+    )
     run.add_argument("spec", type=Path)
     run.add_argument("--port", type=int, default=None, help="default: TERMTUNE_PORT or 8000")
     run.add_argument("--prompt", default=None, help="question for the published model")
@@ -85,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=None, help="default: TERMTUNE_PORT or 8000")
     up.add_argument("--trainers", type=int, default=1, help="competing trainer processes")
     sub.add_parser("down", help="stop services a `termtune up` left running")
-    submit = sub.add_parser("submit", help="submit a job spec")
+    submit = sub.add_parser("submit", help="submit a job spec", parents=[timeout_flag])
     submit.add_argument("spec", type=Path)
     submit.add_argument("--wait", action="store_true", help="follow the job until it ends")
     submit.add_argument(
@@ -105,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     events.add_argument("--follow", action="store_true", help="stream until the job ends")
     cancel = sub.add_parser("cancel", help="cancel a job")
     cancel.add_argument("job_id")
-    retry = sub.add_parser("retry", help="resume a failed or cancelled job")
+    retry = sub.add_parser("retry", help="resume a failed or cancelled job", parents=[timeout_flag])
     retry.add_argument("job_id")
     retry.add_argument("--wait", action="store_true", help="follow the job until it ends")
     report = sub.add_parser("report", help="a job's evaluation table and gate", parents=[json_flag])
@@ -156,9 +166,14 @@ def _positive(text: str) -> int:
     return int(text)
 
 
-def _job_exit(job: dict[str, Any]) -> int:
-    """0 for a job that succeeded, 3 for one that failed or was cancelled."""
-    return Exit.OK if job["status"] == "succeeded" else Exit.JOB_NOT_SUCCEEDED
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return seconds
 
 
 def _raw_spec(path: Path) -> dict[str, Any]:
@@ -287,23 +302,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     _ensure_model(args.spec)
     launcher = _launcher(args.port)
     started = time.monotonic()
-    display.console.print(f"starting api and workers (logs in {launcher.log_dir})")
+    display.console.print(f"starting api and workers (logs in {launcher.log_dir})", markup=False)
     launcher.start()
     try:
         launcher.wait_ready()
         client = Client(launcher.url, api_key=launcher.api_key())
         job = client.submit(spec)
-        display.console.print(f"submitted job {job['id']}")
-        job = display.follow(client, job["id"])
+        display.console.print(f"submitted job {job['id']}", markup=False)
+        job = display.follow(client, job["id"], timeout=args.timeout)
         display.summary(client, job)
         if job["status"] == "succeeded":
             report = client.report(job["id"])
             prompt = args.prompt or report["samples"][0]["prompt"]
             display.invoked(client, job["model_name"], prompt)  # the decoding evaluated
         display.console.print(
-            f"done in {time.monotonic() - started:.0f}s; artifacts in {launcher.var_dir}"
+            f"done in {time.monotonic() - started:.0f}s; artifacts in {launcher.var_dir}",
+            markup=False,
         )
-        return _job_exit(job)
+        return job_exit(job)
     finally:
         launcher.stop()
 
@@ -410,18 +426,18 @@ def _client_command(args: argparse.Namespace) -> int:
         job = client.submit(spec)
         print(job["id"])
         if args.wait:
-            job = display.follow(client, job["id"])
+            job = display.follow(client, job["id"], timeout=args.timeout)
             display.summary(client, job)
-            return _job_exit(job)
+            return job_exit(job)
         return 0
     if args.command == "retry":
         _ensure_job_model(client, args.job_id)
         job = client.retry(args.job_id)
         print(f"{args.job_id}: {job['status']} (retry {job.get('retries', 1)})")
         if args.wait:
-            job = display.follow(client, args.job_id)
+            job = display.follow(client, args.job_id, timeout=args.timeout)
             display.summary(client, job)
-            return _job_exit(job)
+            return job_exit(job)
         return 0
     if args.command in reads.COMMANDS:
         return reads.COMMANDS[args.command](client, args)
@@ -453,8 +469,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_up(args)
         if args.command == "down":
             from services.cli.launcher import stop_recorded
+            from shared.settings import Settings
 
-            print("stopped: " + (", ".join(stop_recorded()) or "nothing was running"))
+            stopped = stop_recorded(Settings().var_dir)  # where `up` recorded them
+            print("stopped: " + (", ".join(stopped) or "nothing was running"))
             return 0
         if args.command == "schema":
             from services.cli.docs import schema_text

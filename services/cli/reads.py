@@ -13,7 +13,7 @@ import argparse
 import json
 from typing import Any
 
-from services.cli.exits import Exit
+from services.cli.exits import Exit, job_exit
 from shared.api_models import JobView
 
 HIDDEN_EVENT_FIELDS = ("job_id", "schema_version", "message_id", "created_at", "type")
@@ -40,7 +40,8 @@ def jobs(client: Any, args: argparse.Namespace) -> int:
 
 
 def events(client: Any, args: argparse.Namespace) -> int:
-    """A job's events, oldest first; ``--follow`` streams them until the job ends."""
+    """A job's events, oldest first; ``--follow`` streams them until the job ends, then
+    exits as ``--wait`` does (3 for a job that failed or was cancelled)."""
     stream = client.stream_events(args.job_id) if args.follow else client.events(args.job_id)
     for event in stream:
         if args.json:
@@ -48,7 +49,7 @@ def events(client: Any, args: argparse.Namespace) -> int:
             continue
         details = {k: v for k, v in event.items() if k not in HIDDEN_EVENT_FIELDS}
         print(f"{event['created_at']}  {event['type']:<16} {json.dumps(details)}", flush=True)
-    return Exit.OK
+    return job_exit(client.job(args.job_id)) if args.follow else Exit.OK
 
 
 def report(client: Any, args: argparse.Namespace) -> int:

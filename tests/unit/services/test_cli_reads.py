@@ -179,7 +179,9 @@ def test_exit_status_3_is_a_job_that_did_not_succeed(monkeypatch, status, publis
     from services.cli import display
 
     monkeypatch.setattr(client_module, "Client", _Ended(status, publish))
-    monkeypatch.setattr(display, "follow", lambda client, job_id: {"id": job_id, "status": status})
+    monkeypatch.setattr(
+        display, "follow", lambda client, job_id, **_: {"id": job_id, "status": status}
+    )
     monkeypatch.setattr(display, "summary", lambda client, job: None)
     assert main(["retry", "j-1", "--wait"]) == code
     assert main(["report", "j-1", "--json"]) == (0 if publish else 3)

@@ -1,0 +1,267 @@
+"""Waiting on a job and following its events: no time limit unless asked, the control plane
+restarting or its database down waited out, the server's text printed as it is, and what
+goes wrong said in one line."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import signal
+import subprocess
+import threading
+
+import httpx
+import pytest
+from rich.console import Console
+
+from services.cli import client as client_module
+from services.cli import display
+from services.cli.main import main
+
+URL = "http://api.test"
+DOWN = {"detail": "the job database cannot be reached"}
+SSE = {"content-type": "text/event-stream; charset=utf-8"}
+
+
+class _Clock:
+    """``time.monotonic`` and ``time.sleep``, where a sleep passes at once and is recorded."""
+
+    def __init__(self) -> None:
+        self.now, self.sleeps = 1000.0, []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(display, "time", clock)
+    monkeypatch.setattr(client_module, "time", clock, raising=False)
+    return clock
+
+
+def _job(status: str, reason: str | None = None) -> dict:
+    stages = {s: {"status": "succeeded"} for s in ("prepare", "train", "evaluate", "publish")}
+    job = {"id": "j-1", "name": "terms", "status": status, "model_name": "terms", "result": {}}
+    job.update(created_at="2026-12-01T00:00:00+00:00", stages=stages)
+    if reason:
+        stages["train"] = {"status": "failed", "error": reason}
+        stages["evaluate"] = stages["publish"] = {"status": "pending"}
+        job["error"] = {"stage": "train", "reason": reason, "type": "ModelError"}
+    return job
+
+
+class _Fake:
+    """A client whose job answers ``jobs`` one after another (the last one for good)."""
+
+    def __init__(self, *jobs: dict, events: tuple = ()) -> None:
+        self.jobs, self.streamed = list(jobs), events
+
+    def __call__(self, *args, **kwargs):  # the CLI constructs Client(): hand back this one
+        return self
+
+    def job(self, job_id):
+        return self.jobs.pop(0) if len(self.jobs) > 1 else self.jobs[0]
+
+    def retry(self, job_id):
+        return {"id": job_id, "status": "queued", "retries": 1}
+
+    def events(self, job_id):
+        return []
+
+    def stream_events(self, job_id):
+        yield from self.streamed
+
+
+def _client(monkeypatch, handler) -> client_module.Client:
+    """A real client whose requests ``handler`` answers; ``Client()`` in the CLI returns it."""
+    client = client_module.Client(URL, api_key="k")
+    client.http = httpx.Client(base_url=URL, transport=httpx.MockTransport(handler))
+    monkeypatch.setattr(client_module, "Client", lambda *args, **kwargs: client)
+    return client
+
+
+def test_a_wait_has_no_time_limit_unless_asked(clock, monkeypatch, capsys):
+    hours = 1000 + 3 * 3600
+
+    class Long(_Fake):
+        def job(self, job_id):
+            return _job("running" if clock.now < hours else "succeeded")
+
+    job = display.follow(Long(), "j-1", poll=60, bars=False)
+    assert job["status"] == "succeeded" and clock.now >= hours
+    monkeypatch.setattr(client_module, "Client", _Fake(_job("running")))
+    assert main(["retry", "j-1", "--wait", "--timeout", "90"]) == 1
+    assert capsys.readouterr().err == "termtune: job j-1 still running after --timeout 90 s\n"
+
+
+def test_a_wait_rides_out_a_database_outage_and_an_api_restart(clock, monkeypatch, capsys):
+    answers = [
+        httpx.Response(503, json=DOWN),
+        httpx.ConnectError("connection refused"),
+        httpx.Response(502, text="bad gateway"),
+        httpx.Response(200, json=_job("succeeded")),
+    ]
+
+    def handler(request):
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    client = _client(monkeypatch, handler)
+    assert display.follow(client, "j-1", poll=1, bars=False)["status"] == "succeeded"
+    assert clock.sleeps == [0.5, 1.0, 2.0]
+    out = capsys.readouterr().out
+    assert out.count("asking again") == 1 and "HTTP 503: the job database cannot" in out
+
+
+def test_a_wait_gives_up_after_five_minutes_of_failures_in_one_line(clock, monkeypatch, capsys):
+    def handler(request):
+        if request.url.path.endswith("/events"):
+            return httpx.Response(200, json={"data": [], "last_seq": 0, "has_more": False})
+        if request.method == "POST":
+            return httpx.Response(200, json=_job("queued"))
+        return httpx.Response(503, json=DOWN)
+
+    _client(monkeypatch, handler)
+    assert main(["retry", "j-1", "--wait"]) == 1
+    assert clock.now - 1000 >= 300 and max(clock.sleeps) == 10.0
+    assert capsys.readouterr().err == (
+        "termtune: gave up waiting for job j-1: the control plane failed for 300 s in a row "
+        f"(HTTP 503: {DOWN['detail']})\n"
+    )
+
+
+@pytest.mark.parametrize("bars", [False, True])
+def test_server_text_with_brackets_is_printed_as_it_is(monkeypatch, bars):
+    """A Llama chat marker or a path in brackets is not rich markup: no MarkupError."""
+    reason = "prompt ends with [/INST]; see [/data/x.jsonl]"
+    out = io.StringIO()
+    monkeypatch.setattr(
+        display, "console", Console(file=out, force_terminal=bars, width=200, highlight=False)
+    )
+    monkeypatch.setattr(client_module, "Client", _Fake(_job("failed", reason)))
+    assert main(["retry", "j-1", "--wait"]) == 3
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue())
+    assert f"failed in train: {reason}" in text
+    stage_text = text.replace(f"failed in train: {reason}", "")
+    assert f"failed: {reason}" in stage_text  # the train stage's bar or line
+
+    class Answers(_Fake):
+        def model(self, model):
+            return {}
+
+        def invoke(self, model, prompt):
+            return {
+                "generation": "[INST] a [/INST]",
+                "generation_token_count": 4,
+                "stop_reason": "stop",
+            }
+
+    display.invoked(Answers(), "terms", "[/x]")
+    assert "'[/x]'\n  -> '[INST] a [/INST]' (4 tokens" in out.getvalue()
+
+
+def test_down_stops_the_services_up_recorded_in_termtune_var_dir(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no var/ here: only TERMTUNE_VAR_DIR's
+    var = tmp_path / "elsewhere"
+    monkeypatch.setenv("TERMTUNE_VAR_DIR", str(var))
+    (var / "run").mkdir(parents=True)
+    api = subprocess.Popen(["sleep", "60"])
+    reaper = threading.Thread(target=api.wait)
+    reaper.start()
+    try:
+        (var / "run" / "pids.json").write_text(json.dumps({"api": api.pid}))
+        assert main(["down"]) == 0
+        assert capsys.readouterr().out == "stopped: api\n"
+        reaper.join(timeout=10)
+        assert api.returncode == -signal.SIGTERM
+        assert not (var / "run" / "pids.json").exists()
+    finally:
+        if api.poll() is None:
+            api.kill()
+        reaper.join()
+
+
+class _Broken(httpx.SyncByteStream):
+    """An event stream that breaks after its text (the API restarting, a proxy's timeout)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __iter__(self):
+        yield self.text.encode()
+        raise httpx.ReadError("connection reset by peer")
+
+
+def _sse(seq: int, *, end: bool = False) -> str:
+    event = {"seq": seq, "type": "StageProgress"}
+    text = f"id: {seq}\r\nevent: StageProgress\r\ndata: {json.dumps(event)}\r\n\r\n"
+    return text + ("event: end\r\ndata: {}\r\n\r\n" if end else "")
+
+
+def test_events_follow_resumes_each_break_after_its_last_event(clock, monkeypatch):
+    answers = [httpx.Response(503, json=DOWN), httpx.ConnectError("connection refused")]
+    answers += [httpx.Response(200, headers=SSE, stream=_Broken(_sse(n))) for n in range(1, 8)]
+    answers.append(httpx.Response(200, headers=SSE, text=_sse(8, end=True)))
+    resumed = []
+
+    def handler(request):
+        resumed.append(request.headers.get("last-event-id"))
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    client = _client(monkeypatch, handler)
+    assert [e["seq"] for e in client.stream_events("j-1")] == list(range(1, 9))
+    assert resumed == [None, None, None, *(str(n) for n in range(1, 8))]
+    assert clock.sleeps == [0.5, 1.0] + [0.5] * 7  # each event starts the count again
+
+
+def test_events_follow_waits_longer_each_try_then_gives_up(clock, monkeypatch):
+    def handler(request):
+        raise httpx.ConnectError("connection refused")
+
+    client = _client(monkeypatch, handler)
+    with pytest.raises(client_module.ApiError, match="gave up following job j-1's events"):
+        list(client.stream_events("j-1"))
+    assert clock.sleeps[:7] == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+    assert clock.now - 1000 >= 300
+
+
+@pytest.mark.parametrize(("status", "code"), [("succeeded", 0), ("failed", 3), ("cancelled", 3)])
+def test_events_follow_exits_3_for_a_job_that_did_not_succeed(monkeypatch, capsys, status, code):
+    event = {"created_at": "2026-12-01T00:00:00+00:00", "type": "JobSubmitted", "seq": 1}
+    monkeypatch.setattr(client_module, "Client", _Fake(_job(status), events=(event,)))
+    assert main(["events", "j-1", "--follow"]) == code
+    assert "JobSubmitted" in capsys.readouterr().out
+
+
+def test_a_spec_that_is_a_folder_or_not_utf8_is_a_one_line_error(tmp_path, capsys):
+    latin1 = tmp_path / "spec.yaml"
+    latin1.write_bytes(b"name: caf\xe9\n")
+    assert main(["submit", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == (
+        f"termtune: {tmp_path} is a folder: name the job spec file (.yaml) in it\n"
+    )
+    assert main(["submit", str(latin1)]) == 1
+    assert capsys.readouterr().err == (
+        f"termtune: {latin1}: not UTF-8 text (byte 9): save the job spec as UTF-8\n"
+    )
+
+
+def test_an_answer_that_is_not_json_names_the_url(monkeypatch, capsys):
+    _client(monkeypatch, lambda request: httpx.Response(200, text="<html>It works!</html>"))
+    assert main(["status", "j-1"]) == 1
+    assert capsys.readouterr().err == (
+        f"termtune: {URL}/v1/jobs/j-1 answered HTTP 200 with a body that is not JSON: not the "
+        "termtune API's answer (set TERMTUNE_API_URL)\n"
+    )
