@@ -39,7 +39,16 @@ UPLOAD_TIMEOUT = httpx.Timeout(120.0, read=1800.0)
 
 def default_url() -> str:
     """The embedded control plane: this machine, on TERMTUNE_PORT (8000 if unset)."""
-    return f"http://127.0.0.1:{os.environ.get('TERMTUNE_PORT') or 8000}"
+    return local_url(os.environ.get("TERMTUNE_PORT") or 8000)
+
+
+def local_url(port: int | str) -> str:
+    """The control plane this machine runs, at TERMTUNE_HOST (where it listens; one that
+    listens on every address is asked on the loopback one)."""
+    host = os.environ.get("TERMTUNE_HOST") or "127.0.0.1"
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 class ApiError(TermtuneError):

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.cli.client import local_url
 from shared.errors import TermtuneError
 from shared.health import check_health
 from shared.lifetime import PARENT_ENV
@@ -52,7 +53,7 @@ class Launcher:
     @property
     def url(self) -> str:
         """Where the control plane listens."""
-        return f"http://127.0.0.1:{self.port}"
+        return local_url(self.port)
 
     def api_key(self) -> str:
         """The deployment's API key (var/run/api_key), made on first use, readable by its owner

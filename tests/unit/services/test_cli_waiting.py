@@ -265,3 +265,29 @@ def test_an_answer_that_is_not_json_names_the_url(monkeypatch, capsys):
         f"termtune: {URL}/v1/jobs/j-1 answered HTTP 200 with a body that is not JSON: not the "
         "termtune API's answer (set TERMTUNE_API_URL)\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        (None, "http://127.0.0.1:8123"),
+        ("0.0.0.0", "http://127.0.0.1:8123"),  # every address: asked on the loopback one
+        ("127.0.0.2", "http://127.0.0.2:8123"),
+        ("::1", "http://[::1]:8123"),
+    ],
+)
+def test_the_cli_calls_the_control_plane_where_termtune_host_has_it_listen(
+    monkeypatch, tmp_path, host, url
+):
+    """The API listens on TERMTUNE_HOST; the CLI and `run`/`up` asked 127.0.0.1 whatever it
+    was, and a host set to this machine's LAN address was never reached."""
+    from services.cli.client import default_url
+    from services.cli.launcher import Launcher
+
+    monkeypatch.setenv("TERMTUNE_PORT", "8123")
+    if host is None:
+        monkeypatch.delenv("TERMTUNE_HOST", raising=False)
+    else:
+        monkeypatch.setenv("TERMTUNE_HOST", host)
+    assert default_url() == url
+    assert Launcher(var_dir=tmp_path, port=8123).url == url
