@@ -282,8 +282,11 @@ def _arrow_batches(path: Path, *, inferred: Collection[str] = ()) -> Iterator[pa
         yield from pacsv.open_csv(
             path, parse_options=parse, read_options=read, convert_options=convert
         )
-    except (pa.ArrowInvalid, OSError) as exc:  # a corrupt Parquet page is an OSError
-        bad = None if path.suffix.lower() == ".parquet" else first_invalid_utf8(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        parquet = path.suffix.lower() == ".parquet"
+        if not parquet and not isinstance(exc, pa.ArrowInvalid):
+            raise  # a disk's error, not the file's: the stage is tried again
+        bad = None if parquet else first_invalid_utf8(path)  # a corrupt page is an OSError
         if bad is not None:
             raise DatasetError(f"{path}: bytes that are not UTF-8 at byte offset {bad}") from exc
         raise DatasetError(f"{path}: cannot read: {_without_content(exc)}") from exc

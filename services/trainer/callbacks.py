@@ -15,6 +15,7 @@ from transformers import TrainerCallback
 
 from services.trainer import ranks
 from services.trainer.checkpoints import CheckpointStore
+from shared.errors import RetryableError
 from shared.periodic import Periodic
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,7 @@ class PolledStop:
     def __enter__(self) -> PolledStop:
         try:  # at once, so a stop asked before the first step is seen there
             self.poll()
-        except Exception as exc:  # noqa: BLE001 - a hiccup: the timer asks again
+        except RetryableError as exc:  # a database hiccup: the timer asks again
             log.error("%s failed: %s", self.timer.name, exc)
         self.timer.start()
         return self

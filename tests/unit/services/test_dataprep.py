@@ -553,3 +553,17 @@ def test_a_csv_header_naming_a_column_twice_is_refused(ctx, tiny_model, tmp_path
         DatasetError, match=r"twice.csv: columns named twice in its header: page_title"
     ):
         handle(_command(ctx, spec), ctx)
+
+
+def test_a_disk_error_reading_a_csv_is_not_called_the_files_fault(tmp_path, monkeypatch):
+    """An OSError while reading a CSV (EIO, a full disk) is the machine's: it stays an
+    OSError, retried with the stage, not a DatasetError that fails the job for good."""
+    path = tmp_path / "terms.csv"
+    path.write_text("page_title,page_text\nA,B\n")
+
+    def failing(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(sources.pacsv, "open_csv", failing)
+    with pytest.raises(OSError, match="Input/output error"):  # a DatasetError is no OSError
+        list(sources._arrow_batches(path))

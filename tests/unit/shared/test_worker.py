@@ -438,7 +438,7 @@ def test_a_worker_whose_command_was_sent_again_during_a_hiccup_stops_and_the_new
     old = Worker("dataprep", prepare, settings=settings, bus=bus, store=store, leased=True)
     old.ctx.worker = "old"
     old.on_message(cmd.model_dump(mode="json"), _Delivery({}, "cmd.PrepareDataset"))
-    assert old.ctx.lease_lost.is_set() and len(reports) < 40
+    assert old.ctx.lease_lost.is_set() and len(reports) < 100  # stopped before its end
     assert "StageFailed" not in _types(jobs)
     [again] = _drain(bus, bus.queues["dataprep"])
     assert again.headers[ATTEMPT_HEADER] == 2
