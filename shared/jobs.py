@@ -489,8 +489,7 @@ class JobRecords:
                 raise Conflict(
                     f"job {job_id!r} is {status}; only failed or cancelled jobs are retried"
                 )
-            self._append(conn, retried)
-            self._enqueue(conn, job_id, _outgoing(send))
+            self.append(conn, retried, send=send)
         if send:
             self.outbox_written()
         return self.summary(job_id)

@@ -143,7 +143,7 @@ class LocalModels:
             max_time=self.max_seconds,  # a long answer is cut there: stop_reason "length"
         )
         start = inputs["input_ids"].shape[1] if causal else 1  # the prompt / decoder start
-        stops = _stop_ids(model.generation_config, tokenizer)
+        stops = set(stop_ids(model.generation_config.eos_token_id, tokenizer))
         return [
             _answer(tokenizer, row[start:].tolist(), ask.max_new_tokens, len(ids), stops)
             for row, ask, ids in zip(output, asks, prompts, strict=True)
@@ -174,11 +174,6 @@ def _prompt_ids(tokenizer: Any, ask: Ask, *, causal: bool) -> list[int]:
         )
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     return tokenizer(ask.prompt, truncation=not causal)["input_ids"]
-
-
-def _stop_ids(config: Any, tokenizer: Any) -> set[int]:
-    """The tokens that end an answer: the generation config's EOS ids and the tokenizer's."""
-    return set(stop_ids(config.eos_token_id, tokenizer))
 
 
 def _batch_key(config: Any) -> Any:
