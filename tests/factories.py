@@ -214,7 +214,10 @@ def linked_checkout(work: Path, names: tuple[str, ...], copied: tuple[str, ...] 
     for name in names:
         (work / name).symlink_to(ROOT / name)
     for name in copied:
-        shutil.copytree(ROOT / name, work / name)
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, work / name)
+        else:
+            shutil.copy2(ROOT / name, work / name)
     stale = subprocess.run(["make", "-q", ".venv/.installed"], cwd=work, capture_output=True)
     assert stale.returncode == 0, "the .venv is older than pyproject.toml: run `make install`"
     return work

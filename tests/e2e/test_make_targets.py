@@ -116,7 +116,8 @@ def test_a_test_target_collects_every_test_of_its_folder(tmp_path, command, fold
     assert f"`{command}`" in (ROOT / "README.md").read_text(encoding="utf-8")
     missing = [v for v in VENVS if not (ROOT / v / ".installed").exists()]
     assert not missing, f"{missing} not installed: run `make compat tracking-server`"
-    work = linked_checkout(tmp_path / "termtune", LINKED + VENVS, copied=("docs",))
+    # README.md: tests read it (test_settings.py at import), as in a fresh checkout
+    work = linked_checkout(tmp_path / "termtune", LINKED + VENVS, copied=("docs", "README.md"))
     docs = _digest(work / "docs")
     environment = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
     done = subprocess.run(
