@@ -569,30 +569,51 @@ class JobRecords:
         except NotFound:
             return
         if job_id is None or entry.get("job_id") != job_id:
-            raise SpecError(
-                f"field 'publish.model_name': a model named {name!r} is already published "
-                f"by job {entry.get('job_id')} ({entry.get('location')}); set "
-                "publish.overwrite: true to replace it, or choose another publish.model_name"
+            raise _name_taken(name, entry)
+
+    def claim_model_name(self, name: str, *, job_id: str, overwrite: bool) -> None:
+        """Hold ``name`` for ``job_id``'s publish, before it uploads or imports anything. A
+        name another job's model holds is refused unless ``overwrite``, and one another job
+        is still publishing under is refused either way (SpecError: two imports of one name
+        at once leave one of them unrecorded); a claim whose job has ended is taken over."""
+        with self.ledger.write() as conn:
+            holder = _hold(conn, t.model_claims, name, job_id=job_id, claimed_at=wall_clock())
+            if holder != job_id and _publishing(conn, holder):
+                raise SpecError(
+                    f"field 'publish.model_name': job {holder} is publishing a model named "
+                    f"{name!r} now; retry this job once that one has ended (with "
+                    "publish.overwrite: true to replace its model), or choose another "
+                    "publish.model_name"
+                )
+            if not overwrite:
+                self._refuse_held(conn, name, job_id)
+            conn.execute(
+                t.model_claims.update()
+                .where(t.model_claims.c.name == name)
+                .values(job_id=job_id, claimed_at=wall_clock())
             )
 
+    def _refuse_held(self, conn: Connection, name: str, job_id: str) -> None:
+        """SpecError if another job's published model holds ``name``."""
+        held = conn.execute(sa.select(t.models.c.entry).where(t.models.c.name == name)).first()
+        if held is not None and held.entry.get("job_id") != job_id:
+            raise _name_taken(name, held.entry)
+
     def register_model(self, name: str, entry: dict[str, Any], *, overwrite: bool = False) -> None:
-        """Record a published model under its name. Without ``overwrite`` the first job to
-        register a name keeps it: another job's entry is never replaced (SpecError)."""
+        """Record a published model under its name (its claim ends). Without ``overwrite``
+        the first job to register a name keeps it: another job's entry is never replaced
+        (SpecError)."""
         entry = _jsonable(entry)
+        job_id = str(entry.get("job_id", ""))
+        values = {"job_id": job_id, "entry": entry, "updated_at": wall_clock()}
         with self.ledger.write() as conn:
-            held = conn.execute(
-                sa.select(t.models.c.job_id).where(t.models.c.name == name).with_for_update()
-            ).first()
-            values = {"job_id": str(entry.get("job_id", "")), "entry": entry}
-            if held is None:
-                conn.execute(t.models.insert().values(name=name, updated_at=wall_clock(), **values))
-                return
-            if not overwrite and held.job_id != entry.get("job_id"):
-                self.check_model_name(name, overwrite=False, job_id=entry.get("job_id"))
+            holder = _hold(conn, t.models, name, **values)
+            if holder != job_id and not overwrite:
+                self._refuse_held(conn, name, job_id)
+            conn.execute(t.models.update().where(t.models.c.name == name).values(**values))
+            claims = t.model_claims.c
             conn.execute(
-                t.models.update()
-                .where(t.models.c.name == name)
-                .values(updated_at=wall_clock(), **values)
+                t.model_claims.delete().where(claims.name == name, claims.job_id == job_id)
             )
 
     def model(self, name: str) -> dict[str, Any]:
@@ -634,6 +655,36 @@ def _count(conn: Connection, status: str, change: int) -> None:
             index_elements=["status"], set_={"jobs": t.status_counts.c.jobs + change}
         )
     )
+
+
+def _name_taken(name: str, entry: dict[str, Any]) -> SpecError:
+    """The refusal of a name another job's published model (``entry``) holds."""
+    return SpecError(
+        f"field 'publish.model_name': a model named {name!r} is already published by job "
+        f"{entry.get('job_id')} ({entry.get('location')}); set publish.overwrite: true to "
+        "replace it, or choose another publish.model_name"
+    )
+
+
+def _hold(conn: Connection, table: sa.Table, name: str, **values: Any) -> str:
+    """The job holding the row named ``name`` (inserted with ``values`` if there is none),
+    locked until the transaction ends: two first writers at once meet on the row, one
+    inserting and the other waiting for it, with no integrity error and no row gone missing
+    between a look and a lock."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    insert = dialect.insert(table).values(name=name, **values)
+    upsert = insert.on_conflict_do_update(  # a no-op update: it locks and returns the row
+        index_elements=["name"], set_={"name": insert.excluded.name}
+    ).returning(table.c.job_id)
+    return str(conn.execute(upsert).scalar_one())
+
+
+def _publishing(conn: Connection, job_id: str) -> bool:
+    """Whether ``job_id`` may still go on publishing (it exists and has not ended)."""
+    status = conn.execute(sa.select(t.jobs.c.status).where(t.jobs.c.id == job_id)).scalar()
+    return status is not None and status not in ENDED
 
 
 def _jsonable(entry: dict[str, Any]) -> dict[str, Any]:

@@ -577,7 +577,9 @@ class PublishSpec(_Section):
         False,
         description="Replace a model already published under this name. Without it, a taken "
         "name is refused at submission and again before publishing. The replaced model's "
-        "files stay with its job, and its Bedrock import (if any) stays until deleted there.",
+        "files stay with its job, and its Bedrock import (if any) stays until deleted there. "
+        "A name another job is publishing under when this one reaches its publish is "
+        "refused either way (retry it once that job has ended).",
     )
 
     @field_validator("model_name")

@@ -47,9 +47,10 @@ def _publish(command: PublishModel, ctx: StageContext) -> dict[str, Any]:
             "the evaluation gate rejected this model; set "
             "evaluation.gate.force_publish to publish anyway"
         )
-    # Before any work: a name another job's model holds is refused unless overwrite is set.
-    ctx.jobs.check_model_name(
-        spec.model_name, overwrite=spec.publish.overwrite, job_id=command.job_id
+    # Before any work: the name is held for this job (refused if another job's model holds
+    # it and overwrite is not set, or another job is publishing under it now).
+    ctx.jobs.claim_model_name(
+        spec.model_name, job_id=command.job_id, overwrite=spec.publish.overwrite
     )
     settings = BedrockSettings() if spec.publish.target == "bedrock" else None
     dataset = ctx.manifest_at(command.dataset_manifest)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import time
 from collections.abc import Callable
@@ -21,9 +22,11 @@ import tenacity
 from botocore.exceptions import BotoCoreError, ClientError
 
 from shared import bedrock
-from shared.errors import BedrockError, NotFound, RetryableError
+from shared.errors import BedrockError, NotFound, RetryableError, TermtuneError
 from shared.settings import BedrockSettings
 from shared.store import Store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,7 @@ class Importer:
             "imported_model_name": record.imported_model_name,
             "s3_uri": record.s3_uri,
             "client_token": record.client_token,
+            "digest": record.digest,  # the export Bedrock imported (an earlier one's, adopted)
             "model_architecture": model.get("modelArchitecture"),
             "custom_model_units": units,
             "cost_per_active_hour_usd": round(units * self.settings.cmu_price_per_minute * 60, 2),
@@ -133,7 +137,7 @@ class Importer:
         """``create_model_import_job``: waits out the one-import quota and throttling (for
         ``quota_wait_minutes``) and a fresh role, the waits doubling from ``poll_seconds`` up
         to ``poll_max_seconds``."""
-        start = self.clock()
+        start, idle = self.clock(), []  # idle: quota refusals met with no import running
 
         def call() -> str:
             response = self.client.create_model_import_job(
@@ -147,18 +151,27 @@ class Importer:
             return str(response["jobArn"])
 
         retrying = self._retrying(
-            retry=tenacity.retry_if_exception(lambda exc: self._waits_out(exc, start)),
+            retry=tenacity.retry_if_exception(lambda exc: self._waits_out(exc, start, idle)),
             stop=tenacity.stop_never,
         )
         try:
             return retrying(call)
         except (ClientError, BotoCoreError) as exc:
+            if len(idle) >= 2:
+                raise self._models_quota(str(exc)) from exc
             raise self._refused(exc) from exc
 
-    def _waits_out(self, exc: BaseException, start: float) -> bool:
-        """Whether a CreateModelImportJob error is one to wait out now (and say so)."""
+    def _waits_out(self, exc: BaseException, start: float, idle: list[bool]) -> bool:
+        """Whether a CreateModelImportJob error is one to wait out now (and say so). A quota
+        refusal with no import running twice, a wait apart (an import that ended between the
+        refusal and the look is not mistaken), is the imported-models quota: no wait frees
+        it."""
         code, message = bedrock.error_code(exc), str(exc)
         elapsed = self.clock() - start
+        if code == "ServiceQuotaExceededException" and not self._import_running():
+            idle.append(True)
+            if len(idle) >= 2:
+                return False
         if code in _QUOTA_WAITS:  # past its minutes, throttling is retried by the queue
             if elapsed < self.settings.quota_wait_minutes * 60:
                 self.report({"phase": _QUOTA_WAITS[code], "detail": message})
@@ -182,6 +195,50 @@ class Importer:
                 f"{message}"
             )
         return bedrock.explain(exc, "CreateModelImportJob")
+
+    def _import_running(self) -> bool:
+        """Whether an import job of the account is in progress (the one-import quota); an
+        unanswered question counts as yes (the quota is then waited out as before)."""
+        try:
+            listed = self.client.list_model_import_jobs(statusEquals="InProgress", maxResults=1)
+        except (ClientError, BotoCoreError):
+            return True
+        return bool(listed.get("modelImportJobSummaries"))
+
+    def _models_quota(self, message: str) -> BedrockError:
+        """The refusal when no import runs: the account holds all the imported models its
+        quota allows, and only deleting one (or a higher quota) makes room."""
+        try:
+            names = [m.get("modelName", "?") for m in bedrock.imported_models(self.client)]
+        except TermtuneError:
+            names = []
+        held = f" ({len(names)}: {', '.join(sorted(names))})" if names else ""
+        return BedrockError(
+            f"CreateModelImportJob: ServiceQuotaExceededException with no import running: "
+            f"the account's imported models{held} fill its quota in "
+            f"{self.settings.region}. Delete one (`termtune models --imported` names the "
+            f"termtune model of each, for `termtune delete-model MODEL`; others with `aws "
+            f"bedrock delete-imported-model`) or ask AWS for a higher 'Imported models per "
+            f"account' quota, then retry the job ({message})"
+        )
+
+    def started(self, job_name: str) -> str | None:
+        """The ARN of the import job named ``job_name`` if Bedrock has one (a create that
+        succeeded before its answer was recorded), else None. A refused question (a role
+        without bedrock:ListModelImportJobs) is logged and answered None, as before it was
+        asked: a second import is possible then, a failed job is not."""
+        try:
+            pages = self.client.get_paginator("list_model_import_jobs").paginate(
+                nameContains=job_name
+            )
+            jobs = [j for page in pages for j in page.get("modelImportJobSummaries", [])]
+        except (ClientError, BotoCoreError) as exc:
+            error = bedrock.explain(exc, "ListModelImportJobs")
+            if isinstance(error, RetryableError):
+                raise error from exc
+            log.warning("an earlier import %s not looked for: %s", job_name, error)
+            return None
+        return next((str(j["jobArn"]) for j in jobs if j.get("jobName") == job_name), None)
 
     def failure(self, job_arn: str) -> str | None:
         """Bedrock's failureMessage if the import job ``job_arn`` failed, else None."""

@@ -1,4 +1,5 @@
-"""The ledger's tables: jobs, their events, stage leases, the outbox, published models.
+"""The ledger's tables: jobs, their events, stage leases, the outbox, published models and
+the names being published.
 
 A job's row carries its folded view (status, stages, results) and is updated in the same
 transaction that appends an event, so listing and reading a job never read its events.
@@ -96,4 +97,14 @@ models = sa.Table(
     sa.Column("job_id", sa.String(120), nullable=False),
     sa.Column("entry", sa.JSON, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+#: the job publishing under a model name, from before its import until it registers: a
+#: second job's publish of the name is refused before it imports anything
+model_claims = sa.Table(
+    "model_claims",
+    metadata,
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("job_id", sa.String(120), nullable=False),
+    sa.Column("claimed_at", sa.Float, nullable=False),
 )

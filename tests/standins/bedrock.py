@@ -118,6 +118,9 @@ class BedrockStandIn:
     import_seconds: float = 0.3
     not_ready_invokes: int = 0
     fail_imports_with: str | None = None
+    #: imported models the account may hold (Bedrock's default quota); the refusal's text
+    #: is this stand-in's: termtune tells the two quotas apart by asking, not by reading it
+    model_quota: int = 3
     jobs: dict[str, ImportJob] = field(default_factory=dict)
     tokens: dict[str, str] = field(default_factory=dict)
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -183,6 +186,11 @@ class BedrockStandIn:
                 "ServiceQuotaExceededException",
                 "You have reached the maximum number of concurrent model import jobs (1)",
             )
+        if len(self.models) >= self.model_quota:
+            raise ApiError(
+                "ServiceQuotaExceededException",
+                f"You have reached the maximum number of imported models ({self.model_quota})",
+            )
         if any(j.request["jobName"] == body["jobName"] for j in self.jobs.values()):
             raise ApiError("ConflictException", f"job name {body['jobName']} already exists")
         arn = f"arn:aws:bedrock:{REGION}:{ACCOUNT}:model-import-job/{uuid.uuid4().hex[:12]}"
@@ -238,6 +246,25 @@ class BedrockStandIn:
         if out["status"] == "Completed":
             out["importedModelArn"] = job.model_arn
         return out
+
+    def list_jobs(self, query: dict[str, str]) -> dict[str, Any]:
+        """ListModelImportJobs: by status and name fragment, newest first (one page)."""
+        params = {k: int(v) if k == "maxResults" else v for k, v in query.items()}
+        self._enter("ListModelImportJobs", params)
+        self._refresh()
+        jobs = sorted(self.jobs.values(), key=lambda j: j.created, reverse=True)
+        summaries = [
+            {
+                "jobArn": j.arn,
+                "jobName": j.request["jobName"],
+                "status": self._status(j),
+                "creationTime": time.time(),
+            }
+            for j in jobs
+            if query.get("nameContains", "") in j.request["jobName"]
+            and query.get("statusEquals", self._status(j)) == self._status(j)
+        ]
+        return {"modelImportJobSummaries": summaries[: params.get("maxResults", 1000)]}
 
     def _find_model(self, ident: str) -> dict[str, Any]:
         self._refresh()
@@ -342,6 +369,10 @@ class BedrockStandIn:
         @app.post("/model-import-jobs", status_code=201)
         async def create(request: Request) -> dict[str, Any]:
             return self.create(json.loads(await request.body()))
+
+        @app.get("/model-import-jobs")
+        def list_jobs(request: Request) -> dict[str, Any]:
+            return self.list_jobs(dict(request.query_params))
 
         @app.get("/model-import-jobs/{ident:path}")
         def get_job(ident: str) -> dict[str, Any]:

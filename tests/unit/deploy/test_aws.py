@@ -665,3 +665,27 @@ def test_the_estimate_knows_the_stacks_evaluator_and_publisher_memory(resources)
     for name in ("EvaluatorTask", "PublisherTask"):
         memory = resources[name]["Properties"]["Memory"]["Fn::If"]
         assert memory[1:] == [str(estimate.GPU_TASK_MIB), {"Ref": "StageMemory"}]
+
+
+def test_the_publisher_role_grants_every_bedrock_call_the_publisher_makes(resources):
+    """Read from the publisher's code: a call its role does not grant is an access-denied
+    answer in the real account, which no stand-in test shows."""
+    import re
+
+    import botocore.session
+
+    operations = botocore.session.get_session().get_service_model("bedrock").operation_names
+    snake = {re.sub(r"(?<!^)(?=[A-Z])", "_", op).lower(): op for op in operations}
+    shared = {"imported_models": "ListImportedModels", "invoke": "InvokeModel"}
+    code = "".join(p.read_text() for p in (TEMPLATE.parents[2] / "services/publisher").glob("*.py"))
+    called = {snake[name] for name in re.findall(r"\b([a-z_]+)\b", code) if name in snake}
+    called |= set(re.findall(r'_call\("(\w+)"', code))
+    called |= {op for name, op in shared.items() if f"bedrock.{name}(" in code}
+    assert {"CreateModelImportJob", "ListModelImportJobs", "InvokeModel"} <= called
+    granted = {
+        action.removeprefix("bedrock:")
+        for statement in _statements(resources["PublisherTaskRole"])
+        if statement["Effect"] == "Allow"
+        for action in _as_list(statement["Action"])
+    }
+    assert called - granted == set()

@@ -19,14 +19,20 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from services.publisher import cmi, upload
+from services.publisher import card, cmi, upload
 from services.publisher.handler import handle
 from services.publisher.importer import Importer, ImportRecords, plan_import
 from shared import bedrock
-from shared.errors import BedrockError, PreflightError, RetryableError, StoreUnavailable
+from shared.errors import (
+    BedrockError,
+    PreflightError,
+    RetryableError,
+    StoreUnavailable,
+)
 from shared.jobspec import parse_spec
-from shared.messages import PublishModel
+from shared.messages import JobCancelled, JobRetried, PublishModel, StageProgress
 from shared.settings import BedrockSettings
+from shared.stage import run_stage
 from tests.standins.bedrock import BedrockStandIn, settings_for
 
 ROLE = "arn:aws:iam::123456789012:role/termtune-bedrock-import"
@@ -55,11 +61,11 @@ def bedrock_env(monkeypatch, s3_endpoint, standin, bucket):
     return {k.removeprefix("TERMTUNE_BEDROCK_"): v for k, v in env.items()}
 
 
-def _bedrock_job(published, job_id: str):
+def _bedrock_job(published, job_id: str, model_name: str | None = None):
     """A new job on the published job's artifacts, whose spec publishes to Bedrock."""
     ctx, cmd, _ = published
     data = ctx.spec(cmd).model_dump(mode="json")
-    data["publish"] = {"target": "bedrock", "model_name": f"terms-{job_id}"}
+    data["publish"] = {"target": "bedrock", "model_name": model_name or f"terms-{job_id}"}
     uri = ctx.jobs.create(job_id, parse_spec(data))
     return ctx, PublishModel(
         job_id=job_id,
@@ -111,10 +117,9 @@ def test_uploads_imports_once_and_smoke_invokes(published, bedrock_env, standin,
     assert len(standin.calls_to("CreateModelImportJob")) == 1
 
 
-def test_crash_between_import_call_and_record_starts_no_second_import(
-    published, bedrock_env, standin, monkeypatch
-):
-    ctx, cmd = _bedrock_job(published, _job_id())
+def _dies_before_recording_the_import(monkeypatch, cmd, ctx):
+    """A publish whose worker dies once CreateModelImportJob answered, before the ARN is
+    stored."""
     real = ImportRecords.set_job_arn
 
     def crash(self, record, job_arn):
@@ -124,11 +129,128 @@ def test_crash_between_import_call_and_record_starts_no_second_import(
     monkeypatch.setattr(ImportRecords, "set_job_arn", crash)
     with pytest.raises(RuntimeError, match="before recording"):
         handle(cmd, ctx)
+
+
+def test_crash_between_import_call_and_record_starts_no_second_import(
+    published, bedrock_env, standin, monkeypatch
+):
+    ctx, cmd = _bedrock_job(published, _job_id())
+    _dies_before_recording_the_import(monkeypatch, cmd, ctx)
     handle(cmd, ctx)
     creates = standin.calls_to("CreateModelImportJob")
     assert len(creates) == 2
     assert creates[0]["clientRequestToken"] == creates[1]["clientRequestToken"]
     assert len(standin.jobs) == 1
+
+
+def test_a_crash_after_the_import_call_then_another_export_adopts_the_started_import(
+    published, bedrock_env, standin, monkeypatch
+):
+    """The next attempt's export differs (the card's merge-check figures, the merge device):
+    it must not start a second, billed import of the same model beside the first."""
+    ctx, cmd = _bedrock_job(published, _job_id())
+    _dies_before_recording_the_import(monkeypatch, cmd, ctx)
+    first = ImportRecords(ctx.store, f"{ctx.jobs.stage_prefix(cmd.job_id, 'publish')}/import.json")
+    imported_digest = first.load().digest
+    model_card = card.model_card
+    monkeypatch.setattr(card, "model_card", lambda *a, **k: model_card(*a, **k) + "\nagain\n")
+    handle(cmd, ctx)
+    manifest = ctx.jobs.manifest(cmd.job_id, "publish")
+    assert manifest["digest"] != imported_digest  # another export...
+    assert len(standin.calls_to("CreateModelImportJob")) == 1  # ...and still one import
+    assert len(standin.jobs) == 1
+    assert manifest["bedrock"]["job_arn"] == next(iter(standin.jobs))
+    assert manifest["bedrock"]["digest"] == imported_digest  # what Bedrock imported
+
+
+def test_the_imported_models_quota_is_refused_at_once_naming_the_models(
+    published, bedrock_env, standin
+):
+    """No import runs, so waiting frees nothing: the quota is the account's imported models."""
+    standin.model_quota = 1
+    handle(*reversed(_bedrock_job(published, _job_id())))  # the one model the account may hold
+    held = next(iter(standin.models.values()))["modelName"]
+    ctx, cmd = _bedrock_job(published, _job_id())
+    with pytest.raises(BedrockError, match=rf"imported models \(1: {held}\)"):
+        handle(cmd, ctx)
+    # the first job's, then ours twice (a wait apart, each refusal with no import running):
+    # not a quota wait of 30 s
+    assert len(standin.calls_to("CreateModelImportJob")) == 3
+    looks = standin.calls_to("ListModelImportJobs")
+    assert looks == [{"statusEquals": "InProgress", "maxResults": 1}] * 2
+
+
+def test_two_jobs_publishing_one_name_at_once_import_it_once(published, bedrock_env, standin):
+    """The name is held before the upload: the second job is refused before it imports, not
+    after, when its import would be billed and recorded nowhere."""
+    jobs = [_bedrock_job(published, _job_id(), model_name="shared-terms") for _ in range(2)]
+    start, outcomes = threading.Barrier(2), {}
+
+    def publish(ctx, cmd):
+        start.wait()
+        try:
+            handle(cmd, ctx)
+            outcomes[cmd.job_id] = "published"
+        except BedrockError as exc:  # noqa: PERF203
+            outcomes[cmd.job_id] = f"bedrock: {exc}"
+        except Exception as exc:  # noqa: BLE001
+            outcomes[cmd.job_id] = type(exc).__name__ + ": " + str(exc)
+
+    threads = [threading.Thread(target=publish, args=job) for job in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    ctx = jobs[0][0]
+    winner = ctx.jobs.model("shared-terms")["job_id"]
+    loser = next(cmd.job_id for _, cmd in jobs if cmd.job_id != winner)
+    assert outcomes[winner] == "published"
+    assert outcomes[loser].startswith("SpecError: field 'publish.model_name': ")
+    assert f"job {winner}" in outcomes[loser]  # (publishing it now, or has published it)
+    assert len(standin.jobs) == 1 and len(standin.models) == 1
+
+
+def test_a_failed_smoke_test_names_the_imported_model_it_leaves(published, bedrock_env, standin):
+    standin.fail("InvokeModel", "ValidationException", "Malformed input request", times=100)
+    ctx, cmd = _bedrock_job(published, _job_id())
+    with pytest.raises(BedrockError) as caught:
+        handle(cmd, ctx)
+    (arn,) = standin.models
+    assert str(caught.value).startswith("smoke test: InvokeModel: ValidationException")
+    assert f"the imported model {arn} stays in Bedrock" in str(caught.value)
+    assert f"delete-imported-model --model-identifier {arn}" in str(caught.value)
+    standin.faults.clear()
+    handle(cmd, ctx)  # the retry smoke-tests the same import
+    assert len(standin.calls_to("CreateModelImportJob")) == 1
+    assert ctx.jobs.manifest(cmd.job_id, "publish")["bedrock"]["imported_model_arn"] == arn
+
+
+def test_a_cancel_during_the_import_names_the_import_that_goes_on(published, bedrock_env, standin):
+    """Through run_stage, as a worker runs it: the cancel is recorded, and the job's events
+    say which import goes on; a retry adopts it."""
+    ctx, cmd = _bedrock_job(published, _job_id())
+    standin.import_seconds = 4.0
+
+    def cancel_once_importing():
+        while not standin.jobs:
+            time.sleep(0.05)
+        ctx.jobs.request_cancel(cmd.job_id)
+
+    threading.Thread(target=cancel_once_importing, daemon=True).start()
+    assert isinstance(run_stage(cmd, handle, ctx), JobCancelled)
+    (job_arn,) = standin.jobs
+    name = standin.jobs[job_arn].request["importedModelName"]
+    said = [
+        e.progress["detail"]
+        for e in ctx.jobs.events(cmd.job_id)
+        if isinstance(e, StageProgress) and "detail" in e.progress
+    ]
+    assert said and f"the Bedrock import job {job_arn} goes on" in said[-1]
+    assert f"makes the model {name}: retry the job to use it" in said[-1]
+    ctx.jobs.retry(cmd.job_id, retried=JobRetried(job_id=cmd.job_id, stage="publish"))
+    handle(cmd, ctx)  # the retry adopts it
+    assert len(standin.calls_to("CreateModelImportJob")) == 1
+    assert ctx.jobs.manifest(cmd.job_id, "publish")["bedrock"]["job_arn"] == job_arn
 
 
 def test_waits_out_the_one_import_quota(published, bedrock_env, standin):

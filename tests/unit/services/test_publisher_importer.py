@@ -22,8 +22,22 @@ class _Bedrock:
     """Answers CreateModelImportJob with ``errors`` in turn, then a job ARN; every
     GetModelImportJob with ``status``."""
 
-    def __init__(self, errors: list[ClientError], status: str = "InProgress") -> None:
+    def __init__(
+        self, errors: list[ClientError], status: str = "InProgress", running: list[bool] = ()
+    ) -> None:
         self.errors, self.status, self.creates = list(errors), status, 0
+        self.running = list(running)  # what each look for a running import finds (then: yes)
+
+    def list_model_import_jobs(self, **query):
+        assert query == {"statusEquals": "InProgress", "maxResults": 1}
+        running = self.running.pop(0) if self.running else True
+        jobs = [{"jobArn": "arn:other", "status": "InProgress"}] if running else []
+        return {"modelImportJobSummaries": jobs}
+
+    def get_paginator(self, operation):
+        assert operation == "list_imported_models"
+        pages = [{"modelSummaries": [{"modelName": "a-1"}, {"modelName": "b-2"}]}]
+        return type("Pages", (), {"paginate": lambda self: pages})()
 
     def create_model_import_job(self, **request):
         self.creates += 1
@@ -81,6 +95,25 @@ def test_the_import_quota_is_waited_out_for_its_own_minutes(clock):
         make(client).create(RECORD)
     assert sum(slept[:-1]) < 120 <= sum(slept)
     assert set(phases) == {"waiting for the import quota"}
+
+
+def test_the_imported_models_quota_fails_after_a_second_look_finds_no_import(clock):
+    make, slept, phases = clock
+    quota = _error("ServiceQuotaExceededException", "quota reached")
+    client = _Bedrock([quota] * 50, running=[False, False])
+    with pytest.raises(BedrockError, match=r"the account's imported models \(2: a-1, b-2\)"):
+        make(client).create(RECORD)
+    assert client.creates == 2 and slept == [10]  # one wait, to look again
+    assert phases == ["waiting for the import quota"]
+
+
+def test_an_import_that_ended_before_the_look_is_not_taken_for_the_models_quota(clock):
+    """Refused for the one running import, which then ended before the look: waited for."""
+    make, slept, _ = clock
+    quota = _error("ServiceQuotaExceededException", "one import at a time")
+    client = _Bedrock([quota, quota], running=[False, True])
+    assert make(client).create(RECORD) == "arn:job"
+    assert client.creates == 3 and slept == [10, 20]
 
 
 def test_throttling_is_waited_out_for_the_quota_minutes_then_left_to_the_queue(clock):

@@ -16,6 +16,7 @@ from shared.messages import (
     CancelRequested,
     DatasetPrepared,
     JobCancelled,
+    JobRetried,
     JobSubmitted,
     PrepareDataset,
     StageFailed,
@@ -166,8 +167,6 @@ def test_cancel_is_one_transaction_and_refuses_an_ended_job(jobs):
 
 
 def test_outcome_started_and_deaths_count_since_the_last_retry(jobs):
-    from shared.messages import JobRetried
-
     job_id, _ = _job(jobs)
     for _ in range(2):
         jobs.record(StageStarted(job_id=job_id, stage="train", worker="w"))
@@ -202,6 +201,75 @@ def test_published_models_keep_their_first_owner(jobs):
     assert jobs.delete_model("terms", job_id="b")
     with pytest.raises(NotFound):
         jobs.model("terms")
+
+
+def test_a_model_name_is_claimed_for_one_publishing_job_at_a_time(jobs):
+    """Claimed before the import: a second job's publish is refused while the first may still
+    import, with overwrite too; a claim whose job ended is taken over, and registering ends
+    the claim."""
+    from shared.errors import SpecError
+
+    a, _ = _job(jobs, "job-a")
+    b, _ = _job(jobs, "job-b")
+    jobs.claim_model_name("terms", job_id=a, overwrite=False)
+    jobs.claim_model_name("terms", job_id=a, overwrite=False)  # its redelivery
+    for overwrite in (False, True):
+        with pytest.raises(SpecError, match="job job-a is publishing a model named 'terms' now"):
+            jobs.claim_model_name("terms", job_id=b, overwrite=overwrite)
+    jobs.record(StageFailed(job_id=a, stage="publish", error="import failed", error_type="E"))
+    jobs.claim_model_name("terms", job_id=b, overwrite=False)  # a has ended: b takes it
+    jobs.record(JobRetried(job_id=a, stage="publish"))
+    with pytest.raises(SpecError, match="job job-b is publishing"):
+        jobs.claim_model_name("terms", job_id=a, overwrite=False)
+    jobs.register_model("terms", {"name": "terms", "job_id": b, "location": "file:///b"})
+    with jobs.ledger.read() as conn:
+        assert conn.execute(sa.select(t.model_claims)).all() == []
+    with pytest.raises(SpecError, match="already published by job job-b"):
+        jobs.claim_model_name("terms", job_id=a, overwrite=False)
+    jobs.claim_model_name("terms", job_id=a, overwrite=True)  # b is done: a may replace it
+
+
+@pytest.mark.parametrize("step", ["claim", "register"])
+def test_two_jobs_first_to_a_name_at_once_one_wins_and_the_other_is_told(jobs, step):
+    """No row to lock yet: both insert, and the loser gets the name's refusal, not a database
+    error retried as if the database were down."""
+    from shared.errors import SpecError
+
+    ids = [_job(jobs, f"racer-{n}")[0] for n in range(4)]
+    start, outcomes = threading.Barrier(len(ids)), []
+
+    def publish(job_id):
+        start.wait()
+        try:
+            if step == "claim":
+                jobs.claim_model_name("shared-name", job_id=job_id, overwrite=False)
+            else:
+                jobs.register_model("shared-name", {"job_id": job_id, "location": "file:///x"})
+            outcomes.append("won")
+        except SpecError:
+            outcomes.append("refused")
+        except Exception as exc:  # noqa: BLE001
+            outcomes.append(repr(exc))
+
+    threads = [threading.Thread(target=publish, args=(i,)) for i in ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes) == ["refused"] * 3 + ["won"]
+
+
+def test_the_migrations_build_the_tables_the_code_declares(backend):
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    ledger = Ledger(backend[1])
+    with ledger.read():
+        pass  # migrated to head
+    with ledger.engine.connect() as conn:
+        differences = compare_metadata(MigrationContext.configure(conn), t.metadata)
+    ledger.dispose()
+    assert differences == []
 
 
 def test_a_schema_newer_than_this_code_is_refused_untouched(backend):
@@ -372,7 +440,7 @@ def test_migration_0002_counts_the_jobs_already_there(backend, tmp_path):
                     cancel_requested=False,
                 )
             )  # fmt: skip
-    assert migrate.upgrade(ledger.engine) == "0002"
+    assert migrate.upgrade(ledger.engine) == migrate.head()
     jobs = JobRecords(LocalStore(tmp_path / "store"), ledger)
     assert jobs.counts() == {"failed": 2, "succeeded": 1}
     ledger.dispose()
