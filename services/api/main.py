@@ -52,7 +52,7 @@ def create_app(settings: ApiSettings | None = None, *, bus: Bus | None = None) -
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.bus.declare()
         relay = Relay(job_records, app.state.bus)  # the outbox, published
-        reconciler = Reconciler(job_records, every=settings.reconcile_seconds)
+        reconciler = Reconciler(job_records, every=settings.reconcile_seconds, settings=settings)
         relay.start()
         relay.kick()  # what was recorded while no relay ran (a broker outage, a restart)
         reconciler.start()
