@@ -95,15 +95,15 @@ def _evaluate(command: EvaluateModel, ctx: StageContext) -> dict[str, Any]:
         progress=ctx.progress,
     )
     started = time.perf_counter()
-    base_rows, base_out = metrics.run_model(model, label="base", **run)
+    base_rows, base_out, base_batches = metrics.run_model(model, label="base", **run)
     base_s = time.perf_counter() - started
     tuned_model = load_adapter(model, adapter, spec.base_model)
-    tuned_rows, tuned_out = metrics.run_model(tuned_model, label="tuned", **run)
+    tuned_rows, tuned_out, tuned_batches = metrics.run_model(tuned_model, label="tuned", **run)
     timing = {
         "device": placement.device,
         "dtype": placement.dtype,
         "placement": placement.reason,
-        "batch_size": metrics.batch_size(evaluation, model, table, spec.decoding),
+        **batch_sizes(base_batches, tuned_batches),
         "base_s": round(base_s, 2),
         "tuned_s": round(time.perf_counter() - started - base_s, 2),
         "training_s": training.get("runtime_s"),
@@ -127,6 +127,16 @@ def _evaluate(command: EvaluateModel, ctx: StageContext) -> dict[str, Any]:
         _track(run, report, page)
     ctx.jobs.write_manifest(command.job_id, "evaluate", report)
     return report
+
+
+def batch_sizes(base: metrics.Batches, tuned: metrics.Batches) -> dict[str, Any]:
+    """The batch sizes the runs used: ``batch_size`` the largest batch generated (the pass
+    that needs the most memory); per model the size planned (auto or the spec's) and the
+    sizes each pass ran at, smaller where an out-of-memory split a batch."""
+    return {
+        "batch_size": max(base.generation | tuned.generation, default=0),
+        "batches": {"base": base.report(), "tuned": tuned.report()},
+    }
 
 
 def _track(run: tracking.TrackedRun, report: dict[str, Any], page: str) -> None:
@@ -202,6 +212,7 @@ def build_report(
             "publish": passed or rule.force_publish,
             "rule": rule.model_dump(),
         },
+        "sacrebleu": scoring.sacrebleu_signatures(base[0]),
         "decoding": spec.decoding.model_dump(),
         "samples": [
             {"prompt": prompts[i], "reference": refs[i], "base": base[1][i], "tuned": tuned[1][i]}

@@ -111,6 +111,16 @@ def _decoding(report: dict[str, Any]) -> str:
     return f"<p>Answers generated with the decoding the model is served with: {settings}.</p>"
 
 
+def _signatures(report: dict[str, Any]) -> str:
+    signatures = report.get("sacrebleu")
+    if not signatures:
+        return ""  # a report written before it had them
+    return (
+        f"<p class=signatures><small>BLEU and chrF by sacrebleu; signatures: BLEU "
+        f"{escape(signatures['bleu'])}, chrF {escape(signatures['chrf'])}.</small></p>"
+    )
+
+
 def _share(value: float | None, digits: int) -> str:
     return "–" if value is None else f"{value:.{digits}%}"
 
@@ -181,7 +191,7 @@ def render(report: dict[str, Any], *, job_id: str, notice: str = DEFAULT_NOTICE)
 paired bootstrap 95% intervals of tuned − base; coloured deltas exclude zero.</p>
 {_gate(report["gate"])}
 <table><tr><th>metric</th><th>base</th><th>tuned</th><th>delta</th><th>95% CI</th></tr>
-{_metrics_rows(report)}</table>
+{_metrics_rows(report)}</table>{_signatures(report)}
 {_data(report)}
 <h2>Loss during training</h2>{loss_chart(report.get("curves", {}))}
 <h2>Samples</h2>{_decoding(report)}{_samples(report)}

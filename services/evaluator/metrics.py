@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -21,6 +22,24 @@ Progress = Callable[..., None]
 CPU_BATCH = 16
 #: the most rows a GPU batch takes however much memory is free
 MAX_BATCH = 512
+
+
+@dataclass
+class Batches:
+    """The batch size a model's passes were given and, per pass, the sizes (rows) their
+    batches ran at: smaller where the table had fewer rows or an out-of-memory split one."""
+
+    planned: int
+    loss: set[int] = field(default_factory=set)
+    generation: set[int] = field(default_factory=set)
+
+    def report(self) -> dict[str, Any]:
+        """The planned size and each pass's sizes, largest first."""
+        return {
+            "planned": self.planned,
+            "loss": sorted(self.loss, reverse=True),
+            "generation": sorted(self.generation, reverse=True),
+        }
 
 
 def _batches(table: pa.Table, size: int) -> list[pa.Table]:
@@ -77,11 +96,16 @@ def batch_size(spec: EvaluationSpec, model: Any, table: pa.Table, decoding: Deco
 
 @torch.no_grad()
 def row_losses(
-    model: Any, tokenizer: Any, table: pa.Table, *, batch_size: int
+    model: Any,
+    tokenizer: Any,
+    table: pa.Table,
+    *,
+    batch_size: int,
+    ran: Callable[[int], None] = lambda rows: None,
 ) -> tuple[list[float], list[int]]:
     """Summed token cross-entropy of each row's reference (teacher forcing) and its length;
     a decoder-only model reads the prompt and the reference as one sequence and is scored
-    on the reference's tokens only, as it was trained."""
+    on the reference's tokens only, as it was trained; ``ran`` hears each batch's rows."""
     collator = _loss_collator(model, tokenizer)
     model.eval()
 
@@ -95,6 +119,7 @@ def row_losses(
             logits.transpose(1, 2), labels, ignore_index=-100, reduction="none"
         )
         counted = (labels != -100).sum(dim=1).tolist()
+        ran(chunk.num_rows)
         return list(zip(losses.sum(dim=1).tolist(), counted, strict=True))
 
     order = longest_first(table, "input_ids", "labels")
@@ -128,9 +153,11 @@ def generate(
     decoding: DecodingSpec,
     batch_size: int,
     on_batch: Progress,
+    ran: Callable[[int], None] = lambda rows: None,
 ) -> list[str]:
     """The model's answers to the prompts of a table, decoded as served, in batches of
-    alike prompt lengths (longest first), returned in the table's order."""
+    alike prompt lengths (longest first), returned in the table's order; ``ran`` hears each
+    batch's rows."""
     model.eval()
 
     causal = not model.config.is_encoder_decoder
@@ -147,6 +174,7 @@ def generate(
         )
         if causal:  # the answer only: a decoder-only model's output starts with the prompt
             generated = generated[:, batch["input_ids"].shape[1] :]
+        ran(chunk.num_rows)
         return [reply_text(tokenizer, row) for row in generated.tolist()]
 
     order = longest_first(table, "input_ids")
@@ -166,14 +194,15 @@ def run_model(
     decoding: DecodingSpec,
     progress: Progress,
     label: str,
-) -> tuple[RowScores, list[str]]:
-    """Per-row scores and generations of one model."""
-    size = batch_size(spec, model, table, decoding)
+) -> tuple[RowScores, list[str], Batches]:
+    """Per-row scores and generations of one model, and the batch sizes they ran at."""
+    batches = Batches(planned=batch_size(spec, model, table, decoding))
+    size = batches.planned
     progress(
         {"phase": f"{label}: reference loss", "rows": table.num_rows, "batch_size": size},
         force=True,
     )
-    nll, tokens = row_losses(model, tokenizer, table, batch_size=size)
+    nll, tokens = row_losses(model, tokenizer, table, batch_size=size, ran=batches.loss.add)
     if decoding.temperature > 0:
         torch.manual_seed(spec.seed)
 
@@ -181,7 +210,13 @@ def run_model(
         progress({"phase": f"{label}: generating", "rows_done": done, "rows": table.num_rows})
 
     predictions = generate(
-        model, tokenizer, table, decoding=decoding, batch_size=size, on_batch=on_batch
+        model,
+        tokenizer,
+        table,
+        decoding=decoding,
+        batch_size=size,
+        on_batch=on_batch,
+        ran=batches.generation.add,
     )
     references = table.column("target").to_pylist()
-    return score_rows(predictions, references, nll=nll, tokens=tokens), predictions
+    return score_rows(predictions, references, nll=nll, tokens=tokens), predictions, batches

@@ -3,7 +3,7 @@
 Per-row values are kept so that any subset of rows can be re-aggregated: that is what the
 paired bootstrap does (resample rows, score base and tuned on the same rows, take the
 difference). Corpus-level BLEU and chrF are recomputed from summed sufficient statistics,
-as sacrebleu's own paired bootstrap does.
+as sacrebleu's own paired bootstrap does; BLEU's tokenizer follows the references' script.
 """
 
 from __future__ import annotations
@@ -35,12 +35,14 @@ METRICS: dict[str, bool | None] = {
 }
 BOOTSTRAP_SAMPLES = 1000
 
-#: scripts written without spaces between words: Thai, Lao, Myanmar, Khmer, kana, Han
-_UNSPACED = re.compile(
-    "[\u0e00-\u0eff\u1000-\u109f\ua9e0-\ua9ff\uaa60-\uaa7f\u1780-\u17ff\u19e0-\u19ff"
+#: scripts written without spaces between words: Thai, Lao, Myanmar, Khmer, kana; and Han
+_UNSPACED_NOT_HAN = (
+    "\u0e00-\u0eff\u1000-\u109f\ua9e0-\ua9ff\uaa60-\uaa7f\u1780-\u17ff\u19e0-\u19ff"
     "\u3040-\u30ff\u31f0-\u31ff\uff66-\uff9f"
-    "\u3005-\u3007\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003ffff]"
 )
+_HAN = "\u3005-\u3007\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003ffff"
+_UNSPACED = re.compile(f"[{_UNSPACED_NOT_HAN}{_HAN}]")
+_HAN_CHAR = re.compile(f"[{_HAN}]")
 
 
 @dataclass
@@ -51,6 +53,7 @@ class RowScores:
     tokens: np.ndarray  # reference tokens per row
     rouge: dict[str, np.ndarray]  # rouge1/rouge2/rougeL F1 per row
     bleu_stats: np.ndarray  # sacrebleu BLEU sufficient statistics, one row each
+    bleu_tokenizer: str  # the sacrebleu tokenizer they were counted with
     chrf_stats: np.ndarray  # sacrebleu chrF sufficient statistics, one row each
     exact: np.ndarray
     words: np.ndarray
@@ -89,6 +92,12 @@ def words(text: str) -> list[str]:
     return "".join(c if unicodedata.category(c)[0] in "LNM" else " " for c in text).split()
 
 
+def word_count(text: str) -> int:
+    """Words as written: runs between spaces ("don't", "COVID-19": one each), and each
+    character of a script written without spaces one word."""
+    return len(_spaced(text).split())
+
+
 class RougeTokenizer:
     """rouge_score's tokenizer for any script: ``words``, with the Porter stemming of its
     default tokenizer on ASCII words (so English scores as rouge_score scores it)."""
@@ -117,11 +126,30 @@ def is_degenerate(text: str) -> bool:
     return len(trigrams) >= 4 and len(set(trigrams)) / len(trigrams) < 0.5
 
 
+def bleu_tokenizer(references: list[str]) -> str:
+    """sacrebleu's tokenizer for BLEU on these references. Its default, '13a', splits at
+    spaces and punctuation, so an answer in a script written without spaces is one token.
+    When at least half the references hold such a script: 'char' where those scripts are
+    most of their letters and not all Han (Japanese, Thai, Lao, Khmer, Myanmar: sacrebleu's
+    'ja-mecab' needs MeCab, which termtune does not install), else 'zh' where they hold Han
+    (each Han character a token, other text as 13a: an English term inside stays a word),
+    else '13a' (a stray kana in English text does not split it into characters)."""
+    unspaced = [r for r in references if _UNSPACED.search(r)]
+    if not unspaced or len(unspaced) * 2 < len(references):
+        return "13a"
+    text = "".join(unspaced)
+    letters = sum(c.isalpha() for c in text)
+    apart, han = len(_UNSPACED.findall(text)), len(_HAN_CHAR.findall(text))
+    if apart > han and apart * 2 >= letters:
+        return "char"
+    return "zh" if han else "13a"
+
+
 @functools.cache
-def _bleu():  # noqa: ANN202
+def _bleu(tokenize: str):  # noqa: ANN202
     from sacrebleu.metrics import BLEU
 
-    return BLEU(effective_order=True)
+    return BLEU(effective_order=True, tokenize=tokenize)
 
 
 @functools.cache
@@ -139,31 +167,48 @@ def score_rows(
 
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=RougeTokenizer())
     pairs = [scorer.score(ref, pred) for pred, ref in zip(predictions, references, strict=True)]
-    refs = [references]
+    refs, tokenize = [references], bleu_tokenizer(references)
     return RowScores(
         nll=np.asarray(nll, dtype=float),
         tokens=np.asarray(tokens, dtype=float),
         rouge={k: np.array([p[k].fmeasure for p in pairs]) for k in ("rouge1", "rouge2", "rougeL")},
-        bleu_stats=np.asarray(_bleu()._extract_corpus_statistics(predictions, refs), dtype=float),
+        bleu_stats=np.asarray(
+            _bleu(tokenize)._extract_corpus_statistics(predictions, refs), dtype=float
+        ),
+        bleu_tokenizer=tokenize,
         chrf_stats=np.asarray(_chrf()._extract_corpus_statistics(predictions, refs), dtype=float),
         exact=np.array(
             [normalize(p) == normalize(r) for p, r in zip(predictions, references, strict=True)]
         ),
-        words=np.array([len(p.split()) for p in predictions], dtype=float),
+        words=np.array([word_count(p) for p in predictions], dtype=float),
         empty=np.array([not p.strip() for p in predictions]),
         degenerate=np.array([is_degenerate(p) for p in predictions]),
     )
+
+
+def sacrebleu_signatures(rows: RowScores) -> dict[str, str]:
+    """BLEU's tokenizer and sacrebleu's signatures of BLEU and chrF (tokenizer, smoothing,
+    version...) for rows from ``score_rows``: what a figure is reproduced with."""
+    bleu = _bleu(rows.bleu_tokenizer)
+    return {
+        "bleu_tokenizer": rows.bleu_tokenizer,
+        "bleu": str(bleu.get_signature()),
+        "chrf": str(_chrf().get_signature()),
+    }
 
 
 def aggregate(rows: RowScores, idx: np.ndarray | None = None) -> dict[str, float]:
     """Every metric over the rows (or a resample of them, given as indices)."""
     idx = np.arange(len(rows)) if idx is None else idx
     loss = float(rows.nll[idx].sum() / max(rows.tokens[idx].sum(), 1.0))
+    bleu = _bleu(rows.bleu_tokenizer)._compute_score_from_stats(
+        list(rows.bleu_stats[idx].sum(axis=0))
+    )
     return {
         "loss": loss,
         "perplexity": math.exp(min(loss, 50.0)),
         **{k: float(v[idx].mean()) for k, v in rows.rouge.items()},
-        "bleu": _bleu()._compute_score_from_stats(list(rows.bleu_stats[idx].sum(axis=0))).score,
+        "bleu": bleu.score,
         "chrf": _chrf()._compute_score_from_stats(list(rows.chrf_stats[idx].sum(axis=0))).score,
         "exact_match": float(rows.exact[idx].mean()),
         "mean_output_words": float(rows.words[idx].mean()),

@@ -80,6 +80,76 @@ def test_corpus_bleu_from_row_statistics_equals_sacrebleu():
     assert ours == pytest.approx(BLEU(effective_order=True).corpus_score(preds, [refs]).score)
 
 
+ZH_REFS = ["光合成是植物利用光能把二氧化碳和水转化为糖的过程", "高血压是动脉血压持续升高的疾病"]
+
+
+def test_bleu_of_chinese_answers_counts_each_character():
+    # The defect: sacrebleu's default 13a tokenizer splits at spaces, so each Chinese answer
+    # was one token: a right answer with a final "。" and a near one both scored BLEU 0, as
+    # a wrong one did.
+    from sacrebleu.metrics import BLEU
+
+    near = ["光合成是植物利用光能把水转化为糖的过程", "高血压是动脉血压升高的疾病"]
+    wrong = ["呼吸作用是动物消耗氧气的过程", "糖尿病是血糖过高的疾病"]
+    answers = ([r + "。" for r in ZH_REFS], near, wrong)
+    rows = [_rows(preds, ZH_REFS) for preds in answers]
+    right, close, far = (scoring.aggregate(r)["bleu"] for r in rows)
+    assert right > 90 and 50 < close < right and far < 20
+    assert {r.bleu_tokenizer for r in rows} == {"zh"}
+    assert close == pytest.approx(
+        BLEU(effective_order=True, tokenize="zh").corpus_score(near, [ZH_REFS]).score
+    )
+
+
+def test_bleu_of_japanese_answers_counts_each_character():
+    refs = ["光合成は植物が光から糖を作る過程", "東京は日本の首都です"]
+    near = _rows(["光合成は植物が光で糖を作る過程", "東京は日本の首都だ"], refs)
+    assert 50 < scoring.aggregate(near)["bleu"] < 100 and near.bleu_tokenizer == "char"
+
+
+@pytest.mark.parametrize(
+    ("references", "tokenizer"),
+    [
+        (["a disease of the lungs", "a lung disease"], "13a"),
+        (ZH_REFS, "zh"),
+        (["DNA是遗传物质", "a lung disease"], "zh"),  # half Han: 'zh' is 13a on other text
+        (["a disease of the lungs", "a lung disease", "肺病"], "13a"),  # a few Han terms
+        (["光合成は植物が光から糖を作る過程", "肺病"], "char"),  # kana: Japanese
+        (["กินข้าว", "ภาษาไทย"], "char"),  # Thai
+        (["a lung disease (肺病)", "a heart disease (心脏病)"], "zh"),  # Han terms: zh is 13a
+        (["the tsunami (ツナミ) of 2004", "a wave called ナミ"], "13a"),  # stray kana
+        ([], "13a"),
+    ],
+)
+def test_bleu_tokenizer_follows_the_references_script(references, tokenizer):
+    assert scoring.bleu_tokenizer(references) == tokenizer
+
+
+def test_report_records_the_bleu_tokenizer_and_sacrebleus_signatures():
+    import pyarrow as pa
+    import sacrebleu
+
+    from services.evaluator.handler import build_report
+
+    table = pa.table({"prompt": ["光合成?", "高血压?"], "target": ZH_REFS})
+    base, tuned = _rows(["不知道", "不知道"], ZH_REFS), _rows(ZH_REFS, ZH_REFS)
+    spec = parse_spec({"name": "x1", "evaluation": {"bootstrap_samples": 100}})
+    report = build_report(
+        table, (base, ["不知道"] * 2), (tuned, ZH_REFS), spec=spec, training_log=[]
+    )
+    version = sacrebleu.__version__
+    assert report["sacrebleu"] == {
+        "bleu_tokenizer": "zh",
+        "bleu": f"nrefs:1|case:mixed|eff:yes|tok:zh|smooth:exp|version:{version}",
+        "chrf": f"nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no|version:{version}",
+    }
+    assert report["metrics"]["bleu"]["tuned"] == pytest.approx(100.0)
+    page = html_report.render(report, job_id="j")
+    assert f"signatures: BLEU nrefs:1|case:mixed|eff:yes|tok:zh|smooth:exp|version:{version}, " in (
+        page
+    )
+
+
 def test_loss_is_token_weighted_and_perplexity_its_exp():
     rows = _rows(["a", "b"], ["a", "b"], nll=[2.0, 6.0], tokens=[1, 3])
     agg = scoring.aggregate(rows)
@@ -124,6 +194,21 @@ def test_degenerate_outputs_in_scripts_without_spaces(text, degenerate):
 def test_empty_share_and_output_length():
     agg = scoring.aggregate(_rows(["", "two words"], ["x", "y"]))
     assert agg["empty_share"] == 0.5 and agg["mean_output_words"] == 1.0
+
+
+def test_output_length_counts_words_in_any_script():
+    # The defect: words were counted at spaces, so an answer in Chinese or Japanese was one
+    # word however long. Each of their characters is a word now; English is counted as
+    # written ("don't" and "COVID-19" are one word each, not two as ROUGE splits them).
+    answers = [
+        "高血压是一种疾病",
+        "東京は日本の首都です",
+        "a lung disease, chronic",
+        "don't COVID-19",
+    ]
+    rows = _rows(answers, ["x"] * 4)
+    assert rows.words.tolist() == [8, 10, 4, 2]
+    assert scoring.aggregate(rows)["mean_output_words"] == pytest.approx(24 / 4)
 
 
 def test_bootstrap_of_identical_models_is_zero():
@@ -252,6 +337,8 @@ def test_evaluates_base_and_tuned_and_writes_report(trained_job):
     # the job's result carries the timing (the CLI's summary prints it)
     assert event.timing == report["timing"] and event.timing["device"] == "cpu"
     assert event.timing["base_s"] > 0 and event.timing["tuned_s"] > 0  # 8 rows generated
+    assert event.timing["batch_size"] == 8  # CPU's "auto" is 16; the test split has 8 rows
+    assert report["sacrebleu"]["bleu_tokenizer"] == "13a"  # English references
     assert report["gate"]["rules"] == [] and report["gate"]["reasons"] == []
     assert report["decoding"] == trained_job["spec"].decoding.model_dump()
     prefix = ctx.jobs.stage_prefix(cmd.job_id, "evaluate")
@@ -294,6 +381,61 @@ def test_strict_gate_rejects_unless_forced(trained_job, force):
     assert gate["forced"] is force and gate["publish"] is force
     assert [(r["rule"], r["passed"]) for r in gate["rules"]] == [("rougeL_gain", False)]
     assert gate["reasons"] == [gate["rules"][0]["detail"]]
+
+
+def _evaluate_as(trained_job, job_id):
+    """The trained job's evaluation again under another job id (a fresh report)."""
+    from shared.messages import EvaluateModel
+
+    ctx, cmd = trained_job["ctx"], trained_job["evaluate"]
+    command = EvaluateModel(
+        job_id=job_id,
+        spec_uri=ctx.jobs.create(job_id, trained_job["spec"]),
+        dataset_manifest=cmd.dataset_manifest,
+        training_manifest=cmd.training_manifest,
+    )
+    handle(command, ctx)
+    return ctx.jobs.manifest(job_id, "evaluate")
+
+
+def test_the_report_states_the_batch_sizes_auto_chose_for_each_model(trained_job, monkeypatch):
+    # The defect: the report's batch_size was recomputed after both runs; on a GPU, "auto"
+    # then read a free memory other than either run's.
+    from services.evaluator import metrics
+
+    chosen = iter([4, 3, 1])  # base, tuned; the 1 is what the old code recomputed after them
+    monkeypatch.setattr(metrics, "batch_size", lambda *args: next(chosen))
+    timing = _evaluate_as(trained_job, "auto-sized")["timing"]
+    assert timing["batch_size"] == 4  # 8 rows: batches of 4 for base, 3 + 3 + 2 for tuned
+    assert timing["batches"] == {
+        "base": {"planned": 4, "loss": [4], "generation": [4]},
+        "tuned": {"planned": 3, "loss": [3, 2], "generation": [3, 2]},
+    }
+
+
+def test_the_report_states_the_batches_an_out_of_memory_split(trained_job, monkeypatch):
+    # The defect: the report said 16 (CPU's "auto") when every generation ran 2 rows at a time.
+    from services.evaluator import handler as evaluator
+
+    load = evaluator.base_on_device
+
+    def tight_memory(base_model):  # generating more than 2 rows runs out of memory
+        model, placement = load(base_model)
+        generate = model.generate
+
+        def at_most_two_rows(**kwargs):
+            if kwargs["input_ids"].shape[0] > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return generate(**kwargs)
+
+        model.generate = at_most_two_rows
+        return model, placement
+
+    monkeypatch.setattr(evaluator, "base_on_device", tight_memory)
+    report = _evaluate_as(trained_job, "out-of-memory")
+    assert report["timing"]["batch_size"] == 2
+    split = {"planned": 16, "loss": [8], "generation": [2]}  # 8 rows -> 4 + 4 -> 2 + 2 + 2 + 2
+    assert report["timing"]["batches"] == {"base": split, "tuned": split}
 
 
 def test_mismatched_tokenizer_is_named(trained_job):
