@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-from pydantic import BaseModel
+from pydantic import BaseModel, RootModel, ValidationError
 
 from shared.api_models import (
     DatasetUpload,
     Estimate,
     EventPage,
+    EventView,
+    ImportedModelList,
     JobPage,
     JobView,
     ModelDeleted,
@@ -53,6 +56,10 @@ def local_url(port: int | str) -> str:
 
 class ApiError(TermtuneError):
     """The control plane answered with an error."""
+
+
+class AnObject(RootModel[dict[str, Any]]):
+    """A JSON object of no fixed fields (a report, a model's answer)."""
 
 
 class ApiUnavailable(ApiError, RetryableError):
@@ -96,7 +103,8 @@ class Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+    def _call(self, method: str, path: str, shape: type[BaseModel], **kwargs: Any) -> Any:
+        """The answer to a request, read through ``shape`` (see ``_as``)."""
         try:
             response = self.http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
@@ -106,20 +114,21 @@ class Client:
             ) from exc
         _raise_for_status(response)
         try:
-            return response.json()
+            data = response.json()
         except ValueError as exc:  # a wrong TERMTUNE_API_URL: some other web server
             raise ApiError(
                 f"{response.request.url} answered HTTP {response.status_code} with a body that "
                 "is not JSON: not the termtune API's answer (set TERMTUNE_API_URL)"
             ) from exc
+        return _as(shape, data, where=f"{response.request.url}")
 
     def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
         """Submit a job spec; the new job."""
-        return _as(JobView, self._call("POST", "/v1/jobs", json=spec))
+        return self._call("POST", "/v1/jobs", JobView, json=spec)
 
     def job(self, job_id: str) -> dict[str, Any]:
         """A job's summary."""
-        return _as(JobView, self._call("GET", f"/v1/jobs/{job_id}"))
+        return self._call("GET", f"/v1/jobs/{job_id}", JobView)
 
     def jobs(self, status: str | None = None, limit: int | None = 20) -> list[dict[str, Any]]:
         """Jobs, newest first, optionally only those with a status: the newest ``limit``, or
@@ -129,12 +138,8 @@ class Client:
         while limit is None or len(found) < limit:
             size = JOB_PAGE_MAX if limit is None else min(JOB_PAGE_MAX, limit - len(found))
             params = {"limit": size, "status": status, "after": after}
-            page = _as(
-                JobPage,
-                self._call(
-                    "GET", "/v1/jobs", params={k: v for k, v in params.items() if v is not None}
-                ),
-            )
+            wanted = {k: v for k, v in params.items() if v is not None}
+            page = self._call("GET", "/v1/jobs", JobPage, params=wanted)
             found += page["data"]
             if not page["has_more"]:
                 break
@@ -146,15 +151,16 @@ class Client:
         found: list[dict[str, Any]] = []
         after, more = 0, True
         while more:
-            page = _as(EventPage, self._call("GET", f"/v1/jobs/{job_id}/events?after={after}"))
+            page = self._call("GET", f"/v1/jobs/{job_id}/events?after={after}", EventPage)
             found += page["data"]
             after, more = page["last_seq"], page["has_more"]
         return found
 
     def stream_events(self, job_id: str) -> Iterator[dict[str, Any]]:
-        """A job's events as they happen (Server-Sent Events), until the job ends; a broken
-        stream, or a 502/503, is resumed after the last event seen (``Last-Event-ID``), with
-        a growing wait between tries that starts again after each event received."""
+        """A job's events as they happen (Server-Sent Events), until the job ends, each as
+        ``events`` gives it (its ``seq`` too); a broken stream, or a 502/503, is resumed
+        after the last event seen (``Last-Event-ID``), with a growing wait between tries
+        that starts again after each event received."""
         last: str | None = None
         backoff = Backoff()
         while True:
@@ -167,52 +173,51 @@ class Client:
                     timeout=httpx.Timeout(30.0, read=None),
                 ) as response:
                     _check_stream(response)
-                    for line in response.iter_lines():
-                        if line.startswith("id: "):
-                            last = line[len("id: ") :]
-                            backoff.reset()
-                        elif line.startswith("event: end"):
+                    for kind, data, seq in _sse_events(_sse_lines(response.iter_text())):
+                        if kind == "end":
                             return
-                        elif line.startswith("data: ") and line != "data: {}":
-                            yield json.loads(line[len("data: ") :])
+                        event = _event(data, seq, where=f"{response.request.url}")
+                        last = seq
+                        backoff.reset()
+                        yield event
                 raise ApiUnavailable("the stream ended before the job did")
             except (httpx.TransportError, ApiUnavailable) as exc:
                 backoff.failed(exc, f"following job {job_id}'s events from {self.http.base_url}")
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         """Ask a job to stop."""
-        return _as(JobView, self._call("POST", f"/v1/jobs/{job_id}/cancel"))
+        return self._call("POST", f"/v1/jobs/{job_id}/cancel", JobView)
 
     def estimate(
         self, job_id: str, instance_type: str, *, spec: dict[str, Any] | None = None
     ) -> dict[str, Any]:
         """Training time and cost of a prepared job on an instance type; Bedrock's cost."""
         body = {"job_id": job_id, "instance_type": instance_type, "spec": spec}
-        return _as(Estimate, self._call("POST", "/v1/estimate", json=body))
+        return self._call("POST", "/v1/estimate", Estimate, json=body)
 
     def retry(self, job_id: str) -> dict[str, Any]:
         """Resume a failed or cancelled job from its first unfinished stage."""
-        return _as(JobView, self._call("POST", f"/v1/jobs/{job_id}/retry"))
+        return self._call("POST", f"/v1/jobs/{job_id}/retry", JobView)
 
     def report(self, job_id: str) -> dict[str, Any]:
         """A job's evaluation report."""
-        return self._call("GET", f"/v1/jobs/{job_id}/report")
+        return self._call("GET", f"/v1/jobs/{job_id}/report", AnObject)
 
     def models(self) -> list[dict[str, Any]]:
         """Published models."""
-        return _as(ModelList, self._call("GET", "/v1/models"))["data"]
+        return self._call("GET", "/v1/models", ModelList)["data"]
 
     def model(self, model: str) -> dict[str, Any]:
         """One published model."""
-        return _as(ModelEntry, self._call("GET", f"/v1/models/{model}"))
+        return self._call("GET", f"/v1/models/{model}", ModelEntry)
 
     def imported_models(self) -> list[dict[str, Any]]:
         """Every model imported into Bedrock in the account and region."""
-        return self._call("GET", "/v1/imported-models")["data"]
+        return self._call("GET", "/v1/imported-models", ImportedModelList)["data"]
 
     def delete_model(self, model: str) -> dict[str, Any]:
         """Delete a published model (and its Bedrock import)."""
-        return _as(ModelDeleted, self._call("DELETE", f"/v1/models/{model}"))
+        return self._call("DELETE", f"/v1/models/{model}", ModelDeleted)
 
     def invoke(self, model: str, prompt: str, **params: Any) -> dict[str, Any]:
         """Ask a published model; Bedrock's response shape."""
@@ -221,12 +226,12 @@ class Client:
     def invoke_body(self, model: str, body: dict[str, Any]) -> dict[str, Any]:
         """Ask a published model in any shape Bedrock serves (Bedrock completion, OpenAI
         completion, OpenAI chat completions); the answer in the same shape."""
-        return self._call("POST", f"/v1/models/{model}/invoke", json=body)
+        return self._call("POST", f"/v1/models/{model}/invoke", AnObject, json=body)
 
     def upload_dataset(self, path: Path) -> dict[str, Any]:
         """Put a local dataset file into the store (streamed); its location there."""
         name = upload_name(path.name)
-        return _as(DatasetUpload, self._put(f"/v1/uploads/datasets/{name}", path))
+        return self._put(f"/v1/uploads/datasets/{name}", path, DatasetUpload)
 
     def upload_model(self, folder: Path) -> dict[str, Any]:
         """Put a local model folder's files into the store and finish the upload (files are
@@ -235,21 +240,23 @@ class Client:
         shas = {name: file_sha256(path) for name, path in files.items()}
         prefix = f"/v1/uploads/models/{folder_digest(shas)}"
         try:
-            return _as(ModelUpload, self._call("GET", prefix))
+            return self._call("GET", prefix, ModelUpload)
         except NotFound:
             pass
         for name, path in files.items():
-            _as(ModelFileUpload, self._put(f"{prefix}/{name}", path))
+            self._put(f"{prefix}/{name}", path, ModelFileUpload)
         manifest = ModelManifest.model_validate(
             {"files": [{"path": name, "sha256": sha} for name, sha in shas.items()]}
         )
-        return _as(ModelUpload, self._call("POST", prefix, json=manifest.model_dump()))
+        return self._call("POST", prefix, ModelUpload, json=manifest.model_dump())
 
-    def _put(self, path: str, file: Path) -> Any:
+    def _put(self, path: str, file: Path, shape: type[BaseModel]) -> Any:
         """PUT a file as the raw body, streamed from disk."""
         with file.open("rb") as body:
             headers = {"Content-Type": "application/octet-stream"}
-            return self._call("PUT", path, content=body, headers=headers, timeout=UPLOAD_TIMEOUT)
+            return self._call(
+                "PUT", path, shape, content=body, headers=headers, timeout=UPLOAD_TIMEOUT
+            )
 
     def healthy(self) -> bool:
         """Whether /healthz answers."""
@@ -259,10 +266,73 @@ class Client:
             return False
 
 
-def _as(model: type[BaseModel], data: Any) -> Any:
-    """The response read through the API's own model (a drifted server fails here, naming
-    the field), as plain data with only the fields the server sent."""
-    return model.model_validate(data).model_dump(mode="json", exclude_unset=True)
+def _as(model: type[BaseModel], data: Any, *, where: str) -> Any:
+    """The response read through the API's own model, as plain data with only the fields
+    the server sent; an ``ApiError`` naming ``where`` and the wrong fields for an answer of
+    another shape (another server on that address, or a termtune of another version)."""
+    try:
+        return model.model_validate(data).model_dump(mode="json", exclude_unset=True)
+    except ValidationError as exc:
+        raise ApiError(
+            f"{where} answered JSON of the wrong shape ({_problems(exc)}): not the answer of "
+            "this termtune's API (check TERMTUNE_API_URL, and that client and server are one "
+            "version)"
+        ) from exc
+
+
+def _problems(exc: ValidationError, shown: int = 3) -> str:
+    """The first few of a validation's errors, one clause each."""
+    errors = exc.errors(include_url=False)
+    said = [
+        f"{'.'.join(str(p) for p in e['loc']) or 'the answer'}: {e['msg']}" for e in errors[:shown]
+    ]
+    more = f"; {len(errors) - shown} more" if len(errors) > shown else ""
+    return "; ".join(said) + more
+
+
+def _sse_lines(chunks: Iterable[str]) -> Iterator[str]:
+    """The lines of an event stream, split only where SSE splits them (CRLF, CR, LF):
+    httpx's ``iter_lines`` also splits at U+2028, U+2029 and U+0085, which JSON leaves
+    unescaped inside a data line. A CR that ends a chunk waits for a LF in the next."""
+    pending = ""
+    for chunk in chunks:
+        text = pending + chunk
+        held = "\r" if text.endswith("\r") else ""
+        parts = re.split(r"\r\n|\r|\n", text.removesuffix(held))
+        pending = parts.pop() + held
+        yield from parts
+    if pending:  # the last line (a CR held for a LF that never came ended it)
+        yield pending.removesuffix("\r")
+
+
+def _sse_events(lines: Iterable[str]) -> Iterator[tuple[str, str, str | None]]:
+    """(event type, data, id) of each whole event of a Server-Sent Events stream: an
+    event is whole at the blank line that ends it, whatever order its fields come in."""
+    fields: dict[str, list[str]] = {}
+    for line in lines:
+        if line:
+            name, _, value = line.partition(":")
+            if name:  # a line starting with ":" is a comment (a keep-alive)
+                fields.setdefault(name, []).append(value.removeprefix(" "))
+            continue
+        if "data" in fields:
+            kind = fields.get("event", ["message"])[-1]
+            yield kind, "\n".join(fields["data"]), (fields.get("id") or [None])[-1]
+        fields = {}
+
+
+def _event(data: str, seq: str | None, *, where: str) -> dict[str, Any]:
+    """One streamed event, with its sequence number (the SSE id) as ``events`` has it."""
+    try:
+        event = json.loads(data)
+    except ValueError as exc:
+        raise ApiError(f"{where} streamed an event that is not JSON: {data[:200]!r}") from exc
+    if not isinstance(event, dict) or seq is None or not (seq.isascii() and seq.isdigit()):
+        raise ApiError(
+            f"{where} streamed an event that is not a JSON object with a numeric id "
+            f"(id {seq!r}, data {data[:200]!r}): not the termtune API's stream"
+        )
+    return _as(EventView, {**event, "seq": int(seq)}, where=where)
 
 
 def _raise_for_status(response: httpx.Response) -> None:
@@ -292,9 +362,10 @@ def _check_stream(response: httpx.Response) -> None:
 
 def _detail(response: httpx.Response) -> str:
     try:
-        detail = response.json().get("detail", response.text)
+        body = response.json()
     except ValueError:
-        detail = response.text
+        body = None
+    detail = body.get("detail", response.text) if isinstance(body, dict) else response.text
     if isinstance(detail, list):  # FastAPI's validation errors: one line per field
         return "; ".join(
             f"field '{'.'.join(str(p) for p in e.get('loc', ()))}': {e.get('msg', e)}"

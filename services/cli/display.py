@@ -14,7 +14,10 @@ from services.cli.client import ApiUnavailable, Backoff, Client
 from shared.messages import ENDED, STAGES
 
 TERMINAL = ENDED
+#: results: a finished job's summary, a report, a model's answer
 console = Console(highlight=False)
+#: progress while a job runs: on stderr, so stdout holds only the results (for scripts)
+progress_console = Console(stderr=True, highlight=False)
 
 
 def _losses(progress: dict[str, Any]) -> str:
@@ -46,10 +49,11 @@ def follow(
     poll: float = 1.0,
     bars: bool | None = None,
 ) -> dict[str, Any]:
-    """Show each stage's progress until the job ends (live bars on a terminal, lines in a
-    log), or ``timeout`` seconds have passed (``TimeoutError``); the job's last summary.
-    The control plane restarting or its database down is waited out (see ``Backoff``)."""
-    bars = console.is_terminal if bars is None else bars
+    """Show each stage's progress on stderr until the job ends (live bars on a terminal,
+    lines in a log), or ``timeout`` seconds have passed (``TimeoutError``); the job's last
+    summary. The control plane restarting or its database down is waited out (see
+    ``Backoff``)."""
+    bars = progress_console.is_terminal if bars is None else bars
     watch = _follow_bars if bars else _follow_lines
     return watch(_Poll(client, job_id, timeout=timeout), poll=poll)
 
@@ -69,7 +73,7 @@ class _Poll:
                 job = self.client.job(self.job_id)
             except ApiUnavailable as exc:
                 if self.backoff.since is None:
-                    console.print(f"{exc}; asking again", style="yellow", markup=False)
+                    progress_console.print(f"{exc}; asking again", style="yellow", markup=False)
                 self.backoff.failed(exc, f"waiting for job {self.job_id}")
                 continue
             self.backoff.reset()
@@ -98,14 +102,14 @@ def _follow_lines(polled: _Poll, *, poll: float) -> dict[str, Any]:
                 continue
             ended = view["status"] not in ("pending", "running")
             if ended and view.get("progress") and state[1] != before[1]:
-                console.print(_progress_line(stage, view["progress"]), markup=False)
+                progress_console.print(_progress_line(stage, view["progress"]), markup=False)
             if before[0] != view["status"]:
-                console.print(
+                progress_console.print(
                     f"[bold]{stage:>9}[/bold] {escape(view['status'])}"
                     + (f": {escape(view['error'])}" if view.get("error") else "")
                 )
             if not ended and view.get("progress") and state[1] != before[1]:
-                console.print(_progress_line(stage, view["progress"]), markup=False)
+                progress_console.print(_progress_line(stage, view["progress"]), markup=False)
             seen[stage] = state
         if polled.ended(job):
             return job
@@ -144,7 +148,7 @@ def _follow_bars(polled: _Poll, *, poll: float) -> dict[str, Any]:
         MofNCompleteColumn(),
         TextColumn("{task.fields[info]}", markup=False),  # the server's text, as it is
     )
-    with Progress(*columns, console=console) as bars:
+    with Progress(*columns, console=progress_console, redirect_stdout=False) as bars:
         tasks = {s: bars.add_task("", total=None, stage=s, info="pending") for s in STAGES}
         while True:
             job = polled.job()

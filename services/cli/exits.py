@@ -9,20 +9,21 @@ from typing import Any
 class Exit(IntEnum):
     """What a ``termtune`` command's exit status means."""
 
-    OK = 0
+    OK = 0  # also `up` stopped by SIGTERM: its normal end
     ERROR = 1  # termtune could not do it: a refused spec, an API or store error, a timeout
     USAGE = 2  # the command line itself is wrong (argparse)
     JOB_NOT_SUCCEEDED = 3  # the job it waited for failed or was cancelled; a gate refused
-    INTERRUPTED = 130  # Ctrl-C (every service it started is stopped)
+    INTERRUPTED = 130  # Ctrl-C or SIGHUP (every service it started is stopped)
 
 
 MEANINGS = {
-    Exit.OK: "done (a job it waited for succeeded)",
+    Exit.OK: "done (a job it waited for succeeded; `up` stopped by SIGTERM)",
     Exit.ERROR: "termtune could not do it: a refused spec, an API, store or database error",
     Exit.USAGE: "the command line is wrong",
     Exit.JOB_NOT_SUCCEEDED: "the job it ran or waited for failed or was cancelled, or (report) "
     "its gate refused the model",
-    Exit.INTERRUPTED: "interrupted (Ctrl-C); every service it started was stopped",
+    Exit.INTERRUPTED: "interrupted (Ctrl-C, SIGHUP; `run` also SIGTERM); every service it "
+    "started was stopped",
 }
 
 

@@ -12,9 +12,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from services.cli.client import local_url
 from shared.errors import TermtuneError
@@ -26,6 +29,8 @@ WORKERS = ("dataprep", "trainer", "evaluator", "publisher")
 STABLE_SECONDS = 300.0
 MAX_BACKOFF_SECONDS = 60.0
 SERVICES = ("api", *WORKERS)
+#: the signals that stop a launcher (Ctrl-C, SIGTERM, SIGHUP)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class LaunchError(TermtuneError):
@@ -77,24 +82,29 @@ class Launcher:
     def start(self, services: tuple[str, ...] = SERVICES, *, trainers: int = 1) -> None:
         """Start each service as its own process, logging to var/logs/<name>.log.
 
-        ``trainers`` > 1 starts competing trainer processes (trainer, trainer-2, ...).
+        ``trainers`` > 1 starts competing trainer processes (trainer, trainer-2, ...). A
+        Ctrl-C (or SIGTERM, SIGHUP) meanwhile takes effect once each process started is
+        recorded, so ``stop`` stops every one; no more are started after it.
         """
         if "trainer" in services and trainers > 1:
             services = (*services, *(f"trainer-{n}" for n in range(2, trainers + 1)))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         env = self.service_env()
-        for name in services:
-            log = (self.log_dir / f"{name}.log").open("ab")
-            self.processes[name] = subprocess.Popen(
-                [sys.executable, "-m", f"services.{service_of(name)}"],
-                env=metrics_env(env, name),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+        with _signals_held() as signalled:
+            for name in services:
+                with (self.log_dir / f"{name}.log").open("ab") as log:
+                    self.processes[name] = subprocess.Popen(
+                        [sys.executable, "-m", f"services.{service_of(name)}"],
+                        env=metrics_env(env, name),
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                if signalled():
+                    break
+            (self.run_dir / "pids.json").write_text(
+                json.dumps({n: p.pid for n, p in self.processes.items()})
             )
-        (self.run_dir / "pids.json").write_text(
-            json.dumps({n: p.pid for n, p in self.processes.items()})
-        )
 
     def supervise(self, *, now: float | None = None) -> list[str]:
         """Start again each service that exited, after a backoff that doubles with each
@@ -144,18 +154,22 @@ class Launcher:
         raise LaunchError(f"services not ready after {timeout:.0f}s:\n{self.logs_tail()}")
 
     def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM every process, then SIGKILL what is left after the timeout."""
-        for proc in self.processes.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for proc in self.processes.values():
-            try:
-                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
+        """SIGTERM every process, then SIGKILL what is left after the timeout, or at once
+        on a second stop signal (Ctrl-C again): no signal cuts the stop short or leaves a
+        service running."""
+        with _signals_held(then_run=False) as asked_again:
+            for proc in self.processes.values():
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            running = list(self.processes.values())
+            while running and time.monotonic() < deadline and not asked_again():
+                time.sleep(0.1)
+                running = [p for p in running if p.poll() is None]
+            for proc in running:
                 proc.kill()
                 proc.wait()
-        (self.run_dir / "pids.json").unlink(missing_ok=True)
+            (self.run_dir / "pids.json").unlink(missing_ok=True)
 
     def logs_tail(self, lines: int = 30, names: tuple[str, ...] = ()) -> str:
         """The last lines of every service's log (or of ``names``)."""
@@ -166,6 +180,45 @@ class Launcher:
                 tail = path.read_text(errors="replace").splitlines()[-lines:]
                 parts.append(f"--- {name} ---\n" + "\n".join(tail))
         return "\n".join(parts)
+
+
+@contextlib.contextmanager
+def _signals_held(*, then_run: bool = True) -> Iterator[Callable[[], bool]]:
+    """Hold back the Python handlers of ``STOP_SIGNALS`` inside the block (a Ctrl-C raised
+    inside ``Popen`` would lose the process it just started), then (``then_run``) run the
+    handler of the first that came; the block gets whether one came. The handlers are
+    swapped with the signals blocked, so none lands between two swaps. Only the main
+    thread has handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    came: list[tuple[int, object]] = []
+    replaced: dict[int, Callable[..., Any]] = {}
+    try:
+        with _blocked():
+            for signum in STOP_SIGNALS:
+                handler = signal.getsignal(signum)
+                if callable(handler):  # SIG_DFL and SIG_IGN (nohup's) stay as they are
+                    replaced[signum] = handler
+                    signal.signal(signum, lambda n, frame: came.append((n, frame)))
+        yield lambda: bool(came)
+    finally:
+        with _blocked():
+            for signum, handler in replaced.items():
+                signal.signal(signum, handler)
+        if came and then_run:
+            signum, frame = came[0]
+            replaced[signum](signum, frame)
+
+
+@contextlib.contextmanager
+def _blocked() -> Iterator[None]:
+    """``STOP_SIGNALS`` blocked in this thread inside the block (delivered after it)."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def service_of(name: str) -> str:

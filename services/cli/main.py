@@ -282,15 +282,25 @@ def _size(count: int) -> str:
     return f"{count} bytes"
 
 
+class StopAsked(KeyboardInterrupt):
+    """SIGTERM: a supervisor (or `kill`) asks the launcher to stop; `up`'s normal end."""
+
+
+def _stop_asked(signum: int, frame: Any) -> None:
+    raise StopAsked(signum)
+
+
 def _launcher(port: int | None) -> Any:
-    """A launcher on TERMTUNE_VAR_DIR and the given port (else TERMTUNE_PORT); SIGTERM and
-    SIGHUP stop it as Ctrl-C does, so every service it starts is stopped with it."""
+    """A launcher on TERMTUNE_VAR_DIR and the given port (else TERMTUNE_PORT); SIGTERM
+    (as ``StopAsked``) and SIGHUP stop it as Ctrl-C does, so every service it starts is
+    stopped with it."""
     from services.cli.launcher import Launcher
     from shared.settings import ApiSettings
 
     settings = ApiSettings()
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _stop_asked)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # `nohup termtune up` keeps on
+        signal.signal(signal.SIGHUP, signal.default_int_handler)
     return Launcher(var_dir=settings.var_dir, port=port or settings.port)
 
 
@@ -302,9 +312,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     _ensure_model(args.spec)
     launcher = _launcher(args.port)
     started = time.monotonic()
-    display.console.print(f"starting api and workers (logs in {launcher.log_dir})", markup=False)
-    launcher.start()
+    display.progress_console.print(
+        f"starting api and workers (logs in {launcher.log_dir})", markup=False
+    )
     try:
+        launcher.start()
         launcher.wait_ready()
         client = Client(launcher.url, api_key=launcher.api_key())
         job = client.submit(spec)
@@ -325,9 +337,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    """The services in the foreground until SIGTERM (exit 0, its end) or Ctrl-C or SIGHUP
+    (an interrupt: ``main`` says so and exits 130); either stops every one."""
     launcher = _launcher(args.port)
-    launcher.start(trainers=args.trainers)
     try:
+        launcher.start(trainers=args.trainers)
         launcher.wait_ready()
         print(
             f"termtune is up at {launcher.url} (API key in {launcher.run_dir / 'api_key'}); "
@@ -337,8 +351,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             for line in launcher.supervise():
                 print(line, file=sys.stderr)
             time.sleep(1)
-    except KeyboardInterrupt:
-        return 0
+    except StopAsked:
+        return Exit.OK
     finally:
         launcher.stop()
 

@@ -4,7 +4,8 @@ With ``--json`` a command prints the API's own objects, read through its respons
 (`shared.api_models`), so the field names are those of the OpenAPI schema and change only
 with it; a job carries every field, null where the server left it out. ``jobs`` and
 ``models`` print a JSON array, ``events`` one JSON object per line (JSON Lines, also while
-following), ``status``, ``report`` and ``invoke`` one object.
+following; each with its ``seq``, to resume after), ``status``, ``report`` and ``invoke`` one
+object.
 """
 
 from __future__ import annotations

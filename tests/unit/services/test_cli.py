@@ -71,7 +71,8 @@ def test_follow_draws_live_bars_with_loss_and_eta(monkeypatch):
     from services.cli import display
 
     out = io.StringIO()
-    monkeypatch.setattr(display, "console", Console(file=out, force_terminal=True, width=120))
+    bars = Console(file=out, force_terminal=True, width=120)
+    monkeypatch.setattr(display, "progress_console", bars)  # stderr's console
     progress = {"step": 3, "total_steps": 6, "loss": 1.2345, "eta_s": 12.4, "examples_per_s": 8}
     jobs = [
         _job("running", {"status": "running", "progress": progress}),
@@ -92,7 +93,8 @@ def test_follow_prints_lines_in_a_log(monkeypatch, capsys):
     jobs.append(_job("succeeded", {"status": "succeeded"}, "succeeded"))
     job = display.follow(_FakeClient(jobs), "j-1", poll=0.01, bars=False)
     assert job["status"] == "succeeded"
-    assert "[train] step 1/2" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "[train] step 1/2" in printed.err and printed.out == ""  # stdout: results only
 
 
 def test_follow_lines_one_per_step_with_validation_loss_and_the_end_last(monkeypatch, capsys):
@@ -108,7 +110,7 @@ def test_follow_lines_one_per_step_with_validation_loss_and_the_end_last(monkeyp
         _job("succeeded", {"status": "succeeded", "progress": last}, "succeeded"),
     ]
     display.follow(_FakeClient(jobs), "j-1", poll=0.01, bars=False)
-    lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
+    lines = [line.strip() for line in capsys.readouterr().err.splitlines()]
     train = [line for line in lines if "[train]" in line or line.startswith("train")]
     assert train == [
         "train running",

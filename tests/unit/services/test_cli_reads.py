@@ -124,6 +124,20 @@ def test_events_json_is_one_object_per_line(api, capsys):
     assert events[0]["job_id"] == newest[0] and events[0]["seq"] == 1
 
 
+def test_events_follow_json_prints_each_event_as_events_json_does(api, capsys):
+    """`--follow --json` printed the stream's data without its `seq` (the stream's SSE id),
+    which a script needs to resume with `after` or Last-Event-ID."""
+    newest, _ = api
+    client_module.Client().cancel(newest[0])  # a job no stage has started ends at once
+    assert main(["events", newest[0], "--json"]) == 0
+    listed = capsys.readouterr().out
+    assert main(["events", newest[0], "--follow", "--json"]) == 3  # it was cancelled
+    followed = capsys.readouterr().out
+    assert followed == listed
+    events = [json.loads(line) for line in followed.splitlines()]
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1)) and len(events) >= 2
+
+
 def test_version_is_the_installed_distributions(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])

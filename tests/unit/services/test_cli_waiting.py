@@ -98,7 +98,8 @@ def test_a_wait_has_no_time_limit_unless_asked(clock, monkeypatch, capsys):
     assert job["status"] == "succeeded" and clock.now >= hours
     monkeypatch.setattr(client_module, "Client", _Fake(_job("running")))
     assert main(["retry", "j-1", "--wait", "--timeout", "90"]) == 1
-    assert capsys.readouterr().err == "termtune: job j-1 still running after --timeout 90 s\n"
+    err = capsys.readouterr().err  # the stages' lines, then the reason
+    assert err.splitlines()[-1] == "termtune: job j-1 still running after --timeout 90 s"
 
 
 def test_a_wait_rides_out_a_database_outage_and_an_api_restart(clock, monkeypatch, capsys):
@@ -118,8 +119,8 @@ def test_a_wait_rides_out_a_database_outage_and_an_api_restart(clock, monkeypatc
     client = _client(monkeypatch, handler)
     assert display.follow(client, "j-1", poll=1, bars=False)["status"] == "succeeded"
     assert clock.sleeps == [0.5, 1.0, 2.0]
-    out = capsys.readouterr().out
-    assert out.count("asking again") == 1 and "HTTP 503: the job database cannot" in out
+    err = capsys.readouterr().err
+    assert err.count("asking again") == 1 and "HTTP 503: the job database cannot" in err
 
 
 def test_a_wait_gives_up_after_five_minutes_of_failures_in_one_line(clock, monkeypatch, capsys):
@@ -133,9 +134,9 @@ def test_a_wait_gives_up_after_five_minutes_of_failures_in_one_line(clock, monke
     _client(monkeypatch, handler)
     assert main(["retry", "j-1", "--wait"]) == 1
     assert clock.now - 1000 >= 300 and max(clock.sleeps) == 10.0
-    assert capsys.readouterr().err == (
+    assert capsys.readouterr().err.splitlines()[-1] == (
         "termtune: gave up waiting for job j-1: the control plane failed for 300 s in a row "
-        f"(HTTP 503: {DOWN['detail']})\n"
+        f"(HTTP 503: {DOWN['detail']})"
     )
 
 
@@ -143,16 +144,15 @@ def test_a_wait_gives_up_after_five_minutes_of_failures_in_one_line(clock, monke
 def test_server_text_with_brackets_is_printed_as_it_is(monkeypatch, bars):
     """A Llama chat marker or a path in brackets is not rich markup: no MarkupError."""
     reason = "prompt ends with [/INST]; see [/data/x.jsonl]"
-    out = io.StringIO()
-    monkeypatch.setattr(
-        display, "console", Console(file=out, force_terminal=bars, width=200, highlight=False)
-    )
+    out, err = io.StringIO(), io.StringIO()
+    for name, file in (("console", out), ("progress_console", err)):
+        console = Console(file=file, force_terminal=bars, width=200, highlight=False)
+        monkeypatch.setattr(display, name, console)
     monkeypatch.setattr(client_module, "Client", _Fake(_job("failed", reason)))
     assert main(["retry", "j-1", "--wait"]) == 3
-    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue())
-    assert f"failed in train: {reason}" in text
-    stage_text = text.replace(f"failed in train: {reason}", "")
-    assert f"failed: {reason}" in stage_text  # the train stage's bar or line
+    summary, progress = (re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", f.getvalue()) for f in (out, err))
+    assert f"failed in train: {reason}" in summary
+    assert f"failed: {reason}" in progress  # the train stage's bar or line, on stderr
 
     class Answers(_Fake):
         def model(self, model):
@@ -202,8 +202,10 @@ class _Broken(httpx.SyncByteStream):
 
 
 def _sse(seq: int, *, end: bool = False) -> str:
-    event = {"seq": seq, "type": "StageProgress"}
-    text = f"id: {seq}\r\nevent: StageProgress\r\ndata: {json.dumps(event)}\r\n\r\n"
+    """An event as the API streams it: its sequence number in the SSE id, after its data
+    (FastAPI's order), not in the data."""
+    event = {"type": "StageProgress", "job_id": "j-1", "created_at": "2026-12-01T00:00:00Z"}
+    text = f"event: StageProgress\r\ndata: {json.dumps(event)}\r\nid: {seq}\r\n\r\n"
     return text + ("event: end\r\ndata: {}\r\n\r\n" if end else "")
 
 
@@ -291,3 +293,116 @@ def test_the_cli_calls_the_control_plane_where_termtune_host_has_it_listen(
         monkeypatch.setenv("TERMTUNE_HOST", host)
     assert default_url() == url
     assert Launcher(var_dir=tmp_path, port=8123).url == url
+
+
+def test_a_wait_shows_progress_on_stderr_so_stdout_holds_the_results(clock, monkeypatch, capsys):
+    """`--wait` printed the stages' progress on stdout, between the job id and the summary,
+    where a script reads the id."""
+    running = _job("running")
+    running["stages"]["train"] = {"status": "running", "progress": {"step": 1, "total_steps": 2}}
+    monkeypatch.setattr(client_module, "Client", _Fake(running, _job("succeeded")))
+    assert main(["retry", "j-1", "--wait"]) == 0
+    printed = capsys.readouterr()
+    assert printed.out.splitlines()[0] == "j-1: queued (retry 1)"
+    assert "job j-1: succeeded" in printed.out  # the finished job's summary
+    assert "running" not in printed.out and "[train]" not in printed.out
+    assert "train running" in printed.err and "[train] step 1/2" in printed.err
+
+
+WRONG_SHAPE = "not the answer of this termtune's API (check TERMTUNE_API_URL, and that client "
+WRONG_SHAPE += "and server are one version)"
+
+
+@pytest.mark.parametrize(
+    ("argv", "answer", "said"),
+    [
+        (  # a list where an object is expected
+            ["status", "j-1"],
+            [],
+            "/v1/jobs/j-1 answered JSON of the wrong shape (the answer: Input should be a valid "
+            "dictionary or instance of JobView)",
+        ),
+        (  # a proxy's own JSON
+            ["jobs"],
+            {"status": "ok"},
+            "/v1/jobs?limit=20 answered JSON of the wrong shape (data: Field required; count: "
+            "Field required; has_more: Field required)",
+        ),
+        (
+            ["report", "j-1"],
+            ["a", "list"],
+            "/v1/jobs/j-1/report answered JSON of the wrong shape (the answer: Input should be "
+            "a valid dictionary)",
+        ),
+        (
+            ["models", "--imported"],
+            {"data": [{"modelName": "x"}]},
+            "/v1/imported-models answered JSON of the wrong shape (data.0.modelArn: Field "
+            "required)",
+        ),
+    ],
+)
+def test_an_answer_of_the_wrong_shape_is_one_line_naming_the_url(
+    monkeypatch, capsys, argv, answer, said
+):
+    """A reply that is JSON but not the API's (a proxy answering 200, a list for an object)
+    was a pydantic ValidationError's traceback, or a KeyError's."""
+    _client(monkeypatch, lambda request: httpx.Response(200, json=answer))
+    assert main(argv) == 1
+    assert capsys.readouterr().err == f"termtune: {URL}{said}: {WRONG_SHAPE}\n"
+
+
+def test_an_error_answer_whose_json_is_no_object_is_one_line(monkeypatch, capsys):
+    _client(monkeypatch, lambda request: httpx.Response(500, json=["upstream", "failed"]))
+    assert main(["status", "j-1"]) == 1
+    assert capsys.readouterr().err == 'termtune: HTTP 500: ["upstream","failed"]\n'
+
+
+@pytest.mark.parametrize(
+    ("data", "said"),
+    [
+        ("<html>", "streamed an event that is not JSON: '<html>'"),
+        ("[1]", "streamed an event that is not a JSON object with a numeric id (id '1', data "
+         "'[1]'): not the termtune API's stream"),
+        ('{"type": "X"}', f"answered JSON of the wrong shape (job_id: Field required; "
+         f"created_at: Field required): {WRONG_SHAPE}"),
+    ],
+)  # fmt: skip
+def test_a_streamed_event_of_the_wrong_shape_is_one_line(clock, monkeypatch, capsys, data, said):
+    answers = [httpx.Response(200, headers=SSE, text=f"event: X\ndata: {data}\nid: 1\n\n")]
+
+    def handler(request):
+        if answers:
+            return answers.pop()
+        raise httpx.ConnectError("connection refused")  # (where the old code asked again)
+
+    _client(monkeypatch, handler)
+    assert main(["events", "j-1", "--follow", "--json"]) == 1
+    assert capsys.readouterr().err == f"termtune: {URL}/v1/jobs/j-1/events/stream {said}\n"
+
+
+def test_stream_lines_split_only_where_server_sent_events_split_them():
+    """httpx's iter_lines also split at U+2028, U+2029 and U+0085, which JSON leaves as they
+    are inside a data line: an event quoting such text was cut in two."""
+    from services.cli.client import _sse_events, _sse_lines
+
+    chunks = ['data: {"e": "a\u2028b\x85c"}\r', "\nid: 7\r\n\r", "\n", "data: x\rid: 8\r\r"]
+    assert list(_sse_lines(chunks)) == [
+        'data: {"e": "a\u2028b\x85c"}',
+        "id: 7",
+        "",
+        "data: x",
+        "id: 8",
+        "",
+    ]
+    assert list(_sse_events(_sse_lines(chunks))) == [
+        ("message", '{"e": "a\u2028b\x85c"}', "7"),
+        ("message", "x", "8"),
+    ]
+
+
+def test_a_streamed_id_of_other_digits_is_one_line():
+    from services.cli.client import ApiError, _event
+
+    with pytest.raises(ApiError, match="not a JSON object with a numeric id"):
+        _event("{}", "\u00b2", where="http://x/stream")
