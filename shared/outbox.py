@@ -4,12 +4,13 @@ A process that writes to the outbox (the API, every worker) runs a relay. A rela
 batch of unsent rows for a while (one conditional UPDATE, so two relays do not take the
 same rows), publishes them in order and marks each sent. The claim is renewed while the
 batch is sent, by a background keeper and again before each message, so a slow broker
-(kombu retries a publish for many seconds) never lets it run out; and a relay publishes a
-message only after that renewal found the row still its own, so a relay whose claim did run
-out (its renewals held up) stops rather than sending what another relay took. A broker
-outage leaves the rest unsent and unclaimed, for the next pass; a relay that dies after
-publishing and before marking lets another publish again once the claim runs out (a
-duplicate, which stages absorb: they are idempotent).
+(kombu retries a publish for many seconds) does not let it run out while the renewals
+reach the database; and a relay publishes a message only after that renewal found the row
+still its own, so a relay whose claim did run out stops rather than sending what another
+relay took. Delivery is at least once: a relay that dies after publishing and before
+marking, or whose renewals failed for a whole claim during one publish, lets another
+publish the message again (a duplicate, which stages absorb: they are idempotent). A
+broker outage leaves the rest unsent and unclaimed, for the next pass.
 """
 
 from __future__ import annotations
@@ -78,7 +79,9 @@ def _claim(jobs: JobRecords, claim: str, batch: int) -> list[Any]:
         )
         return list(
             conn.execute(
-                sa.select(box.id, box.body, box.headers).where(box.claim == claim).order_by(box.id)
+                sa.select(box.id, box.body, box.headers)
+                .where(box.sent_at.is_(None), box.claim == claim)  # the (sent_at, id) index
+                .order_by(box.id)
             )
         )
 
@@ -90,11 +93,16 @@ def _held(claim: str) -> Any:
 
 
 def _renew(jobs: JobRecords, claim: str) -> None:
-    """The keeper's renewal: the claim's unsent rows held CLAIM_SECONDS from now."""
+    """The keeper's renewal: the claim's unsent rows held CLAIM_SECONDS from now, locked in
+    id order as ``_take`` locks them (on PostgreSQL an update in scan order could deadlock
+    with it)."""
+    box = t.outbox.c
     with jobs.ledger.write() as conn:
+        rows = sa.select(box.id).where(_held(claim)).order_by(box.id).with_for_update()
+        ids = list(conn.execute(rows).scalars())
         conn.execute(
             t.outbox.update()
-            .where(_held(claim))
+            .where(box.id.in_(ids), _held(claim))
             .values(claimed_until=jobs.ledger.now + CLAIM_SECONDS)
         )
 

@@ -154,9 +154,18 @@ class Launcher:
         raise LaunchError(f"services not ready after {timeout:.0f}s:\n{self.logs_tail()}")
 
     def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM every process, then SIGKILL what is left after the timeout, or at once
-        on a second stop signal (Ctrl-C again): no signal cuts the stop short or leaves a
-        service running."""
+        """SIGTERM every process, then SIGKILL (its session: what it started too) what is
+        left after the timeout, or at once on a second stop signal (Ctrl-C again): no
+        signal cuts the stop short or leaves a service running, not even one that comes
+        before the stop holds them back."""
+        while True:
+            try:
+                self._stop(timeout)
+                return
+            except KeyboardInterrupt:  # a second signal before the hold: the rest at once
+                timeout = 0.0
+
+    def _stop(self, timeout: float) -> None:
         with _signals_held(then_run=False) as asked_again:
             for proc in self.processes.values():
                 if proc.poll() is None:
@@ -167,7 +176,8 @@ class Launcher:
                 time.sleep(0.1)
                 running = [p for p in running if p.poll() is None]
             for proc in running:
-                proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # a session leader (start_new_session)
                 proc.wait()
             (self.run_dir / "pids.json").unlink(missing_ok=True)
 
@@ -186,7 +196,8 @@ class Launcher:
 def _signals_held(*, then_run: bool = True) -> Iterator[Callable[[], bool]]:
     """Hold back the Python handlers of ``STOP_SIGNALS`` inside the block (a Ctrl-C raised
     inside ``Popen`` would lose the process it just started), then (``then_run``) run the
-    handler of the first that came; the block gets whether one came. The handlers are
+    handlers of those that came, in the order they came, until one raises; the block gets
+    whether one came. The handlers are
     swapped with the signals blocked, so none lands between two swaps. Only the main
     thread has handlers."""
     if threading.current_thread() is not threading.main_thread():
@@ -206,16 +217,19 @@ def _signals_held(*, then_run: bool = True) -> Iterator[Callable[[], bool]]:
         with _blocked():
             for signum, handler in replaced.items():
                 signal.signal(signum, handler)
-        if came and then_run:
-            signum, frame = came[0]
+        first: dict[int, object] = {}
+        for signum, frame in came:
+            first.setdefault(signum, frame)
+        for signum, frame in first.items() if then_run else ():  # in turn, until one raises
             replaced[signum](signum, frame)
 
 
 @contextlib.contextmanager
 def _blocked() -> Iterator[None]:
     """``STOP_SIGNALS`` blocked in this thread inside the block (delivered after it)."""
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, ())  # read, changed in the try: a
+    try:  # handler run by the call that blocks (one pending) must not leave them blocked
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, before)

@@ -143,3 +143,36 @@ def test_up_under_nohup_outlives_a_hangup(services, monkeypatch):
     monkeypatch.setattr(Launcher, "wait_ready", ready)
     assert main(["up"]) == 0
     assert [p.poll() for p in services.started] == [-signal.SIGTERM] * 5
+
+
+def test_a_signal_that_comes_before_the_stop_holds_them_stops_the_rest_at_once(
+    services, monkeypatch, tmp_path
+):
+    """A second Ctrl-C between the first and the stop's hold raised out of the stop before
+    it had signalled anything: every service kept running."""
+    launcher = Launcher(var_dir=tmp_path / "var", port=0)
+    launcher.start()
+    real, calls = launcher_module._signals_held, []
+
+    def interrupted_once(**kwargs):
+        calls.append(kwargs)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # as the original handler does, before the swap
+        return real(**kwargs)
+
+    monkeypatch.setattr(launcher_module, "_signals_held", interrupted_once)
+    launcher.stop(timeout=30)
+    assert len(calls) == 2
+    assert all(p.poll() is not None for p in services.started)
+    assert not (tmp_path / "var" / "run" / "pids.json").exists()
+
+
+def test_every_signal_held_back_is_handled_after_in_the_order_it_came():
+    seen = []
+    signal.signal(signal.SIGHUP, lambda n, f: seen.append("hup"))
+    signal.signal(signal.SIGTERM, lambda n, f: seen.append("term"))
+    with launcher_module._signals_held() as came:
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGTERM):
+            signal.raise_signal(sig)
+        assert came() and seen == []
+    assert seen == ["term", "hup"]  # each once, the first to come first
