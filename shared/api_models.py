@@ -84,6 +84,52 @@ class EventPage(BaseModel):
     has_more: bool
 
 
+class ReportMetric(BaseModel):
+    """One metric of the base and the tuned model on the held-out rows."""
+
+    model_config = ConfigDict(extra="allow")
+
+    base: float
+    tuned: float
+    delta: float
+    ci95: list[float] = Field(description="Paired bootstrap 95% interval of the delta.")
+    lower_is_better: bool | None = None
+
+
+class ReportGate(BaseModel):
+    """The quality gate's verdict (``rules``: each rule, its figures and whether it passed)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    passed: bool
+    publish: bool = Field(description="Passed, or forced (evaluation.gate.force_publish).")
+    forced: bool = False
+    reasons: list[str] = []
+
+
+class ReportSample(BaseModel):
+    """A held-out row and both models' answers."""
+
+    model_config = ConfigDict(extra="allow")
+
+    prompt: str
+    reference: str
+    base: str
+    tuned: str
+
+
+class EvaluationReport(BaseModel):
+    """A job's held-out evaluation (the evaluator's report: metrics, gate, samples, timing,
+    the data's account and versions)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    rows: int
+    metrics: dict[str, ReportMetric]
+    gate: ReportGate
+    samples: list[ReportSample] = []
+
+
 class ModelEntry(BaseModel):
     """A published model: where it lives and what made it (``bedrock``: the import)."""
 

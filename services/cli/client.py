@@ -16,6 +16,7 @@ from pydantic import BaseModel, RootModel, ValidationError
 from shared.api_models import (
     DatasetUpload,
     Estimate,
+    EvaluationReport,
     EventPage,
     EventView,
     ImportedModelList,
@@ -201,7 +202,7 @@ class Client:
 
     def report(self, job_id: str) -> dict[str, Any]:
         """A job's evaluation report."""
-        return self._call("GET", f"/v1/jobs/{job_id}/report", AnObject)
+        return self._call("GET", f"/v1/jobs/{job_id}/report", EvaluationReport)
 
     def models(self) -> list[dict[str, Any]]:
         """Published models."""

@@ -22,7 +22,14 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from services.api.deps import JobsDep, SettingsDep
 from shared import families, tracking
-from shared.api_models import EventPage, EventView, JobPage, JobStatus, JobView
+from shared.api_models import (
+    EvaluationReport,
+    EventPage,
+    EventView,
+    JobPage,
+    JobStatus,
+    JobView,
+)
 from shared.basemodel import base_model_family
 from shared.errors import Conflict, ModelError, NotFound, SpecError, StoreLocationError
 from shared.jobs import ENDED, RETRYABLE, new_job_id
@@ -206,13 +213,13 @@ async def job_event_stream(
 
 
 @router.get("/{job_id}/report")
-def job_report(job_id: str, jobs: JobsDep) -> dict[str, Any]:
+def job_report(job_id: str, jobs: JobsDep) -> EvaluationReport:
     """The evaluation report of a job."""
     _or_404(lambda: jobs.summary(job_id))
     report = jobs.manifest(job_id, "evaluate")
     if report is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id!r} has no report yet")
-    return report
+    return EvaluationReport.model_validate(report)
 
 
 @router.get("/{job_id}/report.html", response_class=HTMLResponse)

@@ -332,7 +332,13 @@ WRONG_SHAPE += "and server are one version)"
             ["report", "j-1"],
             ["a", "list"],
             "/v1/jobs/j-1/report answered JSON of the wrong shape (the answer: Input should be "
-            "a valid dictionary)",
+            "a valid dictionary or instance of EvaluationReport)",
+        ),
+        (
+            ["report", "j-1"],
+            {},  # a proxy's empty answer: was a KeyError on found["gate"]
+            "/v1/jobs/j-1/report answered JSON of the wrong shape (rows: Field required; "
+            "metrics: Field required; gate: Field required)",
         ),
         (
             ["models", "--imported"],
