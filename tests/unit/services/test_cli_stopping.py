@@ -21,8 +21,13 @@ INTERRUPTED = "termtune: interrupted; every service it started was stopped\n"
 
 @pytest.fixture(autouse=True)
 def handlers():
-    """`run` and `up` install their own SIGTERM and SIGHUP handlers: put pytest's back."""
+    """The handlers a fresh `termtune` process starts with (an in-process worker's `main`,
+    run by an earlier test, leaves SIGINT setting its stop event: Ctrl-C would then raise
+    nothing here); `run` and `up` install their own: each test's are put back after it."""
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     yield
     for signum, handler in saved.items():
         signal.signal(signum, handler)
