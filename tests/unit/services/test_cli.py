@@ -149,6 +149,7 @@ def test_the_readme_database_commands_run_as_written(tmp_path):
     import subprocess
 
     from shared.jobspec import JobSpec
+    from shared.ledger import migrate
     from shared.messages import JobSubmitted, StageStarted, dump_message
     from shared.store import LocalStore
     from tests.factories import ROOT
@@ -178,7 +179,7 @@ def test_the_readme_database_commands_run_as_written(tmp_path):
         )
         assert done.returncode == 0, done.stderr
         outputs.append(done.stdout)
-    assert "schema 0002 (the newest this termtune knows)" in outputs[0]
+    assert f"schema {migrate.head()} (the newest this termtune knows)" in outputs[0]
     assert outputs[1].startswith("imported 1 jobs and 0 models from file://")
     from shared.jobs import open_records
     from shared.settings import Settings
