@@ -64,6 +64,7 @@ def test_publisher_crash_between_import_call_and_record(
         ci=4,
         must_hold="exactly one import job per model; the same client token on every retry",
     )
+    standin.model_quota = 1000  # one model per run, past Bedrock's default quota of 3
     for n in range(outcome.size):
         # Half the runs die at the hard point (the call went out, its record did not).
         label, cls, name, called_again = CRASH_POINTS[n % len(CRASH_POINTS)]

@@ -45,8 +45,7 @@ FAST = {
 def aws(s3_endpoint):
     """The AWS code paths on stand-ins (an S3 server, Bedrock's): a bucket datasets may come
     from, a bucket Bedrock imports from; the services' settings for them."""
-    # the scenarios import more models than Bedrock's default quota of 3: a raised quota
-    standin = BedrockStandIn(s3_endpoint, model_quota=1000)
+    standin = BedrockStandIn(s3_endpoint)
     server = standin.start()
     buckets = {name: f"{name}-{uuid.uuid4().hex[:8]}" for name in ("datasets", "imports")}
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
