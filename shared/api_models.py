@@ -327,3 +327,70 @@ class ModelUpload(BaseModel):
     digest: str = Field(description="SHA-256 over the sorted '<file> <sha256>' lines.")
     files: dict[str, str] = Field(description="Each file and its SHA-256.")
     bytes: int
+
+
+# -- a published model's answers: the shape of the request it answers (Bedrock's) ------
+
+
+class InvokeResponse(BaseModel):
+    """Bedrock's completion response for imported models."""
+
+    generation: str
+    prompt_token_count: int
+    generation_token_count: int
+    stop_reason: Literal["stop", "length"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class _Choice(BaseModel):
+    index: int = 0
+    finish_reason: Literal["stop", "length"]
+
+
+class CompletionChoice(_Choice):
+    text: str
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(_Choice):
+    message: AssistantMessage
+
+
+class _OpenAIResponse(BaseModel):
+    model: str
+    usage: Usage
+
+
+class CompletionResponse(_OpenAIResponse):
+    """OpenAI's completion response."""
+
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+
+
+class ChatResponse(_OpenAIResponse):
+    """OpenAI's chat completions response."""
+
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+
+
+AnyResponse = InvokeResponse | CompletionResponse | ChatResponse
+
+
+def invoke_response_shape(body: dict[str, Any]) -> type[BaseModel]:
+    """The answer's model for an invoke request ``body``, as the API picks its shape: chat
+    messages get a chat completion, ``max_tokens`` an OpenAI completion, the rest Bedrock's
+    completion."""
+    if "messages" in body:
+        return ChatResponse
+    return CompletionResponse if "max_tokens" in body else InvokeResponse

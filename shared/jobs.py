@@ -561,15 +561,39 @@ class JobRecords:
     # -- published models -----------------------------------------------------------------
 
     def check_model_name(self, name: str, *, overwrite: bool, job_id: str | None = None) -> None:
-        """Refuse a name that another job's model holds, unless ``overwrite`` (SpecError)."""
+        """Refuse, unless ``overwrite``, a name that another job's model holds or that a job
+        not ended yet is to publish under (SpecError): a job submitted after it would train
+        only to be refused at publish (its publisher claims the name again)."""
         if overwrite:
             return
         try:
             entry = self.model(name)
         except NotFound:
-            return
-        if job_id is None or entry.get("job_id") != job_id:
+            entry = None
+        if entry is not None and (job_id is None or entry.get("job_id") != job_id):
             raise _name_taken(name, entry)
+        other = self._publishing_later(name, other_than=job_id)
+        if other is not None:
+            raise SpecError(
+                f"field 'publish.model_name': job {other} is to publish a model named {name!r} "
+                "and has not ended; set publish.overwrite: true to replace its model once it "
+                "has, or choose another publish.model_name"
+            )
+
+    def _publishing_later(self, name: str, *, other_than: str | None) -> str | None:
+        """The newest job, other than ``other_than``, not ended and to publish as ``name``."""
+        jobs = t.jobs.c
+        query = (
+            sa.select(jobs.id, jobs.name, jobs.spec)
+            .where(jobs.status.notin_(ENDED))  # the (status, number) index: few rows
+            .order_by(jobs.number.desc())
+        )
+        with self.ledger.read() as conn:
+            for row in conn.execute(query):
+                target = (row.spec.get("publish") or {}).get("model_name") or row.name
+                if target == name and row.id != other_than:
+                    return str(row.id)
+        return None
 
     def claim_model_name(self, name: str, *, job_id: str, overwrite: bool) -> None:
         """Hold ``name`` for ``job_id``'s publish, before it uploads or imports anything. A

@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from shared.errors import SpecError
+from shared.unique_keys import RepeatedKeyError, load_yaml
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,46}[a-z0-9])?$"
 #: what numpy and torch accept as a seed
@@ -576,7 +577,8 @@ class PublishSpec(_Section):
     overwrite: bool = Field(
         False,
         description="Replace a model already published under this name. Without it, a taken "
-        "name is refused at submission and again before publishing. The replaced model's "
+        "name is refused at submission and again before publishing, and so, at submission, "
+        "is a name another job not ended yet is to publish under. The replaced model's "
         "files stay with its job, and its Bedrock import (if any) stays until deleted there. "
         "A name another job is publishing under when this one reaches its publish is "
         "refused either way (retry it once that job has ended).",
@@ -721,7 +723,7 @@ def load_spec(path: str | Path) -> JobSpec:
     """Load and validate a YAML job spec file."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise SpecError(f"job spec file not found: {path}") from exc
     except IsADirectoryError as exc:
@@ -730,6 +732,8 @@ def load_spec(path: str | Path) -> JobSpec:
         raise SpecError(
             f"{path}: not UTF-8 text (byte {exc.start}): save the job spec as UTF-8"
         ) from exc
+    except RepeatedKeyError as exc:
+        raise SpecError(f"{path}: {exc}") from exc
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML: {exc}") from exc
     return parse_spec(data, source=str(path))

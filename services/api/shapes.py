@@ -22,6 +22,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.api_models import (
+    AnyResponse,
+    AssistantMessage,
+    ChatChoice,
+    ChatResponse,
+    CompletionChoice,
+    CompletionResponse,
+    InvokeResponse,
+    Usage,
+)
 from shared.bedrock import generation_of
 from shared.errors import ModelError
 from shared.families import FAMILIES
@@ -79,61 +89,6 @@ class ChatRequest(_Sampling):
 
 
 AnyRequest = InvokeRequest | CompletionRequest | ChatRequest
-
-
-class InvokeResponse(BaseModel):
-    """Bedrock's completion response for imported models."""
-
-    generation: str
-    prompt_token_count: int
-    generation_token_count: int
-    stop_reason: Literal["stop", "length"]
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class _Choice(BaseModel):
-    index: int = 0
-    finish_reason: Literal["stop", "length"]
-
-
-class CompletionChoice(_Choice):
-    text: str
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class ChatChoice(_Choice):
-    message: AssistantMessage
-
-
-class _OpenAIResponse(BaseModel):
-    model: str
-    usage: Usage
-
-
-class CompletionResponse(_OpenAIResponse):
-    """OpenAI's completion response."""
-
-    object: Literal["text_completion"] = "text_completion"
-    choices: list[CompletionChoice]
-
-
-class ChatResponse(_OpenAIResponse):
-    """OpenAI's chat completions response."""
-
-    object: Literal["chat.completion"] = "chat.completion"
-    choices: list[ChatChoice]
-
-
-AnyResponse = InvokeResponse | CompletionResponse | ChatResponse
 
 
 @dataclass(frozen=True)

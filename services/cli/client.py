@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from pydantic import BaseModel, RootModel, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from shared.api_models import (
     DatasetUpload,
@@ -28,6 +28,7 @@ from shared.api_models import (
     ModelList,
     ModelManifest,
     ModelUpload,
+    invoke_response_shape,
 )
 from shared.errors import NotFound, RetryableError, SpecError, TermtuneError
 from shared.uploads import file_sha256, folder_digest, model_files, upload_name
@@ -57,10 +58,6 @@ def local_url(port: int | str) -> str:
 
 class ApiError(TermtuneError):
     """The control plane answered with an error."""
-
-
-class AnObject(RootModel[dict[str, Any]]):
-    """A JSON object of no fixed fields (a report, a model's answer)."""
 
 
 class ApiUnavailable(ApiError, RetryableError):
@@ -227,7 +224,8 @@ class Client:
     def invoke_body(self, model: str, body: dict[str, Any]) -> dict[str, Any]:
         """Ask a published model in any shape Bedrock serves (Bedrock completion, OpenAI
         completion, OpenAI chat completions); the answer in the same shape."""
-        return self._call("POST", f"/v1/models/{model}/invoke", AnObject, json=body)
+        shape = invoke_response_shape(body)
+        return self._call("POST", f"/v1/models/{model}/invoke", shape, json=body)
 
     def upload_dataset(self, path: Path) -> dict[str, Any]:
         """Put a local dataset file into the store (streamed); its location there."""

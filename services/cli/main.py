@@ -11,13 +11,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from services.cli.exits import Exit, job_exit
 from services.cli.tinymodel import TINY_FAMILIES
 from shared.errors import SpecError, TermtuneError
 from shared.jobspec import JobSpec, load_spec
 from shared.messages import JOB_STATUSES
+from shared.unique_keys import load_yaml
 
 TINY_MODEL_DIR = Path("var/models/tiny-flan-t5")
 #: what `pip install 'termtune[services]'` adds to the client alone (import names)
@@ -178,7 +177,7 @@ def _seconds(text: str) -> float:
 
 def _raw_spec(path: Path) -> dict[str, Any]:
     load_spec(path)  # validate here first: errors name the field before anything starts
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
+    return load_yaml(path.read_text(encoding="utf-8"))
 
 
 def _ensure_model(spec_path: Path) -> None:

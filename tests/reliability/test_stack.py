@@ -707,8 +707,9 @@ def test_bad_datasets_and_bad_job_specs(scenario, stack, tiny_model, tmp_path):
     key = (launcher.run_dir / "api_key").read_text()
     headers = {"Authorization": f"Bearer {key}"}
     submitted = {}
-    for case, (source, words) in _bad_datasets(tmp_path / "bad").items():
-        spec = spec_dict(tiny_model, name="bad-data", dataset={"source": source})
+    for n, (case, (source, words)) in enumerate(_bad_datasets(tmp_path / "bad").items()):
+        # a name each: a job not ended holds its name for its publish
+        spec = spec_dict(tiny_model, name=f"bad-data-{n}", dataset={"source": source})
         submitted[case] = (client.submit(spec)["id"], words)
     for case, (job_id, words) in submitted.items():
         job = _wait(client, job_id, timeout=120)

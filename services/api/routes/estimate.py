@@ -8,6 +8,7 @@ from fastapi import APIRouter, HTTPException, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.api.deps import JobsDep, SettingsDep
+from services.api.routing import UniqueKeysRoute
 from shared.api_models import Estimate
 from shared.basemodel import base_model_config
 from shared.errors import NotFound, SpecError
@@ -16,7 +17,7 @@ from shared.jobspec import parse_spec
 from shared.settings import BedrockSettings
 from shared.trainplan import model_shape
 
-router = APIRouter(tags=["estimate"])
+router = APIRouter(tags=["estimate"], route_class=UniqueKeysRoute)
 
 
 class EstimateRequest(BaseModel):

@@ -21,6 +21,7 @@ from fastapi.responses import HTMLResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from services.api.deps import JobsDep, SettingsDep
+from services.api.routing import UniqueKeysRoute
 from shared import families, tracking
 from shared.api_models import (
     EvaluationReport,
@@ -46,7 +47,7 @@ from shared.messages import (
     dump_message,
 )
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=UniqueKeysRoute)
 #: the largest event number a client may page from: events.seq is a 32-bit integer on
 #: PostgreSQL, and a bigger bound parameter fails there (and past 64 bits on SQLite)
 MAX_SEQ = 2**31 - 1

@@ -7,11 +7,12 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, status
 
 from services.api.deps import BedrockDep, JobsDep, ModelsDep
+from services.api.routing import UniqueKeysRoute
 from services.api.shapes import AnyRequest, AnyResponse, check_served
 from shared.api_models import ImportedModelList, ModelDeleted, ModelEntry, ModelList
 from shared.errors import ModelError, NotFound
 
-router = APIRouter(tags=["models"])
+router = APIRouter(tags=["models"], route_class=UniqueKeysRoute)
 
 
 def _entry(jobs: JobsDep, name: str) -> dict[str, Any]:

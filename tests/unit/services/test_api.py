@@ -126,6 +126,53 @@ def test_a_published_name_is_refused_at_submission_unless_overwrite(app_env):
     assert client.post("/v1/jobs", json=replacing).status_code == 201
 
 
+def test_a_name_a_job_not_ended_is_to_publish_is_refused_at_submission(app_env):
+    """Without overwrite, the second job would train only to be refused at publish."""
+    client, _, app = app_env
+    first = client.post("/v1/jobs", json={"name": "glossary", "publish": {"model_name": "terms"}})
+    assert first.status_code == 201
+    first_id = first.json()["id"]
+    for clash in ({"name": "terms"}, {"name": "other", "publish": {"model_name": "terms"}}):
+        response = client.post("/v1/jobs", json=clash)
+        assert response.status_code == 409
+        assert response.json()["detail"] == (
+            f"field 'publish.model_name': job {first_id} is to publish a model named 'terms' "
+            "and has not ended; set publish.overwrite: true to replace its model once it has, "
+            "or choose another publish.model_name"
+        )
+    assert [job["id"] for job in app.state.jobs.page()[0]] == [first_id]
+    replacing = {"name": "terms", "publish": {"overwrite": True}}
+    assert client.post("/v1/jobs", json=replacing).status_code == 201
+    assert client.post("/v1/jobs", json={"name": "glossary"}).status_code == 201  # its job name
+    # the jobs to publish as "terms" end: the name is free again
+    for job in app.state.jobs.page()[0]:
+        assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
+    assert client.post("/v1/jobs", json={"name": "terms"}).status_code == 201
+
+
+def test_a_body_saying_a_key_twice_is_refused_naming_it(app_env):
+    """json.loads keeps the last of two equal keys: this job would train 3 epochs."""
+    client, bus, app = app_env
+    body = '{"name": "terms", "training": {"epochs": 1, "epochs": 3}}'
+    headers = {"Content-Type": "application/json"}
+    response = client.post("/v1/jobs", content=body, headers=headers)
+    assert response.status_code == 422
+    assert response.json()["detail"] == [
+        {
+            "loc": ["body", "training", "epochs"],
+            "msg": "the key 'epochs' a second time in one object: say each key once",
+            "type": "repeated_key",
+        }
+    ]
+    assert _queued(bus, "dataprep", wait=1.0) is None and app.state.jobs.page() == ([], False)
+    asked = client.post(
+        "/v1/models/terms/invoke", content='{"prompt": "a", "prompt": "b"}', headers=headers
+    )
+    assert asked.status_code == 422 and asked.json()["detail"][0]["loc"] == ["body", "prompt"]
+    once = client.post("/v1/jobs", content=body.replace('"epochs": 1, ', ""), headers=headers)
+    assert once.status_code == 201
+
+
 def test_unknown_job_and_model_are_404(app_env):
     client, _, _ = app_env
     assert client.get("/v1/jobs/nope-1").status_code == 404

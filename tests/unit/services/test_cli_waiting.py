@@ -341,6 +341,19 @@ WRONG_SHAPE += "and server are one version)"
             "metrics: Field required; gate: Field required)",
         ),
         (
+            ["invoke", "terms", "What is Asthma?"],
+            {},  # was printed as the model's answer
+            "/v1/models/terms/invoke answered JSON of the wrong shape (generation: Field "
+            "required; prompt_token_count: Field required; generation_token_count: Field "
+            "required; 1 more)",
+        ),
+        (
+            ["invoke", "terms", "What is Asthma?", "--chat"],
+            {"generation": "a chat model's answer in Bedrock's shape"},
+            "/v1/models/terms/invoke answered JSON of the wrong shape (model: Field required; "
+            "usage: Field required; choices: Field required)",
+        ),
+        (
             ["models", "--imported"],
             {"data": [{"modelName": "x"}]},
             "/v1/imported-models answered JSON of the wrong shape (data.0.modelArn: Field "

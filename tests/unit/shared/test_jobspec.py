@@ -98,6 +98,18 @@ def test_load_invalid_yaml(tmp_path):
         load_spec(path)
 
 
+def test_load_refuses_a_key_said_twice(tmp_path):
+    """PyYAML alone keeps the last: this spec would train 3 epochs with no word said."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("name: terms\ntraining:\n  epochs: 1\n  learning_rate: 0.001\n  epochs: 3\n")
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    assert str(caught.value) == (
+        f"{path}: line 5: the key 'epochs' a second time in one mapping (first on line 3): "
+        "say each key once"
+    )
+
+
 def test_shipped_example_is_valid():
     spec = load_spec(ROOT / "examples" / "medical-terms.yaml")
     assert spec.name == "medical-terms"
