@@ -165,6 +165,13 @@ class DatasetSpec(_Section):
         description="Skip malformed JSONL/JSON rows and rows whose template values have "
         "the wrong type (counted) instead of failing the job.",
     )
+    tsv_quoting: Literal["auto", "csv", "none"] = Field(
+        "auto",
+        description='How .tsv cells are read: "csv": quoted cells as CSV quotes them, which '
+        'may span lines (pandas\' to_csv with sep="\\t"); "none": plain TSV, a quote is text; '
+        '"auto": csv quoting, refused when a quoted cell spans lines or holds a tab, which in '
+        "a plain TSV means a stray quote merged rows.",
+    )
     min_prompt_chars: int = Field(1, ge=1, description="Drop rows whose prompt is shorter.")
     min_target_chars: int = Field(1, ge=1, description="Drop rows whose target is shorter.")
     strip_wiki_artifacts: bool = Field(

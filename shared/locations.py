@@ -4,7 +4,9 @@ Checked before anything is opened or downloaded. A local path is resolved with i
 links followed, so a link inside an allowed folder that points outside is refused; S3 keys
 with empty, ``.`` or ``..`` parts, control characters or backslashes are refused even though
 S3 would read them literally, and so are keys that become such once percent-decoded, once
-or several times.
+or several times. An ``s3://`` source names one object: a glob or a folder (prefix) is
+refused, as globs and folders are read from local paths only. A local path that exists is
+used as it is, brackets and all; only a path that does not is a glob pattern.
 """
 
 from __future__ import annotations
@@ -57,10 +59,22 @@ def _refuse(source: str, why: str) -> StoreLocationError:
     return StoreLocationError(f"dataset.source: {source!r} {why}")
 
 
+def _one_object(source: str) -> None:
+    """Refuse an ``s3://`` source naming a folder (prefix) or a glob, not one object."""
+    key = source.removeprefix("s3://").partition("/")[2]
+    only = "an s3:// source names one object (globs and folders are read from local paths only)"
+    if not key or key.endswith("/"):
+        raise _refuse(source, f"names a folder (prefix), not an object; {only}")
+    if any(c in key for c in GLOB_CHARS):
+        raise _refuse(source, f"is a glob pattern (*, ? or [), not an object; {only}")
+
+
 def check_s3(source: str, *, store_root: str, settings: Settings) -> None:
-    """An ``s3://`` source inside the store or an allowed bucket, with a plain key."""
+    """An ``s3://`` source inside the store or an allowed bucket, with a plain key naming
+    one object."""
     if _odd(source):
         raise _refuse(source, "has control, format or lookalike characters")
+    _one_object(source)
     if source.startswith(store_root + "/") and not _bad_key(source[len(store_root) + 1 :]):
         return
     parsed = urlparse(source)
@@ -75,12 +89,13 @@ def check_s3(source: str, *, store_root: str, settings: Settings) -> None:
 
 
 def check_local(source: str, path: str, *, settings: Settings) -> Path:
-    """A local path (glob patterns: their fixed folder) inside an allowed folder; resolved."""
+    """A local path (glob patterns: their fixed folder) inside an allowed folder; resolved.
+    A path that exists is no pattern, whatever characters it holds."""
     if _odd(path):
         raise _refuse(source, "has control, format or lookalike characters")
     fixed = (
         path.split("*")[0].split("?")[0].split("[")[0]
-        if any(c in path for c in GLOB_CHARS)
+        if any(c in path for c in GLOB_CHARS) and not os.path.lexists(path)
         else path
     )
     resolved = Path(os.path.realpath(fixed))

@@ -6,6 +6,7 @@ worker loop (shared.worker) wires it to the bus.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -59,6 +60,8 @@ class StageContext:
     stop: threading.Event = field(default_factory=threading.Event)
 
     lease_lost: threading.Event = field(default_factory=threading.Event)
+    #: the scratch folders the running stage made, removed when it ends (``run_stage``)
+    scratched: list[Path] = field(default_factory=list)
 
     def should_stop(self, command: Command) -> str | None:
         """Why the running stage must stop now: "lost" (lease), "cancel", "shutdown", or None."""
@@ -92,11 +95,22 @@ class StageContext:
             raise CorruptOutput(f"the {stage} stage's manifest {uri}: {why}", stage=stage) from exc
 
     def scratch(self, command: Command, name: str) -> Path:
-        """An empty local working folder for one stage of one job."""
+        """An empty local working folder for one stage of one job, removed with what it
+        holds when the stage ends, however it ends (a tokenized copy of the dataset, a
+        merged model: gigabytes a failed job would otherwise leave on the worker's disk)."""
         folder = self.settings.cache_dir / "scratch" / command.job_id / name
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
+        self.scratched.append(folder)
         return folder
+
+    def drop_scratch(self) -> None:
+        """Remove the scratch folders the stage made (and its job's, once empty)."""
+        while self.scratched:
+            folder = self.scratched.pop()
+            shutil.rmtree(folder, ignore_errors=True)
+            with contextlib.suppress(OSError):  # another stage of the job may still use it
+                folder.parent.rmdir()
 
     def tracked_run(
         self, command: Command, training: dict[str, Any], stage: str
@@ -183,6 +197,24 @@ def run_stage(
         StageStarted(job_id=command.job_id, stage=stage, worker=ctx.worker, attempt=attempt)
     )
     ctx.progress = _Progress(jobs, command, ctx.stop, ctx.lease_lost)
+    ctx.scratched = []
+    try:
+        return _run_handler(command, handler, ctx, attempt, final_attempt, dispatch)
+    finally:
+        ctx.drop_scratch()
+
+
+def _run_handler(
+    command: Command,
+    handler: Handler,
+    ctx: StageContext,
+    attempt: int,
+    final_attempt: bool,
+    dispatch: bool,
+) -> Event | None:
+    """``run_stage`` once the stage has started: the handler, and its outcome recorded."""
+    stage = STAGE_OF_COMMAND[command.type]  # type: ignore[attr-defined]
+    jobs = ctx.jobs
     try:
         if jobs.cancel_requested(command.job_id):
             raise Cancelled(f"job {command.job_id} was cancelled")

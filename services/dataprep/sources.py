@@ -6,7 +6,11 @@ exception: prefer JSONL for large data).
 
 Template columns must hold text (or nothing): a number, boolean or any other type fails
 naming the file, the column and the type, unless ``dataset.cast_to_string`` asks for that
-column's numbers and booleans as text.
+column's numbers and booleans as text. Rows of a JSON array are counted from 1, like lines.
+
+A .tsv file is read as ``dataset.tsv_quoting`` says: with CSV quoting ("csv"), with none
+("none": a quote is text), or with CSV quoting refused where a quoted cell spans lines or
+holds a tab ("auto": in a plain TSV, a stray quote merged the rows that follow it).
 """
 
 from __future__ import annotations
@@ -27,20 +31,33 @@ from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from services.dataprep.delimited import delimited_batches, ragged_row
 from shared.errors import DatasetError, NotFound
 from shared.jobspec import DatasetSpec
-from shared.locations import check_local, check_source
+from shared.locations import GLOB_CHARS, check_local, check_source
 from shared.settings import Settings
 from shared.store import Store, s3_client
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 BATCH_ROWS = 2048
-TEXT_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_null)
+TEXT_TYPES = (
+    pa.types.is_string,
+    pa.types.is_large_string,
+    pa.types.is_string_view,  # Polars' default string type
+    pa.types.is_null,
+)
 CASTABLE_TYPES = (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean)
-JSON_KINDS = {bool: "boolean", int: "number", float: "number", list: "array", dict: "object"}
+JSON_KINDS = {
+    bool: "boolean",
+    int: "number",
+    float: "number",
+    str: "string",
+    list: "array",
+    dict: "object",
+    type(None): "null",
+}
 
 Batch = dict[str, list[Any]]
 
@@ -57,6 +74,7 @@ class Source:
     hub: DatasetSpec | None = None
     needed: list[str] = field(default_factory=list)  # the template columns
     cast: frozenset[str] = frozenset()  # template columns whose numbers become text
+    tsv_quoting: str = "auto"  # dataset.tsv_quoting
 
     def batches(self) -> Iterator[Batch]:
         """Row batches of every file (or of the hub dataset), in order."""
@@ -87,12 +105,12 @@ class Source:
             rows = _json_array(path)
             for start in range(0, len(rows), BATCH_ROWS):
                 chunk = enumerate(rows[start : start + BATCH_ROWS], start + 1)
-                kept = [r for n, r in chunk if self._typed(r, where=f"{path}: row {n}")]
+                kept = [r for n, r in chunk if self._array_row(r, where=f"{path}: row {n}")]
                 if kept:
                     yield _columns(kept)
         else:
             inferred = [name for name in self.needed if name not in self.cast]
-            for batch in _arrow_batches(path, inferred=inferred):
+            for batch in _arrow_batches(path, inferred=inferred, quoting=self.tsv_quoting):
                 yield self._arrow_typed(path, batch).to_pydict()
 
     def _arrow_typed(self, path: Path | str, batch: pa.RecordBatch | pa.Table) -> Any:
@@ -102,10 +120,24 @@ class Source:
         check_arrow_types(path, types, self.needed, cast=self.cast, inferred=inferred)
         for name in self.needed:
             kind = types.get(name)
-            if kind is not None and not _is_text(kind):  # allowed: the spec asked for a cast
+            # cast asked for by the spec, or text the rest of data-prep reads as plain strings
+            if kind is not None and (not _is_text(kind) or pa.types.is_string_view(kind)):
                 index = batch.schema.get_field_index(name)
                 batch = batch.set_column(index, name, pc.cast(batch.column(index), pa.string()))
         return batch
+
+    def _array_row(self, row: Any, *, where: str) -> bool:
+        """Whether a JSON array's element is a row to keep: an object whose template values
+        are text; False for one to skip, DatasetError for one that fails the job."""
+        if isinstance(row, dict):
+            return self._typed(row, where=where)
+        if self.skip_bad_rows:
+            self.bad_rows += 1
+            return False
+        raise DatasetError(
+            f"{where}: a JSON {_json_kind(row)}, not an object; fix the row or set "
+            "dataset.skip_bad_rows: true"
+        )
 
     def _typed(self, row: dict[str, Any], *, where: str) -> bool:
         """Whether a JSON row's template values are text (cast in place when asked); False
@@ -123,7 +155,7 @@ class Source:
                     "\\ud800 without its pair), not text; fix the data or set "
                     "dataset.skip_bad_rows: true to skip such rows"
                 )
-            kind = JSON_KINDS.get(type(value), type(value).__name__)
+            kind = _json_kind(value)
             if name in self.cast and kind in ("number", "boolean"):
                 row[name] = json.dumps(value)
                 continue
@@ -159,19 +191,21 @@ class Source:
     def _jsonl_row(
         self, path: Path, raw: bytes, *, line_no: int, offset: int
     ) -> dict[str, Any] | None:
-        try:  # a BOM that editors on Windows write opens the first line
-            text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+        # a BOM that editors on Windows write opens the first line
+        bom = len(codecs.BOM_UTF8) if line_no == 1 and raw.startswith(codecs.BOM_UTF8) else 0
+        try:
+            text = raw[bom:].decode("utf-8")
         except UnicodeDecodeError as exc:
             raise DatasetError(
                 f"{path}: line {line_no}: bytes that are not UTF-8 at byte offset "
-                f"{offset + exc.start}"
+                f"{offset + bom + exc.start}"
             ) from exc
         if not text.strip():
             return None
         try:
             row = json.loads(text)
             if not isinstance(row, dict):
-                raise ValueError(f"a JSON {type(row).__name__}, not an object")
+                raise ValueError(f"a JSON {_json_kind(row)}, not an object")
         except ValueError as exc:
             if self.skip_bad_rows:
                 self.bad_rows += 1
@@ -181,6 +215,11 @@ class Source:
                 "or set dataset.skip_bad_rows: true"
             ) from exc
         return row if self._typed(row, where=f"{path}: line {line_no}") else None
+
+
+def _json_kind(value: Any) -> str:
+    """What a decoded JSON value is, in JSON's words."""
+    return JSON_KINDS.get(type(value), type(value).__name__)
 
 
 def _encodes(text: str) -> bool:
@@ -245,43 +284,32 @@ def _first_char(path: Path) -> str:
         return fh.read(64).removeprefix(codecs.BOM_UTF8).lstrip()[:1].decode("ascii", "replace")
 
 
-def _json_array(path: Path) -> list[dict[str, Any]]:
+def _json_array(path: Path) -> list[Any]:
     try:
         rows = json.loads(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError as exc:
         raise DatasetError(f"{path}: bytes that are not UTF-8 at byte offset {exc.start}") from exc
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{path}: line {exc.lineno}: invalid JSON: {exc.msg}") from exc
-    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+    if not isinstance(rows, list):  # its elements are checked as rows
         raise DatasetError(f"{path}: a .json dataset must be an array of objects")
     return rows
 
 
-def _arrow_batches(path: Path, *, inferred: Collection[str] = ()) -> Iterator[pa.RecordBatch]:
+def _arrow_batches(
+    path: Path, *, inferred: Collection[str] = (), quoting: str = "auto"
+) -> Iterator[pa.RecordBatch]:
     """Record batches of a Parquet or CSV file. A CSV's ``inferred`` columns (the template
     columns not cast to text) get the type their values show, checked as text by the
     caller; every other column is read as written: pyarrow infers a type from the first
     block alone, so an unused column empty or numeric for 4 MiB and text later failed the
     file. Quoted values may hold line breaks, however large the file (pyarrow splits blocks
-    at line breaks unless told)."""
+    at line breaks unless told). ``quoting``: dataset.tsv_quoting, for a .tsv file."""
     try:
         if path.suffix.lower() == ".parquet":
             yield from pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS)
             return
-        parse = pacsv.ParseOptions(
-            delimiter="\t" if path.suffix.lower() == ".tsv" else ",", newlines_in_values=True
-        )
-        read = pacsv.ReadOptions(block_size=1 << 22)
-        with pacsv.open_csv(path, parse_options=parse, read_options=read) as header:
-            names = header.schema.names
-        twice = sorted({name for name in names if names.count(name) > 1})
-        if twice:  # one would silently stand for the other
-            raise DatasetError(f"{path}: columns named twice in its header: {', '.join(twice)}")
-        as_written = {name: pa.string() for name in names if name not in inferred}
-        convert = pacsv.ConvertOptions(column_types=as_written)
-        yield from pacsv.open_csv(
-            path, parse_options=parse, read_options=read, convert_options=convert
-        )
+        yield from delimited_batches(path, inferred=inferred, quoting=quoting)
     except (pa.ArrowInvalid, OSError) as exc:
         parquet = path.suffix.lower() == ".parquet"
         if not parquet and not isinstance(exc, pa.ArrowInvalid):
@@ -289,6 +317,9 @@ def _arrow_batches(path: Path, *, inferred: Collection[str] = ()) -> Iterator[pa
         bad = None if parquet else first_invalid_utf8(path)  # a corrupt page is an OSError
         if bad is not None:
             raise DatasetError(f"{path}: bytes that are not UTF-8 at byte offset {bad}") from exc
+        ragged = None if parquet else ragged_row(path, quoting=quoting, error=exc)
+        if ragged is not None:
+            raise DatasetError(f"{path}: {ragged}") from exc
         raise DatasetError(f"{path}: cannot read: {_without_content(exc)}") from exc
 
 
@@ -310,7 +341,9 @@ def first_invalid_utf8(path: Path) -> int | None:
     return None
 
 
-def _schema(path: Path, *, inferred: Collection[str]) -> dict[str, pa.DataType]:
+def _schema(
+    path: Path, *, inferred: Collection[str], quoting: str = "auto"
+) -> dict[str, pa.DataType]:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         try:
@@ -318,7 +351,7 @@ def _schema(path: Path, *, inferred: Collection[str]) -> dict[str, pa.DataType]:
         except (pa.ArrowInvalid, OSError) as exc:
             raise DatasetError(f"{path}: not a readable Parquet file: {exc}") from exc
     if suffix in (".csv", ".tsv"):
-        for batch in _arrow_batches(path, inferred=inferred):
+        for batch in _arrow_batches(path, inferred=inferred, quoting=quoting):
             types = {f.name: f.type for f in batch.schema}
             if any(pa.types.is_binary(t) for t in types.values()):  # pyarrow's non-UTF-8 text
                 bad = first_invalid_utf8(path)
@@ -378,16 +411,21 @@ def open_source(spec: DatasetSpec, *, store: Store, settings: Settings) -> Sourc
         hub=spec if kind == "hub" else None,
         needed=needed,
         cast=frozenset(name for name in needed if spec.casts(name)),
+        tsv_quoting=spec.tsv_quoting,
     )
     if files:
         opened.columns = _schema(
-            files[0], inferred=[name for name in needed if name not in opened.cast]
+            files[0],
+            inferred=[name for name in needed if name not in opened.cast],
+            quoting=spec.tsv_quoting,
         )
     return opened
 
 
 def _local_files(pattern: str, *, shown: str) -> list[Path]:
-    if any(c in pattern for c in "*?["):
+    """The files a local source names: an existing path as it is (``glossary[v2].jsonl``),
+    otherwise a glob's matches."""
+    if any(c in pattern for c in GLOB_CHARS) and not os.path.lexists(pattern):
         files = [Path(p) for p in sorted(glob.glob(pattern, recursive=True)) if Path(p).is_file()]
         if not files:
             raise DatasetError(f"dataset.source: no file matches {shown}")

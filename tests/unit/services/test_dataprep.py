@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from services.dataprep import sources
+from services.dataprep import delimited, sources
 from services.dataprep.handler import handle
 from shared.errors import DatasetError, StoreLocationError
 from shared.messages import PrepareDataset
@@ -406,7 +406,7 @@ def test_errors_never_quote_the_files_content(ctx, tiny_model, tmp_path):
     spec = make_spec(tiny_model, dataset={"source": str(tmp_path / "terms.csv")})
     with pytest.raises(DatasetError) as caught:
         handle(_command(ctx, spec), ctx)
-    assert "Expected 2 columns, got 3" in str(caught.value)
+    assert "terms.csv: line 2: expected 2 fields, found 3" in str(caught.value)
     assert "SECRET-LINE" not in str(caught.value)
 
 
@@ -564,6 +564,6 @@ def test_a_disk_error_reading_a_csv_is_not_called_the_files_fault(tmp_path, monk
     def failing(*args, **kwargs):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(sources.pacsv, "open_csv", failing)
+    monkeypatch.setattr(delimited.pacsv, "open_csv", failing)
     with pytest.raises(OSError, match="Input/output error"):  # a DatasetError is no OSError
         list(sources._arrow_batches(path))

@@ -201,3 +201,43 @@ def _evaluation_of_a_trained_job(ctx):
         dataset_manifest=manifests["prepare"],
         training_manifest=manifests["train"],
     )
+
+
+def test_a_stage_leaves_no_scratch_behind_however_it_ends(ctx):
+    """A data-prep that failed late left its tokenized copy of the dataset on the worker
+    (scratch was emptied only when the same job ran that stage again): gigabytes a job."""
+    import pytest
+
+    from shared.errors import DatasetError, Interrupted
+    from shared.jobspec import JobSpec
+    from shared.messages import PrepareDataset
+    from shared.stage import run_stage
+
+    uri = ctx.jobs.create("job-1", JobSpec(name="job"))
+    command = PrepareDataset(job_id="job-1", spec_uri=uri)
+    root = ctx.settings.cache_dir / "scratch"
+    kept = root / "job-2" / "train"  # another job's, still in use
+    kept.mkdir(parents=True)
+    seen = []
+
+    def staging(then):
+        def handler(command, ctx):
+            folder = ctx.scratch(command, "prepare")
+            (folder / "staged.parquet").write_bytes(b"x" * 1000)
+            seen.append(folder.is_dir())
+            then()
+
+        return handler
+
+    def bad_row():
+        raise DatasetError("terms.jsonl: line 3565: column 'definition' is a number")
+
+    def shutdown():
+        raise Interrupted("the worker is shutting down")
+
+    assert run_stage(command, staging(bad_row), ctx).type == "StageFailed"
+    assert not (root / "job-1").exists()
+    with pytest.raises(Interrupted):
+        run_stage(command, staging(shutdown), ctx, final_attempt=False)
+    assert not (root / "job-1").exists()
+    assert seen == [True, True] and kept.is_dir()
