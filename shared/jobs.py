@@ -17,6 +17,7 @@ the doorbell: a stage that finds its manifest does no work again.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import secrets
@@ -28,6 +29,7 @@ import sqlalchemy as sa
 import tenacity
 from sqlalchemy.engine import Connection
 
+from shared import leases
 from shared.errors import Conflict, LedgerUnavailable, NotFound, SpecError
 from shared.jobspec import JobSpec, parse_spec
 from shared.ledger import Ledger, open_ledger
@@ -35,6 +37,7 @@ from shared.ledger import tables as t
 from shared.ledger.core import wall_clock
 from shared.ledger.view import ENDED, JOB_STATUSES, current_stage, fold, new_view, user_retry
 from shared.messages import (
+    STAGE_OF_COMMAND,
     STAGES,
     Command,
     Event,
@@ -150,24 +153,53 @@ class JobRecords:
         return f"{self.stage_prefix(job_id, stage)}/manifest.json"
 
     def create(
-        self, job_id: str, spec: JobSpec, *, submitted: Event | None = None, send: Sequence = ()
+        self,
+        job_id: str,
+        spec: JobSpec,
+        *,
+        submitted: Event | None = None,
+        send: Sequence = (),
+        own_name: bool = False,
     ) -> str:
         """Record a new job (once; the same id again changes nothing) and its spec's object;
-        with ``submitted``, its first event and ``send`` in the same transaction. The
-        spec's URI."""
+        with ``submitted``, its first event and ``send`` in the same transaction. With
+        ``own_name``, a model name another job not ended is to publish under is refused
+        (SpecError, nothing kept) in that transaction: a job submitted after it would train
+        only to be refused at publish, and two submissions at once meet here. The spec's
+        URI."""
         key = self.spec_key(job_id)
         self.store.put_bytes_if_absent(key, spec.model_dump_json(indent=2).encode())
         uri = self.store.uri(key)
+        try:
+            exists = self._create(job_id, spec, uri, submitted, send, own_name=own_name)
+        except SpecError:
+            self.store.delete(key)
+            raise
+        if exists is None and send:
+            self.outbox_written()
+        return uri
+
+    def _create(
+        self,
+        job_id: str,
+        spec: JobSpec,
+        uri: str,
+        submitted: Event | None,
+        send: Sequence,
+        *,
+        own_name: bool,
+    ) -> Any:
+        """``create``'s transaction; the job's row if it existed already."""
         with self.ledger.write() as conn:
             exists = conn.execute(sa.select(t.jobs.c.number).where(t.jobs.c.id == job_id)).first()
             if exists is None:
+                if own_name:
+                    _refuse_pending_name(conn, spec.model_name)
                 self._insert_job(conn, job_id, spec, uri)
                 if submitted is not None:
                     self._append(conn, submitted)
                     self._enqueue(conn, job_id, _outgoing(send))
-        if exists is None and send:
-            self.outbox_written()
-        return uri
+        return exists
 
     def restore(
         self, job_id: str, spec: JobSpec, events: Sequence[Event], *, cancel_requested: bool
@@ -338,19 +370,25 @@ class JobRecords:
         return seq
 
     def _enqueue(self, conn: Connection, job_id: str, outgoing: list[Outgoing]) -> None:
-        if outgoing:
-            conn.execute(
-                t.outbox.insert(),
-                [
-                    {
-                        "job_id": job_id,
-                        "body": dump_message(message),
-                        "headers": headers,
-                        "created_at": wall_clock(),
-                    }
-                    for message, headers in outgoing
-                ],
-            )
+        """Write messages to the outbox; a command for a stage supersedes that stage's
+        lease (``leases.supersede``)."""
+        if not outgoing:
+            return
+        conn.execute(
+            t.outbox.insert(),
+            [
+                {
+                    "job_id": job_id,
+                    "body": dump_message(message),
+                    "headers": headers,
+                    "created_at": wall_clock(),
+                }
+                for message, headers in outgoing
+            ],
+        )
+        stages = {STAGE_OF_COMMAND[m.type] for m, _ in outgoing if m.type in STAGE_OF_COMMAND}  # type: ignore[attr-defined]
+        if stages:
+            leases.supersede(conn, job_id, stages, self.ledger)
 
     def outbox_written(self) -> None:
         """Tell the relay (if one is attached) that the outbox has messages to send."""
@@ -439,7 +477,8 @@ class JobRecords:
 
     def cancel(self, job_id: str, *, cancelled: Event, requested: Event) -> dict[str, Any]:
         """Ask a job to stop, in one transaction: Conflict if it has ended; a job nothing
-        runs (queued, paused) is cancelled at once (``cancelled``). The job's view."""
+        runs (queued, paused, or between stages: its next command waiting for a worker)
+        is cancelled at once (``cancelled``). The job's view."""
         with self.ledger.write() as conn:
             row = conn.execute(
                 sa.select(t.jobs.c.view, t.jobs.c.cancel_requested)
@@ -453,7 +492,9 @@ class JobRecords:
                 raise Conflict(f"job {job_id!r} has already ended ({status})")
             if not row.cancel_requested:
                 self._append(conn, requested)
-            if status in ("queued", "paused"):
+            if status in ("queued", "paused") or _between_stages(
+                conn, job_id, row.view, self.ledger.now
+            ):
                 self._append(conn, cancelled)
         return self.summary(job_id)
 
@@ -561,39 +602,15 @@ class JobRecords:
     # -- published models -----------------------------------------------------------------
 
     def check_model_name(self, name: str, *, overwrite: bool, job_id: str | None = None) -> None:
-        """Refuse, unless ``overwrite``, a name that another job's model holds or that a job
-        not ended yet is to publish under (SpecError): a job submitted after it would train
-        only to be refused at publish (its publisher claims the name again)."""
+        """Refuse a name that another job's model holds, unless ``overwrite`` (SpecError)."""
         if overwrite:
             return
         try:
             entry = self.model(name)
         except NotFound:
-            entry = None
-        if entry is not None and (job_id is None or entry.get("job_id") != job_id):
+            return
+        if job_id is None or entry.get("job_id") != job_id:
             raise _name_taken(name, entry)
-        other = self._publishing_later(name, other_than=job_id)
-        if other is not None:
-            raise SpecError(
-                f"field 'publish.model_name': job {other} is to publish a model named {name!r} "
-                "and has not ended; set publish.overwrite: true to replace its model once it "
-                "has, or choose another publish.model_name"
-            )
-
-    def _publishing_later(self, name: str, *, other_than: str | None) -> str | None:
-        """The newest job, other than ``other_than``, not ended and to publish as ``name``."""
-        jobs = t.jobs.c
-        query = (
-            sa.select(jobs.id, jobs.name, jobs.spec)
-            .where(jobs.status.notin_(ENDED))  # the (status, number) index: few rows
-            .order_by(jobs.number.desc())
-        )
-        with self.ledger.read() as conn:
-            for row in conn.execute(query):
-                target = (row.spec.get("publish") or {}).get("model_name") or row.name
-                if target == name and row.id != other_than:
-                    return str(row.id)
-        return None
 
     def claim_model_name(self, name: str, *, job_id: str, overwrite: bool) -> None:
         """Hold ``name`` for ``job_id``'s publish, before it uploads or imports anything. A
@@ -703,6 +720,44 @@ def _hold(conn: Connection, table: sa.Table, name: str, **values: Any) -> str:
         index_elements=["name"], set_={"name": insert.excluded.name}
     ).returning(table.c.job_id)
     return str(conn.execute(upsert).scalar_one())
+
+
+def _refuse_pending_name(conn: Connection, name: str) -> None:
+    """SpecError naming the newest job not ended that is to publish as ``name``; on
+    PostgreSQL the name's advisory lock is held to the transaction's end first, so two
+    submissions of one name at once take turns (SQLite's write lock already does that)."""
+    if conn.dialect.name == "postgresql":
+        digest = hashlib.sha256(f"termtune model name:{name}".encode()).digest()
+        key = int.from_bytes(digest[:8], "big", signed=True)
+        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
+    jobs = t.jobs.c
+    query = (
+        sa.select(jobs.id, jobs.name, jobs.spec)
+        .where(jobs.status.notin_(ENDED))  # the (status, number) index: few rows
+        .order_by(jobs.number.desc())
+    )
+    for row in conn.execute(query):
+        if ((row.spec.get("publish") or {}).get("model_name") or row.name) == name:
+            raise SpecError(
+                f"field 'publish.model_name': job {row.id} is to publish a model named {name!r} "
+                "and has not ended; set publish.overwrite: true to replace its model once it "
+                "has, or choose another publish.model_name"
+            )
+
+
+def _between_stages(conn: Connection, job_id: str, view: dict[str, Any], now: Any) -> bool:
+    """Whether no stage of a running job is running: none shows running, and no worker
+    holds a live lease on one (it took the lease and has not recorded its start yet). Its
+    next command waits for a worker, which finds the job cancelled and runs nothing."""
+    if view["status"] != "running":
+        return False
+    if any(stage["status"] == "running" for stage in view["stages"].values()):
+        return False
+    leases = t.leases.c
+    held = sa.select(leases.stage).where(
+        leases.job_id == job_id, leases.expires_at > now, leases.redispatched_for.is_(None)
+    )
+    return conn.execute(held.limit(1)).first() is None
 
 
 def _publishing(conn: Connection, job_id: str) -> bool:

@@ -169,6 +169,21 @@ def delete_lease(conn: sa.Connection, lease: ExpiredLease) -> bool:
     return done.rowcount == 1
 
 
+def supersede(conn: sa.Connection, job_id: str, stages: set[str], ledger: Ledger) -> None:
+    """A command for these stages of the job was written to the outbox (a stage handing its
+    command back, a user's retry, a re-dispatch): the stage's lease, if one is held, is
+    marked re-sent and expired in that same transaction. Its holder is finishing (ending a
+    tracking run, dead-lettering) or gone; the new command's delivery must find the lease
+    free, not be dropped as a duplicate while that holder still has it (then nothing
+    would send it again)."""
+    leases = t.leases.c
+    conn.execute(
+        t.leases.update()
+        .where(leases.job_id == job_id, leases.stage.in_(sorted(stages)))
+        .values(expires_at=ledger.now, redispatched_for=ledger.now)
+    )
+
+
 def mark_redispatched(conn: sa.Connection, lease: ExpiredLease, ledger: Ledger) -> bool:
     """Record that an expired lease's command was sent again (once per expiry): False if
     it was renewed, taken or re-sent by another replica meanwhile."""

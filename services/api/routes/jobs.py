@@ -74,18 +74,19 @@ def submit_job(jobs: JobsDep, settings: SettingsDep, spec: dict[str, Any] = Body
         parsed = tracking.resolve(parsed, settings)  # the deployment's default, fixed now
     except (StoreLocationError, SpecError, ModelError) as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
-    try:  # refused now rather than after training; the publisher checks again
-        jobs.check_model_name(parsed.model_name, overwrite=parsed.publish.overwrite)
-    except SpecError as exc:
-        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
     job_id = new_job_id(parsed.name)
     spec_uri = jobs.store.uri(jobs.spec_key(job_id))
-    jobs.create(
-        job_id,
-        parsed,
-        submitted=JobSubmitted(job_id=job_id, spec_uri=spec_uri, name=parsed.name),
-        send=[PrepareDataset(job_id=job_id, spec_uri=spec_uri)],
-    )
+    try:  # refused now rather than after training; the publisher claims the name again
+        jobs.check_model_name(parsed.model_name, overwrite=parsed.publish.overwrite)
+        jobs.create(
+            job_id,
+            parsed,
+            submitted=JobSubmitted(job_id=job_id, spec_uri=spec_uri, name=parsed.name),
+            send=[PrepareDataset(job_id=job_id, spec_uri=spec_uri)],
+            own_name=not parsed.publish.overwrite,
+        )
+    except SpecError as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
     return JobView.model_validate(jobs.summary(job_id))
 
 
@@ -197,7 +198,7 @@ async def job_event_stream(
         description="Resume after this event (sent by browsers on reconnect).",
     ),
     after: int = Query(0, ge=0, le=MAX_SEQ, description="Start after this sequence number."),
-    poll: float = 1.0,
+    poll: float = Query(1.0, ge=0.1, le=10.0, description="Seconds between looks for new events."),
 ) -> AsyncIterator[ServerSentEvent]:
     """A job's events live as Server-Sent Events (``id`` = sequence number), then an
     ``end`` event once the job has ended."""

@@ -733,3 +733,30 @@ def test_deleting_a_model_leaves_the_entry_another_job_published_meanwhile(app_e
     deleted = client.delete("/v1/models/terms")
     assert deleted.status_code == 409 and "the new one stays" in deleted.json()["detail"]
     assert client.get("/v1/models/terms").json()["job_id"] == "b"
+
+
+def test_a_job_between_stages_is_cancelled_at_once(app_env):
+    """Data-prep done, its TrainModel waiting for a busy trainer: the cancel only asked the
+    job to stop, and nothing ran to stop it; it stayed running (for hours, or for good with
+    no trainer), and a retry was refused. A stage whose worker holds its lease but has not
+    recorded its start yet is left to stop itself."""
+    from shared.leases import Lease
+    from shared.messages import DatasetPrepared, StageStarted
+
+    client, _, app = app_env
+    jobs = app.state.jobs
+    ids = []
+    for n in range(2):
+        job_id = client.post("/v1/jobs", json={"name": f"terms-{n}"}).json()["id"]
+        jobs.record(StageStarted(job_id=job_id, stage="prepare", worker="w", attempt=1))
+        manifest = jobs.write_manifest(job_id, "prepare", {"counts": {"train": 1}})
+        jobs.record(DatasetPrepared(job_id=job_id, manifest=manifest, counts={"train": 1}))
+        ids.append(job_id)
+    waiting, taken = ids
+    assert Lease(jobs.ledger, taken, "train", owner="trainer-1", ttl=60).acquire()
+    cancelled = client.post(f"/v1/jobs/{waiting}/cancel").json()
+    assert cancelled["status"] == "cancelled"
+    assert cancelled["stages"]["train"]["status"] == "cancelled"
+    assert client.post(f"/v1/jobs/{waiting}/retry").status_code == 202
+    asked = client.post(f"/v1/jobs/{taken}/cancel").json()
+    assert asked["status"] == "running" and asked["cancel_requested"] is True

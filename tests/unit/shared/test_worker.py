@@ -449,3 +449,48 @@ def test_a_worker_whose_command_was_sent_again_during_a_hiccup_stops_and_the_new
     new.ctx.worker = "new"
     new.on_message(again.payload, _Delivery(again.headers, "cmd.PrepareDataset"))
     assert jobs.summary("job-1")["stages"]["prepare"]["status"] == "succeeded"
+
+
+@pytest.mark.parametrize("how", ["handed back", "retried"])
+def test_a_command_sent_again_while_its_holder_finishes_is_run_not_dropped(env, monkeypatch, how):
+    """The holder of a stage's lease hands its command back (a transient error) or fails
+    and is retried by its user, then ends its tracking run or dead-letters before letting
+    the lease go: the command sent meanwhile reached another worker, which found the lease
+    held and dropped it; the holder then released it and nothing sent the command again
+    (the job stayed queued or running for good). The command now supersedes the lease."""
+    from shared.leases import Lease
+    from shared.outbox import relay_once
+
+    settings, store, jobs, bus, cmd = env
+    done = DatasetPrepared(job_id="job-1", manifest="file:///m", counts={"train": 3})
+    ran = []
+
+    def fresh(command, ctx):
+        ran.append(ctx.worker)
+        return done
+
+    new = Worker("dataprep", fresh, settings=settings, bus=bus, store=store, leased=True)
+    new.ctx.worker = "new"
+    release = Lease.release
+
+    def slow_release(lease):  # the new delivery arrives before the holder lets go
+        if lease.owner == "old" and not ran:
+            if how == "retried":
+                jobs.retry("job-1", retried=JobRetried(job_id="job-1", stage="prepare"), send=[cmd])
+            relay_once(jobs, bus)
+            [again] = _drain(bus, bus.queues["dataprep"])
+            new.on_message(again.payload, _Delivery(again.headers, "cmd.PrepareDataset"))
+        release(lease)
+
+    monkeypatch.setattr(Lease, "release", slow_release)
+
+    def failing(command, ctx):
+        if how == "retried":
+            raise DatasetError("terms.jsonl: line 3: not a JSON object")  # fails the job
+        raise OSError("connection reset")  # transient: the command goes back to the queue
+
+    old = Worker("dataprep", failing, settings=settings, bus=bus, store=store, leased=True)
+    old.ctx.worker = "old"
+    old.on_message(cmd.model_dump(mode="json"), _Delivery({}, "cmd.PrepareDataset"))
+    assert ran == ["new"]
+    assert jobs.summary("job-1")["stages"]["prepare"]["status"] == "succeeded"

@@ -259,6 +259,46 @@ def test_two_jobs_first_to_a_name_at_once_one_wins_and_the_other_is_told(jobs, s
     assert sorted(outcomes) == ["refused"] * 3 + ["won"]
 
 
+def test_two_submissions_of_one_model_name_at_once_record_one_job(jobs, monkeypatch):
+    """Both passed the check before either recorded its job, and both trained: the second
+    to be refused only at publish, after all its GPU time."""
+    import time
+
+    from shared.errors import SpecError
+    from shared.jobs import JobRecords
+
+    insert = JobRecords._insert_job
+
+    def slow_insert(self, *args, **kwargs):  # each looked before any inserted
+        time.sleep(0.3)
+        return insert(self, *args, **kwargs)
+
+    monkeypatch.setattr(JobRecords, "_insert_job", slow_insert)
+    start, outcomes = threading.Barrier(4), []
+
+    def submit(n):
+        spec = JobSpec(name=f"racer-{n}", publish={"model_name": "shared-name"})
+        start.wait()
+        try:
+            jobs.create(f"racer-{n}", spec, own_name=True)
+            outcomes.append("created")
+        except SpecError:
+            outcomes.append("refused")
+        except Exception as exc:  # noqa: BLE001
+            outcomes.append(repr(exc))
+
+    threads = [threading.Thread(target=submit, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes) == ["created"] + ["refused"] * 3
+    [kept] = [job["id"] for job in jobs.page()[0]]
+    refused = {f"racer-{n}" for n in range(4)} - {kept}
+    assert not any(jobs.store.exists(jobs.spec_key(job_id)) for job_id in refused)
+    jobs.create("racer-9", JobSpec(name="racer-9", publish={"model_name": "shared-name"}))
+
+
 def test_the_migrations_build_the_tables_the_code_declares(backend):
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
