@@ -288,16 +288,19 @@ class JobRecords:
 
     # -- events ---------------------------------------------------------------------------
 
-    def record(self, event: Event, *, send: Sequence = (), patient: bool = True) -> int:
+    def record(
+        self, event: Event, *, send: Sequence = (), patient: bool = True, again: bool = False
+    ) -> int:
         """Append an event to its job's log and fold it into the job's view; ``send``
         (messages, or (message, headers)) goes to the outbox in the same transaction.
         The event's sequence number. ``patient=False``: no waiting for the database
-        (progress, which the next report replaces)."""
+        (progress, which the next report replaces). ``again``: the commands sent run their
+        stages again (``_enqueue``)."""
 
         def write() -> int:
             with self.ledger.write() as conn:
                 seq = self._append(conn, event)
-                self._enqueue(conn, event.job_id, _outgoing(send))
+                self._enqueue(conn, event.job_id, _outgoing(send), again=again)
             return seq
 
         seq = self._durably(write) if patient else write()
@@ -305,12 +308,13 @@ class JobRecords:
             self.outbox_written()
         return seq
 
-    def send(self, job_id: str, *messages: Message | Outgoing) -> None:
-        """Publish messages through the outbox (no event recorded)."""
+    def send(self, job_id: str, *messages: Message | Outgoing, again: bool = False) -> None:
+        """Publish messages through the outbox (no event recorded); ``again``: the commands
+        run their stages again (``_enqueue``)."""
 
         def write() -> None:
             with self.ledger.write() as conn:
-                self._enqueue(conn, job_id, _outgoing(messages))
+                self._enqueue(conn, job_id, _outgoing(messages), again=again)
 
         self._durably(write)
         self.outbox_written()
@@ -362,16 +366,22 @@ class JobRecords:
             _count(conn, view["status"], +1)
         return seq
 
-    def append(self, conn: Connection, event: Event, *, send: Sequence = ()) -> int:
+    def append(
+        self, conn: Connection, event: Event, *, send: Sequence = (), again: bool = False
+    ) -> int:
         """``record`` inside a caller's write transaction (call ``outbox_written`` after
         the commit when ``send`` was given)."""
         seq = self._append(conn, event)
-        self._enqueue(conn, event.job_id, _outgoing(send))
+        self._enqueue(conn, event.job_id, _outgoing(send), again=again)
         return seq
 
-    def _enqueue(self, conn: Connection, job_id: str, outgoing: list[Outgoing]) -> None:
-        """Write messages to the outbox; a command for a stage supersedes that stage's
-        lease (``leases.supersede``)."""
+    def _enqueue(
+        self, conn: Connection, job_id: str, outgoing: list[Outgoing], *, again: bool = False
+    ) -> None:
+        """Write messages to the outbox. ``again``: the commands run their stages again (a
+        stage handing its command back, a user's retry, a re-dispatch), superseding the
+        stages' leases (``leases.supersede``); a worker still holding one is finishing or
+        gone. Not for a command that may be a duplicate of one a worker runs now."""
         if not outgoing:
             return
         conn.execute(
@@ -387,7 +397,7 @@ class JobRecords:
             ],
         )
         stages = {STAGE_OF_COMMAND[m.type] for m, _ in outgoing if m.type in STAGE_OF_COMMAND}  # type: ignore[attr-defined]
-        if stages:
+        if again and stages:
             leases.supersede(conn, job_id, stages, self.ledger)
 
     def outbox_written(self) -> None:
@@ -530,7 +540,7 @@ class JobRecords:
                 raise Conflict(
                     f"job {job_id!r} is {status}; only failed or cancelled jobs are retried"
                 )
-            self.append(conn, retried, send=send)
+            self.append(conn, retried, send=send, again=True)
         if send:
             self.outbox_written()
         return self.summary(job_id)

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 #: how long a claim lasts unless renewed (a dead relay's rows wait this long for another)
 CLAIM_SECONDS = 60.0
 #: how long an unreadable row (and its job's later rows) waits before a relay tries it again
-PARK_SECONDS = 600.0
+PARK_SECONDS = 30.0
 BATCH = 100
 #: a parked row's claim: this prefix and the parking relay's token
 _PARKED = "parked:"
@@ -176,13 +176,13 @@ def _report(jobs: JobRecords, row_id: int, level: int, msg: str, *args: Any) -> 
 
 def _claim(jobs: JobRecords, claim: str, batch: int) -> list[Any]:
     box, now = t.outbox.c, jobs.ledger.now
-    free = sa.and_(
-        box.sent_at.is_(None),
-        sa.or_(box.claimed_until.is_(None), box.claimed_until < now),
-        sa.not_(_behind_parked(now)),
-    )
-    oldest = sa.select(box.id).where(free).order_by(box.id).limit(batch)
     with jobs.ledger.write() as conn:
+        free = sa.and_(
+            box.sent_at.is_(None),
+            sa.or_(box.claimed_until.is_(None), box.claimed_until < now),
+            *_behind_parked(conn, now),
+        )
+        oldest = sa.select(box.id).where(free).order_by(box.id).limit(batch)
         conn.execute(
             t.outbox.update()
             .where(box.id.in_(oldest.scalar_subquery()), free)
@@ -197,21 +197,18 @@ def _claim(jobs: JobRecords, claim: str, batch: int) -> list[Any]:
         )
 
 
-def _behind_parked(now: Any) -> Any:
-    """Whether an earlier unsent row of the row's job is parked: the row waits for it, so a
-    job's messages keep their order."""
-    box, earlier = t.outbox.c, t.outbox.alias("earlier").c
-    return (
-        sa.select(earlier.id)
-        .where(
-            earlier.sent_at.is_(None),
-            earlier.id < box.id,
-            earlier.job_id == box.job_id,
-            earlier.claim.startswith(_PARKED),
-            earlier.claimed_until >= now,
-        )
-        .exists()
+def _behind_parked(conn: sa.Connection, now: Any) -> list[Any]:
+    """Conditions that leave out the rows behind a parked row of their job (they wait for
+    it, so a job's messages keep their order): one look at the unsent rows (the (sent_at,
+    id) index) for the jobs with a parked row, nearly always none, rather than a look a
+    candidate row."""
+    box = t.outbox.c
+    parked = conn.execute(
+        sa.select(box.job_id, sa.func.min(box.id))
+        .where(box.sent_at.is_(None), box.claim.startswith(_PARKED), box.claimed_until >= now)
+        .group_by(box.job_id)
     )
+    return [sa.not_(sa.and_(box.job_id == job_id, box.id > first)) for job_id, first in parked]
 
 
 def _held(claim: str) -> Any:

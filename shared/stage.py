@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import shutil
 import socket
 import threading
@@ -95,22 +96,31 @@ class StageContext:
             raise CorruptOutput(f"the {stage} stage's manifest {uri}: {why}", stage=stage) from exc
 
     def scratch(self, command: Command, name: str) -> Path:
-        """An empty local working folder for one stage of one job, removed with what it
-        holds when the stage ends, however it ends (a tokenized copy of the dataset, a
-        merged model: gigabytes a failed job would otherwise leave on the worker's disk)."""
-        folder = self.settings.cache_dir / "scratch" / command.job_id / name
-        shutil.rmtree(folder, ignore_errors=True)
+        """An empty local working folder for one stage of one job, this worker's alone (two
+        workers sharing a cache may hold one stage in turn, the first still finishing as the
+        next begins), removed with what it holds when the stage ends, however it ends (a
+        tokenized copy of the dataset, a merged model: gigabytes a failed job would
+        otherwise leave on the worker's disk). What a dead process of this machine left
+        there is removed first."""
+        parent = self.settings.cache_dir / "scratch" / command.job_id / name
+        _sweep(parent)
+        folder = parent / f"{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
         folder.mkdir(parents=True)
+        with _in_use_lock:
+            _in_use.add(folder)
         self.scratched.append(folder)
         return folder
 
     def drop_scratch(self) -> None:
-        """Remove the scratch folders the stage made (and its job's, once empty)."""
+        """Remove the scratch folders the stage made (and their job's, once empty)."""
         while self.scratched:
             folder = self.scratched.pop()
             shutil.rmtree(folder, ignore_errors=True)
-            with contextlib.suppress(OSError):  # another stage of the job may still use it
-                folder.parent.rmdir()
+            with _in_use_lock:
+                _in_use.discard(folder)
+            for empty in (folder.parent, folder.parent.parent):
+                with contextlib.suppress(OSError):  # another worker may still use it
+                    empty.rmdir()
 
     def tracked_run(
         self, command: Command, training: dict[str, Any], stage: str
@@ -124,6 +134,37 @@ class StageContext:
 
 
 Handler = Callable[[Command, StageContext], Event]
+_HOST = socket.gethostname().replace("/", "_")
+#: the scratch folders this process's running stages hold
+_in_use: set[Path] = set()
+_in_use_lock = threading.Lock()
+
+
+def _sweep(parent: Path) -> None:
+    """Remove the scratch folders in ``parent`` that a process of this machine made and no
+    longer uses: one that has exited (killed mid-stage), or this one when no running stage
+    holds the folder (a handler called outside ``run_stage``)."""
+    if not parent.is_dir():
+        return
+    for folder in parent.iterdir():
+        host, _, rest = folder.name.rpartition("-")[0].rpartition("-")
+        pid = int(rest) if rest.isdigit() else None
+        if host != _HOST or pid is None:
+            continue
+        with _in_use_lock:
+            held = folder in _in_use
+        if (pid == os.getpid() and not held) or (pid != os.getpid() and not _alive(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 class _Progress:

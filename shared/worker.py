@@ -205,11 +205,12 @@ class Worker:
                         progress={"phase": f"interrupted ({exc}); sent again", "interrupted": True},
                     ),
                     send=[(command, {ATTEMPT_HEADER: attempt})],
+                    again=True,
                 )
                 return
             self._count_end(stage, worker_metrics.outcome_of(event), started)
         if event is None:
-            self.ctx.jobs.send(command.job_id, (command, {ATTEMPT_HEADER: attempt + 1}))
+            self.ctx.jobs.send(command.job_id, (command, {ATTEMPT_HEADER: attempt + 1}), again=True)
             return
         if isinstance(event, StageFailed) and not event.permanent:
             worker_metrics.DEAD_LETTERS.labels(self.service).inc()

@@ -491,6 +491,12 @@ def _s3_file(uri: str, *, store: Store, settings: Settings) -> Path:
             shown=uri,
         )
     except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in ("404", "NoSuchKey", "NotFound"):
+            raise DatasetError(
+                f"dataset.source: no object {uri} (an s3:// source names one object, its "
+                "key as written)"
+            ) from exc
         raise DatasetError(f"dataset.source: cannot read {uri}: {exc}") from exc
 
 

@@ -314,13 +314,18 @@ def test_s3_source_in_an_allowed_bucket(ctx, tiny_model, monkeypatch):
         ctx.settings.allowed_buckets = ["datasets"]
         s3 = boto3.client("s3", endpoint_url=ctx.settings.s3_endpoint_url)
         s3.create_bucket(Bucket="datasets")
-        s3.put_object(
-            Bucket="datasets",
-            Key="med/terms.jsonl",
-            Body="".join(json.dumps(r) + "\n" for r in _rows(12)).encode(),
+        body = "".join(json.dumps(r) + "\n" for r in _rows(12)).encode()
+        for n, key in enumerate(("med/terms.jsonl", "med/glossary[v2].jsonl")):  # as written
+            s3.put_object(Bucket="datasets", Key=key, Body=body)
+            spec = make_spec(tiny_model, dataset={"source": f"s3://datasets/{key}"})
+            assert sum(handle(_command(ctx, spec, f"job-{n}"), ctx).counts.values()) == 12
+        spec = make_spec(tiny_model, dataset={"source": "s3://datasets/med/gone.jsonl"})
+        with pytest.raises(DatasetError) as caught:  # was S3's bare "(404) ... Not Found"
+            handle(_command(ctx, spec, "job-gone"), ctx)
+        assert str(caught.value) == (
+            "dataset.source: no object s3://datasets/med/gone.jsonl (an s3:// source names one "
+            "object, its key as written)"
         )
-        spec = make_spec(tiny_model, dataset={"source": "s3://datasets/med/terms.jsonl"})
-        assert sum(handle(_command(ctx, spec), ctx).counts.values()) == 12
     finally:
         server.stop()
 

@@ -241,3 +241,41 @@ def test_a_stage_leaves_no_scratch_behind_however_it_ends(ctx):
         run_stage(command, staging(shutdown), ctx, final_attempt=False)
     assert not (root / "job-1").exists()
     assert seen == [True, True] and kept.is_dir()
+
+
+def test_a_stage_ending_leaves_the_next_holders_scratch_alone(ctx):
+    """Two workers sharing a cache hold one stage in turn, the first still ending (its
+    tracking run, a dead letter) as the next begins: the first's end removed the folder the
+    next was working in. A folder a killed worker left is removed by the next to begin."""
+    import subprocess
+    import sys
+    from dataclasses import replace
+
+    from shared.jobspec import JobSpec
+    from shared.messages import PrepareDataset
+    from shared.stage import run_stage
+
+    uri = ctx.jobs.create("job-1", JobSpec(name="job"))
+    command = PrepareDataset(job_id="job-1", spec_uri=uri)
+    parent = ctx.settings.cache_dir / "scratch" / "job-1" / "prepare"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], text=True,
+                          capture_output=True, check=True).stdout.strip()  # fmt: skip
+    import socket
+
+    left = parent / f"{socket.gethostname()}-{dead}-0badc0de"  # a killed worker's
+    (left / "staged.parquet").parent.mkdir(parents=True)
+    (left / "staged.parquet").write_bytes(b"x")
+    following = replace(ctx, scratched=[])
+    theirs = []
+
+    def first(command, ctx):
+        ctx.scratch(command, "prepare")
+        theirs.append(following.scratch(command, "prepare"))  # the next holder begins
+        (theirs[0] / "shard-0.parquet").write_bytes(b"y")
+        raise OSError("connection reset")
+
+    assert run_stage(command, first, ctx, final_attempt=False) is None  # handed back
+    assert (theirs[0] / "shard-0.parquet").read_bytes() == b"y"
+    assert not left.exists()
+    following.drop_scratch()
+    assert not (ctx.settings.cache_dir / "scratch" / "job-1").exists()

@@ -494,3 +494,23 @@ def test_a_command_sent_again_while_its_holder_finishes_is_run_not_dropped(env, 
     old.on_message(cmd.model_dump(mode="json"), _Delivery({}, "cmd.PrepareDataset"))
     assert ran == ["new"]
     assert jobs.summary("job-1")["stages"]["prepare"]["status"] == "succeeded"
+
+
+def test_a_duplicate_earlier_command_leaves_the_next_stages_live_lease_alone(env):
+    """A duplicate PrepareDataset (delivered at least once) sends TrainModel again when no
+    train start is recorded yet; a trainer that has just taken the train lease keeps it
+    (superseding it stopped a training that was running as it should)."""
+    from shared.leases import Lease
+
+    settings, store, jobs, bus, cmd = env
+    jobs.record(StageStarted(job_id="job-1", stage="prepare", worker="dp", attempt=1))
+    jobs.record(DatasetPrepared(job_id="job-1", manifest="file:///m", counts={"train": 3}))
+    trainer = Lease(jobs.ledger, "job-1", "train", owner="trainer-1", ttl=60)
+    assert trainer.acquire()
+    worker = Worker(
+        "dataprep", lambda c, x: None, settings=settings, bus=bus, store=store, leased=True
+    )
+    worker.on_message(cmd.model_dump(mode="json"), _Delivery({}, "cmd.PrepareDataset"))
+    [again] = _drain(bus, bus.queues["trainer"])
+    assert parse_message(again.payload).type == "TrainModel"
+    assert trainer.renew()
