@@ -130,6 +130,18 @@ class EvaluationReport(BaseModel):
     samples: list[ReportSample] = []
 
 
+def report_cap(report: dict[str, Any]) -> str | None:
+    """ "N of M" where evaluation.max_rows sampled N of the test split's M rows, else None (a
+    report without ``split_rows``, written before it had one: "N" where its rows reach the
+    cap)."""
+    cap, split = report.get("capped_at"), report.get("split_rows")
+    if not cap:
+        return None
+    if split is None:
+        return str(cap) if report["rows"] >= cap else None
+    return f"{cap} of {split}" if split > report["rows"] else None
+
+
 class ModelEntry(BaseModel):
     """A published model: where it lives and what made it (``bedrock``: the import)."""
 

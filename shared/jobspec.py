@@ -414,6 +414,13 @@ class GateSpec(_Section):
         "primary_metric must be above this (0: a gain clear of zero). None: off. "
         "Older specs' min_rouge_l_gain is read as this.",
     )
+    min_test_prompts: int | None = Field(
+        20,
+        ge=2,
+        description="The fewest distinct test prompts (each with all its answers) the "
+        "min_gain rule judges on: with fewer, the interval means nothing and the rule fails, "
+        "naming the count. None: no minimum.",
+    )
     max_empty_share: float | None = Field(
         0.05,
         ge=0.0,
@@ -424,8 +431,8 @@ class GateSpec(_Section):
         0.05,
         ge=0.0,
         le=1.0,
-        description="Tuned share of degenerate (repetitive) answers: at most this, and not "
-        "above base's. None: off.",
+        description="Tuned share of degenerate answers (repetitive, or giving the question "
+        "or its term back): at most this, and not above base's. None: off.",
     )
     require_lower_loss: bool = Field(True, description="Tuned test loss must be below base.")
     force_publish: bool = Field(

@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from services.cli.client import ApiUnavailable, Backoff, Client
+from shared.api_models import report_cap
 from shared.messages import ENDED, STAGES
 
 TERMINAL = ENDED
@@ -163,8 +164,7 @@ def _follow_bars(polled: _Poll, *, poll: float) -> dict[str, Any]:
 
 def evaluation_table(report: dict[str, Any]) -> Table:
     """Base vs tuned metrics with deltas and their 95% intervals."""
-    capped = f", capped at {report['capped_at']}" if report.get("capped_at") else ""
-    table = Table(title=f"Held-out evaluation ({report['rows']} test rows{capped})")
+    table = Table(title=f"Held-out evaluation ({report['rows']} test rows{_capped(report)})")
     for column in ("metric", "base", "tuned", "delta", "95% CI"):
         table.add_column(column, justify="left" if column == "metric" else "right")
     for name in report.get("metric_order", report["metrics"]):
@@ -178,6 +178,12 @@ def evaluation_table(report: dict[str, Any]) -> Table:
             f"[{low:+.4f}, {high:+.4f}]",
         )
     return table
+
+
+def _capped(report: dict[str, Any]) -> str:
+    """The title's ", capped at N of M" where evaluation.max_rows sampled the test split."""
+    cap = report_cap(report)
+    return f", capped at {cap}" if cap else ""
 
 
 def dataset_lines(prepared: dict[str, Any]) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pyarrow as pa
 import torch
 
 from services.evaluator import html_report, metrics, scoring
@@ -16,6 +17,7 @@ from shared.jobspec import JobSpec
 from shared.messages import EvaluateModel, ModelEvaluated
 from shared.modeling import device, load_adapter, load_model, load_tokenizer, versions
 from shared.planner import Placement, advice, evaluation_options, place_weights
+from shared.prompting import Prompting
 from shared.stage import StageContext
 from shared.trainplan import model_shape
 
@@ -48,6 +50,24 @@ def check_tokenizer(tokenizer: Any, dataset: dict[str, Any], spec: JobSpec) -> N
             f"{recorded.get('vocab_size')}) but the model's tokenizer is {spec.base_model!r} "
             f"(vocabulary {len(tokenizer)}); prepare the dataset again for this model"
         )
+
+
+def served_prompts(table: pa.Table, dataset: dict[str, Any], tokenizer: Any) -> pa.Table:
+    """The test rows with ``served_ids``, the ids answers are generated from: each prompt in
+    full, as the served model is given it, where data-prep cut it to max_source_length (the
+    reference loss stays on the cut ids, as trained), else the ids as stored; and
+    ``prompt_cut``. A manifest without its prompting record: the stored ids, none known cut."""
+    stored = table.column("input_ids").to_pylist()
+    record = dataset.get("prompting")
+    full = (
+        Prompting.from_record(record).prompts(tokenizer, table.column("prompt").to_pylist())
+        if record
+        else stored
+    )
+    cut = [len(f) > len(s) for f, s in zip(full, stored, strict=True)]
+    served = [f if c else s for f, s, c in zip(full, stored, cut, strict=True)]
+    table = table.append_column("served_ids", pa.array(served, type=pa.list_(pa.int32())))
+    return table.append_column("prompt_cut", pa.array(cut, type=pa.bool_()))
 
 
 def base_on_device(base_model: str) -> tuple[Any, Placement]:
@@ -86,6 +106,7 @@ def _evaluate(command: EvaluateModel, ctx: StageContext) -> dict[str, Any]:
     )
     tokenizer = load_tokenizer(base_model)
     check_tokenizer(tokenizer, dataset, spec)
+    table = served_prompts(table, dataset, tokenizer)
     model, placement = base_on_device(base_model)
     run = dict(
         tokenizer=tokenizer,
@@ -179,13 +200,19 @@ def build_report(
     """The evaluation report: metrics, deltas with intervals, the gate, samples, curves, and
     what the data said about itself (``dataset``: the data-prep manifest)."""
     evaluation, rule = spec.evaluation, spec.evaluation.gate
+    prompts, refs = table.column("prompt").to_pylist(), table.column("target").to_pylist()
+    clusters = [scoring.prompt_key(p) for p in prompts]
     base_m, tuned_m = scoring.aggregate(base[0]), scoring.aggregate(tuned[0])
     intervals = scoring.paired_bootstrap(
-        base[0], tuned[0], samples=evaluation.bootstrap_samples, seed=evaluation.seed
+        base[0],
+        tuned[0],
+        clusters=clusters,
+        samples=evaluation.bootstrap_samples,
+        seed=evaluation.seed,
     )
-    rules = scoring.gate(base_m, tuned_m, intervals, rule=rule)
+    distinct = len(set(clusters))
+    rules = scoring.gate(base_m, tuned_m, intervals, rule=rule, prompts=distinct)
     passed = all(r["passed"] for r in rules)
-    prompts, refs = table.column("prompt").to_pylist(), table.column("target").to_pylist()
     metrics_table = {
         name: {
             "base": base_m[name],
@@ -196,9 +223,22 @@ def build_report(
         }
         for name, lower in scoring.METRICS.items()
     }
+    split_rows = (dataset or {}).get("counts", {}).get("test", table.num_rows)
+    cut = (
+        table.column("prompt_cut").to_pylist()
+        if "prompt_cut" in table.column_names
+        else [False] * table.num_rows
+    )
     return {
         "rows": table.num_rows,
         "capped_at": evaluation.max_rows,
+        "split_rows": split_rows,
+        "bootstrap": {
+            "unit": scoring.BOOTSTRAP_UNIT,
+            "prompts": distinct,
+            "samples": evaluation.bootstrap_samples,
+        },
+        "prompts_cut": sum(cut),
         "metrics": metrics_table,
         "metric_order": list(scoring.METRICS),
         "base": base_m,
@@ -214,8 +254,15 @@ def build_report(
         },
         "sacrebleu": scoring.sacrebleu_signatures(base[0]),
         "decoding": spec.decoding.model_dump(),
+        "sampling": sampling(spec),
         "samples": [
-            {"prompt": prompts[i], "reference": refs[i], "base": base[1][i], "tuned": tuned[1][i]}
+            {
+                "prompt": prompts[i],
+                "reference": refs[i],
+                "base": base[1][i],
+                "tuned": tuned[1][i],
+                "prompt_cut": cut[i],
+            }
             for i in range(min(SAMPLE_ROWS, len(prompts)))
         ],
         "curves": {
@@ -227,6 +274,15 @@ def build_report(
         "data": data_section(dataset or {}),
         "versions": versions(),
     }
+
+
+def sampling(spec: JobSpec) -> dict[str, Any] | None:
+    """How sampled answers were seeded (None: greedy or beam decoding): each row from
+    evaluation.seed and its place in the table, whatever the batches; beam sampling, each
+    batch from its first row."""
+    if spec.decoding.temperature == 0:
+        return None
+    return {"seed": spec.evaluation.seed, "per": "row" if spec.decoding.num_beams == 1 else "batch"}
 
 
 def data_section(dataset: dict[str, Any]) -> dict[str, Any]:

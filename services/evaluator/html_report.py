@@ -5,6 +5,7 @@ from __future__ import annotations
 from html import escape
 from typing import Any
 
+from shared.api_models import report_cap
 from shared.jobspec import DEFAULT_NOTICE
 
 STYLE = """
@@ -73,16 +74,30 @@ def loss_chart(curves: dict[str, list[list[float]]]) -> str:
     )
 
 
+CUT_NOTE = "<br><small class=warn>(cut by data-prep: loss on the cut prompt)</small>"
+
+
 def _samples(report: dict[str, Any]) -> str:
     rows = "".join(
-        "<tr>"
-        + "".join(f"<td>{escape(s[k])}</td>" for k in ("prompt", "reference", "base", "tuned"))
+        f"<tr><td>{escape(s['prompt'])}{CUT_NOTE if s.get('prompt_cut') else ''}</td>"
+        + "".join(f"<td>{escape(s[k])}</td>" for k in ("reference", "base", "tuned"))
         + "</tr>"
         for s in report["samples"]
     )
     return (
-        "<table class=samples><tr><th>prompt</th><th>reference</th><th>base</th>"
+        f"{_cut(report)}<table class=samples><tr><th>prompt</th><th>reference</th><th>base</th>"
         f"<th>tuned</th></tr>{rows}</table>"
+    )
+
+
+def _cut(report: dict[str, Any]) -> str:
+    cut = report.get("prompts_cut")
+    if not cut:
+        return ""  # none, or a report written before it counted them
+    return (
+        f"<p class=warn>{cut} of the {report['rows']} test prompts were cut by data-prep "
+        "(dataset.max_source_length): their reference loss is on the cut prompt, as trained; "
+        "answers were generated from the full prompt, as served.</p>"
     )
 
 
@@ -180,15 +195,32 @@ def _data(report: dict[str, Any]) -> str:
     )
 
 
+def capped(report: dict[str, Any]) -> str:
+    """The header's " (capped at N of M rows)" where evaluation.max_rows sampled the test
+    split."""
+    cap = report_cap(report)
+    return f" (capped at {cap} rows)" if cap else ""
+
+
+def _resampled(report: dict[str, Any]) -> str:
+    bootstrap = report.get("bootstrap")
+    if not bootstrap:
+        return ""  # a report written before it said
+    return (
+        f", resampling the {bootstrap['prompts']} distinct test {escape(bootstrap['unit'])}s "
+        "(each with all its rows)"
+    )
+
+
 def render(report: dict[str, Any], *, job_id: str, notice: str = DEFAULT_NOTICE) -> str:
     """The whole page; ``notice`` is the spec's warning to readers (publish.card.notice)."""
-    capped = f" (capped at {report['capped_at']} rows)" if report["capped_at"] else ""
     return f"""<!doctype html>
 <html lang=en><head><meta charset=utf-8><title>termtune report: {escape(job_id)}</title>
 <style>{STYLE}</style></head><body>
 <h1>Evaluation of {escape(job_id)}</h1>
-<p>Base model vs tuned model on {report["rows"]} held-out test rows{capped}. Intervals are
-paired bootstrap 95% intervals of tuned − base; coloured deltas exclude zero.</p>
+<p>Base model vs tuned model on {report["rows"]} held-out test rows{capped(report)}. Intervals
+are paired bootstrap 95% intervals of tuned − base{_resampled(report)}; coloured deltas
+exclude zero.</p>
 {_gate(report["gate"])}
 <table><tr><th>metric</th><th>base</th><th>tuned</th><th>delta</th><th>95% CI</th></tr>
 {_metrics_rows(report)}</table>{_signatures(report)}

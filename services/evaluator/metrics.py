@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -74,6 +76,12 @@ def halving(run: Callable[[pa.Table], list[Any]], chunk: pa.Table) -> list[Any]:
         return halving(run, chunk.slice(0, half)) + halving(run, chunk.slice(half))
 
 
+def prompt_ids(table: pa.Table) -> str:
+    """The column answers are generated from: ``served_ids`` (each prompt in full, as served),
+    where the evaluator added it, else ``input_ids`` (as data-prep stored them)."""
+    return "served_ids" if "served_ids" in table.column_names else "input_ids"
+
+
 def batch_size(spec: EvaluationSpec, model: Any, table: pa.Table, decoding: DecodingSpec) -> int:
     """The spec's number, or "auto": CPU_BATCH on CPU; on CUDA what the memory model fits."""
     if spec.batch_size != "auto":
@@ -83,7 +91,7 @@ def batch_size(spec: EvaluationSpec, model: Any, table: pa.Table, decoding: Deco
     from shared import trainplan
 
     shape = trainplan.shape_from(model, model.config)
-    longest = max(pc.list_value_length(table.column("input_ids")).to_pylist(), default=1)
+    longest = max(pc.list_value_length(table.column(prompt_ids(table))).to_pylist(), default=1)
     dtype_bytes = next(model.parameters()).element_size()
     per_row = trainplan.generation_row_bytes(
         shape, longest, decoding.max_new_tokens, dtype_bytes=dtype_bytes,
@@ -144,6 +152,61 @@ def _loss_collator(model: Any, tokenizer: Any) -> Callable[[list[dict]], dict]:
     return collate
 
 
+def row_seed(seed: int, row: int) -> int:
+    """The seed of one row's sampling: evaluation.seed and the row's place in the table."""
+    return int(np.random.SeedSequence([seed, row]).generate_state(1, np.uint64)[0])
+
+
+def row_sampling(model: Any, decoding: DecodingSpec, *, rows: list[int], seed: int) -> dict:
+    """``generate``'s arguments that sample each row from a generator of its own, seeded by
+    ``row_seed``: a row's answer is the same in any batch, at any batch size (transformers
+    samples a batch from the one global generator). Its warpers (temperature, the base's
+    top_k, top_p) run as its sampling does, then each row draws its token, which greedy
+    decoding then takes. Beam search samples across a batch's beams: the batch is reseeded
+    from its first row instead."""
+    kwargs = decoding.generate_kwargs()
+    if decoding.temperature == 0:
+        return kwargs
+    if decoding.num_beams > 1:
+        torch.manual_seed(row_seed(seed, rows[0]))
+        return kwargs
+    from transformers import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    warpers: list[Any] = [TemperatureLogitsWarper(decoding.temperature)]
+    if getattr(model.generation_config, "top_k", None):
+        warpers.append(TopKLogitsWarper(model.generation_config.top_k))
+    if decoding.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(decoding.top_p))
+    generators = [torch.Generator().manual_seed(row_seed(seed, row)) for row in rows]
+    return {
+        **kwargs,
+        "do_sample": False,
+        "temperature": None,
+        "top_p": None,
+        "logits_processor": LogitsProcessorList([*warpers, _RowDraw(generators)]),
+    }
+
+
+class _RowDraw:
+    """A logits processor that draws each row's next token from its own generator and
+    leaves that token the only one possible."""
+
+    def __init__(self, generators: list[torch.Generator]) -> None:
+        self.generators = generators
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        cdf = torch.softmax(scores.float(), dim=-1).cumsum(dim=-1)
+        draws = torch.cat([torch.rand(1, generator=g) for g in self.generators])
+        draws = draws.to(scores.device).unsqueeze(1) * cdf[:, -1:]
+        token = torch.searchsorted(cdf, draws, right=True).clamp_(max=scores.shape[-1] - 1)
+        return torch.full_like(scores, -math.inf).scatter_(1, token, 0.0)
+
+
 @torch.no_grad()
 def generate(
     model: Any,
@@ -154,32 +217,37 @@ def generate(
     batch_size: int,
     on_batch: Progress,
     ran: Callable[[int], None] = lambda rows: None,
+    seed: int = 0,
 ) -> list[str]:
-    """The model's answers to the prompts of a table, decoded as served, in batches of
-    alike prompt lengths (longest first), returned in the table's order; ``ran`` hears each
-    batch's rows."""
+    """The model's answers to the prompts of a table (``prompt_ids``), decoded as served, in
+    batches of alike prompt lengths (longest first), returned in the table's order; ``ran``
+    hears each batch's rows. Sampling (decoding.temperature > 0) draws each row's tokens
+    from ``seed`` and the row's place in the table alone (``row_sampling``)."""
     model.eval()
 
     causal = not model.config.is_encoder_decoder
     stops = stop_ids(model.generation_config.eos_token_id, tokenizer)
 
     def run(chunk: pa.Table) -> list[str]:
-        ids = chunk.column("input_ids").to_pylist()
+        ids = chunk.column(0).to_pylist()
         batch = padded(ids, pad_id(tokenizer), left=causal).to(model.device)
+        rows = chunk.column("row").to_pylist()
         generated = model.generate(
             **batch,
             pad_token_id=pad_id(tokenizer),
             eos_token_id=stops,  # as served: the trained EOS, whatever the config lists
-            **decoding.generate_kwargs(),
+            **row_sampling(model, decoding, rows=rows, seed=seed),
         )
         if causal:  # the answer only: a decoder-only model's output starts with the prompt
             generated = generated[:, batch["input_ids"].shape[1] :]
         ran(chunk.num_rows)
         return [reply_text(tokenizer, row) for row in generated.tolist()]
 
-    order = longest_first(table, "input_ids")
+    column = prompt_ids(table)
+    order = longest_first(table, column)
+    ordered = table.select([column]).take(order).append_column("row", pa.array(order))
     outputs: list[str] = []
-    for chunk in _batches(table.select(["input_ids"]).take(order), batch_size):
+    for chunk in _batches(ordered, batch_size):
         outputs += halving(run, chunk)
         on_batch(len(outputs))
     return restored(outputs, order)
@@ -203,8 +271,6 @@ def run_model(
         force=True,
     )
     nll, tokens = row_losses(model, tokenizer, table, batch_size=size, ran=batches.loss.add)
-    if decoding.temperature > 0:
-        torch.manual_seed(spec.seed)
 
     def on_batch(done: int) -> None:
         progress({"phase": f"{label}: generating", "rows_done": done, "rows": table.num_rows})
@@ -217,6 +283,8 @@ def run_model(
         batch_size=size,
         on_batch=on_batch,
         ran=batches.generation.add,
+        seed=spec.seed,
     )
-    references = table.column("target").to_pylist()
-    return score_rows(predictions, references, nll=nll, tokens=tokens), predictions, batches
+    references, prompts = table.column("target").to_pylist(), table.column("prompt").to_pylist()
+    scores = score_rows(predictions, references, nll=nll, tokens=tokens, prompts=prompts)
+    return scores, predictions, batches

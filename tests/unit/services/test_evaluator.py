@@ -230,7 +230,11 @@ def _gate(base, tuned, samples=200, **rule):
     """The gate's rules for two RowScores, as build_report applies them."""
     intervals = scoring.paired_bootstrap(base, tuned, samples=samples)
     return scoring.gate(
-        scoring.aggregate(base), scoring.aggregate(tuned), intervals, rule=GateSpec(**rule)
+        scoring.aggregate(base),
+        scoring.aggregate(tuned),
+        intervals,
+        rule=GateSpec(**rule),
+        prompts=len(base),  # one row a prompt
     )
 
 
@@ -262,7 +266,12 @@ def test_gate_refuses_a_model_that_answers_nothing():
         "lower_loss": "test loss: tuned 5.0000 vs base 4.0000; must be below base",
     }
     degenerate = next(r for r in rules if r["rule"] == "degenerate_share")
-    assert degenerate["passed"] and degenerate["values"] == {"base": 0.0, "tuned": 0.0, "max": 0.05}
+    assert degenerate["passed"] and degenerate["values"] == {
+        "base": 0.0,
+        "tuned": 0.0,
+        "max": 0.05,
+        "echo": {"base": 0.0, "tuned": 0.0},
+    }
 
 
 def test_gate_passes_a_model_that_learned_with_every_number():
@@ -329,7 +338,7 @@ def test_evaluates_base_and_tuned_and_writes_report(trained_job):
     assert loss["delta"] == pytest.approx(loss["tuned"] - loss["base"])
     assert loss["ci95"][0] <= loss["ci95"][1]
     assert len(report["samples"]) == 8
-    assert set(report["samples"][0]) == {"prompt", "reference", "base", "tuned"}
+    assert set(report["samples"][0]) == {"prompt", "reference", "base", "tuned", "prompt_cut"}
     assert [s for s, _ in report["curves"]["train_loss"]] == [2, 4, 6]
     # validation on its own clock: "auto" is about 10 passes a run, here every one of 6 steps
     assert [s for s, _ in report["curves"]["validation_loss"]] == [1, 2, 3, 4, 5, 6]
@@ -363,7 +372,8 @@ def test_strict_gate_rejects_unless_forced(trained_job, force):
     ctx, cmd = trained_job["ctx"], trained_job["evaluate"]
     spec = make_spec(
         trained_job["spec"].base_model,
-        evaluation={"gate": {"min_gain": 1.0, "force_publish": force}},
+        # the test split's 8 prompts: below the default 20, which would fail for that alone
+        evaluation={"gate": {"min_gain": 1.0, "force_publish": force, "min_test_prompts": 8}},
     )
     job_id = f"strict-{force}"
     strict = EvaluateModel(
