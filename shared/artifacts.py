@@ -28,7 +28,9 @@ def read_split(
     """One split of a prepared dataset, its shards' SHA-256 verified: a cached copy that does
     not match is fetched again; a stored one that does not (or a shard gone) is the prepare
     stage's corrupt output (``CorruptOutput``: that stage runs again). ``max_rows`` keeps a
-    uniform sample of that many rows, seeded by ``seed``, in the split's order."""
+    uniform sample of at most that many rows, seeded by ``seed``, in the split's order: of
+    whole prompts, each with all its rows, where the split has a ``prompt`` column (a term's
+    answers share the model's one answer; the gate resamples prompts)."""
     if split not in manifest.get("shards", {}):
         raise DatasetError(f"the prepared dataset has no {split!r} split")
     tables = []
@@ -50,7 +52,23 @@ def read_split(
     if max_rows is None or table.num_rows <= max_rows:
         return table
     # a split keeps its source's order (sorted by domain, say): its head is no sample
-    return table.take(sorted(random.Random(seed).sample(range(table.num_rows), max_rows)))
+    if "prompt" not in table.column_names:
+        return table.take(sorted(random.Random(seed).sample(range(table.num_rows), max_rows)))
+    return table.take(sorted(_whole_prompts(table.column("prompt").to_pylist(), max_rows, seed)))
+
+
+def _whole_prompts(prompts: list[str], max_rows: int, seed: int) -> list[int]:
+    """The rows of prompts drawn in a seeded order, each prompt whole, while they fit in
+    ``max_rows`` (one that would not is passed over for smaller ones)."""
+    rows: dict[str, list[int]] = {}
+    for row, prompt in enumerate(prompts):
+        rows.setdefault(prompt.casefold(), []).append(row)
+    groups = list(rows.values())
+    kept: list[int] = []
+    for index in random.Random(seed).sample(range(len(groups)), len(groups)):
+        if len(kept) + len(groups[index]) <= max_rows:
+            kept += groups[index]
+    return kept
 
 
 def _fetch(store: Store, key: str, path: Path) -> None:

@@ -77,6 +77,15 @@ FAMILIES: dict[str, Family] = {
 }  # fmt: skip
 
 
+#: the config keys that give a model's context length, across families
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def context_length(config: dict[str, Any]) -> int:
+    """A model's context length in tokens, from its config as a dict (0: it gives none)."""
+    return max((config.get(k) or 0 for k in CONTEXT_KEYS), default=0)
+
+
 def names() -> str:
     """Every family Bedrock imports, as a refusal lists them."""
     return ", ".join(f"{f.label} ({f.model_type})" for f in FAMILIES.values())

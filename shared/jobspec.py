@@ -457,7 +457,7 @@ class EvaluationSpec(_Section):
         200,
         ge=1,
         description="Cap on test rows for quick runs (None: all): a uniform sample of the "
-        "test split, seeded by seed; reported.",
+        "test split's prompts, each with all its answers, seeded by seed; reported.",
     )
     seed: Seed = Field(
         0,

@@ -7,6 +7,7 @@ worker loop (shared.worker) wires it to the bus.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import secrets
@@ -62,7 +63,7 @@ class StageContext:
 
     lease_lost: threading.Event = field(default_factory=threading.Event)
     #: the scratch folders the running stage made, removed when it ends (``run_stage``)
-    scratched: list[Path] = field(default_factory=list)
+    scratched: list[_Scratch] = field(default_factory=list)
 
     def should_stop(self, command: Command) -> str | None:
         """Why the running stage must stop now: "lost" (lease), "cancel", "shutdown", or None."""
@@ -100,27 +101,18 @@ class StageContext:
         workers sharing a cache may hold one stage in turn, the first still finishing as the
         next begins), removed with what it holds when the stage ends, however it ends (a
         tokenized copy of the dataset, a merged model: gigabytes a failed job would
-        otherwise leave on the worker's disk). What a dead process of this machine left
-        there is removed first."""
+        otherwise leave on the worker's disk). The folder's lock (``_Scratch``) is held while
+        it is in use; what a process that has ended left there is removed first."""
         parent = self.settings.cache_dir / "scratch" / command.job_id / name
         _sweep(parent)
-        folder = parent / f"{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
-        folder.mkdir(parents=True)
-        with _in_use_lock:
-            _in_use.add(folder)
-        self.scratched.append(folder)
-        return folder
+        held = _Scratch.make(parent / f"{_HOST}-{os.getpid()}-{secrets.token_hex(4)}")
+        self.scratched.append(held)
+        return held.folder
 
     def drop_scratch(self) -> None:
         """Remove the scratch folders the stage made (and their job's, once empty)."""
         while self.scratched:
-            folder = self.scratched.pop()
-            shutil.rmtree(folder, ignore_errors=True)
-            with _in_use_lock:
-                _in_use.discard(folder)
-            for empty in (folder.parent, folder.parent.parent):
-                with contextlib.suppress(OSError):  # another worker may still use it
-                    empty.rmdir()
+            self.scratched.pop().remove()
 
     def tracked_run(
         self, command: Command, training: dict[str, Any], stage: str
@@ -135,36 +127,45 @@ class StageContext:
 
 Handler = Callable[[Command, StageContext], Event]
 _HOST = socket.gethostname().replace("/", "_")
-#: the scratch folders this process's running stages hold
-_in_use: set[Path] = set()
-_in_use_lock = threading.Lock()
+#: the file in a scratch folder whose lock its user holds (released when the process ends,
+#: however it ends, in any PID namespace sharing the disk)
+_LOCK = ".in-use"
+
+
+@dataclass
+class _Scratch:
+    """A scratch folder and the open lock file that says it is in use."""
+
+    folder: Path
+    lock: Any
+
+    @classmethod
+    def make(cls, folder: Path) -> _Scratch:
+        folder.mkdir(parents=True)
+        lock = (folder / _LOCK).open("w")
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return cls(folder, lock)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.lock.close()
+        for empty in (self.folder.parent, self.folder.parent.parent):
+            with contextlib.suppress(OSError):  # another worker may still use it
+                empty.rmdir()
 
 
 def _sweep(parent: Path) -> None:
-    """Remove the scratch folders in ``parent`` that a process of this machine made and no
-    longer uses: one that has exited (killed mid-stage), or this one when no running stage
-    holds the folder (a handler called outside ``run_stage``)."""
+    """Remove the scratch folders in ``parent`` no process uses: their lock is free (a
+    worker killed mid-stage left them). A folder being made (no lock file yet) is left."""
     if not parent.is_dir():
         return
     for folder in parent.iterdir():
-        host, _, rest = folder.name.rpartition("-")[0].rpartition("-")
-        pid = int(rest) if rest.isdigit() else None
-        if host != _HOST or pid is None:
+        try:
+            with (folder / _LOCK).open("r+") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # held (BlockingIOError), or no lock file
             continue
-        with _in_use_lock:
-            held = folder in _in_use
-        if (pid == os.getpid() and not held) or (pid != os.getpid() and not _alive(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
 
 
 class _Progress:

@@ -9,7 +9,7 @@ import pyarrow as pa
 import torch
 
 from services.evaluator import html_report, metrics, scoring
-from shared import tracking
+from shared import families, tracking
 from shared.artifacts import adapter_dir, dropped_rows, read_split
 from shared.basemodel import resolve_base_model
 from shared.errors import ModelError, NotFound
@@ -52,22 +52,60 @@ def check_tokenizer(tokenizer: Any, dataset: dict[str, Any], spec: JobSpec) -> N
         )
 
 
-def served_prompts(table: pa.Table, dataset: dict[str, Any], tokenizer: Any) -> pa.Table:
-    """The test rows with ``served_ids``, the ids answers are generated from: each prompt in
-    full, as the served model is given it, where data-prep cut it to max_source_length (the
-    reference loss stays on the cut ids, as trained), else the ids as stored; and
-    ``prompt_cut``. A manifest without its prompting record: the stored ids, none known cut."""
+def served_prompts(
+    table: pa.Table,
+    dataset: dict[str, Any],
+    tokenizer: Any,
+    *,
+    limit: int | None = None,
+    encoder: bool = True,
+) -> pa.Table:
+    """The test rows with ``served_ids``, the ids answers are generated from: each prompt as
+    the served model is given it, where data-prep cut it to max_source_length (the reference
+    loss stays on the cut ids, as trained), else the ids as stored; and ``prompt_cut``.
+    ``limit`` (``served_limit``): past it an encoder's prompt is cut as the API cuts it, and
+    a decoder's keeps its stored ids (served, it would not fit its context). A manifest
+    without its prompting record: the stored ids, none known cut."""
     stored = table.column("input_ids").to_pylist()
+    prompts = table.column("prompt").to_pylist()
     record = dataset.get("prompting")
-    full = (
-        Prompting.from_record(record).prompts(tokenizer, table.column("prompt").to_pylist())
-        if record
-        else stored
-    )
+    full = Prompting.from_record(record).prompts(tokenizer, prompts) if record else stored
+    served = [
+        _served(f, s, p, tokenizer, limit=limit, encoder=encoder)
+        for f, s, p in zip(full, stored, prompts, strict=True)
+    ]
     cut = [len(f) > len(s) for f, s in zip(full, stored, strict=True)]
-    served = [f if c else s for f, s, c in zip(full, stored, cut, strict=True)]
     table = table.append_column("served_ids", pa.array(served, type=pa.list_(pa.int32())))
     return table.append_column("prompt_cut", pa.array(cut, type=pa.bool_()))
+
+
+def _served(
+    full: list[int],
+    stored: list[int],
+    prompt: str,
+    tokenizer: Any,
+    *,
+    limit: int | None,
+    encoder: bool,
+) -> list[int]:
+    if len(full) <= len(stored):
+        return stored
+    if limit is None or len(full) <= limit:
+        return full
+    if encoder:  # the API's own cut (services.api.inference)
+        return tokenizer(prompt, truncation=True, max_length=limit)["input_ids"]
+    return stored
+
+
+def served_limit(config: Any, tokenizer: Any, max_new_tokens: int) -> int | None:
+    """The most prompt tokens the served model reads: an encoder model's tokenizer length
+    (the API cuts a prompt there), a decoder's context less the answer's tokens; None where
+    neither is known."""
+    if config.is_encoder_decoder:
+        length = tokenizer.model_max_length
+        return length if length and length < 10**6 else None
+    context = families.context_length(config.to_dict())
+    return max(context - max_new_tokens, 1) if context else None
 
 
 def base_on_device(base_model: str) -> tuple[Any, Placement]:
@@ -106,8 +144,10 @@ def _evaluate(command: EvaluateModel, ctx: StageContext) -> dict[str, Any]:
     )
     tokenizer = load_tokenizer(base_model)
     check_tokenizer(tokenizer, dataset, spec)
-    table = served_prompts(table, dataset, tokenizer)
     model, placement = base_on_device(base_model)
+    limit = served_limit(model.config, tokenizer, spec.decoding.max_new_tokens)
+    encoder = model.config.is_encoder_decoder
+    table = served_prompts(table, dataset, tokenizer, limit=limit, encoder=encoder)
     run = dict(
         tokenizer=tokenizer,
         table=table,

@@ -160,8 +160,8 @@ def row_seed(seed: int, row: int) -> int:
 def row_sampling(model: Any, decoding: DecodingSpec, *, rows: list[int], seed: int) -> dict:
     """``generate``'s arguments that sample each row from a generator of its own, seeded by
     ``row_seed``: a row's answer is the same in any batch, at any batch size (transformers
-    samples a batch from the one global generator). Its warpers (temperature, the base's
-    top_k, top_p) run as its sampling does, then each row draws its token, which greedy
+    samples a batch from the one global generator). The warpers sampling applies
+    (``sampling_warpers``) run as they would, then each row draws its token, which greedy
     decoding then takes. Beam search samples across a batch's beams: the batch is reseeded
     from its first row instead."""
     kwargs = decoding.generate_kwargs()
@@ -170,19 +170,10 @@ def row_sampling(model: Any, decoding: DecodingSpec, *, rows: list[int], seed: i
     if decoding.num_beams > 1:
         torch.manual_seed(row_seed(seed, rows[0]))
         return kwargs
-    from transformers import (
-        LogitsProcessorList,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
+    from transformers import LogitsProcessorList
 
-    warpers: list[Any] = [TemperatureLogitsWarper(decoding.temperature)]
-    if getattr(model.generation_config, "top_k", None):
-        warpers.append(TopKLogitsWarper(model.generation_config.top_k))
-    if decoding.top_p < 1.0:
-        warpers.append(TopPLogitsWarper(decoding.top_p))
     generators = [torch.Generator().manual_seed(row_seed(seed, row)) for row in rows]
+    warpers = sampling_warpers(model, kwargs)
     return {
         **kwargs,
         "do_sample": False,
@@ -190,6 +181,31 @@ def row_sampling(model: Any, decoding: DecodingSpec, *, rows: list[int], seed: i
         "top_p": None,
         "logits_processor": LogitsProcessorList([*warpers, _RowDraw(generators)]),
     }
+
+
+def sampling_warpers(model: Any, kwargs: dict[str, Any]) -> list[Any]:
+    """The warpers ``generate(do_sample=True, **kwargs)`` applies on this model, in
+    transformers' order: ``kwargs`` over the model's generation config over transformers'
+    defaults, which it fills in only as it generates (top_k 50 where the model sets none)."""
+    from transformers import GenerationConfig
+    from transformers import generation as g
+
+    own = {k: v for k, v in model.generation_config.to_dict().items() if v is not None}
+    given = {k: v for k, v in kwargs.items() if v is not None}
+    c = {**GenerationConfig._get_default_generation_params(), **own, **given}
+    steps = [
+        (c.get("temperature", 1.0) != 1.0, lambda: g.TemperatureLogitsWarper(c["temperature"])),
+        (c.get("top_h") is not None, lambda: g.TopHLogitsWarper(top_h=c["top_h"])),
+        (c.get("top_k") not in (None, 0), lambda: g.TopKLogitsWarper(top_k=c["top_k"])),
+        (c.get("top_p", 1.0) < 1.0, lambda: g.TopPLogitsWarper(top_p=c["top_p"])),
+        (c.get("min_p") is not None, lambda: g.MinPLogitsWarper(min_p=c["min_p"])),
+        (c.get("typical_p", 1.0) < 1.0, lambda: g.TypicalLogitsWarper(mass=c["typical_p"])),
+        (0.0 < (c.get("epsilon_cutoff") or 0.0) < 1.0,
+         lambda: g.EpsilonLogitsWarper(epsilon=c["epsilon_cutoff"])),
+        (0.0 < (c.get("eta_cutoff") or 0.0) < 1.0,
+         lambda: g.EtaLogitsWarper(epsilon=c["eta_cutoff"], device=model.device)),
+    ]  # fmt: skip
+    return [make() for wanted, make in steps if wanted]
 
 
 class _RowDraw:

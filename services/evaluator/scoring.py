@@ -166,13 +166,12 @@ def _longest_run(flags: np.ndarray) -> int:
 
 
 def is_echo(answer: str, prompt: str) -> bool:
-    """An answer that gives the question back, compared as ``words``: the prompt or a piece
-    of it (the term alone), only the prompt's words, or within ECHO_ROUGE_L of the prompt."""
+    """An answer that gives the question back, compared as ``words``: within ECHO_ROUGE_L
+    of the prompt. The term alone is no echo: plain-language glossaries answer "cancer"
+    for "cancer" and "heart disease" for "coronary heart disease"."""
     said, asked = words(answer), words(prompt)
     if not said or not asked:
         return False
-    if set(said) <= set(asked):
-        return True
     lcs = _lcs(said, asked)
     return 2 * lcs / (len(said) + len(asked)) >= ECHO_ROUGE_L
 

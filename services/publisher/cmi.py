@@ -29,7 +29,6 @@ ALLOWED_DTYPES = {"F32", "F16", "BF16"}
 ADAPTER_TENSOR_MARKS = ("lora_A", "lora_B", "lora_embedding", "base_layer")
 MAX_BYTES = 200 * 1024**3
 MAX_CONTEXT = 128 * 1024
-CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 T5_HEAD_MULTIPLE = 4  # Bedrock shards a T5 model's attention heads across GPUs
 #: tensors holding the vocabulary's rows: input embeddings of each family, and the LM head
 EMBEDDING_TENSORS = ("embed_tokens.weight", "wte.weight", "shared.weight", "lm_head.weight")
@@ -137,7 +136,7 @@ def _check_config(config: dict[str, Any], region: str | None) -> str:
             f"config.json has a {method} quantization_config; export the merged model "
             "unquantized (fp32, fp16 or bf16)",
         )
-    context = max((config.get(k) or 0 for k in CONTEXT_KEYS), default=0)
+    context = families.context_length(config)
     if context > MAX_CONTEXT:
         raise PreflightError(
             "context-length", f"{context} tokens; Bedrock imports at most 128K ({MAX_CONTEXT})"

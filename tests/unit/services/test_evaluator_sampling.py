@@ -102,8 +102,70 @@ def test_prompts_data_prep_cut_are_answered_in_full_and_counted(t5):
     assert page.count("(cut by data-prep: loss on the cut prompt)") == 2
 
 
+def test_a_cut_prompt_is_answered_no_longer_than_the_served_model_reads(t5):
+    """Answered in full, a prompt past what serving reads was no longer as served (the API
+    cuts an encoder's at its tokenizer's length) and, past a decoder's context, failed the
+    whole evaluation (an index error; on a GPU a device-side assert)."""
+    tokenizer, _ = t5
+    table = _table(tokenizer, rows=3)
+    prompting = Prompting.of(tokenizer, "seq2seq")
+    full = table.column("input_ids").to_pylist()
+    stored = [cut(ids, 4, tail=prompting.source_tail) for ids in full]
+    table = table.set_column(2, "input_ids", pa.array(stored, type=pa.list_(pa.int32())))
+    limit = sorted(len(ids) for ids in full)[1]  # the shortest fits, the others do not
+    record = {"prompting": prompting.record()}
+    as_api = [
+        f if len(f) <= limit else tokenizer(p, truncation=True, max_length=limit)["input_ids"]
+        for f, p in zip(full, table.column("prompt").to_pylist(), strict=True)
+    ]
+    encoder = served_prompts(table, record, tokenizer, limit=limit, encoder=True)
+    assert encoder.column("served_ids").to_pylist() == as_api
+    assert max(len(ids) for ids in as_api) == limit
+    decoder = served_prompts(table, record, tokenizer, limit=limit, encoder=False)
+    assert decoder.column("served_ids").to_pylist() == [
+        f if len(f) <= limit else s for f, s in zip(full, stored, strict=True)
+    ]
+    assert decoder.column("prompt_cut").to_pylist() == [True, True, True]
+
+
 def test_a_manifest_without_its_prompting_record_keeps_the_stored_ids(t5):
     table = _table(t5[0], rows=2)
     served = served_prompts(table, {}, t5[0])
     assert served.column("served_ids").to_pylist() == table.column("input_ids").to_pylist()
     assert served.column("prompt_cut").to_pylist() == [False, False]
+
+
+@pytest.mark.parametrize("set_by_model", [{}, {"top_k": 5}, {"min_p": 0.2}])
+def test_sampled_tokens_come_from_the_distribution_generate_samples(t5, set_by_model):
+    """The evaluator's per-row draws left out what generate(do_sample=True) applies on its
+    own: transformers' top_k of 50 for a model whose generation config sets none (Flan-T5),
+    the model's own min_p: it scored answers from the whole vocabulary's tail, which the
+    served model never gives. One step, 600 draws each way from one prompt: every token
+    drawn is one the served sampling may give."""
+    import copy
+
+    import torch
+
+    tokenizer, model = t5
+    model = copy.deepcopy(model)
+    for name, value in set_by_model.items():
+        setattr(model.generation_config, name, value)
+    prompt = torch.tensor(_table(tokenizer, rows=1).column("input_ids").to_pylist())
+    start = torch.tensor([[model.config.decoder_start_token_id]])
+    with torch.no_grad():
+        logits = model(input_ids=prompt, decoder_input_ids=start).logits[0, -1] / 1.3
+    allowed = set(torch.topk(logits, set_by_model.get("top_k", 50)).indices.tolist())
+    if "min_p" in set_by_model:
+        probs = torch.softmax(logits, dim=-1)
+        allowed &= set(torch.nonzero(probs >= 0.2 * probs.max()).flatten().tolist())
+    batch = {
+        "input_ids": prompt.repeat(600, 1),
+        "attention_mask": torch.ones_like(prompt).repeat(600, 1),
+    }
+    decoding = DecodingSpec(max_new_tokens=1, temperature=1.3, top_p=1.0)
+    torch.manual_seed(0)
+    served = set(model.generate(**batch, **decoding.generate_kwargs())[:, -1].tolist())
+    sampled = metrics.row_sampling(model, decoding, rows=list(range(600)), seed=0)
+    drawn = set(model.generate(**batch, **sampled)[:, -1].tolist())
+    assert served <= allowed and drawn <= allowed
+    assert len(drawn) >= min(len(allowed), 2)  # it samples

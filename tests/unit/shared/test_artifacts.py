@@ -103,3 +103,22 @@ def test_an_adapter_is_checked_against_the_training_manifests_digests(tmp_path):
     old = {"adapter": training["adapter"]}
     with pytest.raises(CorruptOutput, match="adapter_model.safetensors cannot be read"):
         adapter_dir(LocalStore(tmp_path / "store"), old, cache_dir=cache)
+
+
+def test_max_rows_keeps_each_sampled_prompt_whole(tmp_path):
+    """It sampled rows: a term with several answers kept some of them, and the count of
+    distinct prompts the gate judges on depended on the draw."""
+    store = LocalStore(tmp_path / "store")
+    path = tmp_path / "test-00000.parquet"
+    prompts = [f"What is term {i // 3}?" for i in range(90)]  # 30 prompts x 3 answers
+    prompts[1] = prompts[1].upper()  # one prompt in another case: data-prep's one group
+    pq.write_table(pa.table({"prompt": prompts, "target": [str(i) for i in range(90)]}), path)
+    key = "jobs/j/prepare/test-00000.parquet"
+    store.upload_file(path, key)
+    manifest = {"shards": {"test": [{"uri": store.uri(key), "sha256": sha256_of(path)}]}}
+    for cap in (30, 31, 32, 8):
+        table = read_split(store, manifest, "test", cache_dir=tmp_path / "cache", max_rows=cap)
+        rows = [int(t) for t in table.column("target").to_pylist()]
+        assert len(rows) == cap // 3 * 3 and rows == sorted(rows)
+        kept = {r // 3 for r in rows}
+        assert set(rows) == {3 * term + k for term in kept for k in range(3)}  # whole terms

@@ -246,7 +246,11 @@ def test_a_stage_leaves_no_scratch_behind_however_it_ends(ctx):
 def test_a_stage_ending_leaves_the_next_holders_scratch_alone(ctx):
     """Two workers sharing a cache hold one stage in turn, the first still ending (its
     tracking run, a dead letter) as the next begins: the first's end removed the folder the
-    next was working in. A folder a killed worker left is removed by the next to begin."""
+    next was working in. A folder a killed worker left is removed by the next to begin; one
+    another process uses is not, whatever its name says (another container's worker may
+    have this one's host name and process id)."""
+    import os
+    import socket
     import subprocess
     import sys
     from dataclasses import replace
@@ -258,24 +262,31 @@ def test_a_stage_ending_leaves_the_next_holders_scratch_alone(ctx):
     uri = ctx.jobs.create("job-1", JobSpec(name="job"))
     command = PrepareDataset(job_id="job-1", spec_uri=uri)
     parent = ctx.settings.cache_dir / "scratch" / "job-1" / "prepare"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], text=True,
-                          capture_output=True, check=True).stdout.strip()  # fmt: skip
-    import socket
+    left, busy = (parent / f"{socket.gethostname()}-{os.getpid()}-{n}" for n in ("0bad", "0b5y"))
+    for folder in (left, busy):
+        folder.mkdir(parents=True)
+        (folder / ".in-use").touch()
+    holder = subprocess.Popen(  # another process holds busy's lock
+        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'r+'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
+         str(busy / ".in-use")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        following = replace(ctx, scratched=[])
+        theirs = []
 
-    left = parent / f"{socket.gethostname()}-{dead}-0badc0de"  # a killed worker's
-    (left / "staged.parquet").parent.mkdir(parents=True)
-    (left / "staged.parquet").write_bytes(b"x")
-    following = replace(ctx, scratched=[])
-    theirs = []
+        def first(command, ctx):
+            ctx.scratch(command, "prepare")
+            theirs.append(following.scratch(command, "prepare"))  # the next holder begins
+            (theirs[0] / "shard-0.parquet").write_bytes(b"y")
+            raise OSError("connection reset")
 
-    def first(command, ctx):
-        ctx.scratch(command, "prepare")
-        theirs.append(following.scratch(command, "prepare"))  # the next holder begins
-        (theirs[0] / "shard-0.parquet").write_bytes(b"y")
-        raise OSError("connection reset")
-
-    assert run_stage(command, first, ctx, final_attempt=False) is None  # handed back
-    assert (theirs[0] / "shard-0.parquet").read_bytes() == b"y"
-    assert not left.exists()
-    following.drop_scratch()
-    assert not (ctx.settings.cache_dir / "scratch" / "job-1").exists()
+        assert run_stage(command, first, ctx, final_attempt=False) is None  # handed back
+        assert (theirs[0] / "shard-0.parquet").read_bytes() == b"y"
+        assert not left.exists() and busy.is_dir()
+        following.drop_scratch()
+        assert sorted(parent.iterdir()) == [busy]
+    finally:
+        holder.communicate("")
