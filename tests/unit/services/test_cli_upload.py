@@ -82,8 +82,8 @@ def test_submit_upload_puts_the_files_in_the_store_and_submits_their_locations(a
     ]
     assert sum(r.startswith("PUT /v1/uploads/models/") for r in requests) == 3
 
-    requests.clear()
-    assert main(["submit", _spec(here), "--upload"]) == 0
+    requests.clear()  # another job (the first, not ended, holds the name "terms")
+    assert main(["submit", _spec(here, name="terms-again"), "--upload"]) == 0
     again = app.state.jobs.spec(capsys.readouterr().out.strip())
     assert (again.dataset.source, again.base_model) == (spec.dataset.source, spec.base_model)
     assert not any(r.startswith("PUT /v1/uploads/models/") for r in requests)  # stored already
