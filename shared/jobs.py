@@ -379,9 +379,9 @@ class JobRecords:
         self, conn: Connection, job_id: str, outgoing: list[Outgoing], *, again: bool = False
     ) -> None:
         """Write messages to the outbox. ``again``: the commands run their stages again (a
-        stage handing its command back, a user's retry, a re-dispatch), superseding the
-        stages' leases (``leases.supersede``); a worker still holding one is finishing or
-        gone. Not for a command that may be a duplicate of one a worker runs now."""
+        stage handing its command back, a user's retry), superseding the stages' leases
+        (``leases.supersede``); a worker still holding one is finishing or gone. Not for a
+        command that may be a duplicate of one a worker runs now."""
         if not outgoing:
             return
         conn.execute(

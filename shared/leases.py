@@ -171,8 +171,9 @@ def delete_lease(conn: sa.Connection, lease: ExpiredLease) -> bool:
 
 def supersede(conn: sa.Connection, job_id: str, stages: set[str], ledger: Ledger) -> None:
     """A command for these stages of the job was written to the outbox (a stage handing its
-    command back, a user's retry, a re-dispatch): the stage's lease, if one is held, is
-    marked re-sent and expired in that same transaction. Its holder is finishing (ending a
+    command back, a user's retry; the reconciler marks its own with mark_redispatched):
+    the stage's lease, if one is held, is marked re-sent and expired in that same
+    transaction. Its holder is finishing (ending a
     tracking run, dead-lettering) or gone; the new command's delivery must find the lease
     free, not be dropped as a duplicate while that holder still has it (then nothing
     would send it again)."""
